@@ -1,0 +1,301 @@
+//! The `iptables` backend: one `iptables-restore --noflush` batch per family, same rule shape as istio-cni's
+//! sidecar mode with a socket mark in place of the proxy UID.
+
+use super::netns::Netns;
+use super::{
+    find_binary, ipv6_enabled, run_in, CaptureError, Redirector, RedirectMode, EXCLUDED_INBOUND_PORTS, INBOUND_PORT,
+    OUTBOUND_PORT, PROXY_MARK, PROXY_MARK_MASK,
+};
+
+/// Chains weft owns in the `nat` table.
+const CHAINS: [&str; 4] = ["WEFT_INBOUND", "WEFT_IN_REDIRECT", "WEFT_OUTPUT", "WEFT_REDIRECT"];
+
+/// Which iptables implementation the node uses. Rules must go through the same one kube-proxy and the other
+/// CNI plugins use, or the two rule sets would be evaluated in an order nobody chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Variant {
+    /// Pick the variant that already holds rules on the node; nft when neither does.
+    Auto,
+    Legacy,
+    Nft,
+}
+
+impl std::str::FromStr for Variant {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Variant::Auto),
+            "legacy" => Ok(Variant::Legacy),
+            "nft" => Ok(Variant::Nft),
+            other => Err(format!("unknown iptables variant {other:?}: use auto, legacy or nft")),
+        }
+    }
+}
+
+/// IP family of a rule batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn loopback(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.1/32",
+            Family::V6 => "::1/128",
+        }
+    }
+
+    fn passthrough(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.6/32",
+            Family::V6 => "::6/128",
+        }
+    }
+}
+
+/// The rules weft puts in a pod's `nat` table, in `iptables-save`'s canonical spelling so that the saved state
+/// can be compared line by line.
+pub fn rules(family: Family) -> Vec<String> {
+    let ports: Vec<String> = EXCLUDED_INBOUND_PORTS.iter().map(u16::to_string).collect();
+    let mark = format!("0x{PROXY_MARK:x}/0x{PROXY_MARK_MASK:x}");
+    let (lo, pass) = (family.loopback(), family.passthrough());
+    vec![
+        "-A PREROUTING -p tcp -j WEFT_INBOUND".into(),
+        "-A OUTPUT -p tcp -j WEFT_OUTPUT".into(),
+        format!("-A WEFT_INBOUND -p tcp -m multiport --dports {} -j RETURN", ports.join(",")),
+        "-A WEFT_INBOUND -p tcp -j WEFT_IN_REDIRECT".into(),
+        format!("-A WEFT_IN_REDIRECT -p tcp -j REDIRECT --to-ports {INBOUND_PORT}"),
+        // The proxy's connections to the local app: already proxied inbound.
+        format!("-A WEFT_OUTPUT -s {pass} -o lo -j RETURN"),
+        // The proxy dialling its own pod over lo: run it through the pod's inbound side, as Istio does.
+        format!("-A WEFT_OUTPUT ! -d {lo} -o lo -p tcp -m mark --mark {mark} -j WEFT_IN_REDIRECT"),
+        // The app talking to itself over lo is not mesh traffic.
+        "-A WEFT_OUTPUT -o lo -j RETURN".into(),
+        format!("-A WEFT_OUTPUT -m mark --mark {mark} -j RETURN"),
+        format!("-A WEFT_OUTPUT -d {lo} -j RETURN"),
+        "-A WEFT_OUTPUT -j WEFT_REDIRECT".into(),
+        format!("-A WEFT_REDIRECT -p tcp -j REDIRECT --to-ports {OUTBOUND_PORT}"),
+    ]
+}
+
+/// Jumps from built-in chains into ours found in `saved` (an `iptables-save -t nat` dump).
+fn existing_jumps(saved: &str) -> Vec<&str> {
+    saved
+        .lines()
+        .filter(|l| {
+            (l.starts_with("-A PREROUTING ") || l.starts_with("-A OUTPUT "))
+                && CHAINS.iter().any(|c| l.ends_with(&format!("-j {c}")))
+        })
+        .collect()
+}
+
+fn chain_declarations() -> impl Iterator<Item = String> {
+    // In --noflush mode, declaring a chain creates it or empties it.
+    CHAINS.iter().map(|c| format!(":{c} - [0:0]"))
+}
+
+/// The batch that replaces whatever weft rules `saved` holds with the current ones.
+pub fn install_batch(family: Family, saved: &str) -> String {
+    let mut lines = vec!["*nat".to_string()];
+    lines.extend(chain_declarations());
+    lines.extend(existing_jumps(saved).into_iter().map(|j| j.replacen("-A ", "-D ", 1)));
+    lines.extend(rules(family));
+    lines.push("COMMIT".into());
+    lines.join("\n") + "\n"
+}
+
+/// The batch that removes weft's rules and chains from a table whose state is `saved`.
+pub fn remove_batch(saved: &str) -> Option<String> {
+    let has_chains = CHAINS.iter().any(|c| saved.lines().any(|l| l.starts_with(&format!(":{c} "))));
+    if !has_chains {
+        return None;
+    }
+    let mut lines = vec!["*nat".to_string()];
+    lines.extend(chain_declarations());
+    lines.extend(existing_jumps(saved).into_iter().map(|j| j.replacen("-A ", "-D ", 1)));
+    lines.extend(CHAINS.iter().map(|c| format!("-X {c}")));
+    lines.push("COMMIT".into());
+    Some(lines.join("\n") + "\n")
+}
+
+/// Compares a saved table with the rules weft wants; the error lists what is missing and what is extra.
+pub fn compare(family: Family, saved: &str) -> Result<(), CaptureError> {
+    let ours = |l: &&str| l.starts_with("-A WEFT_") || existing_jumps(l).len() == 1;
+    let mut actual: Vec<&str> = saved.lines().filter(ours).collect();
+    let wanted = rules(family);
+    let mut missing = Vec::new();
+    for rule in &wanted {
+        match actual.iter().position(|a| a == rule) {
+            Some(i) => {
+                actual.remove(i);
+            }
+            None => missing.push(rule.as_str()),
+        }
+    }
+    if missing.is_empty() && actual.is_empty() {
+        Ok(())
+    } else {
+        Err(CaptureError(format!(
+            "weft {family:?} iptables rules differ from the expected ones: missing [{}], unexpected [{}]",
+            missing.join("; "),
+            actual.join("; ")
+        )))
+    }
+}
+
+/// Paths of the save/restore tools of one iptables variant.
+#[derive(Debug, Clone)]
+struct Tools {
+    save: String,
+    restore: String,
+}
+
+impl Tools {
+    fn find(prefix: &str, variant: &str) -> Option<Tools> {
+        let name = |verb: &str| {
+            find_binary(&format!("{prefix}-{variant}-{verb}")).or_else(|| find_binary(&format!("{prefix}-{verb}")))
+        };
+        Some(Tools { save: name("save")?, restore: name("restore")? })
+    }
+}
+
+#[derive(Debug)]
+pub struct Iptables {
+    v4: Tools,
+    v6: Option<Tools>,
+    variant: Variant,
+}
+
+impl Iptables {
+    /// Finds the tools of `variant` (resolving `Auto` on the node's current rules).
+    pub fn detect(variant: Variant) -> Result<Iptables, CaptureError> {
+        let variant = match variant {
+            Variant::Auto => detect_variant(),
+            fixed => fixed,
+        };
+        let name = if variant == Variant::Legacy { "legacy" } else { "nft" };
+        let v4 = Tools::find("iptables", name).ok_or_else(|| {
+            CaptureError(format!(
+                "iptables-{name}-restore/iptables-restore not found: install the iptables package or use --redirect nftables"
+            ))
+        })?;
+        Ok(Iptables { v4, v6: Tools::find("ip6tables", name), variant })
+    }
+
+    pub fn variant(&self) -> Variant {
+        self.variant
+    }
+
+    /// The families to program in `ns`: IPv4 always, IPv6 where the namespace has it.
+    fn families(&self, ns: &Netns) -> Result<Vec<(Family, &Tools)>, CaptureError> {
+        let mut out = vec![(Family::V4, &self.v4)];
+        if ipv6_enabled(ns) {
+            let v6 = self.v6.as_ref().ok_or_else(|| {
+                CaptureError("the pod has IPv6 but ip6tables-restore is not installed: IPv6 would go uncaptured".into())
+            })?;
+            out.push((Family::V6, v6));
+        }
+        Ok(out)
+    }
+}
+
+fn save(ns: &Netns, tools: &Tools) -> Result<String, CaptureError> {
+    run_in(ns, &tools.save, &["-t", "nat"], "")
+}
+
+impl Redirector for Iptables {
+    fn mode(&self) -> RedirectMode {
+        RedirectMode::Iptables
+    }
+
+    fn install(&self, ns: &Netns) -> Result<(), CaptureError> {
+        for (family, tools) in self.families(ns)? {
+            let saved = save(ns, tools)?;
+            if compare(family, &saved).is_ok() {
+                continue;
+            }
+            run_in(ns, &tools.restore, &["--noflush"], &install_batch(family, &saved))?;
+            compare(family, &save(ns, tools)?)?;
+        }
+        Ok(())
+    }
+
+    fn verify(&self, ns: &Netns) -> Result<(), CaptureError> {
+        for (family, tools) in self.families(ns)? {
+            compare(family, &save(ns, tools)?)?;
+        }
+        Ok(())
+    }
+
+    fn remove(&self, ns: &Netns) -> Result<(), CaptureError> {
+        for (_, tools) in self.families(ns)? {
+            if let Some(batch) = remove_batch(&save(ns, tools)?) {
+                run_in(ns, &tools.restore, &["--noflush"], &batch)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Counts rules in the agent's own (host) namespace for each variant, like istio-cni does: the variant that
+/// kube-proxy and friends already use wins; nft when there is no evidence either way.
+fn detect_variant() -> Variant {
+    let count = |bin: &str| {
+        let Some(path) = find_binary(bin) else { return 0 };
+        std::process::Command::new(path)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).lines().filter(|l| l.starts_with("-A ")).count())
+            .unwrap_or(0)
+    };
+    if count("iptables-legacy-save") > count("iptables-nft-save") {
+        Variant::Legacy
+    } else {
+        Variant::Nft
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::check_golden;
+
+    #[test]
+    fn fresh_install_batches_match_golden_files() {
+        check_golden("iptables-v4.golden", &install_batch(Family::V4, ""));
+        check_golden("iptables-v6.golden", &install_batch(Family::V6, ""));
+    }
+
+    #[test]
+    fn reinstall_deletes_old_jumps_in_the_same_batch() {
+        let saved = "*nat\n:PREROUTING ACCEPT [0:0]\n:WEFT_INBOUND - [0:0]\n-A PREROUTING -p tcp -j WEFT_INBOUND\n-A PREROUTING -p udp -j OTHER\nCOMMIT\n";
+        let batch = install_batch(Family::V4, saved);
+        assert!(batch.contains("\n-D PREROUTING -p tcp -j WEFT_INBOUND\n"), "{batch}");
+        assert!(!batch.contains("OTHER"), "rules of others are left alone: {batch}");
+    }
+
+    #[test]
+    fn remove_batch_matches_golden_file_and_is_empty_when_nothing_is_installed() {
+        let installed: String = std::iter::once("*nat".to_string())
+            .chain(chain_declarations())
+            .chain(rules(Family::V4))
+            .collect::<Vec<_>>()
+            .join("\n");
+        check_golden("iptables-remove.golden", &remove_batch(&installed).unwrap());
+        assert_eq!(remove_batch("*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n"), None);
+    }
+
+    #[test]
+    fn compare_names_missing_and_extra_rules() {
+        let mut saved = rules(Family::V4);
+        saved.retain(|r| !r.contains("--to-ports 15001"));
+        saved.push("-A WEFT_OUTPUT -j ACCEPT".into());
+        let err = compare(Family::V4, &saved.join("\n")).unwrap_err().to_string();
+        assert!(err.contains("missing [-A WEFT_REDIRECT -p tcp -j REDIRECT --to-ports 15001]"), "{err}");
+        assert!(err.contains("unexpected [-A WEFT_OUTPUT -j ACCEPT]"), "{err}");
+        assert!(compare(Family::V4, &rules(Family::V4).join("\n")).is_ok());
+    }
+}

@@ -1,0 +1,161 @@
+//! Traffic capture: the rules that send a pod's TCP to the node proxy's in-pod listeners.
+//!
+//! Every backend implements the same contract, the one istio-cni's sidecar mode implements with a UID:
+//! - outbound TCP from the pod is redirected to the outbound listener (15001);
+//! - inbound TCP to the pod is redirected to the inbound listener (15006), except Istio's own ports;
+//! - the proxy's own sockets carry [`PROXY_MARK`] and pass untouched (the proxy is one process for all pods, so
+//!   a UID cannot tell its traffic apart); the proxy's connections to the local app leave from
+//!   [`INBOUND_PASSTHROUGH_V4`] and pass too;
+//! - loopback is handled as Istio does: app-to-loopback is left alone, the proxy dialling its own pod's address
+//!   over `lo` is sent through the inbound listener.
+//! Backends apply their whole rule set in one atomic batch and can verify it is still in place.
+
+pub mod iptables;
+pub mod netns;
+pub mod nftables;
+
+use std::fmt;
+use std::io::Write;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsRawFd;
+use std::process::{Command, Stdio};
+
+pub use weft_ebpf_common::{PROXY_MARK, PROXY_MARK_MASK};
+
+use netns::Netns;
+
+/// The in-pod outbound listener port (Istio's 15001).
+pub const OUTBOUND_PORT: u16 = 15001;
+/// The in-pod inbound listener port (Istio's 15006).
+pub const INBOUND_PORT: u16 = 15006;
+/// Inbound ports never redirected: the proxy's own listeners, HBONE, and Istio's status/metrics ports.
+pub const EXCLUDED_INBOUND_PORTS: [u16; 6] = [15001, 15006, 15008, 15020, 15021, 15090];
+/// Source address of the proxy's connections to the local app (Istio's inbound passthrough address).
+pub const INBOUND_PASSTHROUGH_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+pub const INBOUND_PASSTHROUGH_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+
+/// How pod traffic is redirected to the proxy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedirectMode {
+    Iptables,
+    Nftables,
+}
+
+impl std::str::FromStr for RedirectMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "iptables" => Ok(RedirectMode::Iptables),
+            "nftables" => Ok(RedirectMode::Nftables),
+            other => Err(format!("unknown redirect mode {other:?}: use iptables or nftables")),
+        }
+    }
+}
+
+impl fmt::Display for RedirectMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RedirectMode::Iptables => "iptables",
+            RedirectMode::Nftables => "nftables",
+        })
+    }
+}
+
+/// A capture failure, with the command output that explains it.
+#[derive(Debug)]
+pub struct CaptureError(pub String);
+
+impl fmt::Display for CaptureError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for CaptureError {}
+
+impl From<std::io::Error> for CaptureError {
+    fn from(e: std::io::Error) -> Self {
+        CaptureError(e.to_string())
+    }
+}
+
+/// A redirection backend. All methods block (they run external tools); call them off the async runtime.
+pub trait Redirector: Send + Sync {
+    fn mode(&self) -> RedirectMode;
+    /// Puts the full rule set in place in one atomic step, replacing any earlier weft rules.
+    fn install(&self, ns: &Netns) -> Result<(), CaptureError>;
+    /// Checks the rules in the namespace are exactly the ones `install` puts there.
+    fn verify(&self, ns: &Netns) -> Result<(), CaptureError>;
+    /// Removes weft's rules, leaving everything else. Succeeds when there is nothing to remove.
+    fn remove(&self, ns: &Netns) -> Result<(), CaptureError>;
+}
+
+/// Builds the backend for `mode`, probing the node for the tools it needs.
+pub fn redirector(mode: RedirectMode, variant: iptables::Variant) -> Result<Box<dyn Redirector>, CaptureError> {
+    Ok(match mode {
+        RedirectMode::Iptables => Box::new(iptables::Iptables::detect(variant)?),
+        RedirectMode::Nftables => Box::new(nftables::Nftables::detect()?),
+    })
+}
+
+/// Runs `program args` inside `ns` with `stdin` fed to it, returning stdout; fails with stderr on non-zero exit.
+fn run_in(ns: &Netns, program: &str, args: &[&str], stdin: &str) -> Result<String, CaptureError> {
+    let fd = ns.fd().as_raw_fd();
+    let mut cmd = Command::new(program);
+    cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    // SAFETY: setns is async-signal-safe; it runs in the forked child before exec and touches only that child.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| CaptureError(format!("cannot run {program}: {e}")))?;
+    if let Some(mut input) = child.stdin.take() {
+        input.write_all(stdin.as_bytes()).map_err(|e| CaptureError(format!("writing to {program}: {e}")))?;
+    }
+    let out = child.wait_with_output().map_err(|e| CaptureError(format!("waiting for {program}: {e}")))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(CaptureError(format!(
+            "{program} {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// Finds an executable by name in `PATH` and the usual sbin directories (agents often run with a short PATH).
+fn find_binary(name: &str) -> Option<String> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
+        .filter(|d| !d.is_empty())
+        .map(|d| format!("{d}/{name}"))
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file()));
+    found
+}
+
+/// Whether IPv6 is enabled inside `ns` (rules and listeners for v6 are only set up where it is).
+pub fn ipv6_enabled(ns: &Netns) -> bool {
+    ns.run_on_new_thread(|| Ok(netns::ipv6_enabled_here())).unwrap_or(false)
+}
+
+#[cfg(test)]
+fn check_golden(name: &str, actual: &str) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/capture/testdata").join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, actual).unwrap();
+    }
+    let expected = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_GOLDEN=1 to create it)", path.display()));
+    assert_eq!(actual, expected, "generated rules differ from {} (UPDATE_GOLDEN=1 to accept)", path.display());
+}

@@ -1,0 +1,231 @@
+//! Network namespaces of pods: which paths we accept, how we hold them, and how code runs inside them.
+//!
+//! Two ways to run code in a pod's netns, for two costs:
+//! - [`Netns::run_on_new_thread`]: a fresh OS thread enters the netns, runs, and exits. Nothing to restore; used
+//!   for rare work (creating listeners, running `iptables-restore`).
+//! - [`Netns::with`]: the *current* thread enters the netns and comes back. Used per connection to create
+//!   upstream sockets (a socket keeps the netns it was created in). If the way back fails the process aborts:
+//!   a worker thread left in a pod's netns would silently send other pods' traffic from the wrong namespace.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+/// Where runtimes put pod network namespaces. Anything else is refused: a path from the CNI request is an
+/// instruction to enter a namespace as root, so it must name a network namespace and nothing else.
+const ALLOWED_PREFIXES: [&str; 2] = ["/var/run/netns/", "/run/netns/"];
+
+/// A validated netns path as given by the runtime (`CNI_NETNS`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct NetnsPath(PathBuf);
+
+impl NetnsPath {
+    pub fn as_path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for NetnsPath {
+    type Error = String;
+
+    fn try_from(raw: String) -> Result<Self, String> {
+        let path = PathBuf::from(&raw);
+        let plain = raw.starts_with('/') && !raw.split('/').any(|part| part == "." || part == "..");
+        if !plain {
+            return Err(format!("netns path {raw:?} must be absolute without '.' or '..' components"));
+        }
+        let under_netns_dir = ALLOWED_PREFIXES.iter().any(|p| raw.starts_with(p) && raw.len() > p.len());
+        if under_netns_dir || is_proc_pid_netns(&path) {
+            Ok(NetnsPath(path))
+        } else {
+            Err(format!(
+                "netns path {raw:?} is not accepted: it must be under /var/run/netns/, /run/netns/ or be /proc/<pid>/ns/net"
+            ))
+        }
+    }
+}
+
+impl From<NetnsPath> for String {
+    fn from(p: NetnsPath) -> String {
+        p.0.to_string_lossy().into_owned()
+    }
+}
+
+impl std::fmt::Display for NetnsPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.display().fmt(f)
+    }
+}
+
+fn is_proc_pid_netns(path: &Path) -> bool {
+    let parts: Vec<_> = path.components().collect();
+    matches!(
+        parts.as_slice(),
+        [Component::RootDir, Component::Normal(proc), Component::Normal(pid), Component::Normal(ns), Component::Normal(net)]
+            if *proc == "proc" && *ns == "ns" && *net == "net"
+                && pid.to_str().is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    )
+}
+
+/// The identity of a network namespace: device and inode of its nsfs file. A path can be re-used by a new
+/// namespace after the old one is gone; the inode tells them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct NetnsId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// An open pod network namespace. Cloning shares the file descriptor.
+#[derive(Debug, Clone)]
+pub struct Netns {
+    fd: Arc<OwnedFd>,
+    id: NetnsId,
+    path: NetnsPath,
+}
+
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+impl Netns {
+    /// Opens `path` and checks that it is a network namespace.
+    pub fn open(path: &NetnsPath) -> io::Result<Netns> {
+        let file = File::open(path.as_path())?;
+        check_is_netns(file.as_fd())?;
+        let meta = file.metadata()?;
+        Ok(Netns { fd: Arc::new(file.into()), id: NetnsId { dev: meta.dev(), ino: meta.ino() }, path: path.clone() })
+    }
+
+    pub fn id(&self) -> NetnsId {
+        self.id
+    }
+
+    pub fn path(&self) -> &NetnsPath {
+        &self.path
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Runs `f` on a new thread inside this netns and returns its result.
+    pub fn run_on_new_thread<T, F>(&self, f: F) -> io::Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> io::Result<T> + Send + 'static,
+    {
+        let fd = Arc::clone(&self.fd);
+        std::thread::Builder::new()
+            .name("weft-netns".into())
+            .spawn(move || {
+                setns(fd.as_fd())?;
+                f()
+            })?
+            .join()
+            .map_err(|_| io::Error::other("netns worker thread panicked"))?
+    }
+
+    /// Runs `f` on the current thread inside this netns, then returns the thread to the agent's own netns.
+    pub fn with<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
+        let home = host_netns()?;
+        setns(self.fd())?;
+        let out = f();
+        if let Err(e) = setns(home.as_fd()) {
+            // See the module comment: continuing would route later connections from the wrong namespace.
+            eprintln!("weft-agent: cannot return a thread to the agent's network namespace: {e}; aborting");
+            std::process::abort();
+        }
+        Ok(out)
+    }
+}
+
+/// Whether `path` still names the same namespace as `id` (the pod is alive).
+pub fn still_same(path: &NetnsPath, id: NetnsId) -> bool {
+    Netns::open(path).is_ok_and(|ns| ns.id() == id)
+}
+
+/// The agent's own network namespace, captured the first time it is asked for. Call [`init_host_netns`] from
+/// `main` before any thread can enter a pod namespace.
+fn host_netns() -> io::Result<&'static OwnedFd> {
+    HOST_NETNS.get().ok_or_else(|| io::Error::other("host netns not recorded: call init_host_netns() at start-up"))
+}
+
+static HOST_NETNS: OnceLock<OwnedFd> = OnceLock::new();
+
+/// Records the calling thread's network namespace as the agent's own.
+pub fn init_host_netns() -> io::Result<()> {
+    if HOST_NETNS.get().is_none() {
+        let fd: OwnedFd = File::open("/proc/thread-self/ns/net")?.into();
+        let _ = HOST_NETNS.set(fd);
+    }
+    Ok(())
+}
+
+fn setns(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid fd; CLONE_NEWNET only changes this thread's network namespace.
+    let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn check_is_netns(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: fstatfs writes into a zeroed statfs we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // /proc/<pid>/ns/net is a magic link into nsfs as well.
+    #[allow(clippy::unnecessary_cast)]
+    if st.f_type as i64 != NSFS_MAGIC {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a network namespace (not on nsfs)"));
+    }
+    Ok(())
+}
+
+/// Whether IPv6 is enabled in the namespace the calling thread is in.
+pub fn ipv6_enabled_here() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/conf/all/disable_ipv6").is_ok_and(|v| v.trim() == "0")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<NetnsPath, String> {
+        NetnsPath::try_from(s.to_string())
+    }
+
+    #[test]
+    fn accepts_runtime_netns_paths() {
+        for ok in ["/var/run/netns/cni-1234", "/run/netns/pod", "/proc/42/ns/net"] {
+            assert!(parse(ok).is_ok(), "{ok}");
+        }
+    }
+
+    #[test]
+    fn refuses_everything_else() {
+        for bad in [
+            "/etc/passwd",
+            "/var/run/netns/",
+            "/var/run/netns/../../etc/shadow",
+            "/proc/self/ns/net",
+            "/proc/1/ns/mnt",
+            "relative/netns",
+            "/var/run/netns/./x",
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert!(err.contains("netns path"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn opening_a_plain_file_is_refused() {
+        let err = check_is_netns(File::open("/proc/self/status").unwrap().as_fd()).unwrap_err();
+        assert!(err.to_string().contains("not a network namespace"));
+    }
+}

@@ -1,0 +1,156 @@
+//! The pod registry: which attachments the agent captures, persisted atomically under the state dir so a
+//! restarted agent can re-adopt them.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use weft_cni::protocol::Attachment;
+
+use crate::capture::netns::{NetnsId, NetnsPath};
+use crate::capture::RedirectMode;
+
+const FILE_NAME: &str = "pods.json";
+const FORMAT_VERSION: u32 = 1;
+
+/// Everything needed to capture a pod again after a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PodRecord {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub container_id: String,
+    pub infra_container_id: String,
+    pub ifname: String,
+    pub netns: NetnsPath,
+    /// The namespace the path named at ADD time: a re-used path is a different pod.
+    pub netns_id: NetnsId,
+    pub ips: Vec<IpAddr>,
+    pub redirect: RedirectMode,
+    pub added_at_unix: u64,
+}
+
+impl PodRecord {
+    pub fn attachment(&self) -> Attachment {
+        Attachment { container_id: self.container_id.clone(), ifname: self.ifname.clone() }
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OnDisk {
+    version: u32,
+    pods: Vec<PodRecord>,
+}
+
+/// The registry file under the state dir.
+#[derive(Debug, Clone)]
+pub struct RegistryFile {
+    path: PathBuf,
+}
+
+impl RegistryFile {
+    /// Uses `state_dir/pods.json`, creating the directory (mode 0700) if needed.
+    pub fn new(state_dir: &Path) -> io::Result<RegistryFile> {
+        fs::create_dir_all(state_dir)?;
+        fs::set_permissions(state_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        Ok(RegistryFile { path: state_dir.join(FILE_NAME) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads the records; a missing file is an empty registry. A damaged file is an error that names it: starting
+    /// empty would silently forget captured pods.
+    pub fn load(&self) -> Result<Vec<PodRecord>, String> {
+        let text = match fs::read_to_string(&self.path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(format!("cannot read pod registry {}: {e}", self.path.display())),
+        };
+        let disk: OnDisk = serde_json::from_str(&text).map_err(|e| {
+            format!(
+                "pod registry {} is damaged ({e}); move it aside to start without the pods it lists (their rules stay and fail closed until the pods are re-created)",
+                self.path.display()
+            )
+        })?;
+        if disk.version != FORMAT_VERSION {
+            return Err(format!(
+                "pod registry {} has format version {} but this agent reads version {FORMAT_VERSION}",
+                self.path.display(),
+                disk.version
+            ));
+        }
+        Ok(disk.pods)
+    }
+
+    /// Writes the records atomically: a crash leaves either the old or the new file, never a mix.
+    pub fn store(&self, pods: &[PodRecord]) -> io::Result<()> {
+        let text = serde_json::to_vec_pretty(&OnDisk { version: FORMAT_VERSION, pods: pods.to_vec() })?;
+        let tmp = self.path.with_extension(format!("json.tmp-{}", std::process::id()));
+        {
+            let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+            f.write_all(&text)?;
+            f.sync_all()?;
+        }
+        fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str) -> PodRecord {
+        PodRecord {
+            namespace: "default".into(),
+            name: format!("pod-{id}"),
+            uid: "u".into(),
+            container_id: id.into(),
+            infra_container_id: id.into(),
+            ifname: "eth0".into(),
+            netns: NetnsPath::try_from("/var/run/netns/x".to_string()).unwrap(),
+            netns_id: NetnsId { dev: 4, ino: 4026532000 },
+            ips: vec!["10.0.0.2".parse().unwrap()],
+            redirect: RedirectMode::Iptables,
+            added_at_unix: 1,
+        }
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("weft-registry-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    #[test]
+    fn round_trips_and_starts_empty() {
+        let dir = temp_dir("rt");
+        let file = RegistryFile::new(&dir).unwrap();
+        assert!(file.load().unwrap().is_empty());
+        file.store(&[record("a"), record("b")]).unwrap();
+        assert_eq!(file.load().unwrap(), vec![record("a"), record("b")]);
+        let mode = fs::metadata(file.path()).unwrap().permissions();
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn damaged_file_is_an_error_naming_it() {
+        let dir = temp_dir("bad");
+        let file = RegistryFile::new(&dir).unwrap();
+        fs::write(file.path(), "{not json").unwrap();
+        let err = file.load().unwrap_err();
+        assert!(err.contains("pods.json") && err.contains("damaged"), "{err}");
+        fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,111 @@
+//! The agent's configuration: built-in defaults, then an optional JSON file, then command-line flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::capture::iptables::Variant;
+use crate::capture::RedirectMode;
+
+/// Validated agent settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentConfig {
+    pub cni_socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub redirect: RedirectMode,
+    pub iptables_variant: Variant,
+    pub admin_address: SocketAddr,
+    pub log_level: tracing::Level,
+    pub connect_timeout: Duration,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            cni_socket: weft_cni::protocol::DEFAULT_SOCKET.into(),
+            state_dir: "/var/run/weft".into(),
+            redirect: RedirectMode::Iptables,
+            iptables_variant: Variant::Auto,
+            admin_address: SocketAddr::from(([127, 0, 0, 1], 15000)),
+            log_level: tracing::Level::INFO,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The config file: every field optional, unknown fields refused so a typo never goes unnoticed.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub cni_socket: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub redirect: Option<RedirectMode>,
+    pub iptables_variant: Option<Variant>,
+    pub admin_address: Option<SocketAddr>,
+    pub log_level: Option<String>,
+    pub connect_timeout_ms: Option<u64>,
+}
+
+impl ConfigFile {
+    pub fn read(path: &Path) -> Result<ConfigFile, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))
+    }
+
+    /// Layers this file over `base`.
+    pub fn apply(self, mut base: AgentConfig) -> Result<AgentConfig, String> {
+        set(&mut base.cni_socket, self.cni_socket);
+        set(&mut base.state_dir, self.state_dir);
+        set(&mut base.redirect, self.redirect);
+        set(&mut base.iptables_variant, self.iptables_variant);
+        set(&mut base.admin_address, self.admin_address);
+        if let Some(level) = self.log_level {
+            base.log_level = parse_level(&level).map_err(|e| format!("log_level: {e}"))?;
+        }
+        if let Some(ms) = self.connect_timeout_ms {
+            if !(1..=300_000).contains(&ms) {
+                return Err(format!("connect_timeout_ms: {ms} is out of range, use 1..=300000"));
+            }
+            base.connect_timeout = Duration::from_millis(ms);
+        }
+        Ok(base)
+    }
+}
+
+fn set<T>(slot: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *slot = v;
+    }
+}
+
+pub fn parse_level(s: &str) -> Result<tracing::Level, String> {
+    s.parse().map_err(|_| format!("unknown log level {s:?}: use error, warn, info, debug or trace"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(json: &str) -> Result<AgentConfig, String> {
+        serde_json::from_str::<ConfigFile>(json).map_err(|e| e.to_string())?.apply(AgentConfig::default())
+    }
+
+    #[test]
+    fn file_overrides_defaults() {
+        let cfg = file(r#"{"redirect":"nftables","state_dir":"/tmp/w","log_level":"debug"}"#).unwrap();
+        assert_eq!(cfg.redirect, RedirectMode::Nftables);
+        assert_eq!(cfg.state_dir, PathBuf::from("/tmp/w"));
+        assert_eq!(cfg.log_level, tracing::Level::DEBUG);
+        assert_eq!(cfg.cni_socket, PathBuf::from("/var/run/weft/cni.sock"));
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        assert!(file(r#"{"redirect":"ebpff"}"#).unwrap_err().contains("ebpff"));
+        assert!(file(r#"{"stat_dir":"/x"}"#).unwrap_err().contains("stat_dir"));
+        assert!(file(r#"{"log_level":"loud"}"#).unwrap_err().contains("log_level"));
+        assert!(file(r#"{"connect_timeout_ms":0}"#).unwrap_err().contains("connect_timeout_ms"));
+    }
+}

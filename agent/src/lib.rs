@@ -1,0 +1,9 @@
+//! `weft-agent`: the node agent (CNI socket, capture, pod registry) and the node proxy it hosts.
+//! See shared/DESIGN.md for the architecture; each module owns the concept it is named after.
+
+pub mod admin;
+pub mod capture;
+pub mod cni_server;
+pub mod config;
+pub mod node;
+pub mod proxy;

@@ -1,0 +1,268 @@
+//! The node's captured pods: for each attachment, its netns, its in-pod listeners and its redirection rules,
+//! kept in step with the persisted registry. The CNI server and the start-up adoption drive it.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::sync::Mutex;
+use weft_cni::protocol::{Attachment, PodSandbox};
+
+use crate::capture::netns::{self, Netns, NetnsPath};
+use crate::capture::{CaptureError, RedirectMode, Redirector};
+use crate::cni_server::registry::{PodRecord, RegistryFile};
+use crate::proxy::listener::{self, PodListeners};
+use crate::proxy::stats::ListenerSnapshot;
+use crate::proxy::ProxySettings;
+
+/// A failure a CNI caller sees: what failed, and what to do about it.
+#[derive(Debug)]
+pub struct NodeError {
+    pub msg: String,
+    pub details: String,
+}
+
+impl NodeError {
+    fn new(msg: impl Into<String>, details: impl ToString) -> Self {
+        NodeError { msg: msg.into(), details: details.to_string() }
+    }
+}
+
+struct CapturedPod {
+    record: PodRecord,
+    netns: Netns,
+    listeners: PodListeners,
+}
+
+impl CapturedPod {
+    fn label(&self) -> String {
+        format!("{}/{}", self.record.namespace, self.record.name)
+    }
+}
+
+/// The agent's pods. Control-path only: one lock serialises CNI operations (rare, each a few milliseconds);
+/// the data path holds its own `Arc`s and never takes it.
+pub struct Node {
+    redirector: Arc<dyn Redirector>,
+    registry: RegistryFile,
+    settings: ProxySettings,
+    pods: Mutex<BTreeMap<Attachment, CapturedPod>>,
+}
+
+/// One pod in the status endpoint.
+#[derive(Debug, Serialize)]
+pub struct PodStatus {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub container_id: String,
+    pub netns: String,
+    pub ips: Vec<std::net::IpAddr>,
+    pub redirect: RedirectMode,
+    pub listeners: Vec<std::net::SocketAddr>,
+    pub listening: bool,
+    pub outbound: ListenerSnapshot,
+    pub inbound: ListenerSnapshot,
+}
+
+impl Node {
+    pub fn new(redirector: Arc<dyn Redirector>, registry: RegistryFile, settings: ProxySettings) -> Node {
+        Node { redirector, registry, settings, pods: Mutex::new(BTreeMap::new()) }
+    }
+
+    pub fn mode(&self) -> RedirectMode {
+        self.redirector.mode()
+    }
+
+    /// Re-captures every pod of the persisted registry whose netns still exists; forgets the others. Returns
+    /// how many pods were adopted and dropped. Run before serving CNI requests and before reporting ready.
+    pub async fn adopt(&self) -> Result<(usize, usize), String> {
+        let records = self.registry.load()?;
+        let mut pods = self.pods.lock().await;
+        let (mut adopted, mut dropped) = (0, 0);
+        for record in records {
+            let label = format!("{}/{}", record.namespace, record.name);
+            if !netns::still_same(&record.netns, record.netns_id) {
+                tracing::info!(pod = %label, netns = %record.netns, "pod is gone; forgetting it");
+                dropped += 1;
+                continue;
+            }
+            match self.capture(record.clone()).await {
+                Ok(pod) => {
+                    tracing::info!(pod = %label, "re-adopted captured pod");
+                    pods.insert(record.attachment(), pod);
+                    adopted += 1;
+                }
+                Err(e) => {
+                    // Its rules stay, so the pod fails closed; CNI CHECK reports it and kubelet re-creates it.
+                    tracing::error!(pod = %label, "cannot re-adopt pod: {}: {}", e.msg, e.details);
+                    dropped += 1;
+                }
+            }
+        }
+        self.persist(&pods).map_err(|e| e.details)?;
+        Ok((adopted, dropped))
+    }
+
+    /// CNI ADD: capture the pod; returns once its listeners and rules are in place.
+    pub async fn add(&self, sandbox: PodSandbox) -> Result<String, NodeError> {
+        let path = NetnsPath::try_from(sandbox.netns.clone()).map_err(|e| NodeError::new("invalid CNI_NETNS", e))?;
+        let ns = Netns::open(&path).map_err(|e| NodeError::new(format!("cannot open netns {path}"), e))?;
+        let attachment = Attachment { container_id: sandbox.container_id.clone(), ifname: sandbox.ifname.clone() };
+        let mut pods = self.pods.lock().await;
+        if let Some(existing) = pods.get(&attachment) {
+            if existing.record.netns_id == ns.id() && existing.listeners.healthy() {
+                self.verify_rules(&existing.netns).await?;
+                return Ok(format!("{} already captured", existing.label()));
+            }
+        }
+        if let Some(stale) = pods.remove(&attachment) {
+            self.release(stale).await;
+        }
+        let record = PodRecord {
+            namespace: sandbox.namespace,
+            name: sandbox.name,
+            uid: sandbox.uid,
+            container_id: sandbox.container_id,
+            infra_container_id: sandbox.infra_container_id,
+            ifname: sandbox.ifname,
+            netns: path,
+            netns_id: ns.id(),
+            ips: sandbox.ips,
+            redirect: self.redirector.mode(),
+            added_at_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        };
+        let pod = self.capture_in(record, ns).await?;
+        let label = pod.label();
+        pods.insert(attachment.clone(), pod);
+        if let Err(e) = self.persist(&pods) {
+            // Undo, so that what runs and what a restarted agent would re-adopt never disagree.
+            if let Some(pod) = pods.remove(&attachment) {
+                self.release(pod).await;
+            }
+            return Err(e);
+        }
+        tracing::info!(pod = %label, mode = %self.redirector.mode(), "captured pod");
+        Ok(format!("{label} captured ({})", self.redirector.mode()))
+    }
+
+    /// CNI DEL: stop capturing. Unknown attachments succeed.
+    pub async fn del(&self, attachment: &Attachment) -> Result<String, NodeError> {
+        let mut pods = self.pods.lock().await;
+        let Some(pod) = pods.remove(attachment) else {
+            return Ok(format!("{} not captured", attachment.container_id));
+        };
+        let label = pod.label();
+        self.release(pod).await;
+        self.persist(&pods)?;
+        tracing::info!(pod = %label, "released pod");
+        Ok(format!("{label} released"))
+    }
+
+    /// CNI CHECK: registered, listeners running, rules exactly in place.
+    pub async fn check(&self, attachment: &Attachment) -> Result<String, NodeError> {
+        let pods = self.pods.lock().await;
+        let pod = pods.get(attachment).ok_or_else(|| {
+            NodeError::new(
+                format!("container {} ({}) is not captured", attachment.container_id, attachment.ifname),
+                "the agent has no record of this attachment; re-create the pod so that CNI ADD runs again",
+            )
+        })?;
+        if !netns::still_same(&pod.record.netns, pod.record.netns_id) {
+            return Err(NodeError::new(format!("{}: netns {} is gone", pod.label(), pod.record.netns), ""));
+        }
+        if !pod.listeners.healthy() {
+            return Err(NodeError::new(format!("{}: in-pod listeners stopped", pod.label()), "see the agent log"));
+        }
+        self.verify_rules(&pod.netns).await?;
+        Ok(format!("{} captured", pod.label()))
+    }
+
+    /// CNI GC: release every attachment the runtime no longer knows.
+    pub async fn gc(&self, valid: &[Attachment]) -> Result<String, NodeError> {
+        let valid: HashSet<&Attachment> = valid.iter().collect();
+        let mut pods = self.pods.lock().await;
+        let stale: Vec<Attachment> = pods.keys().filter(|a| !valid.contains(a)).cloned().collect();
+        for attachment in &stale {
+            if let Some(pod) = pods.remove(attachment) {
+                tracing::info!(pod = %pod.label(), "garbage-collected pod");
+                self.release(pod).await;
+            }
+        }
+        self.persist(&pods)?;
+        Ok(format!("released {} stale attachment(s)", stale.len()))
+    }
+
+    pub async fn status(&self) -> Vec<PodStatus> {
+        let pods = self.pods.lock().await;
+        pods.values()
+            .map(|p| PodStatus {
+                namespace: p.record.namespace.clone(),
+                name: p.record.name.clone(),
+                uid: p.record.uid.clone(),
+                container_id: p.record.container_id.clone(),
+                netns: p.record.netns.to_string(),
+                ips: p.record.ips.clone(),
+                redirect: p.record.redirect,
+                listeners: p.listeners.addresses.clone(),
+                listening: p.listeners.healthy(),
+                outbound: p.listeners.outbound.snapshot(),
+                inbound: p.listeners.inbound.snapshot(),
+            })
+            .collect()
+    }
+
+    async fn capture(&self, record: PodRecord) -> Result<CapturedPod, NodeError> {
+        let ns = Netns::open(&record.netns).map_err(|e| NodeError::new(format!("cannot open netns {}", record.netns), e))?;
+        self.capture_in(record, ns).await
+    }
+
+    /// Listeners first, then rules: the rules never point at a port nobody listens on.
+    async fn capture_in(&self, mut record: PodRecord, ns: Netns) -> Result<CapturedPod, NodeError> {
+        let label = format!("{}/{}", record.namespace, record.name);
+        let listeners = listener::start(label.clone(), ns.clone(), self.settings)
+            .await
+            .map_err(|e| NodeError::new(format!("{label}: cannot create in-pod listeners"), e))?;
+        let redirector = Arc::clone(&self.redirector);
+        let rules_ns = ns.clone();
+        blocking(move || redirector.install(&rules_ns))
+            .await
+            .map_err(|e| NodeError::new(format!("{label}: cannot install {} redirection", self.mode()), e))?;
+        record.redirect = self.redirector.mode();
+        Ok(CapturedPod { record, netns: ns, listeners })
+    }
+
+    /// Removes the pod's rules (when its netns still exists) and stops its listeners.
+    async fn release(&self, pod: CapturedPod) {
+        if netns::still_same(&pod.record.netns, pod.record.netns_id) {
+            let redirector = Arc::clone(&self.redirector);
+            let ns = pod.netns.clone();
+            if let Err(e) = blocking(move || redirector.remove(&ns)).await {
+                tracing::warn!(pod = %pod.label(), "cannot remove redirection: {e}");
+            }
+        }
+    }
+
+    async fn verify_rules(&self, ns: &Netns) -> Result<(), NodeError> {
+        let redirector = Arc::clone(&self.redirector);
+        let ns = ns.clone();
+        blocking(move || redirector.verify(&ns))
+            .await
+            .map_err(|e| NodeError::new(format!("{} redirection is not in place", self.mode()), e))
+    }
+
+    fn persist(&self, pods: &BTreeMap<Attachment, CapturedPod>) -> Result<(), NodeError> {
+        let records: Vec<PodRecord> = pods.values().map(|p| p.record.clone()).collect();
+        self.registry.store(&records).map_err(|e| {
+            NodeError::new("cannot persist the pod registry", format!("{}: {e}", self.registry.path().display()))
+        })
+    }
+}
+
+async fn blocking<F>(f: F) -> Result<(), CaptureError>
+where
+    F: FnOnce() -> Result<(), CaptureError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f).await.map_err(|e| CaptureError(format!("capture task failed: {e}")))?
+}

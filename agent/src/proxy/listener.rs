@@ -1,0 +1,130 @@
+//! In-pod listeners: sockets created inside a pod's network namespace (by a thread that enters it and exits)
+//! and served by the agent's async runtime. Their address is where capture sends the pod's traffic.
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use super::stats::ListenerStats;
+use super::{tcp, Direction, ProxySettings};
+use crate::capture::netns::{self, Netns};
+use crate::capture::{INBOUND_PORT, OUTBOUND_PORT};
+
+/// What every connection accepted on one listener shares.
+pub struct ListenerContext {
+    /// `namespace/name` of the pod, for logs.
+    pub pod: String,
+    pub netns: Netns,
+    pub direction: Direction,
+    pub port: u16,
+    pub stats: Arc<ListenerStats>,
+    pub settings: ProxySettings,
+}
+
+/// The running listeners of one pod. Dropping it stops accepting; established connections finish on their own.
+pub struct PodListeners {
+    tasks: Vec<JoinHandle<()>>,
+    pub addresses: Vec<SocketAddr>,
+    pub outbound: Arc<ListenerStats>,
+    pub inbound: Arc<ListenerStats>,
+}
+
+impl PodListeners {
+    /// Whether every accept loop is still running.
+    pub fn healthy(&self) -> bool {
+        self.tasks.iter().all(|t| !t.is_finished())
+    }
+}
+
+impl Drop for PodListeners {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Addresses to listen on. Outbound capture redirects to loopback, so 15001 listens there only and other pods
+/// cannot reach it; inbound capture redirects to the receiving interface's address, so 15006 listens on all.
+fn addresses(ipv6: bool) -> Vec<(Direction, SocketAddr)> {
+    let mut out = vec![
+        (Direction::Outbound, SocketAddr::new(Ipv4Addr::LOCALHOST.into(), OUTBOUND_PORT)),
+        (Direction::Inbound, SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), INBOUND_PORT)),
+    ];
+    if ipv6 {
+        out.push((Direction::Outbound, SocketAddr::new(Ipv6Addr::LOCALHOST.into(), OUTBOUND_PORT)));
+        out.push((Direction::Inbound, SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), INBOUND_PORT)));
+    }
+    out
+}
+
+fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    // A second agent (an upgrade) binds the same ports beside us and both accept until the old one exits.
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket
+        .bind(&SockAddr::from(addr))
+        .map_err(|e| io::Error::new(e.kind(), format!("bind {addr} in pod netns: {e}")))?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// Creates the pod's listeners inside its netns and starts serving them.
+pub async fn start(pod: String, ns: Netns, settings: ProxySettings) -> io::Result<PodListeners> {
+    let thread_ns = ns.clone();
+    let sockets = tokio::task::spawn_blocking(move || {
+        thread_ns.run_on_new_thread(|| {
+            let ipv6 = netns::ipv6_enabled_here();
+            addresses(ipv6).into_iter().map(|(dir, addr)| Ok((dir, addr, bind(addr)?))).collect::<io::Result<Vec<_>>>()
+        })
+    })
+    .await
+    .map_err(io::Error::other)??;
+
+    let outbound = Arc::new(ListenerStats::default());
+    let inbound = Arc::new(ListenerStats::default());
+    let mut listeners = PodListeners { tasks: Vec::new(), addresses: Vec::new(), outbound, inbound };
+    for (direction, addr, socket) in sockets {
+        let stats = match direction {
+            Direction::Outbound => Arc::clone(&listeners.outbound),
+            Direction::Inbound => Arc::clone(&listeners.inbound),
+        };
+        let ctx = Arc::new(ListenerContext {
+            pod: pod.clone(),
+            netns: ns.clone(),
+            direction,
+            port: addr.port(),
+            stats,
+            settings,
+        });
+        let listener = TcpListener::from_std(socket)?;
+        listeners.addresses.push(addr);
+        listeners.tasks.push(tokio::spawn(accept_loop(listener, ctx)));
+    }
+    Ok(listeners)
+}
+
+async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerContext>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                tokio::spawn(tcp::serve(stream, peer, Arc::clone(&ctx)));
+            }
+            Err(e) => {
+                // Out of descriptors or memory: back off briefly instead of spinning on the error.
+                tracing::warn!(pod = %ctx.pod, direction = ?ctx.direction, "accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}

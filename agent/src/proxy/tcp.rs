@@ -1,0 +1,77 @@
+//! The tcp_proxy filter: one downstream connection, one upstream connection, bytes copied both ways. A FIN from
+//! either side is passed on as a FIN (half-close) and the other direction keeps flowing until it ends too.
+
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+
+use super::listener::ListenerContext;
+use super::cluster;
+
+/// `SO_ORIGINAL_DST` / `IP6T_SO_ORIGINAL_DST` (linux/netfilter_ipv4.h, netfilter_ipv6/ip6_tables.h).
+const SO_ORIGINAL_DST: libc::c_int = 80;
+
+/// Where the redirected connection was going before capture rewrote it.
+pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
+    let fd = stream.as_raw_fd();
+    match stream.local_addr()? {
+        SocketAddr::V4(_) => {
+            // SAFETY: getsockopt fills at most `len` bytes of a sockaddr_in we own.
+            let mut addr: libc::sockaddr_in = unsafe { zeroed() };
+            getsockopt(fd, libc::SOL_IP, &mut addr)?;
+            let ip = Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
+            Ok(SocketAddrV4::new(ip, u16::from_be(addr.sin_port)).into())
+        }
+        SocketAddr::V6(_) => {
+            // SAFETY: as above, for sockaddr_in6.
+            let mut addr: libc::sockaddr_in6 = unsafe { zeroed() };
+            getsockopt(fd, libc::SOL_IPV6, &mut addr)?;
+            let ip = Ipv6Addr::from(addr.sin6_addr.s6_addr);
+            Ok(SocketAddrV6::new(ip, u16::from_be(addr.sin6_port), 0, 0).into())
+        }
+    }
+}
+
+fn getsockopt<T>(fd: i32, level: libc::c_int, out: &mut T) -> io::Result<()> {
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: `out` is a valid, writable T of `len` bytes.
+    let rc = unsafe { libc::getsockopt(fd, level, SO_ORIGINAL_DST, (out as *mut T).cast(), &mut len) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Serves one accepted connection until both directions have ended.
+pub async fn serve(mut downstream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerContext>) {
+    let stats = &ctx.stats;
+    stats.accepted();
+    let (mut from_down, mut to_down) = (0, 0);
+    match original_dst(&downstream) {
+        Err(e) => tracing::warn!(pod = %ctx.pod, %peer, "no original destination: {e}"),
+        // Nothing rewrote this connection: it was made to the listener itself. Proxying it would loop.
+        Ok(dst) if dst.port() == ctx.port => {
+            stats.refused_loop();
+            tracing::debug!(pod = %ctx.pod, %peer, %dst, "refused direct connection to the proxy port");
+        }
+        Ok(dst) => match cluster::connect_original_dst(&ctx.netns, dst, ctx.direction, &ctx.settings).await {
+            Err(e) => {
+                stats.upstream_connect_failed();
+                tracing::debug!(pod = %ctx.pod, %peer, %dst, "upstream connect failed: {e}");
+            }
+            Ok(mut upstream) => {
+                let _ = downstream.set_nodelay(true);
+                match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+                    Ok((down, up)) => (from_down, to_down) = (down, up),
+                    Err(e) => tracing::debug!(pod = %ctx.pod, %peer, %dst, "connection ended with error: {e}"),
+                }
+            }
+        },
+    }
+    stats.closed(from_down, to_down);
+}
