@@ -1,1 +1,68 @@
-fn main() {}
+//! `cargo xtask`: the project's commands. Each installs what it needs first, idempotently and quietly when
+//! everything is already there.
+//!
+//! - `cargo xtask setup`: install the Debian packages the tests, demo and benchmarks use.
+//! - `cargo xtask test`: setup, build, run every test (unit, libcni-driven capture suites for each backend).
+//! - `cargo xtask demo`: setup, build, run a two-pod netns cluster and show captured traffic, then clean up.
+//! - `cargo xtask bench cni`: setup, release build, measure CNI ADD latency with and without weft-cni.
+
+mod bench;
+mod demo;
+mod setup;
+
+use std::process::{Command, ExitCode};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    let result = match words.as_slice() {
+        ["setup"] => setup::run(),
+        ["test", rest @ ..] => test(rest),
+        ["demo"] => demo::run(),
+        ["bench", "cni", rest @ ..] => bench::cni(rest),
+        _ => Err(USAGE.to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const USAGE: &str = "usage: cargo xtask (setup | test [-- CARGO TEST ARGS] | demo | bench cni [--pods N])";
+
+/// Runs a command, failing with its name when it does not succeed.
+pub fn run(cmd: &mut Command) -> Result<(), String> {
+    let status = cmd.status().map_err(|e| format!("cannot run {cmd:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{cmd:?} failed: {status}"))
+    }
+}
+
+pub fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+/// The workspace root (xtask lives one level below it).
+pub fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(|p| p.to_path_buf()).unwrap_or_default()
+}
+
+fn test(extra: &[&str]) -> Result<(), String> {
+    setup::run()?;
+    setup::require_root("the capture suites create network namespaces and program iptables/nftables")?;
+    let root = workspace_root();
+    // One debug build serves the binaries the suites drive and the test harnesses themselves.
+    run(cargo().current_dir(&root).args(["build", "--workspace", "--bins"]))?;
+    let mut cmd = cargo();
+    cmd.current_dir(&root).args(["test", "--workspace"]);
+    let extra: Vec<&str> = extra.iter().copied().skip_while(|a| *a == "--").collect();
+    if !extra.is_empty() {
+        cmd.arg("--").args(extra);
+    }
+    run(&mut cmd)
+}

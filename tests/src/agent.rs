@@ -1,0 +1,185 @@
+//! A `weft-agent run` process inside a cluster's node netns, with its state and socket in the cluster's work
+//! dir and its admin endpoint on the node's loopback (reachable only from inside the node netns).
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::cluster::Cluster;
+use crate::util::{wait_for, ChildGuard, HarnessError};
+use crate::bin_path;
+use std::path::Path;
+
+/// Where the agent's admin endpoint listens, inside the node netns.
+pub const ADMIN: &str = "127.0.0.1:15000";
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+pub struct Agent {
+    process: Option<ChildGuard>,
+    node: PathBuf,
+    mode: String,
+    socket: PathBuf,
+    state_dir: PathBuf,
+    log: PathBuf,
+    runs: u32,
+}
+
+impl Agent {
+    /// The agent socket and state dir a cluster should be created with, for `work_dir`.
+    pub fn socket_path(work_dir: &std::path::Path) -> PathBuf {
+        work_dir.join("run/cni.sock")
+    }
+
+    /// Starts `weft-agent run --redirect MODE` in the cluster's node netns and waits until it is ready.
+    pub fn start(cluster: &Cluster, mode: &str) -> Result<Agent, HarnessError> {
+        let socket = cluster
+            .agent_socket()
+            .map(PathBuf::from)
+            .ok_or_else(|| HarnessError::new("the cluster was made without a weft-cni entry"))?;
+        let mut agent = Agent {
+            process: None,
+            node: cluster.node().path().to_path_buf(),
+            mode: mode.to_string(),
+            socket,
+            state_dir: cluster.work_dir().join("state"),
+            log: cluster.work_dir().join("weft-agent.log"),
+            runs: 0,
+        };
+        agent.launch(cluster)?;
+        Ok(agent)
+    }
+
+    /// Starts the agent again (after [`Agent::kill`] or [`Agent::stop`]) with the same state dir.
+    pub fn restart(&mut self, cluster: &Cluster) -> Result<(), HarnessError> {
+        self.launch(cluster)
+    }
+
+    fn launch(&mut self, cluster: &Cluster) -> Result<(), HarnessError> {
+        self.runs += 1;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let mut cmd = Command::new(bin_path("weft-agent")?);
+        cmd.args(["run", "--redirect", &self.mode, "--admin-address", ADMIN, "--log-level", "debug"])
+            .arg("--cni-socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.process = Some(cluster.node_spawn(cmd)?);
+        self.wait_ready()
+    }
+
+    /// Polls `/ready` until it answers 200 or the deadline passes (and fails early if the process exits).
+    pub fn wait_ready(&mut self) -> Result<(), HarnessError> {
+        let (log, node) = (self.log.clone(), self.node.clone());
+        let process = self.process.as_mut().ok_or_else(|| HarnessError::new("agent not running"))?;
+        wait_for("weft-agent /ready", START_TIMEOUT, || {
+            if let Ok(Some(status)) = process.wait_timeout(Duration::ZERO) {
+                let tail = std::fs::read_to_string(&log).unwrap_or_default();
+                return Err(format!("agent exited ({status}); log:\n{tail}"));
+            }
+            match http_get(&node, "/ready") {
+                Ok((200, _)) => Ok(()),
+                Ok((code, body)) => Err(format!("{code} {body}")),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .map_err(|e| {
+            if e.0.contains("agent exited") {
+                HarnessError(format!("weft-agent did not start: {}", e.0))
+            } else {
+                e
+            }
+        })
+    }
+
+    /// SIGKILL: no clean-up at all, like a crash or an OOM kill.
+    pub fn kill(&mut self) -> Result<(), HarnessError> {
+        if let Some(mut p) = self.process.take() {
+            p.signal(libc::SIGKILL)?;
+            p.wait_timeout(Duration::from_secs(10))?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(&mut self) -> Result<(), HarnessError> {
+        if let Some(mut p) = self.process.take() {
+            p.stop()?;
+        }
+        Ok(())
+    }
+
+    /// The agent's `/status` document.
+    pub fn status(&self) -> Result<Value, HarnessError> {
+        let (code, body) = http_get(&self.node, "/status")?;
+        if code != 200 {
+            return Err(HarnessError(format!("/status answered {code}: {body}")));
+        }
+        serde_json::from_str(&body).map_err(|e| HarnessError(format!("/status is not JSON ({e}): {body}")))
+    }
+
+    /// The status entry of pod `namespace/name`, if the agent captures it.
+    pub fn pod_status(&self, namespace: &str, name: &str) -> Result<Option<Value>, HarnessError> {
+        let status = self.status()?;
+        let pods = status["pods"].as_array().cloned().unwrap_or_default();
+        Ok(pods.into_iter().find(|p| p["namespace"] == namespace && p["name"] == name))
+    }
+
+    pub fn log_path(&self) -> &PathBuf {
+        &self.log
+    }
+
+    pub fn state_dir(&self) -> &PathBuf {
+        &self.state_dir
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Ok(text) = std::fs::read_to_string(&self.log) {
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(60)..];
+                eprintln!("--- tail of {} ---\n{}\n---", self.log.display(), tail.join("\n"));
+            }
+        }
+    }
+}
+
+/// A plain HTTP/1.1 GET from inside the netns at `node` to the agent's admin address; returns status code and
+/// body.
+pub fn http_get(node: &Path, path: &str) -> Result<(u16, String), HarnessError> {
+    let addr: SocketAddr = ADMIN.parse().map_err(|e| HarnessError(format!("{e}")))?;
+    let mut stream = connect_in(node, addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nhost: weft\r\nconnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((code, body))
+}
+
+/// A TCP connection made from inside the netns at `path` (a scoped thread enters it; the socket keeps it).
+fn connect_in(path: &Path, addr: SocketAddr) -> Result<std::net::TcpStream, HarnessError> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path)?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on a valid fd; only this short-lived thread changes namespace.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("connect thread panicked")))
+    })
+    .map_err(|e| HarnessError(format!("connect to {addr} in {}: {e}", path.display())))
+}

@@ -1,0 +1,31 @@
+//! Integration-test harness for weft.
+//!
+//! - [`netns`]: named network namespaces, running code and processes in them.
+//! - [`cluster`]: a Kubernetes node without Kubernetes — a node netns with the
+//!   CNI bridge and one netns per pod, driven through the real libcni by the
+//!   Go driver in `tests/cnidriver`.
+//! - [`tools`]: building the driver, finding workspace binaries, skip checks.
+//! - [`util`]: errors with diagnostics, deadline polling, child-process guard.
+//!
+//! Everything here needs root; tests call [`require_root`] and skip with the
+//! printed reason otherwise.
+
+// `CniFailure` is returned by value on purpose: tests match on its fields.
+#![allow(clippy::result_large_err)]
+
+pub mod agent;
+pub mod cluster;
+pub mod netns;
+pub mod tools;
+pub mod traffic;
+pub mod util;
+
+pub use cluster::{
+    Cluster, ClusterOptions, CniCommand, CniError, CniFailure, CniOutput, Pod, PodOptions,
+    WeftEntry, GATEWAY, POD_SUBNET,
+};
+pub use netns::NetNs;
+pub use tools::{
+    bin_path, cnidriver_path, require_cni_tools, require_root, target_dir, workspace_root,
+};
+pub use util::{wait_for, wait_for_path, ChildGuard, HarnessError};

@@ -1,0 +1,52 @@
+//! Installs what the project's commands need on a fresh Debian machine. Every step checks first, so a second
+//! run installs nothing and prints nothing.
+
+use std::process::Command;
+
+/// Debian packages, by name, and why each is needed.
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "network namespaces, veth and bridges for the netns cluster"),
+    ("iptables", "the iptables redirect backend (legacy and nft variants)"),
+    ("nftables", "the nftables redirect backend"),
+    ("containernetworking-plugins", "the reference CNI plugins (bridge, host-local, portmap) weft-cni chains after"),
+    ("golang-github-appc-cni-dev", "libcni, the library containerd and CRI-O drive CNI plugins with"),
+    ("golang-1.19-go", "builds the small libcni driver the tests use"),
+];
+
+pub fn run() -> Result<(), String> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES.iter().map(|(p, _)| *p).filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    require_root("installing Debian packages")?;
+    eprintln!("xtask: installing {}", missing.join(" "));
+    apt(&["update", "-qq"])?;
+    let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
+    args.extend(&missing);
+    apt(&args)
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn apt(args: &[&str]) -> Result<(), String> {
+    crate::run(Command::new("apt-get").args(args).env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+pub fn require_root(why: &str) -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } == 0 {
+        Ok(())
+    } else {
+        Err(format!("must run as root: {why}"))
+    }
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
