@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 use tokio::sync::Mutex;
@@ -133,7 +133,7 @@ impl Node {
             redirect: self.redirector.mode(),
             added_at_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
         };
-        let pod = self.capture_in(record, ns).await?;
+        let pod = self.capture_in(record, ns, Rules::Install).await?;
         let label = pod.label();
         pods.insert(attachment.clone(), pod);
         if let Err(e) = self.persist(&pods) {
@@ -213,22 +213,29 @@ impl Node {
             .collect()
     }
 
+    /// Re-captures a pod from its record: rules that are still right are left as they are.
     async fn capture(&self, record: PodRecord) -> Result<CapturedPod, NodeError> {
         let ns = Netns::open(&record.netns).map_err(|e| NodeError::new(format!("cannot open netns {}", record.netns), e))?;
-        self.capture_in(record, ns).await
+        self.capture_in(record, ns, Rules::Ensure).await
     }
 
     /// Listeners first, then rules: the rules never point at a port nobody listens on.
-    async fn capture_in(&self, mut record: PodRecord, ns: Netns) -> Result<CapturedPod, NodeError> {
+    async fn capture_in(&self, mut record: PodRecord, ns: Netns, rules: Rules) -> Result<CapturedPod, NodeError> {
         let label = format!("{}/{}", record.namespace, record.name);
+        let started = Instant::now();
         let listeners = listener::start(label.clone(), ns.clone(), self.settings)
             .await
             .map_err(|e| NodeError::new(format!("{label}: cannot create in-pod listeners"), e))?;
+        let listening = started.elapsed();
         let redirector = Arc::clone(&self.redirector);
         let rules_ns = ns.clone();
-        blocking(move || redirector.install(&rules_ns))
-            .await
-            .map_err(|e| NodeError::new(format!("{label}: cannot install {} redirection", self.mode()), e))?;
+        blocking(move || match rules {
+            Rules::Install => redirector.install(&rules_ns),
+            Rules::Ensure => redirector.ensure(&rules_ns),
+        })
+        .await
+        .map_err(|e| NodeError::new(format!("{label}: cannot install {} redirection", self.mode()), e))?;
+        tracing::debug!(pod = %label, ?listening, total = ?started.elapsed(), "listeners and rules in place");
         record.redirect = self.redirector.mode();
         Ok(CapturedPod { record, netns: ns, listeners })
     }
@@ -258,6 +265,13 @@ impl Node {
             NodeError::new("cannot persist the pod registry", format!("{}: {e}", self.registry.path().display()))
         })
     }
+}
+
+/// Whether rules are put in place unconditionally (a new pod) or only where they differ (re-adoption).
+#[derive(Debug, Clone, Copy)]
+enum Rules {
+    Install,
+    Ensure,
 }
 
 async fn blocking<F>(f: F) -> Result<(), CaptureError>

@@ -56,8 +56,9 @@ pub enum Request {
     Check { attachment: Attachment },
     /// Forget every attachment not in `valid` (CNI GC).
     Gc { valid: Vec<Attachment> },
-    /// Is the agent up and ready?
-    Status,
+    /// Is the agent up and ready? (A struct variant: serde does not apply `deny_unknown_fields` to unit
+    /// variants of internally tagged enums.)
+    Status {},
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,5 +100,11 @@ mod tests {
     fn unknown_fields_are_refused() {
         let err = serde_json::from_str::<Request>(r#"{"op":"status","extra":1}"#).unwrap_err();
         assert!(err.to_string().contains("extra"), "{err}");
+        let err =
+            serde_json::from_str::<Request>(r#"{"op":"del","attachment":{"container_id":"c","ifname":"e"},"x":1}"#)
+                .unwrap_err();
+        assert!(err.to_string().contains("`x`"), "{err}");
+        assert_eq!(serde_json::from_str::<Request>(r#"{"op":"status"}"#).unwrap(), Request::Status {});
+        assert_eq!(serde_json::to_string(&Request::Status {}).unwrap(), r#"{"op":"status"}"#);
     }
 }

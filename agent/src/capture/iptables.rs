@@ -190,16 +190,24 @@ impl Iptables {
         self.variant
     }
 
-    /// The families to program in `ns`: IPv4 always, IPv6 where the namespace has it.
-    fn families(&self, ns: &Netns) -> Result<Vec<(Family, &Tools)>, CaptureError> {
-        let mut out = vec![(Family::V4, &self.v4)];
-        if ipv6_enabled(ns) {
-            let v6 = self.v6.as_ref().ok_or_else(|| {
-                CaptureError("the pod has IPv6 but ip6tables-restore is not installed: IPv6 would go uncaptured".into())
-            })?;
-            out.push((Family::V6, v6));
+    /// Runs `op` for IPv4 and, where the namespace has it, IPv6 — concurrently: each is a couple of process
+    /// spawns, and a pod's ADD waits for both.
+    fn per_family<F>(&self, ns: &Netns, op: F) -> Result<(), CaptureError>
+    where
+        F: Fn(Family, &Tools) -> Result<(), CaptureError> + Sync,
+    {
+        if !ipv6_enabled(ns) {
+            return op(Family::V4, &self.v4);
         }
-        Ok(out)
+        let v6 = self.v6.as_ref().ok_or_else(|| {
+            CaptureError("the pod has IPv6 but ip6tables-restore is not installed: IPv6 would go uncaptured".into())
+        })?;
+        std::thread::scope(|s| {
+            let v6_result = s.spawn(|| op(Family::V6, v6));
+            let v4_result = op(Family::V4, &self.v4);
+            let v6_result = v6_result.join().unwrap_or_else(|_| Err(CaptureError("ip6tables worker panicked".into())));
+            v4_result.and(v6_result)
+        })
     }
 }
 
@@ -213,31 +221,21 @@ impl Redirector for Iptables {
     }
 
     fn install(&self, ns: &Netns) -> Result<(), CaptureError> {
-        for (family, tools) in self.families(ns)? {
+        self.per_family(ns, |family, tools| {
             let saved = save(ns, tools)?;
-            if compare(family, &saved).is_ok() {
-                continue;
-            }
-            run_in(ns, &tools.restore, &["--noflush"], &install_batch(family, &saved))?;
-            compare(family, &save(ns, tools)?)?;
-        }
-        Ok(())
+            run_in(ns, &tools.restore, &["--noflush"], &install_batch(family, &saved)).map(drop)
+        })
     }
 
     fn verify(&self, ns: &Netns) -> Result<(), CaptureError> {
-        for (family, tools) in self.families(ns)? {
-            compare(family, &save(ns, tools)?)?;
-        }
-        Ok(())
+        self.per_family(ns, |family, tools| compare(family, &save(ns, tools)?))
     }
 
     fn remove(&self, ns: &Netns) -> Result<(), CaptureError> {
-        for (_, tools) in self.families(ns)? {
-            if let Some(batch) = remove_batch(&save(ns, tools)?) {
-                run_in(ns, &tools.restore, &["--noflush"], &batch)?;
-            }
-        }
-        Ok(())
+        self.per_family(ns, |_, tools| match remove_batch(&save(ns, tools)?) {
+            Some(batch) => run_in(ns, &tools.restore, &["--noflush"], &batch).map(drop),
+            None => Ok(()),
+        })
     }
 }
 

@@ -84,8 +84,16 @@ impl From<std::io::Error> for CaptureError {
 /// A redirection backend. All methods block (they run external tools); call them off the async runtime.
 pub trait Redirector: Send + Sync {
     fn mode(&self) -> RedirectMode;
-    /// Puts the full rule set in place in one atomic step, replacing any earlier weft rules.
+    /// Puts the full rule set in place in one atomic step, replacing any earlier weft rules. Fast path for a
+    /// new pod: it does not read the rules back (the batch is applied whole or not at all).
     fn install(&self, ns: &Netns) -> Result<(), CaptureError>;
+    /// Leaves correct rules alone and re-installs anything else (re-adoption, repeated ADD).
+    fn ensure(&self, ns: &Netns) -> Result<(), CaptureError> {
+        match self.verify(ns) {
+            Ok(()) => Ok(()),
+            Err(_) => self.install(ns),
+        }
+    }
     /// Checks the rules in the namespace are exactly the ones `install` puts there.
     fn verify(&self, ns: &Netns) -> Result<(), CaptureError>;
     /// Removes weft's rules, leaving everything else. Succeeds when there is nothing to remove.

@@ -94,7 +94,7 @@ async fn dispatch(request: Request, node: &Node) -> Response {
         Request::Del { attachment } => node.del(&attachment).await,
         Request::Check { attachment } => node.check(&attachment).await,
         Request::Gc { valid } => node.gc(&valid).await,
-        Request::Status => Ok(format!("ready ({} redirection)", node.mode())),
+        Request::Status {} => Ok(format!("ready ({} redirection)", node.mode())),
     };
     match result {
         Ok(detail) => Response::ok(detail),
