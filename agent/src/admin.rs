@@ -43,8 +43,18 @@ pub async fn serve(listener: TcpListener, admin: Arc<Admin>) {
     }
 }
 
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| std::io::Error::new(e.kind(), format!("admin address {addr}: {e}")))
+/// Binds with SO_REUSEPORT: during an upgrade the new agent starts while the old one still serves.
+pub fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let bind = || -> std::io::Result<TcpListener> {
+        let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(128)?;
+        TcpListener::from_std(socket.into())
+    };
+    bind().map_err(|e| std::io::Error::new(e.kind(), format!("admin address {addr}: {e}")))
 }
 
 async fn handle(mut stream: TcpStream, admin: Arc<Admin>) {

@@ -96,7 +96,13 @@ fn main() -> ExitCode {
 
 fn run(args: RunArgs) -> Result<(), String> {
     let cfg = args.resolve()?;
-    tracing_subscriber::fmt().with_max_level(cfg.log_level).with_target(false).with_writer(std::io::stderr).init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt()
+        .with_max_level(cfg.log_level)
+        .with_target(false)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .init();
     // Before any thread exists: every thread that enters a pod netns comes back to this one.
     netns::init_host_netns().map_err(|e| format!("cannot open the agent's network namespace: {e}"))?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
@@ -114,7 +120,7 @@ async fn serve(cfg: AgentConfig) -> Result<(), String> {
     let settings = ProxySettings { connect_timeout: cfg.connect_timeout };
     let node = Arc::new(Node::new(Arc::from(redirector), registry, settings));
     let admin = Arc::new(Admin { node: Arc::clone(&node), ready: false.into() });
-    let admin_listener = admin::bind(cfg.admin_address).await.map_err(|e| e.to_string())?;
+    let admin_listener = admin::bind(cfg.admin_address).map_err(|e| e.to_string())?;
     tokio::spawn(admin::serve(admin_listener, Arc::clone(&admin)));
     tracing::info!(redirect = %cfg.redirect, admin = %cfg.admin_address, state_dir = %cfg.state_dir.display(), "starting");
 

@@ -1,4 +1,6 @@
-//! Runs the `weft-cni` binary the way a runtime does (environment + stdin) against a fake agent socket.
+//! Runs the `weft-cni` binary the way a runtime does (environment + stdin) against a scripted agent socket:
+//! the edge cases a real agent cannot be made to produce on demand (silence, malformed answers). The plugin
+//! against the real agent, through the real libcni, is covered by `tests/tests/capture.rs`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixListener;

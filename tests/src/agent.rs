@@ -14,13 +14,14 @@ use crate::util::{wait_for, ChildGuard, HarnessError};
 use crate::bin_path;
 use std::path::Path;
 
-/// Where the agent's admin endpoint listens, inside the node netns.
+/// Where the agent's admin endpoint listens by default, inside the node netns.
 pub const ADMIN: &str = "127.0.0.1:15000";
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
 pub struct Agent {
     process: Option<ChildGuard>,
     node: PathBuf,
+    admin: SocketAddr,
     mode: String,
     socket: PathBuf,
     state_dir: PathBuf,
@@ -36,6 +37,12 @@ impl Agent {
 
     /// Starts `weft-agent run --redirect MODE` in the cluster's node netns and waits until it is ready.
     pub fn start(cluster: &Cluster, mode: &str) -> Result<Agent, HarnessError> {
+        Agent::start_with_admin(cluster, mode, ADMIN)
+    }
+
+    /// [`Agent::start`] with its own admin address, for a second agent beside a first one (an upgrade).
+    pub fn start_with_admin(cluster: &Cluster, mode: &str, admin: &str) -> Result<Agent, HarnessError> {
+        let admin = admin.parse().map_err(|e| HarnessError(format!("admin address {admin}: {e}")))?;
         let socket = cluster
             .agent_socket()
             .map(PathBuf::from)
@@ -43,6 +50,7 @@ impl Agent {
         let mut agent = Agent {
             process: None,
             node: cluster.node().path().to_path_buf(),
+            admin,
             mode: mode.to_string(),
             socket,
             state_dir: cluster.work_dir().join("state"),
@@ -62,7 +70,9 @@ impl Agent {
         self.runs += 1;
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
         let mut cmd = Command::new(bin_path("weft-agent")?);
-        cmd.args(["run", "--redirect", &self.mode, "--admin-address", ADMIN, "--log-level", "debug"])
+        cmd.args(["run", "--redirect", &self.mode, "--log-level", "debug"])
+            .arg("--admin-address")
+            .arg(self.admin.to_string())
             .arg("--cni-socket")
             .arg(&self.socket)
             .arg("--state-dir")
@@ -76,14 +86,14 @@ impl Agent {
 
     /// Polls `/ready` until it answers 200 or the deadline passes (and fails early if the process exits).
     pub fn wait_ready(&mut self) -> Result<(), HarnessError> {
-        let (log, node) = (self.log.clone(), self.node.clone());
+        let (log, node, admin) = (self.log.clone(), self.node.clone(), self.admin);
         let process = self.process.as_mut().ok_or_else(|| HarnessError::new("agent not running"))?;
         wait_for("weft-agent /ready", START_TIMEOUT, || {
             if let Ok(Some(status)) = process.wait_timeout(Duration::ZERO) {
                 let tail = std::fs::read_to_string(&log).unwrap_or_default();
                 return Err(format!("agent exited ({status}); log:\n{tail}"));
             }
-            match http_get(&node, "/ready") {
+            match http_get(&node, admin, "/ready") {
                 Ok((200, _)) => Ok(()),
                 Ok((code, body)) => Err(format!("{code} {body}")),
                 Err(e) => Err(e.to_string()),
@@ -117,7 +127,7 @@ impl Agent {
 
     /// The agent's `/status` document.
     pub fn status(&self) -> Result<Value, HarnessError> {
-        let (code, body) = http_get(&self.node, "/status")?;
+        let (code, body) = http_get(&self.node, self.admin, "/status")?;
         if code != 200 {
             return Err(HarnessError(format!("/status answered {code}: {body}")));
         }
@@ -152,10 +162,9 @@ impl Drop for Agent {
     }
 }
 
-/// A plain HTTP/1.1 GET from inside the netns at `node` to the agent's admin address; returns status code and
+/// A plain HTTP/1.1 GET from inside the netns at `node` to an agent's admin address; returns status code and
 /// body.
-pub fn http_get(node: &Path, path: &str) -> Result<(u16, String), HarnessError> {
-    let addr: SocketAddr = ADMIN.parse().map_err(|e| HarnessError(format!("{e}")))?;
+pub fn http_get(node: &Path, addr: SocketAddr, path: &str) -> Result<(u16, String), HarnessError> {
     let mut stream = connect_in(node, addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(stream, "GET {path} HTTP/1.1\r\nhost: weft\r\nconnection: close\r\n\r\n")?;

@@ -151,6 +151,67 @@ fn excluded_namespace_is_not_captured(mode: &str) {
     wait_pod(&agent, &b, "server inbound counters", |s| counter(s, "inbound", "accepted") == 1);
 }
 
+fn upgrade_with_overlapping_agents(mode: &str) {
+    let Some((cluster, mut old)) = node(&format!("upg-{mode}"), mode) else { return };
+    let a = cluster.add_pod("default", "client").unwrap();
+    let b = cluster.add_pod("default", "server").unwrap();
+    let _server = EchoServer::start(&b.netns, SERVER_PORT).unwrap();
+    assert_echo(&a, &b, 4096);
+
+    // The new agent binds the same in-pod ports beside the old one (SO_REUSEPORT) and takes over the socket.
+    let new = Agent::start_with_admin(&cluster, mode, "127.0.0.1:15010").unwrap();
+    old.stop().unwrap();
+    assert!(cluster.agent_socket().unwrap().exists(), "the old agent removed the new agent's CNI socket");
+    assert_echo(&a, &b, 4096);
+    let c = cluster.add_pod("default", "after-upgrade").unwrap();
+    assert!(new.pod_status("default", "after-upgrade").unwrap().is_some());
+    assert!(new.pod_status("default", "client").unwrap().is_some());
+    cluster.check_pod(&c).unwrap();
+}
+
+/// Runs `weft-cni` directly in the node netns for the verbs libcni 1.1.2 cannot send (STATUS and GC are CNI
+/// 1.1.0), with a config that points at the cluster's real agent.
+fn plugin(cluster: &Cluster, command: &str, extra: Value) -> (i32, Value) {
+    use std::io::Write;
+    let mut conf = serde_json::json!({
+        "cniVersion": "1.1.0",
+        "name": "weft-test",
+        "type": "weft-cni",
+        "agent_socket": cluster.agent_socket().unwrap(),
+    });
+    if let (Some(obj), Value::Object(more)) = (conf.as_object_mut(), extra) {
+        obj.extend(more);
+    }
+    let mut cmd = cluster.node_command(bin_path("weft-cni").unwrap());
+    cmd.env("CNI_COMMAND", command)
+        .env("CNI_PATH", cluster.bin_dir())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    child.stdin.take().unwrap().write_all(conf.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    (out.status.code().unwrap_or(-1), serde_json::from_str(&stdout).unwrap_or(Value::Null))
+}
+
+fn status_and_gc_talk_to_the_real_agent(mode: &str) {
+    let Some((cluster, mut agent)) = node(&format!("gc-{mode}"), mode) else { return };
+    let keep = cluster.add_pod("default", "keep").unwrap();
+    let stale = cluster.add_pod("default", "stale").unwrap();
+    assert_eq!(plugin(&cluster, "STATUS", Value::Null).0, 0);
+
+    let valid = serde_json::json!({"cni.dev/valid-attachments": [{"containerID": keep.container_id, "ifname": "eth0"}]});
+    let (code, out) = plugin(&cluster, "GC", valid);
+    assert_eq!(code, 0, "{out}");
+    assert!(agent.pod_status("default", "keep").unwrap().is_some());
+    assert!(agent.pod_status("default", "stale").unwrap().is_none(), "GC left the stale attachment captured");
+    assert_eq!(weft_rules(&stale, mode), "", "GC left rules in the stale pod");
+
+    agent.stop().unwrap();
+    let (code, out) = plugin(&cluster, "STATUS", Value::Null);
+    assert_eq!((code, out["code"].as_u64()), (1, Some(50)), "{out}");
+}
+
 macro_rules! capture_suite {
     ($mode:ident) => {
         mod $mode {
@@ -165,6 +226,14 @@ macro_rules! capture_suite {
             #[test]
             fn del_releases_the_pod_and_is_idempotent() {
                 super::del_releases_the_pod_and_is_idempotent(stringify!($mode));
+            }
+            #[test]
+            fn status_and_gc_talk_to_the_real_agent() {
+                super::status_and_gc_talk_to_the_real_agent(stringify!($mode));
+            }
+            #[test]
+            fn upgrade_with_overlapping_agents() {
+                super::upgrade_with_overlapping_agents(stringify!($mode));
             }
             #[test]
             fn excluded_namespace_is_not_captured() {

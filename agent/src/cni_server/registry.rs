@@ -1,7 +1,7 @@
 //! The pod registry: which attachments the agent captures, persisted atomically under the state dir so a
 //! restarted agent can re-adopt them.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::net::IpAddr;
 use std::os::unix::fs::OpenOptionsExt;
@@ -89,20 +89,18 @@ impl RegistryFile {
         Ok(disk.pods)
     }
 
-    /// Writes the records atomically: a crash leaves either the old or the new file, never a mix.
+    /// Writes the records atomically: an agent crash leaves either the old or the new file, never a mix.
+    ///
+    /// No fsync: the registry must survive agent restarts, not node reboots (a reboot takes every pod netns with
+    /// it, and the default state dir is on tmpfs). rename(2) is atomic for every later reader, and skipping the
+    /// flushes keeps milliseconds off each pod's start.
     pub fn store(&self, pods: &[PodRecord]) -> io::Result<()> {
         let text = serde_json::to_vec_pretty(&OnDisk { version: FORMAT_VERSION, pods: pods.to_vec() })?;
         let tmp = self.path.with_extension(format!("json.tmp-{}", std::process::id()));
-        {
-            let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-            f.write_all(&text)?;
-            f.sync_all()?;
-        }
-        fs::rename(&tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            File::open(dir)?.sync_all()?;
-        }
-        Ok(())
+        let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(&text)?;
+        drop(f);
+        fs::rename(&tmp, &self.path)
     }
 }
 
