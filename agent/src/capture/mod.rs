@@ -8,6 +8,7 @@
 //!   [`INBOUND_PASSTHROUGH_V4`] and pass too;
 //! - loopback is handled as Istio does: app-to-loopback is left alone, the proxy dialling its own pod's address
 //!   over `lo` is sent through the inbound listener.
+//!
 //! Backends apply their whole rule set in one atomic batch and can verify it is still in place.
 
 pub mod iptables;
