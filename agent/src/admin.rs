@@ -25,6 +25,7 @@ pub struct Admin {
 struct Status<'a> {
     ready: bool,
     redirect: crate::capture::RedirectMode,
+    capture: serde_json::Value,
     version: &'a str,
     pods: Vec<PodStatus>,
 }
@@ -94,6 +95,7 @@ async fn route(head: &str, admin: &Admin) -> (&'static str, &'static str, String
             let status = Status {
                 ready,
                 redirect: admin.node.mode(),
+                capture: admin.node.capture_status(),
                 version: env!("CARGO_PKG_VERSION"),
                 pods: admin.node.status().await,
             };

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::capture::ebpf::EbpfSettings;
 use crate::capture::iptables::Variant;
 use crate::capture::RedirectMode;
 
@@ -19,6 +20,9 @@ pub struct AgentConfig {
     pub admin_address: SocketAddr,
     pub log_level: tracing::Level,
     pub connect_timeout: Duration,
+    pub ebpf: EbpfSettings,
+    /// How long a stopping agent lets established connections finish.
+    pub drain_timeout: Duration,
 }
 
 impl Default for AgentConfig {
@@ -31,6 +35,8 @@ impl Default for AgentConfig {
             admin_address: SocketAddr::from(([127, 0, 0, 1], 15000)),
             log_level: tracing::Level::INFO,
             connect_timeout: Duration::from_secs(10),
+            ebpf: EbpfSettings::default(),
+            drain_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -46,6 +52,10 @@ pub struct ConfigFile {
     pub admin_address: Option<SocketAddr>,
     pub log_level: Option<String>,
     pub connect_timeout_ms: Option<u64>,
+    pub ebpf_object: Option<PathBuf>,
+    pub bpf_pin_path: Option<PathBuf>,
+    pub sockmap: Option<bool>,
+    pub drain_timeout_ms: Option<u64>,
 }
 
 impl ConfigFile {
@@ -65,12 +75,25 @@ impl ConfigFile {
             base.log_level = parse_level(&level).map_err(|e| format!("log_level: {e}"))?;
         }
         if let Some(ms) = self.connect_timeout_ms {
-            if !(1..=300_000).contains(&ms) {
-                return Err(format!("connect_timeout_ms: {ms} is out of range, use 1..=300000"));
-            }
-            base.connect_timeout = Duration::from_millis(ms);
+            base.connect_timeout = millis("connect_timeout_ms", ms, 1)?;
         }
+        if let Some(ms) = self.drain_timeout_ms {
+            base.drain_timeout = millis("drain_timeout_ms", ms, 0)?;
+        }
+        if self.ebpf_object.is_some() {
+            base.ebpf.object = self.ebpf_object;
+        }
+        set(&mut base.ebpf.pin_path, self.bpf_pin_path);
+        set(&mut base.ebpf.sockmap, self.sockmap);
         Ok(base)
+    }
+}
+
+fn millis(field: &str, ms: u64, min: u64) -> Result<Duration, String> {
+    if (min..=300_000).contains(&ms) {
+        Ok(Duration::from_millis(ms))
+    } else {
+        Err(format!("{field}: {ms} is out of range, use {min}..=300000"))
     }
 }
 

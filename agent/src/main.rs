@@ -27,6 +27,22 @@ struct Cli {
 enum Command {
     /// Run the node agent: serve the CNI socket, capture pods, proxy their traffic.
     Run(RunArgs),
+    /// Remove everything weft installed on this node: pods' rules, eBPF pins (which detaches the programs),
+    /// the pod registry. Captured pods stop being captured.
+    Cleanup(CleanupArgs),
+}
+
+#[derive(clap::Args)]
+struct CleanupArgs {
+    /// JSON config file (the same as for `run`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Directory of the persisted pod registry [default: /var/run/weft].
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// bpffs directory of the eBPF pins [default: /sys/fs/bpf/weft].
+    #[arg(long)]
+    bpf_pin_path: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -40,7 +56,7 @@ struct RunArgs {
     /// Directory for the persisted pod registry [default: /var/run/weft].
     #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// Redirection backend: iptables or nftables [default: iptables].
+    /// Redirection backend: iptables, nftables or ebpf [default: iptables].
     #[arg(long)]
     redirect: Option<RedirectMode>,
     /// iptables implementation: auto, legacy or nft [default: auto].
@@ -55,6 +71,19 @@ struct RunArgs {
     /// Proxy worker threads [default: number of CPUs].
     #[arg(long)]
     concurrency: Option<usize>,
+    /// eBPF object (ebpf mode) [default: weft-ebpf beside this binary, then /usr/lib/weft/weft-ebpf].
+    #[arg(long)]
+    ebpf_object: Option<PathBuf>,
+    /// bpffs directory for pinned maps and links (ebpf mode) [default: /sys/fs/bpf/weft].
+    #[arg(long)]
+    bpf_pin_path: Option<PathBuf>,
+    /// Sockmap fast path between apps and the proxy (ebpf mode; see the README for the kernel caveat)
+    /// [default: false].
+    #[arg(long)]
+    sockmap: Option<bool>,
+    /// How long a stopping agent lets established connections finish, in ms [default: 30000].
+    #[arg(long)]
+    drain_timeout_ms: Option<u64>,
 }
 
 impl RunArgs {
@@ -72,6 +101,10 @@ impl RunArgs {
             admin_address: self.admin_address,
             log_level: None,
             connect_timeout_ms: None,
+            ebpf_object: self.ebpf_object.clone(),
+            bpf_pin_path: self.bpf_pin_path.clone(),
+            sockmap: self.sockmap,
+            drain_timeout_ms: self.drain_timeout_ms,
         };
         cfg = flags.apply(cfg)?;
         if let Some(level) = &self.log_level {
@@ -83,26 +116,45 @@ impl RunArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Run(args) => match run(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("weft-agent: {e}");
-                ExitCode::FAILURE
-            }
-        },
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Cleanup(args) => cleanup(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft-agent: {e}");
+            ExitCode::FAILURE
+        }
     }
+}
+
+fn cleanup(args: CleanupArgs) -> Result<(), String> {
+    let file = match &args.config {
+        Some(path) => ConfigFile::read(path)?,
+        None => ConfigFile::default(),
+    };
+    let mut cfg = file.apply(AgentConfig::default())?;
+    if let Some(dir) = args.state_dir {
+        cfg.state_dir = dir;
+    }
+    if let Some(pins) = args.bpf_pin_path {
+        cfg.ebpf.pin_path = pins;
+    }
+    let report = weft_agent::node::cleanup(&cfg)?;
+    println!("{report}");
+    Ok(())
+}
+
+fn init_logging(level: tracing::Level) {
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // Also installs the `log` bridge, through which the eBPF programs' aya-log records arrive.
+    tracing_subscriber::fmt().with_max_level(level).with_target(false).with_ansi(ansi).with_writer(std::io::stderr).init();
 }
 
 fn run(args: RunArgs) -> Result<(), String> {
     let cfg = args.resolve()?;
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_max_level(cfg.log_level)
-        .with_target(false)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .init();
+    init_logging(cfg.log_level);
     // Before any thread exists: every thread that enters a pod netns comes back to this one.
     netns::init_host_netns().map_err(|e| format!("cannot open the agent's network namespace: {e}"))?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
@@ -114,7 +166,7 @@ fn run(args: RunArgs) -> Result<(), String> {
 }
 
 async fn serve(cfg: AgentConfig) -> Result<(), String> {
-    let redirector = capture::redirector(cfg.redirect, cfg.iptables_variant).map_err(|e| e.to_string())?;
+    let redirector = capture::redirector(cfg.redirect, cfg.iptables_variant, &cfg.ebpf).map_err(|e| e.to_string())?;
     let registry = RegistryFile::new(&cfg.state_dir)
         .map_err(|e| format!("state dir {}: {e}", cfg.state_dir.display()))?;
     let settings = ProxySettings { connect_timeout: cfg.connect_timeout };
@@ -135,7 +187,26 @@ async fn serve(cfg: AgentConfig) -> Result<(), String> {
     tracing::info!("shutting down; redirection rules stay in place so captured pods fail closed");
     server.abort();
     socket.remove_if_ours();
+    drain(&node, cfg.drain_timeout).await;
     Ok(())
+}
+
+/// Stops accepting (a newer agent's listeners take the new connections) and lets established connections
+/// finish, up to `timeout`.
+async fn drain(node: &Node, timeout: std::time::Duration) {
+    node.stop_listening().await;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let active = node.active_connections().await;
+        if active == 0 {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(active, "drain timeout reached; closing remaining connections");
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }
 
 async fn shutdown_signal() {

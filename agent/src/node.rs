@@ -75,6 +75,11 @@ impl Node {
         self.redirector.mode()
     }
 
+    /// Backend details (eBPF pins, adopted links) for the status endpoint.
+    pub fn capture_status(&self) -> serde_json::Value {
+        self.redirector.status()
+    }
+
     /// Re-captures every pod of the persisted registry whose netns still exists; forgets the others. Returns
     /// how many pods were adopted and dropped. Run before serving CNI requests and before reporting ready.
     pub async fn adopt(&self) -> Result<(usize, usize), String> {
@@ -194,6 +199,18 @@ impl Node {
         Ok(format!("released {} stale attachment(s)", stale.len()))
     }
 
+    /// Closes every pod's listeners (shutdown); the records and rules stay for the next agent.
+    pub async fn stop_listening(&self) {
+        for pod in self.pods.lock().await.values() {
+            pod.listeners.close();
+        }
+    }
+
+    /// Established proxied connections across all pods.
+    pub async fn active_connections(&self) -> u64 {
+        self.pods.lock().await.values().map(|p| p.listeners.active()).sum()
+    }
+
     pub async fn status(&self) -> Vec<PodStatus> {
         let pods = self.pods.lock().await;
         pods.values()
@@ -279,4 +296,38 @@ where
     F: FnOnce() -> Result<(), CaptureError> + Send + 'static,
 {
     tokio::task::spawn_blocking(f).await.map_err(|e| CaptureError(format!("capture task failed: {e}")))?
+}
+
+/// `weft-agent cleanup`: removes every pod's rules, the eBPF pins and the registry. Returns a summary.
+pub fn cleanup(cfg: &crate::config::AgentConfig) -> Result<String, String> {
+    use crate::capture::{iptables::Iptables, nftables::Nftables};
+    let registry = RegistryFile::new(&cfg.state_dir).map_err(|e| format!("state dir {}: {e}", cfg.state_dir.display()))?;
+    let records = registry.load().unwrap_or_else(|e| {
+        tracing::warn!("{e}");
+        Vec::new()
+    });
+    let mut cleaned = 0;
+    for record in &records {
+        let Ok(ns) = Netns::open(&record.netns) else { continue };
+        if ns.id() != record.netns_id {
+            continue;
+        }
+        let removed = match record.redirect {
+            RedirectMode::Iptables => Iptables::detect(cfg.iptables_variant).and_then(|b| b.remove(&ns)),
+            // eBPF enrolment goes with the pins below; its inbound rule is the nftables table.
+            RedirectMode::Nftables | RedirectMode::Ebpf => Nftables::detect().and_then(|b| b.remove(&ns)),
+        };
+        match removed {
+            Ok(()) => cleaned += 1,
+            Err(e) => tracing::warn!(pod = %record.name, "cannot remove rules: {e}"),
+        }
+    }
+    let _ = std::fs::remove_file(registry.path());
+    crate::capture::ebpf::remove_pins(&cfg.ebpf.pin_path)
+        .map_err(|e| format!("removing eBPF pins {}: {e}", cfg.ebpf.pin_path.display()))?;
+    Ok(format!(
+        "removed rules from {cleaned} of {} registered pod(s), the registry, and eBPF pins under {}",
+        records.len(),
+        cfg.ebpf.pin_path.display()
+    ))
 }

@@ -26,6 +26,8 @@ pub struct Agent {
     socket: PathBuf,
     state_dir: PathBuf,
     log: PathBuf,
+    /// bpffs directory of this agent's eBPF pins (ebpf mode): one per cluster, so suites run side by side.
+    pins: PathBuf,
     runs: u32,
 }
 
@@ -55,6 +57,7 @@ impl Agent {
             socket,
             state_dir: cluster.work_dir().join("state"),
             log: cluster.work_dir().join("weft-agent.log"),
+            pins: PathBuf::from("/sys/fs/bpf").join(format!("weft-test-{}", cluster.id())),
             runs: 0,
         };
         agent.launch(cluster)?;
@@ -77,10 +80,19 @@ impl Agent {
             .arg(&self.socket)
             .arg("--state-dir")
             .arg(&self.state_dir)
+            .arg("--bpf-pin-path")
+            .arg(&self.pins)
+            .arg("--drain-timeout-ms")
+            .arg("20000")
+            // For debugging a suite with other agent settings, e.g. WEFT_AGENT_ARGS="--sockmap false".
+            .args(std::env::var("WEFT_AGENT_ARGS").unwrap_or_default().split_whitespace())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
-        self.process = Some(cluster.node_spawn(cmd)?);
+        let mut process = cluster.node_spawn(cmd)?;
+        // A stopping agent drains established connections before it exits.
+        process.set_grace(Duration::from_secs(25));
+        self.process = Some(process);
         self.wait_ready()
     }
 
@@ -148,10 +160,21 @@ impl Agent {
     pub fn state_dir(&self) -> &PathBuf {
         &self.state_dir
     }
+
+    pub fn pin_path(&self) -> &PathBuf {
+        &self.pins
+    }
+
+    pub fn mode(&self) -> &str {
+        &self.mode
+    }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        // Unpinning detaches this cluster's programs from the cgroup root.
+        let _ = self.stop();
+        let _ = std::fs::remove_dir_all(&self.pins);
         if std::thread::panicking() {
             if let Ok(text) = std::fs::read_to_string(&self.log) {
                 let lines: Vec<&str> = text.lines().collect();

@@ -8,6 +8,7 @@
 
 mod bench;
 mod demo;
+mod ebpf;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -17,6 +18,7 @@ fn main() -> ExitCode {
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match words.as_slice() {
         ["setup"] => setup::run(),
+        ["build-ebpf"] => setup::run().and_then(|()| ebpf::build()),
         ["test", rest @ ..] => test(rest),
         ["demo"] => demo::run(),
         ["bench", "cni", rest @ ..] => bench::cni(rest),
@@ -31,7 +33,8 @@ fn main() -> ExitCode {
     }
 }
 
-const USAGE: &str = "usage: cargo xtask (setup | test [-- CARGO TEST ARGS] | demo | bench cni [--pods N])";
+const USAGE: &str =
+    "usage: cargo xtask (setup | build-ebpf | test [-- CARGO TEST ARGS] | demo | bench cni [--pods N] | bench capture)";
 
 /// Runs a command, failing with its name when it does not succeed.
 pub fn run(cmd: &mut Command) -> Result<(), String> {
@@ -47,6 +50,11 @@ pub fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
 
+/// The cargo target directory of the workspace.
+pub fn target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(Into::into).unwrap_or_else(|| workspace_root().join("target"))
+}
+
 /// The workspace root (xtask lives one level below it).
 pub fn workspace_root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(|p| p.to_path_buf()).unwrap_or_default()
@@ -56,6 +64,7 @@ fn test(extra: &[&str]) -> Result<(), String> {
     setup::run()?;
     setup::require_root("the capture suites create network namespaces and program iptables/nftables")?;
     let root = workspace_root();
+    ebpf::build()?;
     // One debug build serves the binaries the suites drive and the test harnesses themselves.
     run(cargo().current_dir(&root).args(["build", "--workspace", "--bins"]))?;
     let mut cmd = cargo();

@@ -11,9 +11,17 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("containernetworking-plugins", "the reference CNI plugins (bridge, host-local, portmap) weft-cni chains after"),
     ("golang-github-appc-cni-dev", "libcni, the library containerd and CRI-O drive CNI plugins with"),
     ("golang-1.19-go", "builds the small libcni driver the tests use"),
+    ("bpftool", "lists attached eBPF programs in the eBPF-mode tests"),
+    ("llvm-22-dev", "bpf-linker links the eBPF programs with LLVM 22"),
+    ("libpolly-22-dev", "needed to link bpf-linker against LLVM 22"),
 ];
 
 pub fn run() -> Result<(), String> {
+    debian_packages()?;
+    ebpf_toolchain()
+}
+
+fn debian_packages() -> Result<(), String> {
     let missing: Vec<&str> = DEBIAN_PACKAGES.iter().map(|(p, _)| *p).filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         return Ok(());
@@ -24,6 +32,31 @@ pub fn run() -> Result<(), String> {
     let mut args = vec!["install", "-y", "-qq", "--no-install-recommends"];
     args.extend(&missing);
     apt(&args)
+}
+
+/// The eBPF programs build with the nightly toolchain's `rust-src` (for `-Z build-std=core`) and bpf-linker
+/// built against Debian's LLVM 22.
+fn ebpf_toolchain() -> Result<(), String> {
+    let components = Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()
+        .map_err(|e| format!("rustup: {e}"))?;
+    if !components.status.success() {
+        return Err("the nightly toolchain is missing (`rustup toolchain install nightly`): the eBPF programs need it".into());
+    }
+    if !String::from_utf8_lossy(&components.stdout).lines().any(|l| l.starts_with("rust-src")) {
+        eprintln!("xtask: adding rust-src to the nightly toolchain");
+        crate::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    if Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing bpf-linker (builds against LLVM 22, a few minutes)");
+    crate::run(
+        crate::cargo()
+            .args(["install", "--locked", "bpf-linker", "--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+    )
 }
 
 fn installed(package: &str) -> bool {

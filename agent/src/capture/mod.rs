@@ -11,6 +11,7 @@
 //!
 //! Backends apply their whole rule set in one atomic batch and can verify it is still in place.
 
+pub mod ebpf;
 pub mod iptables;
 pub mod netns;
 pub mod nftables;
@@ -41,6 +42,8 @@ pub const INBOUND_PASSTHROUGH_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 
 pub enum RedirectMode {
     Iptables,
     Nftables,
+    /// cgroup connect hooks + sockmap for outbound, nftables for inbound.
+    Ebpf,
 }
 
 impl std::str::FromStr for RedirectMode {
@@ -50,7 +53,8 @@ impl std::str::FromStr for RedirectMode {
         match s {
             "iptables" => Ok(RedirectMode::Iptables),
             "nftables" => Ok(RedirectMode::Nftables),
-            other => Err(format!("unknown redirect mode {other:?}: use iptables or nftables")),
+            "ebpf" => Ok(RedirectMode::Ebpf),
+            other => Err(format!("unknown redirect mode {other:?}: use iptables, nftables or ebpf")),
         }
     }
 }
@@ -60,6 +64,7 @@ impl fmt::Display for RedirectMode {
         f.write_str(match self {
             RedirectMode::Iptables => "iptables",
             RedirectMode::Nftables => "nftables",
+            RedirectMode::Ebpf => "ebpf",
         })
     }
 }
@@ -99,13 +104,26 @@ pub trait Redirector: Send + Sync {
     fn verify(&self, ns: &Netns) -> Result<(), CaptureError>;
     /// Removes weft's rules, leaving everything else. Succeeds when there is nothing to remove.
     fn remove(&self, ns: &Netns) -> Result<(), CaptureError>;
+    /// Backend details for the status endpoint.
+    fn status(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
 }
 
-/// Builds the backend for `mode`, probing the node for the tools it needs.
-pub fn redirector(mode: RedirectMode, variant: iptables::Variant) -> Result<Box<dyn Redirector>, CaptureError> {
+/// Builds the backend for `mode`, probing the node for the tools (or kernel features) it needs.
+pub fn redirector(
+    mode: RedirectMode,
+    variant: iptables::Variant,
+    ebpf: &ebpf::EbpfSettings,
+) -> Result<Box<dyn Redirector>, CaptureError> {
     Ok(match mode {
         RedirectMode::Iptables => Box::new(iptables::Iptables::detect(variant)?),
         RedirectMode::Nftables => Box::new(nftables::Nftables::detect()?),
+        RedirectMode::Ebpf => {
+            let backend = ebpf::Ebpf::start(ebpf)?;
+            tracing::info!(adopted = ?backend.adopted, pins = %ebpf.pin_path.display(), "eBPF programs in place");
+            Box::new(backend)
+        }
     })
 }
 

@@ -9,8 +9,10 @@ use super::{
 
 const TABLE: &str = "inet weft";
 
-/// The table definition. Chains sit at the `dstnat` priority, like the iptables `nat` table.
-pub fn table() -> String {
+/// The table definition. Chains sit at the `dstnat` priority, like the iptables `nat` table. Without
+/// `outbound` (eBPF mode, where connects are redirected by a cgroup program) the final outbound redirect is
+/// left out and everything else stays.
+pub fn table(outbound: bool) -> String {
     let ports: Vec<String> = EXCLUDED_INBOUND_PORTS.iter().map(u16::to_string).collect();
     let marked = format!("meta mark & 0x{PROXY_MARK_MASK:08x} == 0x{PROXY_MARK:08x}");
     let (pass4, pass6) = (INBOUND_PASSTHROUGH_V4, INBOUND_PASSTHROUGH_V6);
@@ -33,19 +35,19 @@ pub fn table() -> String {
 		{marked} return
 		ip daddr 127.0.0.1 return
 		ip6 daddr ::1 return
-		meta l4proto tcp redirect to :{OUTBOUND_PORT}
-	}}
+{outbound_rule}	}}
 }}
 "#,
-        ports = ports.join(", ")
+        ports = ports.join(", "),
+        outbound_rule = if outbound { format!("\t\tmeta l4proto tcp redirect to :{OUTBOUND_PORT}\n") } else { String::new() },
     )
 }
 
 /// Creating then flushing the table makes the batch valid whether or not it already exists, and the kernel
 /// applies the whole file as one transaction: there is no moment without rules. (Flushing rather than deleting
 /// the table: deleting base chains waits for an RCU grace period, ~15 ms per pod.)
-pub fn install_batch() -> String {
-    format!("table {TABLE}\nflush table {TABLE}\n{}", table())
+pub fn install_batch(outbound: bool) -> String {
+    format!("table {TABLE}\nflush table {TABLE}\n{}", table(outbound))
 }
 
 pub fn remove_batch() -> String {
@@ -81,6 +83,7 @@ pub fn compare(expected: &[String], listing: &str) -> Result<(), CaptureError> {
 #[derive(Debug)]
 pub struct Nftables {
     nft: String,
+    outbound: bool,
     /// `nft list table` output of a freshly installed table, as this node's `nft` prints it.
     expected: Vec<String>,
 }
@@ -88,10 +91,19 @@ pub struct Nftables {
 impl Nftables {
     /// Finds `nft` and learns how it prints weft's table, by installing it in a scratch network namespace.
     pub fn detect() -> Result<Nftables, CaptureError> {
+        Self::detect_with(true)
+    }
+
+    /// The inbound half only, for eBPF mode.
+    pub fn detect_inbound_only() -> Result<Nftables, CaptureError> {
+        Self::detect_with(false)
+    }
+
+    fn detect_with(outbound: bool) -> Result<Nftables, CaptureError> {
         let nft = find_binary("nft")
-            .ok_or_else(|| CaptureError("nft not found: install the nftables package or use --redirect iptables".into()))?;
-        let expected = canonical_listing(&nft)?;
-        Ok(Nftables { nft, expected })
+            .ok_or_else(|| CaptureError("nft not found: install the nftables package".into()))?;
+        let expected = canonical_listing(&nft, outbound)?;
+        Ok(Nftables { nft, outbound, expected })
     }
 
     fn list(&self, ns: &Netns) -> Result<Option<String>, CaptureError> {
@@ -104,14 +116,14 @@ impl Nftables {
 }
 
 /// Installs the table in a private, throw-away network namespace and reads it back.
-fn canonical_listing(nft: &str) -> Result<Vec<String>, CaptureError> {
+fn canonical_listing(nft: &str, outbound: bool) -> Result<Vec<String>, CaptureError> {
     let nft = nft.to_string();
     let listing = std::thread::spawn(move || -> Result<String, CaptureError> {
         // SAFETY: unshare only affects this short-lived thread, which exits right after.
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
             return Err(CaptureError(format!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error())));
         }
-        run_here(&nft, &["-f", "-"], &install_batch())?;
+        run_here(&nft, &["-f", "-"], &install_batch(outbound))?;
         run_here(&nft, &["list", "table", "inet", "weft"], "")
     })
     .join()
@@ -146,7 +158,7 @@ impl Redirector for Nftables {
     }
 
     fn install(&self, ns: &Netns) -> Result<(), CaptureError> {
-        run_in(ns, &self.nft, &["-f", "-"], &install_batch()).map(drop)
+        run_in(ns, &self.nft, &["-f", "-"], &install_batch(self.outbound)).map(drop)
     }
 
     fn verify(&self, ns: &Netns) -> Result<(), CaptureError> {
@@ -168,16 +180,17 @@ mod tests {
 
     #[test]
     fn install_batch_matches_golden_file() {
-        check_golden("nftables.golden", &install_batch());
+        check_golden("nftables.golden", &install_batch(true));
+        check_golden("nftables-inbound-only.golden", &install_batch(false));
     }
 
     #[test]
     fn compare_names_the_difference() {
-        let expected = statements(&table());
-        let tampered = table().replace("redirect to :15001", "accept");
+        let expected = statements(&table(true));
+        let tampered = table(true).replace("redirect to :15001", "accept");
         let err = compare(&expected, &tampered).unwrap_err().to_string();
         assert!(err.contains("missing [meta l4proto tcp redirect to :15001]"), "{err}");
         assert!(err.contains("unexpected [meta l4proto tcp accept]"), "{err}");
-        assert!(compare(&expected, &table()).is_ok());
+        assert!(compare(&expected, &table(true)).is_ok());
     }
 }

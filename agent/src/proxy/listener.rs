@@ -39,13 +39,23 @@ impl PodListeners {
     pub fn healthy(&self) -> bool {
         self.tasks.iter().all(|t| !t.is_finished())
     }
+
+    /// Stops accepting: the listening sockets close, established connections carry on.
+    pub fn close(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+
+    /// Connections accepted and not yet finished, both directions.
+    pub fn active(&self) -> u64 {
+        self.outbound.snapshot().active + self.inbound.snapshot().active
+    }
 }
 
 impl Drop for PodListeners {
     fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
+        self.close();
     }
 }
 
