@@ -23,6 +23,7 @@ pub struct Agent {
     node: PathBuf,
     admin: SocketAddr,
     mode: String,
+    args: Vec<String>,
     socket: PathBuf,
     state_dir: PathBuf,
     log: PathBuf,
@@ -44,6 +45,11 @@ impl Agent {
 
     /// [`Agent::start`] with its own admin address, for a second agent beside a first one (an upgrade).
     pub fn start_with_admin(cluster: &Cluster, mode: &str, admin: &str) -> Result<Agent, HarnessError> {
+        Agent::start_with_args(cluster, mode, admin, &[])
+    }
+
+    /// [`Agent::start_with_admin`] with extra `weft-agent run` flags.
+    pub fn start_with_args(cluster: &Cluster, mode: &str, admin: &str, args: &[&str]) -> Result<Agent, HarnessError> {
         let admin = admin.parse().map_err(|e| HarnessError(format!("admin address {admin}: {e}")))?;
         let socket = cluster
             .agent_socket()
@@ -54,6 +60,7 @@ impl Agent {
             node: cluster.node().path().to_path_buf(),
             admin,
             mode: mode.to_string(),
+            args: args.iter().map(|a| a.to_string()).collect(),
             socket,
             state_dir: cluster.work_dir().join("state"),
             log: cluster.work_dir().join("weft-agent.log"),
@@ -84,7 +91,8 @@ impl Agent {
             .arg(&self.pins)
             .arg("--drain-timeout-ms")
             .arg("20000")
-            // For debugging a suite with other agent settings, e.g. WEFT_AGENT_ARGS="--sockmap false".
+            .args(&self.args)
+            // For debugging a suite with other agent settings, e.g. WEFT_AGENT_ARGS="--sockmap true".
             .args(std::env::var("WEFT_AGENT_ARGS").unwrap_or_default().split_whitespace())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -129,12 +137,12 @@ impl Agent {
         Ok(())
     }
 
-    /// SIGTERM and wait.
-    pub fn stop(&mut self) -> Result<(), HarnessError> {
-        if let Some(mut p) = self.process.take() {
-            p.stop()?;
+    /// SIGTERM and wait (the agent drains established connections first); returns how it exited.
+    pub fn stop(&mut self) -> Result<Option<std::process::ExitStatus>, HarnessError> {
+        match self.process.take() {
+            Some(mut p) => Ok(Some(p.stop()?)),
+            None => Ok(None),
         }
-        Ok(())
     }
 
     /// The agent's `/status` document.

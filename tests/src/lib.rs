@@ -29,3 +29,13 @@ pub use tools::{
     bin_path, cnidriver_path, require_cni_tools, require_root, target_dir, workspace_root,
 };
 pub use util::{wait_for, wait_for_path, ChildGuard, HarnessError};
+
+/// The root of the cgroup v2 hierarchy (where weft's eBPF programs attach), from this process's mounts.
+pub fn cgroup2_root() -> Option<std::path::PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mounts.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let fields: Vec<&str> = left.split(' ').collect();
+        (right.starts_with("cgroup2 ") && fields.get(3) == Some(&"/")).then(|| fields[4].into())
+    })
+}

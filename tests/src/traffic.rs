@@ -46,13 +46,24 @@ fn serve(listener: TcpListener, peers: Arc<Mutex<Vec<SocketAddr>>>) {
 
 /// Connects from `pod` to `addr`, sends `payload`, half-closes, and returns everything the server sent back.
 pub fn echo(pod: &NetNs, addr: SocketAddr, payload: &[u8]) -> io::Result<Vec<u8>> {
+    echo_paced(pod, addr, payload, Duration::ZERO)
+}
+
+/// [`echo`] that sends 256 KiB at a time with `pause` between chunks: a transfer that is still running while
+/// the test changes something underneath it.
+pub fn echo_paced(pod: &NetNs, addr: SocketAddr, payload: &[u8], pause: Duration) -> io::Result<Vec<u8>> {
     let stream = pod.tcp_connect(addr, Duration::from_secs(5))?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut writer = stream.try_clone()?;
     let payload = payload.to_vec();
     // Write on another thread: with large payloads both directions must flow at once.
     let sender = std::thread::spawn(move || -> io::Result<()> {
-        writer.write_all(&payload)?;
+        for chunk in payload.chunks(256 << 10) {
+            writer.write_all(chunk)?;
+            if !pause.is_zero() {
+                std::thread::sleep(pause);
+            }
+        }
         writer.shutdown(Shutdown::Write)
     });
     let mut back = Vec::new();
@@ -73,4 +84,45 @@ pub fn payload(len: usize) -> Vec<u8> {
             x as u8
         })
         .collect()
+}
+
+/// [`echo`] with a non-blocking socket driven by poll(2), the way event-loop applications (Go, tokio, Envoy)
+/// do I/O: `EAGAIN` means "wait for readiness", never an error.
+pub fn echo_nonblocking(pod: &NetNs, addr: SocketAddr, payload: &[u8]) -> io::Result<Vec<u8>> {
+    use std::os::fd::AsRawFd;
+    let mut stream = pod.tcp_connect(addr, Duration::from_secs(5))?;
+    stream.set_nonblocking(true)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let (mut sent, mut shut, mut back, mut buf) = (0, false, Vec::new(), vec![0u8; 64 << 10]);
+    loop {
+        if !shut && sent == payload.len() {
+            stream.shutdown(Shutdown::Write)?;
+            shut = true;
+        }
+        let events = libc::POLLIN | if shut { 0 } else { libc::POLLOUT };
+        let mut fd = libc::pollfd { fd: stream.as_raw_fd(), events, revents: 0 };
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, format!("echo timed out after {} bytes back", back.len())));
+        }
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut fd, 1, left.as_millis().min(1000) as i32) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if !shut && fd.revents & libc::POLLOUT != 0 {
+            match stream.write(&payload[sent..]) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if fd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+            match stream.read(&mut buf) {
+                Ok(0) => return Ok(back),
+                Ok(n) => back.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
 }

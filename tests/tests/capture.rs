@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use weft_tests::agent::Agent;
-use weft_tests::traffic::{echo, payload, EchoServer};
+use weft_tests::traffic::{echo, echo_paced, payload, EchoServer};
 use weft_tests::{bin_path, require_root, wait_for, Cluster, ClusterOptions, Pod, WeftEntry};
 
 const SERVER_PORT: u16 = 8080;
@@ -159,17 +159,29 @@ fn upgrade_with_overlapping_agents(mode: &str) {
     let a = cluster.add_pod("default", "client").unwrap();
     let b = cluster.add_pod("default", "server").unwrap();
     let _server = EchoServer::start(&b.netns, SERVER_PORT).unwrap();
-    assert_echo(&a, &b, 4096);
+    let data = payload(16 << 20);
 
-    // The new agent binds the same in-pod ports beside the old one (SO_REUSEPORT) and takes over the socket.
-    let new = Agent::start_with_admin(&cluster, mode, "127.0.0.1:15010").unwrap();
-    old.stop().unwrap();
-    assert!(cluster.agent_socket().unwrap().exists(), "the old agent removed the new agent's CNI socket");
-    assert_echo(&a, &b, 4096);
-    let c = cluster.add_pod("default", "after-upgrade").unwrap();
-    assert!(new.pod_status("default", "after-upgrade").unwrap().is_some());
-    assert!(new.pod_status("default", "client").unwrap().is_some());
-    cluster.check_pod(&c).unwrap();
+    std::thread::scope(|s| {
+        // A long transfer through the old agent, paced so that it spans the whole upgrade.
+        let transfer = s.spawn(|| echo_paced(&a.netns, b.addr(SERVER_PORT), &data, Duration::from_millis(25)));
+        wait_pod(&old, &a, "the transfer to be proxied by the old agent", |s| counter(s, "outbound", "active") == 1);
+
+        // The new agent binds the same in-pod ports beside the old one (SO_REUSEPORT) and takes over the
+        // socket; the old one stops accepting and drains.
+        let new = Agent::start_with_admin(&cluster, mode, "127.0.0.1:15010").unwrap();
+        assert!(!transfer.is_finished(), "the transfer ended before the upgrade started; pace it slower");
+        let exit = old.stop().unwrap().unwrap();
+        assert!(exit.success(), "the old agent did not drain and exit cleanly: {exit}");
+        let back = transfer.join().unwrap().expect("the transfer across the upgrade failed");
+        assert!(back == data, "the transfer across the upgrade came back altered ({} bytes)", back.len());
+
+        assert!(cluster.agent_socket().unwrap().exists(), "the old agent removed the new agent's CNI socket");
+        assert_echo(&a, &b, 4096);
+        let c = cluster.add_pod("default", "after-upgrade").unwrap();
+        assert!(new.pod_status("default", "after-upgrade").unwrap().is_some());
+        assert!(new.pod_status("default", "client").unwrap().is_some());
+        cluster.check_pod(&c).unwrap();
+    });
 }
 
 /// Runs `weft-cni` directly in the node netns for the verbs libcni 1.1.2 cannot send (STATUS and GC are CNI

@@ -60,6 +60,7 @@ pub struct Ebpf {
     /// Keeps the loaded programs and maps open for the agent's lifetime.
     _loaded: Mutex<Loaded>,
     policies: Mutex<BpfHashMap<MapData, u64, PodPolicy>>,
+    socks: Mutex<SockHash<MapData, SockKey>>,
     inbound: Nftables,
     policy: PodPolicy,
     /// Hooks whose pinned link was found and reused, for the start-up log and the status endpoint.
@@ -93,7 +94,7 @@ impl Ebpf {
                 .map_err(|e| err(format!("attaching {name} to {}", cgroup.display()), e))?;
             bpf_sys::obj_pin(link.as_fd(), &pin).map_err(|e| err(format!("pinning {}", pin.display()), e))?;
         }
-        attach_sk_msg(&mut loaded)?;
+        let socks = attach_sk_msg(&mut loaded)?;
         start_logs(&mut loaded, &pins);
         remove_old_versions(&settings.pin_path);
         let policies = loaded.take_map(MAP_POLICIES).ok_or_else(|| CaptureError(format!("{MAP_POLICIES} missing")))?;
@@ -106,6 +107,7 @@ impl Ebpf {
         Ok(Ebpf {
             _loaded: Mutex::new(loaded),
             policies: Mutex::new(policies),
+            socks: Mutex::new(socks),
             inbound: Nftables::detect_inbound_only()?,
             policy,
             adopted,
@@ -145,6 +147,7 @@ impl Redirector for Ebpf {
             "pins": self.pins,
             "adopted_links": self.adopted,
             "sockmap": self.policy.flags & POLICY_SOCKMAP != 0,
+            "sockhash_entries": self.socks.lock().map(|m| m.keys().count()).unwrap_or(0),
         })
     }
 
@@ -247,7 +250,7 @@ fn load_cgroup_program(loaded: &mut Loaded, name: &str) -> Result<aya::programs:
 
 /// Attaches the sk_msg program to the sockhash. The attachment belongs to the (pinned) map, not to the agent,
 /// so it outlives a killed agent; attaching again replaces it rather than adding a second one.
-fn attach_sk_msg(loaded: &mut Loaded) -> Result<(), CaptureError> {
+fn attach_sk_msg(loaded: &mut Loaded) -> Result<SockHash<MapData, SockKey>, CaptureError> {
     let socks: SockHash<MapData, SockKey> = SockHash::try_from(
         loaded.take_map(MAP_SOCKS).ok_or_else(|| CaptureError(format!("{MAP_SOCKS} missing")))?,
     )
@@ -263,7 +266,7 @@ fn attach_sk_msg(loaded: &mut Loaded) -> Result<(), CaptureError> {
     let link = program.take_link(link).map_err(|e| err("weft_sk_msg link".into(), e))?;
     // Dropping the link would detach it; it must stay with the map.
     std::mem::forget(link);
-    Ok(())
+    Ok(socks)
 }
 
 /// Forwards the programs' aya-log records to the agent's log. Programs adopted from pins log through their
