@@ -17,6 +17,7 @@ pub mod agent;
 pub mod cluster;
 pub mod netns;
 pub mod tools;
+pub mod load;
 pub mod traffic;
 pub mod util;
 

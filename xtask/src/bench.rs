@@ -2,10 +2,26 @@
 //! through the real libcni: bridge + host-local + portmap, then the same plus weft-cni with a running agent
 //! (release builds). The time is the one libcni reports for the whole chain.
 
-use weft_tests::agent::Agent;
+use weft_tests::agent::{Agent, ADMIN};
+use weft_tests::load;
 use weft_tests::{bin_path, Cluster, ClusterOptions, WeftEntry};
 
-use crate::{cargo, run as run_cmd, setup, workspace_root};
+use crate::{cargo, ebpf, run as run_cmd, setup, target_dir, workspace_root};
+
+/// Release builds of the binaries and the eBPF object, used by every benchmark.
+fn release_build() -> Result<(), String> {
+    setup::run()?;
+    setup::require_root("the benchmarks create network namespaces")?;
+    ebpf::build()?;
+    run_cmd(cargo().current_dir(workspace_root()).args(["build", "--quiet", "--release", "-p", "weft-agent", "-p", "weft-cni"]))?;
+    std::env::set_var("WEFT_BIN_DIR", target_dir().join("release"));
+    Ok(())
+}
+
+fn weft_cluster(name: &str) -> Result<Cluster, String> {
+    let entry = WeftEntry::new(bin_path("weft-cni").map_err(|e| e.to_string())?, "run/cni.sock");
+    Cluster::with_options(name, ClusterOptions::with_weft(entry)).map_err(|e| e.to_string())
+}
 
 pub fn cni(args: &[&str]) -> Result<(), String> {
     let pods = match args {
@@ -13,18 +29,12 @@ pub fn cni(args: &[&str]) -> Result<(), String> {
         ["--pods", n] => n.parse().map_err(|_| format!("--pods {n}: not a number"))?,
         _ => return Err("usage: cargo xtask bench cni [--pods N]".into()),
     };
-    setup::run()?;
-    setup::require_root("the benchmark creates network namespaces")?;
-    let root = workspace_root();
-    run_cmd(cargo().current_dir(&root).args(["build", "--quiet", "--release", "-p", "weft-agent", "-p", "weft-cni"]))?;
-    let release = std::env::var("CARGO_TARGET_DIR").map(Into::into).unwrap_or_else(|_| root.join("target")).join("release");
-    std::env::set_var("WEFT_BIN_DIR", &release);
+    release_build()?;
     let e = |e: &dyn std::fmt::Display| e.to_string();
 
     let plain = Cluster::new("bench-plain").map_err(|x| e(&x))?;
     let without = add_times(&plain, pods)?;
-    let entry = WeftEntry::new(bin_path("weft-cni").map_err(|x| e(&x))?, "run/cni.sock");
-    let meshed = Cluster::with_options("bench-weft", ClusterOptions::with_weft(entry)).map_err(|x| e(&x))?;
+    let meshed = weft_cluster("bench-weft")?;
     let mut rows = vec![("bridge+host-local+portmap", without)];
     for mode in ["iptables", "nftables"] {
         let mut agent = Agent::start(&meshed, mode).map_err(|x| e(&x))?;
@@ -66,4 +76,62 @@ fn percentile(values: &[f64], p: f64) -> f64 {
     sorted.sort_by(f64::total_cmp);
     let rank = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
     sorted.get(rank).copied().unwrap_or(f64::NAN)
+}
+
+/// The capture modes compared by `bench capture`: name, redirect mode and extra agent flags (None: no agent).
+const CAPTURE_ROWS: [(&str, Option<(&str, &[&str])>); 5] = [
+    ("no capture", None),
+    ("iptables", Some(("iptables", &[]))),
+    ("nftables", Some(("nftables", &[]))),
+    ("ebpf", Some(("ebpf", &["--sockmap", "false"]))),
+    ("ebpf + sockmap", Some(("ebpf", &["--sockmap", "true"]))),
+];
+
+/// `cargo xtask bench capture`: same-node pod-to-pod request/response latency and bulk throughput for each
+/// capture mode, all measured in one run on this machine.
+pub fn capture(args: &[&str]) -> Result<(), String> {
+    let (round_trips, bulk_mib) = match args {
+        [] => (5000, 256u64),
+        ["--round-trips", n, "--bulk-mib", m] => (
+            n.parse().map_err(|_| format!("--round-trips {n}: not a number"))?,
+            m.parse().map_err(|_| format!("--bulk-mib {m}: not a number"))?,
+        ),
+        _ => return Err("usage: cargo xtask bench capture [--round-trips N --bulk-mib M]".into()),
+    };
+    release_build()?;
+    let mut rows = Vec::new();
+    for (name, capture) in CAPTURE_ROWS {
+        let cluster = match capture {
+            None => Cluster::new("bench-cap").map_err(|e| e.to_string())?,
+            Some(_) => weft_cluster("bench-cap")?,
+        };
+        let _agent = match capture {
+            Some((mode, flags)) => Some(Agent::start_with_args(&cluster, mode, ADMIN, flags).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let a = cluster.add_pod("bench", "client").map_err(|e| e.to_string())?;
+        let b = cluster.add_pod("bench", "server").map_err(|e| e.to_string())?;
+        load::start_server(&b.netns, 9000).map_err(|e| e.to_string())?;
+        // Warm-up, then the measured runs.
+        load::round_trips(&a.netns, b.addr(9000), 200).map_err(|e| format!("{name}: {e}"))?;
+        let times = load::round_trips(&a.netns, b.addr(9000), round_trips).map_err(|e| format!("{name}: {e}"))?;
+        let gbps = load::bulk(&a.netns, b.addr(9000), bulk_mib << 20).map_err(|e| format!("{name}: {e}"))?;
+        eprintln!("xtask: {name}: done");
+        rows.push((name, percentile(&times, 50.0), percentile(&times, 99.0), gbps));
+    }
+    let (base50, base99, base_gbps) = (rows[0].1, rows[0].2, rows[0].3);
+    let iptables_added = rows[1].1 - base50;
+    println!("\nSame-node pod-to-pod TCP, {round_trips} round trips of {} B on one connection, {bulk_mib} MiB bulk\n", load::MESSAGE);
+    println!("| capture | RR p50 (µs) | RR p99 (µs) | p50 added | added / iptables added | bulk (Gbit/s) | bulk vs no capture |");
+    println!("|---|---|---|---|---|---|---|");
+    for (name, p50, p99, gbps) in &rows {
+        let added = p50 - base50;
+        let vs_iptables = if *name == "no capture" { "-".to_string() } else { format!("{:.2}", added / iptables_added) };
+        println!(
+            "| {name} | {p50:.1} | {p99:.1} | {added:+.1} | {vs_iptables} | {gbps:.2} | {:.2}x |",
+            gbps / base_gbps
+        );
+    }
+    let _ = base99;
+    Ok(())
 }

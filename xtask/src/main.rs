@@ -22,6 +22,7 @@ fn main() -> ExitCode {
         ["test", rest @ ..] => test(rest),
         ["demo"] => demo::run(),
         ["bench", "cni", rest @ ..] => bench::cni(rest),
+        ["bench", "capture", rest @ ..] => bench::capture(rest),
         _ => Err(USAGE.to_string()),
     };
     match result {
