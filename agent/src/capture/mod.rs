@@ -129,18 +129,25 @@ pub fn redirector(
 
 /// Runs `program args` inside `ns` with `stdin` fed to it, returning stdout; fails with stderr on non-zero exit.
 fn run_in(ns: &Netns, program: &str, args: &[&str], stdin: &str) -> Result<String, CaptureError> {
-    let fd = ns.fd().as_raw_fd();
+    run(Some(ns), program, args, stdin)
+}
+
+/// [`run_in`], or in the calling thread's own namespace with `ns` = `None` (children inherit it).
+fn run(ns: Option<&Netns>, program: &str, args: &[&str], stdin: &str) -> Result<String, CaptureError> {
     let mut cmd = Command::new(program);
     cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    // SAFETY: setns is async-signal-safe; it runs in the forked child before exec and touches only that child.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-            if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            }
-        });
+    if let Some(ns) = ns {
+        let fd = ns.fd().as_raw_fd();
+        // SAFETY: setns is async-signal-safe; it runs in the forked child before exec and touches only it.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
     }
     let mut child = cmd.spawn().map_err(|e| CaptureError(format!("cannot run {program}: {e}")))?;
     if let Some(mut input) = child.stdin.take() {

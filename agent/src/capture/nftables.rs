@@ -3,7 +3,7 @@
 
 use super::netns::Netns;
 use super::{
-    find_binary, run_in, CaptureError, Redirector, RedirectMode, EXCLUDED_INBOUND_PORTS, INBOUND_PASSTHROUGH_V4,
+    find_binary, run, run_in, CaptureError, Redirector, RedirectMode, EXCLUDED_INBOUND_PORTS, INBOUND_PASSTHROUGH_V4,
     INBOUND_PASSTHROUGH_V6, INBOUND_PORT, OUTBOUND_PORT, PROXY_MARK, PROXY_MARK_MASK,
 };
 
@@ -123,33 +123,12 @@ fn canonical_listing(nft: &str, outbound: bool) -> Result<Vec<String>, CaptureEr
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
             return Err(CaptureError(format!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error())));
         }
-        run_here(&nft, &["-f", "-"], &install_batch(outbound))?;
-        run_here(&nft, &["list", "table", "inet", "weft"], "")
+        run(None, &nft, &["-f", "-"], &install_batch(outbound))?;
+        run(None, &nft, &["list", "table", "inet", "weft"], "")
     })
     .join()
     .map_err(|_| CaptureError("nft probe thread panicked".into()))??;
     Ok(statements(&listing))
-}
-
-/// Runs a command in the calling thread's namespaces (children inherit the thread's netns).
-fn run_here(program: &str, args: &[&str], stdin: &str) -> Result<String, CaptureError> {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| CaptureError(format!("cannot run {program}: {e}")))?;
-    if let Some(mut input) = child.stdin.take() {
-        input.write_all(stdin.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        return Err(CaptureError(format!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 impl Redirector for Nftables {
