@@ -78,8 +78,11 @@ fn percentile(values: &[f64], p: f64) -> f64 {
     sorted.get(rank).copied().unwrap_or(f64::NAN)
 }
 
-/// The capture modes compared by `bench capture`: name, redirect mode and extra agent flags (None: no agent).
-const CAPTURE_ROWS: [(&str, Option<(&str, &[&str])>); 5] = [
+/// A capture mode: `weft-agent run --redirect MODE FLAGS...`, or `None` for no agent at all.
+type Capture = Option<(&'static str, &'static [&'static str])>;
+
+/// The capture modes compared by `bench capture`.
+const CAPTURE_ROWS: [(&str, Capture); 5] = [
     ("no capture", None),
     ("iptables", Some(("iptables", &[]))),
     ("nftables", Some(("nftables", &[]))),
