@@ -12,7 +12,7 @@ use weft_agent::capture::iptables::Variant;
 use weft_agent::capture::{self, netns, RedirectMode};
 use weft_agent::cni_server::registry::RegistryFile;
 use weft_agent::cni_server::CniSocket;
-use weft_agent::config::{self, AgentConfig, ConfigFile};
+use weft_agent::config::agent::{self as agent_config, AgentConfig, ConfigFile};
 use weft_agent::node::Node;
 use weft_agent::proxy::ProxySettings;
 
@@ -108,7 +108,7 @@ impl RunArgs {
         };
         cfg = flags.apply(cfg)?;
         if let Some(level) = &self.log_level {
-            cfg.log_level = config::parse_level(level).map_err(|e| format!("--log-level: {e}"))?;
+            cfg.log_level = agent_config::parse_level(level).map_err(|e| format!("--log-level: {e}"))?;
         }
         Ok(cfg)
     }

@@ -299,7 +299,7 @@ where
 }
 
 /// `weft-agent cleanup`: removes every pod's rules, the eBPF pins and the registry. Returns a summary.
-pub fn cleanup(cfg: &crate::config::AgentConfig) -> Result<String, String> {
+pub fn cleanup(cfg: &crate::config::agent::AgentConfig) -> Result<String, String> {
     use crate::capture::{iptables::Iptables, nftables::Nftables};
     let registry = RegistryFile::new(&cfg.state_dir).map_err(|e| format!("state dir {}: {e}", cfg.state_dir.display()))?;
     let records = registry.load().unwrap_or_else(|e| {

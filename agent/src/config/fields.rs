@@ -1,0 +1,111 @@
+//! Which Envoy fields weft implements, which it ignores (and why), and the document generated from both.
+//! Anything else is rejected by its path (see `tree::Obj::finish`). A test keeps `docs/envoy-config.md` in
+//! step with these tables.
+
+/// Implemented fields, as path patterns (`[]` = any list index).
+pub const SUPPORTED: &[(&str, &str)] = &[
+    ("node.id", "node identity (admin /server_info, xDS)"),
+    ("node.cluster", "node identity"),
+    ("node.metadata", "kept as given, shown in config_dump"),
+    ("admin.address.socket_address", "address, port_value"),
+    ("static_resources.listeners[].name", ""),
+    ("static_resources.listeners[].address.socket_address", "address, port_value (TCP)"),
+    ("static_resources.listeners[].filter_chains[].filters[]", "exactly one terminal network filter per chain; one chain per listener"),
+    ("...filters[].typed_config (TcpProxy)", "stat_prefix, cluster"),
+    ("...filters[].typed_config (HttpConnectionManager)", "stat_prefix, codec_type AUTO/HTTP1, route_config, http_filters (router only)"),
+    ("...route_config", "name, virtual_hosts[].{name, domains, routes[]}"),
+    ("...routes[].match", "prefix, path (case sensitive)"),
+    ("...routes[].route.cluster", "forward to a cluster"),
+    ("...routes[].direct_response", "status, body.inline_string"),
+    ("static_resources.clusters[].name", ""),
+    ("static_resources.clusters[].type", "STATIC, ORIGINAL_DST"),
+    ("static_resources.clusters[].connect_timeout", "default 5s"),
+    ("static_resources.clusters[].lb_policy", "ROUND_ROBIN, RANDOM, CLUSTER_PROVIDED (ORIGINAL_DST)"),
+    ("static_resources.clusters[].load_assignment", "cluster_name, endpoints[].lb_endpoints[].endpoint.address.socket_address"),
+];
+
+/// Fields accepted and ignored because they change nothing a connection sees: naming, documentation,
+/// telemetry and runtime knobs. Path patterns; a leading `*.` matches the field in any object.
+pub const IGNORED: &[(&str, &str)] = &[
+    ("*.stat_prefix", "stats naming"),
+    ("*.alt_stat_name", "stats naming"),
+    ("stats_config", "stats tag extraction"),
+    ("stats_sinks", "telemetry export"),
+    ("layered_runtime", "runtime layers; weft has no runtime overrides"),
+    ("admin.access_log", "admin endpoint access log"),
+    ("admin.access_log_path", "admin endpoint access log"),
+    ("node.locality", "used by load balancing weft does not implement yet; informational here"),
+    ("node.user_agent_name", "informational"),
+];
+
+/// Whether `path` (with concrete list indices) is in [`IGNORED`].
+pub fn ignorable(path: &str) -> bool {
+    let generic = strip_indices(path);
+    IGNORED.iter().any(|(pattern, _)| match pattern.strip_prefix("*.") {
+        Some(field) => generic == field || generic.ends_with(&format!(".{field}")),
+        None => generic == *pattern,
+    })
+}
+
+fn strip_indices(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    let mut in_index = false;
+    for c in path.chars() {
+        match c {
+            '[' => {
+                in_index = true;
+                out.push('[');
+            }
+            ']' => {
+                in_index = false;
+                out.push(']');
+            }
+            _ if in_index => {}
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// The text of `docs/envoy-config.md`.
+pub fn document() -> String {
+    let mut doc = String::from(
+        "# Envoy configuration support\n\n\
+         Generated from `agent/src/config/fields.rs` (a test keeps them in step). weft reads Envoy v3 bootstrap\n\
+         files (YAML or JSON). A field not listed as supported or ignored is **rejected** with its full path,\n\
+         so nothing that changes routing, security or limits is ever silently dropped. `typed_config` of an\n\
+         unknown type is rejected unless the filter has `is_optional: true`.\n\n\
+         ## Supported\n\n| field | notes |\n|---|---|\n",
+    );
+    for (path, notes) in SUPPORTED {
+        doc.push_str(&format!("| `{path}` | {notes} |\n"));
+    }
+    doc.push_str("\n## Ignored (safe to ignore)\n\n| field | why it is safe |\n|---|---|\n");
+    for (path, why) in IGNORED {
+        doc.push_str(&format!("| `{path}` | {why} |\n"));
+    }
+    doc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ignore_patterns_match_any_index_and_depth() {
+        assert!(ignorable("static_resources.listeners[3].filter_chains[0].filters[1].typed_config.stat_prefix"));
+        assert!(ignorable("layered_runtime"));
+        assert!(!ignorable("static_resources.clusters[0].circuit_breakers"));
+        assert!(!ignorable("layered_runtime_x"));
+    }
+
+    #[test]
+    fn the_document_in_the_repo_is_generated_from_these_tables() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/envoy-config.md");
+        if std::env::var_os("UPDATE_GOLDEN").is_some() {
+            std::fs::write(&path, document()).unwrap();
+        }
+        let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
+        assert_eq!(on_disk, document(), "docs/envoy-config.md is stale: run the tests with UPDATE_GOLDEN=1");
+    }
+}

@@ -1,0 +1,47 @@
+//! The validated configuration model. Envoy resources are translated here once, at the edge (from a
+//! bootstrap file today, from xDS next); nothing downstream sees the wire form. Unsupported fields are
+//! rejected by path (see [`fields`] for the tables and `docs/envoy-config.md`).
+
+pub mod agent;
+pub mod bootstrap;
+pub mod cluster;
+pub mod fields;
+pub mod listener;
+pub mod route;
+pub mod tree;
+
+pub use tree::ConfigError;
+
+use std::net::{IpAddr, SocketAddr};
+
+use tree::Obj;
+
+/// `envoy.config.core.v3.Address` with a TCP `socket_address`.
+pub(crate) fn socket_address(mut address: Obj<'_>) -> tree::Result<SocketAddr> {
+    let mut sa = address.required_object("socket_address")?;
+    let host = sa.required_string("address")?;
+    let ip: IpAddr = host.parse().map_err(|_| {
+        ConfigError::new(sa.at("address"), format!("{host:?} is not an IP address (weft resolves no names here)"))
+    })?;
+    let port = sa.u64("port_value")?.unwrap_or(0);
+    let port = u16::try_from(port).map_err(|_| ConfigError::new(sa.at("port_value"), format!("{port} is not a port")))?;
+    if let Some(protocol) = sa.string("protocol")? {
+        if protocol != "TCP" {
+            return Err(ConfigError::new(sa.at("protocol"), format!("{protocol} is not supported; only TCP")));
+        }
+    }
+    sa.finish()?;
+    address.finish()?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// Reads the `@type` of a `typed_config` and checks it is the one expected.
+pub(crate) fn expect_type(config: &mut Obj<'_>, expected: &str) -> tree::Result<()> {
+    let type_url = config.required_string("@type")?;
+    let name = type_url.rsplit('/').next().unwrap_or(type_url);
+    if name == expected {
+        Ok(())
+    } else {
+        Err(ConfigError::new(config.at("@type"), format!("{type_url} is not supported here; expected {expected}")))
+    }
+}
