@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
-use weft_agent::admin::{self, Admin};
+use weft_agent::admin::{self, agent::Admin};
 use weft_agent::capture::iptables::Variant;
 use weft_agent::capture::{self, netns, RedirectMode};
 use weft_agent::cni_server::registry::RegistryFile;
@@ -27,9 +27,33 @@ struct Cli {
 enum Command {
     /// Run the node agent: serve the CNI socket, capture pods, proxy their traffic.
     Run(RunArgs),
+    /// Run the proxy alone from an Envoy v3 bootstrap file, as `envoy -c FILE` would.
+    Proxy(ProxyArgs),
     /// Remove everything weft installed on this node: pods' rules, eBPF pins (which detaches the programs),
     /// the pod registry. Captured pods stop being captured.
     Cleanup(CleanupArgs),
+}
+
+#[derive(clap::Args)]
+struct ProxyArgs {
+    /// Envoy v3 bootstrap file, YAML or JSON (`.json`).
+    #[arg(short = 'c', long = "config-path")]
+    config_path: PathBuf,
+    /// Worker threads, as Envoy's --concurrency [default: number of CPUs].
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// error, warn, info, debug or trace [default: info].
+    #[arg(short = 'l', long)]
+    log_level: Option<String>,
+    /// serve, or validate: check the configuration and exit (as Envoy's --mode validate).
+    #[arg(long, default_value = "serve")]
+    mode: ProxyMode,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ProxyMode {
+    Serve,
+    Validate,
 }
 
 #[derive(clap::Args)]
@@ -119,6 +143,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Cleanup(args) => cleanup(args),
+        Command::Proxy(args) => proxy(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -127,6 +152,50 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn proxy(args: ProxyArgs) -> Result<(), String> {
+    let level = match &args.log_level {
+        Some(l) => agent_config::parse_level(l).map_err(|e| format!("--log-level: {e}"))?,
+        None => tracing::Level::INFO,
+    };
+    let shown = args.config_path.display().to_string();
+    let bootstrap = weft_agent::config::bootstrap::load(&args.config_path)
+        .map_err(|e| format!("error initializing configuration '{shown}': {e}"))?;
+    if matches!(args.mode, ProxyMode::Validate) {
+        println!("configuration '{shown}' OK");
+        return Ok(());
+    }
+    init_logging(level);
+    let concurrency = args.concurrency.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(concurrency)
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime.block_on(async move {
+        let admin_address = bootstrap.admin;
+        let running = weft_agent::proxy::server::start(bootstrap).await.map_err(|e| e.to_string())?;
+        let quit = Arc::new(tokio::sync::Notify::new());
+        if let Some(addr) = admin_address {
+            let listener = admin::bind(addr).map_err(|e| e.to_string())?;
+            let routes = admin::envoy::EnvoyAdmin {
+                running,
+                config_path: shown,
+                concurrency,
+                started: std::time::SystemTime::now(),
+                quit: Arc::clone(&quit),
+            };
+            tokio::spawn(admin::serve(listener, Arc::new(routes) as Arc<dyn admin::Routes>));
+        }
+        tracing::info!("all listeners started");
+        tokio::select! {
+            _ = shutdown_signal() => {}
+            _ = quit.notified() => {}
+        }
+        tracing::info!("exiting");
+        Ok(())
+    })
 }
 
 fn cleanup(args: CleanupArgs) -> Result<(), String> {
@@ -173,7 +242,7 @@ async fn serve(cfg: AgentConfig) -> Result<(), String> {
     let node = Arc::new(Node::new(Arc::from(redirector), registry, settings));
     let admin = Arc::new(Admin { node: Arc::clone(&node), ready: false.into() });
     let admin_listener = admin::bind(cfg.admin_address).map_err(|e| e.to_string())?;
-    tokio::spawn(admin::serve(admin_listener, Arc::clone(&admin)));
+    tokio::spawn(admin::serve(admin_listener, Arc::clone(&admin) as Arc<dyn admin::Routes>));
     tracing::info!(redirect = %cfg.redirect, admin = %cfg.admin_address, state_dir = %cfg.state_dir.display(), "starting");
 
     let (adopted, dropped) = node.adopt().await?;

@@ -45,3 +45,94 @@ fn upstream_socket(dst: SocketAddr, direction: Direction) -> io::Result<Socket> 
     }
     Ok(socket)
 }
+
+/// The clusters of a configuration, ready to hand out upstream connections.
+pub struct ClusterManager {
+    clusters: std::collections::HashMap<String, ClusterRuntime>,
+}
+
+struct ClusterRuntime {
+    config: crate::config::cluster::Cluster,
+    next: std::sync::atomic::AtomicUsize,
+    stats: ClusterCounters,
+}
+
+/// Counters of one cluster, named as Envoy names them.
+#[derive(Debug, Default)]
+pub struct ClusterCounters {
+    pub upstream_cx_total: std::sync::atomic::AtomicU64,
+    pub upstream_cx_connect_fail: std::sync::atomic::AtomicU64,
+}
+
+/// Why no upstream connection could be made; the HTTP layer turns it into Envoy's 503 bodies.
+#[derive(Debug)]
+pub enum UpstreamError {
+    UnknownCluster(String),
+    NoHealthyUpstream,
+    Connect(io::Error),
+}
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamError::UnknownCluster(c) => write!(f, "unknown cluster {c:?}"),
+            UpstreamError::NoHealthyUpstream => f.write_str("no healthy upstream"),
+            UpstreamError::Connect(e) => write!(f, "connection failure: {e}"),
+        }
+    }
+}
+
+impl ClusterManager {
+    pub fn new(clusters: &[crate::config::cluster::Cluster]) -> ClusterManager {
+        let clusters = clusters
+            .iter()
+            .map(|c| (c.name.clone(), ClusterRuntime { config: c.clone(), next: Default::default(), stats: Default::default() }))
+            .collect();
+        ClusterManager { clusters }
+    }
+
+    /// Every cluster with its counters, sorted by name.
+    pub fn all(&self) -> Vec<(&crate::config::cluster::Cluster, &ClusterCounters)> {
+        let mut all: Vec<_> = self.clusters.values().map(|c| (&c.config, &c.stats)).collect();
+        all.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+        all
+    }
+
+    /// Connects to an endpoint of `cluster`; `original_dst` is the downstream connection's original
+    /// destination, used by ORIGINAL_DST clusters.
+    pub async fn connect(&self, cluster: &str, original_dst: Option<SocketAddr>) -> Result<TcpStream, UpstreamError> {
+        use crate::config::cluster::{Discovery, LbPolicy};
+        let c = self.clusters.get(cluster).ok_or_else(|| UpstreamError::UnknownCluster(cluster.to_string()))?;
+        let endpoint = match &c.config.discovery {
+            Discovery::OriginalDst => original_dst.ok_or(UpstreamError::NoHealthyUpstream)?,
+            Discovery::Static { endpoints } if endpoints.is_empty() => return Err(UpstreamError::NoHealthyUpstream),
+            Discovery::Static { endpoints } => {
+                let i = match c.config.lb_policy {
+                    LbPolicy::Random => random_index(endpoints.len()),
+                    _ => c.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                };
+                endpoints[i % endpoints.len()]
+            }
+        };
+        c.stats.upstream_cx_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let result = tokio::time::timeout(c.config.connect_timeout, TcpStream::connect(endpoint)).await;
+        if !matches!(result, Ok(Ok(_))) {
+            c.stats.upstream_cx_connect_fail.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        match result {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                Ok(stream)
+            }
+            Ok(Err(e)) => Err(UpstreamError::Connect(e)),
+            Err(_) => Err(UpstreamError::Connect(io::Error::new(io::ErrorKind::TimedOut, "connect timeout"))),
+        }
+    }
+}
+
+fn random_index(len: usize) -> usize {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_usize(len);
+    h.finish() as usize % len.max(1)
+}

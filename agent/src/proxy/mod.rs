@@ -3,7 +3,9 @@
 //! shared/DESIGN.md); nothing in this module touches the control path's locks.
 
 pub mod cluster;
+pub mod http;
 pub mod listener;
+pub mod server;
 pub mod stats;
 pub mod tcp;
 

@@ -51,8 +51,15 @@ fn getsockopt<T>(fd: i32, level: libc::c_int, out: &mut T) -> io::Result<()> {
     }
 }
 
+/// Copies both ways until both directions have ended (a FIN is passed on as a FIN). Returns the bytes
+/// copied from downstream and to downstream.
+pub async fn relay(mut downstream: TcpStream, mut upstream: TcpStream) -> io::Result<(u64, u64)> {
+    let _ = downstream.set_nodelay(true);
+    tokio::io::copy_bidirectional_with_sizes(&mut downstream, &mut upstream, BUFFER, BUFFER).await
+}
+
 /// Serves one accepted connection until both directions have ended.
-pub async fn serve(mut downstream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerContext>) {
+pub async fn serve(downstream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerContext>) {
     let stats = &ctx.stats;
     stats.accepted();
     let (mut from_down, mut to_down) = (0, 0);
@@ -68,14 +75,10 @@ pub async fn serve(mut downstream: TcpStream, peer: SocketAddr, ctx: Arc<Listene
                 stats.upstream_connect_failed();
                 tracing::debug!(pod = %ctx.pod, %peer, %dst, "upstream connect failed: {e}");
             }
-            Ok(mut upstream) => {
-                let _ = downstream.set_nodelay(true);
-                let copied = tokio::io::copy_bidirectional_with_sizes(&mut downstream, &mut upstream, BUFFER, BUFFER);
-                match copied.await {
-                    Ok((down, up)) => (from_down, to_down) = (down, up),
-                    Err(e) => tracing::debug!(pod = %ctx.pod, %peer, %dst, "connection ended with error: {e}"),
-                }
-            }
+            Ok(upstream) => match relay(downstream, upstream).await {
+                Ok((down, up)) => (from_down, to_down) = (down, up),
+                Err(e) => tracing::debug!(pod = %ctx.pod, %peer, %dst, "connection ended with error: {e}"),
+            },
         },
     }
     stats.closed(from_down, to_down);

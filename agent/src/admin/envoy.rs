@@ -1,0 +1,210 @@
+//! The standalone proxy's admin routes, on Envoy's paths and in Envoy's formats.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde_json::{json, Value};
+use tokio::sync::Notify;
+
+use super::{AdminRequest, Reply, ReplyFuture, Routes};
+use crate::config::cluster::Discovery;
+use crate::proxy::server::Running;
+
+pub struct EnvoyAdmin {
+    pub running: Running,
+    pub config_path: String,
+    pub concurrency: usize,
+    pub started: SystemTime,
+    /// Notified by `/quitquitquit`.
+    pub quit: Arc<Notify>,
+}
+
+const TYPE_PREFIX: &str = "type.googleapis.com/envoy.admin.v3.";
+
+impl Routes for EnvoyAdmin {
+    fn handle<'a>(&'a self, request: AdminRequest<'a>) -> ReplyFuture<'a> {
+        Box::pin(async move {
+            match (request.method, request.path) {
+                ("GET", "/ready") => Reply::ok("text/plain", "LIVE\n"),
+                ("GET", "/server_info") => Reply::json(&self.server_info()),
+                ("GET", "/config_dump") => self.config_dump(&request),
+                ("GET", "/clusters") => Reply::ok("text/plain", self.clusters()),
+                ("GET", "/listeners") => Reply::ok("text/plain", self.listeners()),
+                ("GET", "/stats") => Reply::ok("text/plain", self.stats(false)),
+                ("GET", "/stats/prometheus") => Reply::ok("text/plain; version=0.0.4", self.stats(true)),
+                ("GET" | "POST", "/logging") => Reply::ok("text/plain", "active loggers:\n  weft: as set by --log-level\n"),
+                ("POST", "/quitquitquit") => {
+                    self.quit.notify_one();
+                    Reply::ok("text/plain", "OK\n")
+                }
+                (_, "/quitquitquit") => Reply::status("405 Method Not Allowed", "This endpoint requires POST\n"),
+                _ => Reply::status(
+                    "404 Not Found",
+                    "paths: /ready /server_info /config_dump /clusters /listeners /stats /stats/prometheus /logging /quitquitquit\n",
+                ),
+            }
+        })
+    }
+}
+
+impl EnvoyAdmin {
+    fn uptime(&self) -> String {
+        format!("{}s", self.started.elapsed().map_or(0, |d| d.as_secs()))
+    }
+
+    fn server_info(&self) -> Value {
+        let node = &self.running.bootstrap.node;
+        json!({
+            "version": format!("weft/{}", env!("CARGO_PKG_VERSION")),
+            "state": "LIVE",
+            "hot_restart_version": "disabled",
+            "command_line_options": {"config_path": self.config_path, "concurrency": self.concurrency},
+            "node": {"id": node.id, "cluster": node.cluster, "metadata": node.metadata},
+            "uptime_current_epoch": self.uptime(),
+            "uptime_all_epochs": self.uptime(),
+        })
+    }
+
+    /// Envoy's `/config_dump` shape; `?resource=` selects one repeated field, `?mask=` keeps named fields.
+    fn config_dump(&self, request: &AdminRequest<'_>) -> Reply {
+        let raw = &self.running.bootstrap.raw;
+        let updated = humantime_rfc3339(self.started);
+        let statics = |key: &str, item: &str, type_name: &str| -> Vec<Value> {
+            raw.pointer(&format!("/static_resources/{key}"))
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|v| {
+                    let mut resource = v.clone();
+                    if let Some(obj) = resource.as_object_mut() {
+                        obj.insert("@type".into(), json!(format!("type.googleapis.com/envoy.config.{type_name}")));
+                    }
+                    json!({ item: resource, "last_updated": updated })
+                })
+                .collect()
+        };
+        let configs = vec![
+            json!({"@type": format!("{TYPE_PREFIX}BootstrapConfigDump"), "bootstrap": redact(raw.clone()), "last_updated": updated}),
+            json!({"@type": format!("{TYPE_PREFIX}ClustersConfigDump"), "static_clusters": statics("clusters", "cluster", "cluster.v3.Cluster")}),
+            json!({"@type": format!("{TYPE_PREFIX}ListenersConfigDump"), "static_listeners": statics("listeners", "listener", "listener.v3.Listener")}),
+        ];
+        let mut configs = match request.param("resource") {
+            None | Some("") => configs,
+            Some(field) => {
+                let items: Vec<Value> = configs.iter().filter_map(|c| c.get(field)).flat_map(|v| v.as_array().cloned().unwrap_or_default()).collect();
+                if items.is_empty() {
+                    return Reply::status("404 Not Found", format!("{field} not found in config dump\n"));
+                }
+                items
+            }
+        };
+        if let Some(mask) = request.param("mask").filter(|m| !m.is_empty()) {
+            let keep: Vec<&str> = mask.split(',').collect();
+            for c in &mut configs {
+                if let Some(obj) = c.as_object_mut() {
+                    obj.retain(|k, _| keep.contains(&k.as_str()) || k == "@type");
+                }
+            }
+        }
+        Reply::json(&json!({ "configs": configs }))
+    }
+
+    fn clusters(&self) -> String {
+        let mut out = String::new();
+        for (c, stats) in self.running.clusters.all() {
+            out.push_str(&format!("{0}::observability_name::{0}\n", c.name));
+            out.push_str(&format!("{}::default_priority::max_connections::1024\n", c.name));
+            if let Discovery::Static { endpoints } = &c.discovery {
+                for e in endpoints {
+                    out.push_str(&format!("{}::{e}::cx_total::{}\n", c.name, stats.upstream_cx_total.load(Relaxed)));
+                    out.push_str(&format!("{}::{e}::health_flags::healthy\n", c.name));
+                }
+            }
+        }
+        out
+    }
+
+    fn listeners(&self) -> String {
+        self.running.listeners.iter().map(|(l, addr, _)| format!("{}::{addr}\n", l.name)).collect()
+    }
+
+    fn stats(&self, prometheus: bool) -> String {
+        let mut counters: Vec<(String, String, u64)> = Vec::new();
+        for (l, addr, c) in &self.running.listeners {
+            let tag = format!("{}_{}", addr.ip(), addr.port());
+            let _ = l;
+            counters.push((format!("listener.{tag}.downstream_cx_total"), format!("envoy_listener_downstream_cx_total{{envoy_listener_address=\"{tag}\"}}"), c.downstream_cx_total.load(Relaxed)));
+            counters.push((format!("listener.{tag}.downstream_cx_destroy"), format!("envoy_listener_downstream_cx_destroy{{envoy_listener_address=\"{tag}\"}}"), c.downstream_cx_destroy.load(Relaxed)));
+        }
+        for (c, s) in self.running.clusters.all() {
+            let n = &c.name;
+            counters.push((format!("cluster.{n}.upstream_cx_total"), format!("envoy_cluster_upstream_cx_total{{envoy_cluster_name=\"{n}\"}}"), s.upstream_cx_total.load(Relaxed)));
+            counters.push((format!("cluster.{n}.upstream_cx_connect_fail"), format!("envoy_cluster_upstream_cx_connect_fail{{envoy_cluster_name=\"{n}\"}}"), s.upstream_cx_connect_fail.load(Relaxed)));
+        }
+        if !prometheus {
+            return counters.iter().map(|(name, _, v)| format!("{name}: {v}\n")).collect();
+        }
+        let mut out = String::new();
+        let mut typed = std::collections::HashSet::new();
+        for (_, series, v) in &counters {
+            let metric = series.split('{').next().unwrap_or(series);
+            if typed.insert(metric.to_string()) {
+                out.push_str(&format!("# TYPE {metric} counter\n"));
+            }
+            out.push_str(&format!("{series} {v}\n"));
+        }
+        out
+    }
+}
+
+/// Private keys never leave the process, not even through the admin endpoint.
+fn redact(mut v: Value) -> Value {
+    match &mut v {
+        Value::Object(map) => {
+            for (k, child) in map.iter_mut() {
+                if k == "private_key" || k == "privateKey" {
+                    *child = json!("[redacted]");
+                } else {
+                    *child = redact(child.take());
+                }
+            }
+        }
+        Value::Array(items) => {
+            for item in items.iter_mut() {
+                *item = redact(item.take());
+            }
+        }
+        _ => {}
+    }
+    v
+}
+
+/// RFC 3339 UTC timestamp with seconds, for `last_updated`.
+fn humantime_rfc3339(t: SystemTime) -> String {
+    let secs = t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_and_redaction() {
+        assert_eq!(humantime_rfc3339(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_795_316_517)), "2026-11-22T03:01:57Z");
+        let v = redact(json!({"tls": [{"private_key": {"inline_string": "KEY"}}]}));
+        assert_eq!(v, json!({"tls": [{"private_key": "[redacted]"}]}));
+    }
+}
