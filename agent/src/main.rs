@@ -174,13 +174,17 @@ fn proxy(args: ProxyArgs) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(async move {
-        let admin_address = bootstrap.admin;
-        let running = weft_agent::proxy::server::start(bootstrap).await.map_err(|e| e.to_string())?;
+        let proxy = weft_agent::proxy::server::Proxy::new();
+        // All or nothing at start-up: a port in use fails it, as in Envoy.
+        if let Some((name, e)) = proxy.apply(&bootstrap.listeners, &bootstrap.clusters).into_iter().next() {
+            return Err(format!("listener {name}: {e}"));
+        }
         let quit = Arc::new(tokio::sync::Notify::new());
-        if let Some(addr) = admin_address {
+        if let Some(addr) = bootstrap.admin {
             let listener = admin::bind(addr).map_err(|e| e.to_string())?;
             let routes = admin::envoy::EnvoyAdmin {
-                running,
+                bootstrap,
+                proxy: Arc::clone(&proxy),
                 config_path: shown,
                 concurrency,
                 started: std::time::SystemTime::now(),

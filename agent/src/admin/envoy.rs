@@ -8,11 +8,13 @@ use serde_json::{json, Value};
 use tokio::sync::Notify;
 
 use super::{AdminRequest, Reply, ReplyFuture, Routes};
+use crate::config::bootstrap::Bootstrap;
 use crate::config::cluster::Discovery;
-use crate::proxy::server::Running;
+use crate::proxy::server::Proxy;
 
 pub struct EnvoyAdmin {
-    pub running: Running,
+    pub bootstrap: Bootstrap,
+    pub proxy: Arc<Proxy>,
     pub config_path: String,
     pub concurrency: usize,
     pub started: SystemTime,
@@ -54,7 +56,7 @@ impl EnvoyAdmin {
     }
 
     fn server_info(&self) -> Value {
-        let node = &self.running.bootstrap.node;
+        let node = &self.bootstrap.node;
         json!({
             "version": format!("weft/{}", env!("CARGO_PKG_VERSION")),
             "state": "LIVE",
@@ -68,7 +70,7 @@ impl EnvoyAdmin {
 
     /// Envoy's `/config_dump` shape; `?resource=` selects one repeated field, `?mask=` keeps named fields.
     fn config_dump(&self, request: &AdminRequest<'_>) -> Reply {
-        let raw = &self.running.bootstrap.raw;
+        let raw = &self.bootstrap.raw;
         let updated = humantime_rfc3339(self.started);
         let statics = |key: &str, item: &str, type_name: &str| -> Vec<Value> {
             raw.pointer(&format!("/static_resources/{key}"))
@@ -112,7 +114,8 @@ impl EnvoyAdmin {
 
     fn clusters(&self) -> String {
         let mut out = String::new();
-        for (c, stats) in self.running.clusters.all() {
+        let clusters = self.proxy.clusters();
+        for (c, stats) in clusters.all() {
             out.push_str(&format!("{0}::observability_name::{0}\n", c.name));
             out.push_str(&format!("{}::default_priority::max_connections::1024\n", c.name));
             if let Discovery::Static { endpoints } = &c.discovery {
@@ -126,18 +129,19 @@ impl EnvoyAdmin {
     }
 
     fn listeners(&self) -> String {
-        self.running.listeners.iter().map(|(l, addr, _)| format!("{}::{addr}\n", l.name)).collect()
+        self.proxy.listeners().iter().map(|l| format!("{}::{}\n", l.name, l.local)).collect()
     }
 
     fn stats(&self, prometheus: bool) -> String {
         let mut counters: Vec<(String, String, u64)> = Vec::new();
-        for (l, addr, c) in &self.running.listeners {
+        for l in self.proxy.listeners() {
+            let (addr, c) = (l.local, &l.counters);
             let tag = format!("{}_{}", addr.ip(), addr.port());
-            let _ = l;
             counters.push((format!("listener.{tag}.downstream_cx_total"), format!("envoy_listener_downstream_cx_total{{envoy_listener_address=\"{tag}\"}}"), c.downstream_cx_total.load(Relaxed)));
             counters.push((format!("listener.{tag}.downstream_cx_destroy"), format!("envoy_listener_downstream_cx_destroy{{envoy_listener_address=\"{tag}\"}}"), c.downstream_cx_destroy.load(Relaxed)));
         }
-        for (c, s) in self.running.clusters.all() {
+        let clusters = self.proxy.clusters();
+        for (c, s) in clusters.all() {
             let n = &c.name;
             counters.push((format!("cluster.{n}.upstream_cx_total"), format!("envoy_cluster_upstream_cx_total{{envoy_cluster_name=\"{n}\"}}"), s.upstream_cx_total.load(Relaxed)));
             counters.push((format!("cluster.{n}.upstream_cx_connect_fail"), format!("envoy_cluster_upstream_cx_connect_fail{{envoy_cluster_name=\"{n}\"}}"), s.upstream_cx_connect_fail.load(Relaxed)));
