@@ -7,3 +7,4 @@ pub mod cni_server;
 pub mod config;
 pub mod node;
 pub mod proxy;
+pub mod xds;

@@ -180,10 +180,15 @@ fn proxy(args: ProxyArgs) -> Result<(), String> {
             return Err(format!("listener {name}: {e}"));
         }
         let quit = Arc::new(tokio::sync::Notify::new());
-        if let Some(addr) = bootstrap.admin {
+        let admin_address = bootstrap.admin;
+        let xds = weft_agent::xds::XdsState::new(bootstrap, Arc::clone(&proxy));
+        if xds.bootstrap().ads.is_some() {
+            tokio::spawn(weft_agent::xds::client::run(Arc::clone(&xds)));
+        }
+        if let Some(addr) = admin_address {
             let listener = admin::bind(addr).map_err(|e| e.to_string())?;
             let routes = admin::envoy::EnvoyAdmin {
-                bootstrap,
+                xds,
                 proxy: Arc::clone(&proxy),
                 config_path: shown,
                 concurrency,

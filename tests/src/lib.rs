@@ -20,6 +20,7 @@ pub mod tools;
 pub mod load;
 pub mod traffic;
 pub mod util;
+pub mod xds_server;
 
 pub use cluster::{
     Cluster, ClusterOptions, CniCommand, CniError, CniFailure, CniOutput, Pod, PodOptions,

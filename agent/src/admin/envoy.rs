@@ -8,12 +8,13 @@ use serde_json::{json, Value};
 use tokio::sync::Notify;
 
 use super::{AdminRequest, Reply, ReplyFuture, Routes};
-use crate::config::bootstrap::Bootstrap;
 use crate::config::cluster::Discovery;
 use crate::proxy::server::Proxy;
+use crate::xds::XdsState;
 
 pub struct EnvoyAdmin {
-    pub bootstrap: Bootstrap,
+    /// The bootstrap and the dynamic resources on top of it.
+    pub xds: Arc<XdsState>,
     pub proxy: Arc<Proxy>,
     pub config_path: String,
     pub concurrency: usize,
@@ -56,7 +57,7 @@ impl EnvoyAdmin {
     }
 
     fn server_info(&self) -> Value {
-        let node = &self.bootstrap.node;
+        let node = &self.xds.bootstrap().node;
         json!({
             "version": format!("weft/{}", env!("CARGO_PKG_VERSION")),
             "state": "LIVE",
@@ -70,7 +71,7 @@ impl EnvoyAdmin {
 
     /// Envoy's `/config_dump` shape; `?resource=` selects one repeated field, `?mask=` keeps named fields.
     fn config_dump(&self, request: &AdminRequest<'_>) -> Reply {
-        let raw = &self.bootstrap.raw;
+        let raw = &self.xds.bootstrap().raw;
         let updated = humantime_rfc3339(self.started);
         let statics = |key: &str, item: &str, type_name: &str| -> Vec<Value> {
             raw.pointer(&format!("/static_resources/{key}"))
@@ -86,11 +87,33 @@ impl EnvoyAdmin {
                 })
                 .collect()
         };
+        let store = self.xds.store.lock().unwrap_or_else(|e| e.into_inner());
+        let typed = |raw: &Value, type_name: &str| {
+            let mut v = redact(raw.clone());
+            if let Some(obj) = v.as_object_mut() {
+                obj.insert("@type".into(), json!(format!("type.googleapis.com/envoy.config.{type_name}")));
+            }
+            v
+        };
+        let dynamic_clusters: Vec<Value> = store
+            .clusters
+            .values()
+            .map(|e| json!({"version_info": e.version, "cluster": typed(&e.raw, "cluster.v3.Cluster"), "last_updated": humantime_rfc3339(e.last_updated)}))
+            .collect();
+        let dynamic_listeners: Vec<Value> = store
+            .listeners
+            .iter()
+            .map(|(name, e)| json!({"name": name, "active_state": {"version_info": e.version, "listener": typed(&e.raw, "listener.v3.Listener"), "last_updated": humantime_rfc3339(e.last_updated)}}))
+            .collect();
+        let version = |t: &str| store.versions.get(t).cloned().unwrap_or_default();
         let configs = vec![
             json!({"@type": format!("{TYPE_PREFIX}BootstrapConfigDump"), "bootstrap": redact(raw.clone()), "last_updated": updated}),
-            json!({"@type": format!("{TYPE_PREFIX}ClustersConfigDump"), "static_clusters": statics("clusters", "cluster", "cluster.v3.Cluster")}),
-            json!({"@type": format!("{TYPE_PREFIX}ListenersConfigDump"), "static_listeners": statics("listeners", "listener", "listener.v3.Listener")}),
+            json!({"@type": format!("{TYPE_PREFIX}ClustersConfigDump"), "version_info": version(crate::xds::CLUSTER_TYPE),
+                   "static_clusters": statics("clusters", "cluster", "cluster.v3.Cluster"), "dynamic_active_clusters": dynamic_clusters}),
+            json!({"@type": format!("{TYPE_PREFIX}ListenersConfigDump"), "version_info": version(crate::xds::LISTENER_TYPE),
+                   "static_listeners": statics("listeners", "listener", "listener.v3.Listener"), "dynamic_listeners": dynamic_listeners}),
         ];
+        drop(store);
         let mut configs = match request.param("resource") {
             None | Some("") => configs,
             Some(field) => {

@@ -18,9 +18,27 @@ pub struct Bootstrap {
     pub admin: Option<SocketAddr>,
     pub listeners: Vec<Listener>,
     pub clusters: Vec<Cluster>,
+    /// Listeners and clusters from an aggregated discovery service.
+    pub ads: Option<Ads>,
     /// The file as given, for `/config_dump`.
     #[serde(skip)]
     pub raw: Value,
+}
+
+/// `dynamic_resources` with LDS and CDS over ADS.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Ads {
+    pub api: AdsApi,
+    /// The static cluster the ADS gRPC stream goes to.
+    pub cluster: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum AdsApi {
+    /// State of the world (`GRPC`).
+    Sotw,
+    /// Incremental (`DELTA_GRPC`).
+    Delta,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
@@ -71,9 +89,59 @@ pub fn translate(raw: Value) -> Result<Bootstrap> {
         clusters = s.objects("clusters")?.into_iter().map(cluster::translate).collect::<Result<_>>()?;
         s.finish()?;
     }
+    let ads = b.object("dynamic_resources")?.map(dynamic_resources).transpose()?;
     b.finish()?;
     check_references(&listeners, &clusters)?;
-    Ok(Bootstrap { node, admin, listeners, clusters, raw })
+    if let Some(ads) = &ads {
+        match clusters.iter().find(|c| c.name == ads.cluster) {
+            None => return Err(ConfigError::new("dynamic_resources.ads_config", format!("Unknown gRPC client cluster '{}'", ads.cluster))),
+            Some(c) if !c.http2 => {
+                return Err(ConfigError::new(
+                    "dynamic_resources.ads_config",
+                    format!("cluster '{}' must use HTTP/2 (set explicit_http_config.http2_protocol_options) for gRPC", ads.cluster),
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(Bootstrap { node, admin, listeners, clusters, ads, raw })
+}
+
+fn dynamic_resources(mut d: Obj<'_>) -> Result<Ads> {
+    let mut ads = d.required_object("ads_config")?;
+    let api = match ads.string("api_type")?.unwrap_or("GRPC") {
+        "GRPC" => AdsApi::Sotw,
+        "DELTA_GRPC" => AdsApi::Delta,
+        other => return Err(ConfigError::new(ads.at("api_type"), format!("{other} is not supported; use GRPC or DELTA_GRPC"))),
+    };
+    v3_only(&mut ads, "transport_api_version")?;
+    let _ = ads.bool("set_node_on_first_message_only")?;
+    let mut services = ads.objects("grpc_services")?;
+    if services.len() != 1 {
+        return Err(ConfigError::new(ads.at("grpc_services"), "needs exactly one gRPC service"));
+    }
+    let mut service = services.remove(0);
+    let mut envoy_grpc = service.required_object("envoy_grpc")?;
+    let cluster = envoy_grpc.required_string("cluster_name")?.to_string();
+    envoy_grpc.finish()?;
+    service.finish()?;
+    ads.finish()?;
+    for source in ["lds_config", "cds_config"] {
+        let mut config = d.required_object(source)?;
+        v3_only(&mut config, "resource_api_version")?;
+        let over_ads = config.required_object("ads").map_err(|e| ConfigError::new(e.path, "is required: weft takes LDS and CDS over ADS only"))?;
+        over_ads.finish()?;
+        config.finish()?;
+    }
+    d.finish()?;
+    Ok(Ads { api, cluster })
+}
+
+fn v3_only(o: &mut Obj<'_>, key: &str) -> Result<()> {
+    match o.string(key)? {
+        None | Some("V3") => Ok(()),
+        Some(other) => Err(ConfigError::new(o.at(key), format!("{other} is not supported; only V3"))),
+    }
 }
 
 /// Names are unique, and HTTP routes point at clusters that exist (Envoy's `validate_clusters` default for
@@ -98,6 +166,9 @@ fn check_references(listeners: &[Listener], clusters: &[Cluster]) -> Result<()> 
                         if !names.contains(c.as_str()) {
                             return Err(ConfigError::new(format!("static_resources.listeners[{i}]"), format!("route: unknown cluster '{c}'")));
                         }
+                        if clusters.iter().any(|k| &k.name == c && k.http2) {
+                            return Err(ConfigError::new(format!("static_resources.listeners[{i}]"), format!("route to HTTP/2 cluster '{c}': HTTP/2 upstreams are not supported yet")));
+                        }
                     }
                 }
             }
@@ -117,7 +188,7 @@ mod tests {
 
     #[test]
     fn not_yet_supported_sections_are_refused_by_path() {
-        assert!(err(json!({"dynamic_resources": {"ads_config": {}}})).starts_with("dynamic_resources: is not supported"));
+        assert!(err(json!({"dynamic_resources": {"ads_config": {"api_type": "REST"}}})).starts_with("dynamic_resources.ads_config.api_type: REST is not supported"));
         assert!(err(json!({"static_resources": {"secrets": []}})).starts_with("static_resources.secrets: is not supported"));
         assert!(err(json!({"overload_manager": {}})).starts_with("overload_manager: is not supported"));
     }

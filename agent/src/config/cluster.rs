@@ -12,6 +12,8 @@ pub struct Cluster {
     pub discovery: Discovery,
     pub connect_timeout: Duration,
     pub lb_policy: LbPolicy,
+    /// Upstream speaks HTTP/2 (gRPC clusters such as the ADS cluster).
+    pub http2: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -47,6 +49,7 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
         "CLUSTER_PROVIDED" => LbPolicy::ClusterProvided,
         other => return Err(ConfigError::new(c.at("lb_policy"), format!("{other} is not supported; use ROUND_ROBIN or RANDOM"))),
     };
+    let http2 = http2_options(&mut c)?;
     let discovery = match kind {
         "STATIC" => {
             if lb_policy == LbPolicy::ClusterProvided {
@@ -71,7 +74,7 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
         }
     };
     c.finish()?;
-    Ok(Cluster { name, discovery, connect_timeout, lb_policy })
+    Ok(Cluster { name, discovery, connect_timeout, lb_policy, http2 })
 }
 
 fn load_assignment(c: &mut Obj<'_>) -> Result<Vec<SocketAddr>> {
@@ -90,4 +93,34 @@ fn load_assignment(c: &mut Obj<'_>) -> Result<Vec<SocketAddr>> {
     }
     la.finish()?;
     Ok(endpoints)
+}
+
+const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+/// `http2_protocol_options: {}` or `typed_extension_protocol_options` with explicit HTTP/2: how a gRPC
+/// cluster (the ADS cluster) is declared. Any HTTP/2 tuning inside is not supported yet.
+fn http2_options(c: &mut Obj<'_>) -> Result<bool> {
+    let mut http2 = false;
+    if let Some(o) = c.object("http2_protocol_options")? {
+        o.finish()?;
+        http2 = true;
+    }
+    if let Some(mut ext) = c.object("typed_extension_protocol_options")? {
+        if let Some(mut opts) = ext.object(HTTP_PROTOCOL_OPTIONS)? {
+            super::expect_type(&mut opts, HTTP_PROTOCOL_OPTIONS)?;
+            let mut explicit = opts.required_object("explicit_http_config")?;
+            match (explicit.object("http2_protocol_options")?, explicit.object("http_protocol_options")?) {
+                (Some(h2), None) => {
+                    h2.finish()?;
+                    http2 = true;
+                }
+                (None, Some(h1)) => h1.finish()?,
+                _ => return Err(ConfigError::new(explicit.path(), "needs exactly one of http_protocol_options or http2_protocol_options")),
+            }
+            explicit.finish()?;
+            opts.finish()?;
+        }
+        ext.finish()?;
+    }
+    Ok(http2)
 }

@@ -22,6 +22,11 @@ pub const SUPPORTED: &[(&str, &str)] = &[
     ("static_resources.clusters[].connect_timeout", "default 5s"),
     ("static_resources.clusters[].lb_policy", "ROUND_ROBIN, RANDOM, CLUSTER_PROVIDED (ORIGINAL_DST)"),
     ("static_resources.clusters[].load_assignment", "cluster_name, endpoints[].lb_endpoints[].endpoint.address.socket_address"),
+    ("static_resources.clusters[].http2_protocol_options", "empty only: marks a gRPC cluster"),
+    ("static_resources.clusters[].typed_extension_protocol_options", "HttpProtocolOptions with explicit_http_config (http or http2, no tuning)"),
+    ("dynamic_resources.ads_config", "api_type GRPC or DELTA_GRPC, transport_api_version V3, one envoy_grpc service"),
+    ("dynamic_resources.lds_config / cds_config", "ads: {} with resource_api_version V3 (listeners and clusters over ADS)"),
+    ("xDS Listener and Cluster resources", "the same fields as static_resources.listeners[] and clusters[]"),
 ];
 
 /// Fields accepted and ignored because they change nothing a connection sees: naming, documentation,

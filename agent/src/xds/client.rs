@@ -1,0 +1,161 @@
+//! The ADS stream: state of the world (`StreamAggregatedResources`) or delta (`DeltaAggregatedResources`),
+//! reconnected with jittered exponential backoff. Every response is ACKed or NACKed on the same stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use xds_api::pb::envoy::config::core::v3::Node;
+use xds_api::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use xds_api::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use xds_api::pb::google::rpc::Status;
+
+use super::{codec, Received, XdsState, TYPES};
+use crate::config::bootstrap::AdsApi;
+use crate::config::cluster::Discovery;
+
+/// Envoy's defaults for xDS reconnects.
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// gRPC `INVALID_ARGUMENT`, the code Envoy puts in NACKs.
+const INVALID_ARGUMENT: i32 = 3;
+
+/// Runs the ADS client until the task is dropped.
+pub async fn run(state: Arc<XdsState>) {
+    let Some(ads) = state.bootstrap().ads.clone() else { return };
+    let mut failures = 0u32;
+    loop {
+        let result = match endpoint(&state, &ads.cluster) {
+            Err(e) => Err(e),
+            Ok(endpoint) => match ads.api {
+                AdsApi::Sotw => sotw(&state, endpoint, &mut failures).await,
+                AdsApi::Delta => delta(&state, endpoint, &mut failures).await,
+            },
+        };
+        if let Err(e) = result {
+            tracing::warn!(cluster = %ads.cluster, "xDS stream ended: {e}");
+        }
+        failures = failures.saturating_add(1);
+        tokio::time::sleep(backoff(failures)).await;
+    }
+}
+
+/// Full jitter: a random wait up to base·2^failures, capped.
+fn backoff(failures: u32) -> Duration {
+    let ceiling = BACKOFF_BASE.saturating_mul(1u32 << failures.min(10)).min(BACKOFF_MAX);
+    let nanos = std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), failures) as u128;
+    Duration::from_nanos((nanos % ceiling.as_nanos().max(1)) as u64).max(BACKOFF_BASE / 5)
+}
+
+fn endpoint(state: &XdsState, cluster: &str) -> Result<Endpoint, String> {
+    let c = state.bootstrap().clusters.iter().find(|c| c.name == cluster).ok_or(format!("no cluster {cluster}"))?;
+    let Discovery::Static { endpoints } = &c.discovery else { return Err(format!("cluster {cluster} is not STATIC")) };
+    let addr = endpoints.first().ok_or(format!("cluster {cluster} has no endpoint"))?;
+    Endpoint::from_shared(format!("http://{addr}"))
+        .map(|e| e.connect_timeout(c.connect_timeout))
+        .map_err(|e| e.to_string())
+}
+
+fn node(state: &XdsState) -> Option<Node> {
+    let n = &state.bootstrap().node;
+    let value = serde_json::json!({"id": n.id, "cluster": n.cluster, "metadata": n.metadata, "user_agent_name": "weft"});
+    codec::json_to_message("envoy.config.core.v3.Node", &value)
+        .map_err(|e| tracing::warn!("node metadata: {e}"))
+        .ok()
+}
+
+fn status(errors: &[String]) -> Option<Status> {
+    (!errors.is_empty()).then(|| Status { code: INVALID_ARGUMENT, message: errors.join("; "), details: Vec::new() })
+}
+
+async fn sotw(state: &Arc<XdsState>, endpoint: Endpoint, failures: &mut u32) -> Result<(), String> {
+    let channel = endpoint.connect().await.map_err(|e| format!("connect: {e}"))?;
+    let (tx, rx) = mpsc::channel(16);
+    for (i, type_url) in TYPES.iter().enumerate() {
+        let request = DiscoveryRequest {
+            node: if i == 0 { node(state) } else { None },
+            type_url: type_url.to_string(),
+            // After a reconnect, tell the server what we already run.
+            version_info: state.accepted_version(type_url),
+            ..Default::default()
+        };
+        tx.send(request).await.map_err(|e| e.to_string())?;
+    }
+    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let mut responses = client.stream_aggregated_resources(ReceiverStream::new(rx)).await.map_err(|e| e.to_string())?.into_inner();
+    while let Some(response) = responses.message().await.map_err(|e| e.to_string())? {
+        *failures = 0;
+        let Some(type_url) = TYPES.iter().copied().find(|t| *t == response.type_url) else {
+            tracing::warn!(type_url = %response.type_url, "ignoring a response of a type weft did not ask for");
+            continue;
+        };
+        let received: Vec<Received<'_>> = response
+            .resources
+            .iter()
+            .map(|any| Received { name: None, version: &response.version_info, type_url: &any.type_url, bytes: &any.value })
+            .collect();
+        let errors = state.apply(type_url, &response.version_info, &received, &[], true);
+        log_outcome(type_url, &response.version_info, &errors);
+        let request = DiscoveryRequest {
+            type_url: type_url.to_string(),
+            response_nonce: response.nonce.clone(),
+            version_info: state.accepted_version(type_url),
+            error_detail: status(&errors),
+            ..Default::default()
+        };
+        tx.send(request).await.map_err(|e| e.to_string())?;
+    }
+    Err("the server closed the stream".into())
+}
+
+async fn delta(state: &Arc<XdsState>, endpoint: Endpoint, failures: &mut u32) -> Result<(), String> {
+    let channel = endpoint.connect().await.map_err(|e| format!("connect: {e}"))?;
+    let (tx, rx) = mpsc::channel(16);
+    for (i, type_url) in TYPES.iter().enumerate() {
+        let request = DeltaDiscoveryRequest {
+            node: if i == 0 { node(state) } else { None },
+            type_url: type_url.to_string(),
+            // Wildcard subscription; after a reconnect the server learns what we already have.
+            initial_resource_versions: state.resource_versions(type_url),
+            ..Default::default()
+        };
+        tx.send(request).await.map_err(|e| e.to_string())?;
+    }
+    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let mut responses = client.delta_aggregated_resources(ReceiverStream::new(rx)).await.map_err(|e| e.to_string())?.into_inner();
+    while let Some(response) = responses.message().await.map_err(|e| e.to_string())? {
+        *failures = 0;
+        let Some(type_url) = TYPES.iter().copied().find(|t| *t == response.type_url) else {
+            tracing::warn!(type_url = %response.type_url, "ignoring a response of a type weft did not ask for");
+            continue;
+        };
+        let received: Vec<Received<'_>> = response
+            .resources
+            .iter()
+            .filter_map(|r| {
+                let any = r.resource.as_ref()?;
+                Some(Received { name: Some(&r.name), version: &r.version, type_url: &any.type_url, bytes: &any.value })
+            })
+            .collect();
+        let errors = state.apply(type_url, &response.system_version_info, &received, &response.removed_resources, false);
+        log_outcome(type_url, &response.system_version_info, &errors);
+        let request = DeltaDiscoveryRequest {
+            type_url: type_url.to_string(),
+            response_nonce: response.nonce.clone(),
+            error_detail: status(&errors),
+            ..Default::default()
+        };
+        tx.send(request).await.map_err(|e| e.to_string())?;
+    }
+    Err("the server closed the stream".into())
+}
+
+fn log_outcome(type_url: &str, version: &str, errors: &[String]) {
+    if errors.is_empty() {
+        tracing::info!(type_url, version, "xDS update accepted");
+    } else {
+        tracing::warn!(type_url, version, "xDS update rejected (NACK): {}", errors.join("; "));
+    }
+}

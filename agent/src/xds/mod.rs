@@ -1,0 +1,181 @@
+//! The xDS client: listeners and clusters from an aggregated discovery service (state of the world or
+//! delta), validated by the same translator as bootstrap files, applied to the running proxy. A rejected
+//! resource is NACKed with its name and the field at fault while the rest of the response is applied and the
+//! last good version of the rejected one keeps serving, as Envoy does.
+
+pub mod client;
+pub mod codec;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde_json::Value;
+
+use crate::config::bootstrap::Bootstrap;
+use crate::config::cluster::{self, Cluster};
+use crate::config::listener::{self, Listener, NetworkFilter};
+use crate::config::route::Action;
+use crate::config::tree::Obj;
+use crate::proxy::server::Proxy;
+
+pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+
+/// The resource types weft subscribes to, clusters first (a listener may only use clusters that exist).
+pub const TYPES: [&str; 2] = [CLUSTER_TYPE, LISTENER_TYPE];
+
+/// One accepted resource.
+#[derive(Debug, Clone)]
+pub struct Entry<T> {
+    pub version: String,
+    pub raw: Value,
+    pub model: T,
+    pub last_updated: SystemTime,
+}
+
+/// Accepted dynamic resources and the version of each type's last accepted response.
+#[derive(Debug, Default)]
+pub struct Store {
+    pub listeners: BTreeMap<String, Entry<Listener>>,
+    pub clusters: BTreeMap<String, Entry<Cluster>>,
+    pub versions: HashMap<&'static str, String>,
+}
+
+/// A resource as received: name, version (delta) and bytes.
+pub struct Received<'a> {
+    pub name: Option<&'a str>,
+    pub version: &'a str,
+    pub type_url: &'a str,
+    pub bytes: &'a [u8],
+}
+
+/// Applies xDS updates to the proxy. Shared by the stream tasks and the admin endpoint.
+pub struct XdsState {
+    bootstrap: Bootstrap,
+    proxy: Arc<Proxy>,
+    pub store: Mutex<Store>,
+}
+
+impl XdsState {
+    pub fn new(bootstrap: Bootstrap, proxy: Arc<Proxy>) -> Arc<XdsState> {
+        Arc::new(XdsState { bootstrap, proxy, store: Mutex::default() })
+    }
+
+    pub fn bootstrap(&self) -> &Bootstrap {
+        &self.bootstrap
+    }
+
+    fn store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Versions of the accepted resources of `type_url` (delta's `initial_resource_versions`).
+    pub fn resource_versions(&self, type_url: &str) -> HashMap<String, String> {
+        let store = self.store();
+        match type_url {
+            LISTENER_TYPE => store.listeners.iter().map(|(n, e)| (n.clone(), e.version.clone())).collect(),
+            _ => store.clusters.iter().map(|(n, e)| (n.clone(), e.version.clone())).collect(),
+        }
+    }
+
+    /// The version of the last accepted response of `type_url` (SotW `version_info`).
+    pub fn accepted_version(&self, type_url: &str) -> String {
+        self.store().versions.get(type_url).cloned().unwrap_or_default()
+    }
+
+    /// Applies one response. `complete` is state of the world: names not received are removed. Returns the
+    /// errors of rejected resources (empty: ACK).
+    pub fn apply(&self, type_url: &'static str, version: &str, received: &[Received<'_>], removed: &[String], complete: bool) -> Vec<String> {
+        let mut errors = Vec::new();
+        let mut store = self.store();
+        let mut seen = HashSet::new();
+        let now = SystemTime::now();
+        for r in received {
+            match self.decode(type_url, r, &store) {
+                Ok((name, raw, Decoded::Cluster(model))) => {
+                    seen.insert(name.clone());
+                    store.clusters.insert(name, Entry { version: r.version.to_string(), raw, model, last_updated: now });
+                }
+                Ok((name, raw, Decoded::Listener(model))) => {
+                    seen.insert(name.clone());
+                    store.listeners.insert(name, Entry { version: r.version.to_string(), raw, model, last_updated: now });
+                }
+                Err((name, e)) => {
+                    // Keep serving the last good version of a rejected resource.
+                    if let Some(name) = name {
+                        seen.insert(name);
+                    }
+                    errors.push(e);
+                }
+            }
+        }
+        let gone = |name: &String| removed.contains(name) || (complete && !seen.contains(name));
+        match type_url {
+            LISTENER_TYPE => store.listeners.retain(|n, _| !gone(n)),
+            _ => store.clusters.retain(|n, _| !gone(n)),
+        }
+        errors.extend(self.push(&mut store));
+        if errors.is_empty() {
+            store.versions.insert(type_url, version.to_string());
+        }
+        errors
+    }
+
+    fn decode(&self, type_url: &str, r: &Received<'_>, store: &Store) -> Result<(String, Value, Decoded), (Option<String>, String)> {
+        if r.type_url != type_url {
+            return Err((r.name.map(str::to_string), format!("resource of type {} in a {type_url} response", r.type_url)));
+        }
+        let raw = codec::any_to_json(r.type_url, r.bytes).map_err(|e| (r.name.map(str::to_string), e))?;
+        let name = raw.get("name").and_then(Value::as_str).or(r.name).unwrap_or_default().to_string();
+        let kind = if type_url == LISTENER_TYPE { "Listener" } else { "Cluster" };
+        let fail = |e: String| (Some(name.clone()), format!("{kind} '{name}': {e}"));
+        let obj = Obj::new(&raw, "").map_err(|e| fail(e.to_string()))?;
+        let decoded = if type_url == LISTENER_TYPE {
+            let l = listener::translate(obj).map_err(|e| fail(e.to_string()))?;
+            self.check_routes(&l, store).map_err(fail)?;
+            Decoded::Listener(l)
+        } else {
+            Decoded::Cluster(cluster::translate(obj).map_err(|e| fail(e.to_string()))?)
+        };
+        Ok((name, raw, decoded))
+    }
+
+    /// Inline route configurations must name existing clusters (`validate_clusters`).
+    fn check_routes(&self, l: &Listener, store: &Store) -> Result<(), String> {
+        let NetworkFilter::HttpConnectionManager(rc) = &l.filter else { return Ok(()) };
+        let known = |c: &str| store.clusters.contains_key(c) || self.bootstrap.clusters.iter().any(|k| k.name == c);
+        for vh in &rc.virtual_hosts {
+            for r in &vh.routes {
+                if let Action::Cluster(c) = &r.action {
+                    if !known(c) {
+                        return Err(format!("route: unknown cluster '{c}'"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes static + dynamic resources the running configuration; listeners that cannot bind are errors
+    /// (and are dropped from the store so a later response can retry them).
+    fn push(&self, store: &mut Store) -> Vec<String> {
+        let clusters: Vec<Cluster> =
+            self.bootstrap.clusters.iter().cloned().chain(store.clusters.values().map(|e| e.model.clone())).collect();
+        let listeners: Vec<Listener> =
+            self.bootstrap.listeners.iter().cloned().chain(store.listeners.values().map(|e| e.model.clone())).collect();
+        let failed = self.proxy.apply(&listeners, &clusters);
+        failed
+            .into_iter()
+            .map(|(name, e)| {
+                store.listeners.remove(&name);
+                format!("Listener '{name}': {e}")
+            })
+            .collect()
+    }
+}
+
+enum Decoded {
+    Listener(Listener),
+    Cluster(Cluster),
+}

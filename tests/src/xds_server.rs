@@ -1,0 +1,321 @@
+//! A test xDS management server (tonic): serves Listener and Cluster resources given as YAML, over ADS in
+//! both state-of-the-world and delta variants; pushes updates, records every request (ACKs and NACKs with
+//! their error detail, delta's initial_resource_versions), and can drop every stream or stop entirely.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+use xds_api::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use xds_api::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+use xds_api::pb::google::protobuf::Any;
+
+use crate::util::{wait_for, HarnessError};
+use crate::NetNs;
+
+pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+/// Clusters before listeners, the order a management server sends them in.
+const ORDER: [&str; 2] = [CLUSTER, LISTENER];
+
+/// One request the server received.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub delta: bool,
+    pub type_url: String,
+    pub version_info: String,
+    pub response_nonce: String,
+    pub error: Option<String>,
+    pub initial_resource_versions: HashMap<String, String>,
+    pub node_id: Option<String>,
+}
+
+impl Recorded {
+    pub fn is_ack(&self) -> bool {
+        !self.response_nonce.is_empty() && self.error.is_none()
+    }
+}
+
+/// name → (per-resource version, resource).
+type Named = BTreeMap<String, (String, Any)>;
+
+#[derive(Default)]
+struct Resources {
+    /// type → (version of the type, its resources)
+    by_type: BTreeMap<String, (String, Named)>,
+}
+
+struct Shared {
+    resources: Mutex<Resources>,
+    requests: Mutex<Vec<Recorded>>,
+    /// Bumped on every change; streams push when it moves.
+    changed: watch::Sender<u64>,
+    /// Bumped to drop every stream.
+    drop_streams: watch::Sender<u64>,
+}
+
+pub struct XdsServer {
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A resource given as YAML (a Listener or a Cluster as Envoy's JSON mapping spells it) as an `Any`.
+pub fn any(type_url: &str, yaml: &str) -> Result<(String, Any), HarnessError> {
+    let value: serde_json::Value = serde_yaml::from_str(yaml).map_err(|e| HarnessError(format!("resource YAML: {e}")))?;
+    let name = value["name"].as_str().unwrap_or_default().to_string();
+    let message_name = type_url.rsplit('/').next().unwrap_or(type_url);
+    let value = weft_agent::xds::codec::json_to_bytes(message_name, &value).map_err(|e| HarnessError(format!("{name}: {e}")))?;
+    Ok((name, Any { type_url: type_url.to_string(), value }))
+}
+
+impl XdsServer {
+    /// Serves on `addr` inside `ns` (a fixed address, so a restarted server is found at the same place).
+    pub fn start(ns: &NetNs, addr: SocketAddr) -> Result<XdsServer, HarnessError> {
+        let listener = ns.tcp_listen(addr)?;
+        listener.set_nonblocking(true)?;
+        let shared = Arc::new(Shared {
+            resources: Mutex::default(),
+            requests: Mutex::default(),
+            changed: watch::channel(0).0,
+            drop_streams: watch::channel(0).0,
+        });
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let service = Service(Arc::clone(&shared));
+        let thread = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() else { return };
+            runtime.block_on(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
+                let _ = tonic::transport::Server::builder()
+                    .add_service(AggregatedDiscoveryServiceServer::new(service))
+                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                        let _ = rx.await;
+                    })
+                    .await;
+            });
+        });
+        Ok(XdsServer { addr, shared, shutdown: Some(tx), thread: Some(thread) })
+    }
+
+    /// Replaces every resource of `type_url` with `resources` at `version`, and pushes.
+    pub fn set(&self, type_url: &str, version: &str, resources: &[&str]) -> Result<(), HarnessError> {
+        let mut named = BTreeMap::new();
+        for yaml in resources {
+            let (name, any) = any(type_url, yaml)?;
+            named.insert(name, any);
+        }
+        {
+            let mut all = self.shared.resources.lock().unwrap_or_else(|e| e.into_inner());
+            let previous = all.by_type.get(type_url).map(|(_, r)| r.clone()).unwrap_or_default();
+            // A resource keeps its version while its bytes do not change (what delta clients see).
+            let entries = named
+                .into_iter()
+                .map(|(name, any)| {
+                    let unchanged = previous.get(&name).filter(|(_, old)| old.value == any.value).map(|(v, _)| v.clone());
+                    (name, (unchanged.unwrap_or_else(|| version.to_string()), any))
+                })
+                .collect();
+            all.by_type.insert(type_url.to_string(), (version.to_string(), entries));
+        }
+        self.shared.changed.send_modify(|n| *n += 1);
+        Ok(())
+    }
+
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.shared.requests.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    /// Waits for a request matching `pred` (e.g. the ACK of a version) and returns it.
+    pub fn wait_request(&self, what: &str, pred: impl Fn(&Recorded) -> bool) -> Result<Recorded, HarnessError> {
+        self.wait_request_since(0, what, pred)
+    }
+
+    /// [`XdsServer::wait_request`] among the requests after the first `since` ones.
+    pub fn wait_request_since(&self, since: usize, what: &str, pred: impl Fn(&Recorded) -> bool) -> Result<Recorded, HarnessError> {
+        wait_for(what, Duration::from_secs(20), || {
+            let requests = self.requests();
+            let recent = requests.get(since..).unwrap_or_default();
+            recent.iter().rev().find(|r| pred(r)).cloned().ok_or_else(|| format!("{} requests so far: {:?}", requests.len(), requests.last()))
+        })
+    }
+
+    /// Drops every open stream (the client must reconnect).
+    pub fn drop_streams(&self) {
+        self.shared.drop_streams.send_modify(|n| *n += 1);
+    }
+
+    /// Stops serving and releases the address.
+    pub fn stop(mut self) {
+        self.shutdown_now();
+    }
+
+    fn shutdown_now(&mut self) {
+        self.drop_streams();
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for XdsServer {
+    fn drop(&mut self) {
+        self.shutdown_now();
+    }
+}
+
+struct Service(Arc<Shared>);
+
+type Outbound<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn record(shared: &Shared, r: Recorded) {
+    if let Ok(mut requests) = shared.requests.lock() {
+        requests.push(r);
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Service {
+    type StreamAggregatedResourcesStream = Outbound<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = Outbound<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let shared = Arc::clone(&self.0);
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let (mut changed, mut dropped) = (shared.changed.subscribe(), shared.drop_streams.subscribe());
+            let mut subscribed: Vec<String> = Vec::new();
+            let mut sent: HashMap<String, String> = HashMap::new();
+            let mut nonce = 0u64;
+            loop {
+                tokio::select! {
+                    message = inbound.next() => {
+                        let Some(Ok(req)) = message else { return };
+                        record(&shared, Recorded {
+                            delta: false,
+                            type_url: req.type_url.clone(),
+                            version_info: req.version_info.clone(),
+                            response_nonce: req.response_nonce.clone(),
+                            error: req.error_detail.as_ref().map(|s| s.message.clone()),
+                            initial_resource_versions: HashMap::new(),
+                            node_id: req.node.as_ref().map(|n| n.id.clone()),
+                        });
+                        if !subscribed.contains(&req.type_url) {
+                            subscribed.push(req.type_url.clone());
+                        }
+                    }
+                    _ = changed.changed() => {}
+                    _ = dropped.changed() => return,
+                }
+                for type_url in ORDER.iter().filter(|t| subscribed.iter().any(|s| s == *t)) {
+                    let response = {
+                        let all = shared.resources.lock().unwrap_or_else(|e| e.into_inner());
+                        let Some((version, resources)) = all.by_type.get(*type_url) else { continue };
+                        if sent.get(*type_url) == Some(version) {
+                            continue;
+                        }
+                        sent.insert(type_url.to_string(), version.clone());
+                        nonce += 1;
+                        DiscoveryResponse {
+                            version_info: version.clone(),
+                            type_url: type_url.to_string(),
+                            nonce: nonce.to_string(),
+                            resources: resources.values().map(|(_, any)| any.clone()).collect(),
+                            ..Default::default()
+                        }
+                    };
+                    if tx.send(Ok(response)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let shared = Arc::clone(&self.0);
+        let mut inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(async move {
+            let (mut changed, mut dropped) = (shared.changed.subscribe(), shared.drop_streams.subscribe());
+            // What the client has, per type: name → version.
+            let mut client: HashMap<String, HashMap<String, String>> = HashMap::new();
+            let mut nonce = 0u64;
+            loop {
+                tokio::select! {
+                    message = inbound.next() => {
+                        let Some(Ok(req)) = message else { return };
+                        record(&shared, Recorded {
+                            delta: true,
+                            type_url: req.type_url.clone(),
+                            version_info: String::new(),
+                            response_nonce: req.response_nonce.clone(),
+                            error: req.error_detail.as_ref().map(|s| s.message.clone()),
+                            initial_resource_versions: req.initial_resource_versions.clone(),
+                            node_id: req.node.as_ref().map(|n| n.id.clone()),
+                        });
+                        client.entry(req.type_url.clone()).or_insert(req.initial_resource_versions);
+                    }
+                    _ = changed.changed() => {}
+                    _ = dropped.changed() => return,
+                }
+                for type_url in ORDER {
+                    let Some(known) = client.get_mut(type_url) else { continue };
+                    let response = {
+                        let all = shared.resources.lock().unwrap_or_else(|e| e.into_inner());
+                        let Some((version, resources)) = all.by_type.get(type_url) else { continue };
+                        let updated: Vec<Resource> = resources
+                            .iter()
+                            .filter(|(name, (v, _))| known.get(*name) != Some(v))
+                            .map(|(name, (v, any))| Resource { name: name.clone(), version: v.clone(), resource: Some(any.clone()), ..Default::default() })
+                            .collect();
+                        let removed: Vec<String> = known.keys().filter(|n| !resources.contains_key(*n)).cloned().collect();
+                        if updated.is_empty() && removed.is_empty() {
+                            continue;
+                        }
+                        for r in &updated {
+                            known.insert(r.name.clone(), r.version.clone());
+                        }
+                        for n in &removed {
+                            known.remove(n);
+                        }
+                        nonce += 1;
+                        DeltaDiscoveryResponse {
+                            system_version_info: version.clone(),
+                            type_url: type_url.to_string(),
+                            nonce: nonce.to_string(),
+                            resources: updated,
+                            removed_resources: removed,
+                            ..Default::default()
+                        }
+                    };
+                    if tx.send(Ok(response)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

@@ -1,0 +1,202 @@
+//! The xDS client against the test management server (tests/src/xds_server.rs), in both ADS variants:
+//! initial sync, update, NACK with detail and last good kept, partial apply, removal, stream drop with
+//! reconnect (delta: initial_resource_versions), and a server restart. Each test runs in its own network
+//! namespace; all traffic stays on its loopback.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use weft_tests::traffic::{echo, EchoServer};
+use weft_tests::xds_server::{Recorded, XdsServer, CLUSTER, LISTENER};
+use weft_tests::{bin_path, require_root, wait_for, ChildGuard, NetNs};
+
+const XDS: &str = "127.0.0.1:18000";
+const ADMIN: &str = "127.0.0.1:19901";
+
+fn bootstrap(api: &str) -> String {
+    format!(
+        r#"
+node: {{id: weft-xds-test, cluster: tests, metadata: {{NAMESPACE: default}}}}
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 19901}}}}}}
+dynamic_resources:
+  ads_config:
+    api_type: {api}
+    transport_api_version: V3
+    grpc_services: [{{envoy_grpc: {{cluster_name: xds}}}}]
+  lds_config: {{ads: {{}}, resource_api_version: V3}}
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+static_resources:
+  clusters:
+  - name: xds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: xds
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 18000}}}}}}}}]}}]
+"#
+    )
+}
+
+const ECHO_CLUSTER: &str = r#"
+name: echo
+type: STATIC
+connect_timeout: 1s
+load_assignment:
+  cluster_name: echo
+  endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 19300}}}}]}]
+"#;
+
+fn listener(name: &str, port: u16, extra: &str) -> String {
+    format!(
+        r#"
+name: {name}
+address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+filter_chains:
+- filters:
+  - name: envoy.filters.network.tcp_proxy
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+      stat_prefix: {name}
+      cluster: echo{extra}
+"#
+    )
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn works(ns: &NetNs, port: u16) {
+    wait_for(&format!("echo through port {port}"), Duration::from_secs(10), || {
+        echo(ns, addr(port), b"through weft").map_err(|e| e.to_string()).and_then(|b| if b == b"through weft" { Ok(()) } else { Err(format!("{b:?}")) })
+    })
+    .unwrap();
+}
+
+fn refused(ns: &NetNs, port: u16) {
+    wait_for(&format!("port {port} to stop listening"), Duration::from_secs(10), || match ns.tcp_connect(addr(port), Duration::from_secs(1)) {
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => Ok(()),
+        other => Err(format!("{other:?}")),
+    })
+    .unwrap();
+}
+
+fn admin_get(ns: &NetNs, path: &str) -> String {
+    let mut c = ns.tcp_connect(ADMIN.parse().unwrap(), Duration::from_secs(2)).unwrap();
+    write!(c, "GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    let _ = c.read_to_string(&mut text);
+    text
+}
+
+fn start_weft(ns: &NetNs, config: &std::path::Path) -> ChildGuard {
+    let mut cmd = Command::new(bin_path("weft-agent").unwrap());
+    cmd.args(["proxy", "--concurrency", "1", "--log-level", "debug", "-c"]).arg(config).stdout(Stdio::null()).stderr(Stdio::null());
+    ns.enter_on_spawn(&mut cmd);
+    ChildGuard::new(cmd.spawn().unwrap(), "weft-agent proxy")
+}
+
+/// ACK of `type_url` in a state-of-the-world stream at `version`, or (delta) the n-th ACK of the type.
+fn ack(server: &XdsServer, delta: bool, type_url: &str, version: &str, nth: usize) -> Recorded {
+    server
+        .wait_request(&format!("ACK of {type_url} {version}"), |r| {
+            r.type_url == type_url && r.is_ack() && if delta { count_acks(server, type_url) >= nth } else { r.version_info == version }
+        })
+        .unwrap()
+}
+
+fn count_acks(server: &XdsServer, type_url: &str) -> usize {
+    server.requests().iter().filter(|r| r.type_url == type_url && r.is_ack()).count()
+}
+
+fn scenario(api: &str) {
+    if let Err(why) = require_root() {
+        eprintln!("SKIPPED xDS {api}: {why}");
+        return;
+    }
+    let delta = api == "DELTA_GRPC";
+    let ns = NetNs::create_with_lo(&format!("wx-{}-{}", std::process::id() % 100_000, if delta { "d" } else { "s" })).unwrap();
+    let _upstream = EchoServer::start(&ns, 19300).unwrap();
+    let dir = std::env::temp_dir().join(format!("weft-xds-{api}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("bootstrap.yaml");
+    std::fs::write(&config, bootstrap(api)).unwrap();
+
+    // Initial sync.
+    let server = XdsServer::start(&ns, XDS.parse().unwrap()).unwrap();
+    server.set(CLUSTER, "1", &[ECHO_CLUSTER]).unwrap();
+    server.set(LISTENER, "1", &[&listener("l1", 19100, "")]).unwrap();
+    let _weft = start_weft(&ns, &config);
+    ack(&server, delta, CLUSTER, "1", 1);
+    ack(&server, delta, LISTENER, "1", 1);
+    works(&ns, 19100);
+    let first = server.requests().into_iter().find(|r| r.node_id.is_some()).expect("no request carried the node");
+    assert_eq!(first.node_id.as_deref(), Some("weft-xds-test"));
+
+    // Update: a second listener.
+    server.set(LISTENER, "2", &[&listener("l1", 19100, ""), &listener("l2", 19101, "")]).unwrap();
+    ack(&server, delta, LISTENER, "2", 2);
+    works(&ns, 19101);
+
+    // A bad l1 next to a new l3: NACK naming l1 and the field, l3 applied, the last good l1 still serving.
+    let bad = listener("l1", 19100, "\n      max_connect_attempts: 3");
+    server.set(LISTENER, "3", &[&bad, &listener("l2", 19101, ""), &listener("l3", 19102, "")]).unwrap();
+    let nack = server.wait_request("NACK of listeners v3", |r| r.type_url == LISTENER && r.error.is_some()).unwrap();
+    let detail = nack.error.unwrap();
+    assert!(detail.contains("Listener 'l1'") && detail.contains("typed_config.max_connect_attempts: is not supported"), "{detail}");
+    if !delta {
+        assert_eq!(nack.version_info, "2", "a NACK carries the last accepted version");
+    }
+    works(&ns, 19102);
+    works(&ns, 19100);
+
+    // Removal.
+    server.set(LISTENER, "4", &[&listener("l1", 19100, ""), &listener("l3", 19102, "")]).unwrap();
+    ack(&server, delta, LISTENER, "4", 3);
+    refused(&ns, 19101);
+    let dump = admin_get(&ns, "/config_dump?resource=dynamic_listeners");
+    assert!(dump.contains("\"name\": \"l1\"") && dump.contains("\"name\": \"l3\"") && !dump.contains("\"name\": \"l2\""), "{dump}");
+
+    // Dropped stream: the client reconnects and says what it already has.
+    let before = server.requests().len();
+    server.drop_streams();
+    let again = server
+        .wait_request_since(before, "a fresh LDS subscription after the drop", |r| r.type_url == LISTENER && r.response_nonce.is_empty())
+        .unwrap();
+    if delta {
+        let versions = &again.initial_resource_versions;
+        // l1 was last accepted at v4 (v3's l1 was rejected), l3 at v3.
+        assert_eq!(versions.get("l1").map(String::as_str), Some("4"), "{versions:?}");
+        assert_eq!(versions.get("l3").map(String::as_str), Some("3"), "{versions:?}");
+        assert!(versions.contains_key("l3") && !versions.contains_key("l2"), "{versions:?}");
+    } else {
+        assert_eq!(again.version_info, "4");
+    }
+    works(&ns, 19100);
+
+    // Server restart: a new server at the same address, with l2 back.
+    server.stop();
+    let server = XdsServer::start(&ns, XDS.parse().unwrap()).unwrap();
+    server.set(CLUSTER, "1", &[ECHO_CLUSTER]).unwrap();
+    server.set(LISTENER, "5", &[&listener("l1", 19100, ""), &listener("l2", 19101, ""), &listener("l3", 19102, "")]).unwrap();
+    ack(&server, delta, LISTENER, "5", 1);
+    works(&ns, 19101);
+    works(&ns, 19100);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn state_of_the_world_ads() {
+    scenario("GRPC");
+}
+
+#[test]
+fn delta_ads() {
+    scenario("DELTA_GRPC");
+}
