@@ -200,3 +200,84 @@ fn state_of_the_world_ads() {
 fn delta_ads() {
     scenario("DELTA_GRPC");
 }
+
+/// The same ADS bootstrap and the same management server drive the real Envoy: it subscribes, ACKs what
+/// weft ACKs, NACKs what weft NACKs for the same reason class, and serves the same listeners.
+#[test]
+fn envoy_takes_the_same_bootstrap_and_resources() {
+    if let Err(why) = require_root() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let ns = NetNs::create_with_lo(&format!("wx-{}-e", std::process::id() % 100_000)).unwrap();
+    let _upstream = EchoServer::start(&ns, 19300).unwrap();
+    let dir = std::env::temp_dir().join(format!("weft-xds-envoy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("bootstrap.yaml");
+    std::fs::write(&config, bootstrap("GRPC")).unwrap();
+    let server = XdsServer::start(&ns, XDS.parse().unwrap()).unwrap();
+    server.set(CLUSTER, "1", &[ECHO_CLUSTER]).unwrap();
+    server.set(LISTENER, "1", &[&listener("l1", 19100, "")]).unwrap();
+
+    let mut cmd = Command::new(weft_tests::envoy_path().unwrap());
+    cmd.args(["--concurrency", "1", "--log-level", "warn", "-c"]).arg(&config).stdout(Stdio::null()).stderr(Stdio::null());
+    ns.enter_on_spawn(&mut cmd);
+    let _envoy = ChildGuard::new(cmd.spawn().unwrap(), "envoy");
+    ack(&server, false, LISTENER, "1", 1);
+    works(&ns, 19100);
+    // A route to a cluster that does not exist is refused by both.
+    let http = r#"
+name: h1
+address: {socket_address: {address: 127.0.0.1, port_value: 19200}}
+filter_chains:
+- filters:
+  - name: envoy.filters.network.http_connection_manager
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+      stat_prefix: h1
+      route_config:
+        virtual_hosts: [{name: all, domains: ["*"], routes: [{match: {prefix: "/"}, route: {cluster: missing}}]}]
+      http_filters: [{name: envoy.filters.http.router, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}]
+"#;
+    server.set(LISTENER, "2", &[&listener("l1", 19100, ""), http]).unwrap();
+    let nack = server.wait_request("Envoy's NACK of v2", |r| r.type_url == LISTENER && r.error.is_some()).unwrap();
+    assert!(nack.error.unwrap().contains("unknown cluster 'missing'"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn weft_refuses_the_listener_envoy_refuses() {
+    if let Err(why) = require_root() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let ns = NetNs::create_with_lo(&format!("wx-{}-r", std::process::id() % 100_000)).unwrap();
+    let _upstream = EchoServer::start(&ns, 19300).unwrap();
+    let dir = std::env::temp_dir().join(format!("weft-xds-refuse-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("bootstrap.yaml");
+    std::fs::write(&config, bootstrap("GRPC")).unwrap();
+    let server = XdsServer::start(&ns, XDS.parse().unwrap()).unwrap();
+    server.set(CLUSTER, "1", &[ECHO_CLUSTER]).unwrap();
+    server.set(LISTENER, "1", &[&listener("l1", 19100, "")]).unwrap();
+    let _weft = start_weft(&ns, &config);
+    ack(&server, false, LISTENER, "1", 1);
+    let http = r#"
+name: h1
+address: {socket_address: {address: 127.0.0.1, port_value: 19200}}
+filter_chains:
+- filters:
+  - name: envoy.filters.network.http_connection_manager
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+      stat_prefix: h1
+      route_config:
+        virtual_hosts: [{name: all, domains: ["*"], routes: [{match: {prefix: "/"}, route: {cluster: missing}}]}]
+      http_filters: [{name: envoy.filters.http.router, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}]
+"#;
+    server.set(LISTENER, "2", &[&listener("l1", 19100, ""), http]).unwrap();
+    let nack = server.wait_request("weft's NACK of v2", |r| r.type_url == LISTENER && r.error.is_some()).unwrap();
+    assert!(nack.error.unwrap().contains("Listener 'h1': route: unknown cluster 'missing'"));
+    works(&ns, 19100);
+    let _ = std::fs::remove_dir_all(dir);
+}
