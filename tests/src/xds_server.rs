@@ -110,11 +110,18 @@ impl XdsServer {
 
     /// Replaces every resource of `type_url` with `resources` at `version`, and pushes.
     pub fn set(&self, type_url: &str, version: &str, resources: &[&str]) -> Result<(), HarnessError> {
-        let mut named = BTreeMap::new();
-        for yaml in resources {
-            let (name, any) = any(type_url, yaml)?;
-            named.insert(name, any);
-        }
+        let encoded = Self::encode(type_url, resources)?;
+        self.publish(type_url, version, encoded);
+        Ok(())
+    }
+
+    /// Encodes resources given as YAML (done before [`XdsServer::publish`] when the push is being timed).
+    pub fn encode(type_url: &str, resources: &[&str]) -> Result<BTreeMap<String, Any>, HarnessError> {
+        resources.iter().map(|yaml| any(type_url, yaml)).collect()
+    }
+
+    /// Replaces every resource of `type_url` with already encoded ones at `version`, and pushes.
+    pub fn publish(&self, type_url: &str, version: &str, named: BTreeMap<String, Any>) {
         {
             let mut all = self.shared.resources.lock().unwrap_or_else(|e| e.into_inner());
             let previous = all.by_type.get(type_url).map(|(_, r)| r.clone()).unwrap_or_default();
@@ -129,7 +136,6 @@ impl XdsServer {
             all.by_type.insert(type_url.to_string(), (version.to_string(), entries));
         }
         self.shared.changed.send_modify(|n| *n += 1);
-        Ok(())
     }
 
     pub fn requests(&self) -> Vec<Recorded> {

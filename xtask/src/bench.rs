@@ -138,3 +138,116 @@ pub fn capture(args: &[&str]) -> Result<(), String> {
     let _ = base99;
     Ok(())
 }
+
+/// `cargo xtask bench xds [--clusters N]`: one ADS push of N clusters and a listener with N routes (one per
+/// cluster), applied by weft and by the real Envoy in the same run: time from the push to the ACK of each
+/// type, and resident memory after it.
+pub fn xds(args: &[&str]) -> Result<(), String> {
+    use weft_tests::xds_server::{XdsServer, CLUSTER, LISTENER};
+    let n: usize = match args {
+        [] => 10_000,
+        ["--clusters", n] => n.parse().map_err(|_| format!("--clusters {n}: not a number"))?,
+        _ => return Err("usage: cargo xtask bench xds [--clusters N]".into()),
+    };
+    release_build()?;
+    let clusters: Vec<String> = (0..n)
+        .map(|i| {
+            format!(
+                "{{name: c{i}, type: STATIC, connect_timeout: 1s, load_assignment: {{cluster_name: c{i}, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}}}}}]}}]}}}}",
+                20000 + i % 1000
+            )
+        })
+        .collect();
+    let routes: Vec<String> = (0..n).map(|i| format!("{{match: {{prefix: \"/c{i}/\"}}, route: {{cluster: c{i}}}}}")).collect();
+    let listener = format!(
+        "{{name: http, address: {{socket_address: {{address: 127.0.0.1, port_value: 19200}}}}, filter_chains: [{{filters: [{{name: hcm, typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager, stat_prefix: h, route_config: {{name: r, virtual_hosts: [{{name: all, domains: [\"*\"], routes: [{}]}}]}}, http_filters: [{{name: router, typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]}}}}]}}]}}",
+        routes.join(", ")
+    );
+    let work = std::env::temp_dir().join(format!("weft-bench-xds-{}", std::process::id()));
+    std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
+    let config = work.join("bootstrap.yaml");
+    std::fs::write(&config, ADS_BOOTSTRAP).map_err(|e| e.to_string())?;
+    let weft = bin_path("weft-agent").map_err(|e| e.to_string())?;
+    let envoy = weft_tests::envoy_path().map_err(|e| e.to_string())?;
+    let mut rows = Vec::new();
+    for (name, program, args) in [
+        ("weft", weft.clone(), vec!["proxy", "--concurrency", "2", "--log-level", "warn", "-c"]),
+        ("envoy", envoy, vec!["--concurrency", "2", "--log-level", "warn", "-c"]),
+    ] {
+        let ns = weft_tests::NetNs::create_with_lo(&format!("wbx-{}", std::process::id() % 100_000)).map_err(|e| e.to_string())?;
+        let server = XdsServer::start(&ns, "127.0.0.1:18000".parse().map_err(|e| format!("{e}"))?).map_err(|e| e.to_string())?;
+        let mut cmd = std::process::Command::new(program);
+        cmd.args(&args).arg(&config).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        ns.enter_on_spawn(&mut cmd);
+        let child = weft_tests::ChildGuard::new(cmd.spawn().map_err(|e| e.to_string())?, name);
+        // An empty first state, so the process is up and subscribed before the measured push.
+        server.set(CLUSTER, "0", &[]).map_err(|e| e.to_string())?;
+        server.set(LISTENER, "0", &[]).map_err(|e| e.to_string())?;
+        server.wait_request("subscribed", |r| r.type_url == LISTENER && r.is_ack()).map_err(|e| e.to_string())?;
+        let rss_before = rss_kib(child.id());
+        let cluster_refs: Vec<&str> = clusters.iter().map(String::as_str).collect();
+        let encoded_clusters = XdsServer::encode(CLUSTER, &cluster_refs).map_err(|e| e.to_string())?;
+        let encoded_listener = XdsServer::encode(LISTENER, &[&listener]).map_err(|e| e.to_string())?;
+        let started = std::time::Instant::now();
+        server.publish(CLUSTER, "1", encoded_clusters);
+        server.publish(LISTENER, "1", encoded_listener);
+        let ack = |t: &'static str| {
+            server.wait_request(&format!("{name} ACK of {t}"), |r| r.type_url == t && r.version_info == "1" && r.is_ack())
+        };
+        ack(CLUSTER).map_err(|e| e.to_string())?;
+        let clusters_at = started.elapsed();
+        ack(LISTENER).map_err(|e| e.to_string())?;
+        let all_at = started.elapsed();
+        let rss_after = rss_kib(child.id());
+        eprintln!("xtask: {name}: done");
+        rows.push((name, clusters_at, all_at, rss_before, rss_after));
+        drop(child);
+        drop(server);
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    println!("\nOne ADS push of {n} clusters + a listener with {n} routes (state of the world), same machine, one run\n");
+    println!("| proxy | clusters ACKed (s) | all ACKed (s) | RSS before (MiB) | RSS after (MiB) | vs Envoy (time) |");
+    println!("|---|---|---|---|---|---|");
+    let envoy_time = rows.iter().find(|r| r.0 == "envoy").map(|r| r.2.as_secs_f64()).unwrap_or(f64::NAN);
+    for (name, clusters_at, all_at, before, after) in &rows {
+        println!(
+            "| {name} | {:.3} | {:.3} | {:.1} | {:.1} | {:.2}x |",
+            clusters_at.as_secs_f64(),
+            all_at.as_secs_f64(),
+            *before as f64 / 1024.0,
+            *after as f64 / 1024.0,
+            all_at.as_secs_f64() / envoy_time
+        );
+    }
+    Ok(())
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .unwrap_or(0)
+}
+
+const ADS_BOOTSTRAP: &str = r#"
+node: {id: bench, cluster: bench}
+dynamic_resources:
+  ads_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services: [{envoy_grpc: {cluster_name: xds}}]
+  lds_config: {ads: {}, resource_api_version: V3}
+  cds_config: {ads: {}, resource_api_version: V3}
+static_resources:
+  clusters:
+  - name: xds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {http2_protocol_options: {}}
+    load_assignment:
+      cluster_name: xds
+      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 18000}}}}]}]
+"#;

@@ -23,6 +23,7 @@ fn main() -> ExitCode {
         ["demo"] => demo::run(),
         ["bench", "cni", rest @ ..] => bench::cni(rest),
         ["bench", "capture", rest @ ..] => bench::capture(rest),
+        ["bench", "xds", rest @ ..] => bench::xds(rest),
         _ => Err(USAGE.to_string()),
     };
     match result {
@@ -35,7 +36,7 @@ fn main() -> ExitCode {
 }
 
 const USAGE: &str =
-    "usage: cargo xtask (setup | build-ebpf | test [-- CARGO TEST ARGS] | demo | bench cni [--pods N] | bench capture)";
+    "usage: cargo xtask (setup | build-ebpf | test [-- CARGO TEST ARGS] | demo | bench cni [--pods N] | bench capture | bench xds [--clusters N])";
 
 /// Runs a command, failing with its name when it does not succeed.
 pub fn run(cmd: &mut Command) -> Result<(), String> {

@@ -88,8 +88,9 @@ impl EnvoyAdmin {
                 .collect()
         };
         let store = self.xds.store.lock().unwrap_or_else(|e| e.into_inner());
-        let typed = |raw: &Value, type_name: &str| {
-            let mut v = redact(raw.clone());
+        let typed = |bytes: &[u8], type_name: &str| {
+            let type_url = format!("type.googleapis.com/envoy.config.{type_name}");
+            let mut v = redact(crate::xds::codec::any_to_json(&type_url, bytes).unwrap_or_else(|e| json!({"error": e})));
             if let Some(obj) = v.as_object_mut() {
                 obj.insert("@type".into(), json!(format!("type.googleapis.com/envoy.config.{type_name}")));
             }
@@ -98,12 +99,12 @@ impl EnvoyAdmin {
         let dynamic_clusters: Vec<Value> = store
             .clusters
             .values()
-            .map(|e| json!({"version_info": e.version, "cluster": typed(&e.raw, "cluster.v3.Cluster"), "last_updated": humantime_rfc3339(e.last_updated)}))
+            .map(|e| json!({"version_info": e.version, "cluster": typed(&e.bytes, "cluster.v3.Cluster"), "last_updated": humantime_rfc3339(e.last_updated)}))
             .collect();
         let dynamic_listeners: Vec<Value> = store
             .listeners
             .iter()
-            .map(|(name, e)| json!({"name": name, "active_state": {"version_info": e.version, "listener": typed(&e.raw, "listener.v3.Listener"), "last_updated": humantime_rfc3339(e.last_updated)}}))
+            .map(|(name, e)| json!({"name": name, "active_state": {"version_info": e.version, "listener": typed(&e.bytes, "listener.v3.Listener"), "last_updated": humantime_rfc3339(e.last_updated)}}))
             .collect();
         let version = |t: &str| store.versions.get(t).cloned().unwrap_or_default();
         let configs = vec![

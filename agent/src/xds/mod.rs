@@ -29,7 +29,8 @@ pub const TYPES: [&str; 2] = [CLUSTER_TYPE, LISTENER_TYPE];
 #[derive(Debug, Clone)]
 pub struct Entry<T> {
     pub version: String,
-    pub raw: Value,
+    /// The resource as received (protobuf bytes, a fraction of its JSON tree), decoded again for config_dump.
+    pub bytes: Vec<u8>,
     pub model: T,
     pub last_updated: SystemTime,
 }
@@ -93,13 +94,15 @@ impl XdsState {
         let now = SystemTime::now();
         for r in received {
             match self.decode(type_url, r, &store) {
-                Ok((name, raw, Decoded::Cluster(model))) => {
+                Ok((name, Decoded::Cluster(model))) => {
                     seen.insert(name.clone());
-                    store.clusters.insert(name, Entry { version: r.version.to_string(), raw, model, last_updated: now });
+                    let entry = Entry { version: r.version.to_string(), bytes: r.bytes.to_vec(), model, last_updated: now };
+                    store.clusters.insert(name, entry);
                 }
-                Ok((name, raw, Decoded::Listener(model))) => {
+                Ok((name, Decoded::Listener(model))) => {
                     seen.insert(name.clone());
-                    store.listeners.insert(name, Entry { version: r.version.to_string(), raw, model, last_updated: now });
+                    let entry = Entry { version: r.version.to_string(), bytes: r.bytes.to_vec(), model, last_updated: now };
+                    store.listeners.insert(name, entry);
                 }
                 Err((name, e)) => {
                     // Keep serving the last good version of a rejected resource.
@@ -122,7 +125,7 @@ impl XdsState {
         errors
     }
 
-    fn decode(&self, type_url: &str, r: &Received<'_>, store: &Store) -> Result<(String, Value, Decoded), (Option<String>, String)> {
+    fn decode(&self, type_url: &str, r: &Received<'_>, store: &Store) -> Result<(String, Decoded), (Option<String>, String)> {
         if r.type_url != type_url {
             return Err((r.name.map(str::to_string), format!("resource of type {} in a {type_url} response", r.type_url)));
         }
@@ -138,7 +141,7 @@ impl XdsState {
         } else {
             Decoded::Cluster(cluster::translate(obj).map_err(|e| fail(e.to_string()))?)
         };
-        Ok((name, raw, decoded))
+        Ok((name, decoded))
     }
 
     /// Inline route configurations must name existing clusters (`validate_clusters`).
