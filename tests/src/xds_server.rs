@@ -28,6 +28,36 @@ pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 /// Clusters before listeners, the order a management server sends them in.
 const ORDER: [&str; 2] = [CLUSTER, LISTENER];
 
+/// A bootstrap whose listeners and clusters come over ADS (`api`: `GRPC` or `DELTA_GRPC`) from a server at
+/// 127.0.0.1:18000, with an admin endpoint on 127.0.0.1:19901.
+pub fn ads_bootstrap(api: &str) -> String {
+    format!(
+        r#"
+node: {{id: weft-xds-test, cluster: tests, metadata: {{NAMESPACE: default}}}}
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 19901}}}}}}
+dynamic_resources:
+  ads_config:
+    api_type: {api}
+    transport_api_version: V3
+    grpc_services: [{{envoy_grpc: {{cluster_name: xds}}}}]
+  lds_config: {{ads: {{}}, resource_api_version: V3}}
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+static_resources:
+  clusters:
+  - name: xds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: xds
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 18000}}}}}}}}]}}]
+"#
+    )
+}
+
 /// One request the server received.
 #[derive(Debug, Clone)]
 pub struct Recorded {

@@ -9,39 +9,11 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use weft_tests::traffic::{echo, EchoServer};
-use weft_tests::xds_server::{Recorded, XdsServer, CLUSTER, LISTENER};
+use weft_tests::xds_server::{ads_bootstrap as bootstrap, Recorded, XdsServer, CLUSTER, LISTENER};
 use weft_tests::{bin_path, require_root, wait_for, ChildGuard, NetNs};
 
 const XDS: &str = "127.0.0.1:18000";
 const ADMIN: &str = "127.0.0.1:19901";
-
-fn bootstrap(api: &str) -> String {
-    format!(
-        r#"
-node: {{id: weft-xds-test, cluster: tests, metadata: {{NAMESPACE: default}}}}
-admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 19901}}}}}}
-dynamic_resources:
-  ads_config:
-    api_type: {api}
-    transport_api_version: V3
-    grpc_services: [{{envoy_grpc: {{cluster_name: xds}}}}]
-  lds_config: {{ads: {{}}, resource_api_version: V3}}
-  cds_config: {{ads: {{}}, resource_api_version: V3}}
-static_resources:
-  clusters:
-  - name: xds
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {{http2_protocol_options: {{}}}}
-    load_assignment:
-      cluster_name: xds
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 18000}}}}}}}}]}}]
-"#
-    )
-}
 
 const ECHO_CLUSTER: &str = r#"
 name: echo
@@ -201,32 +173,8 @@ fn delta_ads() {
     scenario("DELTA_GRPC");
 }
 
-/// The same ADS bootstrap and the same management server drive the real Envoy: it subscribes, ACKs what
-/// weft ACKs, NACKs what weft NACKs for the same reason class, and serves the same listeners.
-#[test]
-fn envoy_takes_the_same_bootstrap_and_resources() {
-    if let Err(why) = require_root() {
-        eprintln!("SKIPPED: {why}");
-        return;
-    }
-    let ns = NetNs::create_with_lo(&format!("wx-{}-e", std::process::id() % 100_000)).unwrap();
-    let _upstream = EchoServer::start(&ns, 19300).unwrap();
-    let dir = std::env::temp_dir().join(format!("weft-xds-envoy-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("bootstrap.yaml");
-    std::fs::write(&config, bootstrap("GRPC")).unwrap();
-    let server = XdsServer::start(&ns, XDS.parse().unwrap()).unwrap();
-    server.set(CLUSTER, "1", &[ECHO_CLUSTER]).unwrap();
-    server.set(LISTENER, "1", &[&listener("l1", 19100, "")]).unwrap();
-
-    let mut cmd = Command::new(weft_tests::envoy_path().unwrap());
-    cmd.args(["--concurrency", "1", "--log-level", "warn", "-c"]).arg(&config).stdout(Stdio::null()).stderr(Stdio::null());
-    ns.enter_on_spawn(&mut cmd);
-    let _envoy = ChildGuard::new(cmd.spawn().unwrap(), "envoy");
-    ack(&server, false, LISTENER, "1", 1);
-    works(&ns, 19100);
-    // A route to a cluster that does not exist is refused by both.
-    let http = r#"
+/// A listener whose inline routes name a cluster that does not exist: both Envoy and weft NACK it.
+const HTTP_TO_MISSING: &str = r#"
 name: h1
 address: {socket_address: {address: 127.0.0.1, port_value: 19200}}
 filter_chains:
@@ -239,45 +187,50 @@ filter_chains:
         virtual_hosts: [{name: all, domains: ["*"], routes: [{match: {prefix: "/"}, route: {cluster: missing}}]}]
       http_filters: [{name: envoy.filters.http.router, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}]
 "#;
-    server.set(LISTENER, "2", &[&listener("l1", 19100, ""), http]).unwrap();
-    let nack = server.wait_request("Envoy's NACK of v2", |r| r.type_url == LISTENER && r.error.is_some()).unwrap();
-    assert!(nack.error.unwrap().contains("unknown cluster 'missing'"));
+
+/// Starts `proxy` against a management server serving l1, checks it serves, then pushes [`HTTP_TO_MISSING`]
+/// and returns the NACK's detail (l1 must keep serving).
+fn nack_of_route_to_missing_cluster(tag: &str, start: impl Fn(&NetNs, &std::path::Path) -> ChildGuard) -> Option<String> {
+    if let Err(why) = require_root() {
+        eprintln!("SKIPPED: {why}");
+        return None;
+    }
+    let ns = NetNs::create_with_lo(&format!("wx-{}-{tag}", std::process::id() % 100_000)).unwrap();
+    let _upstream = EchoServer::start(&ns, 19300).unwrap();
+    let dir = std::env::temp_dir().join(format!("weft-xds-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("bootstrap.yaml");
+    std::fs::write(&config, bootstrap("GRPC")).unwrap();
+    let server = XdsServer::start(&ns, XDS.parse().unwrap()).unwrap();
+    server.set(CLUSTER, "1", &[ECHO_CLUSTER]).unwrap();
+    server.set(LISTENER, "1", &[&listener("l1", 19100, "")]).unwrap();
+    let _proxy = start(&ns, &config);
+    ack(&server, false, LISTENER, "1", 1);
+    works(&ns, 19100);
+    server.set(LISTENER, "2", &[&listener("l1", 19100, ""), HTTP_TO_MISSING]).unwrap();
+    let nack = server.wait_request("NACK of v2", |r| r.type_url == LISTENER && r.error.is_some()).unwrap();
+    works(&ns, 19100);
     let _ = std::fs::remove_dir_all(dir);
+    nack.error
+}
+
+/// The same ADS bootstrap and the same management server drive the real Envoy.
+#[test]
+fn envoy_takes_the_same_bootstrap_and_resources() {
+    let detail = nack_of_route_to_missing_cluster("e", |ns, config| {
+        let mut cmd = Command::new(weft_tests::envoy_path().unwrap());
+        cmd.args(["--concurrency", "1", "--log-level", "warn", "-c"]).arg(config).stdout(Stdio::null()).stderr(Stdio::null());
+        ns.enter_on_spawn(&mut cmd);
+        ChildGuard::new(cmd.spawn().unwrap(), "envoy")
+    });
+    if let Some(detail) = detail {
+        assert!(detail.contains("unknown cluster 'missing'"), "{detail}");
+    }
 }
 
 #[test]
 fn weft_refuses_the_listener_envoy_refuses() {
-    if let Err(why) = require_root() {
-        eprintln!("SKIPPED: {why}");
-        return;
+    if let Some(detail) = nack_of_route_to_missing_cluster("r", start_weft) {
+        assert!(detail.contains("Listener 'h1': route: unknown cluster 'missing'"), "{detail}");
     }
-    let ns = NetNs::create_with_lo(&format!("wx-{}-r", std::process::id() % 100_000)).unwrap();
-    let _upstream = EchoServer::start(&ns, 19300).unwrap();
-    let dir = std::env::temp_dir().join(format!("weft-xds-refuse-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("bootstrap.yaml");
-    std::fs::write(&config, bootstrap("GRPC")).unwrap();
-    let server = XdsServer::start(&ns, XDS.parse().unwrap()).unwrap();
-    server.set(CLUSTER, "1", &[ECHO_CLUSTER]).unwrap();
-    server.set(LISTENER, "1", &[&listener("l1", 19100, "")]).unwrap();
-    let _weft = start_weft(&ns, &config);
-    ack(&server, false, LISTENER, "1", 1);
-    let http = r#"
-name: h1
-address: {socket_address: {address: 127.0.0.1, port_value: 19200}}
-filter_chains:
-- filters:
-  - name: envoy.filters.network.http_connection_manager
-    typed_config:
-      "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-      stat_prefix: h1
-      route_config:
-        virtual_hosts: [{name: all, domains: ["*"], routes: [{match: {prefix: "/"}, route: {cluster: missing}}]}]
-      http_filters: [{name: envoy.filters.http.router, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}]
-"#;
-    server.set(LISTENER, "2", &[&listener("l1", 19100, ""), http]).unwrap();
-    let nack = server.wait_request("weft's NACK of v2", |r| r.type_url == LISTENER && r.error.is_some()).unwrap();
-    assert!(nack.error.unwrap().contains("Listener 'h1': route: unknown cluster 'missing'"));
-    works(&ns, 19100);
-    let _ = std::fs::remove_dir_all(dir);
 }

@@ -166,7 +166,7 @@ pub fn xds(args: &[&str]) -> Result<(), String> {
     let work = std::env::temp_dir().join(format!("weft-bench-xds-{}", std::process::id()));
     std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
     let config = work.join("bootstrap.yaml");
-    std::fs::write(&config, ADS_BOOTSTRAP).map_err(|e| e.to_string())?;
+    std::fs::write(&config, weft_tests::xds_server::ads_bootstrap("GRPC")).map_err(|e| e.to_string())?;
     let weft = bin_path("weft-agent").map_err(|e| e.to_string())?;
     let envoy = weft_tests::envoy_path().map_err(|e| e.to_string())?;
     let mut rows = Vec::new();
@@ -228,26 +228,3 @@ fn rss_kib(pid: u32) -> u64 {
         .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
         .unwrap_or(0)
 }
-
-const ADS_BOOTSTRAP: &str = r#"
-node: {id: bench, cluster: bench}
-dynamic_resources:
-  ads_config:
-    api_type: GRPC
-    transport_api_version: V3
-    grpc_services: [{envoy_grpc: {cluster_name: xds}}]
-  lds_config: {ads: {}, resource_api_version: V3}
-  cds_config: {ads: {}, resource_api_version: V3}
-static_resources:
-  clusters:
-  - name: xds
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config: {http2_protocol_options: {}}
-    load_assignment:
-      cluster_name: xds
-      endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 18000}}}}]}]
-"#;

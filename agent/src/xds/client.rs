@@ -87,10 +87,7 @@ async fn sotw(state: &Arc<XdsState>, endpoint: Endpoint, failures: &mut u32) -> 
     let mut responses = client.stream_aggregated_resources(ReceiverStream::new(rx)).await.map_err(|e| e.to_string())?.into_inner();
     while let Some(response) = responses.message().await.map_err(|e| e.to_string())? {
         *failures = 0;
-        let Some(type_url) = TYPES.iter().copied().find(|t| *t == response.type_url) else {
-            tracing::warn!(type_url = %response.type_url, "ignoring a response of a type weft did not ask for");
-            continue;
-        };
+        let Some(type_url) = subscribed(&response.type_url) else { continue };
         let received: Vec<Received<'_>> = response
             .resources
             .iter()
@@ -127,10 +124,7 @@ async fn delta(state: &Arc<XdsState>, endpoint: Endpoint, failures: &mut u32) ->
     let mut responses = client.delta_aggregated_resources(ReceiverStream::new(rx)).await.map_err(|e| e.to_string())?.into_inner();
     while let Some(response) = responses.message().await.map_err(|e| e.to_string())? {
         *failures = 0;
-        let Some(type_url) = TYPES.iter().copied().find(|t| *t == response.type_url) else {
-            tracing::warn!(type_url = %response.type_url, "ignoring a response of a type weft did not ask for");
-            continue;
-        };
+        let Some(type_url) = subscribed(&response.type_url) else { continue };
         let received: Vec<Received<'_>> = response
             .resources
             .iter()
@@ -150,6 +144,15 @@ async fn delta(state: &Arc<XdsState>, endpoint: Endpoint, failures: &mut u32) ->
         tx.send(request).await.map_err(|e| e.to_string())?;
     }
     Err("the server closed the stream".into())
+}
+
+/// The subscribed type a response is for; responses of other types are ignored (with a warning).
+fn subscribed(type_url: &str) -> Option<&'static str> {
+    let found = TYPES.iter().copied().find(|t| *t == type_url);
+    if found.is_none() {
+        tracing::warn!(type_url, "ignoring a response of a type weft did not ask for");
+    }
+    found
 }
 
 fn log_outcome(type_url: &str, version: &str, errors: &[String]) {
