@@ -176,7 +176,7 @@ fn proxy(args: ProxyArgs) -> Result<(), String> {
     runtime.block_on(async move {
         let proxy = weft_agent::proxy::server::Proxy::new();
         // All or nothing at start-up: a port in use fails it, as in Envoy.
-        if let Some((name, e)) = proxy.apply(&bootstrap.listeners, &bootstrap.clusters).into_iter().next() {
+        if let Some((name, e)) = proxy.apply(&bootstrap.listeners, &bootstrap.clusters, &Default::default()).into_iter().next() {
             return Err(format!("listener {name}: {e}"));
         }
         let quit = Arc::new(tokio::sync::Notify::new());

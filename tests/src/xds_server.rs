@@ -25,8 +25,9 @@ use crate::NetNs;
 
 pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
-/// Clusters before listeners, the order a management server sends them in.
-const ORDER: [&str; 2] = [CLUSTER, LISTENER];
+pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+/// Clusters, then endpoints, then listeners: the order a management server sends them in.
+const ORDER: [&str; 3] = [CLUSTER, ENDPOINT, LISTENER];
 
 /// A bootstrap whose listeners and clusters come over ADS (`api`: `GRPC` or `DELTA_GRPC`) from a server at
 /// 127.0.0.1:18000, with an admin endpoint on 127.0.0.1:19901.
@@ -68,6 +69,8 @@ pub struct Recorded {
     pub error: Option<String>,
     pub initial_resource_versions: HashMap<String, String>,
     pub node_id: Option<String>,
+    /// SotW `resource_names`, or delta `resource_names_subscribe`.
+    pub names: Vec<String>,
 }
 
 impl Recorded {
@@ -104,7 +107,8 @@ pub struct XdsServer {
 /// A resource given as YAML (a Listener or a Cluster as Envoy's JSON mapping spells it) as an `Any`.
 pub fn any(type_url: &str, yaml: &str) -> Result<(String, Any), HarnessError> {
     let value: serde_json::Value = serde_yaml::from_str(yaml).map_err(|e| HarnessError(format!("resource YAML: {e}")))?;
-    let name = value["name"].as_str().unwrap_or_default().to_string();
+    let name_field = if type_url == ENDPOINT { "cluster_name" } else { "name" };
+    let name = value[name_field].as_str().unwrap_or_default().to_string();
     let message_name = type_url.rsplit('/').next().unwrap_or(type_url);
     let value = weft_agent::xds::codec::json_to_bytes(message_name, &value).map_err(|e| HarnessError(format!("{name}: {e}")))?;
     Ok((name, Any { type_url: type_url.to_string(), value }))
@@ -237,7 +241,8 @@ impl AggregatedDiscoveryService for Service {
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             let (mut changed, mut dropped) = (shared.changed.subscribe(), shared.drop_streams.subscribe());
-            let mut subscribed: Vec<String> = Vec::new();
+            // type → names asked for (empty: all of them, for wildcard types).
+            let mut subscribed: HashMap<String, Vec<String>> = HashMap::new();
             let mut sent: HashMap<String, String> = HashMap::new();
             let mut nonce = 0u64;
             loop {
@@ -252,15 +257,20 @@ impl AggregatedDiscoveryService for Service {
                             error: req.error_detail.as_ref().map(|s| s.message.clone()),
                             initial_resource_versions: HashMap::new(),
                             node_id: req.node.as_ref().map(|n| n.id.clone()),
+                            names: req.resource_names.clone(),
                         });
-                        if !subscribed.contains(&req.type_url) {
-                            subscribed.push(req.type_url.clone());
+                        if subscribed.get(&req.type_url) != Some(&req.resource_names) {
+                            // A changed subscription gets a fresh response.
+                            sent.remove(&req.type_url);
                         }
+                        subscribed.insert(req.type_url.clone(), req.resource_names.clone());
                     }
                     _ = changed.changed() => {}
                     _ = dropped.changed() => return,
                 }
-                for type_url in ORDER.iter().filter(|t| subscribed.iter().any(|s| s == *t)) {
+                for type_url in ORDER.iter().filter(|t| subscribed.contains_key(**t)) {
+                    let names = &subscribed[*type_url];
+                    let wanted = |name: &String| *type_url != ENDPOINT || names.contains(name);
                     let response = {
                         let all = shared.resources.lock().unwrap_or_else(|e| e.into_inner());
                         let Some((version, resources)) = all.by_type.get(*type_url) else { continue };
@@ -273,7 +283,7 @@ impl AggregatedDiscoveryService for Service {
                             version_info: version.clone(),
                             type_url: type_url.to_string(),
                             nonce: nonce.to_string(),
-                            resources: resources.values().map(|(_, any)| any.clone()).collect(),
+                            resources: resources.iter().filter(|(n, _)| wanted(n)).map(|(_, (_, any))| any.clone()).collect(),
                             ..Default::default()
                         }
                     };
@@ -297,6 +307,8 @@ impl AggregatedDiscoveryService for Service {
             let (mut changed, mut dropped) = (shared.changed.subscribe(), shared.drop_streams.subscribe());
             // What the client has, per type: name → version.
             let mut client: HashMap<String, HashMap<String, String>> = HashMap::new();
+            // Named subscriptions (EDS); wildcard types are absent.
+            let mut named: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
             let mut nonce = 0u64;
             loop {
                 tokio::select! {
@@ -310,8 +322,17 @@ impl AggregatedDiscoveryService for Service {
                             error: req.error_detail.as_ref().map(|s| s.message.clone()),
                             initial_resource_versions: req.initial_resource_versions.clone(),
                             node_id: req.node.as_ref().map(|n| n.id.clone()),
+                            names: req.resource_names_subscribe.clone(),
                         });
-                        client.entry(req.type_url.clone()).or_insert(req.initial_resource_versions);
+                        let known = client.entry(req.type_url.clone()).or_insert_with(|| req.initial_resource_versions.clone());
+                        if req.type_url == ENDPOINT {
+                            let set = named.entry(req.type_url.clone()).or_default();
+                            set.extend(req.resource_names_subscribe.iter().cloned());
+                            for n in &req.resource_names_unsubscribe {
+                                set.remove(n);
+                                known.remove(n);
+                            }
+                        }
                     }
                     _ = changed.changed() => {}
                     _ = dropped.changed() => return,
@@ -321,12 +342,14 @@ impl AggregatedDiscoveryService for Service {
                     let response = {
                         let all = shared.resources.lock().unwrap_or_else(|e| e.into_inner());
                         let Some((version, resources)) = all.by_type.get(type_url) else { continue };
+                        let subscribed = |name: &String| named.get(type_url).is_none_or(|set| set.contains(name));
                         let updated: Vec<Resource> = resources
                             .iter()
-                            .filter(|(name, (v, _))| known.get(*name) != Some(v))
+                            .filter(|(name, (v, _))| subscribed(name) && known.get(*name) != Some(v))
                             .map(|(name, (v, any))| Resource { name: name.clone(), version: v.clone(), resource: Some(any.clone()), ..Default::default() })
                             .collect();
-                        let removed: Vec<String> = known.keys().filter(|n| !resources.contains_key(*n)).cloned().collect();
+                        let removed: Vec<String> =
+                            known.keys().filter(|n| !resources.contains_key(*n) && subscribed(n)).cloned().collect();
                         if updated.is_empty() && removed.is_empty() {
                             continue;
                         }

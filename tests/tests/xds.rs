@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use weft_tests::traffic::{echo, EchoServer};
-use weft_tests::xds_server::{ads_bootstrap as bootstrap, Recorded, XdsServer, CLUSTER, LISTENER};
+use weft_tests::xds_server::{ads_bootstrap as bootstrap, Recorded, XdsServer, CLUSTER, ENDPOINT, LISTENER};
 use weft_tests::{bin_path, require_root, wait_for, ChildGuard, NetNs};
 
 const XDS: &str = "127.0.0.1:18000";
@@ -25,6 +25,10 @@ load_assignment:
 "#;
 
 fn listener(name: &str, port: u16, extra: &str) -> String {
+    listener_to(name, port, "echo", extra)
+}
+
+fn listener_to(name: &str, port: u16, cluster: &str, extra: &str) -> String {
     format!(
         r#"
 name: {name}
@@ -35,7 +39,7 @@ filter_chains:
     typed_config:
       "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
       stat_prefix: {name}
-      cluster: echo{extra}
+      cluster: {cluster}{extra}
 "#
     )
 }
@@ -233,4 +237,70 @@ fn weft_refuses_the_listener_envoy_refuses() {
     if let Some(detail) = nack_of_route_to_missing_cluster("r", start_weft) {
         assert!(detail.contains("Listener 'h1': route: unknown cluster 'missing'"), "{detail}");
     }
+}
+
+const EDS_CLUSTER: &str = r#"
+name: svc
+type: EDS
+connect_timeout: 1s
+eds_cluster_config: {eds_config: {ads: {}, resource_api_version: V3}}
+"#;
+
+fn assignment(ports: &[u16]) -> String {
+    let endpoints: Vec<String> = ports
+        .iter()
+        .map(|p| format!("{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {p}}}}}}}}}"))
+        .collect();
+    format!("{{cluster_name: svc, endpoints: [{{lb_endpoints: [{}]}}]}}", endpoints.join(", "))
+}
+
+fn eds_scenario(api: &str) {
+    if let Err(why) = require_root() {
+        eprintln!("SKIPPED EDS {api}: {why}");
+        return;
+    }
+    let delta = api == "DELTA_GRPC";
+    let ns = NetNs::create_with_lo(&format!("wx-{}-{}", std::process::id() % 100_000, if delta { "ed" } else { "es" })).unwrap();
+    let first = EchoServer::start(&ns, 19300).unwrap();
+    let second = EchoServer::start(&ns, 19301).unwrap();
+    let dir = std::env::temp_dir().join(format!("weft-xds-eds-{api}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("bootstrap.yaml");
+    std::fs::write(&config, bootstrap(api)).unwrap();
+    let server = XdsServer::start(&ns, XDS.parse().unwrap()).unwrap();
+    server.set(CLUSTER, "1", &[EDS_CLUSTER]).unwrap();
+    server.set(ENDPOINT, "1", &[&assignment(&[19300])]).unwrap();
+    server.set(LISTENER, "1", &[&listener_to("l1", 19100, "svc", "")]).unwrap();
+    let _weft = start_weft(&ns, &config);
+
+    // The EDS subscription names the EDS cluster's service.
+    let subscription = server.wait_request("an EDS subscription", |r| r.type_url == ENDPOINT && !r.names.is_empty()).unwrap();
+    assert_eq!(subscription.names, ["svc"]);
+    ack(&server, delta, ENDPOINT, "1", 1);
+    ack(&server, delta, LISTENER, "1", 1);
+    works(&ns, 19100);
+    assert_eq!((first.peers().len(), second.peers().len()), (1, 0));
+
+    // New endpoints: new connections go there.
+    server.set(ENDPOINT, "2", &[&assignment(&[19301])]).unwrap();
+    ack(&server, delta, ENDPOINT, "2", 2);
+    works(&ns, 19100);
+    assert_eq!((first.peers().len(), second.peers().len()), (1, 1));
+
+    // No endpoints: no healthy upstream, the connection is closed without an answer.
+    server.set(ENDPOINT, "3", &[&assignment(&[])]).unwrap();
+    ack(&server, delta, ENDPOINT, "3", 3);
+    let answer = echo(&ns, addr(19100), b"anyone?").unwrap_or_default();
+    assert!(answer.is_empty(), "{answer:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn eds_over_state_of_the_world_ads() {
+    eds_scenario("GRPC");
+}
+
+#[test]
+fn eds_over_delta_ads() {
+    eds_scenario("DELTA_GRPC");
 }

@@ -8,7 +8,6 @@ use serde_json::{json, Value};
 use tokio::sync::Notify;
 
 use super::{AdminRequest, Reply, ReplyFuture, Routes};
-use crate::config::cluster::Discovery;
 use crate::proxy::server::Proxy;
 use crate::xds::XdsState;
 
@@ -139,14 +138,12 @@ impl EnvoyAdmin {
     fn clusters(&self) -> String {
         let mut out = String::new();
         let clusters = self.proxy.clusters();
-        for (c, stats) in clusters.all() {
+        for (c, endpoints, stats) in clusters.all() {
             out.push_str(&format!("{0}::observability_name::{0}\n", c.name));
             out.push_str(&format!("{}::default_priority::max_connections::1024\n", c.name));
-            if let Discovery::Static { endpoints } = &c.discovery {
-                for e in endpoints {
-                    out.push_str(&format!("{}::{e}::cx_total::{}\n", c.name, stats.upstream_cx_total.load(Relaxed)));
-                    out.push_str(&format!("{}::{e}::health_flags::healthy\n", c.name));
-                }
+            for e in endpoints {
+                out.push_str(&format!("{}::{e}::cx_total::{}\n", c.name, stats.upstream_cx_total.load(Relaxed)));
+                out.push_str(&format!("{}::{e}::health_flags::healthy\n", c.name));
             }
         }
         out
@@ -165,7 +162,7 @@ impl EnvoyAdmin {
             counters.push((format!("listener.{tag}.downstream_cx_destroy"), format!("envoy_listener_downstream_cx_destroy{{envoy_listener_address=\"{tag}\"}}"), c.downstream_cx_destroy.load(Relaxed)));
         }
         let clusters = self.proxy.clusters();
-        for (c, s) in clusters.all() {
+        for (c, _, s) in clusters.all() {
             let n = &c.name;
             counters.push((format!("cluster.{n}.upstream_cx_total"), format!("envoy_cluster_upstream_cx_total{{envoy_cluster_name=\"{n}\"}}"), s.upstream_cx_total.load(Relaxed)));
             counters.push((format!("cluster.{n}.upstream_cx_connect_fail"), format!("envoy_cluster_upstream_cx_connect_fail{{envoy_cluster_name=\"{n}\"}}"), s.upstream_cx_connect_fail.load(Relaxed)));

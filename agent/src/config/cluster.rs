@@ -23,6 +23,8 @@ pub enum Discovery {
     Static { endpoints: Vec<SocketAddr> },
     /// Connect to the downstream connection's original destination.
     OriginalDst,
+    /// Endpoints from EDS (over ADS), for `service_name`.
+    Eds { service_name: String },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -57,6 +59,23 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
             }
             Discovery::Static { endpoints: load_assignment(&mut c)? }
         }
+        "EDS" => {
+            if lb_policy == LbPolicy::ClusterProvided {
+                return Err(ConfigError::new(c.at("lb_policy"), "CLUSTER_PROVIDED is only valid for ORIGINAL_DST clusters"));
+            }
+            let mut eds = c.required_object("eds_cluster_config")?;
+            let service_name = eds.string("service_name")?.unwrap_or(&name).to_string();
+            let mut source = eds.required_object("eds_config")?;
+            match source.string("resource_api_version")? {
+                None | Some("V3") => {}
+                Some(other) => return Err(ConfigError::new(source.at("resource_api_version"), format!("{other} is not supported; only V3"))),
+            }
+            let ads = source.required_object("ads").map_err(|e| ConfigError::new(e.path, "is required: weft takes EDS over ADS only"))?;
+            ads.finish()?;
+            source.finish()?;
+            eds.finish()?;
+            Discovery::Eds { service_name }
+        }
         "ORIGINAL_DST" => {
             if lb_policy != LbPolicy::ClusterProvided {
                 return Err(ConfigError::new(
@@ -70,7 +89,7 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
             Discovery::OriginalDst
         }
         other => {
-            return Err(ConfigError::new(c.at("type"), format!("{other} clusters are not supported yet; use STATIC or ORIGINAL_DST")))
+            return Err(ConfigError::new(c.at("type"), format!("{other} clusters are not supported yet; use STATIC, EDS or ORIGINAL_DST")))
         }
     };
     c.finish()?;
@@ -78,9 +97,13 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
 }
 
 fn load_assignment(c: &mut Obj<'_>) -> Result<Vec<SocketAddr>> {
-    let Some(mut la) = c.object("load_assignment")? else { return Ok(Vec::new()) };
     // Envoy accepts any cluster_name for a static cluster's inline assignment; only the endpoints matter.
-    let _ = la.string("cluster_name")?;
+    c.object("load_assignment")?.map(|la| assignment(la).map(|(_, e)| e)).transpose().map(Option::unwrap_or_default)
+}
+
+/// `envoy.config.endpoint.v3.ClusterLoadAssignment`: its cluster (service) name and endpoints.
+pub fn assignment(mut la: Obj<'_>) -> Result<(String, Vec<SocketAddr>)> {
+    let name = la.string("cluster_name")?.unwrap_or_default().to_string();
     let mut endpoints = Vec::new();
     for mut locality in la.objects("endpoints")? {
         for mut lb in locality.objects("lb_endpoints")? {
@@ -92,7 +115,7 @@ fn load_assignment(c: &mut Obj<'_>) -> Result<Vec<SocketAddr>> {
         locality.finish()?;
     }
     la.finish()?;
-    Ok(endpoints)
+    Ok((name, endpoints))
 }
 
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";

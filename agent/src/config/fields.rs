@@ -18,7 +18,8 @@ pub const SUPPORTED: &[(&str, &str)] = &[
     ("...routes[].route.cluster", "forward to a cluster"),
     ("...routes[].direct_response", "status, body.inline_string"),
     ("static_resources.clusters[].name", ""),
-    ("static_resources.clusters[].type", "STATIC, ORIGINAL_DST"),
+    ("static_resources.clusters[].type", "STATIC, EDS, ORIGINAL_DST"),
+    ("static_resources.clusters[].eds_cluster_config", "service_name, eds_config.ads (EDS over ADS, V3)"),
     ("static_resources.clusters[].connect_timeout", "default 5s"),
     ("static_resources.clusters[].lb_policy", "ROUND_ROBIN, RANDOM, CLUSTER_PROVIDED (ORIGINAL_DST)"),
     ("static_resources.clusters[].load_assignment", "cluster_name, endpoints[].lb_endpoints[].endpoint.address.socket_address"),
@@ -27,6 +28,7 @@ pub const SUPPORTED: &[(&str, &str)] = &[
     ("dynamic_resources.ads_config", "api_type GRPC or DELTA_GRPC, transport_api_version V3, one envoy_grpc service"),
     ("dynamic_resources.lds_config / cds_config", "ads: {} with resource_api_version V3 (listeners and clusters over ADS)"),
     ("xDS Listener and Cluster resources", "the same fields as static_resources.listeners[] and clusters[]"),
+    ("xDS ClusterLoadAssignment resources", "cluster_name, endpoints[].lb_endpoints[].endpoint.address.socket_address"),
 ];
 
 /// Fields accepted and ignored because they change nothing a connection sees: naming, documentation,

@@ -53,6 +53,8 @@ pub struct ClusterManager {
 
 struct ClusterRuntime {
     config: crate::config::cluster::Cluster,
+    /// STATIC endpoints, or EDS endpoints as last received; empty for ORIGINAL_DST.
+    endpoints: Vec<SocketAddr>,
     next: std::sync::atomic::AtomicUsize,
     stats: ClusterCounters,
 }
@@ -83,17 +85,27 @@ impl std::fmt::Display for UpstreamError {
 }
 
 impl ClusterManager {
-    pub fn new(clusters: &[crate::config::cluster::Cluster]) -> ClusterManager {
-        let clusters = clusters
-            .iter()
-            .map(|c| (c.name.clone(), ClusterRuntime { config: c.clone(), next: Default::default(), stats: Default::default() }))
-            .collect();
-        ClusterManager { clusters }
+    /// Clusters with EDS endpoints resolved from `assignments` (service name → endpoints); an EDS cluster
+    /// without an assignment has no healthy upstream.
+    pub fn new(
+        clusters: &[crate::config::cluster::Cluster],
+        assignments: &std::collections::HashMap<String, Vec<SocketAddr>>,
+    ) -> ClusterManager {
+        use crate::config::cluster::Discovery;
+        let runtime = |c: &crate::config::cluster::Cluster| {
+            let endpoints = match &c.discovery {
+                Discovery::Static { endpoints } => endpoints.clone(),
+                Discovery::Eds { service_name } => assignments.get(service_name).cloned().unwrap_or_default(),
+                Discovery::OriginalDst => Vec::new(),
+            };
+            ClusterRuntime { config: c.clone(), endpoints, next: Default::default(), stats: Default::default() }
+        };
+        ClusterManager { clusters: clusters.iter().map(|c| (c.name.clone(), runtime(c))).collect() }
     }
 
-    /// Every cluster with its counters, sorted by name.
-    pub fn all(&self) -> Vec<(&crate::config::cluster::Cluster, &ClusterCounters)> {
-        let mut all: Vec<_> = self.clusters.values().map(|c| (&c.config, &c.stats)).collect();
+    /// Every cluster with its current endpoints and counters, sorted by name.
+    pub fn all(&self) -> Vec<(&crate::config::cluster::Cluster, &[SocketAddr], &ClusterCounters)> {
+        let mut all: Vec<_> = self.clusters.values().map(|c| (&c.config, c.endpoints.as_slice(), &c.stats)).collect();
         all.sort_by(|a, b| a.0.name.cmp(&b.0.name));
         all
     }
@@ -103,10 +115,11 @@ impl ClusterManager {
     pub async fn connect(&self, cluster: &str, original_dst: Option<SocketAddr>) -> Result<TcpStream, UpstreamError> {
         use crate::config::cluster::{Discovery, LbPolicy};
         let c = self.clusters.get(cluster).ok_or_else(|| UpstreamError::UnknownCluster(cluster.to_string()))?;
+        let endpoints = &c.endpoints;
         let endpoint = match &c.config.discovery {
             Discovery::OriginalDst => original_dst.ok_or(UpstreamError::NoHealthyUpstream)?,
-            Discovery::Static { endpoints } if endpoints.is_empty() => return Err(UpstreamError::NoHealthyUpstream),
-            Discovery::Static { endpoints } => {
+            _ if endpoints.is_empty() => return Err(UpstreamError::NoHealthyUpstream),
+            _ => {
                 let i = match c.config.lb_policy {
                     LbPolicy::Random => random_index(endpoints.len()),
                     _ => c.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed),

@@ -53,7 +53,8 @@ pub struct ListenerView {
 
 impl Proxy {
     pub fn new() -> Arc<Proxy> {
-        Arc::new(Proxy { clusters: Arc::new(ArcSwap::from_pointee(ClusterManager::new(&[]))), listeners: Mutex::default() })
+        let empty = ClusterManager::new(&[], &Default::default());
+        Arc::new(Proxy { clusters: Arc::new(ArcSwap::from_pointee(empty)), listeners: Mutex::default() })
     }
 
     pub fn clusters(&self) -> Arc<ClusterManager> {
@@ -72,8 +73,13 @@ impl Proxy {
     /// never sees a cluster set older than itself. A changed listener is bound anew beside the old socket
     /// (SO_REUSEPORT) before the old one stops accepting. Returns the listeners that could not be bound, which
     /// keep their previous state.
-    pub fn apply(&self, listeners: &[Listener], clusters: &[Cluster]) -> Vec<(String, io::Error)> {
-        self.clusters.store(Arc::new(ClusterManager::new(clusters)));
+    pub fn apply(
+        &self,
+        listeners: &[Listener],
+        clusters: &[Cluster],
+        assignments: &std::collections::HashMap<String, Vec<SocketAddr>>,
+    ) -> Vec<(String, io::Error)> {
+        self.clusters.store(Arc::new(ClusterManager::new(clusters, assignments)));
         let mut active = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
         active.retain(|name, _| listeners.iter().any(|l| &l.name == name));
         let mut failed = Vec::new();

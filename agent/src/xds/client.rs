@@ -12,7 +12,7 @@ use xds_api::pb::envoy::service::discovery::v3::aggregated_discovery_service_cli
 use xds_api::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use xds_api::pb::google::rpc::Status;
 
-use super::{codec, Received, XdsState, TYPES};
+use super::{codec, is_wildcard, Received, XdsState, ENDPOINT_TYPE, TYPES};
 use crate::config::bootstrap::AdsApi;
 use crate::config::cluster::Discovery;
 
@@ -73,7 +73,8 @@ fn status(errors: &[String]) -> Option<Status> {
 async fn sotw(state: &Arc<XdsState>, endpoint: Endpoint, failures: &mut u32) -> Result<(), String> {
     let channel = endpoint.connect().await.map_err(|e| format!("connect: {e}"))?;
     let (tx, rx) = mpsc::channel(16);
-    for (i, type_url) in TYPES.iter().enumerate() {
+    let mut eds = Subscription::default();
+    for (i, type_url) in TYPES.iter().filter(|t| is_wildcard(t)).enumerate() {
         let request = DiscoveryRequest {
             node: if i == 0 { node(state) } else { None },
             type_url: type_url.to_string(),
@@ -85,6 +86,9 @@ async fn sotw(state: &Arc<XdsState>, endpoint: Endpoint, failures: &mut u32) -> 
     }
     let mut client = AggregatedDiscoveryServiceClient::new(channel);
     let mut responses = client.stream_aggregated_resources(ReceiverStream::new(rx)).await.map_err(|e| e.to_string())?.into_inner();
+    if let Some(request) = eds.sotw_update(state) {
+        tx.send(request).await.map_err(|e| e.to_string())?;
+    }
     while let Some(response) = responses.message().await.map_err(|e| e.to_string())? {
         *failures = 0;
         let Some(type_url) = subscribed(&response.type_url) else { continue };
@@ -95,22 +99,80 @@ async fn sotw(state: &Arc<XdsState>, endpoint: Endpoint, failures: &mut u32) -> 
             .collect();
         let errors = state.apply(type_url, &response.version_info, &received, &[], true);
         log_outcome(type_url, &response.version_info, &errors);
+        if type_url == ENDPOINT_TYPE {
+            eds.nonce = response.nonce.clone();
+        }
         let request = DiscoveryRequest {
             type_url: type_url.to_string(),
             response_nonce: response.nonce.clone(),
             version_info: state.accepted_version(type_url),
+            // A state-of-the-world ACK repeats the names it subscribes to.
+            resource_names: if type_url == ENDPOINT_TYPE { eds.names.clone() } else { Vec::new() },
             error_detail: status(&errors),
             ..Default::default()
         };
         tx.send(request).await.map_err(|e| e.to_string())?;
+        if let Some(request) = eds.sotw_update(state) {
+            tx.send(request).await.map_err(|e| e.to_string())?;
+        }
     }
     Err("the server closed the stream".into())
+}
+
+/// The EDS names subscribed on one stream, kept in step with the EDS clusters.
+#[derive(Default)]
+struct Subscription {
+    names: Vec<String>,
+    nonce: String,
+    sent: bool,
+}
+
+impl Subscription {
+    /// The changes since the last request, if any: (wanted, added, removed).
+    fn diff(&mut self, state: &XdsState) -> Option<(Vec<String>, Vec<String>, Vec<String>)> {
+        let wanted = state.eds_names();
+        if self.sent && wanted == self.names {
+            return None;
+        }
+        if !self.sent && wanted.is_empty() {
+            return None;
+        }
+        let added = wanted.iter().filter(|n| !self.names.contains(n)).cloned().collect();
+        let removed = self.names.iter().filter(|n| !wanted.contains(n)).cloned().collect();
+        self.names = wanted.clone();
+        self.sent = true;
+        Some((wanted, added, removed))
+    }
+
+    fn sotw_update(&mut self, state: &XdsState) -> Option<DiscoveryRequest> {
+        let (wanted, _, _) = self.diff(state)?;
+        Some(DiscoveryRequest {
+            type_url: ENDPOINT_TYPE.to_string(),
+            resource_names: wanted,
+            version_info: state.accepted_version(ENDPOINT_TYPE),
+            response_nonce: self.nonce.clone(),
+            ..Default::default()
+        })
+    }
+
+    fn delta_update(&mut self, state: &XdsState) -> Option<DeltaDiscoveryRequest> {
+        let first = !self.sent;
+        let (_, added, removed) = self.diff(state)?;
+        Some(DeltaDiscoveryRequest {
+            type_url: ENDPOINT_TYPE.to_string(),
+            resource_names_subscribe: added,
+            resource_names_unsubscribe: removed,
+            initial_resource_versions: if first { state.resource_versions(ENDPOINT_TYPE) } else { Default::default() },
+            ..Default::default()
+        })
+    }
 }
 
 async fn delta(state: &Arc<XdsState>, endpoint: Endpoint, failures: &mut u32) -> Result<(), String> {
     let channel = endpoint.connect().await.map_err(|e| format!("connect: {e}"))?;
     let (tx, rx) = mpsc::channel(16);
-    for (i, type_url) in TYPES.iter().enumerate() {
+    let mut eds = Subscription::default();
+    for (i, type_url) in TYPES.iter().filter(|t| is_wildcard(t)).enumerate() {
         let request = DeltaDiscoveryRequest {
             node: if i == 0 { node(state) } else { None },
             type_url: type_url.to_string(),
@@ -122,6 +184,9 @@ async fn delta(state: &Arc<XdsState>, endpoint: Endpoint, failures: &mut u32) ->
     }
     let mut client = AggregatedDiscoveryServiceClient::new(channel);
     let mut responses = client.delta_aggregated_resources(ReceiverStream::new(rx)).await.map_err(|e| e.to_string())?.into_inner();
+    if let Some(request) = eds.delta_update(state) {
+        tx.send(request).await.map_err(|e| e.to_string())?;
+    }
     while let Some(response) = responses.message().await.map_err(|e| e.to_string())? {
         *failures = 0;
         let Some(type_url) = subscribed(&response.type_url) else { continue };
@@ -142,6 +207,9 @@ async fn delta(state: &Arc<XdsState>, endpoint: Endpoint, failures: &mut u32) ->
             ..Default::default()
         };
         tx.send(request).await.map_err(|e| e.to_string())?;
+        if let Some(request) = eds.delta_update(state) {
+            tx.send(request).await.map_err(|e| e.to_string())?;
+        }
     }
     Err("the server closed the stream".into())
 }

@@ -21,9 +21,15 @@ use crate::proxy::server::Proxy;
 
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const ENDPOINT_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 
 /// The resource types weft subscribes to, clusters first (a listener may only use clusters that exist).
-pub const TYPES: [&str; 2] = [CLUSTER_TYPE, LISTENER_TYPE];
+pub const TYPES: [&str; 3] = [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE];
+
+/// Types subscribed as a whole (wildcard); the others by name (EDS: the service names of EDS clusters).
+pub fn is_wildcard(type_url: &str) -> bool {
+    type_url != ENDPOINT_TYPE
+}
 
 /// One accepted resource.
 #[derive(Debug, Clone)]
@@ -40,6 +46,8 @@ pub struct Entry<T> {
 pub struct Store {
     pub listeners: BTreeMap<String, Entry<Listener>>,
     pub clusters: BTreeMap<String, Entry<Cluster>>,
+    /// EDS: service name → endpoints.
+    pub assignments: BTreeMap<String, Entry<Vec<std::net::SocketAddr>>>,
     pub versions: HashMap<&'static str, String>,
 }
 
@@ -76,8 +84,28 @@ impl XdsState {
         let store = self.store();
         match type_url {
             LISTENER_TYPE => store.listeners.iter().map(|(n, e)| (n.clone(), e.version.clone())).collect(),
+            ENDPOINT_TYPE => store.assignments.iter().map(|(n, e)| (n.clone(), e.version.clone())).collect(),
             _ => store.clusters.iter().map(|(n, e)| (n.clone(), e.version.clone())).collect(),
         }
+    }
+
+    /// The EDS service names the current clusters need.
+    pub fn eds_names(&self) -> Vec<String> {
+        use crate::config::cluster::Discovery;
+        let store = self.store();
+        let mut names: Vec<String> = self
+            .bootstrap
+            .clusters
+            .iter()
+            .chain(store.clusters.values().map(|e| &e.model))
+            .filter_map(|c| match &c.discovery {
+                Discovery::Eds { service_name } => Some(service_name.clone()),
+                _ => None,
+            })
+            .collect();
+        names.sort();
+        names.dedup();
+        names
     }
 
     /// The version of the last accepted response of `type_url` (SotW `version_info`).
@@ -104,6 +132,11 @@ impl XdsState {
                     let entry = Entry { version: r.version.to_string(), bytes: r.bytes.to_vec(), model, last_updated: now };
                     store.listeners.insert(name, entry);
                 }
+                Ok((name, Decoded::Assignment(model))) => {
+                    seen.insert(name.clone());
+                    let entry = Entry { version: r.version.to_string(), bytes: r.bytes.to_vec(), model, last_updated: now };
+                    store.assignments.insert(name, entry);
+                }
                 Err((name, e)) => {
                     // Keep serving the last good version of a rejected resource.
                     if let Some(name) = name {
@@ -116,6 +149,7 @@ impl XdsState {
         let gone = |name: &String| removed.contains(name) || (complete && !seen.contains(name));
         match type_url {
             LISTENER_TYPE => store.listeners.retain(|n, _| !gone(n)),
+            ENDPOINT_TYPE => store.assignments.retain(|n, _| !gone(n)),
             _ => store.clusters.retain(|n, _| !gone(n)),
         }
         errors.extend(self.push(&mut store));
@@ -130,16 +164,23 @@ impl XdsState {
             return Err((r.name.map(str::to_string), format!("resource of type {} in a {type_url} response", r.type_url)));
         }
         let raw = codec::any_to_json(r.type_url, r.bytes).map_err(|e| (r.name.map(str::to_string), e))?;
-        let name = raw.get("name").and_then(Value::as_str).or(r.name).unwrap_or_default().to_string();
-        let kind = if type_url == LISTENER_TYPE { "Listener" } else { "Cluster" };
+        let name_field = if type_url == ENDPOINT_TYPE { "cluster_name" } else { "name" };
+        let name = raw.get(name_field).and_then(Value::as_str).or(r.name).unwrap_or_default().to_string();
+        let kind = match type_url {
+            LISTENER_TYPE => "Listener",
+            ENDPOINT_TYPE => "ClusterLoadAssignment",
+            _ => "Cluster",
+        };
         let fail = |e: String| (Some(name.clone()), format!("{kind} '{name}': {e}"));
         let obj = Obj::new(&raw, "").map_err(|e| fail(e.to_string()))?;
-        let decoded = if type_url == LISTENER_TYPE {
-            let l = listener::translate(obj).map_err(|e| fail(e.to_string()))?;
-            self.check_routes(&l, store).map_err(fail)?;
-            Decoded::Listener(l)
-        } else {
-            Decoded::Cluster(cluster::translate(obj).map_err(|e| fail(e.to_string()))?)
+        let decoded = match type_url {
+            LISTENER_TYPE => {
+                let l = listener::translate(obj).map_err(|e| fail(e.to_string()))?;
+                self.check_routes(&l, store).map_err(fail)?;
+                Decoded::Listener(l)
+            }
+            ENDPOINT_TYPE => Decoded::Assignment(cluster::assignment(obj).map_err(|e| fail(e.to_string()))?.1),
+            _ => Decoded::Cluster(cluster::translate(obj).map_err(|e| fail(e.to_string()))?),
         };
         Ok((name, decoded))
     }
@@ -167,7 +208,8 @@ impl XdsState {
             self.bootstrap.clusters.iter().cloned().chain(store.clusters.values().map(|e| e.model.clone())).collect();
         let listeners: Vec<Listener> =
             self.bootstrap.listeners.iter().cloned().chain(store.listeners.values().map(|e| e.model.clone())).collect();
-        let failed = self.proxy.apply(&listeners, &clusters);
+        let assignments = store.assignments.iter().map(|(n, e)| (n.clone(), e.model.clone())).collect();
+        let failed = self.proxy.apply(&listeners, &clusters, &assignments);
         failed
             .into_iter()
             .map(|(name, e)| {
@@ -181,4 +223,5 @@ impl XdsState {
 enum Decoded {
     Listener(Listener),
     Cluster(Cluster),
+    Assignment(Vec<std::net::SocketAddr>),
 }
