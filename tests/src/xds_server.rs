@@ -26,8 +26,11 @@ use crate::NetNs;
 pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
-/// Clusters, then endpoints, then listeners: the order a management server sends them in.
-const ORDER: [&str; 3] = [CLUSTER, ENDPOINT, LISTENER];
+pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+/// Clusters, endpoints, listeners, routes: the order a management server sends them in.
+const ORDER: [&str; 4] = [CLUSTER, ENDPOINT, LISTENER, ROUTE];
+/// Types clients subscribe to by name.
+const NAMED: [&str; 2] = [ENDPOINT, ROUTE];
 
 /// A bootstrap whose listeners and clusters come over ADS (`api`: `GRPC` or `DELTA_GRPC`) from a server at
 /// 127.0.0.1:18000, with an admin endpoint on 127.0.0.1:19901.
@@ -270,7 +273,7 @@ impl AggregatedDiscoveryService for Service {
                 }
                 for type_url in ORDER.iter().filter(|t| subscribed.contains_key(**t)) {
                     let names = &subscribed[*type_url];
-                    let wanted = |name: &String| *type_url != ENDPOINT || names.contains(name);
+                    let wanted = |name: &String| !NAMED.contains(type_url) || names.contains(name);
                     let response = {
                         let all = shared.resources.lock().unwrap_or_else(|e| e.into_inner());
                         let Some((version, resources)) = all.by_type.get(*type_url) else { continue };
@@ -325,7 +328,7 @@ impl AggregatedDiscoveryService for Service {
                             names: req.resource_names_subscribe.clone(),
                         });
                         let known = client.entry(req.type_url.clone()).or_insert_with(|| req.initial_resource_versions.clone());
-                        if req.type_url == ENDPOINT {
+                        if NAMED.contains(&req.type_url.as_str()) {
                             let set = named.entry(req.type_url.clone()).or_default();
                             set.extend(req.resource_names_subscribe.iter().cloned());
                             for n in &req.resource_names_unsubscribe {

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use weft_tests::traffic::{echo, EchoServer};
-use weft_tests::xds_server::{ads_bootstrap as bootstrap, Recorded, XdsServer, CLUSTER, ENDPOINT, LISTENER};
+use weft_tests::xds_server::{ads_bootstrap as bootstrap, Recorded, XdsServer, CLUSTER, ENDPOINT, LISTENER, ROUTE};
 use weft_tests::{bin_path, require_root, wait_for, ChildGuard, NetNs};
 
 const XDS: &str = "127.0.0.1:18000";
@@ -303,4 +303,89 @@ fn eds_over_state_of_the_world_ads() {
 #[test]
 fn eds_over_delta_ads() {
     eds_scenario("DELTA_GRPC");
+}
+
+const WEB_CLUSTER: &str = r#"
+name: web
+type: STATIC
+connect_timeout: 1s
+load_assignment:
+  cluster_name: web
+  endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 19400}}}}]}]
+"#;
+
+const RDS_LISTENER: &str = r#"
+name: h1
+address: {socket_address: {address: 127.0.0.1, port_value: 19200}}
+filter_chains:
+- filters:
+  - name: envoy.filters.network.http_connection_manager
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+      stat_prefix: h1
+      rds: {route_config_name: main, config_source: {ads: {}, resource_api_version: V3}}
+      http_filters: [{name: envoy.filters.http.router, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}]
+"#;
+
+fn routes(body: &str) -> String {
+    format!(
+        "{{name: main, virtual_hosts: [{{name: all, domains: [\"*\"], routes: [{{match: {{prefix: \"/\"}}, direct_response: {{status: 200, body: {{inline_string: \"{body}\"}}}}}}]}}]}}"
+    )
+}
+
+fn http_get(ns: &NetNs, port: u16) -> String {
+    let mut c = ns.tcp_connect(addr(port), Duration::from_secs(2)).map_err(|e| e.to_string()).unwrap();
+    write!(c, "GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
+    let mut text = String::new();
+    let _ = c.read_to_string(&mut text);
+    text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+}
+
+fn rds_scenario(api: &str) {
+    if let Err(why) = require_root() {
+        eprintln!("SKIPPED RDS {api}: {why}");
+        return;
+    }
+    let delta = api == "DELTA_GRPC";
+    let ns = NetNs::create_with_lo(&format!("wx-{}-{}", std::process::id() % 100_000, if delta { "rd" } else { "rs" })).unwrap();
+    let dir = std::env::temp_dir().join(format!("weft-xds-rds-{api}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("bootstrap.yaml");
+    std::fs::write(&config, bootstrap(api)).unwrap();
+    let server = XdsServer::start(&ns, XDS.parse().unwrap()).unwrap();
+    server.set(CLUSTER, "1", &[WEB_CLUSTER]).unwrap();
+    server.set(LISTENER, "1", &[RDS_LISTENER]).unwrap();
+    let _weft = start_weft(&ns, &config);
+
+    // The listener waits for its routes: nothing listens until RDS delivers "main".
+    let subscription = server.wait_request("an RDS subscription", |r| r.type_url == ROUTE && !r.names.is_empty()).unwrap();
+    assert_eq!(subscription.names, ["main"]);
+    refused(&ns, 19200);
+    server.set(ROUTE, "1", &[&routes("first")]).unwrap();
+    ack(&server, delta, ROUTE, "1", 1);
+    wait_for("routes v1 served", Duration::from_secs(10), || {
+        let body = http_get(&ns, 19200);
+        if body == "first" { Ok(()) } else { Err(body) }
+    })
+    .unwrap();
+
+    // A route update changes the answers without a listener update.
+    server.set(ROUTE, "2", &[&routes("second")]).unwrap();
+    ack(&server, delta, ROUTE, "2", 2);
+    wait_for("routes v2 served", Duration::from_secs(10), || {
+        let body = http_get(&ns, 19200);
+        if body == "second" { Ok(()) } else { Err(body) }
+    })
+    .unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn rds_over_state_of_the_world_ads() {
+    rds_scenario("GRPC");
+}
+
+#[test]
+fn rds_over_delta_ads() {
+    rds_scenario("DELTA_GRPC");
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::cluster::{self, Cluster};
-use super::listener::{self, Listener, NetworkFilter};
+use super::listener::{self, Listener, NetworkFilter, Routes};
 use super::route::Action;
 use super::socket_address;
 use super::tree::{ConfigError, Obj, Result};
@@ -92,6 +92,11 @@ pub fn translate(raw: Value) -> Result<Bootstrap> {
     let ads = b.object("dynamic_resources")?.map(dynamic_resources).transpose()?;
     b.finish()?;
     check_references(&listeners, &clusters)?;
+    let uses_ads = listeners.iter().any(|l| matches!(l.filter, NetworkFilter::HttpConnectionManager(Routes::Rds(_))))
+        || clusters.iter().any(|c| matches!(c.discovery, super::cluster::Discovery::Eds { .. }));
+    if uses_ads && ads.is_none() {
+        return Err(ConfigError::new("dynamic_resources", "RDS and EDS come over ADS: configure dynamic_resources.ads_config"));
+    }
     if let Some(ads) = &ads {
         match clusters.iter().find(|c| c.name == ads.cluster) {
             None => return Err(ConfigError::new("dynamic_resources.ads_config", format!("Unknown gRPC client cluster '{}'", ads.cluster))),
@@ -159,7 +164,7 @@ fn check_references(listeners: &[Listener], clusters: &[Cluster]) -> Result<()> 
         if !listener_names.insert(l.name.as_str()) {
             return Err(ConfigError::new(format!("static_resources.listeners[{i}].name"), format!("error adding listener: duplicate listener '{}' found", l.name)));
         }
-        if let NetworkFilter::HttpConnectionManager(rc) = &l.filter {
+        if let NetworkFilter::HttpConnectionManager(Routes::Inline(rc)) = &l.filter {
             for vh in &rc.virtual_hosts {
                 for r in &vh.routes {
                     if let Action::Cluster(c) = &r.action {

@@ -14,6 +14,7 @@ pub const SUPPORTED: &[(&str, &str)] = &[
     ("...filters[].typed_config (TcpProxy)", "stat_prefix, cluster"),
     ("...filters[].typed_config (HttpConnectionManager)", "stat_prefix, codec_type AUTO/HTTP1, route_config, http_filters (router only)"),
     ("...route_config", "name, virtual_hosts[].{name, domains, routes[]}"),
+    ("...rds", "route_config_name, config_source.ads (RDS over ADS, V3); the listener starts once its routes arrive"),
     ("...routes[].match", "prefix, path (case sensitive)"),
     ("...routes[].route.cluster", "forward to a cluster"),
     ("...routes[].direct_response", "status, body.inline_string"),
@@ -29,6 +30,7 @@ pub const SUPPORTED: &[(&str, &str)] = &[
     ("dynamic_resources.lds_config / cds_config", "ads: {} with resource_api_version V3 (listeners and clusters over ADS)"),
     ("xDS Listener and Cluster resources", "the same fields as static_resources.listeners[] and clusters[]"),
     ("xDS ClusterLoadAssignment resources", "cluster_name, endpoints[].lb_endpoints[].endpoint.address.socket_address"),
+    ("xDS RouteConfiguration resources", "the same fields as an inline route_config"),
 ];
 
 /// Fields accepted and ignored because they change nothing a connection sees: naming, documentation,

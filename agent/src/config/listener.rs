@@ -18,7 +18,16 @@ pub struct Listener {
 #[serde(rename_all = "snake_case")]
 pub enum NetworkFilter {
     TcpProxy { cluster: String },
-    HttpConnectionManager(RouteConfiguration),
+    HttpConnectionManager(Routes),
+}
+
+/// Where an HTTP connection manager's routes come from.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Routes {
+    Inline(RouteConfiguration),
+    /// A RouteConfiguration by name over ADS (RDS).
+    Rds(String),
 }
 
 const TCP_PROXY: &str = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
@@ -85,7 +94,23 @@ fn http_connection_manager(mut h: Obj<'_>) -> Result<NetworkFilter> {
         "AUTO" | "HTTP1" => {}
         other => return Err(ConfigError::new(h.at("codec_type"), format!("{other} is not supported yet; use AUTO or HTTP1"))),
     }
-    let routes = route::translate(h.required_object("route_config")?)?;
+    let routes = match (h.object("route_config")?, h.object("rds")?) {
+        (Some(rc), None) => Routes::Inline(route::translate(rc)?),
+        (None, Some(mut rds)) => {
+            let name = rds.required_string("route_config_name")?.to_string();
+            let mut source = rds.required_object("config_source")?;
+            match source.string("resource_api_version")? {
+                None | Some("V3") => {}
+                Some(other) => return Err(ConfigError::new(source.at("resource_api_version"), format!("{other} is not supported; only V3"))),
+            }
+            let ads = source.required_object("ads").map_err(|e| ConfigError::new(e.path, "is required: weft takes RDS over ADS only"))?;
+            ads.finish()?;
+            source.finish()?;
+            rds.finish()?;
+            Routes::Rds(name)
+        }
+        _ => return Err(ConfigError::new(h.path(), "needs exactly one of route_config or rds")),
+    };
     let filters = h.objects("http_filters")?;
     let mut saw_router = false;
     for mut f in filters {

@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use super::cluster::ClusterManager;
 use super::{http, tcp};
 use crate::config::cluster::Cluster;
-use crate::config::listener::{Listener, NetworkFilter};
+use crate::config::listener::{Listener, NetworkFilter, Routes};
 
 /// Counters of one listener, named as Envoy names them.
 #[derive(Debug, Default)]
@@ -119,8 +119,9 @@ fn bind_reuseport(addr: SocketAddr) -> io::Result<TcpListener> {
 
 async fn accept_loop(socket: TcpListener, filter: NetworkFilter, clusters: Arc<ArcSwap<ClusterManager>>, counters: Arc<ListenerCounters>) {
     let routes = match &filter {
-        NetworkFilter::HttpConnectionManager(rc) => Some(Arc::new(rc.clone())),
-        NetworkFilter::TcpProxy { .. } => None,
+        NetworkFilter::HttpConnectionManager(Routes::Inline(rc)) => Some(Arc::new(rc.clone())),
+        // RDS routes are resolved to inline ones before a listener reaches the proxy (see xds::XdsState).
+        NetworkFilter::HttpConnectionManager(Routes::Rds(_)) | NetworkFilter::TcpProxy { .. } => None,
     };
     loop {
         let stream = match socket.accept().await {

@@ -12,7 +12,7 @@ use xds_api::pb::envoy::service::discovery::v3::aggregated_discovery_service_cli
 use xds_api::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use xds_api::pb::google::rpc::Status;
 
-use super::{codec, is_wildcard, Received, XdsState, ENDPOINT_TYPE, TYPES};
+use super::{codec, is_wildcard, Received, XdsState, NAMED_TYPES, TYPES};
 use crate::config::bootstrap::AdsApi;
 use crate::config::cluster::Discovery;
 
@@ -73,7 +73,7 @@ fn status(errors: &[String]) -> Option<Status> {
 async fn sotw(state: &Arc<XdsState>, endpoint: Endpoint, failures: &mut u32) -> Result<(), String> {
     let channel = endpoint.connect().await.map_err(|e| format!("connect: {e}"))?;
     let (tx, rx) = mpsc::channel(16);
-    let mut eds = Subscription::default();
+    let mut named = NAMED_TYPES.map(Subscription::new);
     for (i, type_url) in TYPES.iter().filter(|t| is_wildcard(t)).enumerate() {
         let request = DiscoveryRequest {
             node: if i == 0 { node(state) } else { None },
@@ -86,7 +86,7 @@ async fn sotw(state: &Arc<XdsState>, endpoint: Endpoint, failures: &mut u32) -> 
     }
     let mut client = AggregatedDiscoveryServiceClient::new(channel);
     let mut responses = client.stream_aggregated_resources(ReceiverStream::new(rx)).await.map_err(|e| e.to_string())?.into_inner();
-    if let Some(request) = eds.sotw_update(state) {
+    for request in named.iter_mut().filter_map(|s| s.sotw_update(state)) {
         tx.send(request).await.map_err(|e| e.to_string())?;
     }
     while let Some(response) = responses.message().await.map_err(|e| e.to_string())? {
@@ -99,38 +99,48 @@ async fn sotw(state: &Arc<XdsState>, endpoint: Endpoint, failures: &mut u32) -> 
             .collect();
         let errors = state.apply(type_url, &response.version_info, &received, &[], true);
         log_outcome(type_url, &response.version_info, &errors);
-        if type_url == ENDPOINT_TYPE {
-            eds.nonce = response.nonce.clone();
-        }
+        let subscription = named.iter_mut().find(|s| s.type_url == type_url);
+        // A state-of-the-world ACK repeats the names it subscribes to.
+        let resource_names = match subscription {
+            Some(s) => {
+                s.nonce = response.nonce.clone();
+                s.names.clone()
+            }
+            None => Vec::new(),
+        };
         let request = DiscoveryRequest {
             type_url: type_url.to_string(),
             response_nonce: response.nonce.clone(),
             version_info: state.accepted_version(type_url),
-            // A state-of-the-world ACK repeats the names it subscribes to.
-            resource_names: if type_url == ENDPOINT_TYPE { eds.names.clone() } else { Vec::new() },
+            resource_names,
             error_detail: status(&errors),
             ..Default::default()
         };
         tx.send(request).await.map_err(|e| e.to_string())?;
-        if let Some(request) = eds.sotw_update(state) {
+        for request in named.iter_mut().filter_map(|s| s.sotw_update(state)) {
             tx.send(request).await.map_err(|e| e.to_string())?;
         }
     }
     Err("the server closed the stream".into())
 }
 
-/// The EDS names subscribed on one stream, kept in step with the EDS clusters.
-#[derive(Default)]
+/// The names of one named type (EDS, RDS) subscribed on one stream, kept in step with what the clusters and
+/// listeners refer to.
 struct Subscription {
+    type_url: &'static str,
     names: Vec<String>,
     nonce: String,
     sent: bool,
 }
 
 impl Subscription {
+    fn new(type_url: &'static str) -> Subscription {
+        Subscription { type_url, names: Vec::new(), nonce: String::new(), sent: false }
+    }
+
     /// The changes since the last request, if any: (wanted, added, removed).
     fn diff(&mut self, state: &XdsState) -> Option<(Vec<String>, Vec<String>, Vec<String>)> {
-        let wanted = state.eds_names();
+        let wanted = state.names_for(self.type_url);
         if self.sent && wanted == self.names {
             return None;
         }
@@ -147,9 +157,9 @@ impl Subscription {
     fn sotw_update(&mut self, state: &XdsState) -> Option<DiscoveryRequest> {
         let (wanted, _, _) = self.diff(state)?;
         Some(DiscoveryRequest {
-            type_url: ENDPOINT_TYPE.to_string(),
+            type_url: self.type_url.to_string(),
             resource_names: wanted,
-            version_info: state.accepted_version(ENDPOINT_TYPE),
+            version_info: state.accepted_version(self.type_url),
             response_nonce: self.nonce.clone(),
             ..Default::default()
         })
@@ -159,10 +169,10 @@ impl Subscription {
         let first = !self.sent;
         let (_, added, removed) = self.diff(state)?;
         Some(DeltaDiscoveryRequest {
-            type_url: ENDPOINT_TYPE.to_string(),
+            type_url: self.type_url.to_string(),
             resource_names_subscribe: added,
             resource_names_unsubscribe: removed,
-            initial_resource_versions: if first { state.resource_versions(ENDPOINT_TYPE) } else { Default::default() },
+            initial_resource_versions: if first { state.resource_versions(self.type_url) } else { Default::default() },
             ..Default::default()
         })
     }
@@ -171,7 +181,7 @@ impl Subscription {
 async fn delta(state: &Arc<XdsState>, endpoint: Endpoint, failures: &mut u32) -> Result<(), String> {
     let channel = endpoint.connect().await.map_err(|e| format!("connect: {e}"))?;
     let (tx, rx) = mpsc::channel(16);
-    let mut eds = Subscription::default();
+    let mut named = NAMED_TYPES.map(Subscription::new);
     for (i, type_url) in TYPES.iter().filter(|t| is_wildcard(t)).enumerate() {
         let request = DeltaDiscoveryRequest {
             node: if i == 0 { node(state) } else { None },
@@ -184,7 +194,7 @@ async fn delta(state: &Arc<XdsState>, endpoint: Endpoint, failures: &mut u32) ->
     }
     let mut client = AggregatedDiscoveryServiceClient::new(channel);
     let mut responses = client.delta_aggregated_resources(ReceiverStream::new(rx)).await.map_err(|e| e.to_string())?.into_inner();
-    if let Some(request) = eds.delta_update(state) {
+    for request in named.iter_mut().filter_map(|s| s.delta_update(state)) {
         tx.send(request).await.map_err(|e| e.to_string())?;
     }
     while let Some(response) = responses.message().await.map_err(|e| e.to_string())? {
@@ -207,7 +217,7 @@ async fn delta(state: &Arc<XdsState>, endpoint: Endpoint, failures: &mut u32) ->
             ..Default::default()
         };
         tx.send(request).await.map_err(|e| e.to_string())?;
-        if let Some(request) = eds.delta_update(state) {
+        for request in named.iter_mut().filter_map(|s| s.delta_update(state)) {
             tx.send(request).await.map_err(|e| e.to_string())?;
         }
     }

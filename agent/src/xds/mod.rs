@@ -14,21 +14,25 @@ use serde_json::Value;
 
 use crate::config::bootstrap::Bootstrap;
 use crate::config::cluster::{self, Cluster};
-use crate::config::listener::{self, Listener, NetworkFilter};
-use crate::config::route::Action;
+use crate::config::listener::{self, Listener, NetworkFilter, Routes};
+use crate::config::route::{self, Action, RouteConfiguration};
 use crate::config::tree::Obj;
 use crate::proxy::server::Proxy;
 
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 
 /// The resource types weft subscribes to, clusters first (a listener may only use clusters that exist).
-pub const TYPES: [&str; 3] = [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE];
+pub const TYPES: [&str; 4] = [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE];
 
-/// Types subscribed as a whole (wildcard); the others by name (EDS: the service names of EDS clusters).
+/// Types subscribed by name (EDS: the services of EDS clusters; RDS: the route configurations listeners
+/// name); the others as a whole (wildcard).
+pub const NAMED_TYPES: [&str; 2] = [ENDPOINT_TYPE, ROUTE_TYPE];
+
 pub fn is_wildcard(type_url: &str) -> bool {
-    type_url != ENDPOINT_TYPE
+    !NAMED_TYPES.contains(&type_url)
 }
 
 /// One accepted resource.
@@ -48,6 +52,8 @@ pub struct Store {
     pub clusters: BTreeMap<String, Entry<Cluster>>,
     /// EDS: service name → endpoints.
     pub assignments: BTreeMap<String, Entry<Vec<std::net::SocketAddr>>>,
+    /// RDS: route configuration name → routes.
+    pub routes: BTreeMap<String, Entry<RouteConfiguration>>,
     pub versions: HashMap<&'static str, String>,
 }
 
@@ -85,24 +91,36 @@ impl XdsState {
         match type_url {
             LISTENER_TYPE => store.listeners.iter().map(|(n, e)| (n.clone(), e.version.clone())).collect(),
             ENDPOINT_TYPE => store.assignments.iter().map(|(n, e)| (n.clone(), e.version.clone())).collect(),
+            ROUTE_TYPE => store.routes.iter().map(|(n, e)| (n.clone(), e.version.clone())).collect(),
             _ => store.clusters.iter().map(|(n, e)| (n.clone(), e.version.clone())).collect(),
         }
     }
 
-    /// The EDS service names the current clusters need.
-    pub fn eds_names(&self) -> Vec<String> {
+    /// The names a named type needs now: EDS services of the EDS clusters, RDS names of the listeners.
+    pub fn names_for(&self, type_url: &str) -> Vec<String> {
         use crate::config::cluster::Discovery;
         let store = self.store();
-        let mut names: Vec<String> = self
-            .bootstrap
-            .clusters
-            .iter()
-            .chain(store.clusters.values().map(|e| &e.model))
-            .filter_map(|c| match &c.discovery {
-                Discovery::Eds { service_name } => Some(service_name.clone()),
-                _ => None,
-            })
-            .collect();
+        let mut names: Vec<String> = if type_url == ENDPOINT_TYPE {
+            self.bootstrap
+                .clusters
+                .iter()
+                .chain(store.clusters.values().map(|e| &e.model))
+                .filter_map(|c| match &c.discovery {
+                    Discovery::Eds { service_name } => Some(service_name.clone()),
+                    _ => None,
+                })
+                .collect()
+        } else {
+            self.bootstrap
+                .listeners
+                .iter()
+                .chain(store.listeners.values().map(|e| &e.model))
+                .filter_map(|l| match &l.filter {
+                    NetworkFilter::HttpConnectionManager(Routes::Rds(name)) => Some(name.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
         names.sort();
         names.dedup();
         names
@@ -137,6 +155,11 @@ impl XdsState {
                     let entry = Entry { version: r.version.to_string(), bytes: r.bytes.to_vec(), model, last_updated: now };
                     store.assignments.insert(name, entry);
                 }
+                Ok((name, Decoded::Routes(model))) => {
+                    seen.insert(name.clone());
+                    let entry = Entry { version: r.version.to_string(), bytes: r.bytes.to_vec(), model, last_updated: now };
+                    store.routes.insert(name, entry);
+                }
                 Err((name, e)) => {
                     // Keep serving the last good version of a rejected resource.
                     if let Some(name) = name {
@@ -150,6 +173,7 @@ impl XdsState {
         match type_url {
             LISTENER_TYPE => store.listeners.retain(|n, _| !gone(n)),
             ENDPOINT_TYPE => store.assignments.retain(|n, _| !gone(n)),
+            ROUTE_TYPE => store.routes.retain(|n, _| !gone(n)),
             _ => store.clusters.retain(|n, _| !gone(n)),
         }
         errors.extend(self.push(&mut store));
@@ -169,6 +193,7 @@ impl XdsState {
         let kind = match type_url {
             LISTENER_TYPE => "Listener",
             ENDPOINT_TYPE => "ClusterLoadAssignment",
+            ROUTE_TYPE => "RouteConfiguration",
             _ => "Cluster",
         };
         let fail = |e: String| (Some(name.clone()), format!("{kind} '{name}': {e}"));
@@ -180,6 +205,8 @@ impl XdsState {
                 Decoded::Listener(l)
             }
             ENDPOINT_TYPE => Decoded::Assignment(cluster::assignment(obj).map_err(|e| fail(e.to_string()))?.1),
+            // Routes from RDS are not checked against clusters (Envoy's validate_clusters default for RDS).
+            ROUTE_TYPE => Decoded::Routes(route::translate(obj).map_err(|e| fail(e.to_string()))?),
             _ => Decoded::Cluster(cluster::translate(obj).map_err(|e| fail(e.to_string()))?),
         };
         Ok((name, decoded))
@@ -187,7 +214,7 @@ impl XdsState {
 
     /// Inline route configurations must name existing clusters (`validate_clusters`).
     fn check_routes(&self, l: &Listener, store: &Store) -> Result<(), String> {
-        let NetworkFilter::HttpConnectionManager(rc) = &l.filter else { return Ok(()) };
+        let NetworkFilter::HttpConnectionManager(Routes::Inline(rc)) = &l.filter else { return Ok(()) };
         let known = |c: &str| store.clusters.contains_key(c) || self.bootstrap.clusters.iter().any(|k| k.name == c);
         for vh in &rc.virtual_hosts {
             for r in &vh.routes {
@@ -206,8 +233,14 @@ impl XdsState {
     fn push(&self, store: &mut Store) -> Vec<String> {
         let clusters: Vec<Cluster> =
             self.bootstrap.clusters.iter().cloned().chain(store.clusters.values().map(|e| e.model.clone())).collect();
-        let listeners: Vec<Listener> =
-            self.bootstrap.listeners.iter().cloned().chain(store.listeners.values().map(|e| e.model.clone())).collect();
+        // A listener whose RDS routes have not arrived yet is warming: it is not started until they do.
+        let listeners: Vec<Listener> = self
+            .bootstrap
+            .listeners
+            .iter()
+            .chain(store.listeners.values().map(|e| &e.model))
+            .filter_map(|l| resolve_routes(l, &store.routes))
+            .collect();
         let assignments = store.assignments.iter().map(|(n, e)| (n.clone(), e.model.clone())).collect();
         let failed = self.proxy.apply(&listeners, &clusters, &assignments);
         failed
@@ -224,4 +257,16 @@ enum Decoded {
     Listener(Listener),
     Cluster(Cluster),
     Assignment(Vec<std::net::SocketAddr>),
+    Routes(RouteConfiguration),
+}
+
+/// The listener with its RDS routes inlined, or `None` while they have not arrived.
+fn resolve_routes(l: &Listener, routes: &BTreeMap<String, Entry<RouteConfiguration>>) -> Option<Listener> {
+    match &l.filter {
+        NetworkFilter::HttpConnectionManager(Routes::Rds(name)) => {
+            let rc = routes.get(name)?.model.clone();
+            Some(Listener { filter: NetworkFilter::HttpConnectionManager(Routes::Inline(rc)), ..l.clone() })
+        }
+        _ => Some(l.clone()),
+    }
 }
