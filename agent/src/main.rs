@@ -181,7 +181,7 @@ fn proxy(args: ProxyArgs) -> Result<(), String> {
         }
         let quit = Arc::new(tokio::sync::Notify::new());
         let admin_address = bootstrap.admin;
-        let xds = weft_agent::xds::XdsState::new(bootstrap, Arc::clone(&proxy));
+        let xds = weft_agent::xds::XdsState::new(bootstrap, Some(Arc::clone(&proxy)));
         if xds.bootstrap().ads.is_some() {
             tokio::spawn(weft_agent::xds::client::run(Arc::clone(&xds)));
         }

@@ -5,9 +5,10 @@
 
 pub mod client;
 pub mod codec;
+pub mod intern;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::SystemTime;
 
 use serde_json::Value;
@@ -35,14 +36,31 @@ pub fn is_wildcard(type_url: &str) -> bool {
     !NAMED_TYPES.contains(&type_url)
 }
 
+/// A decoded resource with its name, shared by every stream that received the same bytes.
+#[derive(Debug)]
+pub struct Named<T> {
+    pub name: String,
+    pub model: T,
+}
+
 /// One accepted resource.
 #[derive(Debug, Clone)]
 pub struct Entry<T> {
     pub version: String,
     /// The resource as received (protobuf bytes, a fraction of its JSON tree), decoded again for config_dump.
-    pub bytes: Vec<u8>,
-    pub model: T,
+    pub bytes: Arc<[u8]>,
+    pub shared: Arc<Named<T>>,
     pub last_updated: SystemTime,
+}
+
+impl<T> Entry<T> {
+    fn new(version: &str, bytes: Arc<[u8]>, shared: Arc<Named<T>>) -> Entry<T> {
+        Entry { version: version.to_string(), bytes, shared, last_updated: SystemTime::now() }
+    }
+
+    pub fn model(&self) -> &T {
+        &self.shared.model
+    }
 }
 
 /// Accepted dynamic resources and the version of each type's last accepted response.
@@ -55,6 +73,45 @@ pub struct Store {
     /// RDS: route configuration name → routes.
     pub routes: BTreeMap<String, Entry<RouteConfiguration>>,
     pub versions: HashMap<&'static str, String>,
+    /// Per type, whether the last response was accepted: the xDS sync status.
+    pub last_response: HashMap<&'static str, bool>,
+}
+
+/// Shared decoded resources of every stream in the process.
+static LISTENERS: LazyLock<intern::Interner<Named<Listener>>> = LazyLock::new(Default::default);
+static CLUSTERS: LazyLock<intern::Interner<Named<Cluster>>> = LazyLock::new(Default::default);
+static ASSIGNMENTS: LazyLock<intern::Interner<Named<Vec<std::net::SocketAddr>>>> = LazyLock::new(Default::default);
+static ROUTES: LazyLock<intern::Interner<Named<RouteConfiguration>>> = LazyLock::new(Default::default);
+
+type Rejection = (Option<String>, String);
+
+/// Decodes and translates `r` once per distinct content in the process (see [`intern`]).
+fn shared<M>(
+    interner: &intern::Interner<Named<M>>,
+    r: &Received<'_>,
+    kind: &str,
+    name_field: &str,
+    translate: impl FnOnce(Obj<'_>) -> crate::config::tree::Result<M>,
+) -> Result<(Arc<[u8]>, Arc<Named<M>>), Rejection> {
+    interner.get_or_decode(r.bytes, || {
+        let raw = codec::any_to_json(r.type_url, r.bytes).map_err(|e| (r.name.map(str::to_string), e))?;
+        let name = raw.get(name_field).and_then(Value::as_str).or(r.name).unwrap_or_default().to_string();
+        let fail = |e: String| (Some(name.clone()), format!("{kind} '{name}': {e}"));
+        let obj = Obj::new(&raw, "").map_err(|e| fail(e.to_string()))?;
+        let model = translate(obj).map_err(|e| fail(e.to_string()))?;
+        Ok(Named { name, model })
+    })
+}
+
+/// Short names of the types, as `istioctl proxy-status` shows them.
+pub fn short_name(type_url: &str) -> &'static str {
+    match type_url {
+        CLUSTER_TYPE => "CDS",
+        ENDPOINT_TYPE => "EDS",
+        LISTENER_TYPE => "LDS",
+        ROUTE_TYPE => "RDS",
+        _ => "?",
+    }
 }
 
 /// A resource as received: name, version (delta) and bytes.
@@ -68,12 +125,14 @@ pub struct Received<'a> {
 /// Applies xDS updates to the proxy. Shared by the stream tasks and the admin endpoint.
 pub struct XdsState {
     bootstrap: Bootstrap,
-    proxy: Arc<Proxy>,
+    /// Where accepted configuration goes; `None` for a pod's stream, whose configuration is only held (and
+    /// shown by the admin endpoint) until in-pod listeners follow it.
+    proxy: Option<Arc<Proxy>>,
     pub store: Mutex<Store>,
 }
 
 impl XdsState {
-    pub fn new(bootstrap: Bootstrap, proxy: Arc<Proxy>) -> Arc<XdsState> {
+    pub fn new(bootstrap: Bootstrap, proxy: Option<Arc<Proxy>>) -> Arc<XdsState> {
         Arc::new(XdsState { bootstrap, proxy, store: Mutex::default() })
     }
 
@@ -104,7 +163,7 @@ impl XdsState {
             self.bootstrap
                 .clusters
                 .iter()
-                .chain(store.clusters.values().map(|e| &e.model))
+                .chain(store.clusters.values().map(Entry::model))
                 .filter_map(|c| match &c.discovery {
                     Discovery::Eds { service_name } => Some(service_name.clone()),
                     _ => None,
@@ -114,7 +173,7 @@ impl XdsState {
             self.bootstrap
                 .listeners
                 .iter()
-                .chain(store.listeners.values().map(|e| &e.model))
+                .chain(store.listeners.values().map(Entry::model))
                 .filter_map(|l| match &l.filter {
                     NetworkFilter::HttpConnectionManager(Routes::Rds(name)) => Some(name.clone()),
                     _ => None,
@@ -124,6 +183,22 @@ impl XdsState {
         names.sort();
         names.dedup();
         names
+    }
+
+    /// Per type: SYNCED (last response accepted), STALE (last response rejected) or NOT SENT (none yet).
+    pub fn sync_status(&self) -> BTreeMap<&'static str, &'static str> {
+        let store = self.store();
+        TYPES
+            .iter()
+            .map(|t| {
+                let status = match store.last_response.get(t) {
+                    None => "NOT SENT",
+                    Some(true) => "SYNCED",
+                    Some(false) => "STALE",
+                };
+                (short_name(t), status)
+            })
+            .collect()
     }
 
     /// The version of the last accepted response of `type_url` (SotW `version_info`).
@@ -137,34 +212,14 @@ impl XdsState {
         let mut errors = Vec::new();
         let mut store = self.store();
         let mut seen = HashSet::new();
-        let now = SystemTime::now();
         for r in received {
-            match self.decode(type_url, r, &store) {
-                Ok((name, Decoded::Cluster(model))) => {
-                    seen.insert(name.clone());
-                    let entry = Entry { version: r.version.to_string(), bytes: r.bytes.to_vec(), model, last_updated: now };
-                    store.clusters.insert(name, entry);
-                }
-                Ok((name, Decoded::Listener(model))) => {
-                    seen.insert(name.clone());
-                    let entry = Entry { version: r.version.to_string(), bytes: r.bytes.to_vec(), model, last_updated: now };
-                    store.listeners.insert(name, entry);
-                }
-                Ok((name, Decoded::Assignment(model))) => {
-                    seen.insert(name.clone());
-                    let entry = Entry { version: r.version.to_string(), bytes: r.bytes.to_vec(), model, last_updated: now };
-                    store.assignments.insert(name, entry);
-                }
-                Ok((name, Decoded::Routes(model))) => {
-                    seen.insert(name.clone());
-                    let entry = Entry { version: r.version.to_string(), bytes: r.bytes.to_vec(), model, last_updated: now };
-                    store.routes.insert(name, entry);
+            match self.accept(type_url, r, &mut store) {
+                Ok(name) => {
+                    seen.insert(name);
                 }
                 Err((name, e)) => {
                     // Keep serving the last good version of a rejected resource.
-                    if let Some(name) = name {
-                        seen.insert(name);
-                    }
+                    seen.extend(name);
                     errors.push(e);
                 }
             }
@@ -180,36 +235,43 @@ impl XdsState {
         if errors.is_empty() {
             store.versions.insert(type_url, version.to_string());
         }
+        store.last_response.insert(type_url, errors.is_empty());
         errors
     }
 
-    fn decode(&self, type_url: &str, r: &Received<'_>, store: &Store) -> Result<(String, Decoded), (Option<String>, String)> {
+    /// Validates one resource and stores it; returns its name.
+    fn accept(&self, type_url: &str, r: &Received<'_>, store: &mut Store) -> Result<String, Rejection> {
         if r.type_url != type_url {
             return Err((r.name.map(str::to_string), format!("resource of type {} in a {type_url} response", r.type_url)));
         }
-        let raw = codec::any_to_json(r.type_url, r.bytes).map_err(|e| (r.name.map(str::to_string), e))?;
-        let name_field = if type_url == ENDPOINT_TYPE { "cluster_name" } else { "name" };
-        let name = raw.get(name_field).and_then(Value::as_str).or(r.name).unwrap_or_default().to_string();
-        let kind = match type_url {
-            LISTENER_TYPE => "Listener",
-            ENDPOINT_TYPE => "ClusterLoadAssignment",
-            ROUTE_TYPE => "RouteConfiguration",
-            _ => "Cluster",
-        };
-        let fail = |e: String| (Some(name.clone()), format!("{kind} '{name}': {e}"));
-        let obj = Obj::new(&raw, "").map_err(|e| fail(e.to_string()))?;
-        let decoded = match type_url {
+        match type_url {
             LISTENER_TYPE => {
-                let l = listener::translate(obj).map_err(|e| fail(e.to_string()))?;
-                self.check_routes(&l, store).map_err(fail)?;
-                Decoded::Listener(l)
+                let (bytes, l) = shared(&LISTENERS, r, "Listener", "name", listener::translate)?;
+                let name = l.name.clone();
+                self.check_routes(&l.model, store).map_err(|e| (Some(name.clone()), format!("Listener '{name}': {e}")))?;
+                store.listeners.insert(name.clone(), Entry::new(r.version, bytes, l));
+                Ok(name)
             }
-            ENDPOINT_TYPE => Decoded::Assignment(cluster::assignment(obj).map_err(|e| fail(e.to_string()))?.1),
+            ENDPOINT_TYPE => {
+                let (bytes, a) = shared(&ASSIGNMENTS, r, "ClusterLoadAssignment", "cluster_name", |o| cluster::assignment(o).map(|(_, e)| e))?;
+                let name = a.name.clone();
+                store.assignments.insert(name.clone(), Entry::new(r.version, bytes, a));
+                Ok(name)
+            }
             // Routes from RDS are not checked against clusters (Envoy's validate_clusters default for RDS).
-            ROUTE_TYPE => Decoded::Routes(route::translate(obj).map_err(|e| fail(e.to_string()))?),
-            _ => Decoded::Cluster(cluster::translate(obj).map_err(|e| fail(e.to_string()))?),
-        };
-        Ok((name, decoded))
+            ROUTE_TYPE => {
+                let (bytes, rc) = shared(&ROUTES, r, "RouteConfiguration", "name", route::translate)?;
+                let name = rc.name.clone();
+                store.routes.insert(name.clone(), Entry::new(r.version, bytes, rc));
+                Ok(name)
+            }
+            _ => {
+                let (bytes, c) = shared(&CLUSTERS, r, "Cluster", "name", cluster::translate)?;
+                let name = c.name.clone();
+                store.clusters.insert(name.clone(), Entry::new(r.version, bytes, c));
+                Ok(name)
+            }
+        }
     }
 
     /// Inline route configurations must name existing clusters (`validate_clusters`).
@@ -231,18 +293,19 @@ impl XdsState {
     /// Makes static + dynamic resources the running configuration; listeners that cannot bind are errors
     /// (and are dropped from the store so a later response can retry them).
     fn push(&self, store: &mut Store) -> Vec<String> {
+        let Some(proxy) = &self.proxy else { return Vec::new() };
         let clusters: Vec<Cluster> =
-            self.bootstrap.clusters.iter().cloned().chain(store.clusters.values().map(|e| e.model.clone())).collect();
+            self.bootstrap.clusters.iter().cloned().chain(store.clusters.values().map(|e| e.model().clone())).collect();
         // A listener whose RDS routes have not arrived yet is warming: it is not started until they do.
         let listeners: Vec<Listener> = self
             .bootstrap
             .listeners
             .iter()
-            .chain(store.listeners.values().map(|e| &e.model))
+            .chain(store.listeners.values().map(Entry::model))
             .filter_map(|l| resolve_routes(l, &store.routes))
             .collect();
-        let assignments = store.assignments.iter().map(|(n, e)| (n.clone(), e.model.clone())).collect();
-        let failed = self.proxy.apply(&listeners, &clusters, &assignments);
+        let assignments = store.assignments.iter().map(|(n, e)| (n.clone(), e.model().clone())).collect();
+        let failed = proxy.apply(&listeners, &clusters, &assignments);
         failed
             .into_iter()
             .map(|(name, e)| {
@@ -253,18 +316,11 @@ impl XdsState {
     }
 }
 
-enum Decoded {
-    Listener(Listener),
-    Cluster(Cluster),
-    Assignment(Vec<std::net::SocketAddr>),
-    Routes(RouteConfiguration),
-}
-
 /// The listener with its RDS routes inlined, or `None` while they have not arrived.
 fn resolve_routes(l: &Listener, routes: &BTreeMap<String, Entry<RouteConfiguration>>) -> Option<Listener> {
     match &l.filter {
         NetworkFilter::HttpConnectionManager(Routes::Rds(name)) => {
-            let rc = routes.get(name)?.model.clone();
+            let rc = routes.get(name)?.model().clone();
             Some(Listener { filter: NetworkFilter::HttpConnectionManager(Routes::Inline(rc)), ..l.clone() })
         }
         _ => Some(l.clone()),
