@@ -2,12 +2,15 @@
 //! are decoded once and held once, so per-pod memory is proportional to what differs between pods.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, Weak};
+
+/// The live copies of one content hash (collisions share a bucket).
+type Bucket<T> = Vec<(Weak<[u8]>, Weak<T>)>;
 
 /// Decoded resources of one type by content.
 pub struct Interner<T> {
-    buckets: Mutex<HashMap<u64, Vec<(Weak<[u8]>, Weak<T>)>>>,
+    buckets: Mutex<HashMap<u64, Bucket<T>>>,
     hasher: std::collections::hash_map::RandomState,
 }
 
@@ -20,9 +23,7 @@ impl<T> Default for Interner<T> {
 impl<T> Interner<T> {
     /// The shared copy of `bytes` and its decoded value, decoding (with `decode`) only on first sight.
     pub fn get_or_decode<E>(&self, bytes: &[u8], decode: impl FnOnce() -> Result<T, E>) -> Result<(Arc<[u8]>, Arc<T>), E> {
-        let mut h = self.hasher.build_hasher();
-        bytes.hash(&mut h);
-        let key = h.finish();
+        let key = self.hasher.hash_one(bytes);
         {
             let buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(found) = buckets.get(&key).into_iter().flatten().find_map(|(b, v)| {
