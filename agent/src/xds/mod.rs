@@ -84,6 +84,8 @@ static ASSIGNMENTS: LazyLock<intern::Interner<Named<Vec<std::net::SocketAddr>>>>
 static ROUTES: LazyLock<intern::Interner<Named<RouteConfiguration>>> = LazyLock::new(Default::default);
 
 type Rejection = (Option<String>, String);
+/// A resource's shared bytes and shared decoded form.
+type Shared<M> = (Arc<[u8]>, Arc<Named<M>>);
 
 /// Decodes and translates `r` once per distinct content in the process (see [`intern`]).
 fn shared<M>(
@@ -92,7 +94,7 @@ fn shared<M>(
     kind: &str,
     name_field: &str,
     translate: impl FnOnce(Obj<'_>) -> crate::config::tree::Result<M>,
-) -> Result<(Arc<[u8]>, Arc<Named<M>>), Rejection> {
+) -> Result<Shared<M>, Rejection> {
     interner.get_or_decode(r.bytes, || {
         let raw = codec::any_to_json(r.type_url, r.bytes).map_err(|e| (r.name.map(str::to_string), e))?;
         let name = raw.get(name_field).and_then(Value::as_str).or(r.name).unwrap_or_default().to_string();
