@@ -108,6 +108,12 @@ struct RunArgs {
     /// How long a stopping agent lets established connections finish, in ms [default: 30000].
     #[arg(long)]
     drain_timeout_ms: Option<u64>,
+    /// The control plane (istiod's plaintext xDS, e.g. 10.0.0.10:15010) each captured pod gets a stream to.
+    #[arg(long)]
+    xds_address: Option<SocketAddr>,
+    /// sotw or delta [default: sotw].
+    #[arg(long)]
+    xds_api: Option<String>,
 }
 
 impl RunArgs {
@@ -129,6 +135,11 @@ impl RunArgs {
             bpf_pin_path: self.bpf_pin_path.clone(),
             sockmap: self.sockmap,
             drain_timeout_ms: self.drain_timeout_ms,
+            xds_address: self.xds_address,
+            xds_api: self.xds_api.clone(),
+            cluster_id: None,
+            mesh_id: None,
+            istio_version: None,
         };
         cfg = flags.apply(cfg)?;
         if let Some(level) = &self.log_level {
@@ -248,8 +259,9 @@ async fn serve(cfg: AgentConfig) -> Result<(), String> {
     let registry = RegistryFile::new(&cfg.state_dir)
         .map_err(|e| format!("state dir {}: {e}", cfg.state_dir.display()))?;
     let settings = ProxySettings { connect_timeout: cfg.connect_timeout };
-    let node = Arc::new(Node::new(Arc::from(redirector), registry, settings));
-    let admin = Arc::new(Admin { node: Arc::clone(&node), ready: false.into() });
+    let xds = cfg.xds.clone().map(weft_agent::xds::pod::PodXds::new).transpose().map_err(|e| format!("xds_address: {e}"))?;
+    let node = Arc::new(Node::new(Arc::from(redirector), registry, settings, xds));
+    let admin = Arc::new(Admin { node: Arc::clone(&node), ready: false.into(), started: std::time::SystemTime::now() });
     let admin_listener = admin::bind(cfg.admin_address).map_err(|e| e.to_string())?;
     tokio::spawn(admin::serve(admin_listener, Arc::clone(&admin) as Arc<dyn admin::Routes>));
     tracing::info!(redirect = %cfg.redirect, admin = %cfg.admin_address, state_dir = %cfg.state_dir.display(), "starting");

@@ -15,6 +15,8 @@ use crate::cni_server::registry::{PodRecord, RegistryFile};
 use crate::proxy::listener::{self, PodListeners};
 use crate::proxy::stats::ListenerSnapshot;
 use crate::proxy::ProxySettings;
+use crate::xds::pod::PodXds;
+use crate::xds::XdsState;
 
 /// A failure a CNI caller sees: what failed, and what to do about it.
 #[derive(Debug)]
@@ -33,6 +35,19 @@ struct CapturedPod {
     record: PodRecord,
     netns: Netns,
     listeners: PodListeners,
+    xds: Option<PodStream>,
+}
+
+/// A pod's xDS stream; dropping it ends the stream.
+struct PodStream {
+    state: Arc<XdsState>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PodStream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
 
 impl CapturedPod {
@@ -47,6 +62,7 @@ pub struct Node {
     redirector: Arc<dyn Redirector>,
     registry: RegistryFile,
     settings: ProxySettings,
+    xds: Option<PodXds>,
     pods: Mutex<BTreeMap<Attachment, CapturedPod>>,
 }
 
@@ -64,11 +80,21 @@ pub struct PodStatus {
     pub listening: bool,
     pub outbound: ListenerSnapshot,
     pub inbound: ListenerSnapshot,
+    /// xDS sync status per type (CDS, EDS, LDS, RDS), when the agent has a control plane.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub xds: Option<std::collections::BTreeMap<&'static str, &'static str>>,
 }
 
 impl Node {
-    pub fn new(redirector: Arc<dyn Redirector>, registry: RegistryFile, settings: ProxySettings) -> Node {
-        Node { redirector, registry, settings, pods: Mutex::new(BTreeMap::new()) }
+    pub fn new(redirector: Arc<dyn Redirector>, registry: RegistryFile, settings: ProxySettings, xds: Option<PodXds>) -> Node {
+        Node { redirector, registry, settings, xds, pods: Mutex::new(BTreeMap::new()) }
+    }
+
+    /// The xDS state of pod `namespace/name`, when the agent has a control plane.
+    pub async fn pod_xds(&self, namespace: &str, name: &str) -> Option<Arc<XdsState>> {
+        let pods = self.pods.lock().await;
+        let pod = pods.values().find(|p| p.record.namespace == namespace && p.record.name == name)?;
+        pod.xds.as_ref().map(|s| Arc::clone(&s.state))
     }
 
     pub fn mode(&self) -> RedirectMode {
@@ -226,6 +252,7 @@ impl Node {
                 listening: p.listeners.healthy(),
                 outbound: p.listeners.outbound.snapshot(),
                 inbound: p.listeners.inbound.snapshot(),
+                xds: p.xds.as_ref().map(|s| s.state.sync_status()),
             })
             .collect()
     }
@@ -254,7 +281,11 @@ impl Node {
         .map_err(|e| NodeError::new(format!("{label}: cannot install {} redirection", self.mode()), e))?;
         tracing::debug!(pod = %label, ?listening, total = ?started.elapsed(), "listeners and rules in place");
         record.redirect = self.redirector.mode();
-        Ok(CapturedPod { record, netns: ns, listeners })
+        let xds = self.xds.as_ref().map(|x| {
+            let (state, task) = x.start(&record);
+            PodStream { state, task }
+        });
+        Ok(CapturedPod { record, netns: ns, listeners, xds })
     }
 
     /// Removes the pod's rules (when its netns still exists) and stops its listeners.

@@ -223,3 +223,9 @@ fn connect_in(path: &Path, addr: SocketAddr) -> Result<std::net::TcpStream, Harn
     })
     .map_err(|e| HarnessError(format!("connect to {addr} in {}: {e}", path.display())))
 }
+
+/// GET `path` from the agent's default admin address inside `cluster`'s node netns.
+pub fn http_get_path(cluster: &Cluster, path: &str) -> (u16, String) {
+    let addr: SocketAddr = ADMIN.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 15000)));
+    http_get(cluster.node().path(), addr, path).unwrap_or((0, String::new()))
+}

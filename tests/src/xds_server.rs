@@ -103,6 +103,7 @@ struct Shared {
 pub struct XdsServer {
     pub addr: SocketAddr,
     shared: Arc<Shared>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -130,19 +131,27 @@ impl XdsServer {
         });
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let service = Service(Arc::clone(&shared));
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = Arc::clone(&connections);
         let thread = std::thread::spawn(move || {
             let Ok(runtime) = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() else { return };
             runtime.block_on(async move {
                 let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
+                let incoming = TcpListenerStream::new(listener).map(move |c| {
+                    if c.is_ok() {
+                        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    c
+                });
                 let _ = tonic::transport::Server::builder()
                     .add_service(AggregatedDiscoveryServiceServer::new(service))
-                    .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                    .serve_with_incoming_shutdown(incoming, async {
                         let _ = rx.await;
                     })
                     .await;
             });
         });
-        Ok(XdsServer { addr, shared, shutdown: Some(tx), thread: Some(thread) })
+        Ok(XdsServer { addr, shared, connections, shutdown: Some(tx), thread: Some(thread) })
     }
 
     /// Replaces every resource of `type_url` with `resources` at `version`, and pushes.
@@ -173,6 +182,11 @@ impl XdsServer {
             all.by_type.insert(type_url.to_string(), (version.to_string(), entries));
         }
         self.shared.changed.send_modify(|n| *n += 1);
+    }
+
+    /// TCP connections accepted so far (xDS streams of one client share one).
+    pub fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn requests(&self) -> Vec<Recorded> {

@@ -13,6 +13,7 @@ pub struct Admin {
     pub node: Arc<Node>,
     /// Set once start-up adoption is done and the CNI socket serves.
     pub ready: AtomicBool,
+    pub started: std::time::SystemTime,
 }
 
 #[derive(Serialize)]
@@ -22,6 +23,20 @@ struct Status<'a> {
     capture: serde_json::Value,
     version: &'a str,
     pods: Vec<PodStatus>,
+}
+
+impl Admin {
+    /// `/pods/<namespace>/<name>/config_dump`: the pod's configuration from the control plane, in Envoy's shape.
+    async fn pod_config_dump(&self, request: &AdminRequest<'_>) -> Reply {
+        let parts: Vec<&str> = request.path.trim_matches('/').split('/').collect();
+        let [_, namespace, name, _] = parts.as_slice() else {
+            return Reply::status("404 Not Found", "use /pods/<namespace>/<name>/config_dump\n");
+        };
+        match self.node.pod_xds(namespace, name).await {
+            Some(xds) => super::envoy::config_dump(&xds, self.started, request),
+            None => Reply::status("404 Not Found", format!("no xDS state for pod {namespace}/{name}\n")),
+        }
+    }
 }
 
 impl Routes for Admin {
@@ -39,7 +54,10 @@ impl Routes for Admin {
                     version: env!("CARGO_PKG_VERSION"),
                     pods: self.node.status().await,
                 }),
-                ("GET", _) => Reply::status("404 Not Found", "paths: /healthz /ready /healthz/ready /status\n"),
+                ("GET", path) if path.starts_with("/pods/") && path.ends_with("/config_dump") => self.pod_config_dump(&request).await,
+                ("GET", _) => {
+                    Reply::status("404 Not Found", "paths: /healthz /ready /healthz/ready /status /pods/<ns>/<name>/config_dump\n")
+                }
                 _ => Reply::status("405 Method Not Allowed", "GET only\n"),
             }
         })

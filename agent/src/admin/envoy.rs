@@ -30,7 +30,7 @@ impl Routes for EnvoyAdmin {
             match (request.method, request.path) {
                 ("GET", "/ready") => Reply::ok("text/plain", "LIVE\n"),
                 ("GET", "/server_info") => Reply::json(&self.server_info()),
-                ("GET", "/config_dump") => self.config_dump(&request),
+                ("GET", "/config_dump") => config_dump(&self.xds, self.started, &request),
                 ("GET", "/clusters") => Reply::ok("text/plain", self.clusters()),
                 ("GET", "/listeners") => Reply::ok("text/plain", self.listeners()),
                 ("GET", "/stats") => Reply::ok("text/plain", self.stats(false)),
@@ -66,73 +66,6 @@ impl EnvoyAdmin {
             "uptime_current_epoch": self.uptime(),
             "uptime_all_epochs": self.uptime(),
         })
-    }
-
-    /// Envoy's `/config_dump` shape; `?resource=` selects one repeated field, `?mask=` keeps named fields.
-    fn config_dump(&self, request: &AdminRequest<'_>) -> Reply {
-        let raw = &self.xds.bootstrap().raw;
-        let updated = humantime_rfc3339(self.started);
-        let statics = |key: &str, item: &str, type_name: &str| -> Vec<Value> {
-            raw.pointer(&format!("/static_resources/{key}"))
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .map(|v| {
-                    let mut resource = v.clone();
-                    if let Some(obj) = resource.as_object_mut() {
-                        obj.insert("@type".into(), json!(format!("type.googleapis.com/envoy.config.{type_name}")));
-                    }
-                    json!({ item: resource, "last_updated": updated })
-                })
-                .collect()
-        };
-        let store = self.xds.store.lock().unwrap_or_else(|e| e.into_inner());
-        let typed = |bytes: &[u8], type_name: &str| {
-            let type_url = format!("type.googleapis.com/envoy.config.{type_name}");
-            let mut v = redact(crate::xds::codec::any_to_json(&type_url, bytes).unwrap_or_else(|e| json!({"error": e})));
-            if let Some(obj) = v.as_object_mut() {
-                obj.insert("@type".into(), json!(format!("type.googleapis.com/envoy.config.{type_name}")));
-            }
-            v
-        };
-        let dynamic_clusters: Vec<Value> = store
-            .clusters
-            .values()
-            .map(|e| json!({"version_info": e.version, "cluster": typed(&e.bytes, "cluster.v3.Cluster"), "last_updated": humantime_rfc3339(e.last_updated)}))
-            .collect();
-        let dynamic_listeners: Vec<Value> = store
-            .listeners
-            .iter()
-            .map(|(name, e)| json!({"name": name, "active_state": {"version_info": e.version, "listener": typed(&e.bytes, "listener.v3.Listener"), "last_updated": humantime_rfc3339(e.last_updated)}}))
-            .collect();
-        let version = |t: &str| store.versions.get(t).cloned().unwrap_or_default();
-        let configs = vec![
-            json!({"@type": format!("{TYPE_PREFIX}BootstrapConfigDump"), "bootstrap": redact(raw.clone()), "last_updated": updated}),
-            json!({"@type": format!("{TYPE_PREFIX}ClustersConfigDump"), "version_info": version(crate::xds::CLUSTER_TYPE),
-                   "static_clusters": statics("clusters", "cluster", "cluster.v3.Cluster"), "dynamic_active_clusters": dynamic_clusters}),
-            json!({"@type": format!("{TYPE_PREFIX}ListenersConfigDump"), "version_info": version(crate::xds::LISTENER_TYPE),
-                   "static_listeners": statics("listeners", "listener", "listener.v3.Listener"), "dynamic_listeners": dynamic_listeners}),
-        ];
-        drop(store);
-        let mut configs = match request.param("resource") {
-            None | Some("") => configs,
-            Some(field) => {
-                let items: Vec<Value> = configs.iter().filter_map(|c| c.get(field)).flat_map(|v| v.as_array().cloned().unwrap_or_default()).collect();
-                if items.is_empty() {
-                    return Reply::status("404 Not Found", format!("{field} not found in config dump\n"));
-                }
-                items
-            }
-        };
-        if let Some(mask) = request.param("mask").filter(|m| !m.is_empty()) {
-            let keep: Vec<&str> = mask.split(',').collect();
-            for c in &mut configs {
-                if let Some(obj) = c.as_object_mut() {
-                    obj.retain(|k, _| keep.contains(&k.as_str()) || k == "@type");
-                }
-            }
-        }
-        Reply::json(&json!({ "configs": configs }))
     }
 
     fn clusters(&self) -> String {
@@ -182,6 +115,74 @@ impl EnvoyAdmin {
         out
     }
 }
+
+/// Envoy's `/config_dump` shape; `?resource=` selects one repeated field, `?mask=` keeps named fields.
+pub fn config_dump(xds: &XdsState, started: SystemTime, request: &AdminRequest<'_>) -> Reply {
+    let raw = &xds.bootstrap().raw;
+    let updated = humantime_rfc3339(started);
+    let statics = |key: &str, item: &str, type_name: &str| -> Vec<Value> {
+        raw.pointer(&format!("/static_resources/{key}"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|v| {
+                let mut resource = v.clone();
+                if let Some(obj) = resource.as_object_mut() {
+                    obj.insert("@type".into(), json!(format!("type.googleapis.com/envoy.config.{type_name}")));
+                }
+                json!({ item: resource, "last_updated": updated })
+            })
+            .collect()
+    };
+    let store = xds.store.lock().unwrap_or_else(|e| e.into_inner());
+    let typed = |bytes: &[u8], type_name: &str| {
+        let type_url = format!("type.googleapis.com/envoy.config.{type_name}");
+        let mut v = redact(crate::xds::codec::any_to_json(&type_url, bytes).unwrap_or_else(|e| json!({"error": e})));
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("@type".into(), json!(format!("type.googleapis.com/envoy.config.{type_name}")));
+        }
+        v
+    };
+    let dynamic_clusters: Vec<Value> = store
+        .clusters
+        .values()
+        .map(|e| json!({"version_info": e.version, "cluster": typed(&e.bytes, "cluster.v3.Cluster"), "last_updated": humantime_rfc3339(e.last_updated)}))
+        .collect();
+    let dynamic_listeners: Vec<Value> = store
+        .listeners
+        .iter()
+        .map(|(name, e)| json!({"name": name, "active_state": {"version_info": e.version, "listener": typed(&e.bytes, "listener.v3.Listener"), "last_updated": humantime_rfc3339(e.last_updated)}}))
+        .collect();
+    let version = |t: &str| store.versions.get(t).cloned().unwrap_or_default();
+    let configs = vec![
+        json!({"@type": format!("{TYPE_PREFIX}BootstrapConfigDump"), "bootstrap": redact(raw.clone()), "last_updated": updated}),
+        json!({"@type": format!("{TYPE_PREFIX}ClustersConfigDump"), "version_info": version(crate::xds::CLUSTER_TYPE),
+               "static_clusters": statics("clusters", "cluster", "cluster.v3.Cluster"), "dynamic_active_clusters": dynamic_clusters}),
+        json!({"@type": format!("{TYPE_PREFIX}ListenersConfigDump"), "version_info": version(crate::xds::LISTENER_TYPE),
+               "static_listeners": statics("listeners", "listener", "listener.v3.Listener"), "dynamic_listeners": dynamic_listeners}),
+    ];
+    drop(store);
+    let mut configs = match request.param("resource") {
+        None | Some("") => configs,
+        Some(field) => {
+            let items: Vec<Value> = configs.iter().filter_map(|c| c.get(field)).flat_map(|v| v.as_array().cloned().unwrap_or_default()).collect();
+            if items.is_empty() {
+                return Reply::status("404 Not Found", format!("{field} not found in config dump\n"));
+            }
+            items
+        }
+    };
+    if let Some(mask) = request.param("mask").filter(|m| !m.is_empty()) {
+        let keep: Vec<&str> = mask.split(',').collect();
+        for c in &mut configs {
+            if let Some(obj) = c.as_object_mut() {
+                obj.retain(|k, _| keep.contains(&k.as_str()) || k == "@type");
+            }
+        }
+    }
+    Reply::json(&json!({ "configs": configs }))
+}
+
 
 /// Private keys never leave the process, not even through the admin endpoint.
 fn redact(mut v: Value) -> Value {

@@ -7,6 +7,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::capture::ebpf::EbpfSettings;
+use crate::config::bootstrap::AdsApi;
+use crate::xds::pod::XdsSettings;
 use crate::capture::iptables::Variant;
 use crate::capture::RedirectMode;
 
@@ -23,6 +25,9 @@ pub struct AgentConfig {
     pub ebpf: EbpfSettings,
     /// How long a stopping agent lets established connections finish.
     pub drain_timeout: Duration,
+    /// The control plane each captured pod gets its configuration from; none: pods are proxied by original
+    /// destination only.
+    pub xds: Option<XdsSettings>,
 }
 
 impl Default for AgentConfig {
@@ -37,6 +42,7 @@ impl Default for AgentConfig {
             connect_timeout: Duration::from_secs(10),
             ebpf: EbpfSettings::default(),
             drain_timeout: Duration::from_secs(30),
+            xds: None,
         }
     }
 }
@@ -56,6 +62,12 @@ pub struct ConfigFile {
     pub bpf_pin_path: Option<PathBuf>,
     pub sockmap: Option<bool>,
     pub drain_timeout_ms: Option<u64>,
+    pub xds_address: Option<SocketAddr>,
+    /// `sotw` or `delta`.
+    pub xds_api: Option<String>,
+    pub cluster_id: Option<String>,
+    pub mesh_id: Option<String>,
+    pub istio_version: Option<String>,
 }
 
 impl ConfigFile {
@@ -85,6 +97,35 @@ impl ConfigFile {
         }
         set(&mut base.ebpf.pin_path, self.bpf_pin_path);
         set(&mut base.ebpf.sockmap, self.sockmap);
+        if let Some(address) = self.xds_address {
+            match base.xds.as_mut() {
+                Some(xds) => xds.address = address,
+                None => {
+                    base.xds = Some(XdsSettings {
+                        address,
+                        api: AdsApi::Sotw,
+                        cluster_id: "Kubernetes".into(),
+                        mesh_id: "cluster.local".into(),
+                        istio_version: "1.24.0".into(),
+                    })
+                }
+            }
+        }
+        let mesh_fields = [&self.xds_api, &self.cluster_id, &self.mesh_id, &self.istio_version];
+        if let Some(xds) = base.xds.as_mut() {
+            if let Some(api) = self.xds_api {
+                xds.api = match api.as_str() {
+                    "sotw" => AdsApi::Sotw,
+                    "delta" => AdsApi::Delta,
+                    other => return Err(format!("xds_api: unknown {other:?}: use sotw or delta")),
+                };
+            }
+            set(&mut xds.cluster_id, self.cluster_id);
+            set(&mut xds.mesh_id, self.mesh_id);
+            set(&mut xds.istio_version, self.istio_version);
+        } else if mesh_fields.iter().any(|f| f.is_some()) {
+            return Err("xds_api, cluster_id, mesh_id and istio_version need xds_address".into());
+        }
         Ok(base)
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
 use xds_api::pb::envoy::config::core::v3::Node;
 use xds_api::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use xds_api::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
@@ -22,23 +22,45 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// gRPC `INVALID_ARGUMENT`, the code Envoy puts in NACKs.
 const INVALID_ARGUMENT: i32 = 3;
 
-/// Runs the ADS client until the task is dropped.
+/// Runs the ADS client of the standalone proxy until the task is dropped: a connection of its own to the
+/// bootstrap's ADS cluster.
 pub async fn run(state: Arc<XdsState>) {
     let Some(ads) = state.bootstrap().ads.clone() else { return };
     let mut failures = 0u32;
     loop {
-        let result = match endpoint(&state, &ads.cluster) {
+        let channel = match endpoint(&state, &ads.cluster) {
             Err(e) => Err(e),
-            Ok(endpoint) => match ads.api {
-                AdsApi::Sotw => sotw(&state, endpoint, &mut failures).await,
-                AdsApi::Delta => delta(&state, endpoint, &mut failures).await,
-            },
+            Ok(endpoint) => endpoint.connect().await.map_err(|e| format!("connect: {e}")),
+        };
+        let result = match channel {
+            Ok(channel) => stream(&state, ads.api, channel, &mut failures).await,
+            Err(e) => Err(e),
         };
         if let Err(e) = result {
             tracing::warn!(cluster = %ads.cluster, "xDS stream ended: {e}");
         }
         failures = failures.saturating_add(1);
         tokio::time::sleep(backoff(failures)).await;
+    }
+}
+
+/// Runs one ADS stream per `state` on a shared `channel` (one HTTP/2 connection for every pod of the node)
+/// until the task is dropped.
+pub async fn run_on(state: Arc<XdsState>, api: AdsApi, channel: Channel) {
+    let mut failures = 0u32;
+    loop {
+        if let Err(e) = stream(&state, api, channel.clone(), &mut failures).await {
+            tracing::debug!(node = %state.bootstrap().node.id, "xDS stream ended: {e}");
+        }
+        failures = failures.saturating_add(1);
+        tokio::time::sleep(backoff(failures)).await;
+    }
+}
+
+async fn stream(state: &Arc<XdsState>, api: AdsApi, channel: Channel, failures: &mut u32) -> Result<(), String> {
+    match api {
+        AdsApi::Sotw => sotw(state, channel, failures).await,
+        AdsApi::Delta => delta(state, channel, failures).await,
     }
 }
 
@@ -70,8 +92,7 @@ fn status(errors: &[String]) -> Option<Status> {
     (!errors.is_empty()).then(|| Status { code: INVALID_ARGUMENT, message: errors.join("; "), details: Vec::new() })
 }
 
-async fn sotw(state: &Arc<XdsState>, endpoint: Endpoint, failures: &mut u32) -> Result<(), String> {
-    let channel = endpoint.connect().await.map_err(|e| format!("connect: {e}"))?;
+async fn sotw(state: &Arc<XdsState>, channel: Channel, failures: &mut u32) -> Result<(), String> {
     let (tx, rx) = mpsc::channel(16);
     let mut named = NAMED_TYPES.map(Subscription::new);
     for (i, type_url) in TYPES.iter().filter(|t| is_wildcard(t)).enumerate() {
@@ -178,8 +199,7 @@ impl Subscription {
     }
 }
 
-async fn delta(state: &Arc<XdsState>, endpoint: Endpoint, failures: &mut u32) -> Result<(), String> {
-    let channel = endpoint.connect().await.map_err(|e| format!("connect: {e}"))?;
+async fn delta(state: &Arc<XdsState>, channel: Channel, failures: &mut u32) -> Result<(), String> {
     let (tx, rx) = mpsc::channel(16);
     let mut named = NAMED_TYPES.map(Subscription::new);
     for (i, type_url) in TYPES.iter().filter(|t| is_wildcard(t)).enumerate() {

@@ -6,6 +6,7 @@
 pub mod client;
 pub mod codec;
 pub mod intern;
+pub mod pod;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, LazyLock, Mutex};

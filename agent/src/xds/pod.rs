@@ -1,0 +1,77 @@
+//! Per-pod xDS streams for `weft-agent run`: each captured pod asks the control plane for its configuration
+//! with the node identity its Istio sidecar would have had, so istiod serves it exactly what it would serve
+//! that sidecar. All streams share one HTTP/2 connection; identical resources are held once (see `intern`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use serde_json::json;
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint};
+
+use super::{client, XdsState};
+use crate::cni_server::registry::PodRecord;
+use crate::config::bootstrap::{Ads, AdsApi, Bootstrap, Node};
+
+/// Where the control plane is and how the mesh is named.
+#[derive(Debug, Clone, PartialEq)]
+pub struct XdsSettings {
+    /// istiod's xDS address (plaintext gRPC, e.g. port 15010).
+    pub address: SocketAddr,
+    pub api: AdsApi,
+    pub cluster_id: String,
+    pub mesh_id: String,
+    pub istio_version: String,
+}
+
+/// The node's shared connection to the control plane.
+pub struct PodXds {
+    settings: XdsSettings,
+    channel: Channel,
+}
+
+impl PodXds {
+    /// A lazily connected channel: it connects on first use and reconnects by itself.
+    pub fn new(settings: XdsSettings) -> Result<PodXds, String> {
+        let channel = Endpoint::from_shared(format!("http://{}", settings.address)).map_err(|e| e.to_string())?.connect_lazy();
+        Ok(PodXds { settings, channel })
+    }
+
+    /// Starts the pod's stream; dropping (aborting) the handle ends it.
+    pub fn start(&self, pod: &PodRecord) -> (Arc<XdsState>, JoinHandle<()>) {
+        let bootstrap = Bootstrap {
+            node: sidecar_node(pod, &self.settings),
+            admin: None,
+            listeners: Vec::new(),
+            clusters: Vec::new(),
+            ads: Some(Ads { api: self.settings.api, cluster: String::new() }),
+            raw: serde_json::Value::Null,
+        };
+        let state = XdsState::new(bootstrap, None);
+        let task = tokio::spawn(client::run_on(Arc::clone(&state), self.settings.api, self.channel.clone()));
+        (state, task)
+    }
+}
+
+/// The identity an Istio sidecar of this pod presents: `sidecar~<ip>~<pod>.<ns>~<ns>.svc.cluster.local` and
+/// the metadata istiod reads. Labels and the service account come from the Kubernetes API, which the agent
+/// does not watch yet; they are left out rather than guessed.
+pub fn sidecar_node(pod: &PodRecord, settings: &XdsSettings) -> Node {
+    let ip = pod.ips.iter().find(|ip| matches!(ip, IpAddr::V4(_))).or(pod.ips.first());
+    let ip = ip.map_or_else(|| "0.0.0.0".to_string(), IpAddr::to_string);
+    let ips: Vec<String> = pod.ips.iter().map(IpAddr::to_string).collect();
+    Node {
+        id: format!("sidecar~{ip}~{}.{}~{}.svc.cluster.local", pod.name, pod.namespace, pod.namespace),
+        cluster: format!("{}.{}", pod.name, pod.namespace),
+        metadata: json!({
+            "NAMESPACE": pod.namespace,
+            "NAME": pod.name,
+            "INSTANCE_IPS": ips.join(","),
+            "INTERCEPTION_MODE": "REDIRECT",
+            "ISTIO_VERSION": settings.istio_version,
+            "WORKLOAD_NAME": pod.name,
+            "CLUSTER_ID": settings.cluster_id,
+            "MESH_ID": settings.mesh_id,
+        }),
+    }
+}
