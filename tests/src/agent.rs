@@ -169,6 +169,11 @@ impl Agent {
         &self.state_dir
     }
 
+    /// The running agent's process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.as_ref().map(|p| p.id())
+    }
+
     pub fn pin_path(&self) -> &PathBuf {
         &self.pins
     }

@@ -228,3 +228,61 @@ fn rss_kib(pid: u32) -> u64 {
         .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
         .unwrap_or(0)
 }
+
+/// `cargo xtask bench pods [--pods N] [--clusters M]`: the agent's resident memory per captured pod, with
+/// and without a per-pod xDS stream, every pod receiving the same M clusters and one listener.
+pub fn pods(args: &[&str]) -> Result<(), String> {
+    use weft_tests::xds_server::{XdsServer, CLUSTER, LISTENER};
+    let (pods, clusters) = match args {
+        [] => (100usize, 1000usize),
+        ["--pods", p, "--clusters", c] => (p.parse().map_err(|_| "--pods: not a number")?, c.parse().map_err(|_| "--clusters: not a number")?),
+        _ => return Err("usage: cargo xtask bench pods [--pods N --clusters M]".into()),
+    };
+    release_build()?;
+    let e = |e: &dyn std::fmt::Display| e.to_string();
+    let cluster_yaml: Vec<String> = (0..clusters)
+        .map(|i| format!("{{name: svc{i}, type: STATIC, connect_timeout: 1s, load_assignment: {{cluster_name: svc{i}, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 10.96.{}.{}, port_value: 80}}}}}}}}]}}]}}}}", i / 250, i % 250))
+        .collect();
+    let listener = "{name: virtualOutbound, address: {socket_address: {address: 0.0.0.0, port_value: 15001}}, filter_chains: [{filters: [{name: tcp, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: out, cluster: svc0}}]}]}";
+    let mut rows = Vec::new();
+    for with_xds in [false, true] {
+        let cluster = weft_cluster("bench-pods")?;
+        let server = XdsServer::start(cluster.node(), "127.0.0.1:18000".parse().map_err(|x| e(&x))?).map_err(|x| e(&x))?;
+        let refs: Vec<&str> = cluster_yaml.iter().map(String::as_str).collect();
+        server.set(CLUSTER, "1", &refs).map_err(|x| e(&x))?;
+        server.set(LISTENER, "1", &[listener]).map_err(|x| e(&x))?;
+        let args: &[&str] = if with_xds { &["--xds-address", "127.0.0.1:18000"] } else { &[] };
+        let agent = Agent::start_with_args(&cluster, "iptables", ADMIN, args).map_err(|x| e(&x))?;
+        let pid = agent.pid().ok_or("agent has no pid")?;
+        let mut made = Vec::new();
+        let mut rss = Vec::new();
+        for target in [1, pods] {
+            while made.len() < target {
+                made.push(cluster.add_pod("bench", &format!("p{}", made.len())).map_err(|x| e(&x))?);
+            }
+            if with_xds {
+                weft_tests::wait_for("every pod SYNCED", std::time::Duration::from_secs(120), || {
+                    let status = agent.status().map_err(|x| x.to_string())?;
+                    let synced = status["pods"].as_array().into_iter().flatten().filter(|p| p["xds"]["CDS"] == "SYNCED").count();
+                    if synced == target { Ok(()) } else { Err(format!("{synced}/{target}")) }
+                })
+                .map_err(|x| e(&x))?;
+            }
+            rss.push(rss_kib(pid));
+        }
+        let marginal = (rss[1] as f64 - rss[0] as f64) / (pods as f64 - 1.0);
+        eprintln!("xtask: pods with_xds={with_xds}: done");
+        rows.push((with_xds, rss[0], rss[1], marginal));
+    }
+    println!("\nweft-agent run, {pods} pods, each receiving the same {clusters} clusters + 1 listener over its own xDS stream\n");
+    println!("| agent | RSS with 1 pod (MiB) | RSS with {pods} pods (MiB) | marginal per pod (KiB) |");
+    println!("|---|---|---|---|");
+    for (with_xds, one, all, marginal) in &rows {
+        let name = if *with_xds { "capture + per-pod xDS" } else { "capture only" };
+        println!("| {name} | {:.1} | {:.1} | {marginal:.0} |", *one as f64 / 1024.0, *all as f64 / 1024.0);
+    }
+    if let [(_, _, _, without), (_, _, _, with)] = rows.as_slice() {
+        println!("\nper-pod cost of the xDS stream and its configuration: {:.0} KiB", with - without);
+    }
+    Ok(())
+}

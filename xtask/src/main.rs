@@ -24,6 +24,7 @@ fn main() -> ExitCode {
         ["bench", "cni", rest @ ..] => bench::cni(rest),
         ["bench", "capture", rest @ ..] => bench::capture(rest),
         ["bench", "xds", rest @ ..] => bench::xds(rest),
+        ["bench", "pods", rest @ ..] => bench::pods(rest),
         _ => Err(USAGE.to_string()),
     };
     match result {
@@ -36,7 +37,7 @@ fn main() -> ExitCode {
 }
 
 const USAGE: &str =
-    "usage: cargo xtask (setup | build-ebpf | test [-- CARGO TEST ARGS] | demo | bench cni [--pods N] | bench capture | bench xds [--clusters N])";
+    "usage: cargo xtask (setup | build-ebpf | test [-- CARGO TEST ARGS] | demo | bench cni [--pods N] | bench capture | bench xds [--clusters N] | bench pods)";
 
 /// Runs a command, failing with its name when it does not succeed.
 pub fn run(cmd: &mut Command) -> Result<(), String> {

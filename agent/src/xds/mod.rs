@@ -7,6 +7,7 @@ pub mod client;
 pub mod codec;
 pub mod intern;
 pub mod pod;
+pub mod sorted;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -37,72 +38,70 @@ pub fn is_wildcard(type_url: &str) -> bool {
     !NAMED_TYPES.contains(&type_url)
 }
 
-/// A decoded resource with its name, shared by every stream that received the same bytes.
+/// One accepted resource: decoded once and shared by every stream (pod) that received the same bytes at the
+/// same version, so a pod's store holds little more than a pointer per resource.
 #[derive(Debug)]
-pub struct Named<T> {
-    pub name: String,
-    pub model: T,
-}
-
-/// One accepted resource.
-#[derive(Debug, Clone)]
-pub struct Entry<T> {
+pub struct Resource<T> {
+    pub name: Arc<str>,
     pub version: String,
     /// The resource as received (protobuf bytes, a fraction of its JSON tree), decoded again for config_dump.
-    pub bytes: Arc<[u8]>,
-    pub shared: Arc<Named<T>>,
+    pub bytes: Box<[u8]>,
+    pub model: T,
     pub last_updated: SystemTime,
 }
 
-impl<T> Entry<T> {
-    fn new(version: &str, bytes: Arc<[u8]>, shared: Arc<Named<T>>) -> Entry<T> {
-        Entry { version: version.to_string(), bytes, shared, last_updated: SystemTime::now() }
-    }
-
+impl<T> Resource<T> {
     pub fn model(&self) -> &T {
-        &self.shared.model
+        &self.model
     }
 }
+
+pub type Entry<T> = Arc<Resource<T>>;
 
 /// Accepted dynamic resources and the version of each type's last accepted response.
 #[derive(Debug, Default)]
 pub struct Store {
-    pub listeners: BTreeMap<String, Entry<Listener>>,
-    pub clusters: BTreeMap<String, Entry<Cluster>>,
+    pub listeners: sorted::ByName<Listener>,
+    pub clusters: sorted::ByName<Cluster>,
     /// EDS: service name → endpoints.
-    pub assignments: BTreeMap<String, Entry<Vec<std::net::SocketAddr>>>,
+    pub assignments: sorted::ByName<Vec<std::net::SocketAddr>>,
     /// RDS: route configuration name → routes.
-    pub routes: BTreeMap<String, Entry<RouteConfiguration>>,
+    pub routes: sorted::ByName<RouteConfiguration>,
     pub versions: HashMap<&'static str, String>,
     /// Per type, whether the last response was accepted: the xDS sync status.
     pub last_response: HashMap<&'static str, bool>,
 }
 
 /// Shared decoded resources of every stream in the process.
-static LISTENERS: LazyLock<intern::Interner<Named<Listener>>> = LazyLock::new(Default::default);
-static CLUSTERS: LazyLock<intern::Interner<Named<Cluster>>> = LazyLock::new(Default::default);
-static ASSIGNMENTS: LazyLock<intern::Interner<Named<Vec<std::net::SocketAddr>>>> = LazyLock::new(Default::default);
-static ROUTES: LazyLock<intern::Interner<Named<RouteConfiguration>>> = LazyLock::new(Default::default);
+static LISTENERS: LazyLock<intern::Interner<Resource<Listener>>> = LazyLock::new(Default::default);
+static CLUSTERS: LazyLock<intern::Interner<Resource<Cluster>>> = LazyLock::new(Default::default);
+static ASSIGNMENTS: LazyLock<intern::Interner<Resource<Vec<std::net::SocketAddr>>>> = LazyLock::new(Default::default);
+static ROUTES: LazyLock<intern::Interner<Resource<RouteConfiguration>>> = LazyLock::new(Default::default);
 
 type Rejection = (Option<String>, String);
-/// A resource's shared bytes and shared decoded form.
-type Shared<M> = (Arc<[u8]>, Arc<Named<M>>);
 
 /// Decodes and translates `r` once per distinct content in the process (see [`intern`]).
 fn shared<M>(
-    interner: &intern::Interner<Named<M>>,
+    interner: &intern::Interner<Resource<M>>,
     r: &Received<'_>,
     kind: &str,
     name_field: &str,
     translate: impl FnOnce(Obj<'_>) -> crate::config::tree::Result<M>,
-) -> Result<Shared<M>, Rejection> {
-    interner.get_or_decode(r.bytes, || {
+) -> Result<Entry<M>, Rejection> {
+    let same = |e: &Resource<M>| *e.bytes == *r.bytes && e.version == r.version;
+    interner.get_or_decode(r.bytes, same, || {
         let raw = codec::any_to_json(r.type_url, r.bytes).map_err(|e| (r.name.map(str::to_string), e))?;
         let name = raw.get(name_field).and_then(Value::as_str).or(r.name).unwrap_or_default().to_string();
         let fail = |e: String| (Some(name.clone()), format!("{kind} '{name}': {e}"));
         let obj = Obj::new(&raw, "").map_err(|e| fail(e.to_string()))?;
         let model = translate(obj).map_err(|e| fail(e.to_string()))?;
-        Ok(Named { name, model })
+        Ok(Resource {
+            name: Arc::from(name),
+            version: r.version.to_string(),
+            bytes: r.bytes.into(),
+            model,
+            last_updated: SystemTime::now(),
+        })
     })
 }
 
@@ -151,10 +150,10 @@ impl XdsState {
     pub fn resource_versions(&self, type_url: &str) -> HashMap<String, String> {
         let store = self.store();
         match type_url {
-            LISTENER_TYPE => store.listeners.iter().map(|(n, e)| (n.clone(), e.version.clone())).collect(),
-            ENDPOINT_TYPE => store.assignments.iter().map(|(n, e)| (n.clone(), e.version.clone())).collect(),
-            ROUTE_TYPE => store.routes.iter().map(|(n, e)| (n.clone(), e.version.clone())).collect(),
-            _ => store.clusters.iter().map(|(n, e)| (n.clone(), e.version.clone())).collect(),
+            LISTENER_TYPE => store.listeners.iter().map(|(n, e)| (n.to_string(), e.version.clone())).collect(),
+            ENDPOINT_TYPE => store.assignments.iter().map(|(n, e)| (n.to_string(), e.version.clone())).collect(),
+            ROUTE_TYPE => store.routes.iter().map(|(n, e)| (n.to_string(), e.version.clone())).collect(),
+            _ => store.clusters.iter().map(|(n, e)| (n.to_string(), e.version.clone())).collect(),
         }
     }
 
@@ -166,7 +165,7 @@ impl XdsState {
             self.bootstrap
                 .clusters
                 .iter()
-                .chain(store.clusters.values().map(Entry::model))
+                .chain(store.clusters.values().map(|e| e.model()))
                 .filter_map(|c| match &c.discovery {
                     Discovery::Eds { service_name } => Some(service_name.clone()),
                     _ => None,
@@ -176,7 +175,7 @@ impl XdsState {
             self.bootstrap
                 .listeners
                 .iter()
-                .chain(store.listeners.values().map(Entry::model))
+                .chain(store.listeners.values().map(|e| e.model()))
                 .filter_map(|l| match &l.filter {
                     NetworkFilter::HttpConnectionManager(Routes::Rds(name)) => Some(name.clone()),
                     _ => None,
@@ -227,12 +226,12 @@ impl XdsState {
                 }
             }
         }
-        let gone = |name: &String| removed.contains(name) || (complete && !seen.contains(name));
+        let gone = |name: &str| removed.iter().any(|r| r == name) || (complete && !seen.contains(name));
         match type_url {
-            LISTENER_TYPE => store.listeners.retain(|n, _| !gone(n)),
-            ENDPOINT_TYPE => store.assignments.retain(|n, _| !gone(n)),
-            ROUTE_TYPE => store.routes.retain(|n, _| !gone(n)),
-            _ => store.clusters.retain(|n, _| !gone(n)),
+            LISTENER_TYPE => store.listeners.retain(|e| !gone(&e.name)),
+            ENDPOINT_TYPE => store.assignments.retain(|e| !gone(&e.name)),
+            ROUTE_TYPE => store.routes.retain(|e| !gone(&e.name)),
+            _ => store.clusters.retain(|e| !gone(&e.name)),
         }
         errors.extend(self.push(&mut store));
         if errors.is_empty() {
@@ -249,29 +248,29 @@ impl XdsState {
         }
         match type_url {
             LISTENER_TYPE => {
-                let (bytes, l) = shared(&LISTENERS, r, "Listener", "name", listener::translate)?;
-                let name = l.name.clone();
+                let l = shared(&LISTENERS, r, "Listener", "name", listener::translate)?;
+                let name = l.name.to_string();
                 self.check_routes(&l.model, store).map_err(|e| (Some(name.clone()), format!("Listener '{name}': {e}")))?;
-                store.listeners.insert(name.clone(), Entry::new(r.version, bytes, l));
+                store.listeners.insert(l);
                 Ok(name)
             }
             ENDPOINT_TYPE => {
-                let (bytes, a) = shared(&ASSIGNMENTS, r, "ClusterLoadAssignment", "cluster_name", |o| cluster::assignment(o).map(|(_, e)| e))?;
-                let name = a.name.clone();
-                store.assignments.insert(name.clone(), Entry::new(r.version, bytes, a));
+                let a = shared(&ASSIGNMENTS, r, "ClusterLoadAssignment", "cluster_name", |o| cluster::assignment(o).map(|(_, e)| e))?;
+                let name = a.name.to_string();
+                store.assignments.insert(a);
                 Ok(name)
             }
             // Routes from RDS are not checked against clusters (Envoy's validate_clusters default for RDS).
             ROUTE_TYPE => {
-                let (bytes, rc) = shared(&ROUTES, r, "RouteConfiguration", "name", route::translate)?;
-                let name = rc.name.clone();
-                store.routes.insert(name.clone(), Entry::new(r.version, bytes, rc));
+                let rc = shared(&ROUTES, r, "RouteConfiguration", "name", route::translate)?;
+                let name = rc.name.to_string();
+                store.routes.insert(rc);
                 Ok(name)
             }
             _ => {
-                let (bytes, c) = shared(&CLUSTERS, r, "Cluster", "name", cluster::translate)?;
-                let name = c.name.clone();
-                store.clusters.insert(name.clone(), Entry::new(r.version, bytes, c));
+                let c = shared(&CLUSTERS, r, "Cluster", "name", cluster::translate)?;
+                let name = c.name.to_string();
+                store.clusters.insert(c);
                 Ok(name)
             }
         }
@@ -304,10 +303,10 @@ impl XdsState {
             .bootstrap
             .listeners
             .iter()
-            .chain(store.listeners.values().map(Entry::model))
+            .chain(store.listeners.values().map(|e| e.model()))
             .filter_map(|l| resolve_routes(l, &store.routes))
             .collect();
-        let assignments = store.assignments.iter().map(|(n, e)| (n.clone(), e.model().clone())).collect();
+        let assignments = store.assignments.iter().map(|(n, e)| (n.to_string(), e.model().clone())).collect();
         let failed = proxy.apply(&listeners, &clusters, &assignments);
         failed
             .into_iter()
@@ -320,7 +319,7 @@ impl XdsState {
 }
 
 /// The listener with its RDS routes inlined, or `None` while they have not arrived.
-fn resolve_routes(l: &Listener, routes: &BTreeMap<String, Entry<RouteConfiguration>>) -> Option<Listener> {
+fn resolve_routes(l: &Listener, routes: &sorted::ByName<RouteConfiguration>) -> Option<Listener> {
     match &l.filter {
         NetworkFilter::HttpConnectionManager(Routes::Rds(name)) => {
             let rc = routes.get(name)?.model().clone();
