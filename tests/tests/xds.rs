@@ -91,21 +91,38 @@ fn count_acks(server: &XdsServer, type_url: &str) -> usize {
     server.requests().iter().filter(|r| r.type_url == type_url && r.is_ack()).count()
 }
 
-fn scenario(api: &str) {
-    if let Err(why) = require_root() {
-        eprintln!("SKIPPED xDS {api}: {why}");
-        return;
+/// A test's own network namespace with a management server at [`XDS`] and a bootstrap file for `api` in
+/// `dir` (the test removes it); `None` (with the reason printed) where the tests cannot run.
+struct Setup {
+    ns: NetNs,
+    dir: std::path::PathBuf,
+    config: std::path::PathBuf,
+    server: XdsServer,
+}
+
+impl Setup {
+    fn new(tag: &str, api: &str) -> Option<Setup> {
+        if let Err(why) = require_root() {
+            eprintln!("SKIPPED {tag}: {why}");
+            return None;
+        }
+        let ns = NetNs::create_with_lo(&format!("wx-{}-{tag}", std::process::id() % 100_000)).unwrap();
+        let dir = std::env::temp_dir().join(format!("weft-xds-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("bootstrap.yaml");
+        std::fs::write(&config, bootstrap(api)).unwrap();
+        let server = XdsServer::start(&ns, XDS.parse().unwrap()).unwrap();
+        Some(Setup { ns, dir, config, server })
     }
+}
+
+
+fn scenario(api: &str) {
     let delta = api == "DELTA_GRPC";
-    let ns = NetNs::create_with_lo(&format!("wx-{}-{}", std::process::id() % 100_000, if delta { "d" } else { "s" })).unwrap();
+    let Some(Setup { ns, dir, config, server }) = Setup::new(if delta { "d" } else { "s" }, api) else { return };
     let _upstream = EchoServer::start(&ns, 19300).unwrap();
-    let dir = std::env::temp_dir().join(format!("weft-xds-{api}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("bootstrap.yaml");
-    std::fs::write(&config, bootstrap(api)).unwrap();
 
     // Initial sync.
-    let server = XdsServer::start(&ns, XDS.parse().unwrap()).unwrap();
     server.set(CLUSTER, "1", &[ECHO_CLUSTER]).unwrap();
     server.set(LISTENER, "1", &[&listener("l1", 19100, "")]).unwrap();
     let _weft = start_weft(&ns, &config);
@@ -195,17 +212,8 @@ filter_chains:
 /// Starts `proxy` against a management server serving l1, checks it serves, then pushes [`HTTP_TO_MISSING`]
 /// and returns the NACK's detail (l1 must keep serving).
 fn nack_of_route_to_missing_cluster(tag: &str, start: impl Fn(&NetNs, &std::path::Path) -> ChildGuard) -> Option<String> {
-    if let Err(why) = require_root() {
-        eprintln!("SKIPPED: {why}");
-        return None;
-    }
-    let ns = NetNs::create_with_lo(&format!("wx-{}-{tag}", std::process::id() % 100_000)).unwrap();
+    let Setup { ns, dir, config, server } = Setup::new(tag, "GRPC")?;
     let _upstream = EchoServer::start(&ns, 19300).unwrap();
-    let dir = std::env::temp_dir().join(format!("weft-xds-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("bootstrap.yaml");
-    std::fs::write(&config, bootstrap("GRPC")).unwrap();
-    let server = XdsServer::start(&ns, XDS.parse().unwrap()).unwrap();
     server.set(CLUSTER, "1", &[ECHO_CLUSTER]).unwrap();
     server.set(LISTENER, "1", &[&listener("l1", 19100, "")]).unwrap();
     let _proxy = start(&ns, &config);
@@ -255,19 +263,10 @@ fn assignment(ports: &[u16]) -> String {
 }
 
 fn eds_scenario(api: &str) {
-    if let Err(why) = require_root() {
-        eprintln!("SKIPPED EDS {api}: {why}");
-        return;
-    }
     let delta = api == "DELTA_GRPC";
-    let ns = NetNs::create_with_lo(&format!("wx-{}-{}", std::process::id() % 100_000, if delta { "ed" } else { "es" })).unwrap();
+    let Some(Setup { ns, dir, config, server }) = Setup::new(if delta { "ed" } else { "es" }, api) else { return };
     let first = EchoServer::start(&ns, 19300).unwrap();
     let second = EchoServer::start(&ns, 19301).unwrap();
-    let dir = std::env::temp_dir().join(format!("weft-xds-eds-{api}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("bootstrap.yaml");
-    std::fs::write(&config, bootstrap(api)).unwrap();
-    let server = XdsServer::start(&ns, XDS.parse().unwrap()).unwrap();
     server.set(CLUSTER, "1", &[EDS_CLUSTER]).unwrap();
     server.set(ENDPOINT, "1", &[&assignment(&[19300])]).unwrap();
     server.set(LISTENER, "1", &[&listener_to("l1", 19100, "svc", "")]).unwrap();
@@ -342,17 +341,8 @@ fn http_get(ns: &NetNs, port: u16) -> String {
 }
 
 fn rds_scenario(api: &str) {
-    if let Err(why) = require_root() {
-        eprintln!("SKIPPED RDS {api}: {why}");
-        return;
-    }
     let delta = api == "DELTA_GRPC";
-    let ns = NetNs::create_with_lo(&format!("wx-{}-{}", std::process::id() % 100_000, if delta { "rd" } else { "rs" })).unwrap();
-    let dir = std::env::temp_dir().join(format!("weft-xds-rds-{api}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("bootstrap.yaml");
-    std::fs::write(&config, bootstrap(api)).unwrap();
-    let server = XdsServer::start(&ns, XDS.parse().unwrap()).unwrap();
+    let Some(Setup { ns, dir, config, server }) = Setup::new(if delta { "rd" } else { "rs" }, api) else { return };
     server.set(CLUSTER, "1", &[WEB_CLUSTER]).unwrap();
     server.set(LISTENER, "1", &[RDS_LISTENER]).unwrap();
     let _weft = start_weft(&ns, &config);
