@@ -1,7 +1,6 @@
 //! A `weft-agent run` process inside a cluster's node netns, with its state and socket in the cluster's work
 //! dir and its admin endpoint on the node's loopback (reachable only from inside the node netns).
 
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -201,14 +200,8 @@ impl Drop for Agent {
 /// A plain HTTP/1.1 GET from inside the netns at `node` to an agent's admin address; returns status code and
 /// body.
 pub fn http_get(node: &Path, addr: SocketAddr, path: &str) -> Result<(u16, String), HarnessError> {
-    let mut stream = connect_in(node, addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nhost: weft\r\nconnection: close\r\n\r\n")?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
-    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Ok((code, body))
+    let response = crate::traffic::http_request(connect_in(node, addr)?, "GET", "weft", path)?;
+    Ok((response.status, response.body))
 }
 
 /// A TCP connection made from inside the netns at `path` (a scoped thread enters it; the socket keeps it).

@@ -126,3 +126,28 @@ pub fn echo_nonblocking(pod: &NetNs, addr: SocketAddr, payload: &[u8]) -> io::Re
         }
     }
 }
+
+/// A response to [`http_request`]: the status code, the header block and the body.
+#[derive(Debug, Clone, Default)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Status line and headers, as received.
+    pub head: String,
+    pub body: String,
+}
+
+/// One HTTP/1.1 request (`connection: close`) on `stream`, and everything the server answered.
+pub fn http_request(mut stream: TcpStream, method: &str, host: &str, path: &str) -> io::Result<HttpResponse> {
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "{method} {path} HTTP/1.1\r\nhost: {host}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    Ok(HttpResponse { status, head: head.to_string(), body: body.to_string() })
+}
+
+/// [`http_request`] from inside `ns` to `addr`.
+pub fn http(ns: &NetNs, addr: SocketAddr, method: &str, host: &str, path: &str) -> io::Result<HttpResponse> {
+    http_request(ns.tcp_connect(addr, Duration::from_secs(5))?, method, host, path)
+}

@@ -3,7 +3,7 @@
 //! at start-up weft refuses too. Each proxy runs in a network namespace of its own, so fixed ports never clash.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -143,13 +143,8 @@ fn read_head(c: &mut TcpStream) -> String {
 
 /// One HTTP/1.1 request from inside `ns`; returns the parts a client would act on.
 fn http(ns: &NetNs, addr: &str, host: &str, path: &str) -> String {
-    let addr: SocketAddr = addr.parse().unwrap();
-    let mut c = ns.tcp_connect(addr, Duration::from_secs(5)).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(c, "GET {path} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    let _ = c.read_to_string(&mut text);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let response = weft_tests::traffic::http(ns, addr.parse().unwrap(), "GET", host, path).unwrap();
+    let (head, body) = (response.head, response.body);
     let mut lines = head.lines();
     let status = lines.next().unwrap_or_default().to_string();
     let mut kept: Vec<String> = lines
@@ -175,22 +170,16 @@ fn start(ns: &NetNs, mut cmd: Command) -> ChildGuard {
         if let Ok(Some(status)) = child.wait_timeout(Duration::ZERO) {
             return Err(format!("exited: {status}"));
         }
-        let c = ns.tcp_connect(ADMIN.parse().unwrap(), Duration::from_secs(1)).map_err(|e| e.to_string())?;
-        let mut c = c;
-        write!(c, "GET /ready HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").map_err(|e| e.to_string())?;
-        let mut text = String::new();
-        let _ = c.read_to_string(&mut text);
-        if text.starts_with("HTTP/1.1 200") { Ok(()) } else { Err(text) }
+        let ready = weft_tests::traffic::http(ns, ADMIN.parse().unwrap(), "GET", "admin", "/ready").map_err(|e| e.to_string())?;
+        if ready.status == 200 { Ok(()) } else { Err(ready.head) }
     })
     .unwrap();
     child
 }
 
 fn quit(ns: &NetNs, mut child: ChildGuard) {
-    let mut c = ns.tcp_connect(ADMIN.parse().unwrap(), Duration::from_secs(2)).unwrap();
-    write!(c, "POST /quitquitquit HTTP/1.1\r\nhost: admin\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").unwrap();
-    let mut reply = String::new();
-    let _ = c.read_to_string(&mut reply);
+    let reply = weft_tests::traffic::http(ns, ADMIN.parse().unwrap(), "POST", "admin", "/quitquitquit").unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.head);
     let status = child.wait_timeout(Duration::from_secs(20)).unwrap().expect("proxy did not exit after /quitquitquit");
     assert!(status.success(), "proxy exited with {status}");
 }

@@ -3,7 +3,7 @@
 //! reconnect (delta: initial_resource_versions), and a server restart. Each test runs in its own network
 //! namespace; all traffic stays on its loopback.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -64,11 +64,7 @@ fn refused(ns: &NetNs, port: u16) {
 }
 
 fn admin_get(ns: &NetNs, path: &str) -> String {
-    let mut c = ns.tcp_connect(ADMIN.parse().unwrap(), Duration::from_secs(2)).unwrap();
-    write!(c, "GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    let _ = c.read_to_string(&mut text);
-    text
+    weft_tests::traffic::http(ns, ADMIN.parse().unwrap(), "GET", "admin", path).unwrap().body
 }
 
 fn start_weft(ns: &NetNs, config: &std::path::Path) -> ChildGuard {
@@ -194,22 +190,29 @@ fn delta_ads() {
     scenario("DELTA_GRPC");
 }
 
-/// A listener whose inline routes name a cluster that does not exist: both Envoy and weft NACK it.
-const HTTP_TO_MISSING: &str = r#"
+/// An HTTP listener `h1` on 19200 whose routes come from `routes` (an inline `route_config` or `rds`).
+fn http_listener(routes: &str) -> String {
+    format!(
+        r#"
 name: h1
-address: {socket_address: {address: 127.0.0.1, port_value: 19200}}
+address: {{socket_address: {{address: 127.0.0.1, port_value: 19200}}}}
 filter_chains:
 - filters:
   - name: envoy.filters.network.http_connection_manager
     typed_config:
       "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
       stat_prefix: h1
-      route_config:
-        virtual_hosts: [{name: all, domains: ["*"], routes: [{match: {prefix: "/"}, route: {cluster: missing}}]}]
-      http_filters: [{name: envoy.filters.http.router, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}]
-"#;
+      {routes}
+      http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]
+"#
+    )
+}
 
-/// Starts `proxy` against a management server serving l1, checks it serves, then pushes [`HTTP_TO_MISSING`]
+/// Inline routes naming a cluster that does not exist: both Envoy and weft NACK the listener.
+const ROUTES_TO_MISSING: &str =
+    r#"route_config: {virtual_hosts: [{name: all, domains: ["*"], routes: [{match: {prefix: "/"}, route: {cluster: missing}}]}]}"#;
+
+/// Starts `proxy` against a management server serving l1, checks it serves, then pushes [`ROUTES_TO_MISSING`]
 /// and returns the NACK's detail (l1 must keep serving).
 fn nack_of_route_to_missing_cluster(tag: &str, start: impl Fn(&NetNs, &std::path::Path) -> ChildGuard) -> Option<String> {
     let Setup { ns, dir, config, server } = Setup::new(tag, "GRPC")?;
@@ -219,7 +222,7 @@ fn nack_of_route_to_missing_cluster(tag: &str, start: impl Fn(&NetNs, &std::path
     let _proxy = start(&ns, &config);
     ack(&server, false, LISTENER, "1", 1);
     works(&ns, 19100);
-    server.set(LISTENER, "2", &[&listener("l1", 19100, ""), HTTP_TO_MISSING]).unwrap();
+    server.set(LISTENER, "2", &[&listener("l1", 19100, ""), &http_listener(ROUTES_TO_MISSING)]).unwrap();
     let nack = server.wait_request("NACK of v2", |r| r.type_url == LISTENER && r.error.is_some()).unwrap();
     works(&ns, 19100);
     let _ = std::fs::remove_dir_all(dir);
@@ -313,18 +316,7 @@ load_assignment:
   endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 19400}}}}]}]
 "#;
 
-const RDS_LISTENER: &str = r#"
-name: h1
-address: {socket_address: {address: 127.0.0.1, port_value: 19200}}
-filter_chains:
-- filters:
-  - name: envoy.filters.network.http_connection_manager
-    typed_config:
-      "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-      stat_prefix: h1
-      rds: {route_config_name: main, config_source: {ads: {}, resource_api_version: V3}}
-      http_filters: [{name: envoy.filters.http.router, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}]
-"#;
+const RDS: &str = "rds: {route_config_name: main, config_source: {ads: {}, resource_api_version: V3}}";
 
 fn routes(body: &str) -> String {
     format!(
@@ -333,18 +325,14 @@ fn routes(body: &str) -> String {
 }
 
 fn http_get(ns: &NetNs, port: u16) -> String {
-    let mut c = ns.tcp_connect(addr(port), Duration::from_secs(2)).map_err(|e| e.to_string()).unwrap();
-    write!(c, "GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
-    let mut text = String::new();
-    let _ = c.read_to_string(&mut text);
-    text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+    weft_tests::traffic::http(ns, addr(port), "GET", "x", "/").map(|r| r.body).unwrap_or_default()
 }
 
 fn rds_scenario(api: &str) {
     let delta = api == "DELTA_GRPC";
     let Some(Setup { ns, dir, config, server }) = Setup::new(if delta { "rd" } else { "rs" }, api) else { return };
     server.set(CLUSTER, "1", &[WEB_CLUSTER]).unwrap();
-    server.set(LISTENER, "1", &[RDS_LISTENER]).unwrap();
+    server.set(LISTENER, "1", &[&http_listener(RDS)]).unwrap();
     let _weft = start_weft(&ns, &config);
 
     // The listener waits for its routes: nothing listens until RDS delivers "main".
