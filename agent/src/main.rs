@@ -192,7 +192,7 @@ fn proxy(args: ProxyArgs) -> Result<(), String> {
         }
         let quit = Arc::new(tokio::sync::Notify::new());
         let admin_address = bootstrap.admin;
-        let xds = weft_agent::xds::XdsState::new(bootstrap, Some(Arc::clone(&proxy)));
+        let xds = weft_agent::xds::XdsState::new(bootstrap, weft_agent::xds::Sink::Proxy(Arc::clone(&proxy)));
         if xds.bootstrap().ads.is_some() {
             tokio::spawn(weft_agent::xds::client::run(Arc::clone(&xds)));
         }

@@ -267,7 +267,9 @@ impl Node {
     async fn capture_in(&self, mut record: PodRecord, ns: Netns, rules: Rules) -> Result<CapturedPod, NodeError> {
         let label = format!("{}/{}", record.namespace, record.name);
         let started = Instant::now();
-        let listeners = listener::start(label.clone(), ns.clone(), self.settings)
+        // With a control plane, the listeners follow the configuration the pod's stream accepts.
+        let snapshot = self.xds.as_ref().map(|_| tokio::sync::watch::channel(None));
+        let listeners = listener::start(label.clone(), ns.clone(), self.settings, snapshot.as_ref().map(|(_, rx)| rx.clone()))
             .await
             .map_err(|e| NodeError::new(format!("{label}: cannot create in-pod listeners"), e))?;
         let listening = started.elapsed();
@@ -281,8 +283,8 @@ impl Node {
         .map_err(|e| NodeError::new(format!("{label}: cannot install {} redirection", self.mode()), e))?;
         tracing::debug!(pod = %label, ?listening, total = ?started.elapsed(), "listeners and rules in place");
         record.redirect = self.redirector.mode();
-        let xds = self.xds.as_ref().map(|x| {
-            let (state, task) = x.start(&record);
+        let xds = self.xds.as_ref().zip(snapshot).map(|(x, (tx, _))| {
+            let (state, task) = x.start(&record, tx);
             PodStream { state, task }
         });
         Ok(CapturedPod { record, netns: ns, listeners, xds })

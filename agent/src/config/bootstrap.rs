@@ -7,8 +7,8 @@ use std::path::Path;
 use serde_json::Value;
 
 use super::cluster::{self, Cluster};
-use super::listener::{self, Listener, NetworkFilter, Routes};
-use super::route::Action;
+use super::listener::{self, Listener};
+use super::route::RouteConfiguration;
 use super::socket_address;
 use super::tree::{ConfigError, Obj, Result};
 
@@ -92,7 +92,7 @@ pub fn translate(raw: Value) -> Result<Bootstrap> {
     let ads = b.object("dynamic_resources")?.map(dynamic_resources).transpose()?;
     b.finish()?;
     check_references(&listeners, &clusters)?;
-    let uses_ads = listeners.iter().any(|l| matches!(l.filter, NetworkFilter::HttpConnectionManager(Routes::Rds(_))))
+    let uses_ads = listeners.iter().any(|l| l.rds_names().next().is_some())
         || clusters.iter().any(|c| matches!(c.discovery, super::cluster::Discovery::Eds { .. }));
     if uses_ads && ads.is_none() {
         return Err(ConfigError::new("dynamic_resources", "RDS and EDS come over ADS: configure dynamic_resources.ads_config"));
@@ -164,18 +164,12 @@ fn check_references(listeners: &[Listener], clusters: &[Cluster]) -> Result<()> 
         if !listener_names.insert(l.name.as_str()) {
             return Err(ConfigError::new(format!("static_resources.listeners[{i}].name"), format!("error adding listener: duplicate listener '{}' found", l.name)));
         }
-        if let NetworkFilter::HttpConnectionManager(Routes::Inline(rc)) = &l.filter {
-            for vh in &rc.virtual_hosts {
-                for r in &vh.routes {
-                    if let Action::Cluster(c) = &r.action {
-                        if !names.contains(c.as_str()) {
-                            return Err(ConfigError::new(format!("static_resources.listeners[{i}]"), format!("route: unknown cluster '{c}'")));
-                        }
-                        if clusters.iter().any(|k| &k.name == c && k.http2) {
-                            return Err(ConfigError::new(format!("static_resources.listeners[{i}]"), format!("route to HTTP/2 cluster '{c}': HTTP/2 upstreams are not supported yet")));
-                        }
-                    }
-                }
+        for c in l.inline_routes().flat_map(RouteConfiguration::clusters) {
+            if !names.contains(c) {
+                return Err(ConfigError::new(format!("static_resources.listeners[{i}]"), format!("route: unknown cluster '{c}'")));
+            }
+            if clusters.iter().any(|k| k.name == c && k.http2) {
+                return Err(ConfigError::new(format!("static_resources.listeners[{i}]"), format!("route to HTTP/2 cluster '{c}': HTTP/2 upstreams are not supported yet")));
             }
         }
     }
@@ -185,6 +179,7 @@ fn check_references(listeners: &[Listener], clusters: &[Cluster]) -> Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::listener::NetworkFilter;
     use serde_json::json;
 
     fn err(v: Value) -> String {
@@ -211,7 +206,7 @@ mod tests {
                 {"name": "opt", "is_optional": true, "typed_config": {"@type": "type.googleapis.com/x.Unknown"}},
                 {"name": "tcp", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", "stat_prefix": "s", "cluster": "c"}}]}]}]}});
         let b = translate(v.clone()).unwrap();
-        assert_eq!(b.listeners[0].filter, NetworkFilter::TcpProxy { cluster: "c".into() });
+        assert_eq!(b.listeners[0].filter_chains[0].filter, NetworkFilter::TcpProxy { cluster: "c".into() });
         let mut required = v;
         required["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["is_optional"] = json!(false);
         assert!(err(required).contains("filters[0].typed_config: filter \"opt\" of type type.googleapis.com/x.Unknown is not supported"));

@@ -14,6 +14,9 @@ pub struct Cluster {
     pub lb_policy: LbPolicy,
     /// Upstream speaks HTTP/2 (gRPC clusters such as the ADS cluster).
     pub http2: bool,
+    /// `upstream_bind_config.source_address`: the local address upstream connections are made from (Istio's
+    /// inbound clusters use 127.0.0.6, which capture lets through).
+    pub source_address: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -52,6 +55,7 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
         other => return Err(ConfigError::new(c.at("lb_policy"), format!("{other} is not supported; use ROUND_ROBIN or RANDOM"))),
     };
     let http2 = http2_options(&mut c)?;
+    let source_address = c.object("upstream_bind_config")?.map(bind_config).transpose()?;
     let discovery = match kind {
         "STATIC" => {
             if lb_policy == LbPolicy::ClusterProvided {
@@ -93,7 +97,7 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
         }
     };
     c.finish()?;
-    Ok(Cluster { name, discovery, connect_timeout, lb_policy, http2 })
+    Ok(Cluster { name, discovery, connect_timeout, lb_policy, http2, source_address })
 }
 
 fn load_assignment(c: &mut Obj<'_>) -> Result<Vec<SocketAddr>> {
@@ -116,6 +120,13 @@ pub fn assignment(mut la: Obj<'_>) -> Result<(String, Vec<SocketAddr>)> {
     }
     la.finish()?;
     Ok((name, endpoints))
+}
+
+/// `envoy.config.core.v3.BindConfig`: only the source address (a `SocketAddress`, not an `Address`).
+fn bind_config(mut b: Obj<'_>) -> Result<SocketAddr> {
+    let source = super::bare_socket_address(b.required_object("source_address")?)?;
+    b.finish()?;
+    Ok(source)
 }
 
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";

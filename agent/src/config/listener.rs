@@ -1,6 +1,9 @@
-//! `envoy.config.listener.v3.Listener` with its network filters (tcp_proxy, http_connection_manager).
+//! `envoy.config.listener.v3.Listener`: its filter chains with their `filter_chain_match`, listener filters,
+//! `use_original_dst`/`bind_to_port`, and the network filters (tcp_proxy, http_connection_manager).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
 
 use super::route::{self, RouteConfiguration};
 use super::tree::{ConfigError, Obj, Result};
@@ -10,10 +13,91 @@ use super::{expect_type, socket_address};
 pub struct Listener {
     pub name: String,
     pub address: SocketAddr,
+    pub filter_chains: Vec<FilterChain>,
+    /// Serves connections no chain matches; without it they are closed.
+    pub default_filter_chain: Option<FilterChain>,
+    /// Hands each connection to the listener bound to its original destination, when there is one.
+    pub use_original_dst: bool,
+    /// `false`: no socket; the listener only serves connections handed over by a `use_original_dst` one.
+    pub bind_to_port: bool,
+    pub listener_filters: ListenerFilters,
+}
+
+/// The listener filters weft runs before choosing a filter chain.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ListenerFilters {
+    /// `original_dst`: match filter chains on the destination before capture rewrote it.
+    pub original_dst: bool,
+    /// `tls_inspector`: detect TLS, its SNI and ALPN from the ClientHello.
+    pub tls_inspector: bool,
+    /// `http_inspector`: detect HTTP/1.x and HTTP/2 prior knowledge (h2c) on plaintext connections.
+    pub http_inspector: bool,
+    /// `listener_filters_timeout` (Envoy's default 15s; zero disables it).
+    pub timeout: Duration,
+    /// `continue_on_listener_filters_timeout`: on timeout, go on with what was detected instead of closing.
+    pub continue_on_timeout: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct FilterChain {
+    pub name: String,
+    pub matcher: FilterChainMatch,
     pub filter: NetworkFilter,
 }
 
-/// The terminal network filter of the listener's filter chain.
+/// `filter_chain_match`: empty criteria match anything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FilterChainMatch {
+    pub destination_port: Option<u16>,
+    pub prefix_ranges: Vec<CidrRange>,
+    pub server_names: Vec<String>,
+    pub transport_protocol: Option<String>,
+    pub application_protocols: Vec<String>,
+    pub source_type: SourceType,
+    pub source_prefix_ranges: Vec<CidrRange>,
+    pub source_ports: Vec<u16>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SourceType {
+    #[default]
+    Any,
+    SameIpOrLoopback,
+    External,
+}
+
+/// `envoy.config.core.v3.CidrRange`, normalised (host bits cleared).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct CidrRange {
+    pub prefix: IpAddr,
+    pub len: u8,
+}
+
+impl CidrRange {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.prefix, canonical(ip)) {
+            (IpAddr::V4(p), IpAddr::V4(a)) => mask(u32::from(p).into(), u32::from(a).into(), self.len, 32),
+            (IpAddr::V6(p), IpAddr::V6(a)) => mask(u128::from(p), u128::from(a), self.len, 128),
+            _ => false,
+        }
+    }
+}
+
+/// IPv4-mapped IPv6 addresses (a dual-stack socket's view of IPv4 peers) match IPv4 ranges.
+pub fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+fn mask(prefix: u128, addr: u128, len: u8, bits: u8) -> bool {
+    let shift = u32::from(bits.saturating_sub(len));
+    len == 0 || prefix.checked_shr(shift) == addr.checked_shr(shift)
+}
+
+/// The terminal network filter of a filter chain.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NetworkFilter {
@@ -25,34 +109,180 @@ pub enum NetworkFilter {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Routes {
-    Inline(RouteConfiguration),
+    Inline(Arc<RouteConfiguration>),
     /// A RouteConfiguration by name over ADS (RDS).
     Rds(String),
+}
+
+impl Listener {
+    /// The terminal filter of every chain, the default chain's included.
+    pub fn filters(&self) -> impl Iterator<Item = &NetworkFilter> {
+        self.filter_chains.iter().chain(&self.default_filter_chain).map(|c| &c.filter)
+    }
+
+    /// The route configurations given inline.
+    pub fn inline_routes(&self) -> impl Iterator<Item = &RouteConfiguration> {
+        self.filters().filter_map(|f| match f {
+            NetworkFilter::HttpConnectionManager(Routes::Inline(rc)) => Some(&**rc),
+            _ => None,
+        })
+    }
+
+    /// The RDS route configurations this listener needs.
+    pub fn rds_names(&self) -> impl Iterator<Item = &str> {
+        self.filters().filter_map(|f| match f {
+            NetworkFilter::HttpConnectionManager(Routes::Rds(name)) => Some(name.as_str()),
+            _ => None,
+        })
+    }
 }
 
 const TCP_PROXY: &str = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 const HCM: &str = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const ROUTER: &str = "envoy.extensions.filters.http.router.v3.Router";
+const ORIGINAL_DST: &str = "envoy.extensions.filters.listener.original_dst.v3.OriginalDst";
+const TLS_INSPECTOR: &str = "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector";
+const HTTP_INSPECTOR: &str = "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector";
+
+/// Envoy's default `listener_filters_timeout`.
+const LISTENER_FILTERS_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub fn translate(mut l: Obj<'_>) -> Result<Listener> {
     let name = l.required_string("name")?.to_string();
     let address = socket_address(l.required_object("address")?)?;
-    let mut chains = l.objects("filter_chains")?;
-    if chains.len() != 1 {
-        return Err(ConfigError::new(l.at("filter_chains"), "weft supports exactly one filter chain per listener for now"));
+    let use_original_dst = l.bool("use_original_dst")?.unwrap_or(false);
+    let bind_to_port = l.bool("bind_to_port")?.unwrap_or(true);
+    let mut listener_filters = listener_filters(&mut l)?;
+    listener_filters.original_dst |= use_original_dst;
+    let filter_chains = l.objects("filter_chains")?.into_iter().map(filter_chain).collect::<Result<Vec<_>>>()?;
+    let default_filter_chain = l.object("default_filter_chain")?.map(filter_chain).transpose()?;
+    if filter_chains.is_empty() && default_filter_chain.is_none() {
+        return Err(ConfigError::new(l.at("filter_chains"), format!("error adding listener '{name}': no filter chains specified")));
     }
-    let mut chain = chains.remove(0);
-    let mut filters: Vec<Obj<'_>> = chain.objects("filters")?;
-    // Optional filters of unknown types are skipped, as Envoy does; the terminal filter must be last.
-    let mut terminal = None;
+    for (i, chain) in filter_chains.iter().enumerate() {
+        if filter_chains[..i].iter().any(|earlier| earlier.matcher == chain.matcher) {
+            return Err(ConfigError::new(
+                format!("{}[{i}].filter_chain_match", l.at("filter_chains")),
+                format!("error adding listener '{name}': multiple filter chains with the same matching rules are defined"),
+            ));
+        }
+    }
+    if default_filter_chain.as_ref().is_some_and(|d| d.matcher != FilterChainMatch::default()) {
+        return Err(ConfigError::new(l.at("default_filter_chain.filter_chain_match"), "must be empty: the default chain serves what no chain matches"));
+    }
+    l.finish()?;
+    Ok(Listener { name, address, filter_chains, default_filter_chain, use_original_dst, bind_to_port, listener_filters })
+}
+
+fn listener_filters(l: &mut Obj<'_>) -> Result<ListenerFilters> {
+    let mut out = ListenerFilters {
+        original_dst: false,
+        tls_inspector: false,
+        http_inspector: false,
+        timeout: l.duration("listener_filters_timeout")?.unwrap_or(LISTENER_FILTERS_TIMEOUT),
+        continue_on_timeout: l.bool("continue_on_listener_filters_timeout")?.unwrap_or(false),
+    };
+    for mut f in l.objects("listener_filters")? {
+        let filter_name = f.string("name")?.unwrap_or_default().to_string();
+        let mut typed = f.required_object("typed_config")?;
+        let type_url = typed.required_string("@type")?;
+        let flag = match type_url.rsplit('/').next().unwrap_or(type_url) {
+            ORIGINAL_DST => &mut out.original_dst,
+            TLS_INSPECTOR => &mut out.tls_inspector,
+            HTTP_INSPECTOR => &mut out.http_inspector,
+            _ => {
+                return Err(ConfigError::new(
+                    typed.at("@type"),
+                    format!("listener filter {filter_name:?} of type {type_url} is not supported; weft has original_dst, tls_inspector and http_inspector"),
+                ))
+            }
+        };
+        *flag = true;
+        typed.finish()?;
+        f.finish()?;
+    }
+    Ok(out)
+}
+
+fn filter_chain(mut chain: Obj<'_>) -> Result<FilterChain> {
+    let name = chain.string("name")?.unwrap_or_default().to_string();
+    let matcher = chain.object("filter_chain_match")?.map(filter_chain_match).transpose()?.unwrap_or_default();
+    let filter = terminal_filter(&mut chain)?;
+    chain.finish()?;
+    Ok(FilterChain { name, matcher, filter })
+}
+
+fn filter_chain_match(mut m: Obj<'_>) -> Result<FilterChainMatch> {
+    let destination_port = m.u64("destination_port")?.map(|p| port(&m, "destination_port", p)).transpose()?;
+    let prefix_ranges = cidr_ranges(&mut m, "prefix_ranges")?;
+    let server_names = m.strings("server_names")?.into_iter().map(str::to_ascii_lowercase).collect();
+    let transport_protocol = m.string("transport_protocol")?.filter(|t| !t.is_empty()).map(str::to_string);
+    let application_protocols = m.strings("application_protocols")?.into_iter().map(str::to_string).collect();
+    let source_type = match m.string("source_type")?.unwrap_or("ANY") {
+        "ANY" => SourceType::Any,
+        "SAME_IP_OR_LOOPBACK" => SourceType::SameIpOrLoopback,
+        "EXTERNAL" => SourceType::External,
+        other => return Err(ConfigError::new(m.at("source_type"), format!("{other} is not a source type; use ANY, SAME_IP_OR_LOOPBACK or EXTERNAL"))),
+    };
+    let source_prefix_ranges = cidr_ranges(&mut m, "source_prefix_ranges")?;
+    let path = m.at("source_ports");
+    let source_ports = match m.take("source_ports") {
+        None => Vec::new(),
+        Some(serde_json::Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v.as_u64().and_then(|p| u16::try_from(p).ok()).ok_or_else(|| ConfigError::new(format!("{path}[{i}]"), "expected a port number")))
+            .collect::<Result<_>>()?,
+        Some(_) => return Err(ConfigError::new(path, "expected a list of port numbers")),
+    };
+    m.finish()?;
+    Ok(FilterChainMatch {
+        destination_port,
+        prefix_ranges,
+        server_names,
+        transport_protocol,
+        application_protocols,
+        source_type,
+        source_prefix_ranges,
+        source_ports,
+    })
+}
+
+fn port(m: &Obj<'_>, key: &str, value: u64) -> Result<u16> {
+    u16::try_from(value).ok().filter(|p| *p > 0).ok_or_else(|| ConfigError::new(m.at(key), format!("{value} is not a port (1-65535)")))
+}
+
+fn cidr_ranges(m: &mut Obj<'_>, key: &str) -> Result<Vec<CidrRange>> {
+    m.objects(key)?.into_iter().map(cidr_range).collect()
+}
+
+fn cidr_range(mut c: Obj<'_>) -> Result<CidrRange> {
+    let text = c.required_string("address_prefix")?;
+    let ip: IpAddr = text.parse().map_err(|_| ConfigError::new(c.at("address_prefix"), format!("{text:?} is not an IP address")))?;
+    let bits = if ip.is_ipv4() { 32 } else { 128 };
+    let len = c.u64("prefix_len")?.unwrap_or(0);
+    let len = u8::try_from(len).ok().filter(|l| *l <= bits).ok_or_else(|| ConfigError::new(c.at("prefix_len"), format!("{len} is longer than the address ({bits} bits)")))?;
+    c.finish()?;
+    // Clear the host bits so equal ranges compare equal.
+    let prefix = match ip {
+        IpAddr::V4(v4) => IpAddr::V4((u32::from(v4) & u32::MAX.checked_shl(u32::from(32 - len)).unwrap_or(0)).into()),
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & u128::MAX.checked_shl(u32::from(128 - len)).unwrap_or(0)).into()),
+    };
+    Ok(CidrRange { prefix, len })
+}
+
+/// The chain's filters: optional filters of unknown types are skipped, as Envoy does; the terminal filter
+/// must be last.
+fn terminal_filter(chain: &mut Obj<'_>) -> Result<NetworkFilter> {
+    let filters: Vec<Obj<'_>> = chain.objects("filters")?;
     let count = filters.len();
-    for (i, mut f) in filters.drain(..).enumerate() {
+    let mut terminal = None;
+    for (i, mut f) in filters.into_iter().enumerate() {
         let filter_name = f.string("name")?.unwrap_or_default().to_string();
         let optional = f.bool("is_optional")?.unwrap_or(false);
         let mut typed = f.required_object("typed_config")?;
         let type_url = typed.required_string("@type")?;
-        let type_name = type_url.rsplit('/').next().unwrap_or(type_url).to_string();
-        let filter = match type_name.as_str() {
+        let filter = match type_url.rsplit('/').next().unwrap_or(type_url) {
             TCP_PROXY => Some(tcp_proxy(typed)?),
             HCM => Some(http_connection_manager(typed)?),
             _ if optional => None,
@@ -63,22 +293,13 @@ pub fn translate(mut l: Obj<'_>) -> Result<Listener> {
                 ))
             }
         };
-        f.finish()?;
-        if let Some(filter) = filter {
-            if i + 1 != count {
-                return Err(ConfigError::new(f_path(&chain, i), "a terminal filter must be the last filter of the chain"));
-            }
-            terminal = Some(filter);
+        if filter.is_some() && i + 1 != count {
+            return Err(ConfigError::new(f.path(), "a terminal filter must be the last filter of the chain"));
         }
+        f.finish()?;
+        terminal = terminal.or(filter);
     }
-    let filter = terminal.ok_or_else(|| ConfigError::new(chain.at("filters"), "the filter chain has no terminal filter"))?;
-    chain.finish()?;
-    l.finish()?;
-    Ok(Listener { name, address, filter })
-}
-
-fn f_path(chain: &Obj<'_>, i: usize) -> String {
-    format!("{}[{i}]", chain.at("filters"))
+    terminal.ok_or_else(|| ConfigError::new(chain.at("filters"), "the filter chain has no terminal filter"))
 }
 
 fn tcp_proxy(mut t: Obj<'_>) -> Result<NetworkFilter> {
@@ -95,7 +316,7 @@ fn http_connection_manager(mut h: Obj<'_>) -> Result<NetworkFilter> {
         other => return Err(ConfigError::new(h.at("codec_type"), format!("{other} is not supported yet; use AUTO or HTTP1"))),
     }
     let routes = match (h.object("route_config")?, h.object("rds")?) {
-        (Some(rc), None) => Routes::Inline(route::translate(rc)?),
+        (Some(rc), None) => Routes::Inline(Arc::new(route::translate(rc)?)),
         (None, Some(mut rds)) => {
             let name = rds.required_string("route_config_name")?.to_string();
             let mut source = rds.required_object("config_source")?;
@@ -127,4 +348,58 @@ fn http_connection_manager(mut h: Obj<'_>) -> Result<NetworkFilter> {
     }
     h.finish()?;
     Ok(NetworkFilter::HttpConnectionManager(routes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn listener(extra: serde_json::Value) -> Result<Listener> {
+        let mut v = json!({"name": "l", "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15001}}});
+        if let (Some(base), Some(extra)) = (v.as_object_mut(), extra.as_object()) {
+            base.extend(extra.clone());
+        }
+        translate(Obj::new(&v, "listeners[0]")?)
+    }
+
+    fn tcp(cluster: &str) -> serde_json::Value {
+        json!({"filters": [{"name": "tcp", "typed_config": {"@type": format!("type.googleapis.com/{TCP_PROXY}"), "cluster": cluster}}]})
+    }
+
+    #[test]
+    fn filter_chain_match_is_translated_and_normalised() {
+        let mut chain = tcp("a");
+        chain["filter_chain_match"] = json!({"destination_port": 8080, "prefix_ranges": [{"address_prefix": "10.1.2.3", "prefix_len": 16}],
+            "server_names": ["Example.COM"], "transport_protocol": "tls", "application_protocols": ["h2"], "source_ports": [1234]});
+        let l = listener(json!({"filter_chains": [chain], "use_original_dst": true, "bind_to_port": false})).unwrap();
+        let m = &l.filter_chains[0].matcher;
+        assert_eq!(m.destination_port, Some(8080));
+        assert_eq!(m.prefix_ranges, vec![CidrRange { prefix: "10.1.0.0".parse().unwrap(), len: 16 }]);
+        assert_eq!(m.server_names, vec!["example.com"]);
+        assert_eq!(m.source_ports, vec![1234]);
+        assert!(l.use_original_dst && !l.bind_to_port && l.listener_filters.original_dst);
+        assert!(m.prefix_ranges[0].contains("10.1.200.1".parse().unwrap()));
+        assert!(m.prefix_ranges[0].contains("::ffff:10.1.0.9".parse().unwrap()));
+        assert!(!m.prefix_ranges[0].contains("10.2.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn bad_listeners_are_refused_by_path() {
+        let e = listener(json!({"filter_chains": [tcp("a"), tcp("b")]})).unwrap_err();
+        assert_eq!(e.path, "listeners[0].filter_chains[1].filter_chain_match");
+        assert!(e.to_string().contains("multiple filter chains with the same matching rules"));
+        let e = listener(json!({})).unwrap_err();
+        assert!(e.to_string().contains("no filter chains specified"), "{e}");
+        let mut chain = tcp("a");
+        chain["filter_chain_match"] = json!({"direct_source_prefix_ranges": [{"address_prefix": "10.0.0.0", "prefix_len": 8}]});
+        let e = listener(json!({"filter_chains": [chain]})).unwrap_err();
+        assert_eq!(e.path, "listeners[0].filter_chains[0].filter_chain_match.direct_source_prefix_ranges");
+        let mut chain = tcp("a");
+        chain["filter_chain_match"] = json!({"prefix_ranges": [{"address_prefix": "10.0.0.0", "prefix_len": 33}]});
+        let e = listener(json!({"filter_chains": [chain]})).unwrap_err();
+        assert_eq!(e.path, "listeners[0].filter_chains[0].filter_chain_match.prefix_ranges[0].prefix_len");
+        let e = listener(json!({"filter_chains": [tcp("a")], "listener_filters": [{"name": "pp", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol"}}]})).unwrap_err();
+        assert_eq!(e.path, "listeners[0].listener_filters[0].typed_config.@type");
+    }
 }

@@ -18,7 +18,13 @@ use tree::Obj;
 
 /// `envoy.config.core.v3.Address` with a TCP `socket_address`.
 pub(crate) fn socket_address(mut address: Obj<'_>) -> tree::Result<SocketAddr> {
-    let mut sa = address.required_object("socket_address")?;
+    let addr = bare_socket_address(address.required_object("socket_address")?)?;
+    address.finish()?;
+    Ok(addr)
+}
+
+/// `envoy.config.core.v3.SocketAddress` (TCP, an IP address: weft resolves no names).
+pub(crate) fn bare_socket_address(mut sa: Obj<'_>) -> tree::Result<SocketAddr> {
     let host = sa.required_string("address")?;
     let ip: IpAddr = host.parse().map_err(|_| {
         ConfigError::new(sa.at("address"), format!("{host:?} is not an IP address (weft resolves no names here)"))
@@ -31,7 +37,6 @@ pub(crate) fn socket_address(mut address: Obj<'_>) -> tree::Result<SocketAddr> {
         }
     }
     sa.finish()?;
-    address.finish()?;
     Ok(SocketAddr::new(ip, port))
 }
 

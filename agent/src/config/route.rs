@@ -45,6 +45,14 @@ impl PathMatch {
 }
 
 impl RouteConfiguration {
+    /// The clusters its routes forward to.
+    pub fn clusters(&self) -> impl Iterator<Item = &str> {
+        self.virtual_hosts.iter().flat_map(|vh| &vh.routes).filter_map(|r| match &r.action {
+            Action::Cluster(c) => Some(c.as_str()),
+            Action::DirectResponse { .. } => None,
+        })
+    }
+
     /// The virtual host for `host` (without port), by Envoy's precedence: exact, then longest `*.suffix`,
     /// then longest `prefix.*`, then `*`.
     pub fn virtual_host(&self, host: &str) -> Option<&VirtualHost> {

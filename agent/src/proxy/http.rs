@@ -12,9 +12,9 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
-
-use super::cluster::{ClusterManager, UpstreamError};
+use super::cluster::UpstreamError;
+use super::connection_handler::{Config, Upstream};
+use super::listener_filter::Rewind;
 use crate::config::route::{Action, RouteConfiguration};
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -25,17 +25,17 @@ const ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
 const HOP_BY_HOP: [&str; 6] = ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te"];
 
 /// Serves one downstream connection until it closes.
-pub async fn serve_connection(stream: TcpStream, routes: Arc<RouteConfiguration>, clusters: Arc<ClusterManager>) {
+pub async fn serve_connection<C: Config>(stream: Rewind, routes: Arc<RouteConfiguration>, upstream: Upstream<C>) {
     let service = hyper::service::service_fn(move |req| {
-        let (routes, clusters) = (Arc::clone(&routes), Arc::clone(&clusters));
-        async move { Ok::<_, Infallible>(handle(req, &routes, &clusters).await) }
+        let (routes, upstream) = (Arc::clone(&routes), upstream.clone());
+        async move { Ok::<_, Infallible>(handle(req, &routes, &upstream).await) }
     });
     if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
         tracing::debug!("HTTP connection ended: {e}");
     }
 }
 
-async fn handle(req: Request<Incoming>, routes: &RouteConfiguration, clusters: &ClusterManager) -> Response<Body> {
+async fn handle<C: Config>(req: Request<Incoming>, routes: &RouteConfiguration, upstream: &Upstream<C>) -> Response<Body> {
     let authority = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).or(req.uri().host()).unwrap_or("");
     let host = authority.rsplit_once(':').filter(|(_, p)| p.bytes().all(|b| b.is_ascii_digit())).map_or(authority, |(h, _)| h);
     let path = req.uri().path().to_string();
@@ -54,7 +54,7 @@ async fn handle(req: Request<Incoming>, routes: &RouteConfiguration, clusters: &
             }
             reply
         }
-        Some(Action::Cluster(cluster)) => forward(req, cluster, clusters).await,
+        Some(Action::Cluster(cluster)) => forward(req, cluster, upstream).await,
     }
 }
 
@@ -70,8 +70,8 @@ fn local_reply(status: StatusCode, body: Option<&str>) -> Response<Body> {
     builder.body(body).unwrap_or_else(|_| Response::new(Empty::new().map_err(|never| match never {}).boxed()))
 }
 
-async fn forward(mut req: Request<Incoming>, cluster: &str, clusters: &ClusterManager) -> Response<Body> {
-    let upstream = match clusters.connect(cluster, None).await {
+async fn forward<C: Config>(mut req: Request<Incoming>, cluster: &str, upstream: &Upstream<C>) -> Response<Body> {
+    let upstream = match upstream.connect(cluster).await {
         Ok(s) => s,
         Err(UpstreamError::UnknownCluster(_)) => return local_reply(StatusCode::SERVICE_UNAVAILABLE, None),
         Err(UpstreamError::NoHealthyUpstream) => {

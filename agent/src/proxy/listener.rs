@@ -1,5 +1,7 @@
 //! In-pod listeners: sockets created inside a pod's network namespace (by a thread that enters it and exits)
-//! and served by the agent's async runtime. Their address is where capture sends the pod's traffic.
+//! and served by the agent's async runtime. Their address is where capture sends the pod's traffic. With a
+//! control plane, each connection is served by the pod's own xDS configuration (its `virtualOutbound` /
+//! `virtualInbound` listener and whatever those hand it to); without one, it goes to its original destination.
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -7,9 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::connection_handler::{self, Outcome};
+use super::pod::PodConfig;
 use super::stats::ListenerStats;
 use super::{tcp, Direction, ProxySettings};
 use crate::capture::netns::{self, Netns};
@@ -24,7 +29,12 @@ pub struct ListenerContext {
     pub port: u16,
     pub stats: Arc<ListenerStats>,
     pub settings: ProxySettings,
+    /// The pod's xDS configuration (`None` inside until the first one arrives); `None`: no control plane.
+    pub config: Option<PodConfigWatch>,
 }
+
+/// The latest accepted configuration of a pod's xDS stream.
+pub type PodConfigWatch = watch::Receiver<Option<Arc<PodConfig>>>;
 
 /// The running listeners of one pod. Dropping it stops accepting; established connections finish on their own.
 pub struct PodListeners {
@@ -90,7 +100,7 @@ fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 }
 
 /// Creates the pod's listeners inside its netns and starts serving them.
-pub async fn start(pod: String, ns: Netns, settings: ProxySettings) -> io::Result<PodListeners> {
+pub async fn start(pod: String, ns: Netns, settings: ProxySettings, config: Option<PodConfigWatch>) -> io::Result<PodListeners> {
     let thread_ns = ns.clone();
     let sockets = tokio::task::spawn_blocking(move || {
         thread_ns.run_on_new_thread(|| {
@@ -116,6 +126,7 @@ pub async fn start(pod: String, ns: Netns, settings: ProxySettings) -> io::Resul
             port: addr.port(),
             stats,
             settings,
+            config: config.clone(),
         });
         let listener = TcpListener::from_std(socket)?;
         listeners.addresses.push(addr);
@@ -128,13 +139,61 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerContext>) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                tokio::spawn(tcp::serve(stream, peer, Arc::clone(&ctx)));
+                tokio::spawn(serve(stream, peer, Arc::clone(&ctx)));
             }
             Err(e) => {
                 // Out of descriptors or memory: back off briefly instead of spinning on the error.
                 tracing::warn!(pod = %ctx.pod, direction = ?ctx.direction, "accept failed: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
+        }
+    }
+}
+
+/// How long a connection waits for the pod's first configuration before it is closed (Envoy's
+/// `initial_fetch_timeout`); the pod is never proxied without the configuration the control plane meant.
+const INITIAL_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
+
+async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerContext>) {
+    ctx.stats.accepted();
+    let (from, to) = match (tcp::original_dst(&stream), &ctx.config) {
+        // Nothing rewrote this connection: it was made to the listener itself. Proxying it would loop.
+        (Ok(dst), _) if dst.port() == ctx.port => {
+            ctx.stats.refused_loop();
+            tracing::debug!(pod = %ctx.pod, %peer, %dst, "refused direct connection to the proxy port");
+            (0, 0)
+        }
+        (_, None) => tcp::passthrough(stream, peer, &ctx).await,
+        (_, Some(config)) => from_config(stream, peer, &ctx, config.clone()).await,
+    };
+    ctx.stats.closed(from, to);
+}
+
+/// Serves the connection by the pod's own configuration; closes it when there is none (fail closed).
+async fn from_config(stream: TcpStream, peer: SocketAddr, ctx: &ListenerContext, mut config: PodConfigWatch) -> (u64, u64) {
+    let _ = stream.set_nodelay(true);
+    let waited = tokio::time::timeout(INITIAL_FETCH_TIMEOUT, config.wait_for(Option::is_some)).await;
+    let Some(config) = waited.ok().and_then(Result::ok).and_then(|c| c.clone()) else {
+        ctx.stats.rejected();
+        tracing::warn!(pod = %ctx.pod, %peer, "no configuration from the control plane yet; closing the connection");
+        return (0, 0);
+    };
+    let Some(entry) = config.bound_on_port(ctx.port) else {
+        ctx.stats.rejected();
+        tracing::debug!(pod = %ctx.pod, %peer, port = ctx.port, "the pod's configuration has no listener on this port; closing");
+        return (0, 0);
+    };
+    match connection_handler::serve(stream, peer, entry, &config, Some(&ctx.netns)).await {
+        Outcome::Relayed { from_downstream, to_downstream } => (from_downstream, to_downstream),
+        Outcome::Http => (0, 0),
+        Outcome::UpstreamFailed(e) => {
+            ctx.stats.upstream_connect_failed();
+            tracing::debug!(pod = %ctx.pod, %peer, "upstream: {e}");
+            (0, 0)
+        }
+        Outcome::NoFilterChain | Outcome::ListenerFilter | Outcome::Warming => {
+            ctx.stats.rejected();
+            (0, 0)
         }
     }
 }

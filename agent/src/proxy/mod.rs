@@ -1,10 +1,15 @@
-//! The node proxy's data path. Today: in-pod listeners with `use_original_dst` semantics, a tcp_proxy filter
-//! and an ORIGINAL_DST cluster. Listener filter chains, HTTP and the other cluster types grow here (see
-//! shared/DESIGN.md); nothing in this module touches the control path's locks.
+//! The node proxy's data path: in-pod listeners and the standalone proxy's listeners, the connection handler
+//! (`use_original_dst` hand-off, listener filters, filter chains), tcp_proxy, the HTTP connection manager,
+//! and clusters. Nothing in this module touches the control path's locks: configuration arrives as immutable
+//! snapshots (see shared/DESIGN.md).
 
 pub mod cluster;
+pub mod connection_handler;
+pub mod filter_chain;
 pub mod http;
 pub mod listener;
+pub mod listener_filter;
+pub mod pod;
 pub mod server;
 pub mod stats;
 pub mod tcp;

@@ -1,21 +1,23 @@
 //! The standalone proxy (`weft-agent proxy -c FILE`): the listeners and clusters of an Envoy bootstrap plus
-//! whatever xDS adds, served in the agent's own network namespace. The cluster set is swapped atomically;
-//! listeners are diffed by name so unchanged ones keep running and established connections are never cut.
+//! whatever xDS adds, served in the agent's own network namespace. The configuration is one snapshot swapped
+//! atomically; bound listeners are diffed by name so unchanged ones keep running and established connections
+//! are never cut.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use super::cluster::ClusterManager;
-use super::{http, tcp};
+use super::cluster::{ClusterManager, ClusterRef, Clusters};
+use super::connection_handler::{self, listener_by_address, Config, Outcome};
 use crate::config::cluster::Cluster;
-use crate::config::listener::{Listener, NetworkFilter, Routes};
+use crate::config::listener::Listener;
+use crate::config::route::RouteConfiguration;
 
 /// Counters of one listener, named as Envoy names them.
 #[derive(Debug, Default)]
@@ -24,14 +26,36 @@ pub struct ListenerCounters {
     pub downstream_cx_destroy: AtomicU64,
 }
 
-struct Active {
+/// One configuration of the standalone proxy. RDS routes are already inlined (see `xds::XdsState`).
+pub struct ProxyConfig {
+    listeners: Vec<Listener>,
+    clusters: Arc<ClusterManager>,
+}
+
+impl Clusters for ProxyConfig {
+    fn cluster(&self, name: &str) -> Option<ClusterRef<'_>> {
+        self.clusters.cluster(name)
+    }
+}
+
+impl Config for ProxyConfig {
+    fn listener_for(&self, dst: SocketAddr) -> Option<&Listener> {
+        listener_by_address(self.listeners.iter(), dst)
+    }
+
+    fn route_config(&self, _name: &str) -> Option<Arc<RouteConfiguration>> {
+        None
+    }
+}
+
+struct Bound {
     config: Listener,
     local: SocketAddr,
     counters: Arc<ListenerCounters>,
     task: JoinHandle<()>,
 }
 
-impl Drop for Active {
+impl Drop for Bound {
     fn drop(&mut self) {
         // Stops accepting; connections already accepted run on in their own tasks.
         self.task.abort();
@@ -40,8 +64,8 @@ impl Drop for Active {
 
 /// The running proxy.
 pub struct Proxy {
-    clusters: Arc<ArcSwap<ClusterManager>>,
-    listeners: Mutex<BTreeMap<String, Active>>,
+    config: Arc<ArcSwap<ProxyConfig>>,
+    bound: Mutex<BTreeMap<String, Bound>>,
 }
 
 /// One listener as the admin endpoint shows it.
@@ -53,43 +77,40 @@ pub struct ListenerView {
 
 impl Proxy {
     pub fn new() -> Arc<Proxy> {
-        let empty = ClusterManager::new(&[], &Default::default());
-        Arc::new(Proxy { clusters: Arc::new(ArcSwap::from_pointee(empty)), listeners: Mutex::default() })
+        let empty = ProxyConfig { listeners: Vec::new(), clusters: Arc::new(ClusterManager::new(&[], &HashMap::new())) };
+        Arc::new(Proxy { config: Arc::new(ArcSwap::from_pointee(empty)), bound: Mutex::default() })
     }
 
     pub fn clusters(&self) -> Arc<ClusterManager> {
-        self.clusters.load_full()
+        Arc::clone(&self.config.load().clusters)
     }
 
+    /// The listeners with a socket.
     pub fn listeners(&self) -> Vec<ListenerView> {
-        let listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
-        listeners
+        let bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
+        bound
             .values()
-            .map(|a| ListenerView { name: a.config.name.clone(), local: a.local, counters: Arc::clone(&a.counters) })
+            .map(|b| ListenerView { name: b.config.name.clone(), local: b.local, counters: Arc::clone(&b.counters) })
             .collect()
     }
 
-    /// Makes `clusters` and `listeners` the whole running configuration. Clusters first, so a new listener
-    /// never sees a cluster set older than itself. A changed listener is bound anew beside the old socket
-    /// (SO_REUSEPORT) before the old one stops accepting. Returns the listeners that could not be bound, which
-    /// keep their previous state.
-    pub fn apply(
-        &self,
-        listeners: &[Listener],
-        clusters: &[Cluster],
-        assignments: &std::collections::HashMap<String, Vec<SocketAddr>>,
-    ) -> Vec<(String, io::Error)> {
-        self.clusters.store(Arc::new(ClusterManager::new(clusters, assignments)));
-        let mut active = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
-        active.retain(|name, _| listeners.iter().any(|l| &l.name == name));
+    /// Makes `clusters` and `listeners` the whole running configuration; new connections see it at once. A
+    /// changed listener is bound anew beside the old socket (SO_REUSEPORT) before the old one stops accepting.
+    /// Returns the listeners that could not be bound, which keep their previous socket.
+    pub fn apply(&self, listeners: &[Listener], clusters: &[Cluster], assignments: &HashMap<String, Vec<SocketAddr>>) -> Vec<(String, io::Error)> {
+        let clusters = Arc::new(ClusterManager::new(clusters, assignments));
+        self.config.store(Arc::new(ProxyConfig { listeners: listeners.to_vec(), clusters }));
+        let mut bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
+        bound.retain(|name, _| listeners.iter().any(|l| &l.name == name && l.bind_to_port));
         let mut failed = Vec::new();
-        for l in listeners {
-            if active.get(&l.name).is_some_and(|a| a.config == *l) {
+        for l in listeners.iter().filter(|l| l.bind_to_port) {
+            if bound.get(&l.name).is_some_and(|b| b.config.address == l.address) {
+                bound.entry(l.name.clone()).and_modify(|b| b.config = l.clone());
                 continue;
             }
             match self.bind(l) {
                 Ok(new) => {
-                    active.insert(l.name.clone(), new);
+                    bound.insert(l.name.clone(), new);
                 }
                 Err(e) => failed.push((l.name.clone(), e)),
             }
@@ -97,13 +118,13 @@ impl Proxy {
         failed
     }
 
-    fn bind(&self, l: &Listener) -> io::Result<Active> {
+    fn bind(&self, l: &Listener) -> io::Result<Bound> {
         let socket = bind_reuseport(l.address)
             .map_err(|e| io::Error::new(e.kind(), format!("listener {:?}: cannot bind {}: {e}", l.name, l.address)))?;
         let local = socket.local_addr()?;
         let counters = Arc::new(ListenerCounters::default());
-        let task = tokio::spawn(accept_loop(socket, l.filter.clone(), Arc::clone(&self.clusters), Arc::clone(&counters)));
-        Ok(Active { config: l.clone(), local, counters, task })
+        let task = tokio::spawn(accept_loop(socket, l.name.clone(), Arc::clone(&self.config), Arc::clone(&counters)));
+        Ok(Bound { config: l.clone(), local, counters, task })
     }
 }
 
@@ -117,44 +138,27 @@ fn bind_reuseport(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-async fn accept_loop(socket: TcpListener, filter: NetworkFilter, clusters: Arc<ArcSwap<ClusterManager>>, counters: Arc<ListenerCounters>) {
-    let routes = match &filter {
-        NetworkFilter::HttpConnectionManager(Routes::Inline(rc)) => Some(Arc::new(rc.clone())),
-        // RDS routes are resolved to inline ones before a listener reaches the proxy (see xds::XdsState).
-        NetworkFilter::HttpConnectionManager(Routes::Rds(_)) | NetworkFilter::TcpProxy { .. } => None,
-    };
+async fn accept_loop(socket: TcpListener, name: String, config: Arc<ArcSwap<ProxyConfig>>, counters: Arc<ListenerCounters>) {
     loop {
-        let stream = match socket.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match socket.accept().await {
+            Ok(accepted) => accepted,
             Err(e) => {
-                tracing::warn!("accept failed: {e}");
+                tracing::warn!(listener = %name, "accept failed: {e}");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }
         };
         counters.downstream_cx_total.fetch_add(1, Relaxed);
-        // Each connection keeps the cluster set it started with.
-        let (filter, clusters, counters, routes) = (filter.clone(), clusters.load_full(), Arc::clone(&counters), routes.clone());
+        // Each connection keeps the configuration it started with.
+        let (config, counters, name) = (config.load_full(), Arc::clone(&counters), name.clone());
         tokio::spawn(async move {
-            match (&filter, routes) {
-                (NetworkFilter::TcpProxy { cluster }, _) => tcp_proxy(stream, cluster, &clusters).await,
-                (NetworkFilter::HttpConnectionManager(_), Some(routes)) => http::serve_connection(stream, routes, clusters).await,
-                _ => {}
+            if let Some(entry) = config.listeners.iter().find(|l| l.name == name) {
+                let _ = stream.set_nodelay(true);
+                if let Outcome::UpstreamFailed(e) = connection_handler::serve(stream, peer, entry, &config, None).await {
+                    tracing::debug!(listener = %name, %peer, "no upstream connection: {e}");
+                }
             }
             counters.downstream_cx_destroy.fetch_add(1, Relaxed);
         });
-    }
-}
-
-async fn tcp_proxy(downstream: TcpStream, cluster: &str, clusters: &ClusterManager) {
-    let original_dst = tcp::original_dst(&downstream).ok();
-    match clusters.connect(cluster, original_dst).await {
-        Ok(upstream) => {
-            if let Err(e) = tcp::relay(downstream, upstream).await {
-                tracing::debug!(cluster, "tcp_proxy connection ended: {e}");
-            }
-        }
-        // Envoy closes the downstream connection when no upstream connection can be made.
-        Err(e) => tracing::debug!(cluster, "tcp_proxy: {e}"),
     }
 }

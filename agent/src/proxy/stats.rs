@@ -10,6 +10,7 @@ pub struct ListenerStats {
     closed: AtomicU64,
     upstream_connect_failed: AtomicU64,
     refused_loop: AtomicU64,
+    rejected: AtomicU64,
     bytes_from_downstream: AtomicU64,
     bytes_to_downstream: AtomicU64,
 }
@@ -21,6 +22,8 @@ pub struct ListenerSnapshot {
     pub active: u64,
     pub upstream_connect_failed: u64,
     pub refused_loop: u64,
+    /// Closed by the pod's configuration: no listener, no filter chain, no configuration yet.
+    pub rejected: u64,
     pub bytes_from_downstream: u64,
     pub bytes_to_downstream: u64,
 }
@@ -44,6 +47,10 @@ impl ListenerStats {
         self.refused_loop.fetch_add(1, Relaxed);
     }
 
+    pub fn rejected(&self) {
+        self.rejected.fetch_add(1, Relaxed);
+    }
+
     pub fn snapshot(&self) -> ListenerSnapshot {
         let accepted = self.accepted.load(Relaxed);
         ListenerSnapshot {
@@ -51,6 +58,7 @@ impl ListenerStats {
             active: accepted.saturating_sub(self.closed.load(Relaxed)),
             upstream_connect_failed: self.upstream_connect_failed.load(Relaxed),
             refused_loop: self.refused_loop.load(Relaxed),
+            rejected: self.rejected.load(Relaxed),
             bytes_from_downstream: self.bytes_from_downstream.load(Relaxed),
             bytes_to_downstream: self.bytes_to_downstream.load(Relaxed),
         }

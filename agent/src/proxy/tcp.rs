@@ -5,8 +5,8 @@ use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::listener::ListenerContext;
@@ -53,33 +53,35 @@ fn getsockopt<T>(fd: i32, level: libc::c_int, out: &mut T) -> io::Result<()> {
 
 /// Copies both ways until both directions have ended (a FIN is passed on as a FIN). Returns the bytes
 /// copied from downstream and to downstream.
-pub async fn relay(mut downstream: TcpStream, mut upstream: TcpStream) -> io::Result<(u64, u64)> {
-    let _ = downstream.set_nodelay(true);
+pub async fn relay<D>(mut downstream: D, mut upstream: TcpStream) -> io::Result<(u64, u64)>
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+{
     tokio::io::copy_bidirectional_with_sizes(&mut downstream, &mut upstream, BUFFER, BUFFER).await
 }
 
-/// Serves one accepted connection until both directions have ended.
-pub async fn serve(downstream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerContext>) {
+/// Without a control plane: proxies one accepted connection to its original destination until both
+/// directions have ended. Returns the bytes copied from and to downstream.
+pub async fn passthrough(downstream: TcpStream, peer: SocketAddr, ctx: &ListenerContext) -> (u64, u64) {
     let stats = &ctx.stats;
-    stats.accepted();
-    let (mut from_down, mut to_down) = (0, 0);
-    match original_dst(&downstream) {
-        Err(e) => tracing::warn!(pod = %ctx.pod, %peer, "no original destination: {e}"),
-        // Nothing rewrote this connection: it was made to the listener itself. Proxying it would loop.
-        Ok(dst) if dst.port() == ctx.port => {
-            stats.refused_loop();
-            tracing::debug!(pod = %ctx.pod, %peer, %dst, "refused direct connection to the proxy port");
+    let _ = downstream.set_nodelay(true);
+    let dst = match original_dst(&downstream) {
+        Ok(dst) => dst,
+        Err(e) => {
+            tracing::warn!(pod = %ctx.pod, %peer, "no original destination: {e}");
+            return (0, 0);
         }
-        Ok(dst) => match cluster::connect_original_dst(&ctx.netns, dst, ctx.direction, &ctx.settings).await {
-            Err(e) => {
-                stats.upstream_connect_failed();
-                tracing::debug!(pod = %ctx.pod, %peer, %dst, "upstream connect failed: {e}");
-            }
-            Ok(upstream) => match relay(downstream, upstream).await {
-                Ok((down, up)) => (from_down, to_down) = (down, up),
-                Err(e) => tracing::debug!(pod = %ctx.pod, %peer, %dst, "connection ended with error: {e}"),
-            },
-        },
-    }
-    stats.closed(from_down, to_down);
+    };
+    let upstream = match cluster::connect_original_dst(&ctx.netns, dst, ctx.direction, &ctx.settings).await {
+        Ok(upstream) => upstream,
+        Err(e) => {
+            stats.upstream_connect_failed();
+            tracing::debug!(pod = %ctx.pod, %peer, %dst, "upstream connect failed: {e}");
+            return (0, 0);
+        }
+    };
+    relay(downstream, upstream).await.unwrap_or_else(|e| {
+        tracing::debug!(pod = %ctx.pod, %peer, %dst, "connection ended with error: {e}");
+        (0, 0)
+    })
 }

@@ -17,9 +17,10 @@ use serde_json::Value;
 
 use crate::config::bootstrap::Bootstrap;
 use crate::config::cluster::{self, Cluster};
-use crate::config::listener::{self, Listener, NetworkFilter, Routes};
-use crate::config::route::{self, Action, RouteConfiguration};
+use crate::config::listener::{self, FilterChain, Listener, NetworkFilter, Routes};
+use crate::config::route::{self, RouteConfiguration};
 use crate::config::tree::Obj;
+use crate::proxy::pod::PodConfig;
 use crate::proxy::server::Proxy;
 
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
@@ -48,6 +49,8 @@ pub struct Resource<T> {
     pub bytes: Box<[u8]>,
     pub model: T,
     pub last_updated: SystemTime,
+    /// Round-robin position over a cluster's endpoints, shared by every pod holding the cluster.
+    pub cursor: std::sync::atomic::AtomicUsize,
 }
 
 impl<T> Resource<T> {
@@ -58,15 +61,16 @@ impl<T> Resource<T> {
 
 pub type Entry<T> = Arc<Resource<T>>;
 
-/// Accepted dynamic resources and the version of each type's last accepted response.
+/// Accepted dynamic resources and the version of each type's last accepted response. Each collection is
+/// shared (copy on write) with the pod's data-path snapshot, so a snapshot costs a few pointers.
 #[derive(Debug, Default)]
 pub struct Store {
-    pub listeners: sorted::ByName<Listener>,
-    pub clusters: sorted::ByName<Cluster>,
+    pub listeners: Arc<sorted::ByName<Listener>>,
+    pub clusters: Arc<sorted::ByName<Cluster>>,
     /// EDS: service name → endpoints.
-    pub assignments: sorted::ByName<Vec<std::net::SocketAddr>>,
+    pub assignments: Arc<sorted::ByName<Vec<std::net::SocketAddr>>>,
     /// RDS: route configuration name → routes.
-    pub routes: sorted::ByName<RouteConfiguration>,
+    pub routes: Arc<sorted::ByName<Arc<RouteConfiguration>>>,
     pub versions: HashMap<&'static str, String>,
     /// Per type, whether the last response was accepted: the xDS sync status.
     pub last_response: HashMap<&'static str, bool>,
@@ -76,7 +80,7 @@ pub struct Store {
 static LISTENERS: LazyLock<intern::Interner<Resource<Listener>>> = LazyLock::new(Default::default);
 static CLUSTERS: LazyLock<intern::Interner<Resource<Cluster>>> = LazyLock::new(Default::default);
 static ASSIGNMENTS: LazyLock<intern::Interner<Resource<Vec<std::net::SocketAddr>>>> = LazyLock::new(Default::default);
-static ROUTES: LazyLock<intern::Interner<Resource<RouteConfiguration>>> = LazyLock::new(Default::default);
+static ROUTES: LazyLock<intern::Interner<Resource<Arc<RouteConfiguration>>>> = LazyLock::new(Default::default);
 
 type Rejection = (Option<String>, String);
 
@@ -101,6 +105,7 @@ fn shared<M>(
             bytes: r.bytes.into(),
             model,
             last_updated: SystemTime::now(),
+            cursor: Default::default(),
         })
     })
 }
@@ -124,18 +129,24 @@ pub struct Received<'a> {
     pub bytes: &'a [u8],
 }
 
+/// Where accepted configuration goes.
+pub enum Sink {
+    /// The standalone proxy: bootstrap and dynamic resources together.
+    Proxy(Arc<Proxy>),
+    /// A captured pod's in-pod listeners, which read the latest snapshot for every new connection.
+    Pod(tokio::sync::watch::Sender<Option<Arc<PodConfig>>>),
+}
+
 /// Applies xDS updates to the proxy. Shared by the stream tasks and the admin endpoint.
 pub struct XdsState {
     bootstrap: Bootstrap,
-    /// Where accepted configuration goes; `None` for a pod's stream, whose configuration is only held (and
-    /// shown by the admin endpoint) until in-pod listeners follow it.
-    proxy: Option<Arc<Proxy>>,
+    sink: Sink,
     pub store: Mutex<Store>,
 }
 
 impl XdsState {
-    pub fn new(bootstrap: Bootstrap, proxy: Option<Arc<Proxy>>) -> Arc<XdsState> {
-        Arc::new(XdsState { bootstrap, proxy, store: Mutex::default() })
+    pub fn new(bootstrap: Bootstrap, sink: Sink) -> Arc<XdsState> {
+        Arc::new(XdsState { bootstrap, sink, store: Mutex::default() })
     }
 
     pub fn bootstrap(&self) -> &Bootstrap {
@@ -176,10 +187,7 @@ impl XdsState {
                 .listeners
                 .iter()
                 .chain(store.listeners.values().map(|e| e.model()))
-                .filter_map(|l| match &l.filter {
-                    NetworkFilter::HttpConnectionManager(Routes::Rds(name)) => Some(name.clone()),
-                    _ => None,
-                })
+                .flat_map(|l| l.rds_names().map(str::to_string))
                 .collect()
         };
         names.sort();
@@ -228,10 +236,10 @@ impl XdsState {
         }
         let gone = |name: &str| removed.iter().any(|r| r == name) || (complete && !seen.contains(name));
         match type_url {
-            LISTENER_TYPE => store.listeners.retain(|e| !gone(&e.name)),
-            ENDPOINT_TYPE => store.assignments.retain(|e| !gone(&e.name)),
-            ROUTE_TYPE => store.routes.retain(|e| !gone(&e.name)),
-            _ => store.clusters.retain(|e| !gone(&e.name)),
+            LISTENER_TYPE => Arc::make_mut(&mut store.listeners).retain(|e| !gone(&e.name)),
+            ENDPOINT_TYPE => Arc::make_mut(&mut store.assignments).retain(|e| !gone(&e.name)),
+            ROUTE_TYPE => Arc::make_mut(&mut store.routes).retain(|e| !gone(&e.name)),
+            _ => Arc::make_mut(&mut store.clusters).retain(|e| !gone(&e.name)),
         }
         errors.extend(self.push(&mut store));
         if errors.is_empty() {
@@ -251,26 +259,26 @@ impl XdsState {
                 let l = shared(&LISTENERS, r, "Listener", "name", listener::translate)?;
                 let name = l.name.to_string();
                 self.check_routes(&l.model, store).map_err(|e| (Some(name.clone()), format!("Listener '{name}': {e}")))?;
-                store.listeners.insert(l);
+                Arc::make_mut(&mut store.listeners).insert(l);
                 Ok(name)
             }
             ENDPOINT_TYPE => {
                 let a = shared(&ASSIGNMENTS, r, "ClusterLoadAssignment", "cluster_name", |o| cluster::assignment(o).map(|(_, e)| e))?;
                 let name = a.name.to_string();
-                store.assignments.insert(a);
+                Arc::make_mut(&mut store.assignments).insert(a);
                 Ok(name)
             }
             // Routes from RDS are not checked against clusters (Envoy's validate_clusters default for RDS).
             ROUTE_TYPE => {
-                let rc = shared(&ROUTES, r, "RouteConfiguration", "name", route::translate)?;
+                let rc = shared(&ROUTES, r, "RouteConfiguration", "name", |o| route::translate(o).map(Arc::new))?;
                 let name = rc.name.to_string();
-                store.routes.insert(rc);
+                Arc::make_mut(&mut store.routes).insert(rc);
                 Ok(name)
             }
             _ => {
                 let c = shared(&CLUSTERS, r, "Cluster", "name", cluster::translate)?;
                 let name = c.name.to_string();
-                store.clusters.insert(c);
+                Arc::make_mut(&mut store.clusters).insert(c);
                 Ok(name)
             }
         }
@@ -278,24 +286,28 @@ impl XdsState {
 
     /// Inline route configurations must name existing clusters (`validate_clusters`).
     fn check_routes(&self, l: &Listener, store: &Store) -> Result<(), String> {
-        let NetworkFilter::HttpConnectionManager(Routes::Inline(rc)) = &l.filter else { return Ok(()) };
         let known = |c: &str| store.clusters.contains_key(c) || self.bootstrap.clusters.iter().any(|k| k.name == c);
-        for vh in &rc.virtual_hosts {
-            for r in &vh.routes {
-                if let Action::Cluster(c) = &r.action {
-                    if !known(c) {
-                        return Err(format!("route: unknown cluster '{c}'"));
-                    }
-                }
-            }
+        match l.inline_routes().flat_map(RouteConfiguration::clusters).find(|c| !known(c)) {
+            Some(c) => Err(format!("route: unknown cluster '{c}'")),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Makes static + dynamic resources the running configuration; listeners that cannot bind are errors
     /// (and are dropped from the store so a later response can retry them).
     fn push(&self, store: &mut Store) -> Vec<String> {
-        let Some(proxy) = &self.proxy else { return Vec::new() };
+        let proxy = match &self.sink {
+            Sink::Proxy(proxy) => proxy,
+            Sink::Pod(snapshot) => {
+                snapshot.send_replace(Some(Arc::new(PodConfig {
+                    listeners: Arc::clone(&store.listeners),
+                    routes: Arc::clone(&store.routes),
+                    clusters: Arc::clone(&store.clusters),
+                    assignments: Arc::clone(&store.assignments),
+                })));
+                return Vec::new();
+            }
+        };
         let clusters: Vec<Cluster> =
             self.bootstrap.clusters.iter().cloned().chain(store.clusters.values().map(|e| e.model().clone())).collect();
         // A listener whose RDS routes have not arrived yet is warming: it is not started until they do.
@@ -311,20 +323,30 @@ impl XdsState {
         failed
             .into_iter()
             .map(|(name, e)| {
-                store.listeners.remove(&name);
+                Arc::make_mut(&mut store.listeners).remove(&name);
                 format!("Listener '{name}': {e}")
             })
             .collect()
     }
 }
 
-/// The listener with its RDS routes inlined, or `None` while they have not arrived.
-fn resolve_routes(l: &Listener, routes: &sorted::ByName<RouteConfiguration>) -> Option<Listener> {
-    match &l.filter {
-        NetworkFilter::HttpConnectionManager(Routes::Rds(name)) => {
-            let rc = routes.get(name)?.model().clone();
-            Some(Listener { filter: NetworkFilter::HttpConnectionManager(Routes::Inline(rc)), ..l.clone() })
-        }
-        _ => Some(l.clone()),
-    }
+/// The listener with its RDS routes inlined, or `None` while some have not arrived (the listener warms).
+fn resolve_routes(l: &Listener, routes: &sorted::ByName<Arc<RouteConfiguration>>) -> Option<Listener> {
+    let resolve = |chain: &FilterChain| -> Option<FilterChain> {
+        let filter = match &chain.filter {
+            NetworkFilter::HttpConnectionManager(Routes::Rds(name)) => {
+                NetworkFilter::HttpConnectionManager(Routes::Inline(Arc::clone(routes.get(name)?.model())))
+            }
+            other => other.clone(),
+        };
+        Some(FilterChain { filter, ..chain.clone() })
+    };
+    Some(Listener {
+        filter_chains: l.filter_chains.iter().map(resolve).collect::<Option<_>>()?,
+        default_filter_chain: match &l.default_filter_chain {
+            Some(chain) => Some(resolve(chain)?),
+            None => None,
+        },
+        ..l.clone()
+    })
 }

@@ -6,10 +6,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use serde_json::json;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 
-use super::{client, XdsState};
+use super::{client, Sink, XdsState};
+use crate::proxy::pod::PodConfig;
 use crate::cni_server::registry::PodRecord;
 use crate::config::bootstrap::{Ads, AdsApi, Bootstrap, Node};
 
@@ -37,8 +39,9 @@ impl PodXds {
         Ok(PodXds { settings, channel })
     }
 
-    /// Starts the pod's stream; dropping (aborting) the handle ends it.
-    pub fn start(&self, pod: &PodRecord) -> (Arc<XdsState>, JoinHandle<()>) {
+    /// Starts the pod's stream, whose accepted configurations go to `snapshot`; dropping (aborting) the handle
+    /// ends it.
+    pub fn start(&self, pod: &PodRecord, snapshot: watch::Sender<Option<Arc<PodConfig>>>) -> (Arc<XdsState>, JoinHandle<()>) {
         let bootstrap = Bootstrap {
             node: sidecar_node(pod, &self.settings),
             admin: None,
@@ -47,7 +50,7 @@ impl PodXds {
             ads: Some(Ads { api: self.settings.api, cluster: String::new() }),
             raw: serde_json::Value::Null,
         };
-        let state = XdsState::new(bootstrap, None);
+        let state = XdsState::new(bootstrap, Sink::Pod(snapshot));
         let task = tokio::spawn(client::run_on(Arc::clone(&state), self.settings.api, self.channel.clone()));
         (state, task)
     }

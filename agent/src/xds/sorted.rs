@@ -6,6 +6,13 @@ use super::{Entry, Resource};
 #[derive(Debug)]
 pub struct ByName<T>(Vec<Entry<T>>);
 
+/// Copies the pointers (copy on write of a pod's store), never the resources.
+impl<T> Clone for ByName<T> {
+    fn clone(&self) -> Self {
+        ByName(self.0.clone())
+    }
+}
+
 impl<T> Default for ByName<T> {
     fn default() -> Self {
         ByName(Vec::new())
@@ -42,7 +49,7 @@ impl<T> ByName<T> {
         self.0.shrink_to_fit();
     }
 
-    pub fn values(&self) -> impl Iterator<Item = &Entry<T>> {
+    pub fn values(&self) -> std::slice::Iter<'_, Entry<T>> {
         self.0.iter()
     }
 

@@ -1,0 +1,123 @@
+//! What happens to an accepted connection, in Envoy's order: the listener of its original destination takes
+//! it over (`use_original_dst`), that listener's filters inspect it, a filter chain is chosen, and the chain's
+//! network filter (tcp_proxy or the HTTP connection manager) serves it. Shared by the standalone proxy and the
+//! in-pod listeners; each connection keeps the configuration snapshot it started with.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+
+use super::cluster::{self, Clusters, UpstreamError};
+use super::filter_chain::{self, ConnectionInfo};
+use super::listener_filter::{self, InspectError};
+use super::{http, tcp};
+use crate::capture::netns::Netns;
+use crate::config::listener::{Listener, NetworkFilter, Routes};
+use crate::config::route::RouteConfiguration;
+
+/// A configuration snapshot as the data path sees it.
+pub trait Config: Clusters {
+    /// The listener a `use_original_dst` listener hands a connection for `dst` to.
+    fn listener_for(&self, dst: SocketAddr) -> Option<&Listener>;
+    /// An RDS route configuration (`None` while it has not arrived).
+    fn route_config(&self, name: &str) -> Option<Arc<RouteConfiguration>>;
+}
+
+/// Envoy's lookup: a listener on exactly `dst`, else one on the wildcard address with `dst`'s port.
+pub fn listener_by_address<'a>(listeners: impl Iterator<Item = &'a Listener> + Clone, dst: SocketAddr) -> Option<&'a Listener> {
+    let wildcard = |ip: IpAddr| ip.is_unspecified() && ip.is_ipv4() == dst.is_ipv4();
+    listeners.clone().find(|l| l.address == dst).or_else(|| listeners.into_iter().find(|l| l.address.port() == dst.port() && wildcard(l.address.ip())))
+}
+
+/// Where an upstream connection of this downstream connection goes from.
+pub struct Upstream<C> {
+    pub config: Arc<C>,
+    /// The pod's network namespace (node agent), or the agent's own (standalone proxy).
+    pub netns: Option<Netns>,
+    /// The downstream connection's destination, for ORIGINAL_DST clusters.
+    pub original_dst: SocketAddr,
+}
+
+impl<C> Clone for Upstream<C> {
+    fn clone(&self) -> Self {
+        Upstream { config: Arc::clone(&self.config), netns: self.netns.clone(), original_dst: self.original_dst }
+    }
+}
+
+impl<C: Config> Upstream<C> {
+    pub async fn connect(&self, cluster: &str) -> Result<TcpStream, UpstreamError> {
+        cluster::connect(&*self.config, cluster, Some(self.original_dst), self.netns.as_ref()).await
+    }
+}
+
+/// How a connection ended, for the caller's counters.
+#[derive(Debug)]
+pub enum Outcome {
+    /// tcp_proxy relayed it until both sides closed.
+    Relayed { from_downstream: u64, to_downstream: u64 },
+    /// The HTTP connection manager served it.
+    Http,
+    /// No filter chain (and no default chain) matched: closed, as Envoy does.
+    NoFilterChain,
+    /// The listener filters timed out or the connection failed while they read it.
+    ListenerFilter,
+    /// The HTTP connection manager's RDS routes have not arrived (the listener is still warming).
+    Warming,
+    UpstreamFailed(UpstreamError),
+}
+
+/// Serves a connection accepted by `entry`, from `netns` when it is a pod's.
+pub async fn serve<C: Config>(stream: TcpStream, peer: SocketAddr, entry: &Listener, config: &Arc<C>, netns: Option<&Netns>) -> Outcome {
+    let socket_local = stream.local_addr().unwrap_or(entry.address);
+    let restored = if entry.listener_filters.original_dst { tcp::original_dst(&stream).ok() } else { None };
+    let local = restored.unwrap_or(socket_local);
+    let listener = match restored {
+        Some(dst) if entry.use_original_dst => config.listener_for(dst).unwrap_or(entry),
+        _ => entry,
+    };
+    let (io, detected) = match listener_filter::inspect(stream, &listener.listener_filters).await {
+        Ok(inspected) => inspected,
+        Err(InspectError::Timeout) => return Outcome::ListenerFilter,
+        Err(InspectError::Io(e)) => {
+            tracing::debug!(listener = %listener.name, %peer, "listener filters: {e}");
+            return Outcome::ListenerFilter;
+        }
+    };
+    let info = ConnectionInfo {
+        local,
+        peer,
+        server_name: detected.server_name.clone(),
+        transport_protocol: detected.transport_protocol(),
+        application_protocols: detected.application_protocols,
+    };
+    let Some(chain) = filter_chain::select(listener, &info) else {
+        tracing::debug!(listener = %listener.name, %peer, %local, "no filter chain matched; closing");
+        return Outcome::NoFilterChain;
+    };
+    let upstream = Upstream { config: Arc::clone(config), netns: netns.cloned(), original_dst: local };
+    match &chain.filter {
+        NetworkFilter::TcpProxy { cluster } => match upstream.connect(cluster).await {
+            // Envoy closes the downstream connection when no upstream connection can be made.
+            Err(e) => Outcome::UpstreamFailed(e),
+            Ok(up) => match tcp::relay(io, up).await {
+                Ok((from_downstream, to_downstream)) => Outcome::Relayed { from_downstream, to_downstream },
+                Err(e) => {
+                    tracing::debug!(listener = %listener.name, %peer, cluster, "tcp_proxy connection ended: {e}");
+                    Outcome::Relayed { from_downstream: 0, to_downstream: 0 }
+                }
+            },
+        },
+        NetworkFilter::HttpConnectionManager(routes) => {
+            let routes = match routes {
+                Routes::Inline(rc) => Arc::clone(rc),
+                Routes::Rds(name) => match config.route_config(name) {
+                    Some(rc) => rc,
+                    None => return Outcome::Warming,
+                },
+            };
+            http::serve_connection(io, routes, upstream).await;
+            Outcome::Http
+        }
+    }
+}
