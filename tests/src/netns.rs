@@ -168,6 +168,16 @@ impl NetNs {
         self.try_run_in(move || TcpStream::connect_timeout(&addr, timeout))?
     }
 
+    /// A TCP connection made from inside this namespace, from `source` (any port).
+    pub fn tcp_connect_from(&self, source: std::net::IpAddr, addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+        self.try_run_in(move || {
+            let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+            socket.bind(&SocketAddr::new(source, 0).into())?;
+            socket.connect_timeout(&addr.into(), timeout)?;
+            Ok(TcpStream::from(socket))
+        })?
+    }
+
     /// A UDP socket bound inside this namespace.
     pub fn udp_bind<A: ToSocketAddrs + Send>(&self, addr: A) -> io::Result<std::net::UdpSocket> {
         self.try_run_in(move || std::net::UdpSocket::bind(addr))?

@@ -73,6 +73,27 @@ pub fn echo_paced(pod: &NetNs, addr: SocketAddr, payload: &[u8], pause: Duration
     Ok(back)
 }
 
+/// Connects from `source` inside `ns`, sends `payload` (without half-closing: a proxy may close connections
+/// that end while its listener filters still inspect them), and returns what came back once `want` bytes
+/// arrived or the other side closed (empty when it closed without answering).
+pub fn exchange_from(ns: &NetNs, source: std::net::IpAddr, addr: SocketAddr, payload: &[u8], want: usize) -> io::Result<Vec<u8>> {
+    let mut stream = ns.tcp_connect_from(source, addr, Duration::from_secs(5))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(payload)?;
+    let mut back = Vec::new();
+    let mut buf = [0u8; 4096];
+    while back.len() < want {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => back.extend_from_slice(&buf[..n]),
+            // A proxy that closes without reading everything resets the connection.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(back)
+}
+
 /// A deterministic, non-repeating-looking payload of `len` bytes.
 pub fn payload(len: usize) -> Vec<u8> {
     let mut x: u32 = 0x9e37_79b9;

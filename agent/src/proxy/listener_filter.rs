@@ -246,40 +246,42 @@ fn parse_hello(record: &[u8]) -> Option<Detected> {
     Some(detected)
 }
 
+/// A minimal ClientHello record with SNI and ALPN, as a TLS client's first flight starts. For tests and
+/// benchmarks that exercise the tls_inspector without a TLS stack.
+#[doc(hidden)]
+pub fn client_hello_record(sni: &str, alpn: &[&str]) -> Vec<u8> {
+    let mut ext = Vec::new();
+    let name = sni.as_bytes();
+    let sni_list_len = 3 + name.len();
+    ext.extend_from_slice(&0u16.to_be_bytes());
+    ext.extend_from_slice(&((sni_list_len + 2) as u16).to_be_bytes());
+    ext.extend_from_slice(&(sni_list_len as u16).to_be_bytes());
+    ext.push(0);
+    ext.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    ext.extend_from_slice(name);
+    let protocols: Vec<u8> = alpn.iter().flat_map(|p| std::iter::once(p.len() as u8).chain(p.bytes())).collect();
+    ext.extend_from_slice(&16u16.to_be_bytes());
+    ext.extend_from_slice(&((protocols.len() + 2) as u16).to_be_bytes());
+    ext.extend_from_slice(&(protocols.len() as u16).to_be_bytes());
+    ext.extend_from_slice(&protocols);
+    let mut body = vec![3, 3];
+    body.extend_from_slice(&[7; 32]);
+    body.push(0); // session id
+    body.extend_from_slice(&[0, 2, 0x13, 0x01]); // one cipher suite
+    body.extend_from_slice(&[1, 0]); // null compression
+    body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
+    body.extend_from_slice(&ext);
+    let mut handshake = vec![1, 0, (body.len() >> 8) as u8, body.len() as u8];
+    handshake.extend_from_slice(&body);
+    let mut record = vec![0x16, 3, 1, (handshake.len() >> 8) as u8, handshake.len() as u8];
+    record.extend_from_slice(&handshake);
+    record
+}
+
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
     use std::time::Duration;
-
-    /// A minimal TLS 1.2-style ClientHello record with SNI and ALPN, as a client would send it.
-    pub fn client_hello_bytes(sni: &str, alpn: &[&str]) -> Vec<u8> {
-        let mut ext = Vec::new();
-        let name = sni.as_bytes();
-        let sni_list_len = 3 + name.len();
-        ext.extend_from_slice(&0u16.to_be_bytes());
-        ext.extend_from_slice(&((sni_list_len + 2) as u16).to_be_bytes());
-        ext.extend_from_slice(&(sni_list_len as u16).to_be_bytes());
-        ext.push(0);
-        ext.extend_from_slice(&(name.len() as u16).to_be_bytes());
-        ext.extend_from_slice(name);
-        let protocols: Vec<u8> = alpn.iter().flat_map(|p| std::iter::once(p.len() as u8).chain(p.bytes())).collect();
-        ext.extend_from_slice(&16u16.to_be_bytes());
-        ext.extend_from_slice(&((protocols.len() + 2) as u16).to_be_bytes());
-        ext.extend_from_slice(&(protocols.len() as u16).to_be_bytes());
-        ext.extend_from_slice(&protocols);
-        let mut body = vec![3, 3];
-        body.extend_from_slice(&[7; 32]);
-        body.push(0); // session id
-        body.extend_from_slice(&[0, 2, 0x13, 0x01]); // one cipher suite
-        body.extend_from_slice(&[1, 0]); // null compression
-        body.extend_from_slice(&(ext.len() as u16).to_be_bytes());
-        body.extend_from_slice(&ext);
-        let mut handshake = vec![1, 0, (body.len() >> 8) as u8, body.len() as u8];
-        handshake.extend_from_slice(&body);
-        let mut record = vec![0x16, 3, 1, (handshake.len() >> 8) as u8, handshake.len() as u8];
-        record.extend_from_slice(&handshake);
-        record
-    }
 
     fn both() -> ListenerFilters {
         ListenerFilters { original_dst: false, tls_inspector: true, http_inspector: true, timeout: Duration::ZERO, continue_on_timeout: false }
@@ -287,7 +289,7 @@ pub(crate) mod tests {
 
     #[test]
     fn client_hello_gives_sni_and_alpn_and_needs_the_whole_record() {
-        let hello = client_hello_bytes("API.example.com", &["h2", "http/1.1"]);
+        let hello = client_hello_record("API.example.com", &["h2", "http/1.1"]);
         let d = verdict(&hello, &both(), false).unwrap();
         assert_eq!(d, Detected { tls: true, server_name: Some("api.example.com".into()), application_protocols: vec!["h2".into(), "http/1.1".into()] });
         assert_eq!(verdict(&hello[..hello.len() - 1], &both(), false), None);
