@@ -52,7 +52,15 @@ pub fn echo(pod: &NetNs, addr: SocketAddr, payload: &[u8]) -> io::Result<Vec<u8>
 /// [`echo`] that sends 256 KiB at a time with `pause` between chunks: a transfer that is still running while
 /// the test changes something underneath it.
 pub fn echo_paced(pod: &NetNs, addr: SocketAddr, payload: &[u8], pause: Duration) -> io::Result<Vec<u8>> {
-    let stream = pod.tcp_connect(addr, Duration::from_secs(5))?;
+    echo_paced_on(pod.tcp_connect(addr, Duration::from_secs(5))?, payload, pause)
+}
+
+/// [`echo`] on a connection made earlier.
+pub fn echo_on(stream: TcpStream, payload: &[u8]) -> io::Result<Vec<u8>> {
+    echo_paced_on(stream, payload, Duration::ZERO)
+}
+
+fn echo_paced_on(stream: TcpStream, payload: &[u8], pause: Duration) -> io::Result<Vec<u8>> {
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut writer = stream.try_clone()?;
     let payload = payload.to_vec();

@@ -85,10 +85,21 @@ impl Recorded {
 /// name → (per-resource version, resource).
 type Named = BTreeMap<String, (String, Any)>;
 
+/// type → (version of the type, its resources)
+type ByType = BTreeMap<String, (String, Named)>;
+
 #[derive(Default)]
 struct Resources {
-    /// type → (version of the type, its resources)
-    by_type: BTreeMap<String, (String, Named)>,
+    /// What every node gets.
+    by_type: ByType,
+    /// Node id → types served to that node instead (istiod serves each sidecar its own listeners).
+    per_node: HashMap<String, ByType>,
+}
+
+impl Resources {
+    fn for_node(&self, node: Option<&str>, type_url: &str) -> Option<&(String, Named)> {
+        node.and_then(|n| self.per_node.get(n)).and_then(|t| t.get(type_url)).or_else(|| self.by_type.get(type_url))
+    }
 }
 
 struct Shared {
@@ -168,9 +179,25 @@ impl XdsServer {
 
     /// Replaces every resource of `type_url` with already encoded ones at `version`, and pushes.
     pub fn publish(&self, type_url: &str, version: &str, named: BTreeMap<String, Any>) {
+        self.publish_to(None, type_url, version, named);
+    }
+
+    /// [`XdsServer::set`] for one node only: that node gets these resources of `type_url` instead of the
+    /// ones every node gets.
+    pub fn set_for_node(&self, node_id: &str, type_url: &str, version: &str, resources: &[&str]) -> Result<(), HarnessError> {
+        let encoded = Self::encode(type_url, resources)?;
+        self.publish_to(Some(node_id), type_url, version, encoded);
+        Ok(())
+    }
+
+    fn publish_to(&self, node: Option<&str>, type_url: &str, version: &str, named: BTreeMap<String, Any>) {
         {
-            let mut all = self.shared.resources.lock().unwrap_or_else(|e| e.into_inner());
-            let previous = all.by_type.get(type_url).map(|(_, r)| r.clone()).unwrap_or_default();
+            let mut resources = self.shared.resources.lock().unwrap_or_else(|e| e.into_inner());
+            let all = match node {
+                Some(n) => resources.per_node.entry(n.to_string()).or_default(),
+                None => &mut resources.by_type,
+            };
+            let previous = all.get(type_url).map(|(_, r)| r.clone()).unwrap_or_default();
             // A resource keeps its version while its bytes do not change (what delta clients see).
             let entries = named
                 .into_iter()
@@ -179,7 +206,7 @@ impl XdsServer {
                     (name, (unchanged.unwrap_or_else(|| version.to_string()), any))
                 })
                 .collect();
-            all.by_type.insert(type_url.to_string(), (version.to_string(), entries));
+            all.insert(type_url.to_string(), (version.to_string(), entries));
         }
         self.shared.changed.send_modify(|n| *n += 1);
     }
@@ -262,10 +289,13 @@ impl AggregatedDiscoveryService for Service {
             let mut subscribed: HashMap<String, Vec<String>> = HashMap::new();
             let mut sent: HashMap<String, String> = HashMap::new();
             let mut nonce = 0u64;
+            // The node identifies itself in its first request.
+            let mut node: Option<String> = None;
             loop {
                 tokio::select! {
                     message = inbound.next() => {
                         let Some(Ok(req)) = message else { return };
+                        node = node.or_else(|| req.node.as_ref().map(|n| n.id.clone()));
                         record(&shared, Recorded {
                             delta: false,
                             type_url: req.type_url.clone(),
@@ -290,7 +320,7 @@ impl AggregatedDiscoveryService for Service {
                     let wanted = |name: &String| !NAMED.contains(type_url) || names.contains(name);
                     let response = {
                         let all = shared.resources.lock().unwrap_or_else(|e| e.into_inner());
-                        let Some((version, resources)) = all.by_type.get(*type_url) else { continue };
+                        let Some((version, resources)) = all.for_node(node.as_deref(), type_url) else { continue };
                         if sent.get(*type_url) == Some(version) {
                             continue;
                         }
@@ -327,10 +357,12 @@ impl AggregatedDiscoveryService for Service {
             // Named subscriptions (EDS); wildcard types are absent.
             let mut named: HashMap<String, std::collections::HashSet<String>> = HashMap::new();
             let mut nonce = 0u64;
+            let mut node: Option<String> = None;
             loop {
                 tokio::select! {
                     message = inbound.next() => {
                         let Some(Ok(req)) = message else { return };
+                        node = node.or_else(|| req.node.as_ref().map(|n| n.id.clone()));
                         record(&shared, Recorded {
                             delta: true,
                             type_url: req.type_url.clone(),
@@ -358,7 +390,7 @@ impl AggregatedDiscoveryService for Service {
                     let Some(known) = client.get_mut(type_url) else { continue };
                     let response = {
                         let all = shared.resources.lock().unwrap_or_else(|e| e.into_inner());
-                        let Some((version, resources)) = all.by_type.get(type_url) else { continue };
+                        let Some((version, resources)) = all.for_node(node.as_deref(), type_url) else { continue };
                         let subscribed = |name: &String| named.get(type_url).is_none_or(|set| set.contains(name));
                         let updated: Vec<Resource> = resources
                             .iter()

@@ -9,18 +9,22 @@ use serde_json::Value;
 
 static POOL: LazyLock<Result<DescriptorPool, String>> = LazyLock::new(build_pool);
 
-/// Extension messages the `xds-api` descriptors lack, vendored under `agent/proto/` (see its README), and
-/// the newer core files they need (which replace the older copies in the set).
-const EXTRA_PROTOS: [(&str, &str); 3] = [
-    ("envoy/config/core/v3/proxy_protocol.proto", include_str!("../../proto/envoy/config/core/v3/proxy_protocol.proto")),
-    (
-        "envoy/extensions/filters/network/tcp_proxy/v3/tcp_proxy.proto",
-        include_str!("../../proto/envoy/extensions/filters/network/tcp_proxy/v3/tcp_proxy.proto"),
-    ),
-    (
-        "envoy/extensions/upstreams/http/v3/http_protocol_options.proto",
-        include_str!("../../proto/envoy/extensions/upstreams/http/v3/http_protocol_options.proto"),
-    ),
+/// A file under `agent/proto/`, by its import path.
+macro_rules! proto {
+    ($path:literal) => {
+        ($path, include_str!(concat!("../../proto/", $path)))
+    };
+}
+
+/// Extension messages the `xds-api` descriptors lack, under `agent/proto/` (see its README), and the newer
+/// core files they need (which replace the older copies in the set).
+const EXTRA_PROTOS: [(&str, &str); 6] = [
+    proto!("envoy/config/core/v3/proxy_protocol.proto"),
+    proto!("envoy/extensions/filters/network/tcp_proxy/v3/tcp_proxy.proto"),
+    proto!("envoy/extensions/upstreams/http/v3/http_protocol_options.proto"),
+    proto!("envoy/extensions/filters/listener/original_dst/v3/original_dst.proto"),
+    proto!("envoy/extensions/filters/listener/tls_inspector/v3/tls_inspector.proto"),
+    proto!("envoy/extensions/filters/listener/http_inspector/v3/http_inspector.proto"),
 ];
 
 /// The xDS API descriptors plus the vendored extensions, compiled against them.
