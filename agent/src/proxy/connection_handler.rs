@@ -78,7 +78,7 @@ pub async fn serve<C: Config>(stream: TcpStream, peer: SocketAddr, entry: &Liste
     };
     let (io, detected) = match listener_filter::inspect(stream, &listener.listener_filters).await {
         Ok(inspected) => inspected,
-        Err(InspectError::Timeout) => return Outcome::ListenerFilter,
+        Err(InspectError::Timeout | InspectError::PeerClosed) => return Outcome::ListenerFilter,
         Err(InspectError::Io(e)) => {
             tracing::debug!(listener = %listener.name, %peer, "listener filters: {e}");
             return Outcome::ListenerFilter;

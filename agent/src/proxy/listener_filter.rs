@@ -35,7 +35,15 @@ impl Detected {
 pub enum InspectError {
     /// `listener_filters_timeout` passed without a verdict (and the listener does not continue on timeout).
     Timeout,
+    /// The peer closed (or half-closed) before the filters were done: Envoy closes such connections.
+    PeerClosed,
     Io(io::Error),
+}
+
+impl From<io::Error> for InspectError {
+    fn from(e: io::Error) -> Self {
+        InspectError::Io(e)
+    }
 }
 
 /// A connection whose first bytes were read by the listener filters; reads return them first.
@@ -96,8 +104,10 @@ pub async fn inspect(stream: TcpStream, filters: &ListenerFilters) -> Result<(Re
             if let Some(detected) = verdict(&buf, filters, false) {
                 return Ok(detected);
             }
-            // The peer stopped sending (or closed): decide on what there is.
-            if rewind.stream.read_buf(&mut buf).await? == 0 || buf.len() >= MAX_INSPECT {
+            if rewind.stream.read_buf(&mut buf).await? == 0 {
+                return Err(InspectError::PeerClosed);
+            }
+            if buf.len() >= MAX_INSPECT {
                 return Ok(verdict(&buf, filters, true).unwrap_or_default());
             }
         }
@@ -108,10 +118,20 @@ pub async fn inspect(stream: TcpStream, filters: &ListenerFilters) -> Result<(Re
         tokio::time::timeout(filters.timeout, reading).await
     };
     let detected = match outcome {
-        Ok(result) => result.map_err(InspectError::Io)?,
+        Ok(result) => result?,
         Err(_) if filters.continue_on_timeout => verdict(&buf, filters, true).unwrap_or_default(),
         Err(_) => return Err(InspectError::Timeout),
     };
+    // A FIN that came with the inspected bytes counts as closing during inspection too. Whatever else
+    // already arrived is kept for replay (bounded: a fast sender must not grow it without end).
+    while buf.len() < 2 * MAX_INSPECT {
+        match rewind.stream.try_read_buf(&mut buf) {
+            Ok(0) => return Err(InspectError::PeerClosed),
+            Ok(_) => continue,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(InspectError::Io(e)),
+        }
+    }
     rewind.prefix = buf.freeze();
     Ok((rewind, detected))
 }
