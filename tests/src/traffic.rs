@@ -173,7 +173,24 @@ pub fn http_request(mut stream: TcpStream, method: &str, host: &str, path: &str)
     stream.read_to_string(&mut text)?;
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    Ok(HttpResponse { status, head: head.to_string(), body: body.to_string() })
+    let chunked = head.lines().any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked");
+    let body = if chunked { dechunk(body) } else { body.to_string() };
+    Ok(HttpResponse { status, head: head.to_string(), body })
+}
+
+/// The payload of a chunked body (chunk sizes in hex, each chunk followed by CRLF, a 0-size chunk last).
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, tail)) = rest.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16) else { break };
+        let (Some(chunk), Some(after)) = (tail.get(..size), tail.get(size..)) else { break };
+        if size == 0 {
+            break;
+        }
+        out.push_str(chunk);
+        rest = after.strip_prefix("\r\n").unwrap_or(after);
+    }
+    out
 }
 
 /// [`http_request`] from inside `ns` to `addr`.

@@ -435,3 +435,38 @@ fn filter_chains_are_chosen_as_envoy_chooses_them() {
         assert!(answer.contains(want), "expected {want:?} in {answer:?} (all: {envoy:#?})");
     }
 }
+
+/// Static secrets: accepted as Envoy accepts them (files are read when a TLS context uses them, so a missing
+/// one is no start-up error) and dumped in Envoy's shape with every string under `private_key` redacted.
+#[test]
+fn static_secrets_are_dumped_as_envoy_dumps_them() {
+    let Some(ns) = proxy_ns("secrets") else { return };
+    let dir = Workdir::new("secrets");
+    let secrets = r#"  secrets:
+  - name: inline-cert
+    tls_certificate:
+      certificate_chain: {inline_string: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"}
+      private_key: {inline_string: "-----BEGIN PRIVATE KEY-----\nTOPSECRET\n-----END PRIVATE KEY-----\n"}
+  - name: file-cert
+    tls_certificate:
+      certificate_chain: {filename: /etc/weft-test/missing-chain.pem}
+      private_key: {filename: /etc/weft-test/missing-key.pem}
+  - name: root-ca
+    validation_context:
+      trusted_ca: {filename: /etc/weft-test/missing-root.pem}
+"#;
+    let config = dir.write("secrets.yaml", &bootstrap_yaml().replacen("  clusters:\n", &format!("{secrets}  clusters:\n"), 1));
+    let dump = |cmd| {
+        let child = start(&ns, cmd);
+        let reply = weft_tests::traffic::http(&ns, ADMIN.parse().unwrap(), "GET", "admin", "/config_dump?resource=static_secrets").unwrap();
+        let whole = weft_tests::traffic::http(&ns, ADMIN.parse().unwrap(), "GET", "admin", "/config_dump").unwrap();
+        quit(&ns, child);
+        assert!(!whole.body.contains("TOPSECRET") && !whole.body.contains("missing-key"), "key material in the dump: {}", whole.body);
+        serde_json::from_str::<serde_json::Value>(&reply.body).unwrap_or_else(|e| panic!("{e}: {}", reply.body))
+    };
+    let envoy = dump(envoy_cmd(&config));
+    let weft = dump(weft_cmd(&config));
+    assert_eq!(weft, envoy, "weft's static_secrets dump differs from Envoy's");
+    assert_eq!(envoy["configs"][0]["secret"]["tls_certificate"]["private_key"]["inline_string"], "[redacted]", "{envoy}");
+    assert_eq!(envoy["configs"].as_array().map(Vec::len), Some(3));
+}

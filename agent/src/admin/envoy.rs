@@ -154,18 +154,37 @@ pub fn config_dump(xds: &XdsState, started: SystemTime, request: &AdminRequest<'
         .map(|(name, e)| json!({"name": name, "active_state": {"version_info": e.version, "listener": typed(&e.bytes, "listener.v3.Listener"), "last_updated": humantime_rfc3339(e.last_updated)}}))
         .collect();
     let version = |t: &str| store.versions.get(t).cloned().unwrap_or_default();
+    let static_secrets: Vec<Value> = raw
+        .pointer("/static_resources/secrets")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .map(|s| {
+            let mut secret = redact(s.clone());
+            if let Some(obj) = secret.as_object_mut() {
+                obj.insert("@type".into(), json!("type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"));
+            }
+            json!({"name": s.get("name").cloned().unwrap_or_default(), "secret": secret})
+        })
+        .collect();
     let configs = vec![
         json!({"@type": format!("{TYPE_PREFIX}BootstrapConfigDump"), "bootstrap": redact(raw.clone()), "last_updated": updated}),
         json!({"@type": format!("{TYPE_PREFIX}ClustersConfigDump"), "version_info": version(crate::xds::CLUSTER_TYPE),
                "static_clusters": statics("clusters", "cluster", "cluster.v3.Cluster"), "dynamic_active_clusters": dynamic_clusters}),
         json!({"@type": format!("{TYPE_PREFIX}ListenersConfigDump"), "version_info": version(crate::xds::LISTENER_TYPE),
                "static_listeners": statics("listeners", "listener", "listener.v3.Listener"), "dynamic_listeners": dynamic_listeners}),
+        json!({"@type": format!("{TYPE_PREFIX}SecretsConfigDump"), "static_secrets": static_secrets}),
     ];
     drop(store);
     let mut configs = match request.param("resource") {
         None | Some("") => configs,
         Some(field) => {
-            let items: Vec<Value> = configs.iter().filter_map(|c| c.get(field)).flat_map(|v| v.as_array().cloned().unwrap_or_default()).collect();
+            // Each item becomes an Any of its own message type, as Envoy returns them.
+            let items: Vec<Value> = configs
+                .iter()
+                .filter_map(|c| Some((c.get("@type")?.as_str()?, c.get(field)?.as_array()?)))
+                .flat_map(|(dump, items)| items.iter().map(move |item| typed_item(dump, field, item)))
+                .collect();
             if items.is_empty() {
                 return Reply::status("404 Not Found", format!("{field} not found in config dump\n"));
             }
@@ -184,16 +203,32 @@ pub fn config_dump(xds: &XdsState, started: SystemTime, request: &AdminRequest<'
 }
 
 
+/// An item of a config dump's repeated `field` as an Any (`SecretsConfigDump.StaticSecret`, ...).
+fn typed_item(dump: &str, field: &str, item: &Value) -> Value {
+    let message = match field {
+        "static_clusters" => "StaticCluster",
+        "dynamic_active_clusters" => "DynamicCluster",
+        "static_listeners" => "StaticListener",
+        "dynamic_listeners" => "DynamicListener",
+        "static_secrets" => "StaticSecret",
+        _ => return item.clone(),
+    };
+    let mut item = item.clone();
+    if let Some(obj) = item.as_object_mut() {
+        obj.insert("@type".into(), json!(format!("{dump}.{message}")));
+    }
+    item
+}
+
+/// Fields Envoy marks sensitive: every string under them is shown as `[redacted]`, as Envoy shows them.
+const SENSITIVE: [&str; 3] = ["private_key", "privateKey", "password"];
+
 /// Private keys never leave the process, not even through the admin endpoint.
 fn redact(mut v: Value) -> Value {
     match &mut v {
         Value::Object(map) => {
             for (k, child) in map.iter_mut() {
-                if k == "private_key" || k == "privateKey" {
-                    *child = json!("[redacted]");
-                } else {
-                    *child = redact(child.take());
-                }
+                *child = if SENSITIVE.contains(&k.as_str()) { redact_all(child.take()) } else { redact(child.take()) };
             }
         }
         Value::Array(items) => {
@@ -204,6 +239,15 @@ fn redact(mut v: Value) -> Value {
         _ => {}
     }
     v
+}
+
+fn redact_all(v: Value) -> Value {
+    match v {
+        Value::String(_) => json!("[redacted]"),
+        Value::Object(map) => Value::Object(map.into_iter().map(|(k, c)| (k, redact_all(c))).collect()),
+        Value::Array(items) => Value::Array(items.into_iter().map(redact_all).collect()),
+        other => other,
+    }
 }
 
 /// RFC 3339 UTC timestamp with seconds, for `last_updated`.
@@ -230,7 +274,7 @@ mod tests {
     #[test]
     fn timestamps_and_redaction() {
         assert_eq!(humantime_rfc3339(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_795_316_517)), "2026-11-22T03:01:57Z");
-        let v = redact(json!({"tls": [{"private_key": {"inline_string": "KEY"}}]}));
-        assert_eq!(v, json!({"tls": [{"private_key": "[redacted]"}]}));
+        let v = redact(json!({"tls": [{"private_key": {"inline_string": "KEY"}, "certificate_chain": {"filename": "/c"}}]}));
+        assert_eq!(v, json!({"tls": [{"private_key": {"inline_string": "[redacted]"}, "certificate_chain": {"filename": "/c"}}]}));
     }
 }

@@ -9,6 +9,7 @@ use serde_json::Value;
 use super::cluster::{self, Cluster};
 use super::listener::{self, Listener};
 use super::route::RouteConfiguration;
+use super::secret::{self, Secret};
 use super::socket_address;
 use super::tree::{ConfigError, Obj, Result};
 
@@ -18,6 +19,7 @@ pub struct Bootstrap {
     pub admin: Option<SocketAddr>,
     pub listeners: Vec<Listener>,
     pub clusters: Vec<Cluster>,
+    pub secrets: Vec<Secret>,
     /// Listeners and clusters from an aggregated discovery service.
     pub ads: Option<Ads>,
     /// The file as given, for `/config_dump`.
@@ -83,15 +85,20 @@ pub fn translate(raw: Value) -> Result<Bootstrap> {
         }
         None => None,
     };
-    let (mut listeners, mut clusters) = (Vec::new(), Vec::new());
+    let (mut listeners, mut clusters, mut secrets) = (Vec::new(), Vec::new(), Vec::new());
     if let Some(mut s) = b.object("static_resources")? {
         listeners = s.objects("listeners")?.into_iter().map(listener::translate).collect::<Result<_>>()?;
         clusters = s.objects("clusters")?.into_iter().map(cluster::translate).collect::<Result<_>>()?;
+        secrets = s.objects("secrets")?.into_iter().map(secret::translate).collect::<Result<Vec<_>>>()?;
         s.finish()?;
     }
     let ads = b.object("dynamic_resources")?.map(dynamic_resources).transpose()?;
     b.finish()?;
     check_references(&listeners, &clusters)?;
+    let mut secret_names = HashSet::new();
+    if let Some((i, s)) = secrets.iter().enumerate().find(|(_, s)| !secret_names.insert(s.name.as_str())) {
+        return Err(ConfigError::new(format!("static_resources.secrets[{i}].name"), format!("Duplicate static secret name {}", s.name)));
+    }
     let uses_ads = listeners.iter().any(|l| l.rds_names().next().is_some())
         || clusters.iter().any(|c| matches!(c.discovery, super::cluster::Discovery::Eds { .. }));
     if uses_ads && ads.is_none() {
@@ -109,7 +116,7 @@ pub fn translate(raw: Value) -> Result<Bootstrap> {
             Some(_) => {}
         }
     }
-    Ok(Bootstrap { node, admin, listeners, clusters, ads, raw })
+    Ok(Bootstrap { node, admin, listeners, clusters, secrets, ads, raw })
 }
 
 fn dynamic_resources(mut d: Obj<'_>) -> Result<Ads> {
@@ -189,7 +196,7 @@ mod tests {
     #[test]
     fn not_yet_supported_sections_are_refused_by_path() {
         assert!(err(json!({"dynamic_resources": {"ads_config": {"api_type": "REST"}}})).starts_with("dynamic_resources.ads_config.api_type: REST is not supported"));
-        assert!(err(json!({"static_resources": {"secrets": []}})).starts_with("static_resources.secrets: is not supported"));
+        assert!(err(json!({"static_resources": {"secrets": [{"name": "s", "generic_secret": {}}]}})).starts_with("static_resources.secrets[0].generic_secret: is not supported"));
         assert!(err(json!({"overload_manager": {}})).starts_with("overload_manager: is not supported"));
     }
 

@@ -26,6 +26,7 @@ pub const SUPPORTED: &[(&str, &str)] = &[
     ("...routes[].match", "prefix, path (case sensitive)"),
     ("...routes[].route.cluster", "forward to a cluster"),
     ("...routes[].direct_response", "status, body.inline_string"),
+    ("static_resources.secrets[]", "name, tls_certificate {certificate_chain, private_key}, validation_context {trusted_ca}; DataSource filename, inline_string or inline_bytes; files are read when used, as in Envoy; private keys redacted in config_dump"),
     ("static_resources.clusters[].name", ""),
     ("static_resources.clusters[].type", "STATIC, EDS, ORIGINAL_DST"),
     ("static_resources.clusters[].eds_cluster_config", "service_name, eds_config.ads (EDS over ADS, V3)"),

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod fields;
 pub mod listener;
 pub mod route;
+pub mod secret;
 pub mod tree;
 
 pub use tree::ConfigError;

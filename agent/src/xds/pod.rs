@@ -47,6 +47,7 @@ impl PodXds {
             admin: None,
             listeners: Vec::new(),
             clusters: Vec::new(),
+            secrets: Vec::new(),
             ads: Some(Ads { api: self.settings.api, cluster: String::new() }),
             raw: serde_json::Value::Null,
         };
