@@ -235,10 +235,9 @@ fn cleanup(args: CleanupArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// Also installs the `log` bridge, through which the eBPF programs' aya-log records arrive.
 fn init_logging(level: tracing::Level) {
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    // Also installs the `log` bridge, through which the eBPF programs' aya-log records arrive.
-    tracing_subscriber::fmt().with_max_level(level).with_target(false).with_ansi(ansi).with_writer(std::io::stderr).init();
+    weft_agent::logging::init(level);
 }
 
 fn run(args: RunArgs) -> Result<(), String> {

@@ -470,3 +470,27 @@ fn static_secrets_are_dumped_as_envoy_dumps_them() {
     assert_eq!(envoy["configs"][0]["secret"]["tls_certificate"]["private_key"]["inline_string"], "[redacted]", "{envoy}");
     assert_eq!(envoy["configs"].as_array().map(Vec::len), Some(3));
 }
+
+/// `/logging` shows the level and `POST /logging?level=debug` changes it while the proxy runs: a debug
+/// message that the start-up level (warn) hid appears after the change.
+#[test]
+fn logging_level_changes_at_run_time() {
+    let Some(ns) = proxy_ns("logging") else { return };
+    let dir = Workdir::new("logging");
+    let config = dir.write("bootstrap.yaml", &bootstrap_yaml());
+    let mut child = start(&ns, weft_cmd(&config));
+    let admin = |method: &str, path: &str| weft_tests::traffic::http(&ns, ADMIN.parse().unwrap(), method, "admin", path).unwrap();
+    assert!(admin("GET", "/logging").body.contains("weft: warning"), "{}", admin("GET", "/logging").body);
+    let refused = admin("POST", "/logging?level=chatty");
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert!(refused.body.contains("unknown logger level \"chatty\""), "{}", refused.body);
+    assert_eq!(admin("GET", "/logging?level=debug").status, 405, "a GET must not change the level");
+    assert!(admin("POST", "/logging?level=debug").body.contains("weft: debug"));
+    // /down routes to a cluster whose endpoint refuses: weft logs that at debug level.
+    assert!(http(&ns, HTTP_LISTENER, "api.example.com", "/down").starts_with("HTTP/1.1 503"));
+    assert_eq!(admin("POST", "/quitquitquit").status, 200);
+    child.wait_timeout(Duration::from_secs(20)).unwrap().expect("weft did not exit");
+    let mut stderr = String::new();
+    child.into_inner().stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(stderr.contains("upstream connect failed"), "no debug output after the change: {stderr}");
+}

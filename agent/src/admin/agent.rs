@@ -54,9 +54,10 @@ impl Routes for Admin {
                     version: env!("CARGO_PKG_VERSION"),
                     pods: self.node.status().await,
                 }),
+                (method, "/logging") => super::logging(method, &request),
                 ("GET", path) if path.starts_with("/pods/") && path.ends_with("/config_dump") => self.pod_config_dump(&request).await,
                 ("GET", _) => {
-                    Reply::status("404 Not Found", "paths: /healthz /ready /healthz/ready /status /pods/<ns>/<name>/config_dump\n")
+                    Reply::status("404 Not Found", "paths: /healthz /ready /healthz/ready /status /pods/<ns>/<name>/config_dump /logging\n")
                 }
                 _ => Reply::status("405 Method Not Allowed", "GET only\n"),
             }

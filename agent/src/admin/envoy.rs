@@ -35,7 +35,7 @@ impl Routes for EnvoyAdmin {
                 ("GET", "/listeners") => Reply::ok("text/plain", self.listeners()),
                 ("GET", "/stats") => Reply::ok("text/plain", self.stats(false)),
                 ("GET", "/stats/prometheus") => Reply::ok("text/plain; version=0.0.4", self.stats(true)),
-                ("GET" | "POST", "/logging") => Reply::ok("text/plain", "active loggers:\n  weft: as set by --log-level\n"),
+                (method, "/logging") => super::logging(method, &request),
                 ("POST", "/quitquitquit") => {
                     self.quit.notify_one();
                     Reply::ok("text/plain", "OK\n")

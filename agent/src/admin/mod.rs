@@ -119,3 +119,9 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<String> {
     }
     Ok(String::from_utf8_lossy(&buf).into_owned())
 }
+
+/// `/logging`, the same on both admin endpoints: shows the level, `POST ?level=L` changes it.
+fn logging(method: &str, request: &AdminRequest<'_>) -> Reply {
+    let (status, body) = crate::logging::admin(method, request.param("level"));
+    Reply::status(status, body)
+}
