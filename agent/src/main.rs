@@ -48,6 +48,9 @@ struct ProxyArgs {
     /// serve, or validate: check the configuration and exit (as Envoy's --mode validate).
     #[arg(long, default_value = "serve")]
     mode: ProxyMode,
+    /// How long connections of a removed or replaced listener may go on, in seconds (Envoy's --drain-time-s).
+    #[arg(long, default_value_t = 600)]
+    drain_time_s: u64,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -185,7 +188,7 @@ fn proxy(args: ProxyArgs) -> Result<(), String> {
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(async move {
-        let proxy = weft_agent::proxy::server::Proxy::new();
+        let proxy = weft_agent::proxy::server::Proxy::new(std::time::Duration::from_secs(args.drain_time_s));
         // All or nothing at start-up: a port in use fails it, as in Envoy.
         if let Some((name, e)) = proxy.apply(&bootstrap.listeners, &bootstrap.clusters, &Default::default()).into_iter().next() {
             return Err(format!("listener {name}: {e}"));
@@ -257,7 +260,7 @@ async fn serve(cfg: AgentConfig) -> Result<(), String> {
     let redirector = capture::redirector(cfg.redirect, cfg.iptables_variant, &cfg.ebpf).map_err(|e| e.to_string())?;
     let registry = RegistryFile::new(&cfg.state_dir)
         .map_err(|e| format!("state dir {}: {e}", cfg.state_dir.display()))?;
-    let settings = ProxySettings { connect_timeout: cfg.connect_timeout };
+    let settings = ProxySettings { connect_timeout: cfg.connect_timeout, drain_timeout: cfg.drain_timeout };
     let xds = cfg.xds.clone().map(weft_agent::xds::pod::PodXds::new).transpose().map_err(|e| format!("xds_address: {e}"))?;
     let node = Arc::new(Node::new(Arc::from(redirector), registry, settings, xds));
     let admin = Arc::new(Admin { node: Arc::clone(&node), ready: false.into(), started: std::time::SystemTime::now() });

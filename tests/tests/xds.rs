@@ -68,8 +68,12 @@ fn admin_get(ns: &NetNs, path: &str) -> String {
 }
 
 fn start_weft(ns: &NetNs, config: &std::path::Path) -> ChildGuard {
+    start_weft_with(ns, config, &[])
+}
+
+fn start_weft_with(ns: &NetNs, config: &std::path::Path, args: &[&str]) -> ChildGuard {
     let mut cmd = Command::new(bin_path("weft-agent").unwrap());
-    cmd.args(["proxy", "--concurrency", "1", "--log-level", "debug", "-c"]).arg(config).stdout(Stdio::null()).stderr(Stdio::null());
+    cmd.args(["proxy", "--concurrency", "1", "--log-level", "debug", "-c"]).arg(config).args(args).stdout(Stdio::null()).stderr(Stdio::null());
     ns.enter_on_spawn(&mut cmd);
     ChildGuard::new(cmd.spawn().unwrap(), "weft-agent proxy")
 }
@@ -366,4 +370,50 @@ fn rds_over_state_of_the_world_ads() {
 #[test]
 fn rds_over_delta_ads() {
     rds_scenario("DELTA_GRPC");
+}
+
+/// Listener drain: a removed listener stops accepting at once; its established connections go on for the
+/// drain time (`--drain-time-s`) and are then closed; connections of listeners the update kept are untouched.
+#[test]
+fn removed_listener_drains_its_connections() {
+    use std::io::{Read, Write};
+    let Some(Setup { ns, dir, config, server }) = Setup::new("drain", "GRPC") else { return };
+    let _upstream = EchoServer::start(&ns, 19300).unwrap();
+    server.set(CLUSTER, "1", &[ECHO_CLUSTER]).unwrap();
+    server.set(LISTENER, "1", &[&listener("l1", 19100, ""), &listener("l2", 19101, "")]).unwrap();
+    let _weft = start_weft_with(&ns, &config, &["--drain-time-s", "2"]);
+    works(&ns, 19100);
+    works(&ns, 19101);
+    let open = |port| {
+        let mut c = ns.tcp_connect(addr(port), Duration::from_secs(5)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        c.write_all(b"before the update, ").unwrap();
+        c
+    };
+    let finish = |mut c: std::net::TcpStream| -> Vec<u8> {
+        c.write_all(b"after it").unwrap();
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        c.read_to_end(&mut back).unwrap();
+        back
+    };
+    let (draining, cut, kept) = (open(19100), open(19100), open(19101));
+
+    server.set(LISTENER, "2", &[&listener("l2", 19101, "")]).unwrap();
+    ack(&server, false, LISTENER, "2", 2);
+    let removed_at = std::time::Instant::now();
+    refused(&ns, 19100);
+    assert_eq!(finish(draining), b"before the update, after it", "a draining connection was cut early");
+
+    let mut cut = cut;
+    let mut buf = [0u8; 64];
+    let ended = match cut.read(&mut buf) {
+        Ok(0) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::ConnectionReset => Ok(()),
+        other => Err(format!("{other:?}")),
+    };
+    assert!(ended.is_ok(), "the idle connection of the removed listener was not closed: {ended:?}");
+    assert!(removed_at.elapsed() >= Duration::from_millis(1500), "closed after {:?}, before the drain time", removed_at.elapsed());
+    assert_eq!(finish(kept), b"before the update, after it", "a connection of a kept listener was cut");
+    let _ = std::fs::remove_dir_all(dir);
 }

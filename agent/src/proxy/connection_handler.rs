@@ -5,12 +5,14 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 
 use super::cluster::{self, Clusters, UpstreamError};
 use super::filter_chain::{self, ConnectionInfo};
-use super::listener_filter::{self, InspectError};
+use super::listener_filter::{self, InspectError, Rewind};
 use super::{http, tcp};
 use crate::capture::netns::Netns;
 use crate::config::listener::{Listener, NetworkFilter, Routes};
@@ -20,6 +22,8 @@ use crate::config::route::RouteConfiguration;
 pub trait Config: Clusters {
     /// The listener a `use_original_dst` listener hands a connection for `dst` to.
     fn listener_for(&self, dst: SocketAddr) -> Option<&Listener>;
+    /// The listener called `name`, if this configuration still has it.
+    fn listener_named(&self, name: &str) -> Option<&Listener>;
     /// An RDS route configuration (`None` while it has not arrived).
     fn route_config(&self, name: &str) -> Option<Arc<RouteConfiguration>>;
 }
@@ -65,10 +69,45 @@ pub enum Outcome {
     /// The HTTP connection manager's RDS routes have not arrived (the listener is still warming).
     Warming,
     UpstreamFailed(UpstreamError),
+    /// Its listener was removed or replaced and the drain time ran out: closed.
+    Drained,
 }
 
-/// Serves a connection accepted by `entry`, from `netns` when it is a pod's.
-pub async fn serve<C: Config>(stream: TcpStream, peer: SocketAddr, entry: &Listener, config: &Arc<C>, netns: Option<&Netns>) -> Outcome {
+/// Listener draining, as Envoy does it: when a configuration update removes or changes the listener that
+/// serves a connection, the connection may go on for `timeout` and is then closed.
+pub struct Drain<C> {
+    pub updates: watch::Receiver<Option<Arc<C>>>,
+    pub timeout: Duration,
+}
+
+impl<C: Config> Drain<C> {
+    /// Completes `timeout` after the first update in which listener `served` is gone or different.
+    async fn of(mut self, served: &Listener) {
+        loop {
+            if self.updates.changed().await.is_err() {
+                // No more updates will come (the pod or proxy is going away): nothing to drain for.
+                return std::future::pending().await;
+            }
+            let current = self.updates.borrow_and_update().clone();
+            if current.as_ref().and_then(|c| c.listener_named(&served.name)) != Some(served) {
+                break;
+            }
+        }
+        tracing::debug!(listener = %served.name, timeout = ?self.timeout, "listener removed or replaced; draining its connection");
+        tokio::time::sleep(self.timeout).await;
+    }
+}
+
+/// Serves a connection accepted by `entry`, from `netns` when it is a pod's, until it ends or its listener has
+/// been drained.
+pub async fn serve<C: Config>(
+    stream: TcpStream,
+    peer: SocketAddr,
+    entry: &Listener,
+    config: &Arc<C>,
+    netns: Option<&Netns>,
+    drain: Drain<C>,
+) -> Outcome {
     let socket_local = stream.local_addr().unwrap_or(entry.address);
     let restored = if entry.listener_filters.original_dst { tcp::original_dst(&stream).ok() } else { None };
     let local = restored.unwrap_or(socket_local);
@@ -96,7 +135,16 @@ pub async fn serve<C: Config>(stream: TcpStream, peer: SocketAddr, entry: &Liste
         return Outcome::NoFilterChain;
     };
     let upstream = Upstream { config: Arc::clone(config), netns: netns.cloned(), original_dst: local };
-    match &chain.filter {
+    tokio::select! {
+        outcome = run_filter(io, &chain.filter, upstream, listener, peer) => outcome,
+        () = drain.of(listener) => Outcome::Drained,
+    }
+}
+
+/// The chain's terminal network filter.
+async fn run_filter<C: Config>(io: Rewind, filter: &NetworkFilter, upstream: Upstream<C>, listener: &Listener, peer: SocketAddr) -> Outcome {
+    let config = Arc::clone(&upstream.config);
+    match filter {
         NetworkFilter::TcpProxy { cluster } => match upstream.connect(cluster).await {
             // Envoy closes the downstream connection when no upstream connection can be made.
             Err(e) => Outcome::UpstreamFailed(e),

@@ -13,7 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::connection_handler::{self, Outcome};
+use super::connection_handler::{self, Drain, Outcome};
 use super::pod::PodConfig;
 use super::stats::ListenerStats;
 use super::{tcp, Direction, ProxySettings};
@@ -170,9 +170,9 @@ async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerContext>) {
 }
 
 /// Serves the connection by the pod's own configuration; closes it when there is none (fail closed).
-async fn from_config(stream: TcpStream, peer: SocketAddr, ctx: &ListenerContext, mut config: PodConfigWatch) -> (u64, u64) {
+async fn from_config(stream: TcpStream, peer: SocketAddr, ctx: &ListenerContext, mut updates: PodConfigWatch) -> (u64, u64) {
     let _ = stream.set_nodelay(true);
-    let waited = tokio::time::timeout(INITIAL_FETCH_TIMEOUT, config.wait_for(Option::is_some)).await;
+    let waited = tokio::time::timeout(INITIAL_FETCH_TIMEOUT, updates.wait_for(Option::is_some)).await;
     let Some(config) = waited.ok().and_then(Result::ok).and_then(|c| c.clone()) else {
         ctx.stats.rejected();
         tracing::warn!(pod = %ctx.pod, %peer, "no configuration from the control plane yet; closing the connection");
@@ -183,9 +183,10 @@ async fn from_config(stream: TcpStream, peer: SocketAddr, ctx: &ListenerContext,
         tracing::debug!(pod = %ctx.pod, %peer, port = ctx.port, "the pod's configuration has no listener on this port; closing");
         return (0, 0);
     };
-    match connection_handler::serve(stream, peer, entry, &config, Some(&ctx.netns)).await {
+    let drain = Drain { updates, timeout: ctx.settings.drain_timeout };
+    match connection_handler::serve(stream, peer, entry, &config, Some(&ctx.netns), drain).await {
         Outcome::Relayed { from_downstream, to_downstream } => (from_downstream, to_downstream),
-        Outcome::Http => (0, 0),
+        Outcome::Http | Outcome::Drained => (0, 0),
         Outcome::UpstreamFailed(e) => {
             ctx.stats.upstream_connect_failed();
             tracing::debug!(pod = %ctx.pod, %peer, "upstream: {e}");

@@ -31,10 +31,12 @@ pub enum Direction {
 pub struct ProxySettings {
     /// Upper bound for establishing an upstream connection (Envoy's cluster `connect_timeout`).
     pub connect_timeout: Duration,
+    /// How long a connection may go on after its listener was removed or replaced (Envoy's drain time).
+    pub drain_timeout: Duration,
 }
 
 impl Default for ProxySettings {
     fn default() -> Self {
-        ProxySettings { connect_timeout: Duration::from_secs(10) }
+        ProxySettings { connect_timeout: Duration::from_secs(10), drain_timeout: Duration::from_secs(30) }
     }
 }

@@ -53,4 +53,8 @@ impl Config for PodConfig {
     fn route_config(&self, name: &str) -> Option<Arc<RouteConfiguration>> {
         self.routes.get(name).map(|e| Arc::clone(e.model()))
     }
+
+    fn listener_named(&self, name: &str) -> Option<&Listener> {
+        self.listeners.get(name).map(|e| e.model())
+    }
 }

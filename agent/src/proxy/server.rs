@@ -9,12 +9,12 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 
-use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::cluster::{ClusterManager, ClusterRef, Clusters};
-use super::connection_handler::{self, listener_by_address, Config, Outcome};
+use super::connection_handler::{self, listener_by_address, Config, Drain, Outcome};
 use crate::config::cluster::Cluster;
 use crate::config::listener::Listener;
 use crate::config::route::RouteConfiguration;
@@ -46,6 +46,10 @@ impl Config for ProxyConfig {
     fn route_config(&self, _name: &str) -> Option<Arc<RouteConfiguration>> {
         None
     }
+
+    fn listener_named(&self, name: &str) -> Option<&Listener> {
+        self.listeners.iter().find(|l| l.name == name)
+    }
 }
 
 struct Bound {
@@ -64,8 +68,10 @@ impl Drop for Bound {
 
 /// The running proxy.
 pub struct Proxy {
-    config: Arc<ArcSwap<ProxyConfig>>,
+    /// The current configuration; new connections take it, established ones watch it to drain.
+    config: watch::Sender<Option<Arc<ProxyConfig>>>,
     bound: Mutex<BTreeMap<String, Bound>>,
+    drain_timeout: std::time::Duration,
 }
 
 /// One listener as the admin endpoint shows it.
@@ -76,13 +82,14 @@ pub struct ListenerView {
 }
 
 impl Proxy {
-    pub fn new() -> Arc<Proxy> {
+    /// A proxy whose removed or replaced listeners drain for `drain_timeout` (Envoy's `--drain-time-s`).
+    pub fn new(drain_timeout: std::time::Duration) -> Arc<Proxy> {
         let empty = ProxyConfig { listeners: Vec::new(), clusters: Arc::new(ClusterManager::new(&[], &HashMap::new())) };
-        Arc::new(Proxy { config: Arc::new(ArcSwap::from_pointee(empty)), bound: Mutex::default() })
+        Arc::new(Proxy { config: watch::Sender::new(Some(Arc::new(empty))), bound: Mutex::default(), drain_timeout })
     }
 
     pub fn clusters(&self) -> Arc<ClusterManager> {
-        Arc::clone(&self.config.load().clusters)
+        self.config.borrow().as_ref().map_or_else(|| Arc::new(ClusterManager::new(&[], &HashMap::new())), |c| Arc::clone(&c.clusters))
     }
 
     /// The listeners with a socket.
@@ -99,7 +106,7 @@ impl Proxy {
     /// Returns the listeners that could not be bound, which keep their previous socket.
     pub fn apply(&self, listeners: &[Listener], clusters: &[Cluster], assignments: &HashMap<String, Vec<SocketAddr>>) -> Vec<(String, io::Error)> {
         let clusters = Arc::new(ClusterManager::new(clusters, assignments));
-        self.config.store(Arc::new(ProxyConfig { listeners: listeners.to_vec(), clusters }));
+        self.config.send_replace(Some(Arc::new(ProxyConfig { listeners: listeners.to_vec(), clusters })));
         let mut bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
         bound.retain(|name, _| listeners.iter().any(|l| &l.name == name && l.bind_to_port));
         let mut failed = Vec::new();
@@ -123,7 +130,7 @@ impl Proxy {
             .map_err(|e| io::Error::new(e.kind(), format!("listener {:?}: cannot bind {}: {e}", l.name, l.address)))?;
         let local = socket.local_addr()?;
         let counters = Arc::new(ListenerCounters::default());
-        let task = tokio::spawn(accept_loop(socket, l.name.clone(), Arc::clone(&self.config), Arc::clone(&counters)));
+        let task = tokio::spawn(accept_loop(socket, l.name.clone(), self.config.subscribe(), self.drain_timeout, Arc::clone(&counters)));
         Ok(Bound { config: l.clone(), local, counters, task })
     }
 }
@@ -138,7 +145,13 @@ fn bind_reuseport(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-async fn accept_loop(socket: TcpListener, name: String, config: Arc<ArcSwap<ProxyConfig>>, counters: Arc<ListenerCounters>) {
+async fn accept_loop(
+    socket: TcpListener,
+    name: String,
+    updates: watch::Receiver<Option<Arc<ProxyConfig>>>,
+    drain_timeout: std::time::Duration,
+    counters: Arc<ListenerCounters>,
+) {
     loop {
         let (stream, peer) = match socket.accept().await {
             Ok(accepted) => accepted,
@@ -150,11 +163,14 @@ async fn accept_loop(socket: TcpListener, name: String, config: Arc<ArcSwap<Prox
         };
         counters.downstream_cx_total.fetch_add(1, Relaxed);
         // Each connection keeps the configuration it started with.
-        let (config, counters, name) = (config.load_full(), Arc::clone(&counters), name.clone());
+        let mut updates = updates.clone();
+        let config = updates.borrow_and_update().clone();
+        let (counters, name) = (Arc::clone(&counters), name.clone());
         tokio::spawn(async move {
-            if let Some(entry) = config.listeners.iter().find(|l| l.name == name) {
+            if let Some((config, entry)) = config.as_ref().and_then(|c| Some((c, c.listener_named(&name)?))) {
                 let _ = stream.set_nodelay(true);
-                if let Outcome::UpstreamFailed(e) = connection_handler::serve(stream, peer, entry, &config, None).await {
+                let drain = Drain { updates, timeout: drain_timeout };
+                if let Outcome::UpstreamFailed(e) = connection_handler::serve(stream, peer, entry, config, None, drain).await {
                     tracing::debug!(listener = %name, %peer, "no upstream connection: {e}");
                 }
             }
