@@ -190,7 +190,7 @@ fn proxy(args: ProxyArgs) -> Result<(), String> {
     runtime.block_on(async move {
         let proxy = weft_agent::proxy::server::Proxy::new(std::time::Duration::from_secs(args.drain_time_s));
         // All or nothing at start-up: a port in use fails it, as in Envoy.
-        if let Some((name, e)) = proxy.apply(&bootstrap.listeners, &bootstrap.clusters, &Default::default()).into_iter().next() {
+        if let Some((name, e)) = proxy.apply(&bootstrap.listeners, &bootstrap.clusters, &Default::default(), Default::default()).into_iter().next() {
             return Err(format!("listener {name}: {e}"));
         }
         let quit = Arc::new(tokio::sync::Notify::new());

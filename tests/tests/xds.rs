@@ -351,7 +351,9 @@ fn rds_scenario(api: &str) {
     })
     .unwrap();
 
-    // A route update changes the answers without a listener update.
+    // A route update changes the answers without a listener update, also on a connection opened before it.
+    let mut kept = ns.tcp_connect(addr(19200), Duration::from_secs(5)).unwrap();
+    assert_eq!(keep_alive_get(&mut kept), "first");
     server.set(ROUTE, "2", &[&routes("second")]).unwrap();
     ack(&server, delta, ROUTE, "2", 2);
     wait_for("routes v2 served", Duration::from_secs(10), || {
@@ -359,7 +361,32 @@ fn rds_scenario(api: &str) {
         if body == "second" { Ok(()) } else { Err(body) }
     })
     .unwrap();
+    assert_eq!(keep_alive_get(&mut kept), "second", "an established connection kept the old routes");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// One GET on a kept-alive connection; returns the body (the response carries content-length).
+fn keep_alive_get(c: &mut std::net::TcpStream) -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let mut reader = BufReader::new(c);
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                length = v.trim().parse().unwrap();
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).unwrap();
+    String::from_utf8_lossy(&body).into_owned()
 }
 
 #[test]

@@ -135,15 +135,43 @@ pub async fn serve<C: Config>(
         return Outcome::NoFilterChain;
     };
     let upstream = Upstream { config: Arc::clone(config), netns: netns.cloned(), original_dst: local };
+    let updates = drain.updates.clone();
     tokio::select! {
-        outcome = run_filter(io, &chain.filter, upstream, listener, peer) => outcome,
+        outcome = run_filter(io, &chain.filter, upstream, updates, listener, peer) => outcome,
         () = drain.of(listener) => Outcome::Drained,
     }
 }
 
+/// What an HTTP connection manager's requests are routed by: each request takes the latest configuration
+/// (RDS routes and clusters), as Envoy applies route and cluster updates to established connections.
+pub struct HttpContext<C> {
+    pub routes: Routes,
+    pub updates: watch::Receiver<Option<Arc<C>>>,
+    /// The connection's own snapshot, for what the latest one lacks.
+    pub upstream: Upstream<C>,
+}
+
+impl<C: Config> HttpContext<C> {
+    /// The routes and upstreams for a request starting now; no routes when the RDS configuration is gone.
+    pub fn current(&self) -> (Option<Arc<RouteConfiguration>>, Upstream<C>) {
+        let config = self.updates.borrow().clone().unwrap_or_else(|| Arc::clone(&self.upstream.config));
+        let routes = match &self.routes {
+            Routes::Inline(rc) => Some(Arc::clone(rc)),
+            Routes::Rds(name) => config.route_config(name),
+        };
+        (routes, Upstream { config, ..self.upstream.clone() })
+    }
+}
+
 /// The chain's terminal network filter.
-async fn run_filter<C: Config>(io: Rewind, filter: &NetworkFilter, upstream: Upstream<C>, listener: &Listener, peer: SocketAddr) -> Outcome {
-    let config = Arc::clone(&upstream.config);
+async fn run_filter<C: Config>(
+    io: Rewind,
+    filter: &NetworkFilter,
+    upstream: Upstream<C>,
+    updates: watch::Receiver<Option<Arc<C>>>,
+    listener: &Listener,
+    peer: SocketAddr,
+) -> Outcome {
     match filter {
         NetworkFilter::TcpProxy { cluster } => match upstream.connect(cluster).await {
             // Envoy closes the downstream connection when no upstream connection can be made.
@@ -157,14 +185,12 @@ async fn run_filter<C: Config>(io: Rewind, filter: &NetworkFilter, upstream: Ups
             },
         },
         NetworkFilter::HttpConnectionManager(routes) => {
-            let routes = match routes {
-                Routes::Inline(rc) => Arc::clone(rc),
-                Routes::Rds(name) => match config.route_config(name) {
-                    Some(rc) => rc,
-                    None => return Outcome::Warming,
-                },
-            };
-            http::serve_connection(io, routes, upstream).await;
+            if let Routes::Rds(name) = routes {
+                if upstream.config.route_config(name).is_none() {
+                    return Outcome::Warming;
+                }
+            }
+            http::serve_connection(io, Arc::new(HttpContext { routes: routes.clone(), updates, upstream })).await;
             Outcome::Http
         }
     }

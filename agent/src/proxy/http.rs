@@ -13,7 +13,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use super::cluster::UpstreamError;
-use super::connection_handler::{Config, Upstream};
+use super::connection_handler::{Config, HttpContext, Upstream};
 use super::listener_filter::Rewind;
 use crate::config::route::{Action, RouteConfiguration};
 
@@ -25,10 +25,13 @@ const ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
 const HOP_BY_HOP: [&str; 6] = ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te"];
 
 /// Serves one downstream connection until it closes.
-pub async fn serve_connection<C: Config>(stream: Rewind, routes: Arc<RouteConfiguration>, upstream: Upstream<C>) {
+pub async fn serve_connection<C: Config>(stream: Rewind, context: Arc<HttpContext<C>>) {
     let service = hyper::service::service_fn(move |req| {
-        let (routes, upstream) = (Arc::clone(&routes), upstream.clone());
-        async move { Ok::<_, Infallible>(handle(req, &routes, &upstream).await) }
+        let (routes, upstream) = context.current();
+        async move {
+            let Some(routes) = routes else { return Ok::<_, Infallible>(local_reply(StatusCode::NOT_FOUND, None)) };
+            Ok(handle(req, &routes, &upstream).await)
+        }
     });
     if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await {
         tracing::debug!("HTTP connection ended: {e}");

@@ -26,10 +26,12 @@ pub struct ListenerCounters {
     pub downstream_cx_destroy: AtomicU64,
 }
 
-/// One configuration of the standalone proxy. RDS routes are already inlined (see `xds::XdsState`).
+/// One configuration of the standalone proxy.
 pub struct ProxyConfig {
     listeners: Vec<Listener>,
     clusters: Arc<ClusterManager>,
+    /// RDS route configurations by name.
+    routes: HashMap<String, Arc<RouteConfiguration>>,
 }
 
 impl Clusters for ProxyConfig {
@@ -43,8 +45,8 @@ impl Config for ProxyConfig {
         listener_by_address(self.listeners.iter(), dst)
     }
 
-    fn route_config(&self, _name: &str) -> Option<Arc<RouteConfiguration>> {
-        None
+    fn route_config(&self, name: &str) -> Option<Arc<RouteConfiguration>> {
+        self.routes.get(name).cloned()
     }
 
     fn listener_named(&self, name: &str) -> Option<&Listener> {
@@ -84,7 +86,7 @@ pub struct ListenerView {
 impl Proxy {
     /// A proxy whose removed or replaced listeners drain for `drain_timeout` (Envoy's `--drain-time-s`).
     pub fn new(drain_timeout: std::time::Duration) -> Arc<Proxy> {
-        let empty = ProxyConfig { listeners: Vec::new(), clusters: Arc::new(ClusterManager::new(&[], &HashMap::new())) };
+        let empty = ProxyConfig { listeners: Vec::new(), clusters: Arc::new(ClusterManager::new(&[], &HashMap::new())), routes: HashMap::new() };
         Arc::new(Proxy { config: watch::Sender::new(Some(Arc::new(empty))), bound: Mutex::default(), drain_timeout })
     }
 
@@ -101,12 +103,19 @@ impl Proxy {
             .collect()
     }
 
-    /// Makes `clusters` and `listeners` the whole running configuration; new connections see it at once. A
-    /// changed listener is bound anew beside the old socket (SO_REUSEPORT) before the old one stops accepting.
-    /// Returns the listeners that could not be bound, which keep their previous socket.
-    pub fn apply(&self, listeners: &[Listener], clusters: &[Cluster], assignments: &HashMap<String, Vec<SocketAddr>>) -> Vec<(String, io::Error)> {
+    /// Makes `clusters`, `listeners` and the RDS `routes` the whole running configuration; new connections and
+    /// new requests see it at once. A listener whose address changed is bound anew beside the old socket
+    /// (SO_REUSEPORT) before the old one stops accepting. Returns the listeners that could not be bound,
+    /// which keep their previous socket.
+    pub fn apply(
+        &self,
+        listeners: &[Listener],
+        clusters: &[Cluster],
+        assignments: &HashMap<String, Vec<SocketAddr>>,
+        routes: HashMap<String, Arc<RouteConfiguration>>,
+    ) -> Vec<(String, io::Error)> {
         let clusters = Arc::new(ClusterManager::new(clusters, assignments));
-        self.config.send_replace(Some(Arc::new(ProxyConfig { listeners: listeners.to_vec(), clusters })));
+        self.config.send_replace(Some(Arc::new(ProxyConfig { listeners: listeners.to_vec(), clusters, routes })));
         let mut bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
         bound.retain(|name, _| listeners.iter().any(|l| &l.name == name && l.bind_to_port));
         let mut failed = Vec::new();

@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use crate::config::bootstrap::Bootstrap;
 use crate::config::cluster::{self, Cluster};
-use crate::config::listener::{self, FilterChain, Listener, NetworkFilter, Routes};
+use crate::config::listener::{self, Listener};
 use crate::config::route::{self, RouteConfiguration};
 use crate::config::tree::Obj;
 use crate::proxy::pod::PodConfig;
@@ -316,10 +316,12 @@ impl XdsState {
             .listeners
             .iter()
             .chain(store.listeners.values().map(|e| e.model()))
-            .filter_map(|l| resolve_routes(l, &store.routes))
+            .filter(|l| l.rds_names().all(|n| store.routes.contains_key(n)))
+            .cloned()
             .collect();
         let assignments = store.assignments.iter().map(|(n, e)| (n.to_string(), e.model().clone())).collect();
-        let failed = proxy.apply(&listeners, &clusters, &assignments);
+        let routes = store.routes.iter().map(|(n, e)| (n.to_string(), Arc::clone(e.model()))).collect();
+        let failed = proxy.apply(&listeners, &clusters, &assignments, routes);
         failed
             .into_iter()
             .map(|(name, e)| {
@@ -328,25 +330,4 @@ impl XdsState {
             })
             .collect()
     }
-}
-
-/// The listener with its RDS routes inlined, or `None` while some have not arrived (the listener warms).
-fn resolve_routes(l: &Listener, routes: &sorted::ByName<Arc<RouteConfiguration>>) -> Option<Listener> {
-    let resolve = |chain: &FilterChain| -> Option<FilterChain> {
-        let filter = match &chain.filter {
-            NetworkFilter::HttpConnectionManager(Routes::Rds(name)) => {
-                NetworkFilter::HttpConnectionManager(Routes::Inline(Arc::clone(routes.get(name)?.model())))
-            }
-            other => other.clone(),
-        };
-        Some(FilterChain { filter, ..chain.clone() })
-    };
-    Some(Listener {
-        filter_chains: l.filter_chains.iter().map(resolve).collect::<Option<_>>()?,
-        default_filter_chain: match &l.default_filter_chain {
-            Some(chain) => Some(resolve(chain)?),
-            None => None,
-        },
-        ..l.clone()
-    })
 }
