@@ -157,7 +157,7 @@ fn captured_traffic_follows_each_pods_own_configuration() {
     xds.set(CLUSTER, "1", &refs(&sidecar_clusters(&server))).unwrap();
     xds.set(LISTENER, "1", &refs(&sidecar_listeners("mesh route", &[]))).unwrap();
     let to_7000 = "{name: 0.0.0.0_7100, address: {socket_address: {address: 0.0.0.0, port_value: 7100}}, bind_to_port: false, filter_chains: [{filters: [{name: envoy.filters.network.tcp_proxy, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: echo7000}}]}]}".to_string();
-    xds.set_for_node(&node_id(&c1), LISTENER, "c1-1", &refs(&sidecar_listeners("c1 route", &[to_7000.clone()]))).unwrap();
+    xds.set_for_node(&node_id(&c1), LISTENER, "c1-1", &refs(&sidecar_listeners("c1 route", std::slice::from_ref(&to_7000)))).unwrap();
 
     // HTTP to port 8080 (where nothing listens in the server pod) is answered by each client's own route.
     wait_http_body(&c1, &server, "c1 route");

@@ -408,7 +408,8 @@ fn removed_listener_drains_its_connections() {
     let _upstream = EchoServer::start(&ns, 19300).unwrap();
     server.set(CLUSTER, "1", &[ECHO_CLUSTER]).unwrap();
     server.set(LISTENER, "1", &[&listener("l1", 19100, ""), &listener("l2", 19101, "")]).unwrap();
-    let _weft = start_weft_with(&ns, &config, &["--drain-time-s", "2"]);
+    // Long enough that a loaded machine still finishes the draining exchange well inside it.
+    let _weft = start_weft_with(&ns, &config, &["--drain-time-s", "5"]);
     works(&ns, 19100);
     works(&ns, 19101);
     let open = |port| {
@@ -440,7 +441,7 @@ fn removed_listener_drains_its_connections() {
         other => Err(format!("{other:?}")),
     };
     assert!(ended.is_ok(), "the idle connection of the removed listener was not closed: {ended:?}");
-    assert!(removed_at.elapsed() >= Duration::from_millis(1500), "closed after {:?}, before the drain time", removed_at.elapsed());
+    assert!(removed_at.elapsed() >= Duration::from_millis(4500), "closed after {:?}, before the drain time", removed_at.elapsed());
     assert_eq!(finish(kept), b"before the update, after it", "a connection of a kept listener was cut");
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -99,17 +99,21 @@ impl<C: Config> Drain<C> {
 }
 
 /// Serves a connection accepted by `entry`, from `netns` when it is a pod's, until it ends or its listener has
-/// been drained.
+/// been drained. `known_dst` is the original destination when the caller already read it.
 pub async fn serve<C: Config>(
     stream: TcpStream,
     peer: SocketAddr,
+    known_dst: Option<SocketAddr>,
     entry: &Listener,
     config: &Arc<C>,
     netns: Option<&Netns>,
     drain: Drain<C>,
 ) -> Outcome {
     let socket_local = stream.local_addr().unwrap_or(entry.address);
-    let restored = if entry.listener_filters.original_dst { tcp::original_dst(&stream).ok() } else { None };
+    let restored = match entry.listener_filters.original_dst {
+        true => known_dst.or_else(|| tcp::original_dst(&stream).ok()),
+        false => None,
+    };
     let local = restored.unwrap_or(socket_local);
     let listener = match restored {
         Some(dst) if entry.use_original_dst => config.listener_for(dst).unwrap_or(entry),

@@ -102,7 +102,7 @@ fn server_name(names: &[String], sni: Option<&str>) -> Specificity {
         .iter()
         .filter_map(|n| match n.strip_prefix('*') {
             None => (*n == sni).then_some(u32::MAX),
-            Some(suffix) => (sni.ends_with(suffix) && sni.len() > suffix.len()).then(|| suffix.len() as u32),
+            Some(suffix) => (sni.ends_with(suffix) && sni.len() > suffix.len()).then_some(suffix.len() as u32),
         })
         .max()
         .map_or(Specificity::Mismatch, Specificity::Match)

@@ -163,14 +163,20 @@ async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerContext>) {
             tracing::debug!(pod = %ctx.pod, %peer, %dst, "refused direct connection to the proxy port");
             (0, 0)
         }
-        (_, None) => tcp::passthrough(stream, peer, &ctx).await,
-        (_, Some(config)) => from_config(stream, peer, &ctx, config.clone()).await,
+        (dst, None) => tcp::passthrough(stream, peer, dst, &ctx).await,
+        (dst, Some(config)) => from_config(stream, peer, dst.ok(), &ctx, config.clone()).await,
     };
     ctx.stats.closed(from, to);
 }
 
 /// Serves the connection by the pod's own configuration; closes it when there is none (fail closed).
-async fn from_config(stream: TcpStream, peer: SocketAddr, ctx: &ListenerContext, mut updates: PodConfigWatch) -> (u64, u64) {
+async fn from_config(
+    stream: TcpStream,
+    peer: SocketAddr,
+    original_dst: Option<SocketAddr>,
+    ctx: &ListenerContext,
+    mut updates: PodConfigWatch,
+) -> (u64, u64) {
     let _ = stream.set_nodelay(true);
     let waited = tokio::time::timeout(INITIAL_FETCH_TIMEOUT, updates.wait_for(Option::is_some)).await;
     let Some(config) = waited.ok().and_then(Result::ok).and_then(|c| c.clone()) else {
@@ -184,7 +190,7 @@ async fn from_config(stream: TcpStream, peer: SocketAddr, ctx: &ListenerContext,
         return (0, 0);
     };
     let drain = Drain { updates, timeout: ctx.settings.drain_timeout };
-    match connection_handler::serve(stream, peer, entry, &config, Some(&ctx.netns), drain).await {
+    match connection_handler::serve(stream, peer, original_dst, entry, &config, Some(&ctx.netns), drain).await {
         Outcome::Relayed { from_downstream, to_downstream } => (from_downstream, to_downstream),
         Outcome::Http | Outcome::Drained => (0, 0),
         Outcome::UpstreamFailed(e) => {

@@ -155,13 +155,13 @@ fn verdict(data: &[u8], filters: &ListenerFilters, done: bool) -> Option<Detecte
     match protocol {
         Http::NeedMore if !done => None,
         Http::Detected(p) => Some(Detected { application_protocols: vec![p.to_string()], ..Default::default() }),
-        Http::NeedMore | Http::NotHttp => Some(Detected::default()),
+        Http::NeedMore | Http::Other => Some(Detected::default()),
     }
 }
 
 enum Http {
     NeedMore,
-    NotHttp,
+    Other,
     Detected(&'static str),
 }
 
@@ -174,7 +174,7 @@ fn http_protocol(data: &[u8]) -> Http {
     let Some(end) = data.windows(2).position(|w| w == b"\r\n") else {
         // A request line may be long, but not longer than what we read, nor contain a control character.
         let plausible = data.iter().all(|b| *b == b'\r' || !b.is_ascii_control()) && data.len() < MAX_INSPECT;
-        return if plausible { Http::NeedMore } else { Http::NotHttp };
+        return if plausible { Http::NeedMore } else { Http::Other };
     };
     let line = &data[..end];
     let mut parts = line.split(|b| *b == b' ');
@@ -184,7 +184,7 @@ fn http_protocol(data: &[u8]) -> Http {
         (Some(m), Some(t), Some(b"HTTP/1.1" | b"HTTP/1.0"), None) if token(m) && !t.is_empty() => {
             Http::Detected(if version == Some(b"HTTP/1.0") { "http/1.0" } else { "http/1.1" })
         }
-        _ => Http::NotHttp,
+        _ => Http::Other,
     }
 }
 

@@ -179,7 +179,7 @@ async fn accept_loop(
             if let Some((config, entry)) = config.as_ref().and_then(|c| Some((c, c.listener_named(&name)?))) {
                 let _ = stream.set_nodelay(true);
                 let drain = Drain { updates, timeout: drain_timeout };
-                if let Outcome::UpstreamFailed(e) = connection_handler::serve(stream, peer, entry, config, None, drain).await {
+                if let Outcome::UpstreamFailed(e) = connection_handler::serve(stream, peer, None, entry, config, None, drain).await {
                     tracing::debug!(listener = %name, %peer, "no upstream connection: {e}");
                 }
             }

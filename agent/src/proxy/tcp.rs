@@ -62,10 +62,10 @@ where
 
 /// Without a control plane: proxies one accepted connection to its original destination until both
 /// directions have ended. Returns the bytes copied from and to downstream.
-pub async fn passthrough(downstream: TcpStream, peer: SocketAddr, ctx: &ListenerContext) -> (u64, u64) {
+pub async fn passthrough(downstream: TcpStream, peer: SocketAddr, original_dst: io::Result<SocketAddr>, ctx: &ListenerContext) -> (u64, u64) {
     let stats = &ctx.stats;
     let _ = downstream.set_nodelay(true);
-    let dst = match original_dst(&downstream) {
+    let dst = match original_dst {
         Ok(dst) => dst,
         Err(e) => {
             tracing::warn!(pod = %ctx.pod, %peer, "no original destination: {e}");
