@@ -189,13 +189,13 @@ fn proxy(args: ProxyArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(async move {
         let proxy = weft_agent::proxy::server::Proxy::new(std::time::Duration::from_secs(args.drain_time_s));
-        // All or nothing at start-up: a port in use fails it, as in Envoy.
-        if let Some((name, e)) = proxy.apply(&bootstrap.listeners, &bootstrap.clusters, &Default::default(), Default::default()).into_iter().next() {
-            return Err(format!("listener {name}: {e}"));
-        }
         let quit = Arc::new(tokio::sync::Notify::new());
         let admin_address = bootstrap.admin;
         let xds = weft_agent::xds::XdsState::new(bootstrap, weft_agent::xds::Sink::Proxy(Arc::clone(&proxy)));
+        // All or nothing at start-up: a port in use fails it, as in Envoy.
+        if let Some(e) = xds.start().into_iter().next() {
+            return Err(e);
+        }
         if xds.bootstrap().ads.is_some() {
             tokio::spawn(weft_agent::xds::client::run(Arc::clone(&xds)));
         }

@@ -13,6 +13,7 @@ use crate::capture::netns::{self, Netns, NetnsPath};
 use crate::capture::{CaptureError, RedirectMode, Redirector};
 use crate::cni_server::registry::{PodRecord, RegistryFile};
 use crate::proxy::listener::{self, PodListeners};
+use crate::proxy::passthrough;
 use crate::proxy::stats::ListenerSnapshot;
 use crate::proxy::ProxySettings;
 use crate::xds::pod::PodXds;
@@ -267,9 +268,14 @@ impl Node {
     async fn capture_in(&self, mut record: PodRecord, ns: Netns, rules: Rules) -> Result<CapturedPod, NodeError> {
         let label = format!("{}/{}", record.namespace, record.name);
         let started = Instant::now();
-        // With a control plane, the listeners follow the configuration the pod's stream accepts.
-        let snapshot = self.xds.as_ref().map(|_| tokio::sync::watch::channel(None));
-        let listeners = listener::start(label.clone(), ns.clone(), self.settings, snapshot.as_ref().map(|(_, rx)| rx.clone()))
+        // With a control plane, the listeners follow the configuration the pod's stream accepts; without
+        // one, the pass-through configuration.
+        let initial = match self.xds {
+            Some(_) => None,
+            None => Some(Arc::new(passthrough::snapshot(self.settings.connect_timeout))),
+        };
+        let (snapshot, config) = tokio::sync::watch::channel(initial);
+        let listeners = listener::start(label.clone(), ns.clone(), self.settings, config)
             .await
             .map_err(|e| NodeError::new(format!("{label}: cannot create in-pod listeners"), e))?;
         let listening = started.elapsed();
@@ -283,8 +289,8 @@ impl Node {
         .map_err(|e| NodeError::new(format!("{label}: cannot install {} redirection", self.mode()), e))?;
         tracing::debug!(pod = %label, ?listening, total = ?started.elapsed(), "listeners and rules in place");
         record.redirect = self.redirector.mode();
-        let xds = self.xds.as_ref().zip(snapshot).map(|(x, (tx, _))| {
-            let (state, task) = x.start(&record, tx);
+        let xds = self.xds.as_ref().map(|x| {
+            let (state, task) = x.start(&record, snapshot);
             PodStream { state, task }
         });
         Ok(CapturedPod { record, netns: ns, listeners, xds })

@@ -70,13 +70,14 @@ impl EnvoyAdmin {
 
     fn clusters(&self) -> String {
         let mut out = String::new();
-        let clusters = self.proxy.clusters();
-        for (c, endpoints, stats) in clusters.all() {
-            out.push_str(&format!("{0}::observability_name::{0}\n", c.name));
-            out.push_str(&format!("{}::default_priority::max_connections::1024\n", c.name));
-            for e in endpoints {
-                out.push_str(&format!("{}::{e}::cx_total::{}\n", c.name, stats.upstream_cx_total.load(Relaxed)));
-                out.push_str(&format!("{}::{e}::health_flags::healthy\n", c.name));
+        let snapshot = self.proxy.snapshot();
+        for c in snapshot.all_clusters() {
+            let name = &c.config.name;
+            out.push_str(&format!("{name}::observability_name::{name}\n"));
+            out.push_str(&format!("{name}::default_priority::max_connections::1024\n"));
+            for e in c.endpoints {
+                out.push_str(&format!("{name}::{e}::cx_total::{}\n", c.stats.upstream_cx_total.load(Relaxed)));
+                out.push_str(&format!("{name}::{e}::health_flags::healthy\n"));
             }
         }
         out
@@ -94,11 +95,17 @@ impl EnvoyAdmin {
             counters.push((format!("listener.{tag}.downstream_cx_total"), format!("envoy_listener_downstream_cx_total{{envoy_listener_address=\"{tag}\"}}"), c.downstream_cx_total.load(Relaxed)));
             counters.push((format!("listener.{tag}.downstream_cx_destroy"), format!("envoy_listener_downstream_cx_destroy{{envoy_listener_address=\"{tag}\"}}"), c.downstream_cx_destroy.load(Relaxed)));
         }
-        let clusters = self.proxy.clusters();
-        for (c, _, s) in clusters.all() {
-            let n = &c.name;
-            counters.push((format!("cluster.{n}.upstream_cx_total"), format!("envoy_cluster_upstream_cx_total{{envoy_cluster_name=\"{n}\"}}"), s.upstream_cx_total.load(Relaxed)));
-            counters.push((format!("cluster.{n}.upstream_cx_connect_fail"), format!("envoy_cluster_upstream_cx_connect_fail{{envoy_cluster_name=\"{n}\"}}"), s.upstream_cx_connect_fail.load(Relaxed)));
+        let snapshot = self.proxy.snapshot();
+        for c in snapshot.all_clusters() {
+            let (n, s) = (&c.config.name, c.stats);
+            for (stat, value) in [
+                ("upstream_cx_total", &s.upstream_cx_total),
+                ("upstream_cx_connect_fail", &s.upstream_cx_connect_fail),
+                ("upstream_rq_total", &s.upstream_rq_total),
+                ("upstream_rq_retry", &s.upstream_rq_retry),
+            ] {
+                counters.push((format!("cluster.{n}.{stat}"), format!("envoy_cluster_{stat}{{envoy_cluster_name=\"{n}\"}}"), value.load(Relaxed)));
+            }
         }
         if !prometheus {
             return counters.iter().map(|(name, _, v)| format!("{name}: {v}\n")).collect();

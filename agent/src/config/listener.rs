@@ -5,9 +5,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::route::{self, RouteConfiguration};
+use super::http_connection_manager::{self as hcm, HttpConnectionManager, Routes};
+use super::route::RouteConfiguration;
 use super::tree::{ConfigError, Obj, Result};
-use super::{expect_type, socket_address};
+use super::socket_address;
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Listener {
@@ -102,16 +103,7 @@ fn mask(prefix: u128, addr: u128, len: u8, bits: u8) -> bool {
 #[serde(rename_all = "snake_case")]
 pub enum NetworkFilter {
     TcpProxy { cluster: String },
-    HttpConnectionManager(Routes),
-}
-
-/// Where an HTTP connection manager's routes come from.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Routes {
-    Inline(Arc<RouteConfiguration>),
-    /// A RouteConfiguration by name over ADS (RDS).
-    Rds(String),
+    HttpConnectionManager(Arc<HttpConnectionManager>),
 }
 
 impl Listener {
@@ -123,7 +115,10 @@ impl Listener {
     /// The route configurations given inline.
     pub fn inline_routes(&self) -> impl Iterator<Item = &RouteConfiguration> {
         self.filters().filter_map(|f| match f {
-            NetworkFilter::HttpConnectionManager(Routes::Inline(rc)) => Some(&**rc),
+            NetworkFilter::HttpConnectionManager(h) => match &h.routes {
+                Routes::Inline(rc) => Some(&**rc),
+                Routes::Rds(_) => None,
+            },
             _ => None,
         })
     }
@@ -131,7 +126,10 @@ impl Listener {
     /// The RDS route configurations this listener needs.
     pub fn rds_names(&self) -> impl Iterator<Item = &str> {
         self.filters().filter_map(|f| match f {
-            NetworkFilter::HttpConnectionManager(Routes::Rds(name)) => Some(name.as_str()),
+            NetworkFilter::HttpConnectionManager(h) => match &h.routes {
+                Routes::Rds(name) => Some(name.as_str()),
+                Routes::Inline(_) => None,
+            },
             _ => None,
         })
     }
@@ -139,7 +137,6 @@ impl Listener {
 
 const TCP_PROXY: &str = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 const HCM: &str = "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
-const ROUTER: &str = "envoy.extensions.filters.http.router.v3.Router";
 const ORIGINAL_DST: &str = "envoy.extensions.filters.listener.original_dst.v3.OriginalDst";
 const TLS_INSPECTOR: &str = "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector";
 const HTTP_INSPECTOR: &str = "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector";
@@ -284,7 +281,7 @@ fn terminal_filter(chain: &mut Obj<'_>) -> Result<NetworkFilter> {
         let type_url = typed.required_string("@type")?;
         let filter = match type_url.rsplit('/').next().unwrap_or(type_url) {
             TCP_PROXY => Some(tcp_proxy(typed)?),
-            HCM => Some(http_connection_manager(typed)?),
+            HCM => Some(NetworkFilter::HttpConnectionManager(Arc::new(hcm::translate(typed)?))),
             _ if optional => None,
             _ => {
                 return Err(ConfigError::new(
@@ -307,47 +304,6 @@ fn tcp_proxy(mut t: Obj<'_>) -> Result<NetworkFilter> {
     let cluster = t.required_string("cluster")?.to_string();
     t.finish()?;
     Ok(NetworkFilter::TcpProxy { cluster })
-}
-
-fn http_connection_manager(mut h: Obj<'_>) -> Result<NetworkFilter> {
-    let _ = h.string("stat_prefix")?;
-    match h.string("codec_type")?.unwrap_or("AUTO") {
-        "AUTO" | "HTTP1" => {}
-        other => return Err(ConfigError::new(h.at("codec_type"), format!("{other} is not supported yet; use AUTO or HTTP1"))),
-    }
-    let routes = match (h.object("route_config")?, h.object("rds")?) {
-        (Some(rc), None) => Routes::Inline(Arc::new(route::translate(rc)?)),
-        (None, Some(mut rds)) => {
-            let name = rds.required_string("route_config_name")?.to_string();
-            let mut source = rds.required_object("config_source")?;
-            match source.string("resource_api_version")? {
-                None | Some("V3") => {}
-                Some(other) => return Err(ConfigError::new(source.at("resource_api_version"), format!("{other} is not supported; only V3"))),
-            }
-            let ads = source.required_object("ads").map_err(|e| ConfigError::new(e.path, "is required: weft takes RDS over ADS only"))?;
-            ads.finish()?;
-            source.finish()?;
-            rds.finish()?;
-            Routes::Rds(name)
-        }
-        _ => return Err(ConfigError::new(h.path(), "needs exactly one of route_config or rds")),
-    };
-    let filters = h.objects("http_filters")?;
-    let mut saw_router = false;
-    for mut f in filters {
-        let name = f.string("name")?.unwrap_or_default().to_string();
-        let mut typed = f.required_object("typed_config")?;
-        expect_type(&mut typed, ROUTER)
-            .map_err(|e| ConfigError::new(e.path, format!("HTTP filter {name:?}: only the router filter is supported yet")))?;
-        typed.finish()?;
-        f.finish()?;
-        saw_router = true;
-    }
-    if !saw_router {
-        return Err(ConfigError::new(h.at("http_filters"), "needs the router filter (envoy.filters.http.router)"));
-    }
-    h.finish()?;
-    Ok(NetworkFilter::HttpConnectionManager(routes))
 }
 
 #[cfg(test)]

@@ -6,9 +6,13 @@ pub mod agent;
 pub mod bootstrap;
 pub mod cluster;
 pub mod fields;
+pub mod headers;
+pub mod http_connection_manager;
 pub mod listener;
+pub mod matcher;
 pub mod route;
 pub mod secret;
+pub mod store;
 pub mod tree;
 
 pub use tree::ConfigError;

@@ -1,11 +1,19 @@
-//! `envoy.config.route.v3.RouteConfiguration`: virtual hosts and routes of an HTTP connection manager.
+//! `envoy.config.route.v3.RouteConfiguration`: virtual hosts and routes of an HTTP connection manager, with
+//! what Istio's VirtualService becomes: matches on path, headers and query parameters, weighted clusters,
+//! redirects, rewrites, header changes, timeouts and retries.
 
+use std::collections::HashSet;
+use std::time::Duration;
+
+use super::headers::{self, HeaderOps};
+use super::matcher::{self, HeaderMatcher, Regex, StringMatcher};
 use super::tree::{ConfigError, Obj, Result};
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct RouteConfiguration {
     pub name: String,
     pub virtual_hosts: Vec<VirtualHost>,
+    pub headers: HeaderOps,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -13,12 +21,26 @@ pub struct VirtualHost {
     pub name: String,
     pub domains: Vec<String>,
     pub routes: Vec<Route>,
+    pub headers: HeaderOps,
+    pub retry_policy: Option<RetryPolicy>,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Route {
-    pub path: PathMatch,
+    pub name: String,
+    pub matcher: RouteMatch,
     pub action: Action,
+    pub headers: HeaderOps,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RouteMatch {
+    pub path: PathMatch,
+    pub case_sensitive: bool,
+    pub headers: Vec<HeaderMatcher>,
+    pub query_parameters: Vec<QueryMatcher>,
+    /// `grpc: {}`: only requests with `content-type: application/grpc*`.
+    pub grpc: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -26,35 +48,171 @@ pub struct Route {
 pub enum PathMatch {
     Prefix(String),
     Path(String),
+    Regex(Regex),
+    /// Matches the prefix followed by nothing, `/`, `?` or `#`.
+    PathSeparatedPrefix(String),
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct QueryMatcher {
+    pub name: String,
+    /// `None`: present.
+    pub value: Option<StringMatcher>,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
-    Cluster(String),
+    Route(Box<RouteAction>),
+    Redirect(Box<Redirect>),
     DirectResponse { status: u16, body: Option<String> },
 }
 
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RouteAction {
+    pub cluster: ClusterSpecifier,
+    /// What to answer when the cluster named by a header does not exist (503 or 404).
+    pub cluster_not_found_status: u16,
+    pub prefix_rewrite: Option<String>,
+    pub regex_rewrite: Option<(Regex, String)>,
+    pub host_rewrite: Option<HostRewrite>,
+    /// `None`: disabled (`0s`); Envoy's default is 15s.
+    pub timeout: Option<Duration>,
+    pub retry_policy: Option<RetryPolicy>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClusterSpecifier {
+    Cluster(String),
+    /// The cluster named by this request header.
+    Header(String),
+    Weighted(Vec<WeightedCluster>),
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct WeightedCluster {
+    pub name: String,
+    pub weight: u32,
+    pub headers: HeaderOps,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostRewrite {
+    Literal(String),
+    /// The chosen endpoint's address (`auto_host_rewrite`).
+    Auto,
+    /// The value of this request header, when present.
+    Header(String),
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Redirect {
+    pub scheme: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub path: Option<String>,
+    pub prefix_rewrite: Option<String>,
+    pub regex_rewrite: Option<(Regex, String)>,
+    pub status: u16,
+    pub strip_query: bool,
+}
+
+/// `retry_policy` of a route or virtual host.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RetryPolicy {
+    pub retry_on: RetryOn,
+    pub num_retries: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub retriable_status_codes: Vec<u16>,
+    /// `retry_host_predicate: previous_hosts`: a retry avoids endpoints already tried.
+    pub previous_hosts: bool,
+    pub host_selection_max_attempts: u32,
+    pub base_interval: Duration,
+    pub max_interval: Duration,
+}
+
+/// The conditions of `retry_on` (and `x-envoy-retry-on`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RetryOn {
+    pub server_error: bool,
+    pub gateway_error: bool,
+    pub reset: bool,
+    pub connect_failure: bool,
+    pub retriable_4xx: bool,
+    pub refused_stream: bool,
+    pub retriable_status_codes: bool,
+}
+
+impl RetryOn {
+    /// Parses a comma list as Envoy does: unknown conditions are ignored (Envoy ignores them in headers;
+    /// in configuration `strict` rejects them).
+    pub fn parse(list: &str, strict: bool) -> std::result::Result<RetryOn, String> {
+        let mut on = RetryOn::default();
+        for word in list.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+            match word {
+                "5xx" => on.server_error = true,
+                "gateway-error" => on.gateway_error = true,
+                "reset" => on.reset = true,
+                "connect-failure" => on.connect_failure = true,
+                "retriable-4xx" => on.retriable_4xx = true,
+                "refused-stream" => on.refused_stream = true,
+                "retriable-status-codes" => on.retriable_status_codes = true,
+                other if strict => return Err(format!("retry condition {other:?} is not supported by weft")),
+                _ => {}
+            }
+        }
+        Ok(on)
+    }
+
+    pub fn union(self, other: RetryOn) -> RetryOn {
+        RetryOn {
+            server_error: self.server_error || other.server_error,
+            gateway_error: self.gateway_error || other.gateway_error,
+            reset: self.reset || other.reset,
+            connect_failure: self.connect_failure || other.connect_failure,
+            retriable_4xx: self.retriable_4xx || other.retriable_4xx,
+            refused_stream: self.refused_stream || other.refused_stream,
+            retriable_status_codes: self.retriable_status_codes || other.retriable_status_codes,
+        }
+    }
+}
+
+/// Envoy's default route timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
+
 impl PathMatch {
-    pub fn matches(&self, path: &str) -> bool {
+    pub fn matches(&self, path: &str, case_sensitive: bool) -> bool {
+        let eq = |a: &str, b: &str| if case_sensitive { a == b } else { a.eq_ignore_ascii_case(b) };
+        let starts = |p: &str| path.len() >= p.len() && path.is_char_boundary(p.len()) && eq(&path[..p.len()], p);
         match self {
-            PathMatch::Prefix(p) => path.starts_with(p.as_str()),
-            PathMatch::Path(p) => path == p,
+            PathMatch::Prefix(p) => starts(p),
+            PathMatch::Path(p) => eq(path, p),
+            PathMatch::Regex(r) => r.is_match(path),
+            PathMatch::PathSeparatedPrefix(p) => starts(p) && matches!(path.as_bytes().get(p.len()), None | Some(b'/' | b'?' | b'#')),
         }
     }
 }
 
 impl RouteConfiguration {
-    /// The clusters its routes forward to.
+    /// The clusters its routes forward to by name.
     pub fn clusters(&self) -> impl Iterator<Item = &str> {
-        self.virtual_hosts.iter().flat_map(|vh| &vh.routes).filter_map(|r| match &r.action {
-            Action::Cluster(c) => Some(c.as_str()),
-            Action::DirectResponse { .. } => None,
+        self.virtual_hosts.iter().flat_map(|vh| &vh.routes).flat_map(|r| {
+            let names: Vec<&str> = match &r.action {
+                Action::Route(a) => match &a.cluster {
+                    ClusterSpecifier::Cluster(c) => vec![c.as_str()],
+                    ClusterSpecifier::Weighted(w) => w.iter().map(|c| c.name.as_str()).collect(),
+                    ClusterSpecifier::Header(_) => Vec::new(),
+                },
+                _ => Vec::new(),
+            };
+            names
         })
     }
 
-    /// The virtual host for `host` (without port), by Envoy's precedence: exact, then longest `*.suffix`,
-    /// then longest `prefix.*`, then `*`.
+    /// The virtual host for `host`, by Envoy's precedence: exact, then longest `*.suffix`, then longest
+    /// `prefix.*`, then `*`.
     pub fn virtual_host(&self, host: &str) -> Option<&VirtualHost> {
         let host = host.to_ascii_lowercase();
         let matching = |test: &dyn Fn(&str) -> Option<usize>| {
@@ -73,8 +231,9 @@ impl RouteConfiguration {
 
 pub fn translate(mut rc: Obj<'_>) -> Result<RouteConfiguration> {
     let name = rc.string("name")?.unwrap_or_default().to_string();
+    let _ = rc.bool("validate_clusters")?;
     let mut virtual_hosts = Vec::new();
-    let mut seen_domains = std::collections::HashSet::new();
+    let mut seen_domains = HashSet::new();
     for mut vh in rc.objects("virtual_hosts")? {
         let vh_name = vh.required_string("name")?.to_string();
         let domains: Vec<String> = vh.strings("domains")?.into_iter().map(str::to_ascii_lowercase).collect();
@@ -90,48 +249,258 @@ pub fn translate(mut rc: Obj<'_>) -> Result<RouteConfiguration> {
             }
         }
         let routes = vh.objects("routes")?.into_iter().map(route).collect::<Result<Vec<_>>>()?;
+        let headers = headers::ops(&mut vh)?;
+        let retry_policy = vh.object("retry_policy")?.map(retry_policy).transpose()?;
         vh.finish()?;
-        virtual_hosts.push(VirtualHost { name: vh_name, domains, routes });
+        virtual_hosts.push(VirtualHost { name: vh_name, domains, routes, headers, retry_policy });
     }
+    let headers = headers::ops(&mut rc)?;
     rc.finish()?;
-    Ok(RouteConfiguration { name, virtual_hosts })
+    Ok(RouteConfiguration { name, virtual_hosts, headers })
 }
 
 fn route(mut r: Obj<'_>) -> Result<Route> {
-    let _ = r.string("name")?;
-    let mut m = r.required_object("match")?;
-    let path = match (m.string("prefix")?, m.string("path")?) {
-        (Some(p), None) => PathMatch::Prefix(p.to_string()),
-        (None, Some(p)) => PathMatch::Path(p.to_string()),
-        _ => return Err(ConfigError::new(m.path(), "needs exactly one of prefix or path (others are not supported yet)")),
+    let name = r.string("name")?.unwrap_or_default().to_string();
+    let matcher = route_match(r.required_object("match")?)?;
+    let found = [
+        r.object("route")?.map(route_action).transpose()?.map(|a| Action::Route(Box::new(a))),
+        r.object("redirect")?.map(redirect).transpose()?.map(|a| Action::Redirect(Box::new(a))),
+        r.object("direct_response")?.map(direct_response).transpose()?,
+    ];
+    let mut found = found.into_iter().flatten();
+    let (Some(action), None) = (found.next(), found.next()) else {
+        return Err(ConfigError::new(r.path(), "needs exactly one of route, redirect or direct_response"));
     };
-    m.finish()?;
-    let action = match (r.object("route")?, r.object("direct_response")?) {
-        (Some(mut to), None) => {
-            let cluster = to.required_string("cluster")?.to_string();
-            to.finish()?;
-            Action::Cluster(cluster)
-        }
-        (None, Some(mut dr)) => {
-            let status = dr.u64("status")?.unwrap_or(0);
-            if !(200..600).contains(&status) {
-                return Err(ConfigError::new(dr.at("status"), format!("{status} is not in [200, 600)")));
-            }
-            let body = match dr.object("body")? {
-                Some(mut b) => {
-                    let text = b.required_string("inline_string")?.to_string();
-                    b.finish()?;
-                    Some(text)
-                }
-                None => None,
-            };
-            dr.finish()?;
-            Action::DirectResponse { status: status as u16, body }
-        }
-        _ => return Err(ConfigError::new(r.path(), "needs exactly one of route or direct_response (others are not supported yet)")),
-    };
+    let headers = headers::ops(&mut r)?;
     r.finish()?;
-    Ok(Route { path, action })
+    Ok(Route { name, matcher, action, headers })
+}
+
+fn route_match(mut m: Obj<'_>) -> Result<RouteMatch> {
+    let found = [
+        m.string("prefix")?.map(|p| PathMatch::Prefix(p.to_string())),
+        m.string("path")?.map(|p| PathMatch::Path(p.to_string())),
+        m.object("safe_regex")?.map(matcher::regex).transpose()?.map(PathMatch::Regex),
+        m.string("path_separated_prefix")?.map(|p| PathMatch::PathSeparatedPrefix(p.to_string())),
+    ];
+    let mut found = found.into_iter().flatten();
+    let (Some(path), None) = (found.next(), found.next()) else {
+        return Err(ConfigError::new(m.path(), "needs exactly one of prefix, path, safe_regex or path_separated_prefix"));
+    };
+    if let PathMatch::PathSeparatedPrefix(p) = &path {
+        if !p.starts_with('/') || (p.len() > 1 && p.ends_with('/')) || p.contains(['?', '#']) {
+            return Err(ConfigError::new(m.at("path_separated_prefix"), "must start with '/', not end with '/' and have no '?' or '#'"));
+        }
+    }
+    let case_sensitive = m.bool("case_sensitive")?.unwrap_or(true);
+    let headers = m.objects("headers")?.into_iter().map(matcher::header_matcher).collect::<Result<_>>()?;
+    let query_parameters = m.objects("query_parameters")?.into_iter().map(query_matcher).collect::<Result<_>>()?;
+    let grpc = match m.object("grpc")? {
+        Some(g) => {
+            g.finish()?;
+            true
+        }
+        None => false,
+    };
+    if let Some(mut fraction) = m.object("runtime_fraction")? {
+        // Without a runtime layer, the default value decides: routes at 100% always match, others never
+        // would be deterministic only at 0% and 100%.
+        let mut default = fraction.required_object("default_value")?;
+        let numerator = default.u64("numerator")?.unwrap_or(0);
+        let denominator = default.string("denominator")?.unwrap_or("HUNDRED");
+        let whole = match denominator {
+            "HUNDRED" => 100,
+            "TEN_THOUSAND" => 10_000,
+            "MILLION" => 1_000_000,
+            other => return Err(ConfigError::new(default.at("denominator"), format!("{other} is not a denominator"))),
+        };
+        if numerator < whole {
+            return Err(ConfigError::new(default.at("numerator"), "fractions below 100% are not supported by weft yet"));
+        }
+        default.finish()?;
+        let _ = fraction.string("runtime_key")?;
+        fraction.finish()?;
+    }
+    m.finish()?;
+    Ok(RouteMatch { path, case_sensitive, headers, query_parameters, grpc })
+}
+
+fn query_matcher(mut q: Obj<'_>) -> Result<QueryMatcher> {
+    let name = q.required_string("name")?.to_string();
+    let value = q.object("string_match")?.map(matcher::string_matcher).transpose()?;
+    let present = q.bool("present_match")?;
+    if value.is_some() && present.is_some() {
+        return Err(ConfigError::new(q.path(), "needs at most one of string_match or present_match"));
+    }
+    if value.is_none() && present != Some(true) {
+        return Err(ConfigError::new(q.path(), "needs string_match or present_match: true"));
+    }
+    q.finish()?;
+    Ok(QueryMatcher { name, value })
+}
+
+fn route_action(mut a: Obj<'_>) -> Result<RouteAction> {
+    let found = [
+        a.string("cluster")?.map(|c| ClusterSpecifier::Cluster(c.to_string())),
+        a.string("cluster_header")?.map(|h| ClusterSpecifier::Header(h.to_ascii_lowercase())),
+        a.object("weighted_clusters")?.map(weighted_clusters).transpose()?,
+    ];
+    let mut found = found.into_iter().flatten();
+    let (Some(cluster), None) = (found.next(), found.next()) else {
+        return Err(ConfigError::new(a.path(), "needs exactly one of cluster, cluster_header or weighted_clusters"));
+    };
+    let cluster_not_found_status = match a.string("cluster_not_found_response_code")?.unwrap_or("SERVICE_UNAVAILABLE") {
+        "SERVICE_UNAVAILABLE" => 503,
+        "NOT_FOUND" => 404,
+        "INTERNAL_SERVER_ERROR" => 500,
+        other => return Err(ConfigError::new(a.at("cluster_not_found_response_code"), format!("{other} is not a response code"))),
+    };
+    let prefix_rewrite = a.string("prefix_rewrite")?.map(str::to_string);
+    let regex_rewrite = a.object("regex_rewrite")?.map(regex_rewrite).transpose()?;
+    if prefix_rewrite.is_some() && regex_rewrite.is_some() {
+        return Err(ConfigError::new(a.at("regex_rewrite"), "cannot be combined with prefix_rewrite"));
+    }
+    let found = [
+        a.string("host_rewrite_literal")?.map(|h| HostRewrite::Literal(h.to_string())),
+        a.bool("auto_host_rewrite")?.filter(|b| *b).map(|_| HostRewrite::Auto),
+        a.string("host_rewrite_header")?.map(|h| HostRewrite::Header(h.to_ascii_lowercase())),
+    ];
+    let mut found = found.into_iter().flatten();
+    let host_rewrite = found.next();
+    if found.next().is_some() {
+        return Err(ConfigError::new(a.path(), "needs at most one host rewrite"));
+    }
+    let timeout = match a.duration("timeout")? {
+        None => Some(DEFAULT_TIMEOUT),
+        Some(t) if t.is_zero() => None,
+        Some(t) => Some(t),
+    };
+    let retry_policy = a.object("retry_policy")?.map(retry_policy).transpose()?;
+    a.finish()?;
+    Ok(RouteAction { cluster, cluster_not_found_status, prefix_rewrite, regex_rewrite, host_rewrite, timeout, retry_policy })
+}
+
+fn weighted_clusters(mut w: Obj<'_>) -> Result<ClusterSpecifier> {
+    let mut clusters = Vec::new();
+    for mut c in w.objects("clusters")? {
+        let name = c.required_string("name")?.to_string();
+        let weight = c.u64("weight")?.unwrap_or(0);
+        let weight = u32::try_from(weight).map_err(|_| ConfigError::new(c.at("weight"), "is too large"))?;
+        let headers = headers::ops(&mut c)?;
+        c.finish()?;
+        clusters.push(WeightedCluster { name, weight, headers });
+    }
+    if clusters.is_empty() {
+        return Err(ConfigError::new(w.at("clusters"), "must have at least one cluster"));
+    }
+    let sum: u64 = clusters.iter().map(|c| u64::from(c.weight)).sum();
+    if let Some(total) = w.u64("total_weight")? {
+        if total != sum {
+            return Err(ConfigError::new(w.at("total_weight"), format!("Sum of weights in the weighted_cluster must add up to {total}")));
+        }
+    }
+    if sum == 0 {
+        return Err(ConfigError::new(w.at("clusters"), "Sum of weights in the weighted_cluster must be greater than 0"));
+    }
+    let _ = w.string("runtime_key_prefix")?;
+    w.finish()?;
+    Ok(ClusterSpecifier::Weighted(clusters))
+}
+
+/// `RegexMatchAndSubstitute`.
+fn regex_rewrite(mut r: Obj<'_>) -> Result<(Regex, String)> {
+    let pattern = matcher::regex(r.required_object("pattern")?)?;
+    let substitution = r.string("substitution")?.unwrap_or_default().to_string();
+    r.finish()?;
+    Ok((pattern, substitution))
+}
+
+fn redirect(mut r: Obj<'_>) -> Result<Redirect> {
+    let https = r.bool("https_redirect")?.unwrap_or(false);
+    let scheme = r.string("scheme_redirect")?.map(str::to_ascii_lowercase);
+    let scheme = if https { Some("https".to_string()) } else { scheme };
+    let host = r.string("host_redirect")?.map(str::to_string);
+    let port = r.u64("port_redirect")?.map(|p| u16::try_from(p).map_err(|_| ConfigError::new(r.at("port_redirect"), "is not a port"))).transpose()?;
+    let path = r.string("path_redirect")?.map(str::to_string);
+    let prefix_rewrite = r.string("prefix_rewrite")?.map(str::to_string);
+    let regex_rewrite = r.object("regex_rewrite")?.map(regex_rewrite).transpose()?;
+    if [path.is_some(), prefix_rewrite.is_some(), regex_rewrite.is_some()].iter().filter(|b| **b).count() > 1 {
+        return Err(ConfigError::new(r.path(), "needs at most one of path_redirect, prefix_rewrite or regex_rewrite"));
+    }
+    let status = match r.string("response_code")?.unwrap_or("MOVED_PERMANENTLY") {
+        "MOVED_PERMANENTLY" => 301,
+        "FOUND" => 302,
+        "SEE_OTHER" => 303,
+        "TEMPORARY_REDIRECT" => 307,
+        "PERMANENT_REDIRECT" => 308,
+        other => return Err(ConfigError::new(r.at("response_code"), format!("{other} is not a redirect response code"))),
+    };
+    let strip_query = r.bool("strip_query")?.unwrap_or(false);
+    r.finish()?;
+    Ok(Redirect { scheme, host, port, path, prefix_rewrite, regex_rewrite, status, strip_query })
+}
+
+fn direct_response(mut dr: Obj<'_>) -> Result<Action> {
+    let status = dr.u64("status")?.unwrap_or(0);
+    if !(200..600).contains(&status) {
+        return Err(ConfigError::new(dr.at("status"), format!("{status} is not in [200, 600)")));
+    }
+    let body = match dr.object("body")? {
+        Some(mut b) => {
+            let text = b.required_string("inline_string")?.to_string();
+            b.finish()?;
+            Some(text)
+        }
+        None => None,
+    };
+    dr.finish()?;
+    Ok(Action::DirectResponse { status: status as u16, body })
+}
+
+fn retry_policy(mut p: Obj<'_>) -> Result<RetryPolicy> {
+    let retry_on = RetryOn::parse(p.string("retry_on")?.unwrap_or_default(), true).map_err(|e| ConfigError::new(p.at("retry_on"), e))?;
+    let num_retries = p.u64("num_retries")?.unwrap_or(1).min(u64::from(u32::MAX)) as u32;
+    let per_try_timeout = p.duration("per_try_timeout")?.filter(|t| !t.is_zero());
+    let path = p.at("retriable_status_codes");
+    let retriable_status_codes = match p.take("retriable_status_codes") {
+        None => Vec::new(),
+        Some(serde_json::Value::Array(codes)) => codes
+            .iter()
+            .map(|c| c.as_u64().and_then(|c| u16::try_from(c).ok()).ok_or_else(|| ConfigError::new(path.clone(), "expected status codes")))
+            .collect::<Result<_>>()?,
+        Some(_) => return Err(ConfigError::new(path, "expected a list of status codes")),
+    };
+    let mut previous_hosts = false;
+    for mut predicate in p.objects("retry_host_predicate")? {
+        let name = predicate.string("name")?.unwrap_or_default().to_string();
+        let mut typed = predicate.required_object("typed_config")?;
+        super::expect_type(&mut typed, "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate")
+            .map_err(|e| ConfigError::new(e.path, format!("retry host predicate {name:?}: only previous_hosts is supported")))?;
+        typed.finish()?;
+        predicate.finish()?;
+        previous_hosts = true;
+    }
+    let host_selection_max_attempts = p.u64("host_selection_retry_max_attempts")?.unwrap_or(1).clamp(1, 16) as u32;
+    let (mut base_interval, mut max_interval) = (Duration::from_millis(25), None);
+    if let Some(mut backoff) = p.object("retry_back_off")? {
+        base_interval = backoff.duration("base_interval")?.ok_or_else(|| ConfigError::new(backoff.at("base_interval"), "is required"))?;
+        if base_interval.is_zero() {
+            return Err(ConfigError::new(backoff.at("base_interval"), "must be greater than 0s"));
+        }
+        max_interval = backoff.duration("max_interval")?;
+        backoff.finish()?;
+    }
+    p.finish()?;
+    Ok(RetryPolicy {
+        retry_on,
+        num_retries,
+        per_try_timeout,
+        retriable_status_codes,
+        previous_hosts,
+        host_selection_max_attempts,
+        base_interval,
+        max_interval: max_interval.unwrap_or(base_interval * 10),
+    })
 }
 
 #[cfg(test)]
@@ -160,8 +529,18 @@ mod tests {
 
     #[test]
     fn route_errors_name_the_field() {
-        let v = json!({"virtual_hosts": [{"name": "a", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "c", "timeout": "1s"}}]}]});
+        let v = json!({"virtual_hosts": [{"name": "a", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "c", "hash_policy": []}}]}]});
         let err = translate(Obj::new(&v, "rc").unwrap()).unwrap_err();
-        assert_eq!(err.path, "rc.virtual_hosts[0].routes[0].route.timeout");
+        assert_eq!(err.path, "rc.virtual_hosts[0].routes[0].route.hash_policy");
+        let v = json!({"virtual_hosts": [{"name": "a", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"weighted_clusters": {"clusters": [{"name": "a", "weight": 1}], "total_weight": 5}}}]}]});
+        let err = translate(Obj::new(&v, "rc").unwrap()).unwrap_err();
+        assert_eq!(err.path, "rc.virtual_hosts[0].routes[0].route.weighted_clusters.total_weight");
+    }
+
+    #[test]
+    fn path_matches() {
+        let sep = PathMatch::PathSeparatedPrefix("/api".into());
+        assert!(sep.matches("/api", true) && sep.matches("/api/x", true) && sep.matches("/api?q", true) && !sep.matches("/apix", true));
+        assert!(PathMatch::Prefix("/A".into()).matches("/abc", false) && !PathMatch::Prefix("/A".into()).matches("/abc", true));
     }
 }

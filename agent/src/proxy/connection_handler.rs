@@ -3,57 +3,26 @@
 //! network filter (tcp_proxy or the HTTP connection manager) serves it. Shared by the standalone proxy and the
 //! in-pod listeners; each connection keeps the configuration snapshot it started with.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use super::cluster::{self, Clusters, UpstreamError};
 use super::filter_chain::{self, ConnectionInfo};
+use super::filters::network::http_connection_manager::{self, HttpContext};
+use super::filters::network::tcp_proxy::{self, Relayed};
 use super::listener_filter::{self, InspectError, Rewind};
-use super::{http, tcp};
-use crate::capture::netns::Netns;
-use crate::config::listener::{Listener, NetworkFilter, Routes};
-use crate::config::route::RouteConfiguration;
+use super::snapshot::Snapshot;
+use super::upstream::pool::Pools;
+use super::upstream::{ConnectError, Upstream};
+use crate::config::http_connection_manager::Routes;
+use crate::config::listener::{Listener, NetworkFilter};
 
-/// A configuration snapshot as the data path sees it.
-pub trait Config: Clusters {
-    /// The listener a `use_original_dst` listener hands a connection for `dst` to.
-    fn listener_for(&self, dst: SocketAddr) -> Option<&Listener>;
-    /// The listener called `name`, if this configuration still has it.
-    fn listener_named(&self, name: &str) -> Option<&Listener>;
-    /// An RDS route configuration (`None` while it has not arrived).
-    fn route_config(&self, name: &str) -> Option<Arc<RouteConfiguration>>;
-}
-
-/// Envoy's lookup: a listener on exactly `dst`, else one on the wildcard address with `dst`'s port.
-pub fn listener_by_address<'a>(listeners: impl Iterator<Item = &'a Listener> + Clone, dst: SocketAddr) -> Option<&'a Listener> {
-    let wildcard = |ip: IpAddr| ip.is_unspecified() && ip.is_ipv4() == dst.is_ipv4();
-    listeners.clone().find(|l| l.address == dst).or_else(|| listeners.into_iter().find(|l| l.address.port() == dst.port() && wildcard(l.address.ip())))
-}
-
-/// Where an upstream connection of this downstream connection goes from.
-pub struct Upstream<C> {
-    pub config: Arc<C>,
-    /// The pod's network namespace (node agent), or the agent's own (standalone proxy).
-    pub netns: Option<Netns>,
-    /// The downstream connection's destination, for ORIGINAL_DST clusters.
-    pub original_dst: SocketAddr,
-}
-
-impl<C> Clone for Upstream<C> {
-    fn clone(&self) -> Self {
-        Upstream { config: Arc::clone(&self.config), netns: self.netns.clone(), original_dst: self.original_dst }
-    }
-}
-
-impl<C: Config> Upstream<C> {
-    pub async fn connect(&self, cluster: &str) -> Result<TcpStream, UpstreamError> {
-        cluster::connect(&*self.config, cluster, Some(self.original_dst), self.netns.as_ref()).await
-    }
-}
+/// The configuration a pod's (or the proxy's) connections are served by: the latest snapshot, `None` until
+/// the first one arrives.
+pub type SnapshotWatch = watch::Receiver<Option<Arc<Snapshot>>>;
 
 /// How a connection ended, for the caller's counters.
 #[derive(Debug)]
@@ -68,19 +37,19 @@ pub enum Outcome {
     ListenerFilter,
     /// The HTTP connection manager's RDS routes have not arrived (the listener is still warming).
     Warming,
-    UpstreamFailed(UpstreamError),
+    UpstreamFailed(ConnectError),
     /// Its listener was removed or replaced and the drain time ran out: closed.
     Drained,
 }
 
 /// Listener draining, as Envoy does it: when a configuration update removes or changes the listener that
 /// serves a connection, the connection may go on for `timeout` and is then closed.
-pub struct Drain<C> {
-    pub updates: watch::Receiver<Option<Arc<C>>>,
+pub struct Drain {
+    pub updates: SnapshotWatch,
     pub timeout: Duration,
 }
 
-impl<C: Config> Drain<C> {
+impl Drain {
     /// Completes `timeout` after the first update in which listener `served` is gone or different.
     async fn of(mut self, served: &Listener) {
         loop {
@@ -98,25 +67,26 @@ impl<C: Config> Drain<C> {
     }
 }
 
-/// Serves a connection accepted by `entry`, from `netns` when it is a pod's, until it ends or its listener has
-/// been drained. `known_dst` is the original destination when the caller already read it.
-pub async fn serve<C: Config>(
-    stream: TcpStream,
-    peer: SocketAddr,
-    known_dst: Option<SocketAddr>,
-    entry: &Listener,
-    config: &Arc<C>,
-    netns: Option<&Netns>,
-    drain: Drain<C>,
-) -> Outcome {
+/// One accepted connection and where it came from.
+pub struct Accepted {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    /// The original destination, when the listener's caller already read it.
+    pub original_dst: Option<SocketAddr>,
+}
+
+/// Serves a connection accepted by `entry` until it ends or its listener has been drained; upstream
+/// connections come from `pools` (the pod's or the proxy's).
+pub async fn serve(accepted: Accepted, entry: &Listener, snapshot: &Arc<Snapshot>, pools: &Arc<Pools>, drain: Drain) -> Outcome {
+    let Accepted { stream, peer, original_dst } = accepted;
     let socket_local = stream.local_addr().unwrap_or(entry.address);
     let restored = match entry.listener_filters.original_dst {
-        true => known_dst.or_else(|| tcp::original_dst(&stream).ok()),
+        true => original_dst.or_else(|| super::socket::original_dst(&stream).ok()),
         false => None,
     };
     let local = restored.unwrap_or(socket_local);
     let listener = match restored {
-        Some(dst) if entry.use_original_dst => config.listener_for(dst).unwrap_or(entry),
+        Some(dst) if entry.use_original_dst => snapshot.listener_for(dst).unwrap_or(entry),
         _ => entry,
     };
     let (io, detected) = match listener_filter::inspect(stream, &listener.listener_filters).await {
@@ -138,63 +108,33 @@ pub async fn serve<C: Config>(
         tracing::debug!(listener = %listener.name, %peer, %local, "no filter chain matched; closing");
         return Outcome::NoFilterChain;
     };
-    let upstream = Upstream { config: Arc::clone(config), netns: netns.cloned(), original_dst: local };
+    let upstream = Upstream { snapshot: Arc::clone(snapshot), pools: Arc::clone(pools), original_dst: local };
     let updates = drain.updates.clone();
     tokio::select! {
-        outcome = run_filter(io, &chain.filter, upstream, updates, listener, peer) => outcome,
+        outcome = run_filter(io, &chain.filter, upstream, updates, peer, local) => outcome,
         () = drain.of(listener) => Outcome::Drained,
     }
 }
 
-/// What an HTTP connection manager's requests are routed by: each request takes the latest configuration
-/// (RDS routes and clusters), as Envoy applies route and cluster updates to established connections.
-pub struct HttpContext<C> {
-    pub routes: Routes,
-    pub updates: watch::Receiver<Option<Arc<C>>>,
-    /// The connection's own snapshot, for what the latest one lacks.
-    pub upstream: Upstream<C>,
-}
-
-impl<C: Config> HttpContext<C> {
-    /// The routes and upstreams for a request starting now; no routes when the RDS configuration is gone.
-    pub fn current(&self) -> (Option<Arc<RouteConfiguration>>, Upstream<C>) {
-        let config = self.updates.borrow().clone().unwrap_or_else(|| Arc::clone(&self.upstream.config));
-        let routes = match &self.routes {
-            Routes::Inline(rc) => Some(Arc::clone(rc)),
-            Routes::Rds(name) => config.route_config(name),
-        };
-        (routes, Upstream { config, ..self.upstream.clone() })
-    }
-}
-
 /// The chain's terminal network filter.
-async fn run_filter<C: Config>(
-    io: Rewind,
-    filter: &NetworkFilter,
-    upstream: Upstream<C>,
-    updates: watch::Receiver<Option<Arc<C>>>,
-    listener: &Listener,
-    peer: SocketAddr,
-) -> Outcome {
+async fn run_filter(io: Rewind, filter: &NetworkFilter, upstream: Upstream, updates: SnapshotWatch, peer: SocketAddr, local: SocketAddr) -> Outcome {
     match filter {
-        NetworkFilter::TcpProxy { cluster } => match upstream.connect(cluster).await {
-            // Envoy closes the downstream connection when no upstream connection can be made.
-            Err(e) => Outcome::UpstreamFailed(e),
-            Ok(up) => match tcp::relay(io, up).await {
-                Ok((from_downstream, to_downstream)) => Outcome::Relayed { from_downstream, to_downstream },
-                Err(e) => {
-                    tracing::debug!(listener = %listener.name, %peer, cluster, "tcp_proxy connection ended: {e}");
-                    Outcome::Relayed { from_downstream: 0, to_downstream: 0 }
-                }
-            },
+        NetworkFilter::TcpProxy { cluster } => match tcp_proxy::serve(io, cluster, &upstream).await {
+            Relayed::Done(from_downstream, to_downstream) => Outcome::Relayed { from_downstream, to_downstream },
+            Relayed::NoUpstream(e) => Outcome::UpstreamFailed(e),
+            Relayed::Failed(e) => {
+                tracing::debug!(%peer, cluster, "tcp_proxy connection ended: {e}");
+                Outcome::Relayed { from_downstream: 0, to_downstream: 0 }
+            }
         },
-        NetworkFilter::HttpConnectionManager(routes) => {
-            if let Routes::Rds(name) = routes {
-                if upstream.config.route_config(name).is_none() {
+        NetworkFilter::HttpConnectionManager(hcm) => {
+            if let Routes::Rds(name) = &hcm.routes {
+                if upstream.snapshot.route_config(name).is_none() {
                     return Outcome::Warming;
                 }
             }
-            http::serve_connection(io, Arc::new(HttpContext { routes: routes.clone(), updates, upstream })).await;
+            let context = HttpContext { hcm: Arc::clone(hcm), updates, upstream, peer, local };
+            http_connection_manager::serve(io, context).await;
             Outcome::Http
         }
     }

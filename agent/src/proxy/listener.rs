@@ -1,7 +1,8 @@
 //! In-pod listeners: sockets created inside a pod's network namespace (by a thread that enters it and exits)
-//! and served by the agent's async runtime. Their address is where capture sends the pod's traffic. With a
-//! control plane, each connection is served by the pod's own xDS configuration (its `virtualOutbound` /
-//! `virtualInbound` listener and whatever those hand it to); without one, it goes to its original destination.
+//! and served by the agent's async runtime. Their address is where capture sends the pod's traffic. Each
+//! connection is served by the pod's configuration snapshot: its own xDS configuration (its `virtualOutbound`
+//! / `virtualInbound` listener and whatever those hand it to) or, without a control plane, the generated
+//! pass-through configuration. Upstream connections are made from the pod's netns and pooled per pod.
 
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -10,13 +11,13 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::connection_handler::{self, Drain, Outcome};
-use super::pod::PodConfig;
+use super::connection_handler::{self, Accepted, Drain, Outcome, SnapshotWatch};
+use super::socket::{self, SocketFactory};
 use super::stats::ListenerStats;
-use super::{tcp, Direction, ProxySettings};
+use super::upstream::pool::Pools;
+use super::{Direction, ProxySettings};
 use crate::capture::netns::{self, Netns};
 use crate::capture::{INBOUND_PORT, OUTBOUND_PORT};
 
@@ -24,17 +25,15 @@ use crate::capture::{INBOUND_PORT, OUTBOUND_PORT};
 pub struct ListenerContext {
     /// `namespace/name` of the pod, for logs.
     pub pod: String,
-    pub netns: Netns,
     pub direction: Direction,
     pub port: u16,
     pub stats: Arc<ListenerStats>,
     pub settings: ProxySettings,
-    /// The pod's xDS configuration (`None` inside until the first one arrives); `None`: no control plane.
-    pub config: Option<PodConfigWatch>,
+    /// The pod's configuration (`None` inside until the first one arrives).
+    pub config: SnapshotWatch,
+    /// The pod's upstream connections, made from its netns.
+    pub pools: Arc<Pools>,
 }
-
-/// The latest accepted configuration of a pod's xDS stream.
-pub type PodConfigWatch = watch::Receiver<Option<Arc<PodConfig>>>;
 
 /// The running listeners of one pod. Dropping it stops accepting; established connections finish on their own.
 pub struct PodListeners {
@@ -99,8 +98,8 @@ fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// Creates the pod's listeners inside its netns and starts serving them.
-pub async fn start(pod: String, ns: Netns, settings: ProxySettings, config: Option<PodConfigWatch>) -> io::Result<PodListeners> {
+/// Creates the pod's listeners inside its netns and starts serving them by `config`.
+pub async fn start(pod: String, ns: Netns, settings: ProxySettings, config: SnapshotWatch) -> io::Result<PodListeners> {
     let thread_ns = ns.clone();
     let sockets = tokio::task::spawn_blocking(move || {
         thread_ns.run_on_new_thread(|| {
@@ -114,6 +113,7 @@ pub async fn start(pod: String, ns: Netns, settings: ProxySettings, config: Opti
     let outbound = Arc::new(ListenerStats::default());
     let inbound = Arc::new(ListenerStats::default());
     let mut listeners = PodListeners { tasks: Vec::new(), addresses: Vec::new(), outbound, inbound };
+    let pools = Pools::new(SocketFactory::Pod(ns));
     for (direction, addr, socket) in sockets {
         let stats = match direction {
             Direction::Outbound => Arc::clone(&listeners.outbound),
@@ -121,12 +121,12 @@ pub async fn start(pod: String, ns: Netns, settings: ProxySettings, config: Opti
         };
         let ctx = Arc::new(ListenerContext {
             pod: pod.clone(),
-            netns: ns.clone(),
             direction,
             port: addr.port(),
             stats,
             settings,
             config: config.clone(),
+            pools: Arc::clone(&pools),
         });
         let listener = TcpListener::from_std(socket)?;
         listeners.addresses.push(addr);
@@ -156,28 +156,28 @@ const INITIAL_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 
 async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerContext>) {
     ctx.stats.accepted();
-    let (from, to) = match (tcp::original_dst(&stream), &ctx.config) {
+    let (from, to) = match socket::original_dst(&stream) {
         // Nothing rewrote this connection: it was made to the listener itself. Proxying it would loop.
-        (Ok(dst), _) if dst.port() == ctx.port => {
+        Ok(dst) if dst.port() == ctx.port => {
             ctx.stats.refused_loop();
             tracing::debug!(pod = %ctx.pod, %peer, %dst, "refused direct connection to the proxy port");
             (0, 0)
         }
-        (dst, None) => tcp::passthrough(stream, peer, dst, &ctx).await,
-        (dst, Some(config)) => from_config(stream, peer, dst.ok(), &ctx, config.clone()).await,
+        Ok(dst) => from_config(Accepted { stream, peer, original_dst: Some(dst) }, &ctx).await,
+        Err(e) => {
+            ctx.stats.rejected();
+            tracing::warn!(pod = %ctx.pod, %peer, "no original destination: {e}");
+            (0, 0)
+        }
     };
     ctx.stats.closed(from, to);
 }
 
-/// Serves the connection by the pod's own configuration; closes it when there is none (fail closed).
-async fn from_config(
-    stream: TcpStream,
-    peer: SocketAddr,
-    original_dst: Option<SocketAddr>,
-    ctx: &ListenerContext,
-    mut updates: PodConfigWatch,
-) -> (u64, u64) {
-    let _ = stream.set_nodelay(true);
+/// Serves the connection by the pod's configuration; closes it when there is none (fail closed).
+async fn from_config(accepted: Accepted, ctx: &ListenerContext) -> (u64, u64) {
+    let _ = accepted.stream.set_nodelay(true);
+    let peer = accepted.peer;
+    let mut updates = ctx.config.clone();
     let waited = tokio::time::timeout(INITIAL_FETCH_TIMEOUT, updates.wait_for(Option::is_some)).await;
     let Some(config) = waited.ok().and_then(Result::ok).and_then(|c| c.clone()) else {
         ctx.stats.rejected();
@@ -190,7 +190,7 @@ async fn from_config(
         return (0, 0);
     };
     let drain = Drain { updates, timeout: ctx.settings.drain_timeout };
-    match connection_handler::serve(stream, peer, original_dst, entry, &config, Some(&ctx.netns), drain).await {
+    match connection_handler::serve(accepted, entry, &config, &ctx.pools, drain).await {
         Outcome::Relayed { from_downstream, to_downstream } => (from_downstream, to_downstream),
         Outcome::Http | Outcome::Drained => (0, 0),
         Outcome::UpstreamFailed(e) => {

@@ -1,18 +1,23 @@
-//! The node proxy's data path: in-pod listeners and the standalone proxy's listeners, the connection handler
-//! (`use_original_dst` hand-off, listener filters, filter chains), tcp_proxy, the HTTP connection manager,
-//! and clusters. Nothing in this module touches the control path's locks: configuration arrives as immutable
-//! snapshots (see shared/DESIGN.md).
+//! The node proxy's data path, in Envoy's order: listeners (in-pod and standalone) accept, the connection
+//! handler runs the `use_original_dst` hand-off, listener filters and filter chain selection, then the
+//! chain's network filter (tcp_proxy, or the HTTP connection manager with its route step and HTTP filters
+//! ending in the router), then upstreams (cluster, endpoint, pooled connections made by the socket factory).
+//! Configuration arrives as immutable snapshots (`snapshot`, a leaf); nothing here touches the control
+//! path's locks (see shared/DESIGN.md).
 
-pub mod cluster;
+pub mod body;
 pub mod connection_handler;
 pub mod filter_chain;
-pub mod http;
+pub mod filters;
 pub mod listener;
 pub mod listener_filter;
-pub mod pod;
+pub mod passthrough;
+pub mod route;
 pub mod server;
+pub mod snapshot;
+pub mod socket;
 pub mod stats;
-pub mod tcp;
+pub mod upstream;
 
 use std::time::Duration;
 

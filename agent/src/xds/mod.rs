@@ -7,7 +7,6 @@ pub mod client;
 pub mod codec;
 pub mod intern;
 pub mod pod;
-pub mod sorted;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, LazyLock, Mutex};
@@ -19,9 +18,10 @@ use crate::config::bootstrap::Bootstrap;
 use crate::config::cluster::{self, Cluster};
 use crate::config::listener::{self, Listener};
 use crate::config::route::{self, RouteConfiguration};
+use crate::config::store::{ByName, ClusterStats, Entry, Resource};
 use crate::config::tree::Obj;
-use crate::proxy::pod::PodConfig;
 use crate::proxy::server::Proxy;
+use crate::proxy::snapshot::Snapshot;
 
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
@@ -39,38 +39,17 @@ pub fn is_wildcard(type_url: &str) -> bool {
     !NAMED_TYPES.contains(&type_url)
 }
 
-/// One accepted resource: decoded once and shared by every stream (pod) that received the same bytes at the
-/// same version, so a pod's store holds little more than a pointer per resource.
-#[derive(Debug)]
-pub struct Resource<T> {
-    pub name: Arc<str>,
-    pub version: String,
-    /// The resource as received (protobuf bytes, a fraction of its JSON tree), decoded again for config_dump.
-    pub bytes: Box<[u8]>,
-    pub model: T,
-    pub last_updated: SystemTime,
-    /// Round-robin position over a cluster's endpoints, shared by every pod holding the cluster.
-    pub cursor: std::sync::atomic::AtomicUsize,
-}
-
-impl<T> Resource<T> {
-    pub fn model(&self) -> &T {
-        &self.model
-    }
-}
-
-pub type Entry<T> = Arc<Resource<T>>;
 
 /// Accepted dynamic resources and the version of each type's last accepted response. Each collection is
 /// shared (copy on write) with the pod's data-path snapshot, so a snapshot costs a few pointers.
 #[derive(Debug, Default)]
 pub struct Store {
-    pub listeners: Arc<sorted::ByName<Listener>>,
-    pub clusters: Arc<sorted::ByName<Cluster>>,
+    pub listeners: Arc<ByName<Listener>>,
+    pub clusters: Arc<ByName<Cluster>>,
     /// EDS: service name → endpoints.
-    pub assignments: Arc<sorted::ByName<Vec<std::net::SocketAddr>>>,
+    pub assignments: Arc<ByName<Vec<std::net::SocketAddr>>>,
     /// RDS: route configuration name → routes.
-    pub routes: Arc<sorted::ByName<Arc<RouteConfiguration>>>,
+    pub routes: Arc<ByName<Arc<RouteConfiguration>>>,
     pub versions: HashMap<&'static str, String>,
     /// Per type, whether the last response was accepted: the xDS sync status.
     pub last_response: HashMap<&'static str, bool>,
@@ -106,6 +85,7 @@ fn shared<M>(
             model,
             last_updated: SystemTime::now(),
             cursor: Default::default(),
+            stats: ClusterStats::default(),
         })
     })
 }
@@ -134,19 +114,29 @@ pub enum Sink {
     /// The standalone proxy: bootstrap and dynamic resources together.
     Proxy(Arc<Proxy>),
     /// A captured pod's in-pod listeners, which read the latest snapshot for every new connection.
-    Pod(tokio::sync::watch::Sender<Option<Arc<PodConfig>>>),
+    Pod(tokio::sync::watch::Sender<Option<Arc<Snapshot>>>),
 }
 
 /// Applies xDS updates to the proxy. Shared by the stream tasks and the admin endpoint.
 pub struct XdsState {
     bootstrap: Bootstrap,
+    /// The bootstrap's listeners and clusters as resources, made once so their counters persist.
+    static_listeners: Vec<Entry<Listener>>,
+    static_clusters: Vec<Entry<Cluster>>,
     sink: Sink,
     pub store: Mutex<Store>,
 }
 
 impl XdsState {
     pub fn new(bootstrap: Bootstrap, sink: Sink) -> Arc<XdsState> {
-        Arc::new(XdsState { bootstrap, sink, store: Mutex::default() })
+        let static_listeners = bootstrap.listeners.iter().map(|l| Resource::fixed(&l.name, l.clone())).collect();
+        let static_clusters = bootstrap.clusters.iter().map(|c| Resource::fixed(&c.name, c.clone())).collect();
+        Arc::new(XdsState { bootstrap, static_listeners, static_clusters, sink, store: Mutex::default() })
+    }
+
+    /// Serves the bootstrap's static resources (standalone proxy); returns the listeners that cannot bind.
+    pub fn start(&self) -> Vec<String> {
+        self.push(&mut self.store())
     }
 
     pub fn bootstrap(&self) -> &Bootstrap {
@@ -299,7 +289,7 @@ impl XdsState {
         let proxy = match &self.sink {
             Sink::Proxy(proxy) => proxy,
             Sink::Pod(snapshot) => {
-                snapshot.send_replace(Some(Arc::new(PodConfig {
+                snapshot.send_replace(Some(Arc::new(Snapshot {
                     listeners: Arc::clone(&store.listeners),
                     routes: Arc::clone(&store.routes),
                     clusters: Arc::clone(&store.clusters),
@@ -308,21 +298,14 @@ impl XdsState {
                 return Vec::new();
             }
         };
-        let clusters: Vec<Cluster> =
-            self.bootstrap.clusters.iter().cloned().chain(store.clusters.values().map(|e| e.model().clone())).collect();
-        // A listener whose RDS routes have not arrived yet is warming: it is not started until they do.
-        let listeners: Vec<Listener> = self
-            .bootstrap
-            .listeners
-            .iter()
-            .chain(store.listeners.values().map(|e| e.model()))
-            .filter(|l| l.rds_names().all(|n| store.routes.contains_key(n)))
-            .cloned()
-            .collect();
-        let assignments = store.assignments.iter().map(|(n, e)| (n.to_string(), e.model().clone())).collect();
-        let routes = store.routes.iter().map(|(n, e)| (n.to_string(), Arc::clone(e.model()))).collect();
-        let failed = proxy.apply(&listeners, &clusters, &assignments, routes);
-        failed
+        let snapshot = Snapshot {
+            listeners: Arc::new(self.static_listeners.iter().cloned().chain(store.listeners.values().cloned()).collect()),
+            clusters: Arc::new(self.static_clusters.iter().cloned().chain(store.clusters.values().cloned()).collect()),
+            routes: Arc::clone(&store.routes),
+            assignments: Arc::clone(&store.assignments),
+        };
+        proxy
+            .apply(snapshot)
             .into_iter()
             .map(|(name, e)| {
                 Arc::make_mut(&mut store.listeners).remove(&name);

@@ -11,7 +11,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 
 use super::{client, Sink, XdsState};
-use crate::proxy::pod::PodConfig;
+use crate::proxy::snapshot::Snapshot;
 use crate::cni_server::registry::PodRecord;
 use crate::config::bootstrap::{Ads, AdsApi, Bootstrap, Node};
 
@@ -41,7 +41,7 @@ impl PodXds {
 
     /// Starts the pod's stream, whose accepted configurations go to `snapshot`; dropping (aborting) the handle
     /// ends it.
-    pub fn start(&self, pod: &PodRecord, snapshot: watch::Sender<Option<Arc<PodConfig>>>) -> (Arc<XdsState>, JoinHandle<()>) {
+    pub fn start(&self, pod: &PodRecord, snapshot: watch::Sender<Option<Arc<Snapshot>>>) -> (Arc<XdsState>, JoinHandle<()>) {
         let bootstrap = Bootstrap {
             node: sidecar_node(pod, &self.settings),
             admin: None,

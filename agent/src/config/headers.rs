@@ -1,0 +1,184 @@
+//! Header changes of routes, virtual hosts, route configurations and weighted clusters:
+//! `request_headers_to_add`/`_remove` and `response_headers_to_add`/`_remove`, with `append_action`,
+//! `keep_empty_value` and the `%...%` substitutions Istio emits.
+
+use super::tree::{ConfigError, Obj, Result};
+
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct HeaderOps {
+    pub request_add: Vec<HeaderValueOption>,
+    pub request_remove: Vec<String>,
+    pub response_add: Vec<HeaderValueOption>,
+    pub response_remove: Vec<String>,
+}
+
+impl HeaderOps {
+    pub fn is_empty(&self) -> bool {
+        self.request_add.is_empty() && self.request_remove.is_empty() && self.response_add.is_empty() && self.response_remove.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct HeaderValueOption {
+    pub name: String,
+    pub value: Vec<Part>,
+    pub action: AppendAction,
+    pub keep_empty_value: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum AppendAction {
+    AppendIfExistsOrAdd,
+    AddIfAbsent,
+    OverwriteIfExistsOrAdd,
+    OverwriteIfExists,
+}
+
+/// A piece of a header value: text, or a value of the request known when it is sent.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub enum Part {
+    Text(String),
+    DownstreamRemoteAddress { port: bool },
+    DownstreamLocalAddress { port: bool },
+    Protocol,
+    RequestHeader(String),
+}
+
+/// Headers a proxy owns and a route may not change (Envoy refuses these too).
+const PROTECTED: [&str; 5] = [":authority", ":path", ":method", ":scheme", "host"];
+
+pub fn ops(o: &mut Obj<'_>) -> Result<HeaderOps> {
+    Ok(HeaderOps {
+        request_add: o.objects("request_headers_to_add")?.into_iter().map(option).collect::<Result<_>>()?,
+        request_remove: removals(o, "request_headers_to_remove")?,
+        response_add: o.objects("response_headers_to_add")?.into_iter().map(option).collect::<Result<_>>()?,
+        response_remove: removals(o, "response_headers_to_remove")?,
+    })
+}
+
+fn removals(o: &mut Obj<'_>, key: &str) -> Result<Vec<String>> {
+    let path = o.at(key);
+    let names: Vec<String> = o.strings(key)?.into_iter().map(str::to_ascii_lowercase).collect();
+    match names.iter().find(|n| n.starts_with(':') || PROTECTED.contains(&n.as_str())) {
+        Some(n) => Err(ConfigError::new(path, format!(":-prefixed or host headers may not be removed ({n})"))),
+        None => Ok(names),
+    }
+}
+
+fn option(mut h: Obj<'_>) -> Result<HeaderValueOption> {
+    let mut header = h.required_object("header")?;
+    let name = header.required_string("key")?.to_ascii_lowercase();
+    if name.starts_with(':') || name == "host" {
+        return Err(ConfigError::new(header.at("key"), format!(":-prefixed or host headers may not be modified ({name})")));
+    }
+    let text = match (header.string("value")?, header.string("raw_value")?) {
+        (Some(v), None) => v.to_string(),
+        (None, Some(raw)) => base64_decode(raw).ok_or_else(|| ConfigError::new(header.at("raw_value"), "is not base64 of UTF-8 text"))?,
+        (None, None) => String::new(),
+        (Some(_), Some(_)) => return Err(ConfigError::new(header.path(), "needs at most one of value or raw_value")),
+    };
+    let value = parse_format(&text).map_err(|e| ConfigError::new(header.at("value"), e))?;
+    header.finish()?;
+    let append = h.bool("append")?;
+    let action = match h.string("append_action")? {
+        None => match append {
+            Some(false) => AppendAction::OverwriteIfExistsOrAdd,
+            _ => AppendAction::AppendIfExistsOrAdd,
+        },
+        Some(_) if append.is_some() => return Err(ConfigError::new(h.at("append"), "cannot be combined with append_action")),
+        Some("APPEND_IF_EXISTS_OR_ADD") => AppendAction::AppendIfExistsOrAdd,
+        Some("ADD_IF_ABSENT") => AppendAction::AddIfAbsent,
+        Some("OVERWRITE_IF_EXISTS_OR_ADD") => AppendAction::OverwriteIfExistsOrAdd,
+        Some("OVERWRITE_IF_EXISTS") => AppendAction::OverwriteIfExists,
+        Some(other) => return Err(ConfigError::new(h.at("append_action"), format!("{other} is not an append action"))),
+    };
+    let keep_empty_value = h.bool("keep_empty_value")?.unwrap_or(false);
+    h.finish()?;
+    Ok(HeaderValueOption { name, value, action, keep_empty_value })
+}
+
+/// Splits Envoy's header value format into text and `%COMMAND%` parts (`%%` is a literal `%`).
+pub fn parse_format(text: &str) -> std::result::Result<Vec<Part>, String> {
+    let mut parts = Vec::new();
+    let mut literal = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find('%') {
+        literal.push_str(&rest[..start]);
+        let after = &rest[start + 1..];
+        if let Some(stripped) = after.strip_prefix('%') {
+            literal.push('%');
+            rest = stripped;
+            continue;
+        }
+        let end = after.find('%').ok_or_else(|| format!("unterminated variable expression in {text:?}"))?;
+        let command = &after[..end];
+        let part = match command {
+            "DOWNSTREAM_REMOTE_ADDRESS" => Part::DownstreamRemoteAddress { port: true },
+            "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => Part::DownstreamRemoteAddress { port: false },
+            "DOWNSTREAM_LOCAL_ADDRESS" => Part::DownstreamLocalAddress { port: true },
+            "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT" => Part::DownstreamLocalAddress { port: false },
+            "PROTOCOL" => Part::Protocol,
+            _ => match command.strip_prefix("REQ(").and_then(|c| c.strip_suffix(')')) {
+                Some(name) if !name.is_empty() => Part::RequestHeader(name.to_ascii_lowercase()),
+                _ => return Err(format!("%{command}% is not supported by weft in header values")),
+            },
+        };
+        if !literal.is_empty() {
+            parts.push(Part::Text(std::mem::take(&mut literal)));
+        }
+        parts.push(part);
+        rest = &after[end + 1..];
+    }
+    literal.push_str(rest);
+    if !literal.is_empty() {
+        parts.push(Part::Text(literal));
+    }
+    Ok(parts)
+}
+
+/// Standard base64 (with or without padding) to UTF-8 text.
+fn base64_decode(text: &str) -> Option<String> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => Some(c - b'A'),
+        b'a'..=b'z' => Some(c - b'a' + 26),
+        b'0'..=b'9' => Some(c - b'0' + 52),
+        b'+' | b'-' => Some(62),
+        b'/' | b'_' => Some(63),
+        _ => None,
+    };
+    let mut bits = 0u32;
+    let mut count = 0;
+    let mut out = Vec::new();
+    for c in text.bytes().filter(|c| *c != b'=') {
+        bits = (bits << 6) | u32::from(value(c)?);
+        count += 6;
+        if count >= 8 {
+            count -= 8;
+            out.push((bits >> count) as u8);
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_parse_into_parts() {
+        let parts = parse_format("ip=%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT% 100%% %REQ(X-A)%").unwrap();
+        assert_eq!(
+            parts,
+            vec![
+                Part::Text("ip=".into()),
+                Part::DownstreamRemoteAddress { port: false },
+                Part::Text(" 100% ".into()),
+                Part::RequestHeader("x-a".into())
+            ]
+        );
+        assert!(parse_format("%START_TIME%").unwrap_err().contains("START_TIME"));
+        assert!(parse_format("50%").is_err());
+        assert_eq!(base64_decode("aGVsbG8="), Some("hello".into()));
+    }
+}

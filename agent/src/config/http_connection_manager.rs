@@ -1,0 +1,197 @@
+//! `envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager`: the codec, where
+//! routes come from, the request handling options Envoy applies before routing, and the HTTP filters.
+
+use std::sync::Arc;
+
+use super::route::{self, RouteConfiguration};
+use super::tree::{ConfigError, Obj, Result};
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct HttpConnectionManager {
+    pub codec: Codec,
+    pub routes: Routes,
+    pub http_filters: Vec<HttpFilter>,
+    /// Use the connection's peer as the client address (and append it to `x-forwarded-for`).
+    pub use_remote_address: bool,
+    pub xff_num_trusted_hops: u32,
+    /// `server_name` (default `envoy`) and what to do with an upstream's `server` header.
+    pub server_name: String,
+    pub server_header: ServerHeader,
+    pub via: Option<String>,
+    /// `max_request_headers_kb` (default 60): larger request headers get 431.
+    pub max_request_headers_bytes: usize,
+    pub normalize_path: bool,
+    pub merge_slashes: bool,
+    pub host_port: HostPort,
+    /// `common_http_protocol_options.max_headers_count` (default 100): more request headers get 431.
+    pub max_headers_count: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Codec {
+    Auto,
+    Http1,
+    Http2,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ServerHeader {
+    Overwrite,
+    AppendIfAbsent,
+    PassThrough,
+}
+
+/// Which port of the Host header is removed before virtual host matching.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostPort {
+    Keep,
+    /// `strip_matching_host_port`: the port when it is the listener's.
+    StripMatching,
+    /// `strip_any_host_port`.
+    StripAny,
+}
+
+/// Where an HTTP connection manager's routes come from.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Routes {
+    Inline(Arc<RouteConfiguration>),
+    /// A RouteConfiguration by name over ADS (RDS).
+    Rds(String),
+}
+
+/// The HTTP filters weft runs, in order; the router is always last.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HttpFilter {
+    Router,
+}
+
+const ROUTER: &str = "envoy.extensions.filters.http.router.v3.Router";
+
+pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
+    let _ = h.string("stat_prefix")?;
+    let codec = match h.string("codec_type")?.unwrap_or("AUTO") {
+        "AUTO" => Codec::Auto,
+        "HTTP1" => Codec::Http1,
+        "HTTP2" => Codec::Http2,
+        other => return Err(ConfigError::new(h.at("codec_type"), format!("{other} is not supported; use AUTO, HTTP1 or HTTP2"))),
+    };
+    let routes = routes(&mut h)?;
+    let http_filters = http_filters(&mut h)?;
+    let use_remote_address = h.bool("use_remote_address")?.unwrap_or(false);
+    let xff_num_trusted_hops = h.u64("xff_num_trusted_hops")?.unwrap_or(0).min(u64::from(u32::MAX)) as u32;
+    let server_name = h.string("server_name")?.unwrap_or("envoy").to_string();
+    let server_header = match h.string("server_header_transformation")?.unwrap_or("OVERWRITE") {
+        "OVERWRITE" => ServerHeader::Overwrite,
+        "APPEND_IF_ABSENT" => ServerHeader::AppendIfAbsent,
+        "PASS_THROUGH" => ServerHeader::PassThrough,
+        other => return Err(ConfigError::new(h.at("server_header_transformation"), format!("{other} is not a server header transformation"))),
+    };
+    let via = h.string("via")?.filter(|v| !v.is_empty()).map(str::to_string);
+    let kb = h.u64("max_request_headers_kb")?.unwrap_or(60);
+    if !(1..=8192).contains(&kb) {
+        return Err(ConfigError::new(h.at("max_request_headers_kb"), format!("{kb} is not in [1, 8192]")));
+    }
+    let normalize_path = h.bool("normalize_path")?.unwrap_or(false);
+    let merge_slashes = h.bool("merge_slashes")?.unwrap_or(false);
+    if let Some(action) = h.string("path_with_escaped_slashes_action")? {
+        if !matches!(action, "IMPLEMENTATION_SPECIFIC_DEFAULT" | "KEEP_UNCHANGED") {
+            return Err(ConfigError::new(h.at("path_with_escaped_slashes_action"), format!("{action} is not supported by weft yet; use KEEP_UNCHANGED")));
+        }
+    }
+    let host_port = match (h.bool("strip_matching_host_port")?.unwrap_or(false), h.bool("strip_any_host_port")?.unwrap_or(false)) {
+        (false, false) => HostPort::Keep,
+        (true, false) => HostPort::StripMatching,
+        (false, true) => HostPort::StripAny,
+        (true, true) => return Err(ConfigError::new(h.at("strip_any_host_port"), "cannot be combined with strip_matching_host_port")),
+    };
+    // Timeouts weft does not enforce yet are refused unless they disable the timeout.
+    only_disabled(&mut h, "stream_idle_timeout")?;
+    only_disabled(&mut h, "request_timeout")?;
+    let mut max_headers_count = 100;
+    if let Some(mut common) = h.object("common_http_protocol_options")? {
+        only_disabled(&mut common, "idle_timeout")?;
+        max_headers_count = common.u64("max_headers_count")?.map_or(100, |n| n.clamp(1, 10_000) as usize);
+        common.finish()?;
+    }
+    h.finish()?;
+    Ok(HttpConnectionManager {
+        codec,
+        routes,
+        http_filters,
+        use_remote_address,
+        xff_num_trusted_hops,
+        server_name,
+        server_header,
+        via,
+        max_request_headers_bytes: kb as usize * 1024,
+        normalize_path,
+        merge_slashes,
+        host_port,
+        max_headers_count,
+    })
+}
+
+fn only_disabled(o: &mut Obj<'_>, key: &str) -> Result<()> {
+    match o.duration(key)? {
+        Some(t) if !t.is_zero() => Err(ConfigError::new(o.at(key), "is not enforced by weft yet; remove it or set 0s")),
+        _ => Ok(()),
+    }
+}
+
+fn routes(h: &mut Obj<'_>) -> Result<Routes> {
+    match (h.object("route_config")?, h.object("rds")?) {
+        (Some(rc), None) => Ok(Routes::Inline(Arc::new(route::translate(rc)?))),
+        (None, Some(mut rds)) => {
+            let name = rds.required_string("route_config_name")?.to_string();
+            let mut source = rds.required_object("config_source")?;
+            match source.string("resource_api_version")? {
+                None | Some("V3") => {}
+                Some(other) => return Err(ConfigError::new(source.at("resource_api_version"), format!("{other} is not supported; only V3"))),
+            }
+            let ads = source.required_object("ads").map_err(|e| ConfigError::new(e.path, "is required: weft takes RDS over ADS only"))?;
+            ads.finish()?;
+            source.finish()?;
+            rds.finish()?;
+            Ok(Routes::Rds(name))
+        }
+        _ => Err(ConfigError::new(h.path(), "needs exactly one of route_config or rds")),
+    }
+}
+
+fn http_filters(h: &mut Obj<'_>) -> Result<Vec<HttpFilter>> {
+    let mut filters = Vec::new();
+    let path = h.at("http_filters");
+    for mut f in h.objects("http_filters")? {
+        let name = f.string("name")?.unwrap_or_default().to_string();
+        let optional = f.bool("is_optional")?.unwrap_or(false);
+        let mut typed = f.required_object("typed_config")?;
+        let type_url = typed.required_string("@type")?;
+        match type_url.rsplit('/').next().unwrap_or(type_url) {
+            ROUTER => {
+                if typed.bool("suppress_envoy_headers")? == Some(true) {
+                    return Err(ConfigError::new(typed.at("suppress_envoy_headers"), "true is not supported by weft yet"));
+                }
+                typed.finish()?;
+                filters.push(HttpFilter::Router);
+            }
+            _ if optional => {}
+            _ => {
+                return Err(ConfigError::new(
+                    typed.at("@type"),
+                    format!("HTTP filter {name:?} of type {type_url} is not supported (mark it is_optional to skip it)"),
+                ))
+            }
+        }
+        f.finish()?;
+    }
+    match filters.iter().position(|f| *f == HttpFilter::Router) {
+        Some(i) if i + 1 == filters.len() => Ok(filters),
+        Some(_) => Err(ConfigError::new(path, "the router filter must be the last HTTP filter")),
+        None => Err(ConfigError::new(path, "needs the router filter (envoy.filters.http.router)")),
+    }
+}

@@ -1,0 +1,128 @@
+//! Accepted configuration resources as the control path stores them and the data path's snapshots share
+//! them: each resource decoded once (and shared by every pod that received the same bytes), a pod's
+//! resources of one type in a vector sorted by name (one pointer per resource, where a map would add a key
+//! and node overhead to every entry of every pod).
+
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// One accepted resource, from xDS or from the bootstrap.
+#[derive(Debug)]
+pub struct Resource<T> {
+    pub name: Arc<str>,
+    pub version: String,
+    /// The resource as received (protobuf bytes, a fraction of its JSON tree), decoded again for config_dump;
+    /// empty for bootstrap resources.
+    pub bytes: Box<[u8]>,
+    pub model: T,
+    pub last_updated: SystemTime,
+    /// Round-robin position over a cluster's endpoints, shared by every pod holding the cluster.
+    pub cursor: AtomicUsize,
+    /// A cluster's counters, named as Envoy names them.
+    pub stats: ClusterStats,
+}
+
+/// Counters of one cluster.
+#[derive(Debug, Default)]
+pub struct ClusterStats {
+    pub upstream_cx_total: AtomicU64,
+    pub upstream_cx_connect_fail: AtomicU64,
+    pub upstream_rq_total: AtomicU64,
+    pub upstream_rq_retry: AtomicU64,
+}
+
+impl<T> Resource<T> {
+    pub fn model(&self) -> &T {
+        &self.model
+    }
+
+    /// A resource from the bootstrap file (no wire form, no version).
+    pub fn fixed(name: &str, model: T) -> Entry<T> {
+        Arc::new(Resource {
+            name: Arc::from(name),
+            version: String::new(),
+            bytes: Box::default(),
+            model,
+            last_updated: SystemTime::now(),
+            cursor: AtomicUsize::new(0),
+            stats: ClusterStats::default(),
+        })
+    }
+}
+
+pub type Entry<T> = Arc<Resource<T>>;
+
+#[derive(Debug)]
+pub struct ByName<T>(Vec<Entry<T>>);
+
+/// Copies the pointers (copy on write of a pod's store), never the resources.
+impl<T> Clone for ByName<T> {
+    fn clone(&self) -> Self {
+        ByName(self.0.clone())
+    }
+}
+
+impl<T> Default for ByName<T> {
+    fn default() -> Self {
+        ByName(Vec::new())
+    }
+}
+
+impl<T> FromIterator<Entry<T>> for ByName<T> {
+    /// Later entries replace earlier ones of the same name.
+    fn from_iter<I: IntoIterator<Item = Entry<T>>>(entries: I) -> Self {
+        let mut out = ByName::default();
+        for e in entries {
+            out.insert(e);
+        }
+        out
+    }
+}
+
+impl<T> ByName<T> {
+    fn find(&self, name: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|e| (*e.name).cmp(name))
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Entry<T>> {
+        self.find(name).ok().map(|i| &self.0[i])
+    }
+
+    pub fn contains_key(&self, name: &str) -> bool {
+        self.find(name).is_ok()
+    }
+
+    /// Inserts or replaces the entry of the same name.
+    pub fn insert(&mut self, entry: Entry<T>) {
+        match self.find(&entry.name) {
+            Ok(i) => self.0[i] = entry,
+            Err(i) => self.0.insert(i, entry),
+        }
+    }
+
+    pub fn remove(&mut self, name: &str) -> Option<Entry<T>> {
+        self.find(name).ok().map(|i| self.0.remove(i))
+    }
+
+    pub fn retain(&mut self, keep: impl FnMut(&Entry<T>) -> bool) {
+        self.0.retain(keep);
+        self.0.shrink_to_fit();
+    }
+
+    pub fn values(&self) -> std::slice::Iter<'_, Entry<T>> {
+        self.0.iter()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Resource<T>)> {
+        self.0.iter().map(|e| (&*e.name, &**e))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}

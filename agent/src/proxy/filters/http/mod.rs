@@ -1,0 +1,2 @@
+pub mod local_reply;
+pub mod router;

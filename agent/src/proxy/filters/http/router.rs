@@ -1,0 +1,402 @@
+//! The router filter, last of the HTTP filters: picks the route's cluster, applies the route's rewrites and
+//! header changes, and forwards the request over a pooled upstream connection with the route's timeout and
+//! retry policy. Answers as Envoy's router does, local replies included.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::http::request::Parts;
+use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+
+use super::super::super::body::{self, Body};
+use super::super::super::route::{self, Downstream};
+use super::super::super::snapshot::ClusterRef;
+use super::super::super::upstream::cluster::{self, PickError};
+use super::super::super::upstream::pool::{Key, PoolError, Protocol};
+use super::super::super::upstream::Upstream;
+use super::local_reply;
+use crate::config::headers::HeaderOps;
+use crate::config::route::{ClusterSpecifier, HostRewrite, RetryOn, RetryPolicy, Route, RouteAction, RouteConfiguration, VirtualHost};
+
+/// Hop-by-hop headers: they describe one connection and are never forwarded (`te: trailers` excepted).
+const HOP_BY_HOP: [&str; 6] = ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te"];
+
+/// Headers that steer the router and are not forwarded.
+const CONTROL_HEADERS: [&str; 5] = [
+    "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-retry-on",
+    "x-envoy-max-retries",
+    "x-envoy-retriable-status-codes",
+];
+
+/// Bodies up to this size are kept so a retry can send them again (Envoy's default buffer limit).
+const RETRY_BUFFER_LIMIT: usize = 1024 * 1024;
+
+const RESET_BODY: &str = "upstream connect error or disconnect/reset before headers. ";
+
+/// The route a request matched, with the levels whose header changes apply to it.
+pub struct Matched<'a> {
+    pub config: &'a RouteConfiguration,
+    pub virtual_host: &'a VirtualHost,
+    pub route: &'a Route,
+    pub action: &'a RouteAction,
+}
+
+impl Matched<'_> {
+    /// Header changes from the most specific level to the most general: applied in this order, the most
+    /// general wins (Envoy's default, `most_specific_header_mutations_wins: false`).
+    fn levels<'b>(&'b self, weighted: Option<&'b HeaderOps>) -> impl Iterator<Item = &'b HeaderOps> {
+        weighted.into_iter().chain([&self.route.headers, &self.virtual_host.headers, &self.config.headers])
+    }
+}
+
+pub async fn forward(mut parts: Parts, body: Body, matched: Matched<'_>, downstream: &Downstream, upstream: &Upstream) -> Response<Body> {
+    let grpc = route::is_grpc(&parts.headers);
+    let action = matched.action;
+    let (cluster_name, weighted_ops) = match &action.cluster {
+        ClusterSpecifier::Cluster(c) => (c.clone(), None),
+        ClusterSpecifier::Header(h) => (parts.headers.get(h.as_str()).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string(), None),
+        ClusterSpecifier::Weighted(clusters) => {
+            let total: u64 = clusters.iter().map(|c| u64::from(c.weight)).sum();
+            let mut point = cluster::random() as u64 % total.max(1);
+            let chosen = clusters.iter().find(|c| {
+                let inside = point < u64::from(c.weight);
+                point = point.saturating_sub(u64::from(c.weight));
+                inside
+            });
+            match chosen.or(clusters.last()) {
+                Some(c) => (c.name.clone(), Some(&c.headers)),
+                None => (String::new(), None),
+            }
+        }
+    };
+    let Some(cluster) = upstream.snapshot.cluster(&cluster_name) else {
+        let status = StatusCode::from_u16(action.cluster_not_found_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        return local_reply::reply(status, None, grpc);
+    };
+
+    let original = parts.headers.clone();
+    for ops in matched.levels(weighted_ops) {
+        route::apply_request(ops, &mut parts.headers, downstream, &original);
+    }
+    let policy = Attempts::new(&mut parts.headers, action, matched.virtual_host.retry_policy.as_ref());
+    let template = prepare(parts, &matched, &cluster);
+    let started = Instant::now();
+    let mut response = policy.run(&template, body, &cluster, upstream, grpc).await;
+    finish_response(&mut response, template.downstream_version, started);
+    let request_headers = template.headers;
+    for ops in matched.levels(weighted_ops) {
+        route::apply_response(ops, response.headers_mut(), downstream, &request_headers);
+    }
+    response
+}
+
+/// What every attempt sends: the request after the route's rewrites.
+struct Template {
+    method: Method,
+    path_and_query: String,
+    authority: String,
+    headers: HeaderMap,
+    protocol: Protocol,
+    downstream_version: Version,
+}
+
+fn prepare(mut parts: Parts, matched: &Matched<'_>, cluster: &ClusterRef<'_>) -> Template {
+    let action = matched.action;
+    let original_path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let rewritten = route::rewrite_path(&original_path, &matched.route.matcher.path, action.prefix_rewrite.as_deref(), action.regex_rewrite.as_ref());
+    if rewritten.is_some() {
+        if let Ok(v) = HeaderValue::from_str(&original_path) {
+            parts.headers.insert("x-envoy-original-path", v);
+        }
+    }
+    let mut authority = route::authority(&parts).unwrap_or_default().to_string();
+    match &action.host_rewrite {
+        Some(HostRewrite::Literal(h)) => authority = h.clone(),
+        Some(HostRewrite::Header(name)) => {
+            if let Some(v) = parts.headers.get(name.as_str()).and_then(|v| v.to_str().ok()) {
+                authority = v.to_string();
+            }
+        }
+        // Only endpoints with a hostname (DNS clusters) have a host to rewrite to; weft's have addresses.
+        Some(HostRewrite::Auto) | None => {}
+    }
+    let headers = &mut parts.headers;
+    let keep_te = headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for h in HOP_BY_HOP {
+        headers.remove(h);
+    }
+    if keep_te {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    headers.remove(header::HOST);
+    Template {
+        method: parts.method,
+        path_and_query: rewritten.unwrap_or(original_path),
+        authority,
+        headers: parts.headers,
+        protocol: if cluster.config.http2 { Protocol::Http2 } else { Protocol::Http1 },
+        downstream_version: parts.version,
+    }
+}
+
+impl Template {
+    fn request(&self, body: Body, expected_timeout: Option<Duration>) -> Request<Body> {
+        let mut headers = self.headers.clone();
+        if let Some(t) = expected_timeout {
+            headers.insert("x-envoy-expected-rq-timeout-ms", HeaderValue::from(t.as_millis() as u64));
+        }
+        let (uri, version) = match self.protocol {
+            Protocol::Http1 => {
+                if let Ok(host) = HeaderValue::from_str(&self.authority) {
+                    headers.insert(header::HOST, host);
+                }
+                (Uri::try_from(self.path_and_query.as_str()), Version::HTTP_11)
+            }
+            Protocol::Http2 => (Uri::try_from(format!("http://{}{}", self.authority, self.path_and_query)), Version::HTTP_2),
+        };
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = uri.unwrap_or_else(|_| Uri::from_static("/"));
+        *req.version_mut() = version;
+        *req.headers_mut() = headers;
+        req
+    }
+}
+
+/// The route's timeouts and retry policy, with the request's `x-envoy-*` overrides (which are removed).
+struct Attempts {
+    timeout: Option<Duration>,
+    per_try_timeout: Option<Duration>,
+    retry_on: RetryOn,
+    retries: u32,
+    retriable_status_codes: Vec<u16>,
+    previous_hosts: bool,
+    host_attempts: u32,
+    base_interval: Duration,
+    max_interval: Duration,
+}
+
+fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
+    headers.get(name).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok())
+}
+
+impl Attempts {
+    fn new(headers: &mut HeaderMap, action: &RouteAction, vhost_policy: Option<&RetryPolicy>) -> Attempts {
+        let policy = action.retry_policy.as_ref().or(vhost_policy);
+        let timeout = match header_u64(headers, "x-envoy-upstream-rq-timeout-ms") {
+            Some(0) => None,
+            Some(ms) => Some(Duration::from_millis(ms)),
+            None => action.timeout,
+        };
+        let per_try_timeout = header_u64(headers, "x-envoy-upstream-rq-per-try-timeout-ms")
+            .filter(|ms| *ms > 0)
+            .map(Duration::from_millis)
+            .or(policy.and_then(|p| p.per_try_timeout));
+        let header_on = headers.get("x-envoy-retry-on").and_then(|v| v.to_str().ok()).and_then(|v| RetryOn::parse(v, false).ok());
+        let retry_on = policy.map(|p| p.retry_on).unwrap_or_default().union(header_on.unwrap_or_default());
+        let retries = header_u64(headers, "x-envoy-max-retries")
+            .map(|n| n.min(u64::from(u32::MAX)) as u32)
+            .or(policy.map(|p| p.num_retries))
+            .unwrap_or(if header_on.is_some() { 1 } else { 0 });
+        let mut retriable_status_codes = policy.map(|p| p.retriable_status_codes.clone()).unwrap_or_default();
+        if let Some(codes) = headers.get("x-envoy-retriable-status-codes").and_then(|v| v.to_str().ok()) {
+            retriable_status_codes.extend(codes.split(',').filter_map(|c| c.trim().parse::<u16>().ok()));
+        }
+        for h in CONTROL_HEADERS {
+            headers.remove(h);
+        }
+        Attempts {
+            timeout,
+            per_try_timeout,
+            retry_on,
+            retries,
+            retriable_status_codes,
+            previous_hosts: policy.is_some_and(|p| p.previous_hosts),
+            host_attempts: policy.map_or(1, |p| p.host_selection_max_attempts),
+            base_interval: policy.map_or(Duration::from_millis(25), |p| p.base_interval),
+            max_interval: policy.map_or(Duration::from_millis(250), |p| p.max_interval),
+        }
+    }
+
+    fn retriable_status(&self, status: StatusCode) -> bool {
+        let code = status.as_u16();
+        let on = &self.retry_on;
+        (on.server_error && code >= 500)
+            || (on.gateway_error && matches!(code, 502..=504))
+            || (on.retriable_4xx && code == 409)
+            || (on.retriable_status_codes && self.retriable_status_codes.contains(&code))
+    }
+
+    fn retriable_failure(&self, error: &Failure) -> bool {
+        let on = &self.retry_on;
+        match error {
+            Failure::Pool(PoolError::Connect(_)) => on.server_error || on.gateway_error || on.connect_failure || on.reset,
+            Failure::Pool(PoolError::Reset(e)) => {
+                on.server_error || on.gateway_error || on.reset || (on.refused_stream && is_refused_stream(e))
+            }
+            Failure::PerTryTimeout => on.server_error || on.gateway_error,
+        }
+    }
+
+    /// Jittered exponential back-off before retry `n` (0-based), as Envoy's.
+    fn back_off(&self, n: u32) -> Duration {
+        let ceiling = self.base_interval.saturating_mul(1u32 << n.min(16)).min(self.max_interval);
+        let millis = ceiling.as_millis().max(1) as usize;
+        Duration::from_millis((cluster::random() % millis) as u64)
+    }
+
+    async fn run(&self, template: &Template, body: Body, cluster: &ClusterRef<'_>, upstream: &Upstream, grpc: bool) -> Response<Body> {
+        let deadline = self.timeout.map(|t| tokio::time::Instant::now() + t);
+        let attempt = self.send_all(template, body, cluster, upstream, grpc);
+        match deadline {
+            None => attempt.await,
+            Some(at) => match tokio::time::timeout_at(at, attempt).await {
+                Ok(response) => response,
+                Err(_) => local_reply::reply(StatusCode::GATEWAY_TIMEOUT, Some("upstream request timeout"), grpc),
+            },
+        }
+    }
+
+    async fn send_all(&self, template: &Template, body: Body, cluster: &ClusterRef<'_>, upstream: &Upstream, grpc: bool) -> Response<Body> {
+        // A body is kept only when a retry may need to send it again.
+        let mut once = Some(body);
+        let buffered = match self.retries {
+            0 => None,
+            _ => match once.take().map(|b| buffer(b)) {
+                Some(fut) => match fut.await {
+                    Ok(bytes) => Some(bytes),
+                    Err(e) => return local_reply::reply(StatusCode::BAD_REQUEST, Some(&e), grpc),
+                },
+                None => None,
+            },
+        };
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let expected = self.per_try_timeout.or(self.timeout);
+        for n in 0..=self.retries {
+            let avoid: &[SocketAddr] = if self.previous_hosts { &tried } else { &[] };
+            let endpoint = match pick_endpoint(cluster, upstream.original_dst, avoid, self.host_attempts) {
+                Ok(e) => e,
+                Err(_) => return local_reply::reply(StatusCode::SERVICE_UNAVAILABLE, Some("no healthy upstream"), grpc),
+            };
+            tried.push(endpoint);
+            let body = match (&buffered, once.take()) {
+                (Some(bytes), _) => body::full(bytes.clone()),
+                (None, Some(b)) => b,
+                (None, None) => body::empty(),
+            };
+            let request = template.request(body, expected);
+            let last = n == self.retries;
+            let result = self.send_one(request, endpoint, template.protocol, cluster, upstream).await;
+            if n > 0 {
+                cluster.stats.upstream_rq_retry.fetch_add(1, Relaxed);
+            }
+            match result {
+                Ok(response) if last || !self.retriable_status(response.status()) => {
+                    return response.map(BodyExt::boxed);
+                }
+                Ok(_) => {}
+                Err(failure) if last || !self.retriable_failure(&failure) => {
+                    return failure.reply(n > 0, grpc);
+                }
+                Err(_) => {}
+            }
+            tokio::time::sleep(self.back_off(n)).await;
+        }
+        local_reply::reply(StatusCode::SERVICE_UNAVAILABLE, None, grpc)
+    }
+
+    async fn send_one(
+        &self,
+        request: Request<Body>,
+        endpoint: SocketAddr,
+        protocol: Protocol,
+        cluster: &ClusterRef<'_>,
+        upstream: &Upstream,
+    ) -> Result<Response<hyper::body::Incoming>, Failure> {
+        cluster.stats.upstream_rq_total.fetch_add(1, Relaxed);
+        let key = Key { endpoint, source: cluster.config.source_address };
+        let send = upstream.pools.send(key, protocol, cluster.config.connect_timeout, request);
+        let (result, new_connection) = match self.per_try_timeout {
+            None => send.await,
+            Some(t) => tokio::time::timeout(t, send).await.map_err(|_| Failure::PerTryTimeout)?,
+        };
+        if new_connection {
+            cluster.stats.upstream_cx_total.fetch_add(1, Relaxed);
+            if matches!(result, Err(PoolError::Connect(_))) {
+                cluster.stats.upstream_cx_connect_fail.fetch_add(1, Relaxed);
+            }
+        }
+        if let Err(e) = &result {
+            tracing::debug!(cluster = %cluster.config.name, %endpoint, "upstream request failed: {e}");
+        }
+        result.map_err(Failure::Pool)
+    }
+}
+
+fn pick_endpoint(cluster: &ClusterRef<'_>, original_dst: SocketAddr, avoid: &[SocketAddr], attempts: u32) -> Result<SocketAddr, PickError> {
+    let mut choice = cluster::pick(cluster, original_dst, avoid)?;
+    for _ in 1..attempts {
+        if !avoid.contains(&choice) {
+            break;
+        }
+        choice = cluster::pick(cluster, original_dst, avoid)?;
+    }
+    Ok(choice)
+}
+
+/// Why an attempt got no response.
+enum Failure {
+    Pool(PoolError),
+    PerTryTimeout,
+}
+
+impl Failure {
+    fn reply(&self, retried: bool, grpc: bool) -> Response<Body> {
+        match self {
+            Failure::PerTryTimeout => local_reply::reply(StatusCode::GATEWAY_TIMEOUT, Some("upstream request timeout"), grpc),
+            Failure::Pool(e) => {
+                let reason = if retried { "retried and the latest reset reason: " } else { "reset reason: " };
+                let text = format!("{RESET_BODY}{reason}{}", e.reason());
+                local_reply::reply(StatusCode::SERVICE_UNAVAILABLE, Some(&text), grpc)
+            }
+        }
+    }
+}
+
+fn is_refused_stream(e: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        source = err.source();
+    }
+    false
+}
+
+async fn buffer(body: Body) -> Result<Bytes, String> {
+    let limited = http_body_util::Limited::new(body, RETRY_BUFFER_LIMIT);
+    match limited.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) => Err(format!("request body: {e}")),
+    }
+}
+
+/// The headers Envoy's router sets on the way back.
+fn finish_response(response: &mut Response<Body>, version: Version, started: Instant) {
+    *response.version_mut() = version;
+    let headers = response.headers_mut();
+    for h in HOP_BY_HOP {
+        headers.remove(h);
+    }
+    if !local_reply::is_local(response) {
+        let elapsed = HeaderValue::from(started.elapsed().as_millis() as u64);
+        response.headers_mut().insert("x-envoy-upstream-service-time", elapsed);
+    }
+}

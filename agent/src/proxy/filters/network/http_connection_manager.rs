@@ -1,0 +1,358 @@
+//! The HTTP connection manager: decodes HTTP/1.1 and HTTP/2 (prior knowledge, or either by `codec_type: AUTO`)
+//! on any byte stream, applies Envoy's request handling (limits, path normalisation, `x-forwarded-*`, `via`,
+//! host port stripping), matches the route, runs the HTTP filters ending in the router, and finishes the
+//! response (`server`, `via`, the route's response headers). Each request takes the latest configuration, as
+//! Envoy applies route and cluster updates to established connections.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderMap, HeaderValue};
+use hyper::http::request::Parts;
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+
+use super::super::super::body::Body;
+use super::super::super::route::{self, Downstream};
+use super::super::super::snapshot::Snapshot;
+use super::super::super::upstream::Upstream;
+use super::super::http::local_reply;
+use super::super::http::router::{self, Matched};
+use crate::config::http_connection_manager::{Codec, HostPort, HttpConnectionManager, Routes, ServerHeader};
+use crate::config::route::{Action, RouteConfiguration};
+
+/// What the requests of one downstream connection are served with.
+pub struct HttpContext {
+    pub hcm: Arc<HttpConnectionManager>,
+    /// The latest configuration: each request reads it when it starts.
+    pub updates: watch::Receiver<Option<Arc<Snapshot>>>,
+    /// The connection's own snapshot and upstream pools.
+    pub upstream: Upstream,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+}
+
+/// hyper's smallest header buffer; smaller `max_request_headers_kb` limits are checked per request.
+const MIN_HEADER_BUFFER: usize = 8192;
+
+/// Serves one downstream connection until it closes.
+pub async fn serve<IO>(io: IO, context: HttpContext)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let codec = context.hcm.codec;
+    let buffer = context.hcm.max_request_headers_bytes.max(MIN_HEADER_BUFFER) + 1024;
+    let max_headers = context.hcm.max_headers_count;
+    let context = Arc::new(context);
+    let service = hyper::service::service_fn(move |req| {
+        let context = Arc::clone(&context);
+        async move { Ok::<_, Infallible>(context.handle(req).await) }
+    });
+    let io = TokioIo::new(io);
+    let result = match codec {
+        Codec::Http1 => {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.max_buf_size(buffer).max_headers(max_headers + 1);
+            builder.serve_connection(io, service).await
+        }
+        Codec::Http2 => hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, service).await,
+        Codec::Auto => {
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder.http1().max_buf_size(buffer).max_headers(max_headers + 1);
+            return match builder.serve_connection(io, service).await {
+                Ok(()) => (),
+                Err(e) => tracing::debug!("HTTP connection ended: {e}"),
+            };
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!("HTTP connection ended: {e}");
+    }
+}
+
+impl HttpContext {
+    /// The snapshot and routes for a request starting now.
+    fn current(&self) -> (Upstream, Option<Arc<RouteConfiguration>>) {
+        let snapshot = self.updates.borrow().clone().unwrap_or_else(|| Arc::clone(&self.upstream.snapshot));
+        let routes = match &self.hcm.routes {
+            Routes::Inline(rc) => Some(Arc::clone(rc)),
+            Routes::Rds(name) => snapshot.route_config(name),
+        };
+        (Upstream { snapshot, ..self.upstream.clone() }, routes)
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let (upstream, routes) = self.current();
+        let downstream = Downstream { peer: self.peer, local: self.local, protocol: protocol_name(req.version()) };
+        let (mut parts, body) = req.into_parts();
+        let grpc = route::is_grpc(&parts.headers);
+        let mut response = match self.check(&parts) {
+            Some(status) => local_reply::reply(status, None, grpc),
+            None => {
+                self.normalize(&mut parts);
+                self.mutate_request(&mut parts.headers);
+                self.route(parts, body.boxed(), routes.as_deref(), &downstream, &upstream).await
+            }
+        };
+        self.finish(response.headers_mut());
+        response
+    }
+
+    /// Request limits Envoy enforces before routing: header size and count (431).
+    fn check(&self, parts: &Parts) -> Option<StatusCode> {
+        let size: usize = parts.headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum::<usize>()
+            + parts.uri.path_and_query().map_or(0, |p| p.as_str().len());
+        let too_large = size > self.hcm.max_request_headers_bytes || parts.headers.len() > self.hcm.max_headers_count;
+        too_large.then_some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+    }
+
+    /// Path normalisation and host port stripping, before routing and before any filter reads them.
+    fn normalize(&self, parts: &mut Parts) {
+        let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let (path, query) = match path_and_query.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path_and_query, None),
+        };
+        let mut new_path = path.to_string();
+        if self.hcm.normalize_path {
+            new_path = normalize_path(&new_path);
+        }
+        if self.hcm.merge_slashes {
+            new_path = merge_slashes(&new_path);
+        }
+        if new_path != path {
+            let rebuilt = match query {
+                Some(q) => format!("{new_path}?{q}"),
+                None => new_path,
+            };
+            set_path(&mut parts.uri, &rebuilt);
+        }
+        let Some(authority) = route::authority(parts).map(str::to_string) else { return };
+        let (host, port) = route::split_port(&authority);
+        let strip = match self.hcm.host_port {
+            HostPort::Keep => false,
+            HostPort::StripAny => port.is_some(),
+            HostPort::StripMatching => port.and_then(|p| p.parse::<u16>().ok()) == Some(self.local.port()),
+        };
+        if strip {
+            set_authority(parts, host);
+        }
+    }
+
+    /// `x-forwarded-for`, `x-forwarded-proto`, `x-request-id` and `via`, as Envoy's connection manager sets
+    /// them.
+    fn mutate_request(&self, headers: &mut HeaderMap) {
+        if self.hcm.use_remote_address {
+            let peer = self.peer.ip().to_canonical().to_string();
+            let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+                Some(existing) => format!("{existing},{peer}"),
+                None => peer,
+            };
+            if let Ok(v) = HeaderValue::from_str(&xff) {
+                headers.insert("x-forwarded-for", v);
+            }
+            headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        } else if !headers.contains_key("x-forwarded-proto") {
+            headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        }
+        if !headers.contains_key("x-request-id") {
+            if let Ok(v) = HeaderValue::from_str(&request_id()) {
+                headers.insert("x-request-id", v);
+            }
+        }
+        if let Some(via) = &self.hcm.via {
+            append_via(headers, via);
+        }
+    }
+
+    async fn route(&self, parts: Parts, body: Body, routes: Option<&RouteConfiguration>, downstream: &Downstream, upstream: &Upstream) -> Response<Body> {
+        let grpc = route::is_grpc(&parts.headers);
+        let host = route::authority(&parts).unwrap_or_default().to_string();
+        let Some((config, (virtual_host, matched))) = routes.and_then(|rc| Some((rc, route::select(rc, &host, &parts)?))) else {
+            return local_reply::reply(StatusCode::NOT_FOUND, None, grpc);
+        };
+        let levels = [&matched.headers, &virtual_host.headers, &config.headers];
+        let mut response = match &matched.action {
+            Action::Route(action) => {
+                let matched = Matched { config, virtual_host, route: matched, action };
+                return router::forward(parts, body, matched, downstream, upstream).await;
+            }
+            Action::DirectResponse { status, body } => {
+                let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+                let mut reply = local_reply::reply(status, body.as_deref(), false);
+                // Envoy points a 201 or a redirect at the request's own URL when the route names no other.
+                if status == StatusCode::CREATED || status.is_redirection() {
+                    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                    if let Ok(v) = HeaderValue::from_str(&format!("http://{host}{target}")) {
+                        reply.headers_mut().insert(header::LOCATION, v);
+                    }
+                }
+                reply
+            }
+            Action::Redirect(redirect) => {
+                let scheme = parts.headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()).unwrap_or("http");
+                let location = route::redirect_location(redirect, &matched.matcher.path, &parts, scheme);
+                let mut reply = local_reply::reply(StatusCode::from_u16(redirect.status).unwrap_or(StatusCode::MOVED_PERMANENTLY), None, false);
+                if let Ok(v) = HeaderValue::from_str(&location) {
+                    reply.headers_mut().insert(header::LOCATION, v);
+                }
+                reply
+            }
+        };
+        for ops in levels {
+            route::apply_response(ops, response.headers_mut(), downstream, &parts.headers);
+        }
+        response
+    }
+
+    /// The response headers the connection manager owns: `server` and `via`.
+    fn finish(&self, headers: &mut HeaderMap) {
+        let server = HeaderValue::from_str(&self.hcm.server_name).unwrap_or(HeaderValue::from_static("envoy"));
+        match self.hcm.server_header {
+            ServerHeader::Overwrite => {
+                headers.insert(header::SERVER, server);
+            }
+            ServerHeader::AppendIfAbsent => {
+                headers.entry(header::SERVER).or_insert(server);
+            }
+            ServerHeader::PassThrough => {}
+        }
+        if let Some(via) = &self.hcm.via {
+            append_via(headers, via);
+        }
+    }
+}
+
+fn protocol_name(version: Version) -> &'static str {
+    match version {
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    }
+}
+
+fn append_via(headers: &mut HeaderMap, via: &str) {
+    let value = match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
+        Some(existing) => format!("{existing}, {via}"),
+        None => via.to_string(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(header::VIA, v);
+    }
+}
+
+fn set_path(uri: &mut Uri, path_and_query: &str) {
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = path_and_query.parse().ok();
+    if let Ok(new) = Uri::from_parts(parts) {
+        *uri = new;
+    }
+}
+
+fn set_authority(parts: &mut Parts, host: &str) {
+    if parts.uri.authority().is_some() {
+        let mut uri = parts.uri.clone().into_parts();
+        uri.authority = host.parse().ok();
+        if let Ok(new) = Uri::from_parts(uri) {
+            parts.uri = new;
+        }
+    }
+    if parts.headers.contains_key(header::HOST) {
+        if let Ok(v) = HeaderValue::from_str(host) {
+            parts.headers.insert(header::HOST, v);
+        }
+    }
+}
+
+/// RFC 3986 normalisation as Envoy's `normalize_path`: backslashes become slashes, percent-encoded unreserved
+/// characters are decoded, and `.` and `..` segments are resolved.
+pub fn normalize_path(path: &str) -> String {
+    let decoded = decode_unreserved(&path.replace('\\', "/"));
+    let mut segments: Vec<&str> = Vec::new();
+    let parts: Vec<&str> = decoded.split('/').collect();
+    let last = parts.len().saturating_sub(1);
+    for (i, segment) in parts.iter().enumerate().skip(1) {
+        match *segment {
+            "." => {
+                if i == last {
+                    segments.push("");
+                }
+            }
+            ".." => {
+                segments.pop();
+                if i == last {
+                    segments.push("");
+                }
+            }
+            s => segments.push(s),
+        }
+    }
+    format!("/{}", segments.join("/"))
+}
+
+fn decode_unreserved(path: &str) -> String {
+    let bytes = path.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                let c = (h * 16 + l) as u8;
+                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                    out.push(c);
+                } else {
+                    out.extend_from_slice(&[b'%', bytes[i + 1].to_ascii_uppercase(), bytes[i + 2].to_ascii_uppercase()]);
+                }
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn merge_slashes(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for c in path.chars() {
+        if !(c == '/' && out.ends_with('/')) {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A random UUID (version 4 layout), like Envoy's generated request ids.
+fn request_id() -> String {
+    use super::super::super::upstream::cluster::random;
+    let (a, b) = (random() as u64, random() as u64);
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0x0fff,
+        (b >> 48) & 0x3fff | 0x8000,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_are_normalised_as_envoy_does() {
+        assert_eq!(normalize_path("/a/./b/../c"), "/a/c");
+        assert_eq!(normalize_path("/a/%62/%2F/.."), "/a/b/");
+        assert_eq!(normalize_path("/../x"), "/x");
+        assert_eq!(normalize_path("/a\\b"), "/a/b");
+        assert_eq!(merge_slashes("//a///b/"), "/a/b/");
+    }
+}

@@ -1,0 +1,2 @@
+pub mod http_connection_manager;
+pub mod tcp_proxy;

@@ -1,0 +1,312 @@
+//! The route step of the data path: the virtual host and route a request matches, the header changes routes
+//! make, and what a route rewrites or redirects to. Pure functions of the request and the configuration,
+//! tested in memory.
+
+use std::net::SocketAddr;
+
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
+use hyper::http::request::Parts;
+
+use crate::config::headers::{AppendAction, HeaderOps, HeaderValueOption, Part};
+use crate::config::matcher::Regex;
+use crate::config::route::{PathMatch, Redirect, Route, RouteConfiguration, RouteMatch, VirtualHost};
+
+/// What header substitutions read about the request's connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Downstream {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    /// `HTTP/1.1` or `HTTP/2`, as `%PROTOCOL%` shows it.
+    pub protocol: &'static str,
+}
+
+/// The virtual host and route for a request whose host (after port stripping) is `host`.
+pub fn select<'a>(rc: &'a RouteConfiguration, host: &str, req: &Parts) -> Option<(&'a VirtualHost, &'a Route)> {
+    let vh = rc.virtual_host(host)?;
+    let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
+    vh.routes.iter().find(|r| matches(&r.matcher, path, req)).map(|r| (vh, r))
+}
+
+fn matches(m: &RouteMatch, path_and_query: &str, req: &Parts) -> bool {
+    let path = path_and_query.split(['?', '#']).next().unwrap_or_default();
+    let path_ok = match &m.path {
+        // A prefix sees the whole `:path`; exact paths and regexes the path without the query, as in Envoy.
+        PathMatch::Prefix(_) => m.path.matches(path_and_query, m.case_sensitive),
+        _ => m.path.matches(path, m.case_sensitive),
+    };
+    path_ok
+        && m.headers.iter().all(|h| h.matches(header_value(req, &h.name).as_deref()))
+        && m.query_parameters.iter().all(|q| {
+            let value = query_value(path_and_query, &q.name);
+            match (&q.value, value) {
+                (_, None) => false,
+                (None, Some(_)) => true,
+                (Some(m), Some(v)) => m.matches(v),
+            }
+        })
+        && (!m.grpc || is_grpc(&req.headers))
+}
+
+/// A header's values joined with `,`, pseudo-headers included, as Envoy's header matchers see them.
+pub fn header_value(req: &Parts, name: &str) -> Option<String> {
+    match name {
+        ":path" => req.uri.path_and_query().map(|p| p.as_str().to_string()),
+        ":method" => Some(req.method.as_str().to_string()),
+        ":authority" => authority(req).map(str::to_string),
+        ":scheme" => Some(req.uri.scheme_str().unwrap_or("http").to_string()),
+        _ => {
+            let values: Vec<&str> = req.headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
+            (!values.is_empty()).then(|| values.join(","))
+        }
+    }
+}
+
+/// The request's authority: `:authority` (HTTP/2, absolute-form) or the Host header.
+pub fn authority(req: &Parts) -> Option<&str> {
+    req.uri.authority().map(|a| a.as_str()).or_else(|| req.headers.get(hyper::header::HOST).and_then(|h| h.to_str().ok()))
+}
+
+fn query_value<'a>(path_and_query: &'a str, name: &str) -> Option<&'a str> {
+    let query = path_and_query.split_once('?')?.1;
+    let query = query.split('#').next().unwrap_or_default();
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then_some(v)
+    })
+}
+
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers.get(hyper::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// Applies one level's request changes: removals first, then additions, as Envoy's header parser does.
+pub fn apply_request(ops: &HeaderOps, headers: &mut HeaderMap, ctx: &Downstream, req_headers: &HeaderMap) {
+    remove(&ops.request_remove, headers);
+    add(&ops.request_add, headers, ctx, req_headers);
+}
+
+pub fn apply_response(ops: &HeaderOps, headers: &mut HeaderMap, ctx: &Downstream, req_headers: &HeaderMap) {
+    remove(&ops.response_remove, headers);
+    add(&ops.response_add, headers, ctx, req_headers);
+}
+
+fn remove(names: &[String], headers: &mut HeaderMap) {
+    for name in names {
+        headers.remove(name.as_str());
+    }
+}
+
+fn add(options: &[HeaderValueOption], headers: &mut HeaderMap, ctx: &Downstream, req_headers: &HeaderMap) {
+    for o in options {
+        let Ok(name) = HeaderName::from_bytes(o.name.as_bytes()) else { continue };
+        let value = format_value(&o.value, ctx, req_headers);
+        if value.is_empty() && !o.keep_empty_value {
+            continue;
+        }
+        let Ok(value) = HeaderValue::from_str(&value) else { continue };
+        let exists = headers.contains_key(&name);
+        match o.action {
+            AppendAction::AppendIfExistsOrAdd => {
+                headers.append(name, value);
+            }
+            AppendAction::AddIfAbsent if !exists => {
+                headers.insert(name, value);
+            }
+            AppendAction::OverwriteIfExistsOrAdd => {
+                headers.insert(name, value);
+            }
+            AppendAction::OverwriteIfExists if exists => {
+                headers.insert(name, value);
+            }
+            AppendAction::AddIfAbsent | AppendAction::OverwriteIfExists => {}
+        }
+    }
+}
+
+fn format_value(parts: &[Part], ctx: &Downstream, req_headers: &HeaderMap) -> String {
+    let mut out = String::new();
+    for part in parts {
+        match part {
+            Part::Text(t) => out.push_str(t),
+            Part::DownstreamRemoteAddress { port: true } => out.push_str(&ctx.peer.to_string()),
+            Part::DownstreamRemoteAddress { port: false } => out.push_str(&ctx.peer.ip().to_string()),
+            Part::DownstreamLocalAddress { port: true } => out.push_str(&ctx.local.to_string()),
+            Part::DownstreamLocalAddress { port: false } => out.push_str(&ctx.local.ip().to_string()),
+            Part::Protocol => out.push_str(ctx.protocol),
+            Part::RequestHeader(name) => {
+                if let Some(v) = req_headers.get(name.as_str()).and_then(|v| v.to_str().ok()) {
+                    out.push_str(v);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The path after `prefix_rewrite` (replacing what the route's prefix or path matched) or `regex_rewrite`
+/// (every match in the path, the query kept).
+pub fn rewrite_path(path_and_query: &str, matched: &PathMatch, prefix: Option<&str>, regex: Option<&(Regex, String)>) -> Option<String> {
+    if let Some(replacement) = prefix {
+        let len = match matched {
+            PathMatch::Prefix(p) | PathMatch::PathSeparatedPrefix(p) => p.len(),
+            PathMatch::Path(_) | PathMatch::Regex(_) => path_and_query.split('?').next().unwrap_or_default().len(),
+        };
+        let rest = path_and_query.get(len.min(path_and_query.len())..).unwrap_or_default();
+        return Some(format!("{replacement}{rest}"));
+    }
+    let (pattern, substitution) = regex?;
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path_and_query, None),
+    };
+    let rewritten = pattern.any.replace_all(path, re2_substitution(substitution).as_str()).into_owned();
+    Some(match query {
+        Some(q) => format!("{rewritten}?{q}"),
+        None => rewritten,
+    })
+}
+
+/// RE2's `\1` group references in the regex crate's `${1}` syntax (and `$` escaped).
+fn re2_substitution(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.peek() {
+                Some(d) if d.is_ascii_digit() => {
+                    out.push_str(&format!("${{{d}}}"));
+                    chars.next();
+                }
+                Some('\\') => {
+                    out.push('\\');
+                    chars.next();
+                }
+                _ => out.push('\\'),
+            },
+            '$' => out.push_str("$$"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The `location` of a redirect, built as Envoy builds it.
+pub fn redirect_location(r: &Redirect, matched: &PathMatch, req: &Parts, scheme: &str) -> String {
+    let original_host = authority(req).unwrap_or_default();
+    let final_scheme = r.scheme.as_deref().unwrap_or(scheme);
+    let host = match &r.host {
+        Some(h) => h.clone(),
+        None => {
+            // The request's port goes when another port is set, or when the scheme changes and the port was
+            // the old scheme's default.
+            let (name, port) = split_port(original_host);
+            let drop_port = r.port.is_some()
+                || (r.scheme.is_some() && ((final_scheme == "https" && port == Some("80")) || (final_scheme == "http" && port == Some("443"))));
+            if drop_port {
+                name.to_string()
+            } else {
+                original_host.to_string()
+            }
+        }
+    };
+    let host = match r.port {
+        Some(p) => format!("{}:{p}", split_port(&host).0),
+        None => host,
+    };
+    let original = req.uri.path_and_query().map_or("/", |p| p.as_str());
+    let mut path = match (&r.path, &r.prefix_rewrite, &r.regex_rewrite) {
+        (Some(p), _, _) => {
+            // A path_redirect without its own query keeps the request's (unless strip_query).
+            match (p.contains('?'), original.split_once('?')) {
+                (false, Some((_, q))) => format!("{p}?{q}"),
+                _ => p.clone(),
+            }
+        }
+        (None, prefix, regex) => rewrite_path(original, matched, prefix.as_deref(), regex.as_ref()).unwrap_or_else(|| original.to_string()),
+    };
+    if r.strip_query {
+        if let Some(i) = path.find('?') {
+            path.truncate(i);
+        }
+    }
+    format!("{final_scheme}://{host}{path}")
+}
+
+/// `host:port` into host and port (IPv6 literals in brackets kept whole).
+pub fn split_port(host: &str) -> (&str, Option<&str>) {
+    match host.rsplit_once(':') {
+        Some((name, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && (!name.contains(':') || name.ends_with(']')) => (name, Some(port)),
+        _ => (host, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tree::Obj;
+    use serde_json::json;
+
+    fn parts(uri: &str, headers: &[(&str, &str)]) -> Parts {
+        let mut b = hyper::Request::builder().uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    fn config(routes: serde_json::Value) -> RouteConfiguration {
+        let v = json!({"virtual_hosts": [{"name": "vh", "domains": ["*"], "routes": routes}]});
+        crate::config::route::translate(Obj::new(&v, "rc").unwrap()).unwrap()
+    }
+
+    #[test]
+    fn routes_match_on_path_headers_and_query() {
+        let rc = config(json!([
+            {"name": "hdr", "match": {"prefix": "/", "headers": [{"name": "x-user", "string_match": {"exact": "alice"}}]}, "direct_response": {"status": 200}},
+            {"name": "query", "match": {"prefix": "/", "query_parameters": [{"name": "debug", "present_match": true}]}, "direct_response": {"status": 200}},
+            {"name": "regex", "match": {"safe_regex": {"regex": "/v[0-9]+/.*"}}, "direct_response": {"status": 200}},
+            {"name": "grpc", "match": {"prefix": "/", "grpc": {}}, "direct_response": {"status": 200}},
+            {"name": "rest", "match": {"prefix": "/"}, "direct_response": {"status": 200}},
+        ]));
+        let pick = |uri: &str, h: &[(&str, &str)]| select(&rc, "x", &parts(uri, h)).map(|(_, r)| r.name.clone());
+        assert_eq!(pick("/a", &[("x-user", "alice")]).as_deref(), Some("hdr"));
+        assert_eq!(pick("/a?debug", &[]).as_deref(), Some("query"));
+        assert_eq!(pick("/v2/items?x=1", &[]).as_deref(), Some("regex"));
+        assert_eq!(pick("/a", &[("content-type", "application/grpc+proto")]).as_deref(), Some("grpc"));
+        assert_eq!(pick("/a?debugger=1", &[]).as_deref(), Some("rest"));
+    }
+
+    #[test]
+    fn rewrites_and_redirects() {
+        let prefix = PathMatch::Prefix("/old".into());
+        assert_eq!(rewrite_path("/old/x?q=1", &prefix, Some("/new"), None).as_deref(), Some("/new/x?q=1"));
+        let v = json!({"regex": "^/svc/([^/]+)/(.*)$"});
+        let re = crate::config::matcher::regex(Obj::new(&v, "r").unwrap()).unwrap();
+        assert_eq!(rewrite_path("/svc/a/b?z", &prefix, None, Some(&(re, "/\\2/\\1".into()))).as_deref(), Some("/b/a?z"));
+        let r = Redirect { scheme: Some("https".into()), host: None, port: None, path: None, prefix_rewrite: None, regex_rewrite: None, status: 301, strip_query: true };
+        let req = parts("/p?q=1", &[("host", "example.com:80")]);
+        assert_eq!(redirect_location(&r, &prefix, &req, "http"), "https://example.com/p");
+    }
+
+    #[test]
+    fn header_options_follow_append_actions() {
+        let ctx = Downstream { peer: "10.0.0.1:5000".parse().unwrap(), local: "10.0.0.2:80".parse().unwrap(), protocol: "HTTP/1.1" };
+        let v = json!({"request_headers_to_add": [
+            {"header": {"key": "x-a", "value": "1"}, "append_action": "APPEND_IF_EXISTS_OR_ADD"},
+            {"header": {"key": "x-b", "value": "2"}, "append_action": "ADD_IF_ABSENT"},
+            {"header": {"key": "x-c", "value": "%DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT%"}, "append_action": "OVERWRITE_IF_EXISTS"},
+            {"header": {"key": "x-d", "value": "%REQ(x-missing)%"}},
+        ], "request_headers_to_remove": ["x-gone"]});
+        let ops = crate::config::headers::ops(&mut Obj::new(&v, "o").unwrap()).unwrap();
+        let mut headers = HeaderMap::new();
+        for (k, v) in [("x-a", "0"), ("x-b", "0"), ("x-c", "0"), ("x-gone", "0")] {
+            headers.insert(k, HeaderValue::from_static(v));
+        }
+        let original = headers.clone();
+        apply_request(&ops, &mut headers, &ctx, &original);
+        assert_eq!(headers.get_all("x-a").iter().count(), 2);
+        assert_eq!(headers["x-b"], "0");
+        assert_eq!(headers["x-c"], "10.0.0.1");
+        assert!(!headers.contains_key("x-d") && !headers.contains_key("x-gone"));
+    }
+}

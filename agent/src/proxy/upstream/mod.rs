@@ -1,0 +1,57 @@
+//! Upstreams: which endpoint of a cluster a connection or request goes to, and the connections to it
+//! (made by the snapshot's socket factory; pooled for HTTP).
+
+pub mod cluster;
+pub mod pool;
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+
+use super::snapshot::Snapshot;
+use pool::Pools;
+
+/// What one downstream connection's upstream connections are made with.
+#[derive(Clone)]
+pub struct Upstream {
+    pub snapshot: Arc<Snapshot>,
+    /// The pools (and socket factory) of the pod or proxy the connection belongs to.
+    pub pools: Arc<Pools>,
+    /// The downstream connection's destination, for ORIGINAL_DST clusters.
+    pub original_dst: SocketAddr,
+}
+
+/// Why a TCP upstream connection could not be made.
+#[derive(Debug)]
+pub enum ConnectError {
+    UnknownCluster(String),
+    NoHealthyUpstream,
+    Connect(io::Error),
+}
+
+impl std::fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnectError::UnknownCluster(c) => write!(f, "unknown cluster {c:?}"),
+            ConnectError::NoHealthyUpstream => f.write_str("no healthy upstream"),
+            ConnectError::Connect(e) => write!(f, "connection failure: {e}"),
+        }
+    }
+}
+
+impl Upstream {
+    /// A new TCP connection to an endpoint of `cluster` (tcp_proxy).
+    pub async fn connect(&self, cluster: &str) -> Result<TcpStream, ConnectError> {
+        let c = self.snapshot.cluster(cluster).ok_or_else(|| ConnectError::UnknownCluster(cluster.to_string()))?;
+        let endpoint = cluster::pick(&c, self.original_dst, &[]).map_err(|_| ConnectError::NoHealthyUpstream)?;
+        let result = self.pools.sockets().connect(endpoint, c.config.source_address, c.config.connect_timeout).await;
+        c.stats.upstream_cx_total.fetch_add(1, Relaxed);
+        if result.is_err() {
+            c.stats.upstream_cx_connect_fail.fetch_add(1, Relaxed);
+        }
+        result.map_err(ConnectError::Connect)
+    }
+}

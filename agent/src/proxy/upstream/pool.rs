@@ -1,0 +1,179 @@
+//! Upstream HTTP connection pools, one set per socket factory (the standalone proxy, or one pod): per
+//! endpoint and source address, HTTP/1.1 connections are kept alive and reused one request at a time, and
+//! one HTTP/2 connection carries every concurrent request as its own stream, as Envoy's pools do. Dropping
+//! the pools closes their idle connections.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+use super::super::body::Body;
+use super::super::socket::SocketFactory;
+
+/// Which connections of a pool can serve a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Key {
+    pub endpoint: SocketAddr,
+    /// `upstream_bind_config` of the cluster.
+    pub source: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// Why a request got no response.
+#[derive(Debug)]
+pub enum PoolError {
+    /// No connection could be made (Envoy's "remote connection failure").
+    Connect(io::Error),
+    /// The connection failed or was reset before the response headers (Envoy's "connection termination").
+    Reset(hyper::Error),
+}
+
+impl PoolError {
+    /// Envoy's reset reason in its local reply body.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PoolError::Connect(_) => "remote connection failure",
+            PoolError::Reset(_) => "connection termination",
+        }
+    }
+}
+
+impl std::fmt::Display for PoolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PoolError::Connect(e) => write!(f, "connect: {e}"),
+            PoolError::Reset(e) => write!(f, "reset before response headers: {e}"),
+        }
+    }
+}
+
+pub struct Pools {
+    sockets: SocketFactory,
+    idle_http1: Mutex<HashMap<Key, Vec<http1::SendRequest<Body>>>>,
+    http2: Mutex<HashMap<Key, http2::SendRequest<Body>>>,
+}
+
+impl Pools {
+    pub fn new(sockets: SocketFactory) -> Arc<Pools> {
+        Arc::new(Pools { sockets, idle_http1: Mutex::default(), http2: Mutex::default() })
+    }
+
+    pub fn sockets(&self) -> &SocketFactory {
+        &self.sockets
+    }
+
+    /// Sends `req` on a pooled connection to `key`, making one when none is free. Returns whether a new
+    /// connection was made, for the cluster's counters.
+    pub async fn send(
+        self: &Arc<Self>,
+        key: Key,
+        protocol: Protocol,
+        connect_timeout: Duration,
+        req: Request<Body>,
+    ) -> (Result<Response<Incoming>, PoolError>, bool) {
+        match protocol {
+            Protocol::Http1 => self.send_http1(key, connect_timeout, req).await,
+            Protocol::Http2 => self.send_http2(key, connect_timeout, req).await,
+        }
+    }
+
+    async fn send_http1(self: &Arc<Self>, key: Key, timeout: Duration, mut req: Request<Body>) -> (Result<Response<Incoming>, PoolError>, bool) {
+        while let Some(mut sender) = self.idle(key) {
+            match sender.try_send_request(req).await {
+                Ok(response) => {
+                    self.recycle(key, sender);
+                    return (Ok(response), false);
+                }
+                // The kept-alive connection was closed by the upstream before the request went out: the
+                // request comes back unsent and goes on another connection.
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => return (Err(PoolError::Reset(e.into_error())), false),
+                },
+            }
+        }
+        let mut sender = match self.connect_http1(key, timeout).await {
+            Ok(s) => s,
+            Err(e) => return (Err(e), true),
+        };
+        let result = sender.send_request(req).await.map_err(PoolError::Reset);
+        if result.is_ok() {
+            self.recycle(key, sender);
+        }
+        (result, true)
+    }
+
+    fn idle(&self, key: Key) -> Option<http1::SendRequest<Body>> {
+        let mut idle = self.idle_http1.lock().unwrap_or_else(|e| e.into_inner());
+        let list = idle.get_mut(&key)?;
+        while let Some(sender) = list.pop() {
+            if sender.is_ready() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    /// Puts the connection back once its response has been read to the end (an HTTP/1.1 connection carries
+    /// one exchange at a time); a connection that closes instead is forgotten.
+    fn recycle(self: &Arc<Self>, key: Key, mut sender: http1::SendRequest<Body>) {
+        let pools: Weak<Pools> = Arc::downgrade(self);
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                if let Some(pools) = pools.upgrade() {
+                    pools.idle_http1.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default().push(sender);
+                }
+            }
+        });
+    }
+
+    async fn connect_http1(&self, key: Key, timeout: Duration) -> Result<http1::SendRequest<Body>, PoolError> {
+        let stream = self.sockets.connect(key.endpoint, key.source, timeout).await.map_err(PoolError::Connect)?;
+        let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(PoolError::Reset)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("upstream HTTP/1.1 connection ended: {e}");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn send_http2(&self, key: Key, timeout: Duration, req: Request<Body>) -> (Result<Response<Incoming>, PoolError>, bool) {
+        let existing = {
+            let conns = self.http2.lock().unwrap_or_else(|e| e.into_inner());
+            conns.get(&key).filter(|s| !s.is_closed()).cloned()
+        };
+        let (mut sender, fresh) = match existing {
+            Some(s) => (s, false),
+            None => match self.connect_http2(key, timeout).await {
+                Ok(s) => (s, true),
+                Err(e) => return (Err(e), true),
+            },
+        };
+        (sender.send_request(req).await.map_err(PoolError::Reset), fresh)
+    }
+
+    async fn connect_http2(&self, key: Key, timeout: Duration) -> Result<http2::SendRequest<Body>, PoolError> {
+        let stream = self.sockets.connect(key.endpoint, key.source, timeout).await.map_err(PoolError::Connect)?;
+        let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.map_err(PoolError::Reset)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!("upstream HTTP/2 connection ended: {e}");
+            }
+        });
+        self.http2.lock().unwrap_or_else(|e| e.into_inner()).insert(key, sender.clone());
+        Ok(sender)
+    }
+}
