@@ -66,7 +66,7 @@ fn removals(o: &mut Obj<'_>, key: &str) -> Result<Vec<String>> {
     }
 }
 
-fn option(mut h: Obj<'_>) -> Result<HeaderValueOption> {
+pub fn option(mut h: Obj<'_>) -> Result<HeaderValueOption> {
     let mut header = h.required_object("header")?;
     let name = header.required_string("key")?.to_ascii_lowercase();
     if name.starts_with(':') || name == "host" {

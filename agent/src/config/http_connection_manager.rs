@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use super::http_filters::{self, Fault, LocalRateLimit, CORS, FAULT, LOCAL_RATELIMIT};
 use super::route::{self, RouteConfiguration};
 use super::tree::{ConfigError, Obj, Result};
 
@@ -63,10 +64,21 @@ pub enum Routes {
     Rds(String),
 }
 
-/// The HTTP filters weft runs, in order; the router is always last.
+/// One of the HTTP filters weft runs, in order; the router is always last.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct HttpFilter {
+    /// The name routes use in `typed_per_filter_config`.
+    pub name: String,
+    pub kind: HttpFilterKind,
+}
+
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
-pub enum HttpFilter {
+pub enum HttpFilterKind {
+    Fault(Arc<Fault>),
+    /// The policies come from the routes' `typed_per_filter_config`.
+    Cors,
+    LocalRateLimit(Arc<LocalRateLimit>),
     Router,
 }
 
@@ -169,27 +181,37 @@ fn http_filters(h: &mut Obj<'_>) -> Result<Vec<HttpFilter>> {
     for mut f in h.objects("http_filters")? {
         let name = f.string("name")?.unwrap_or_default().to_string();
         let optional = f.bool("is_optional")?.unwrap_or(false);
+        if f.bool("disabled")? == Some(true) {
+            return Err(ConfigError::new(f.at("disabled"), "filters disabled by default are not supported by weft yet"));
+        }
         let mut typed = f.required_object("typed_config")?;
         let type_url = typed.required_string("@type")?;
-        match type_url.rsplit('/').next().unwrap_or(type_url) {
+        let kind = match type_url.rsplit('/').next().unwrap_or(type_url) {
             ROUTER => {
                 if typed.bool("suppress_envoy_headers")? == Some(true) {
                     return Err(ConfigError::new(typed.at("suppress_envoy_headers"), "true is not supported by weft yet"));
                 }
                 typed.finish()?;
-                filters.push(HttpFilter::Router);
+                Some(HttpFilterKind::Router)
             }
-            _ if optional => {}
+            FAULT => Some(HttpFilterKind::Fault(Arc::new(http_filters::fault(typed)?))),
+            CORS => {
+                typed.finish()?;
+                Some(HttpFilterKind::Cors)
+            }
+            LOCAL_RATELIMIT => Some(HttpFilterKind::LocalRateLimit(Arc::new(http_filters::local_ratelimit(typed)?))),
+            _ if optional => None,
             _ => {
                 return Err(ConfigError::new(
                     typed.at("@type"),
                     format!("HTTP filter {name:?} of type {type_url} is not supported (mark it is_optional to skip it)"),
                 ))
             }
-        }
+        };
         f.finish()?;
+        filters.extend(kind.map(|kind| HttpFilter { name, kind }));
     }
-    match filters.iter().position(|f| *f == HttpFilter::Router) {
+    match filters.iter().position(|f| f.kind == HttpFilterKind::Router) {
         Some(i) if i + 1 == filters.len() => Ok(filters),
         Some(_) => Err(ConfigError::new(path, "the router filter must be the last HTTP filter")),
         None => Err(ConfigError::new(path, "needs the router filter (envoy.filters.http.router)")),

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod fields;
 pub mod headers;
 pub mod http_connection_manager;
+pub mod http_filters;
 pub mod listener;
 pub mod matcher;
 pub mod route;

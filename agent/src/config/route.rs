@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use super::headers::{self, HeaderOps};
+use super::http_filters::{self, PerFilterConfig};
 use super::matcher::{self, HeaderMatcher, Regex, StringMatcher};
 use super::tree::{ConfigError, Obj, Result};
 
@@ -14,6 +15,7 @@ pub struct RouteConfiguration {
     pub name: String,
     pub virtual_hosts: Vec<VirtualHost>,
     pub headers: HeaderOps,
+    pub per_filter: PerFilterConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -23,6 +25,7 @@ pub struct VirtualHost {
     pub routes: Vec<Route>,
     pub headers: HeaderOps,
     pub retry_policy: Option<RetryPolicy>,
+    pub per_filter: PerFilterConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -31,6 +34,7 @@ pub struct Route {
     pub matcher: RouteMatch,
     pub action: Action,
     pub headers: HeaderOps,
+    pub per_filter: PerFilterConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -251,12 +255,14 @@ pub fn translate(mut rc: Obj<'_>) -> Result<RouteConfiguration> {
         let routes = vh.objects("routes")?.into_iter().map(route).collect::<Result<Vec<_>>>()?;
         let headers = headers::ops(&mut vh)?;
         let retry_policy = vh.object("retry_policy")?.map(retry_policy).transpose()?;
+        let per_filter = http_filters::per_filter_config(&mut vh)?;
         vh.finish()?;
-        virtual_hosts.push(VirtualHost { name: vh_name, domains, routes, headers, retry_policy });
+        virtual_hosts.push(VirtualHost { name: vh_name, domains, routes, headers, retry_policy, per_filter });
     }
     let headers = headers::ops(&mut rc)?;
+    let per_filter = http_filters::per_filter_config(&mut rc)?;
     rc.finish()?;
-    Ok(RouteConfiguration { name, virtual_hosts, headers })
+    Ok(RouteConfiguration { name, virtual_hosts, headers, per_filter })
 }
 
 fn route(mut r: Obj<'_>) -> Result<Route> {
@@ -272,8 +278,9 @@ fn route(mut r: Obj<'_>) -> Result<Route> {
         return Err(ConfigError::new(r.path(), "needs exactly one of route, redirect or direct_response"));
     };
     let headers = headers::ops(&mut r)?;
+    let per_filter = http_filters::per_filter_config(&mut r)?;
     r.finish()?;
-    Ok(Route { name, matcher, action, headers })
+    Ok(Route { name, matcher, action, headers, per_filter })
 }
 
 fn route_match(mut m: Obj<'_>) -> Result<RouteMatch> {

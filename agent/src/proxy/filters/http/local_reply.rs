@@ -37,12 +37,18 @@ fn build(status: StatusCode, text: Option<&str>, grpc: bool) -> Response<Body> {
 }
 
 fn grpc_reply(status: StatusCode, text: &str) -> Response<Body> {
+    let message = if text.is_empty() { status.canonical_reason().unwrap_or_default() } else { text };
+    grpc_code(u32::from(grpc_status(status)), message)
+}
+
+/// A trailers-only gRPC answer with `code` and `message`.
+pub fn grpc_code(code: u32, message: &str) -> Response<Body> {
     let mut response = Response::new(body::empty());
+    response.extensions_mut().insert(LocalReply);
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    headers.insert("grpc-status", HeaderValue::from(grpc_status(status)));
-    let message = if text.is_empty() { status.canonical_reason().unwrap_or_default().to_string() } else { text.to_string() };
-    if let Ok(v) = HeaderValue::from_str(&percent_encode(&message)) {
+    headers.insert("grpc-status", HeaderValue::from(code));
+    if let Ok(v) = HeaderValue::from_str(&percent_encode(message)) {
         headers.insert("grpc-message", v);
     }
     response

@@ -1,2 +1,7 @@
+//! HTTP filters, in the order the connection manager lists them; the router is always last.
+
+pub mod cors;
+pub mod fault;
+pub mod local_ratelimit;
 pub mod local_reply;
 pub mod router;

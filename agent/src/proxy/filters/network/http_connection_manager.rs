@@ -21,10 +21,12 @@ use super::super::super::body::Body;
 use super::super::super::route::{self, Downstream};
 use super::super::super::snapshot::Snapshot;
 use super::super::super::upstream::Upstream;
-use super::super::http::local_reply;
+use super::super::http::cors::{self, Cors};
 use super::super::http::router::{self, Matched};
-use crate::config::http_connection_manager::{Codec, HostPort, HttpConnectionManager, Routes, ServerHeader};
-use crate::config::route::{Action, RouteConfiguration};
+use super::super::http::{fault, local_ratelimit, local_reply};
+use crate::config::http_connection_manager::{Codec, HostPort, HttpConnectionManager, HttpFilterKind, Routes, ServerHeader};
+use crate::config::http_filters::FilterOverride;
+use crate::config::route::{Action, Route, RouteConfiguration, VirtualHost};
 
 /// What the requests of one downstream connection are served with.
 pub struct HttpContext {
@@ -173,10 +175,57 @@ impl HttpContext {
     async fn route(&self, parts: Parts, body: Body, routes: Option<&RouteConfiguration>, downstream: &Downstream, upstream: &Upstream) -> Response<Body> {
         let grpc = route::is_grpc(&parts.headers);
         let host = route::authority(&parts).unwrap_or_default().to_string();
-        let Some((config, (virtual_host, matched))) = routes.and_then(|rc| Some((rc, route::select(rc, &host, &parts)?))) else {
-            return local_reply::reply(StatusCode::NOT_FOUND, None, grpc);
+        let selected = routes.and_then(|rc| Some((rc, route::select(rc, &host, &parts)?)));
+        let overrides = |name: &str| {
+            let (rc, (vh, r)) = selected?;
+            r.per_filter.get(name).or_else(|| vh.per_filter.get(name)).or_else(|| rc.per_filter.get(name))
         };
-        let levels = [&matched.headers, &virtual_host.headers, &config.headers];
+        // Headers the filters add to the response (CORS).
+        let mut added = HeaderMap::new();
+        for filter in &self.hcm.http_filters {
+            let chosen = overrides(&filter.name);
+            let reply = match (&filter.kind, chosen) {
+                (_, Some(FilterOverride::Disabled)) => None,
+                (HttpFilterKind::Fault(_), Some(FilterOverride::Fault(f))) | (HttpFilterKind::Fault(f), _) => fault::decode(f, &parts).await,
+                (HttpFilterKind::Cors, Some(FilterOverride::Cors(policy))) => match cors::decode(policy, &parts) {
+                    Cors::Pass => None,
+                    Cors::Preflight(reply) => Some(reply),
+                    Cors::Allowed(headers) => {
+                        added.extend(headers);
+                        None
+                    }
+                },
+                (HttpFilterKind::Cors, _) => None,
+                (HttpFilterKind::LocalRateLimit(_), Some(FilterOverride::LocalRateLimit(l))) | (HttpFilterKind::LocalRateLimit(l), _) => {
+                    local_ratelimit::decode(l, grpc, downstream, &parts.headers)
+                }
+                (HttpFilterKind::Router, _) => break,
+            };
+            if let Some(reply) = reply {
+                return reply;
+            }
+        }
+        let mut response = match selected {
+            None => local_reply::reply(StatusCode::NOT_FOUND, None, grpc),
+            Some((config, (virtual_host, matched))) => self.answer(parts, body, config, virtual_host, matched, &host, downstream, upstream).await,
+        };
+        response.headers_mut().extend(added);
+        response
+    }
+
+    /// The route's action: the router filter, a direct response or a redirect.
+    #[allow(clippy::too_many_arguments)]
+    async fn answer(
+        &self,
+        parts: Parts,
+        body: Body,
+        config: &RouteConfiguration,
+        virtual_host: &VirtualHost,
+        matched: &Route,
+        host: &str,
+        downstream: &Downstream,
+        upstream: &Upstream,
+    ) -> Response<Body> {
         let mut response = match &matched.action {
             Action::Route(action) => {
                 let matched = Matched { config, virtual_host, route: matched, action };
@@ -204,7 +253,7 @@ impl HttpContext {
                 reply
             }
         };
-        for ops in levels {
+        for ops in [&matched.headers, &virtual_host.headers, &config.headers] {
             route::apply_response(ops, response.headers_mut(), downstream, &parts.headers);
         }
         response
@@ -354,5 +403,134 @@ mod tests {
         assert_eq!(normalize_path("/../x"), "/x");
         assert_eq!(normalize_path("/a\\b"), "/a/b");
         assert_eq!(merge_slashes("//a///b/"), "/a/b/");
+    }
+}
+
+/// The connection manager and router in memory: the downstream connection is a tokio duplex stream, the
+/// upstream an HTTP server on loopback; no root, no namespaces.
+#[cfg(test)]
+mod in_memory {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+    use serde_json::json;
+
+    use super::*;
+    use crate::config::store::Resource;
+    use crate::config::tree::Obj;
+    use crate::proxy::socket::SocketFactory;
+    use crate::proxy::upstream::pool::Pools;
+
+    /// An upstream that answers `path=<path> n=<request number>`, 503 for the first `fail_first` requests;
+    /// counts the connections it accepted.
+    async fn upstream(fail_first: usize, http2: bool) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&connections);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, SeqCst);
+                let requests = Arc::clone(&requests);
+                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let n = requests.fetch_add(1, SeqCst);
+                    let status = if n < fail_first { 503 } else { 200 };
+                    let text = format!("path={} n={n} version={:?}", req.uri().path(), req.version());
+                    async move { Response::builder().status(status).body(Full::new(Bytes::from(text))) }
+                });
+                let io = TokioIo::new(stream);
+                tokio::spawn(async move {
+                    let _ = if http2 {
+                        hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, service).await
+                    } else {
+                        hyper::server::conn::http1::Builder::new().serve_connection(io, service).await
+                    };
+                });
+            }
+        });
+        (addr, connections)
+    }
+
+    fn proxy(endpoint: SocketAddr, http2: bool, route: serde_json::Value) -> HttpContext {
+        let mut cluster = json!({"name": "web", "connect_timeout": "1s",
+            "load_assignment": {"endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": endpoint.port()}}}}]}]}});
+        if http2 {
+            cluster["http2_protocol_options"] = json!({});
+        }
+        let cluster = crate::config::cluster::translate(Obj::new(&cluster, "c").unwrap()).unwrap();
+        let hcm = json!({"route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}]},
+            "http_filters": [{"name": "router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]});
+        let hcm = crate::config::http_connection_manager::translate(Obj::new(&hcm, "h").unwrap()).unwrap();
+        let snapshot = Arc::new(Snapshot { clusters: Arc::new([Resource::fixed("web", cluster)].into_iter().collect()), ..Snapshot::default() });
+        let (_, updates) = watch::channel(Some(Arc::clone(&snapshot)));
+        let upstream = Upstream { snapshot, pools: Pools::new(SocketFactory::Host), original_dst: "127.0.0.1:1".parse().unwrap() };
+        HttpContext { hcm: Arc::new(hcm), updates, upstream, peer: "127.0.0.1:40000".parse().unwrap(), local: "127.0.0.1:10000".parse().unwrap() }
+    }
+
+    /// Sends `paths` over one downstream connection (HTTP/2 prior knowledge when `h2`); returns status and
+    /// body of each.
+    async fn requests(context: HttpContext, h2: bool, paths: &[&str]) -> Vec<(u16, String)> {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(serve(server, context));
+        let io = TokioIo::new(client);
+        let mut out = Vec::new();
+        if h2 {
+            let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
+            tokio::spawn(conn);
+            for p in paths {
+                let req = Request::builder().uri(format!("http://example.com{p}")).body(Full::new(Bytes::new())).unwrap();
+                let r = sender.send_request(req).await.unwrap();
+                out.push((r.status().as_u16(), String::from_utf8_lossy(&r.into_body().collect().await.unwrap().to_bytes()).into_owned()));
+            }
+        } else {
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(conn);
+            for p in paths {
+                let req = Request::builder().uri(*p).header("host", "example.com").body(Full::new(Bytes::new())).unwrap();
+                let r = sender.send_request(req).await.unwrap();
+                assert_eq!(r.headers()["server"], "envoy");
+                out.push((r.status().as_u16(), String::from_utf8_lossy(&r.into_body().collect().await.unwrap().to_bytes()).into_owned()));
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn http1_requests_reuse_one_upstream_connection() {
+        let (addr, connections) = upstream(0, false).await;
+        let context = proxy(addr, false, json!({"match": {"prefix": "/"}, "route": {"cluster": "web"}}));
+        let answers = requests(context, false, &["/a", "/b", "/c"]).await;
+        assert_eq!(answers.iter().map(|a| a.0).collect::<Vec<_>>(), [200, 200, 200]);
+        assert!(answers[2].1.starts_with("path=/c n=2"), "{answers:?}");
+        assert_eq!(connections.load(SeqCst), 1, "kept-alive upstream connection reused");
+    }
+
+    #[tokio::test]
+    async fn http2_downstream_to_http2_cluster_multiplexes() {
+        let (addr, connections) = upstream(0, true).await;
+        let context = proxy(addr, true, json!({"match": {"prefix": "/"}, "route": {"cluster": "web", "prefix_rewrite": "/x/"}}));
+        let answers = requests(context, true, &["/a", "/b"]).await;
+        assert_eq!(answers[1], (200, "path=/x/b n=1 version=HTTP/2.0".to_string()));
+        assert_eq!(connections.load(SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn retries_5xx_then_answers_and_routes_miss_with_404() {
+        let (addr, _) = upstream(2, false).await;
+        let route = json!({"match": {"prefix": "/r"}, "route": {"cluster": "web", "retry_policy": {"retry_on": "5xx", "num_retries": 2}}});
+        let answers = requests(proxy(addr, false, route), false, &["/r", "/other"]).await;
+        assert_eq!(answers[0].0, 200, "{answers:?}");
+        assert!(answers[0].1.contains("n=2"), "third attempt answered: {answers:?}");
+        assert_eq!(answers[1], (404, String::new()));
+    }
+
+    #[tokio::test]
+    async fn refused_upstream_is_envoys_503() {
+        let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let answers = requests(proxy(dead, false, json!({"match": {"prefix": "/"}, "route": {"cluster": "web"}})), false, &["/"]).await;
+        assert_eq!(answers[0].0, 503);
+        assert_eq!(answers[0].1, "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure");
     }
 }
