@@ -76,7 +76,7 @@ impl EnvoyAdmin {
             out.push_str(&format!("{name}::observability_name::{name}\n"));
             out.push_str(&format!("{name}::default_priority::max_connections::1024\n"));
             for e in c.endpoints {
-                out.push_str(&format!("{name}::{e}::cx_total::{}\n", c.stats.upstream_cx_total.load(Relaxed)));
+                out.push_str(&format!("{name}::{e}::cx_total::{}\n", c.state.upstream_cx_total.load(Relaxed)));
                 out.push_str(&format!("{name}::{e}::health_flags::healthy\n"));
             }
         }
@@ -97,7 +97,7 @@ impl EnvoyAdmin {
         }
         let snapshot = self.proxy.snapshot();
         for c in snapshot.all_clusters() {
-            let (n, s) = (&c.config.name, c.stats);
+            let (n, s) = (&c.config.name, c.state);
             for (stat, value) in [
                 ("upstream_cx_total", &s.upstream_cx_total),
                 ("upstream_cx_connect_fail", &s.upstream_cx_connect_fail),

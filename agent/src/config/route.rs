@@ -83,6 +83,25 @@ pub struct RouteAction {
     /// `None`: disabled (`0s`); Envoy's default is 15s.
     pub timeout: Option<Duration>,
     pub retry_policy: Option<RetryPolicy>,
+    /// How RING_HASH and MAGLEV clusters hash the request.
+    pub hash_policy: Vec<HashPolicy>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct HashPolicy {
+    pub key: HashKey,
+    /// Stop at this policy when it produced a hash.
+    pub terminal: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashKey {
+    Header(String),
+    /// A cookie; with a `ttl`, one is generated (and set on the response) when the request has none.
+    Cookie { name: String, ttl: Option<Duration>, path: Option<String> },
+    SourceIp,
+    QueryParameter(String),
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -383,8 +402,40 @@ fn route_action(mut a: Obj<'_>) -> Result<RouteAction> {
         Some(t) => Some(t),
     };
     let retry_policy = a.object("retry_policy")?.map(retry_policy).transpose()?;
+    let hash_policy = a.objects("hash_policy")?.into_iter().map(hash_policy).collect::<Result<_>>()?;
     a.finish()?;
-    Ok(RouteAction { cluster, cluster_not_found_status, prefix_rewrite, regex_rewrite, host_rewrite, timeout, retry_policy })
+    Ok(RouteAction { cluster, cluster_not_found_status, prefix_rewrite, regex_rewrite, host_rewrite, timeout, retry_policy, hash_policy })
+}
+
+fn hash_policy(mut h: Obj<'_>) -> Result<HashPolicy> {
+    let terminal = h.bool("terminal")?.unwrap_or(false);
+    let mut found = Vec::new();
+    if let Some(mut header) = h.object("header")? {
+        found.push(HashKey::Header(header.required_string("header_name")?.to_ascii_lowercase()));
+        header.finish()?;
+    }
+    if let Some(mut cookie) = h.object("cookie")? {
+        let name = cookie.required_string("name")?.to_string();
+        let ttl = cookie.duration("ttl")?;
+        let path = cookie.string("path")?.map(str::to_string);
+        cookie.finish()?;
+        found.push(HashKey::Cookie { name, ttl, path });
+    }
+    if let Some(mut props) = h.object("connection_properties")? {
+        if props.bool("source_ip")? == Some(true) {
+            found.push(HashKey::SourceIp);
+        }
+        props.finish()?;
+    }
+    if let Some(mut q) = h.object("query_parameter")? {
+        found.push(HashKey::QueryParameter(q.required_string("name")?.to_string()));
+        q.finish()?;
+    }
+    if found.len() != 1 {
+        return Err(ConfigError::new(h.path(), "needs exactly one of header, cookie, connection_properties.source_ip or query_parameter"));
+    }
+    h.finish()?;
+    Ok(HashPolicy { key: found.remove(0), terminal })
 }
 
 fn weighted_clusters(mut w: Obj<'_>) -> Result<ClusterSpecifier> {
@@ -536,9 +587,9 @@ mod tests {
 
     #[test]
     fn route_errors_name_the_field() {
-        let v = json!({"virtual_hosts": [{"name": "a", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "c", "hash_policy": []}}]}]});
+        let v = json!({"virtual_hosts": [{"name": "a", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "c", "request_mirror_policies": [{"cluster": "m"}]}}]}]});
         let err = translate(Obj::new(&v, "rc").unwrap()).unwrap_err();
-        assert_eq!(err.path, "rc.virtual_hosts[0].routes[0].route.hash_policy");
+        assert_eq!(err.path, "rc.virtual_hosts[0].routes[0].route.request_mirror_policies");
         let v = json!({"virtual_hosts": [{"name": "a", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"weighted_clusters": {"clusters": [{"name": "a", "weight": 1}], "total_weight": 5}}}]}]});
         let err = translate(Obj::new(&v, "rc").unwrap()).unwrap_err();
         assert_eq!(err.path, "rc.virtual_hosts[0].routes[0].route.weighted_clusters.total_weight");

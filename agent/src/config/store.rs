@@ -3,8 +3,9 @@
 //! resources of one type in a vector sorted by name (one pointer per resource, where a map would add a key
 //! and node overhead to every entry of every pod).
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 /// One accepted resource, from xDS or from the bootstrap.
@@ -19,17 +20,38 @@ pub struct Resource<T> {
     pub last_updated: SystemTime,
     /// Round-robin position over a cluster's endpoints, shared by every pod holding the cluster.
     pub cursor: AtomicUsize,
-    /// A cluster's counters, named as Envoy names them.
-    pub stats: ClusterStats,
+    /// A cluster's counters and load-balancing state.
+    pub state: ClusterState,
 }
 
-/// Counters of one cluster.
+/// What every holder of a cluster shares: counters named as Envoy names them and the hash ring of its
+/// endpoints (a function of the endpoints alone). What each pod keeps for itself (requests in flight,
+/// outlier detection) is in its upstream pools.
 #[derive(Debug, Default)]
-pub struct ClusterStats {
+pub struct ClusterState {
     pub upstream_cx_total: AtomicU64,
     pub upstream_cx_connect_fail: AtomicU64,
     pub upstream_rq_total: AtomicU64,
     pub upstream_rq_retry: AtomicU64,
+    pub upstream_rq_pending_overflow: AtomicU64,
+    pub upstream_rq_retry_overflow: AtomicU64,
+    pub outlier_detection_ejections_total: AtomicU64,
+    ring: Mutex<Option<(Vec<SocketAddr>, Arc<Vec<(u64, usize)>>)>>,
+}
+
+impl ClusterState {
+    /// The hash ring (or Maglev table) of `hosts`, built by `build` when the hosts changed.
+    pub fn ring(&self, hosts: &[SocketAddr], build: impl FnOnce() -> Vec<(u64, usize)>) -> Arc<Vec<(u64, usize)>> {
+        let mut cached = self.ring.lock().unwrap_or_else(|e| e.into_inner());
+        match &*cached {
+            Some((for_hosts, ring)) if for_hosts == hosts => Arc::clone(ring),
+            _ => {
+                let ring = Arc::new(build());
+                *cached = Some((hosts.to_vec(), Arc::clone(&ring)));
+                ring
+            }
+        }
+    }
 }
 
 impl<T> Resource<T> {
@@ -46,7 +68,7 @@ impl<T> Resource<T> {
             model,
             last_updated: SystemTime::now(),
             cursor: AtomicUsize::new(0),
-            stats: ClusterStats::default(),
+            state: ClusterState::default(),
         })
     }
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::snapshot::Snapshot;
 use crate::capture::{INBOUND_PASSTHROUGH_V4, INBOUND_PASSTHROUGH_V6, INBOUND_PORT, OUTBOUND_PORT};
-use crate::config::cluster::{Cluster, Discovery, LbPolicy};
+use crate::config::cluster::{CircuitBreakers, Cluster, Discovery, LbPolicy};
 use crate::config::listener::{CidrRange, FilterChain, FilterChainMatch, Listener, ListenerFilters, NetworkFilter};
 use crate::config::store::Resource;
 
@@ -71,6 +71,9 @@ fn cluster(name: &str, source: Option<IpAddr>, connect_timeout: Duration) -> Clu
         lb_policy: LbPolicy::ClusterProvided,
         http2: false,
         source_address: source.map(|ip| SocketAddr::new(ip, 0)),
+        circuit_breakers: CircuitBreakers::default(),
+        outlier_detection: None,
+        healthy_panic_threshold: 50.0,
     }
 }
 

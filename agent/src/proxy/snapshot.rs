@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crate::config::cluster::{Cluster, Discovery};
 use crate::config::listener::Listener;
 use crate::config::route::RouteConfiguration;
-use crate::config::store::{ByName, ClusterStats};
+use crate::config::store::{ByName, ClusterState};
 
 #[derive(Default)]
 pub struct Snapshot {
@@ -30,7 +30,7 @@ pub struct ClusterRef<'a> {
     pub endpoints: &'a [SocketAddr],
     /// Round-robin position.
     pub cursor: &'a AtomicUsize,
-    pub stats: &'a ClusterStats,
+    pub state: &'a ClusterState,
 }
 
 impl Snapshot {
@@ -71,7 +71,7 @@ impl Snapshot {
             Discovery::Eds { service_name } => self.assignments.get(service_name).map_or(&[], |a| a.model().as_slice()),
             Discovery::OriginalDst => &[],
         };
-        Some(ClusterRef { config, endpoints, cursor: &entry.cursor, stats: &entry.stats })
+        Some(ClusterRef { config, endpoints, cursor: &entry.cursor, state: &entry.state })
     }
 
     /// Every cluster with its current endpoints, sorted by name.

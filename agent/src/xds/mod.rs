@@ -18,7 +18,7 @@ use crate::config::bootstrap::Bootstrap;
 use crate::config::cluster::{self, Cluster};
 use crate::config::listener::{self, Listener};
 use crate::config::route::{self, RouteConfiguration};
-use crate::config::store::{ByName, ClusterStats, Entry, Resource};
+use crate::config::store::{ByName, ClusterState, Entry, Resource};
 use crate::config::tree::Obj;
 use crate::proxy::server::Proxy;
 use crate::proxy::snapshot::Snapshot;
@@ -85,7 +85,7 @@ fn shared<M>(
             model,
             last_updated: SystemTime::now(),
             cursor: Default::default(),
-            stats: ClusterStats::default(),
+            state: ClusterState::default(),
         })
     })
 }

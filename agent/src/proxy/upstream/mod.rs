@@ -2,7 +2,9 @@
 //! (made by the snapshot's socket factory; pooled for HTTP).
 
 pub mod cluster;
+pub mod lb;
 pub mod pool;
+pub mod runtime;
 
 use std::io;
 use std::net::SocketAddr;
@@ -46,11 +48,12 @@ impl Upstream {
     /// A new TCP connection to an endpoint of `cluster` (tcp_proxy).
     pub async fn connect(&self, cluster: &str) -> Result<TcpStream, ConnectError> {
         let c = self.snapshot.cluster(cluster).ok_or_else(|| ConnectError::UnknownCluster(cluster.to_string()))?;
-        let endpoint = cluster::pick(&c, self.original_dst, &[]).map_err(|_| ConnectError::NoHealthyUpstream)?;
+        let runtime = self.pools.runtime(cluster);
+        let endpoint = cluster::pick(&c, &runtime, self.original_dst, &[], None).map_err(|_| ConnectError::NoHealthyUpstream)?;
         let result = self.pools.sockets().connect(endpoint, c.config.source_address, c.config.connect_timeout).await;
-        c.stats.upstream_cx_total.fetch_add(1, Relaxed);
+        c.state.upstream_cx_total.fetch_add(1, Relaxed);
         if result.is_err() {
-            c.stats.upstream_cx_connect_fail.fetch_add(1, Relaxed);
+            c.state.upstream_cx_connect_fail.fetch_add(1, Relaxed);
         }
         result.map_err(ConnectError::Connect)
     }

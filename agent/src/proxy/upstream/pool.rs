@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -16,6 +17,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use super::super::body::Body;
 use super::super::socket::SocketFactory;
+use super::runtime::ClusterRuntime;
+use crate::config::cluster::CircuitBreakers;
 
 /// Which connections of a pool can serve a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -38,6 +41,8 @@ pub enum PoolError {
     Connect(io::Error),
     /// The connection failed or was reset before the response headers (Envoy's "connection termination").
     Reset(hyper::Error),
+    /// The cluster's circuit breakers refused it (`max_connections` with `max_pending_requests` waiting).
+    Overflow,
 }
 
 impl PoolError {
@@ -46,6 +51,7 @@ impl PoolError {
         match self {
             PoolError::Connect(_) => "remote connection failure",
             PoolError::Reset(_) => "connection termination",
+            PoolError::Overflow => "overflow",
         }
     }
 }
@@ -55,6 +61,7 @@ impl std::fmt::Display for PoolError {
         match self {
             PoolError::Connect(e) => write!(f, "connect: {e}"),
             PoolError::Reset(e) => write!(f, "reset before response headers: {e}"),
+            PoolError::Overflow => f.write_str("circuit breaker overflow"),
         }
     }
 }
@@ -63,54 +70,84 @@ pub struct Pools {
     sockets: SocketFactory,
     idle_http1: Mutex<HashMap<Key, Vec<http1::SendRequest<Body>>>>,
     http2: Mutex<HashMap<Key, http2::SendRequest<Body>>>,
+    clusters: Mutex<HashMap<String, Arc<ClusterRuntime>>>,
 }
 
 impl Pools {
     pub fn new(sockets: SocketFactory) -> Arc<Pools> {
-        Arc::new(Pools { sockets, idle_http1: Mutex::default(), http2: Mutex::default() })
+        Arc::new(Pools { sockets, idle_http1: Mutex::default(), http2: Mutex::default(), clusters: Mutex::default() })
+    }
+
+    /// This pod's state of cluster `name`.
+    pub fn runtime(&self, name: &str) -> Arc<ClusterRuntime> {
+        let mut clusters = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
+        match clusters.get(name) {
+            Some(r) => Arc::clone(r),
+            None => Arc::clone(clusters.entry(name.to_string()).or_default()),
+        }
     }
 
     pub fn sockets(&self) -> &SocketFactory {
         &self.sockets
     }
 
-    /// Sends `req` on a pooled connection to `key`, making one when none is free. Returns whether a new
-    /// connection was made, for the cluster's counters.
+    /// Sends `req` on a pooled connection to `key`, making one when none is free (within the cluster's
+    /// circuit breakers). Returns whether a new connection was made, for the cluster's counters.
     pub async fn send(
         self: &Arc<Self>,
         key: Key,
         protocol: Protocol,
         connect_timeout: Duration,
+        limits: (&Arc<ClusterRuntime>, &CircuitBreakers),
         req: Request<Body>,
     ) -> (Result<Response<Incoming>, PoolError>, bool) {
         match protocol {
-            Protocol::Http1 => self.send_http1(key, connect_timeout, req).await,
+            Protocol::Http1 => self.send_http1(key, connect_timeout, limits, req).await,
             Protocol::Http2 => self.send_http2(key, connect_timeout, req).await,
         }
     }
 
-    async fn send_http1(self: &Arc<Self>, key: Key, timeout: Duration, mut req: Request<Body>) -> (Result<Response<Incoming>, PoolError>, bool) {
-        while let Some(mut sender) = self.idle(key) {
-            match sender.try_send_request(req).await {
-                Ok(response) => {
-                    self.recycle(key, sender);
-                    return (Ok(response), false);
+    async fn send_http1(
+        self: &Arc<Self>,
+        key: Key,
+        timeout: Duration,
+        (runtime, limits): (&Arc<ClusterRuntime>, &CircuitBreakers),
+        mut req: Request<Body>,
+    ) -> (Result<Response<Incoming>, PoolError>, bool) {
+        loop {
+            while let Some(mut sender) = self.idle(key) {
+                match sender.try_send_request(req).await {
+                    Ok(response) => {
+                        self.recycle(key, sender, runtime);
+                        return (Ok(response), false);
+                    }
+                    // The kept-alive connection was closed by the upstream before the request went out: the
+                    // request comes back unsent and goes on another connection.
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) => req = unsent,
+                        None => return (Err(PoolError::Reset(e.into_error())), false),
+                    },
                 }
-                // The kept-alive connection was closed by the upstream before the request went out: the
-                // request comes back unsent and goes on another connection.
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => req = unsent,
-                    None => return (Err(PoolError::Reset(e.into_error())), false),
-                },
             }
+            if runtime.connections.load(Relaxed) < limits.max_connections {
+                break;
+            }
+            // At max_connections: wait for a connection to come back, if there is room to wait.
+            if runtime.pending.fetch_add(1, Relaxed) >= limits.max_pending_requests {
+                runtime.pending.fetch_sub(1, Relaxed);
+                return (Err(PoolError::Overflow), false);
+            }
+            let freed = runtime.freed.notified();
+            let _ = tokio::time::timeout(Duration::from_millis(100), freed).await;
+            runtime.pending.fetch_sub(1, Relaxed);
         }
-        let mut sender = match self.connect_http1(key, timeout).await {
+        let mut sender = match self.connect_http1(key, timeout, runtime).await {
             Ok(s) => s,
             Err(e) => return (Err(e), true),
         };
         let result = sender.send_request(req).await.map_err(PoolError::Reset);
         if result.is_ok() {
-            self.recycle(key, sender);
+            self.recycle(key, sender, runtime);
         }
         (result, true)
     }
@@ -128,24 +165,30 @@ impl Pools {
 
     /// Puts the connection back once its response has been read to the end (an HTTP/1.1 connection carries
     /// one exchange at a time); a connection that closes instead is forgotten.
-    fn recycle(self: &Arc<Self>, key: Key, mut sender: http1::SendRequest<Body>) {
+    fn recycle(self: &Arc<Self>, key: Key, mut sender: http1::SendRequest<Body>, runtime: &Arc<ClusterRuntime>) {
         let pools: Weak<Pools> = Arc::downgrade(self);
+        let runtime = Arc::clone(runtime);
         tokio::spawn(async move {
             if sender.ready().await.is_ok() {
                 if let Some(pools) = pools.upgrade() {
                     pools.idle_http1.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default().push(sender);
                 }
             }
+            runtime.freed.notify_one();
         });
     }
 
-    async fn connect_http1(&self, key: Key, timeout: Duration) -> Result<http1::SendRequest<Body>, PoolError> {
+    async fn connect_http1(&self, key: Key, timeout: Duration, runtime: &Arc<ClusterRuntime>) -> Result<http1::SendRequest<Body>, PoolError> {
         let stream = self.sockets.connect(key.endpoint, key.source, timeout).await.map_err(PoolError::Connect)?;
         let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(PoolError::Reset)?;
+        runtime.connections.fetch_add(1, Relaxed);
+        let runtime = Arc::clone(runtime);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!("upstream HTTP/1.1 connection ended: {e}");
             }
+            runtime.connections.fetch_sub(1, Relaxed);
+            runtime.freed.notify_one();
         });
         Ok(sender)
     }

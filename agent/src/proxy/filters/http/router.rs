@@ -3,7 +3,8 @@
 //! retry policy. Answers as Envoy's router does, local replies included.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -16,11 +17,13 @@ use super::super::super::body::{self, Body};
 use super::super::super::route::{self, Downstream};
 use super::super::super::snapshot::ClusterRef;
 use super::super::super::upstream::cluster::{self, PickError};
+use super::super::super::upstream::lb;
+use super::super::super::upstream::runtime::{ClusterRuntime, Result as AttemptResult};
 use super::super::super::upstream::pool::{Key, PoolError, Protocol};
 use super::super::super::upstream::Upstream;
 use super::local_reply;
 use crate::config::headers::HeaderOps;
-use crate::config::route::{ClusterSpecifier, HostRewrite, RetryOn, RetryPolicy, Route, RouteAction, RouteConfiguration, VirtualHost};
+use crate::config::route::{ClusterSpecifier, HashKey, HashPolicy, HostRewrite, RetryOn, RetryPolicy, Route, RouteAction, RouteConfiguration, VirtualHost};
 
 /// Hop-by-hop headers: they describe one connection and are never forwarded (`te: trailers` excepted).
 const HOP_BY_HOP: [&str; 6] = ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te"];
@@ -63,7 +66,7 @@ pub async fn forward(mut parts: Parts, body: Body, matched: Matched<'_>, downstr
         ClusterSpecifier::Header(h) => (parts.headers.get(h.as_str()).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string(), None),
         ClusterSpecifier::Weighted(clusters) => {
             let total: u64 = clusters.iter().map(|c| u64::from(c.weight)).sum();
-            let mut point = cluster::random() as u64 % total.max(1);
+            let mut point = lb::random() as u64 % total.max(1);
             let chosen = clusters.iter().find(|c| {
                 let inside = point < u64::from(c.weight);
                 point = point.saturating_sub(u64::from(c.weight));
@@ -85,10 +88,13 @@ pub async fn forward(mut parts: Parts, body: Body, matched: Matched<'_>, downstr
         route::apply_request(ops, &mut parts.headers, downstream, &original);
     }
     let policy = Attempts::new(&mut parts.headers, action, matched.virtual_host.retry_policy.as_ref());
-    let template = prepare(parts, &matched, &cluster);
+    let template = prepare(parts, &matched, &cluster, downstream);
     let started = Instant::now();
     let mut response = policy.run(&template, body, &cluster, upstream, grpc).await;
     finish_response(&mut response, template.downstream_version, started);
+    if let Some(cookie) = template.set_cookie.clone() {
+        response.headers_mut().append(header::SET_COOKIE, cookie);
+    }
     let request_headers = template.headers;
     for ops in matched.levels(weighted_ops) {
         route::apply_response(ops, response.headers_mut(), downstream, &request_headers);
@@ -104,9 +110,13 @@ struct Template {
     headers: HeaderMap,
     protocol: Protocol,
     downstream_version: Version,
+    /// The request's hash for RING_HASH and MAGLEV clusters.
+    hash: Option<u64>,
+    /// A hash cookie generated for this request, set on its response.
+    set_cookie: Option<HeaderValue>,
 }
 
-fn prepare(mut parts: Parts, matched: &Matched<'_>, cluster: &ClusterRef<'_>) -> Template {
+fn prepare(mut parts: Parts, matched: &Matched<'_>, cluster: &ClusterRef<'_>, downstream: &Downstream) -> Template {
     let action = matched.action;
     let original_path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
     let rewritten = route::rewrite_path(&original_path, &matched.route.matcher.path, action.prefix_rewrite.as_deref(), action.regex_rewrite.as_ref());
@@ -135,6 +145,7 @@ fn prepare(mut parts: Parts, matched: &Matched<'_>, cluster: &ClusterRef<'_>) ->
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     headers.remove(header::HOST);
+    let (hash, set_cookie) = request_hash(&action.hash_policy, &parts, downstream);
     Template {
         method: parts.method,
         path_and_query: rewritten.unwrap_or(original_path),
@@ -142,7 +153,59 @@ fn prepare(mut parts: Parts, matched: &Matched<'_>, cluster: &ClusterRef<'_>) ->
         headers: parts.headers,
         protocol: if cluster.config.http2 { Protocol::Http2 } else { Protocol::Http1 },
         downstream_version: parts.version,
+        hash,
+        set_cookie,
     }
+}
+
+/// The request's hash by the route's hash policies, combined as Envoy combines them; a cookie policy with a
+/// `ttl` and no cookie in the request generates one.
+fn request_hash(policies: &[HashPolicy], parts: &Parts, downstream: &Downstream) -> (Option<u64>, Option<HeaderValue>) {
+    let mut hash = None;
+    let mut set_cookie = None;
+    for policy in policies {
+        let value = match &policy.key {
+            HashKey::Header(name) => route::header_value(parts, name),
+            HashKey::SourceIp => Some(downstream.peer.ip().to_canonical().to_string()),
+            HashKey::QueryParameter(name) => {
+                let query = parts.uri.query().unwrap_or_default();
+                query.split('&').find_map(|pair| {
+                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    (k == name.as_str()).then(|| v.to_string())
+                })
+            }
+            HashKey::Cookie { name, ttl, path } => match cookie(&parts.headers, name) {
+                Some(v) => Some(v),
+                None => ttl.map(|ttl| {
+                    let value = format!("{:016x}", lb::hash_str(&downstream.peer.to_string()));
+                    let mut text = format!("{name}=\"{value}\"");
+                    if let Some(p) = path {
+                        text.push_str(&format!("; Path={p}"));
+                    }
+                    if !ttl.is_zero() {
+                        text.push_str(&format!("; Max-Age={}", ttl.as_secs()));
+                    }
+                    text.push_str("; HttpOnly");
+                    set_cookie = HeaderValue::from_str(&text).ok();
+                    value
+                }),
+            },
+        };
+        if let Some(v) = value {
+            hash = Some(lb::combine(hash, lb::hash_str(&v)));
+            if policy.terminal {
+                break;
+            }
+        }
+    }
+    (hash, set_cookie)
+}
+
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(|pair| {
+        let (k, v) = pair.trim().split_once('=')?;
+        (k == name).then(|| v.trim_matches('"').to_string())
+    })
 }
 
 impl Template {
@@ -241,6 +304,7 @@ impl Attempts {
                 on.server_error || on.gateway_error || on.reset || (on.refused_stream && is_refused_stream(e))
             }
             Failure::PerTryTimeout => on.server_error || on.gateway_error,
+            Failure::Pool(PoolError::Overflow) => false,
         }
     }
 
@@ -248,7 +312,7 @@ impl Attempts {
     fn back_off(&self, n: u32) -> Duration {
         let ceiling = self.base_interval.saturating_mul(1u32 << n.min(16)).min(self.max_interval);
         let millis = ceiling.as_millis().max(1) as usize;
-        Duration::from_millis((cluster::random() % millis) as u64)
+        Duration::from_millis((lb::random() % millis) as u64)
     }
 
     async fn run(&self, template: &Template, body: Body, cluster: &ClusterRef<'_>, upstream: &Upstream, grpc: bool) -> Response<Body> {
@@ -264,23 +328,32 @@ impl Attempts {
     }
 
     async fn send_all(&self, template: &Template, body: Body, cluster: &ClusterRef<'_>, upstream: &Upstream, grpc: bool) -> Response<Body> {
+        let runtime = upstream.pools.runtime(&cluster.config.name);
+        let limits = &cluster.config.circuit_breakers;
+        if runtime.active_requests.load(Relaxed) >= limits.max_requests {
+            cluster.state.upstream_rq_pending_overflow.fetch_add(1, Relaxed);
+            return overflow(grpc);
+        }
+        let _request = Counted::new(&runtime.active_requests);
         // A body is kept only when a retry may need to send it again.
         let mut once = Some(body);
-        let buffered = match self.retries {
-            0 => None,
-            _ => match once.take().map(|b| buffer(b)) {
-                Some(fut) => match fut.await {
-                    Ok(bytes) => Some(bytes),
-                    Err(e) => return local_reply::reply(StatusCode::BAD_REQUEST, Some(&e), grpc),
-                },
-                None => None,
+        let buffered = match (self.retries, once.take()) {
+            (0, b) => {
+                once = b;
+                None
+            }
+            (_, Some(b)) => match buffer(b).await {
+                Ok(bytes) => Some(bytes),
+                Err(e) => return local_reply::reply(StatusCode::BAD_REQUEST, Some(&e), grpc),
             },
+            (_, None) => None,
         };
         let mut tried: Vec<SocketAddr> = Vec::new();
         let expected = self.per_try_timeout.or(self.timeout);
-        for n in 0..=self.retries {
+        let mut n = 0;
+        loop {
             let avoid: &[SocketAddr] = if self.previous_hosts { &tried } else { &[] };
-            let endpoint = match pick_endpoint(cluster, upstream.original_dst, avoid, self.host_attempts) {
+            let endpoint = match pick_endpoint(cluster, &runtime, upstream.original_dst, avoid, self.host_attempts, template.hash) {
                 Ok(e) => e,
                 Err(_) => return local_reply::reply(StatusCode::SERVICE_UNAVAILABLE, Some("no healthy upstream"), grpc),
             };
@@ -291,24 +364,36 @@ impl Attempts {
                 (None, None) => body::empty(),
             };
             let request = template.request(body, expected);
-            let last = n == self.retries;
-            let result = self.send_one(request, endpoint, template.protocol, cluster, upstream).await;
-            if n > 0 {
-                cluster.stats.upstream_rq_retry.fetch_add(1, Relaxed);
+            let result = {
+                let _retry = (n > 0).then(|| Counted::new(&runtime.active_retries));
+                let _in_flight = runtime.start(endpoint);
+                self.send_one(request, endpoint, template.protocol, cluster, upstream, &runtime).await
+            };
+            let outcome = match &result {
+                Ok(r) => AttemptResult::Status(r.status().as_u16()),
+                Err(_) => AttemptResult::LocalFailure,
+            };
+            let hosts = cluster.endpoints.len();
+            runtime.record(endpoint, outcome, cluster.config.outlier_detection.as_ref(), hosts, cluster.state);
+            let retriable = match &result {
+                Ok(response) => self.retriable_status(response.status()),
+                Err(failure) => self.retriable_failure(failure),
+            };
+            // A retry needs room under the cluster's max_retries circuit breaker.
+            let room = runtime.active_retries.load(Relaxed) < limits.max_retries;
+            if retriable && n < self.retries && !room {
+                cluster.state.upstream_rq_retry_overflow.fetch_add(1, Relaxed);
             }
-            match result {
-                Ok(response) if last || !self.retriable_status(response.status()) => {
-                    return response.map(BodyExt::boxed);
-                }
-                Ok(_) => {}
-                Err(failure) if last || !self.retriable_failure(&failure) => {
-                    return failure.reply(n > 0, grpc);
-                }
-                Err(_) => {}
+            if !retriable || n >= self.retries || !room {
+                return match result {
+                    Ok(response) => response.map(BodyExt::boxed),
+                    Err(failure) => failure.reply(n > 0, grpc),
+                };
             }
             tokio::time::sleep(self.back_off(n)).await;
+            n += 1;
+            cluster.state.upstream_rq_retry.fetch_add(1, Relaxed);
         }
-        local_reply::reply(StatusCode::SERVICE_UNAVAILABLE, None, grpc)
     }
 
     async fn send_one(
@@ -318,18 +403,20 @@ impl Attempts {
         protocol: Protocol,
         cluster: &ClusterRef<'_>,
         upstream: &Upstream,
+        runtime: &Arc<ClusterRuntime>,
     ) -> Result<Response<hyper::body::Incoming>, Failure> {
-        cluster.stats.upstream_rq_total.fetch_add(1, Relaxed);
+        cluster.state.upstream_rq_total.fetch_add(1, Relaxed);
         let key = Key { endpoint, source: cluster.config.source_address };
-        let send = upstream.pools.send(key, protocol, cluster.config.connect_timeout, request);
+        let limits = (runtime, &cluster.config.circuit_breakers);
+        let send = upstream.pools.send(key, protocol, cluster.config.connect_timeout, limits, request);
         let (result, new_connection) = match self.per_try_timeout {
             None => send.await,
             Some(t) => tokio::time::timeout(t, send).await.map_err(|_| Failure::PerTryTimeout)?,
         };
         if new_connection {
-            cluster.stats.upstream_cx_total.fetch_add(1, Relaxed);
+            cluster.state.upstream_cx_total.fetch_add(1, Relaxed);
             if matches!(result, Err(PoolError::Connect(_))) {
-                cluster.stats.upstream_cx_connect_fail.fetch_add(1, Relaxed);
+                cluster.state.upstream_cx_connect_fail.fetch_add(1, Relaxed);
             }
         }
         if let Err(e) = &result {
@@ -339,13 +426,43 @@ impl Attempts {
     }
 }
 
-fn pick_endpoint(cluster: &ClusterRef<'_>, original_dst: SocketAddr, avoid: &[SocketAddr], attempts: u32) -> Result<SocketAddr, PickError> {
-    let mut choice = cluster::pick(cluster, original_dst, avoid)?;
+/// Counts one while alive (requests or retries in flight, for the circuit breakers).
+struct Counted<'a>(&'a AtomicU64);
+
+impl<'a> Counted<'a> {
+    fn new(counter: &'a AtomicU64) -> Self {
+        counter.fetch_add(1, Relaxed);
+        Counted(counter)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Envoy's answer when a circuit breaker refuses a request.
+fn overflow(grpc: bool) -> Response<Body> {
+    let mut reply = local_reply::reply(StatusCode::SERVICE_UNAVAILABLE, Some(&format!("{RESET_BODY}reset reason: overflow")), grpc);
+    reply.headers_mut().insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+    reply
+}
+
+fn pick_endpoint(
+    cluster: &ClusterRef<'_>,
+    runtime: &ClusterRuntime,
+    original_dst: SocketAddr,
+    avoid: &[SocketAddr],
+    attempts: u32,
+    hash: Option<u64>,
+) -> Result<SocketAddr, PickError> {
+    let mut choice = cluster::pick(cluster, runtime, original_dst, avoid, hash)?;
     for _ in 1..attempts {
         if !avoid.contains(&choice) {
             break;
         }
-        choice = cluster::pick(cluster, original_dst, avoid)?;
+        choice = cluster::pick(cluster, runtime, original_dst, avoid, hash)?;
     }
     Ok(choice)
 }
@@ -360,6 +477,7 @@ impl Failure {
     fn reply(&self, retried: bool, grpc: bool) -> Response<Body> {
         match self {
             Failure::PerTryTimeout => local_reply::reply(StatusCode::GATEWAY_TIMEOUT, Some("upstream request timeout"), grpc),
+            Failure::Pool(PoolError::Overflow) => overflow(grpc),
             Failure::Pool(e) => {
                 let reason = if retried { "retried and the latest reset reason: " } else { "reset reason: " };
                 let text = format!("{RESET_BODY}{reason}{}", e.reason());

@@ -1,0 +1,158 @@
+//! Load balancers over a cluster's available endpoints, as Envoy's: round robin, random, least request
+//! (power of `choice_count` choices), ring hash (ketama over xxHash64 of `address_i`) and Maglev (a 65537-entry
+//! lookup table from xxHash64 permutations), so a request with the same hash key reaches the same endpoint
+//! as under Envoy.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+
+use xxhash_rust::xxh64::xxh64;
+
+use super::super::snapshot::ClusterRef;
+use super::runtime::ClusterRuntime;
+use crate::config::cluster::LbPolicy;
+
+/// Picks from `available` (non-empty) for a request whose hash policy produced `hash`.
+pub fn choose(c: &ClusterRef<'_>, runtime: &ClusterRuntime, available: &[SocketAddr], hash: Option<u64>) -> SocketAddr {
+    let n = available.len();
+    match (&c.config.lb_policy, hash) {
+        (LbPolicy::RingHash { min_ring_size, max_ring_size }, Some(h)) => {
+            let ring = c.state.ring(available, || ring(available, *min_ring_size, *max_ring_size));
+            ring_lookup(&ring, h).map_or(available[0], |i| available[i])
+        }
+        (LbPolicy::Maglev { table_size }, Some(h)) => {
+            let table = c.state.ring(available, || maglev(available, *table_size));
+            table.get((h % table.len().max(1) as u64) as usize).map_or(available[0], |(_, i)| available[*i])
+        }
+        (LbPolicy::LeastRequest { choice_count }, _) => {
+            let mut best = available[random() % n];
+            for _ in 1..*choice_count {
+                let candidate = available[random() % n];
+                if runtime.active(candidate) < runtime.active(best) {
+                    best = candidate;
+                }
+            }
+            best
+        }
+        (LbPolicy::Random | LbPolicy::RingHash { .. } | LbPolicy::Maglev { .. }, _) => available[random() % n],
+        (LbPolicy::RoundRobin | LbPolicy::ClusterProvided, _) => available[c.cursor.fetch_add(1, Relaxed) % n],
+    }
+}
+
+/// Envoy's ring: each host gets `scale` hashes of `"<address>_<i>"`, sorted by hash.
+fn ring(hosts: &[SocketAddr], min_ring_size: u64, max_ring_size: u64) -> Vec<(u64, usize)> {
+    let weight = 1.0 / hosts.len() as f64;
+    let scale = ((weight * min_ring_size as f64).ceil() / weight).min(max_ring_size as f64);
+    let mut entries = Vec::with_capacity(scale.ceil() as usize);
+    let (mut current, mut target) = (0.0, 0.0);
+    for (index, host) in hosts.iter().enumerate() {
+        target += scale * weight;
+        let mut i = 0u64;
+        while current < target {
+            entries.push((xxh64(format!("{host}_{i}").as_bytes(), 0), index));
+            i += 1;
+            current += 1.0;
+        }
+    }
+    entries.sort_by_key(|e| e.0);
+    entries
+}
+
+/// ketama's lookup, as Envoy ports it: the first entry whose hash is at least `h`, wrapping to the start.
+fn ring_lookup(ring: &[(u64, usize)], h: u64) -> Option<usize> {
+    let (mut low, mut high) = (0i64, ring.len() as i64);
+    loop {
+        let mid = (low + high) / 2;
+        if mid as usize == ring.len() {
+            return ring.first().map(|e| e.1);
+        }
+        let value = ring[mid as usize].0;
+        let before = if mid == 0 { 0 } else { ring[mid as usize - 1].0 };
+        if h <= value && h > before {
+            return Some(ring[mid as usize].1);
+        }
+        if value < h {
+            low = mid + 1;
+        } else {
+            high = mid - 1;
+        }
+        if low > high {
+            return ring.first().map(|e| e.1);
+        }
+    }
+}
+
+/// Maglev's table (equal weights): each host fills its next free slot of its own permutation in turn.
+fn maglev(hosts: &[SocketAddr], size: u64) -> Vec<(u64, usize)> {
+    let permutation: Vec<(u64, u64)> = hosts
+        .iter()
+        .map(|h| {
+            let key = h.to_string();
+            (xxh64(key.as_bytes(), 0) % size, xxh64(key.as_bytes(), 1) % (size - 1) + 1)
+        })
+        .collect();
+    let mut next = vec![0u64; hosts.len()];
+    let mut table: Vec<Option<usize>> = vec![None; size as usize];
+    let mut filled = 0;
+    'fill: loop {
+        for (i, (offset, skip)) in permutation.iter().enumerate() {
+            loop {
+                let slot = ((offset + next[i] * skip) % size) as usize;
+                next[i] += 1;
+                if table[slot].is_none() {
+                    table[slot] = Some(i);
+                    filled += 1;
+                    break;
+                }
+            }
+            if filled == size as usize {
+                break 'fill;
+            }
+        }
+    }
+    table.into_iter().enumerate().map(|(slot, host)| (slot as u64, host.unwrap_or(0))).collect()
+}
+
+/// A random number from the standard library's randomly keyed hasher (no RNG crate for this).
+pub fn random() -> usize {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::Instant::now().elapsed().as_nanos());
+    h.finish() as usize
+}
+
+/// Envoy's combination of several hash policies' values.
+pub fn combine(hash: Option<u64>, next: u64) -> u64 {
+    match hash {
+        None => next,
+        Some(h) => h.rotate_left(1) ^ next,
+    }
+}
+
+pub fn hash_str(s: &str) -> u64 {
+    xxh64(s.as_bytes(), 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ring_lookup_wraps_and_finds_the_first_entry_at_or_above() {
+        let ring = vec![(10, 0), (20, 1), (30, 2)];
+        assert_eq!(ring_lookup(&ring, 5), Some(0));
+        assert_eq!(ring_lookup(&ring, 10), Some(0));
+        assert_eq!(ring_lookup(&ring, 11), Some(1));
+        assert_eq!(ring_lookup(&ring, 30), Some(2));
+        assert_eq!(ring_lookup(&ring, 31), Some(0));
+    }
+
+    #[test]
+    fn maglev_table_is_full_and_balanced() {
+        let hosts: Vec<SocketAddr> = (1..=3).map(|i| format!("127.0.0.1:2000{i}").parse().unwrap()).collect();
+        let table = maglev(&hosts, 65537);
+        let counts: Vec<usize> = (0..3).map(|i| table.iter().filter(|e| e.1 == i).count()).collect();
+        assert!(counts.iter().all(|c| (21_000..23_000).contains(c)), "{counts:?}");
+        assert_eq!(ring(&hosts, 1024, 8_388_608).len(), 1026, "ceil(1024/3)*3 entries");
+    }
+}
