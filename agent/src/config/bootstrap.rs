@@ -171,12 +171,9 @@ fn check_references(listeners: &[Listener], clusters: &[Cluster]) -> Result<()> 
         if !listener_names.insert(l.name.as_str()) {
             return Err(ConfigError::new(format!("static_resources.listeners[{i}].name"), format!("error adding listener: duplicate listener '{}' found", l.name)));
         }
-        for c in l.inline_routes().flat_map(RouteConfiguration::clusters) {
+        for c in l.inline_routes().filter(|rc| rc.validate_clusters).flat_map(RouteConfiguration::clusters) {
             if !names.contains(c) {
                 return Err(ConfigError::new(format!("static_resources.listeners[{i}]"), format!("route: unknown cluster '{c}'")));
-            }
-            if clusters.iter().any(|k| k.name == c && k.http2) {
-                return Err(ConfigError::new(format!("static_resources.listeners[{i}]"), format!("route to HTTP/2 cluster '{c}': HTTP/2 upstreams are not supported yet")));
             }
         }
     }

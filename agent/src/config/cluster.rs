@@ -14,6 +14,8 @@ pub struct Cluster {
     pub lb_policy: LbPolicy,
     /// Upstream speaks HTTP/2 (gRPC clusters such as the ADS cluster).
     pub http2: bool,
+    /// `use_downstream_protocol_config`: upstream requests use the downstream request's HTTP version.
+    pub follow_downstream_protocol: bool,
     /// `upstream_bind_config.source_address`: the local address upstream connections are made from (Istio's
     /// inbound clusters use 127.0.0.6, which capture lets through).
     pub source_address: Option<SocketAddr>,
@@ -94,7 +96,7 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
         }
         common.finish()?;
     }
-    let http2 = http2_options(&mut c)?;
+    let (http2, follow_downstream_protocol) = http2_options(&mut c)?;
     let source_address = c.object("upstream_bind_config")?.map(bind_config).transpose()?;
     let discovery = match kind {
         "STATIC" => {
@@ -137,7 +139,18 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
         }
     };
     c.finish()?;
-    Ok(Cluster { name, discovery, connect_timeout, lb_policy, http2, source_address, circuit_breakers, outlier_detection, healthy_panic_threshold })
+    Ok(Cluster {
+        name,
+        discovery,
+        connect_timeout,
+        lb_policy,
+        http2,
+        follow_downstream_protocol,
+        source_address,
+        circuit_breakers,
+        outlier_detection,
+        healthy_panic_threshold,
+    })
 }
 
 fn load_assignment(c: &mut Obj<'_>) -> Result<Vec<SocketAddr>> {
@@ -171,10 +184,12 @@ fn bind_config(mut b: Obj<'_>) -> Result<SocketAddr> {
 
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
-/// `http2_protocol_options: {}` or `typed_extension_protocol_options` with explicit HTTP/2: how a gRPC
-/// cluster (the ADS cluster) is declared. Any HTTP/2 tuning inside is not supported yet.
-fn http2_options(c: &mut Obj<'_>) -> Result<bool> {
+/// The upstream HTTP protocol: `http2_protocol_options: {}`, or `typed_extension_protocol_options`
+/// HttpProtocolOptions with `explicit_http_config` or `use_downstream_protocol_config`. Returns (HTTP/2,
+/// follow the downstream's protocol). HTTP/2 tuning inside is not supported yet.
+fn http2_options(c: &mut Obj<'_>) -> Result<(bool, bool)> {
     let mut http2 = false;
+    let mut downstream = false;
     if let Some(o) = c.object("http2_protocol_options")? {
         o.finish()?;
         http2 = true;
@@ -182,21 +197,34 @@ fn http2_options(c: &mut Obj<'_>) -> Result<bool> {
     if let Some(mut ext) = c.object("typed_extension_protocol_options")? {
         if let Some(mut opts) = ext.object(HTTP_PROTOCOL_OPTIONS)? {
             super::expect_type(&mut opts, HTTP_PROTOCOL_OPTIONS)?;
-            let mut explicit = opts.required_object("explicit_http_config")?;
-            match (explicit.object("http2_protocol_options")?, explicit.object("http_protocol_options")?) {
-                (Some(h2), None) => {
-                    h2.finish()?;
-                    http2 = true;
+            match (opts.object("explicit_http_config")?, opts.object("use_downstream_protocol_config")?) {
+                (Some(mut explicit), None) => {
+                    match (explicit.object("http2_protocol_options")?, explicit.object("http_protocol_options")?) {
+                        (Some(h2), None) => {
+                            h2.finish()?;
+                            http2 = true;
+                        }
+                        (None, Some(h1)) => h1.finish()?,
+                        _ => return Err(ConfigError::new(explicit.path(), "needs exactly one of http_protocol_options or http2_protocol_options")),
+                    }
+                    explicit.finish()?;
                 }
-                (None, Some(h1)) => h1.finish()?,
-                _ => return Err(ConfigError::new(explicit.path(), "needs exactly one of http_protocol_options or http2_protocol_options")),
+                (None, Some(mut follow)) => {
+                    for key in ["http_protocol_options", "http2_protocol_options"] {
+                        if let Some(o) = follow.object(key)? {
+                            o.finish()?;
+                        }
+                    }
+                    follow.finish()?;
+                    downstream = true;
+                }
+                _ => return Err(ConfigError::new(opts.path(), "needs exactly one of explicit_http_config or use_downstream_protocol_config")),
             }
-            explicit.finish()?;
             opts.finish()?;
         }
         ext.finish()?;
     }
-    Ok(http2)
+    Ok((http2, downstream))
 }
 
 fn lb_policy(c: &mut Obj<'_>) -> Result<LbPolicy> {

@@ -41,8 +41,14 @@ pub enum Part {
     Text(String),
     DownstreamRemoteAddress { port: bool },
     DownstreamLocalAddress { port: bool },
+    DownstreamLocalPort,
     Protocol,
     RequestHeader(String),
+    /// Response headers only.
+    ResponseHeader(String),
+    ResponseCode,
+    UpstreamRemoteAddress,
+    UpstreamCluster,
 }
 
 /// Headers a proxy owns and a route may not change (Envoy refuses these too).
@@ -118,9 +124,14 @@ pub fn parse_format(text: &str) -> std::result::Result<Vec<Part>, String> {
             "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => Part::DownstreamRemoteAddress { port: false },
             "DOWNSTREAM_LOCAL_ADDRESS" => Part::DownstreamLocalAddress { port: true },
             "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT" => Part::DownstreamLocalAddress { port: false },
+            "DOWNSTREAM_LOCAL_PORT" => Part::DownstreamLocalPort,
             "PROTOCOL" => Part::Protocol,
-            _ => match command.strip_prefix("REQ(").and_then(|c| c.strip_suffix(')')) {
-                Some(name) if !name.is_empty() => Part::RequestHeader(name.to_ascii_lowercase()),
+            "RESPONSE_CODE" => Part::ResponseCode,
+            "UPSTREAM_REMOTE_ADDRESS" => Part::UpstreamRemoteAddress,
+            "UPSTREAM_CLUSTER" => Part::UpstreamCluster,
+            _ => match (command.strip_prefix("REQ("), command.strip_prefix("RESP(")) {
+                (Some(rest), _) => Part::RequestHeader(header_argument(rest, command)?),
+                (_, Some(rest)) => Part::ResponseHeader(header_argument(rest, command)?),
                 _ => return Err(format!("%{command}% is not supported by weft in header values")),
             },
         };
@@ -135,6 +146,18 @@ pub fn parse_format(text: &str) -> std::result::Result<Vec<Part>, String> {
         parts.push(Part::Text(literal));
     }
     Ok(parts)
+}
+
+/// The header name of `REQ(name)`/`RESP(name)` (an alternative after `?` and a length after `:` are not
+/// supported).
+fn header_argument(rest: &str, command: &str) -> std::result::Result<String, String> {
+    let name = rest.strip_suffix(')').unwrap_or_default().to_ascii_lowercase();
+    let pseudo = matches!(name.as_str(), ":path" | ":method" | ":authority" | ":scheme");
+    if !name.is_empty() && (pseudo || !name.contains(['?', ':'])) {
+        Ok(name)
+    } else {
+        Err(format!("%{command}% is not supported by weft in header values"))
+    }
 }
 
 /// Standard base64 (with or without padding) to UTF-8 text.

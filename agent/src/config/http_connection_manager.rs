@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use super::http_filters::{self, Fault, LocalRateLimit, CORS, FAULT, LOCAL_RATELIMIT};
+use super::listener::CidrRange;
 use super::route::{self, RouteConfiguration};
 use super::tree::{ConfigError, Obj, Result};
 
@@ -26,6 +27,23 @@ pub struct HttpConnectionManager {
     pub host_port: HostPort,
     /// `common_http_protocol_options.max_headers_count` (default 100): more request headers get 431.
     pub max_headers_count: usize,
+    /// `internal_address_config.cidr_ranges`: clients in these ranges are internal (none by default).
+    pub internal_ranges: Vec<CidrRange>,
+    pub always_set_request_id_in_response: bool,
+    pub strip_trailing_host_dot: bool,
+    pub escaped_slashes: EscapedSlashes,
+    /// `http_protocol_options.accept_http_10`: HTTP/1.0 requests are served (else 426).
+    pub accept_http_10: bool,
+}
+
+/// `path_with_escaped_slashes_action`: what `%2F`/`%5C` in a path do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum EscapedSlashes {
+    KeepUnchanged,
+    RejectRequest,
+    UnescapeAndRedirect,
+    UnescapeAndForward,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -110,10 +128,30 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
     }
     let normalize_path = h.bool("normalize_path")?.unwrap_or(false);
     let merge_slashes = h.bool("merge_slashes")?.unwrap_or(false);
-    if let Some(action) = h.string("path_with_escaped_slashes_action")? {
-        if !matches!(action, "IMPLEMENTATION_SPECIFIC_DEFAULT" | "KEEP_UNCHANGED") {
-            return Err(ConfigError::new(h.at("path_with_escaped_slashes_action"), format!("{action} is not supported by weft yet; use KEEP_UNCHANGED")));
+    let escaped_slashes = match h.string("path_with_escaped_slashes_action")?.unwrap_or("IMPLEMENTATION_SPECIFIC_DEFAULT") {
+        "IMPLEMENTATION_SPECIFIC_DEFAULT" | "KEEP_UNCHANGED" => EscapedSlashes::KeepUnchanged,
+        "REJECT_REQUEST" => EscapedSlashes::RejectRequest,
+        "UNESCAPE_AND_REDIRECT" => EscapedSlashes::UnescapeAndRedirect,
+        "UNESCAPE_AND_FORWARD" => EscapedSlashes::UnescapeAndForward,
+        other => return Err(ConfigError::new(h.at("path_with_escaped_slashes_action"), format!("{other} is not an escaped slashes action"))),
+    };
+    let mut internal_ranges = Vec::new();
+    if let Some(mut internal) = h.object("internal_address_config")? {
+        internal_ranges = internal.objects("cidr_ranges")?.into_iter().map(super::listener::cidr_range).collect::<Result<_>>()?;
+        let _ = internal.bool("unix_sockets")?;
+        internal.finish()?;
+    }
+    let always_set_request_id_in_response = h.bool("always_set_request_id_in_response")?.unwrap_or(false);
+    let strip_trailing_host_dot = h.bool("strip_trailing_host_dot")?.unwrap_or(false);
+    let mut accept_http_10 = false;
+    if let Some(mut http1) = h.object("http_protocol_options")? {
+        accept_http_10 = http1.bool("accept_http_10")?.unwrap_or(false);
+        if let Some(host) = http1.string("default_host_for_http_10")? {
+            if !host.is_empty() {
+                return Err(ConfigError::new(http1.at("default_host_for_http_10"), "is not supported by weft yet"));
+            }
         }
+        http1.finish()?;
     }
     let host_port = match (h.bool("strip_matching_host_port")?.unwrap_or(false), h.bool("strip_any_host_port")?.unwrap_or(false)) {
         (false, false) => HostPort::Keep,
@@ -145,6 +183,11 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
         merge_slashes,
         host_port,
         max_headers_count,
+        internal_ranges,
+        always_set_request_id_in_response,
+        strip_trailing_host_dot,
+        escaped_slashes,
+        accept_http_10,
     })
 }
 

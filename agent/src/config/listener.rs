@@ -253,7 +253,7 @@ fn cidr_ranges(m: &mut Obj<'_>, key: &str) -> Result<Vec<CidrRange>> {
     m.objects(key)?.into_iter().map(cidr_range).collect()
 }
 
-fn cidr_range(mut c: Obj<'_>) -> Result<CidrRange> {
+pub(crate) fn cidr_range(mut c: Obj<'_>) -> Result<CidrRange> {
     let text = c.required_string("address_prefix")?;
     let ip: IpAddr = text.parse().map_err(|_| ConfigError::new(c.at("address_prefix"), format!("{text:?} is not an IP address")))?;
     let bits = if ip.is_ipv4() { 32 } else { 128 };

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use super::headers::{self, HeaderOps};
-use super::http_filters::{self, PerFilterConfig};
+use super::http_filters::{self, PerFilterConfig, Percent};
 use super::matcher::{self, HeaderMatcher, Regex, StringMatcher};
 use super::tree::{ConfigError, Obj, Result};
 
@@ -16,6 +16,11 @@ pub struct RouteConfiguration {
     pub virtual_hosts: Vec<VirtualHost>,
     pub headers: HeaderOps,
     pub per_filter: PerFilterConfig,
+    /// Routes to unknown clusters are refused at load time (Envoy's default for inline routes).
+    pub validate_clusters: bool,
+    pub most_specific_header_mutations_wins: bool,
+    /// `ignore_port_in_host_matching`: the Host's port is ignored when matching domains.
+    pub ignore_port_in_host_matching: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -26,6 +31,8 @@ pub struct VirtualHost {
     pub headers: HeaderOps,
     pub retry_policy: Option<RetryPolicy>,
     pub per_filter: PerFilterConfig,
+    pub include_request_attempt_count: bool,
+    pub include_attempt_count_in_response: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -45,6 +52,10 @@ pub struct RouteMatch {
     pub query_parameters: Vec<QueryMatcher>,
     /// `grpc: {}`: only requests with `content-type: application/grpc*`.
     pub grpc: bool,
+    /// `runtime_fraction` (its default value: weft has no runtime): the share of requests that match.
+    pub fraction: Option<Percent>,
+    /// `tls_context.presented`: whether the connection must (or must not) be TLS.
+    pub tls_presented: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -110,7 +121,14 @@ pub enum ClusterSpecifier {
     Cluster(String),
     /// The cluster named by this request header.
     Header(String),
-    Weighted(Vec<WeightedCluster>),
+    Weighted(WeightedClusters),
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct WeightedClusters {
+    pub clusters: Vec<WeightedCluster>,
+    /// `header_name`: this request header's value is the random number that picks the cluster.
+    pub header_name: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -128,6 +146,8 @@ pub enum HostRewrite {
     Auto,
     /// The value of this request header, when present.
     Header(String),
+    /// The path rewritten by a regex (`host_rewrite_path_regex`).
+    PathRegex(Regex, String),
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -225,7 +245,7 @@ impl RouteConfiguration {
             let names: Vec<&str> = match &r.action {
                 Action::Route(a) => match &a.cluster {
                     ClusterSpecifier::Cluster(c) => vec![c.as_str()],
-                    ClusterSpecifier::Weighted(w) => w.iter().map(|c| c.name.as_str()).collect(),
+                    ClusterSpecifier::Weighted(w) => w.clusters.iter().map(|c| c.name.as_str()).collect(),
                     ClusterSpecifier::Header(_) => Vec::new(),
                 },
                 _ => Vec::new(),
@@ -254,7 +274,9 @@ impl RouteConfiguration {
 
 pub fn translate(mut rc: Obj<'_>) -> Result<RouteConfiguration> {
     let name = rc.string("name")?.unwrap_or_default().to_string();
-    let _ = rc.bool("validate_clusters")?;
+    let validate_clusters = rc.bool("validate_clusters")?.unwrap_or(true);
+    let most_specific_header_mutations_wins = rc.bool("most_specific_header_mutations_wins")?.unwrap_or(false);
+    let ignore_port_in_host_matching = rc.bool("ignore_port_in_host_matching")?.unwrap_or(false);
     let mut virtual_hosts = Vec::new();
     let mut seen_domains = HashSet::new();
     for mut vh in rc.objects("virtual_hosts")? {
@@ -275,13 +297,24 @@ pub fn translate(mut rc: Obj<'_>) -> Result<RouteConfiguration> {
         let headers = headers::ops(&mut vh)?;
         let retry_policy = vh.object("retry_policy")?.map(retry_policy).transpose()?;
         let per_filter = http_filters::per_filter_config(&mut vh)?;
+        let include_request_attempt_count = vh.bool("include_request_attempt_count")?.unwrap_or(false);
+        let include_attempt_count_in_response = vh.bool("include_attempt_count_in_response")?.unwrap_or(false);
         vh.finish()?;
-        virtual_hosts.push(VirtualHost { name: vh_name, domains, routes, headers, retry_policy, per_filter });
+        virtual_hosts.push(VirtualHost {
+            name: vh_name,
+            domains,
+            routes,
+            headers,
+            retry_policy,
+            per_filter,
+            include_request_attempt_count,
+            include_attempt_count_in_response,
+        });
     }
     let headers = headers::ops(&mut rc)?;
     let per_filter = http_filters::per_filter_config(&mut rc)?;
     rc.finish()?;
-    Ok(RouteConfiguration { name, virtual_hosts, headers, per_filter })
+    Ok(RouteConfiguration { name, virtual_hosts, headers, per_filter, validate_clusters, most_specific_header_mutations_wins, ignore_port_in_host_matching })
 }
 
 fn route(mut r: Obj<'_>) -> Result<Route> {
@@ -328,27 +361,28 @@ fn route_match(mut m: Obj<'_>) -> Result<RouteMatch> {
         }
         None => false,
     };
-    if let Some(mut fraction) = m.object("runtime_fraction")? {
-        // Without a runtime layer, the default value decides: routes at 100% always match, others never
-        // would be deterministic only at 0% and 100%.
-        let mut default = fraction.required_object("default_value")?;
-        let numerator = default.u64("numerator")?.unwrap_or(0);
-        let denominator = default.string("denominator")?.unwrap_or("HUNDRED");
-        let whole = match denominator {
-            "HUNDRED" => 100,
-            "TEN_THOUSAND" => 10_000,
-            "MILLION" => 1_000_000,
-            other => return Err(ConfigError::new(default.at("denominator"), format!("{other} is not a denominator"))),
-        };
-        if numerator < whole {
-            return Err(ConfigError::new(default.at("numerator"), "fractions below 100% are not supported by weft yet"));
+    let fraction = match m.object("runtime_fraction")? {
+        Some(mut f) => {
+            let percent = http_filters::fractional_percent(f.required_object("default_value")?)?;
+            let _ = f.string("runtime_key")?;
+            f.finish()?;
+            Some(percent)
         }
-        default.finish()?;
-        let _ = fraction.string("runtime_key")?;
-        fraction.finish()?;
-    }
+        None => None,
+    };
+    let tls_presented = match m.object("tls_context")? {
+        Some(mut t) => {
+            let presented = t.bool("presented")?;
+            if t.bool("validated")?.is_some() {
+                return Err(ConfigError::new(t.at("validated"), "is not supported by weft yet"));
+            }
+            t.finish()?;
+            presented
+        }
+        None => None,
+    };
     m.finish()?;
-    Ok(RouteMatch { path, case_sensitive, headers, query_parameters, grpc })
+    Ok(RouteMatch { path, case_sensitive, headers, query_parameters, grpc, fraction, tls_presented })
 }
 
 fn query_matcher(mut q: Obj<'_>) -> Result<QueryMatcher> {
@@ -382,7 +416,7 @@ fn route_action(mut a: Obj<'_>) -> Result<RouteAction> {
         other => return Err(ConfigError::new(a.at("cluster_not_found_response_code"), format!("{other} is not a response code"))),
     };
     let prefix_rewrite = a.string("prefix_rewrite")?.map(str::to_string);
-    let regex_rewrite = a.object("regex_rewrite")?.map(regex_rewrite).transpose()?;
+    let regex_rewrite = a.object("regex_rewrite")?.map(regex_substitution).transpose()?;
     if prefix_rewrite.is_some() && regex_rewrite.is_some() {
         return Err(ConfigError::new(a.at("regex_rewrite"), "cannot be combined with prefix_rewrite"));
     }
@@ -390,6 +424,7 @@ fn route_action(mut a: Obj<'_>) -> Result<RouteAction> {
         a.string("host_rewrite_literal")?.map(|h| HostRewrite::Literal(h.to_string())),
         a.bool("auto_host_rewrite")?.filter(|b| *b).map(|_| HostRewrite::Auto),
         a.string("host_rewrite_header")?.map(|h| HostRewrite::Header(h.to_ascii_lowercase())),
+        a.object("host_rewrite_path_regex")?.map(regex_substitution).transpose()?.map(|(r, s)| HostRewrite::PathRegex(r, s)),
     ];
     let mut found = found.into_iter().flatten();
     let host_rewrite = found.next();
@@ -461,12 +496,13 @@ fn weighted_clusters(mut w: Obj<'_>) -> Result<ClusterSpecifier> {
         return Err(ConfigError::new(w.at("clusters"), "Sum of weights in the weighted_cluster must be greater than 0"));
     }
     let _ = w.string("runtime_key_prefix")?;
+    let header_name = w.string("header_name")?.map(str::to_ascii_lowercase);
     w.finish()?;
-    Ok(ClusterSpecifier::Weighted(clusters))
+    Ok(ClusterSpecifier::Weighted(WeightedClusters { clusters, header_name }))
 }
 
 /// `RegexMatchAndSubstitute`.
-fn regex_rewrite(mut r: Obj<'_>) -> Result<(Regex, String)> {
+fn regex_substitution(mut r: Obj<'_>) -> Result<(Regex, String)> {
     let pattern = matcher::regex(r.required_object("pattern")?)?;
     let substitution = r.string("substitution")?.unwrap_or_default().to_string();
     r.finish()?;
@@ -481,7 +517,7 @@ fn redirect(mut r: Obj<'_>) -> Result<Redirect> {
     let port = r.u64("port_redirect")?.map(|p| u16::try_from(p).map_err(|_| ConfigError::new(r.at("port_redirect"), "is not a port"))).transpose()?;
     let path = r.string("path_redirect")?.map(str::to_string);
     let prefix_rewrite = r.string("prefix_rewrite")?.map(str::to_string);
-    let regex_rewrite = r.object("regex_rewrite")?.map(regex_rewrite).transpose()?;
+    let regex_rewrite = r.object("regex_rewrite")?.map(regex_substitution).transpose()?;
     if [path.is_some(), prefix_rewrite.is_some(), regex_rewrite.is_some()].iter().filter(|b| **b).count() > 1 {
         return Err(ConfigError::new(r.path(), "needs at most one of path_redirect, prefix_rewrite or regex_rewrite"));
     }

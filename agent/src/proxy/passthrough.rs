@@ -70,6 +70,7 @@ fn cluster(name: &str, source: Option<IpAddr>, connect_timeout: Duration) -> Clu
         connect_timeout,
         lb_policy: LbPolicy::ClusterProvided,
         http2: false,
+        follow_downstream_protocol: false,
         source_address: source.map(|ip| SocketAddr::new(ip, 0)),
         circuit_breakers: CircuitBreakers::default(),
         outlier_detection: None,

@@ -14,14 +14,45 @@ use crate::config::route::{PathMatch, Redirect, Route, RouteConfiguration, Route
 /// What header substitutions read about the request's connection.
 #[derive(Debug, Clone, Copy)]
 pub struct Downstream {
-    pub peer: SocketAddr,
+    /// The client's address: the connection's peer, or the trusted `x-forwarded-for` entry.
+    pub remote: SocketAddr,
     pub local: SocketAddr,
     /// `HTTP/1.1` or `HTTP/2`, as `%PROTOCOL%` shows it.
     pub protocol: &'static str,
 }
 
+/// Everything a header value's `%...%` commands can read.
+pub struct Vars<'a> {
+    pub downstream: &'a Downstream,
+    pub request: &'a HeaderMap,
+    /// `:path`, `:method` and `:authority` of the request.
+    pub path: &'a str,
+    pub method: &'a str,
+    pub authority: &'a str,
+    /// The endpoint and cluster that answered (response headers).
+    pub upstream: Option<(SocketAddr, &'a str)>,
+    /// The response's status and headers (response headers).
+    pub response: Option<(u16, &'a HeaderMap)>,
+}
+
+impl<'a> Vars<'a> {
+    /// The variables of a request (before any response).
+    pub fn of(parts: &'a Parts, downstream: &'a Downstream) -> Vars<'a> {
+        Vars {
+            downstream,
+            request: &parts.headers,
+            path: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+            method: parts.method.as_str(),
+            authority: authority(parts).unwrap_or_default(),
+            upstream: None,
+            response: None,
+        }
+    }
+}
+
 /// The virtual host and route for a request whose host (after port stripping) is `host`.
 pub fn select<'a>(rc: &'a RouteConfiguration, host: &str, req: &Parts) -> Option<(&'a VirtualHost, &'a Route)> {
+    let host = if rc.ignore_port_in_host_matching { split_port(host).0 } else { host };
     let vh = rc.virtual_host(host)?;
     let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
     vh.routes.iter().find(|r| matches(&r.matcher, path, req)).map(|r| (vh, r))
@@ -45,6 +76,9 @@ fn matches(m: &RouteMatch, path_and_query: &str, req: &Parts) -> bool {
             }
         })
         && (!m.grpc || is_grpc(&req.headers))
+        // Downstream TLS comes with the security work: every connection is plaintext so far.
+        && m.tls_presented != Some(true)
+        && m.fraction.is_none_or(|f| f.hit(super::upstream::lb::random() as u64))
 }
 
 /// A header's values joined with `,`, pseudo-headers included, as Envoy's header matchers see them.
@@ -80,14 +114,14 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 }
 
 /// Applies one level's request changes: removals first, then additions, as Envoy's header parser does.
-pub fn apply_request(ops: &HeaderOps, headers: &mut HeaderMap, ctx: &Downstream, req_headers: &HeaderMap) {
+pub fn apply_request(ops: &HeaderOps, headers: &mut HeaderMap, vars: &Vars<'_>) {
     remove(&ops.request_remove, headers);
-    add(&ops.request_add, headers, ctx, req_headers);
+    add(&ops.request_add, headers, vars);
 }
 
-pub fn apply_response(ops: &HeaderOps, headers: &mut HeaderMap, ctx: &Downstream, req_headers: &HeaderMap) {
+pub fn apply_response(ops: &HeaderOps, headers: &mut HeaderMap, vars: &Vars<'_>) {
     remove(&ops.response_remove, headers);
-    add(&ops.response_add, headers, ctx, req_headers);
+    add(&ops.response_add, headers, vars);
 }
 
 fn remove(names: &[String], headers: &mut HeaderMap) {
@@ -96,10 +130,10 @@ fn remove(names: &[String], headers: &mut HeaderMap) {
     }
 }
 
-fn add(options: &[HeaderValueOption], headers: &mut HeaderMap, ctx: &Downstream, req_headers: &HeaderMap) {
+fn add(options: &[HeaderValueOption], headers: &mut HeaderMap, vars: &Vars<'_>) {
     for o in options {
         let Ok(name) = HeaderName::from_bytes(o.name.as_bytes()) else { continue };
-        let value = format_value(&o.value, ctx, req_headers);
+        let value = format_value(&o.value, vars);
         if value.is_empty() && !o.keep_empty_value {
             continue;
         }
@@ -123,21 +157,29 @@ fn add(options: &[HeaderValueOption], headers: &mut HeaderMap, ctx: &Downstream,
     }
 }
 
-fn format_value(parts: &[Part], ctx: &Downstream, req_headers: &HeaderMap) -> String {
+fn format_value(parts: &[Part], vars: &Vars<'_>) -> String {
     let mut out = String::new();
+    let d = vars.downstream;
+    let header = |map: &HeaderMap, name: &str| map.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     for part in parts {
         match part {
             Part::Text(t) => out.push_str(t),
-            Part::DownstreamRemoteAddress { port: true } => out.push_str(&ctx.peer.to_string()),
-            Part::DownstreamRemoteAddress { port: false } => out.push_str(&ctx.peer.ip().to_string()),
-            Part::DownstreamLocalAddress { port: true } => out.push_str(&ctx.local.to_string()),
-            Part::DownstreamLocalAddress { port: false } => out.push_str(&ctx.local.ip().to_string()),
-            Part::Protocol => out.push_str(ctx.protocol),
-            Part::RequestHeader(name) => {
-                if let Some(v) = req_headers.get(name.as_str()).and_then(|v| v.to_str().ok()) {
-                    out.push_str(v);
-                }
-            }
+            Part::DownstreamRemoteAddress { port: true } => out.push_str(&d.remote.to_string()),
+            Part::DownstreamRemoteAddress { port: false } => out.push_str(&d.remote.ip().to_string()),
+            Part::DownstreamLocalAddress { port: true } => out.push_str(&d.local.to_string()),
+            Part::DownstreamLocalAddress { port: false } => out.push_str(&d.local.ip().to_string()),
+            Part::DownstreamLocalPort => out.push_str(&d.local.port().to_string()),
+            Part::Protocol => out.push_str(d.protocol),
+            Part::RequestHeader(name) => out.push_str(&match name.as_str() {
+                ":path" => vars.path.to_string(),
+                ":method" => vars.method.to_string(),
+                ":authority" => vars.authority.to_string(),
+                _ => header(vars.request, name),
+            }),
+            Part::ResponseHeader(name) => out.push_str(&vars.response.map(|(_, h)| header(h, name)).unwrap_or_default()),
+            Part::ResponseCode => out.push_str(&vars.response.map(|(s, _)| s.to_string()).unwrap_or_default()),
+            Part::UpstreamRemoteAddress => out.push_str(&vars.upstream.map(|(a, _)| a.to_string()).unwrap_or_default()),
+            Part::UpstreamCluster => out.push_str(vars.upstream.map(|(_, c)| c).unwrap_or_default()),
         }
     }
     out
@@ -290,7 +332,7 @@ mod tests {
 
     #[test]
     fn header_options_follow_append_actions() {
-        let ctx = Downstream { peer: "10.0.0.1:5000".parse().unwrap(), local: "10.0.0.2:80".parse().unwrap(), protocol: "HTTP/1.1" };
+        let ctx = Downstream { remote: "10.0.0.1:5000".parse().unwrap(), local: "10.0.0.2:80".parse().unwrap(), protocol: "HTTP/1.1" };
         let v = json!({"request_headers_to_add": [
             {"header": {"key": "x-a", "value": "1"}, "append_action": "APPEND_IF_EXISTS_OR_ADD"},
             {"header": {"key": "x-b", "value": "2"}, "append_action": "ADD_IF_ABSENT"},
@@ -303,7 +345,8 @@ mod tests {
             headers.insert(k, HeaderValue::from_static(v));
         }
         let original = headers.clone();
-        apply_request(&ops, &mut headers, &ctx, &original);
+        let vars = Vars { downstream: &ctx, request: &original, path: "/", method: "GET", authority: "x", upstream: None, response: None };
+        apply_request(&ops, &mut headers, &vars);
         assert_eq!(headers.get_all("x-a").iter().count(), 2);
         assert_eq!(headers["x-b"], "0");
         assert_eq!(headers["x-c"], "10.0.0.1");

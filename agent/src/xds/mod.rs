@@ -277,7 +277,7 @@ impl XdsState {
     /// Inline route configurations must name existing clusters (`validate_clusters`).
     fn check_routes(&self, l: &Listener, store: &Store) -> Result<(), String> {
         let known = |c: &str| store.clusters.contains_key(c) || self.bootstrap.clusters.iter().any(|k| k.name == c);
-        match l.inline_routes().flat_map(RouteConfiguration::clusters).find(|c| !known(c)) {
+        match l.inline_routes().filter(|rc| rc.validate_clusters).flat_map(RouteConfiguration::clusters).find(|c| !known(c)) {
             Some(c) => Err(format!("route: unknown cluster '{c}'")),
             None => Ok(()),
         }

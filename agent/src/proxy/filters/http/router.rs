@@ -14,7 +14,7 @@ use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 
 use super::super::super::body::{self, Body};
-use super::super::super::route::{self, Downstream};
+use super::super::super::route::{self, Downstream, Vars};
 use super::super::super::snapshot::ClusterRef;
 use super::super::super::upstream::cluster::{self, PickError};
 use super::super::super::upstream::lb;
@@ -23,7 +23,7 @@ use super::super::super::upstream::pool::{Key, PoolError, Protocol};
 use super::super::super::upstream::Upstream;
 use super::local_reply;
 use crate::config::headers::HeaderOps;
-use crate::config::route::{ClusterSpecifier, HashKey, HashPolicy, HostRewrite, RetryOn, RetryPolicy, Route, RouteAction, RouteConfiguration, VirtualHost};
+use crate::config::route::{ClusterSpecifier, HashKey, HashPolicy, HostRewrite, RetryOn, Route, RouteAction, RouteConfiguration, VirtualHost};
 
 /// Hop-by-hop headers: they describe one connection and are never forwarded (`te: trailers` excepted).
 const HOP_BY_HOP: [&str; 6] = ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te"];
@@ -52,52 +52,76 @@ pub struct Matched<'a> {
 
 impl Matched<'_> {
     /// Header changes from the most specific level to the most general: applied in this order, the most
-    /// general wins (Envoy's default, `most_specific_header_mutations_wins: false`).
-    fn levels<'b>(&'b self, weighted: Option<&'b HeaderOps>) -> impl Iterator<Item = &'b HeaderOps> {
-        weighted.into_iter().chain([&self.route.headers, &self.virtual_host.headers, &self.config.headers])
+    /// general wins (Envoy's default); `most_specific_header_mutations_wins` reverses it.
+    fn levels<'b>(&'b self, weighted: Option<&'b HeaderOps>) -> Vec<&'b HeaderOps> {
+        let mut levels: Vec<&HeaderOps> = weighted.into_iter().chain([&self.route.headers, &self.virtual_host.headers, &self.config.headers]).collect();
+        if self.config.most_specific_header_mutations_wins {
+            levels.reverse();
+        }
+        levels
+    }
+}
+
+/// The cluster a request goes to (by name, by header or by weight) and the weighted cluster's header changes.
+fn choose_cluster<'a>(action: &'a RouteAction, headers: &HeaderMap) -> (String, Option<&'a HeaderOps>) {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    match &action.cluster {
+        ClusterSpecifier::Cluster(c) => (c.clone(), None),
+        ClusterSpecifier::Header(h) => (header(h), None),
+        ClusterSpecifier::Weighted(w) => {
+            let total: u64 = w.clusters.iter().map(|c| u64::from(c.weight)).sum();
+            // `header_name`: the header's value (an unsigned integer) stands in for the random number.
+            let random = w.header_name.as_deref().and_then(|h| header(h).trim().parse::<u64>().ok()).unwrap_or_else(|| lb::random() as u64);
+            let mut point = random % total.max(1);
+            let chosen = w.clusters.iter().find(|c| {
+                let inside = point < u64::from(c.weight);
+                point = point.saturating_sub(u64::from(c.weight));
+                inside
+            });
+            match chosen.or(w.clusters.last()) {
+                Some(c) => (c.name.clone(), Some(&c.headers)),
+                None => (String::new(), None),
+            }
+        }
     }
 }
 
 pub async fn forward(mut parts: Parts, body: Body, matched: Matched<'_>, downstream: &Downstream, upstream: &Upstream) -> Response<Body> {
     let grpc = route::is_grpc(&parts.headers);
     let action = matched.action;
-    let (cluster_name, weighted_ops) = match &action.cluster {
-        ClusterSpecifier::Cluster(c) => (c.clone(), None),
-        ClusterSpecifier::Header(h) => (parts.headers.get(h.as_str()).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string(), None),
-        ClusterSpecifier::Weighted(clusters) => {
-            let total: u64 = clusters.iter().map(|c| u64::from(c.weight)).sum();
-            let mut point = lb::random() as u64 % total.max(1);
-            let chosen = clusters.iter().find(|c| {
-                let inside = point < u64::from(c.weight);
-                point = point.saturating_sub(u64::from(c.weight));
-                inside
-            });
-            match chosen.or(clusters.last()) {
-                Some(c) => (c.name.clone(), Some(&c.headers)),
-                None => (String::new(), None),
-            }
-        }
-    };
+    let (cluster_name, weighted_ops) = choose_cluster(action, &parts.headers);
     let Some(cluster) = upstream.snapshot.cluster(&cluster_name) else {
         let status = StatusCode::from_u16(action.cluster_not_found_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
         return local_reply::reply(status, None, grpc);
     };
-
+    let levels = matched.levels(weighted_ops);
     let original = parts.headers.clone();
-    for ops in matched.levels(weighted_ops) {
-        route::apply_request(ops, &mut parts.headers, downstream, &original);
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    let authority = route::authority(&parts).unwrap_or_default().to_string();
+    let method = parts.method.to_string();
+    let vars = Vars { downstream, request: &original, path: &path, method: &method, authority: &authority, upstream: None, response: None };
+    for ops in &levels {
+        route::apply_request(ops, &mut parts.headers, &vars);
     }
-    let policy = Attempts::new(&mut parts.headers, action, matched.virtual_host.retry_policy.as_ref());
+    let policy = Attempts::new(&mut parts.headers, action, matched.virtual_host);
     let template = prepare(parts, &matched, &cluster, downstream);
     let started = Instant::now();
-    let mut response = policy.run(&template, body, &cluster, upstream, grpc).await;
+    let (mut response, endpoint) = policy.run(&template, body, &cluster, upstream, grpc).await;
     finish_response(&mut response, template.downstream_version, started);
     if let Some(cookie) = template.set_cookie.clone() {
         response.headers_mut().append(header::SET_COOKIE, cookie);
     }
-    let request_headers = template.headers;
-    for ops in matched.levels(weighted_ops) {
-        route::apply_response(ops, response.headers_mut(), downstream, &request_headers);
+    if levels.iter().any(|l| !l.response_add.is_empty() || !l.response_remove.is_empty()) {
+        let returned = response.headers().clone();
+        let vars = Vars {
+            upstream: endpoint.map(|e| (e, cluster.config.name.as_str())),
+            response: Some((response.status().as_u16(), &returned)),
+            request: &template.headers,
+            ..vars
+        };
+        for ops in &levels {
+            route::apply_response(ops, response.headers_mut(), &vars);
+        }
     }
     response
 }
@@ -133,11 +157,29 @@ fn prepare(mut parts: Parts, matched: &Matched<'_>, cluster: &ClusterRef<'_>, do
                 authority = v.to_string();
             }
         }
+        Some(HostRewrite::PathRegex(pattern, substitution)) => {
+            let path = original_path.split('?').next().unwrap_or_default();
+            if let Some(host) = route::rewrite_path(path, &matched.route.matcher.path, None, Some(&(pattern.clone(), substitution.clone()))) {
+                authority = host;
+            }
+        }
         // Only endpoints with a hostname (DNS clusters) have a host to rewrite to; weft's have addresses.
         Some(HostRewrite::Auto) | None => {}
     }
     let headers = &mut parts.headers;
     let keep_te = headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    // Headers the Connection header nominates are hop-by-hop too.
+    let nominated: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|h| h.trim().to_ascii_lowercase())
+        .filter(|h| !h.is_empty() && !h.starts_with(':') && h != "host")
+        .collect();
+    for h in &nominated {
+        headers.remove(h.as_str());
+    }
     for h in HOP_BY_HOP {
         headers.remove(h);
     }
@@ -151,7 +193,12 @@ fn prepare(mut parts: Parts, matched: &Matched<'_>, cluster: &ClusterRef<'_>, do
         path_and_query: rewritten.unwrap_or(original_path),
         authority,
         headers: parts.headers,
-        protocol: if cluster.config.http2 { Protocol::Http2 } else { Protocol::Http1 },
+        protocol: match (cluster.config.follow_downstream_protocol, parts.version) {
+            (true, Version::HTTP_2) => Protocol::Http2,
+            (true, _) => Protocol::Http1,
+            (false, _) if cluster.config.http2 => Protocol::Http2,
+            (false, _) => Protocol::Http1,
+        },
         downstream_version: parts.version,
         hash,
         set_cookie,
@@ -166,7 +213,7 @@ fn request_hash(policies: &[HashPolicy], parts: &Parts, downstream: &Downstream)
     for policy in policies {
         let value = match &policy.key {
             HashKey::Header(name) => route::header_value(parts, name),
-            HashKey::SourceIp => Some(downstream.peer.ip().to_canonical().to_string()),
+            HashKey::SourceIp => Some(downstream.remote.ip().to_canonical().to_string()),
             HashKey::QueryParameter(name) => {
                 let query = parts.uri.query().unwrap_or_default();
                 query.split('&').find_map(|pair| {
@@ -177,7 +224,7 @@ fn request_hash(policies: &[HashPolicy], parts: &Parts, downstream: &Downstream)
             HashKey::Cookie { name, ttl, path } => match cookie(&parts.headers, name) {
                 Some(v) => Some(v),
                 None => ttl.map(|ttl| {
-                    let value = format!("{:016x}", lb::hash_str(&downstream.peer.to_string()));
+                    let value = format!("{:016x}", lb::hash_str(&downstream.remote.to_string()));
                     let mut text = format!("{name}=\"{value}\"");
                     if let Some(p) = path {
                         text.push_str(&format!("; Path={p}"));
@@ -209,8 +256,11 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
 }
 
 impl Template {
-    fn request(&self, body: Body, expected_timeout: Option<Duration>) -> Request<Body> {
+    fn request(&self, body: Body, expected_timeout: Option<Duration>, attempt: Option<u32>) -> Request<Body> {
         let mut headers = self.headers.clone();
+        if let Some(n) = attempt {
+            headers.insert("x-envoy-attempt-count", HeaderValue::from(n));
+        }
         if let Some(t) = expected_timeout {
             headers.insert("x-envoy-expected-rq-timeout-ms", HeaderValue::from(t.as_millis() as u64));
         }
@@ -243,6 +293,9 @@ struct Attempts {
     host_attempts: u32,
     base_interval: Duration,
     max_interval: Duration,
+    /// `x-envoy-attempt-count` on upstream requests and on the response.
+    count_to_upstream: bool,
+    count_to_response: bool,
 }
 
 fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
@@ -250,8 +303,8 @@ fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
 }
 
 impl Attempts {
-    fn new(headers: &mut HeaderMap, action: &RouteAction, vhost_policy: Option<&RetryPolicy>) -> Attempts {
-        let policy = action.retry_policy.as_ref().or(vhost_policy);
+    fn new(headers: &mut HeaderMap, action: &RouteAction, virtual_host: &VirtualHost) -> Attempts {
+        let policy = action.retry_policy.as_ref().or(virtual_host.retry_policy.as_ref());
         let timeout = match header_u64(headers, "x-envoy-upstream-rq-timeout-ms") {
             Some(0) => None,
             Some(ms) => Some(Duration::from_millis(ms)),
@@ -284,6 +337,8 @@ impl Attempts {
             host_attempts: policy.map_or(1, |p| p.host_selection_max_attempts),
             base_interval: policy.map_or(Duration::from_millis(25), |p| p.base_interval),
             max_interval: policy.map_or(Duration::from_millis(250), |p| p.max_interval),
+            count_to_upstream: virtual_host.include_request_attempt_count,
+            count_to_response: virtual_host.include_attempt_count_in_response,
         }
     }
 
@@ -315,24 +370,39 @@ impl Attempts {
         Duration::from_millis((lb::random() % millis) as u64)
     }
 
-    async fn run(&self, template: &Template, body: Body, cluster: &ClusterRef<'_>, upstream: &Upstream, grpc: bool) -> Response<Body> {
+    /// The response and the endpoint that gave it (none for local replies).
+    async fn run(&self, template: &Template, body: Body, cluster: &ClusterRef<'_>, upstream: &Upstream, grpc: bool) -> (Response<Body>, Option<SocketAddr>) {
+        let attempts = std::sync::atomic::AtomicU32::new(0);
         let deadline = self.timeout.map(|t| tokio::time::Instant::now() + t);
-        let attempt = self.send_all(template, body, cluster, upstream, grpc);
-        match deadline {
+        let attempt = self.send_all(template, body, cluster, upstream, grpc, &attempts);
+        let (mut response, endpoint) = match deadline {
             None => attempt.await,
             Some(at) => match tokio::time::timeout_at(at, attempt).await {
-                Ok(response) => response,
-                Err(_) => local_reply::reply(StatusCode::GATEWAY_TIMEOUT, Some("upstream request timeout"), grpc),
+                Ok(answered) => answered,
+                Err(_) => (local_reply::reply(StatusCode::GATEWAY_TIMEOUT, Some("upstream request timeout"), grpc), None),
             },
+        };
+        let made = attempts.load(Relaxed);
+        if self.count_to_response && made > 0 {
+            response.headers_mut().insert("x-envoy-attempt-count", HeaderValue::from(made));
         }
+        (response, endpoint)
     }
 
-    async fn send_all(&self, template: &Template, body: Body, cluster: &ClusterRef<'_>, upstream: &Upstream, grpc: bool) -> Response<Body> {
+    async fn send_all(
+        &self,
+        template: &Template,
+        body: Body,
+        cluster: &ClusterRef<'_>,
+        upstream: &Upstream,
+        grpc: bool,
+        attempts: &std::sync::atomic::AtomicU32,
+    ) -> (Response<Body>, Option<SocketAddr>) {
         let runtime = upstream.pools.runtime(&cluster.config.name);
         let limits = &cluster.config.circuit_breakers;
         if runtime.active_requests.load(Relaxed) >= limits.max_requests {
             cluster.state.upstream_rq_pending_overflow.fetch_add(1, Relaxed);
-            return overflow(grpc);
+            return (overflow(grpc), None);
         }
         let _request = Counted::new(&runtime.active_requests);
         // A body is kept only when a retry may need to send it again.
@@ -344,7 +414,7 @@ impl Attempts {
             }
             (_, Some(b)) => match buffer(b).await {
                 Ok(bytes) => Some(bytes),
-                Err(e) => return local_reply::reply(StatusCode::BAD_REQUEST, Some(&e), grpc),
+                Err(e) => return (local_reply::reply(StatusCode::BAD_REQUEST, Some(&e), grpc), None),
             },
             (_, None) => None,
         };
@@ -355,7 +425,7 @@ impl Attempts {
             let avoid: &[SocketAddr] = if self.previous_hosts { &tried } else { &[] };
             let endpoint = match pick_endpoint(cluster, &runtime, upstream.original_dst, avoid, self.host_attempts, template.hash) {
                 Ok(e) => e,
-                Err(_) => return local_reply::reply(StatusCode::SERVICE_UNAVAILABLE, Some("no healthy upstream"), grpc),
+                Err(_) => return (local_reply::reply(StatusCode::SERVICE_UNAVAILABLE, Some("no healthy upstream"), grpc), None),
             };
             tried.push(endpoint);
             let body = match (&buffered, once.take()) {
@@ -363,7 +433,8 @@ impl Attempts {
                 (None, Some(b)) => b,
                 (None, None) => body::empty(),
             };
-            let request = template.request(body, expected);
+            let attempt = attempts.fetch_add(1, Relaxed) + 1;
+            let request = template.request(body, expected, self.count_to_upstream.then_some(attempt));
             let result = {
                 let _retry = (n > 0).then(|| Counted::new(&runtime.active_retries));
                 let _in_flight = runtime.start(endpoint);
@@ -386,8 +457,8 @@ impl Attempts {
             }
             if !retriable || n >= self.retries || !room {
                 return match result {
-                    Ok(response) => response.map(BodyExt::boxed),
-                    Err(failure) => failure.reply(n > 0, grpc),
+                    Ok(response) => (response.map(BodyExt::boxed), Some(endpoint)),
+                    Err(failure) => (failure.reply(n > 0, grpc), None),
                 };
             }
             tokio::time::sleep(self.back_off(n)).await;

@@ -4,8 +4,7 @@
 //! response (`server`, `via`, the route's response headers). Each request takes the latest configuration, as
 //! Envoy applies route and cluster updates to established connections.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use http_body_util::BodyExt;
@@ -18,13 +17,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
 use super::super::super::body::Body;
-use super::super::super::route::{self, Downstream};
+use super::super::super::route::{self, Downstream, Vars};
 use super::super::super::snapshot::Snapshot;
 use super::super::super::upstream::Upstream;
 use super::super::http::cors::{self, Cors};
 use super::super::http::router::{self, Matched};
 use super::super::http::{fault, local_ratelimit, local_reply};
-use crate::config::http_connection_manager::{Codec, HostPort, HttpConnectionManager, HttpFilterKind, Routes, ServerHeader};
+use crate::config::http_connection_manager::{Codec, EscapedSlashes, HostPort, HttpConnectionManager, HttpFilterKind, Routes, ServerHeader};
 use crate::config::http_filters::FilterOverride;
 use crate::config::route::{Action, Route, RouteConfiguration, VirtualHost};
 
@@ -38,6 +37,43 @@ pub struct HttpContext {
     pub peer: SocketAddr,
     pub local: SocketAddr,
 }
+
+/// Headers only a trusted (internal) client may send; removed from other requests, as Envoy does.
+const INTERNAL_ONLY_HEADERS: [&str; 12] = [
+    "x-envoy-retry-on",
+    "x-envoy-retry-grpc-on",
+    "x-envoy-max-retries",
+    "x-envoy-upstream-alt-stat-name",
+    "x-envoy-upstream-rq-timeout-ms",
+    "x-envoy-upstream-rq-per-try-timeout-ms",
+    "x-envoy-upstream-rq-timeout-alt-response",
+    "x-envoy-expected-rq-timeout-ms",
+    "x-envoy-force-trace",
+    "x-envoy-ip-tags",
+    "x-envoy-retriable-status-codes",
+    "x-envoy-retriable-header-names",
+];
+
+/// Removed from requests of external clients at the edge (`use_remote_address`).
+const EDGE_ONLY_HEADERS: [&str; 4] = [
+    "x-envoy-decorator-operation",
+    "x-envoy-downstream-service-cluster",
+    "x-envoy-downstream-service-node",
+    "x-envoy-original-path",
+];
+
+/// The request is refused by resetting its stream (HTTP/2) or closing the connection (HTTP/1.1), as Envoy's
+/// codec does with headers over the limit in HTTP/2.
+#[derive(Debug)]
+pub struct Reset;
+
+impl std::fmt::Display for Reset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("request refused by the codec")
+    }
+}
+
+impl std::error::Error for Reset {}
 
 /// hyper's smallest header buffer; smaller `max_request_headers_kb` limits are checked per request.
 const MIN_HEADER_BUFFER: usize = 8192;
@@ -53,7 +89,7 @@ where
     let context = Arc::new(context);
     let service = hyper::service::service_fn(move |req| {
         let context = Arc::clone(&context);
-        async move { Ok::<_, Infallible>(context.handle(req).await) }
+        async move { context.handle(req).await }
     });
     let io = TokioIo::new(io);
     let result = match codec {
@@ -88,33 +124,63 @@ impl HttpContext {
         (Upstream { snapshot, ..self.upstream.clone() }, routes)
     }
 
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn handle(&self, req: Request<Incoming>) -> Result<Response<Body>, Reset> {
         let (upstream, routes) = self.current();
-        let downstream = Downstream { peer: self.peer, local: self.local, protocol: protocol_name(req.version()) };
+        let protocol = protocol_name(req.version());
         let (mut parts, body) = req.into_parts();
-        let grpc = route::is_grpc(&parts.headers);
-        let mut response = match self.check(&parts) {
-            Some(status) => local_reply::reply(status, None, grpc),
-            None => {
-                self.normalize(&mut parts);
-                self.mutate_request(&mut parts.headers);
-                self.route(parts, body.boxed(), routes.as_deref(), &downstream, &upstream).await
-            }
+        let mut response = match self.check(&parts)? {
+            Some(reply) => reply,
+            None => match self.normalize(&mut parts) {
+                Some(reply) => reply,
+                None => {
+                    let remote = self.mutate_request(&mut parts.headers);
+                    let request_id = parts.headers.get("x-request-id").cloned();
+                    let downstream = Downstream { remote, local: self.local, protocol };
+                    let mut response = self.route(parts, body.boxed(), routes.as_deref(), &downstream, &upstream).await;
+                    if let Some(id) = request_id.filter(|_| self.hcm.always_set_request_id_in_response) {
+                        response.headers_mut().insert("x-request-id", id);
+                    }
+                    response
+                }
+            },
         };
         self.finish(response.headers_mut());
-        response
+        Ok(response)
     }
 
-    /// Request limits Envoy enforces before routing: header size and count (431).
-    fn check(&self, parts: &Parts) -> Option<StatusCode> {
+    /// What Envoy's codecs refuse before routing: oversized headers (431, or a stream reset in HTTP/2),
+    /// HTTP/1.0 unless accepted (426), and malformed HTTP/1.1 requests (400).
+    fn check(&self, parts: &Parts) -> Result<Option<Response<Body>>, Reset> {
+        let grpc = route::is_grpc(&parts.headers);
         let size: usize = parts.headers.iter().map(|(k, v)| k.as_str().len() + v.len()).sum::<usize>()
             + parts.uri.path_and_query().map_or(0, |p| p.as_str().len());
-        let too_large = size > self.hcm.max_request_headers_bytes || parts.headers.len() > self.hcm.max_headers_count;
-        too_large.then_some(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE)
+        if size > self.hcm.max_request_headers_bytes || parts.headers.len() > self.hcm.max_headers_count {
+            if parts.version == Version::HTTP_2 {
+                return Err(Reset);
+            }
+            return Ok(Some(local_reply::reply(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, Some("Request Header Fields Too Large"), grpc)));
+        }
+        if parts.version == Version::HTTP_2 {
+            return Ok(None);
+        }
+        if parts.version == Version::HTTP_10 && !self.hcm.accept_http_10 {
+            return Ok(Some(local_reply::reply(StatusCode::UPGRADE_REQUIRED, Some("Upgrade Required"), grpc)));
+        }
+        let method_ok = parts.method.as_str().bytes().all(|b| !b.is_ascii_lowercase());
+        let target_ok = parts.uri.path().starts_with('/') || parts.uri.authority().is_some() || parts.uri == "*";
+        let framing_ok = !(parts.headers.contains_key(header::CONTENT_LENGTH) && parts.headers.contains_key(header::TRANSFER_ENCODING));
+        if !method_ok || !target_ok || !framing_ok {
+            return Ok(Some(local_reply::reply(StatusCode::BAD_REQUEST, Some("Bad Request"), grpc)));
+        }
+        if route::authority(parts).is_none_or(str::is_empty) && parts.version == Version::HTTP_11 {
+            return Ok(Some(local_reply::reply(StatusCode::BAD_REQUEST, None, grpc)));
+        }
+        Ok(None)
     }
 
-    /// Path normalisation and host port stripping, before routing and before any filter reads them.
-    fn normalize(&self, parts: &mut Parts) {
+    /// Path normalisation, escaped slashes and host rewriting for matching, before routing and before any
+    /// filter reads them. Returns the reply when the path's escaped slashes are refused or redirected.
+    fn normalize(&self, parts: &mut Parts) -> Option<Response<Body>> {
         let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let (path, query) = match path_and_query.split_once('?') {
             Some((p, q)) => (p, Some(q)),
@@ -127,49 +193,117 @@ impl HttpContext {
         if self.hcm.merge_slashes {
             new_path = merge_slashes(&new_path);
         }
+        let escaped = ["%2f", "%5c"].iter().any(|e| new_path.to_ascii_lowercase().contains(e));
+        let mut redirect = false;
+        if escaped {
+            match self.hcm.escaped_slashes {
+                EscapedSlashes::KeepUnchanged => {}
+                EscapedSlashes::RejectRequest => return Some(local_reply::reply(StatusCode::BAD_REQUEST, None, route::is_grpc(&parts.headers))),
+                EscapedSlashes::UnescapeAndForward | EscapedSlashes::UnescapeAndRedirect => {
+                    new_path = unescape_slashes(&new_path);
+                    redirect = self.hcm.escaped_slashes == EscapedSlashes::UnescapeAndRedirect;
+                }
+            }
+        }
         if new_path != path {
             let rebuilt = match query {
                 Some(q) => format!("{new_path}?{q}"),
                 None => new_path,
             };
+            if redirect {
+                let mut reply = local_reply::reply(StatusCode::TEMPORARY_REDIRECT, None, false);
+                if let Ok(v) = HeaderValue::from_str(&rebuilt) {
+                    reply.headers_mut().insert(header::LOCATION, v);
+                }
+                return Some(reply);
+            }
             set_path(&mut parts.uri, &rebuilt);
         }
-        let Some(authority) = route::authority(parts).map(str::to_string) else { return };
-        let (host, port) = route::split_port(&authority);
+        let Some(authority) = route::authority(parts).map(str::to_string) else { return None };
+        let (mut host, port) = route::split_port(&authority);
+        if self.hcm.strip_trailing_host_dot {
+            host = host.strip_suffix('.').unwrap_or(host);
+        }
         let strip = match self.hcm.host_port {
             HostPort::Keep => false,
             HostPort::StripAny => port.is_some(),
             HostPort::StripMatching => port.and_then(|p| p.parse::<u16>().ok()) == Some(self.local.port()),
         };
-        if strip {
-            set_authority(parts, host);
+        let rebuilt = match port {
+            Some(p) if !strip => format!("{host}:{p}"),
+            _ => host.to_string(),
+        };
+        if rebuilt != authority {
+            set_authority(parts, &rebuilt);
         }
+        None
     }
 
-    /// `x-forwarded-for`, `x-forwarded-proto`, `x-request-id` and `via`, as Envoy's connection manager sets
-    /// them.
-    fn mutate_request(&self, headers: &mut HeaderMap) {
-        if self.hcm.use_remote_address {
-            let peer = self.peer.ip().to_canonical().to_string();
-            let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-                Some(existing) => format!("{existing},{peer}"),
-                None => peer,
+    /// `x-forwarded-for`, `x-forwarded-proto`, internal and edge requests, `x-request-id` and `via`, as
+    /// Envoy's connection manager sets them. Returns the client's address (the trusted XFF entry or the
+    /// peer).
+    fn mutate_request(&self, headers: &mut HeaderMap) -> SocketAddr {
+        for h in ["x-envoy-internal", "keep-alive", "proxy-connection"] {
+            headers.remove(h);
+        }
+        let hops = self.hcm.xff_num_trusted_hops as usize;
+        let xff: Vec<String> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|a| a.trim().to_string())
+            .filter(|a| !a.is_empty())
+            .collect();
+        let from_xff = |skip: usize| xff.len().checked_sub(skip + 1).and_then(|i| xff[i].parse::<IpAddr>().ok());
+        let (remote, single) = if self.hcm.use_remote_address {
+            let single = xff.is_empty();
+            let trusted = if hops > 0 { from_xff(hops - 1) } else { None };
+            let appended = if self.peer.ip().is_loopback() { self.local.ip() } else { self.peer.ip() }.to_canonical();
+            let value = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+                Some(existing) => format!("{existing},{appended}"),
+                None => appended.to_string(),
             };
-            if let Ok(v) = HeaderValue::from_str(&xff) {
+            if let Ok(v) = HeaderValue::from_str(&value) {
                 headers.insert("x-forwarded-for", v);
             }
             headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-        } else if !headers.contains_key("x-forwarded-proto") {
+            (trusted.or(Some(self.peer.ip())), single)
+        } else {
+            (from_xff(hops), xff.len() == 1)
+        };
+        if !headers.contains_key("x-forwarded-proto") {
             headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
         }
-        if !headers.contains_key("x-request-id") {
-            if let Ok(v) = HeaderValue::from_str(&request_id()) {
-                headers.insert("x-request-id", v);
+        let internal = single && remote.is_some_and(|ip| self.hcm.internal_ranges.iter().any(|r| r.contains(ip)));
+        let edge = !internal && self.hcm.use_remote_address;
+        if internal {
+            headers.insert("x-envoy-internal", HeaderValue::from_static("true"));
+        } else {
+            if edge {
+                for h in EDGE_ONLY_HEADERS {
+                    headers.remove(h);
+                }
+            }
+            for h in INTERNAL_ONLY_HEADERS {
+                headers.remove(h);
             }
         }
         if let Some(via) = &self.hcm.via {
             append_via(headers, via);
         }
+        let remote = remote.unwrap_or(self.peer.ip());
+        if edge {
+            if let Ok(v) = HeaderValue::from_str(&remote.to_canonical().to_string()) {
+                headers.insert("x-envoy-external-address", v);
+            }
+        }
+        if edge || !headers.contains_key("x-request-id") {
+            if let Ok(v) = HeaderValue::from_str(&request_id()) {
+                headers.insert("x-request-id", v);
+            }
+        }
+        SocketAddr::new(remote.to_canonical(), if remote == self.peer.ip() { self.peer.port() } else { 0 })
     }
 
     async fn route(&self, parts: Parts, body: Body, routes: Option<&RouteConfiguration>, downstream: &Downstream, upstream: &Upstream) -> Response<Body> {
@@ -197,7 +331,7 @@ impl HttpContext {
                 },
                 (HttpFilterKind::Cors, _) => None,
                 (HttpFilterKind::LocalRateLimit(_), Some(FilterOverride::LocalRateLimit(l))) | (HttpFilterKind::LocalRateLimit(l), _) => {
-                    local_ratelimit::decode(l, grpc, downstream, &parts.headers)
+                    local_ratelimit::decode(l, grpc, &Vars::of(&parts, downstream))
                 }
                 (HttpFilterKind::Router, _) => break,
             };
@@ -253,8 +387,14 @@ impl HttpContext {
                 reply
             }
         };
-        for ops in [&matched.headers, &virtual_host.headers, &config.headers] {
-            route::apply_response(ops, response.headers_mut(), downstream, &parts.headers);
+        let returned = response.headers().clone();
+        let vars = Vars { response: Some((response.status().as_u16(), &returned)), ..Vars::of(&parts, downstream) };
+        let mut levels = [&matched.headers, &virtual_host.headers, &config.headers];
+        if config.most_specific_header_mutations_wins {
+            levels.reverse();
+        }
+        for ops in levels {
+            route::apply_response(ops, response.headers_mut(), &vars);
         }
         response
     }
@@ -293,6 +433,28 @@ fn append_via(headers: &mut HeaderMap, via: &str) {
     if let Ok(v) = HeaderValue::from_str(&value) {
         headers.insert(header::VIA, v);
     }
+}
+
+/// `%2F`, `%2f` to `/` and `%5C`, `%5c` to `\\`.
+fn unescape_slashes(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    let mut rest = path;
+    while let Some(i) = rest.find('%') {
+        out.push_str(&rest[..i]);
+        let code = rest.get(i + 1..i + 3).map(str::to_ascii_lowercase);
+        match code.as_deref() {
+            Some("2f") => out.push('/'),
+            Some("5c") => out.push('\\'),
+            _ => {
+                out.push('%');
+                rest = &rest[i + 1..];
+                continue;
+            }
+        }
+        rest = &rest[i + 3..];
+    }
+    out.push_str(rest);
+    out
 }
 
 fn set_path(uri: &mut Uri, path_and_query: &str) {
