@@ -56,8 +56,8 @@ pub struct OutlierDetection {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(tag = "type", rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Discovery {
-    /// Fixed endpoints from `load_assignment`.
-    Static { endpoints: Vec<SocketAddr> },
+    /// Fixed endpoints from `load_assignment`, with the hostnames some of them have.
+    Static { endpoints: Vec<SocketAddr>, hostnames: Vec<(SocketAddr, String)> },
     /// Connect to the downstream connection's original destination.
     OriginalDst,
     /// Endpoints from EDS (over ADS), for `service_name`.
@@ -103,7 +103,8 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
             if lb_policy == LbPolicy::ClusterProvided {
                 return Err(ConfigError::new(c.at("lb_policy"), "CLUSTER_PROVIDED is only valid for ORIGINAL_DST clusters"));
             }
-            Discovery::Static { endpoints: load_assignment(&mut c)? }
+            let (endpoints, hostnames) = load_assignment(&mut c)?;
+            Discovery::Static { endpoints, hostnames }
         }
         "EDS" => {
             if lb_policy == LbPolicy::ClusterProvided {
@@ -153,19 +154,34 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
     })
 }
 
-fn load_assignment(c: &mut Obj<'_>) -> Result<Vec<SocketAddr>> {
+fn load_assignment(c: &mut Obj<'_>) -> Result<(Vec<SocketAddr>, Vec<(SocketAddr, String)>)> {
     // Envoy accepts any cluster_name for a static cluster's inline assignment; only the endpoints matter.
-    c.object("load_assignment")?.map(|la| assignment(la).map(|(_, e)| e)).transpose().map(Option::unwrap_or_default)
+    let Some(la) = c.object("load_assignment")? else { return Ok(Default::default()) };
+    let mut hostnames = Vec::new();
+    let (_, endpoints) = read_assignment(la, Some(&mut hostnames))?;
+    Ok((endpoints, hostnames))
 }
 
 /// `envoy.config.endpoint.v3.ClusterLoadAssignment`: its cluster (service) name and endpoints.
-pub fn assignment(mut la: Obj<'_>) -> Result<(String, Vec<SocketAddr>)> {
+pub fn assignment(la: Obj<'_>) -> Result<(String, Vec<SocketAddr>)> {
+    read_assignment(la, None)
+}
+
+/// Endpoint hostnames (for `auto_host_rewrite`) are kept where `hostnames` is given (static clusters) and
+/// refused elsewhere, so they are never silently dropped.
+fn read_assignment(mut la: Obj<'_>, mut hostnames: Option<&mut Vec<(SocketAddr, String)>>) -> Result<(String, Vec<SocketAddr>)> {
     let name = la.string("cluster_name")?.unwrap_or_default().to_string();
     let mut endpoints = Vec::new();
     for mut locality in la.objects("endpoints")? {
         for mut lb in locality.objects("lb_endpoints")? {
             let mut endpoint = lb.required_object("endpoint")?;
-            endpoints.push(socket_address(endpoint.required_object("address")?)?);
+            let address = socket_address(endpoint.required_object("address")?)?;
+            if let Some(names) = hostnames.as_deref_mut() {
+                if let Some(h) = endpoint.string("hostname")?.filter(|h| !h.is_empty()) {
+                    names.push((address, h.to_string()));
+                }
+            }
+            endpoints.push(address);
             endpoint.finish()?;
             lb.finish()?;
         }

@@ -30,6 +30,10 @@ pub struct HttpConnectionManager {
     /// `internal_address_config.cidr_ranges`: clients in these ranges are internal (none by default).
     pub internal_ranges: Vec<CidrRange>,
     pub always_set_request_id_in_response: bool,
+    /// `generate_request_id` (default true): requests without an `x-request-id` get one.
+    pub generate_request_id: bool,
+    /// Keep an edge request's own `x-request-id` instead of replacing it.
+    pub preserve_external_request_id: bool,
     pub strip_trailing_host_dot: bool,
     pub escaped_slashes: EscapedSlashes,
     /// `http_protocol_options.accept_http_10`: HTTP/1.0 requests are served (else 426).
@@ -142,6 +146,8 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
         internal.finish()?;
     }
     let always_set_request_id_in_response = h.bool("always_set_request_id_in_response")?.unwrap_or(false);
+    let generate_request_id = h.bool("generate_request_id")?.unwrap_or(true);
+    let preserve_external_request_id = h.bool("preserve_external_request_id")?.unwrap_or(false);
     let strip_trailing_host_dot = h.bool("strip_trailing_host_dot")?.unwrap_or(false);
     let mut accept_http_10 = false;
     if let Some(mut http1) = h.object("http_protocol_options")? {
@@ -185,6 +191,8 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
         max_headers_count,
         internal_ranges,
         always_set_request_id_in_response,
+        generate_request_id,
+        preserve_external_request_id,
         strip_trailing_host_dot,
         escaped_slashes,
         accept_http_10,

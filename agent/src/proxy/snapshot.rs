@@ -67,7 +67,7 @@ impl Snapshot {
         let entry = self.clusters.get(name)?;
         let config = entry.model();
         let endpoints: &[SocketAddr] = match &config.discovery {
-            Discovery::Static { endpoints } => endpoints,
+            Discovery::Static { endpoints, .. } => endpoints,
             Discovery::Eds { service_name } => self.assignments.get(service_name).map_or(&[], |a| a.model().as_slice()),
             Discovery::OriginalDst => &[],
         };

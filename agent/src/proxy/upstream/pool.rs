@@ -50,7 +50,11 @@ impl PoolError {
     pub fn reason(&self) -> &'static str {
         match self {
             PoolError::Connect(_) => "remote connection failure",
-            PoolError::Reset(_) => "connection termination",
+            PoolError::Reset(e) => match stream_reset(e) {
+                Some(h2::Reason::REFUSED_STREAM) => "remote refused stream reset",
+                Some(_) => "remote reset",
+                None => "connection termination",
+            },
             PoolError::Overflow => "overflow",
         }
     }
@@ -64,6 +68,18 @@ impl std::fmt::Display for PoolError {
             PoolError::Overflow => f.write_str("circuit breaker overflow"),
         }
     }
+}
+
+/// The HTTP/2 error code of a stream the upstream reset, if that is what happened.
+pub fn stream_reset(e: &hyper::Error) -> Option<h2::Reason> {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.is_remote().then(|| h2.reason()).flatten().filter(|_| h2.is_reset());
+        }
+        source = err.source();
+    }
+    None
 }
 
 pub struct Pools {

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
+use hyper::body::Body as _;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
@@ -22,6 +23,7 @@ use super::super::super::upstream::runtime::{ClusterRuntime, Result as AttemptRe
 use super::super::super::upstream::pool::{Key, PoolError, Protocol};
 use super::super::super::upstream::Upstream;
 use super::local_reply;
+use crate::config::cluster::Discovery;
 use crate::config::headers::HeaderOps;
 use crate::config::route::{ClusterSpecifier, HashKey, HashPolicy, HostRewrite, RetryOn, Route, RouteAction, RouteConfiguration, VirtualHost};
 
@@ -138,6 +140,9 @@ struct Template {
     hash: Option<u64>,
     /// A hash cookie generated for this request, set on its response.
     set_cookie: Option<HeaderValue>,
+    /// `auto_host_rewrite` with the cluster's endpoint hostnames.
+    host_rewrite: Option<HostRewrite>,
+    hostnames: Vec<(SocketAddr, String)>,
 }
 
 fn prepare(mut parts: Parts, matched: &Matched<'_>, cluster: &ClusterRef<'_>, downstream: &Downstream) -> Template {
@@ -202,6 +207,11 @@ fn prepare(mut parts: Parts, matched: &Matched<'_>, cluster: &ClusterRef<'_>, do
         downstream_version: parts.version,
         hash,
         set_cookie,
+        host_rewrite: action.host_rewrite.clone().filter(|h| *h == HostRewrite::Auto),
+        hostnames: match &cluster.config.discovery {
+            Discovery::Static { hostnames, .. } => hostnames.clone(),
+            _ => Vec::new(),
+        },
     }
 }
 
@@ -256,7 +266,7 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
 }
 
 impl Template {
-    fn request(&self, body: Body, expected_timeout: Option<Duration>, attempt: Option<u32>) -> Request<Body> {
+    fn request(&self, body: Body, expected_timeout: Option<Duration>, attempt: Option<u32>, endpoint: Option<SocketAddr>) -> Request<Body> {
         let mut headers = self.headers.clone();
         if let Some(n) = attempt {
             headers.insert("x-envoy-attempt-count", HeaderValue::from(n));
@@ -264,14 +274,23 @@ impl Template {
         if let Some(t) = expected_timeout {
             headers.insert("x-envoy-expected-rq-timeout-ms", HeaderValue::from(t.as_millis() as u64));
         }
+        let authority = match (&self.host_rewrite, endpoint) {
+            (Some(HostRewrite::Auto), Some(e)) => self.hostnames.iter().find(|(a, _)| *a == e).map_or(self.authority.as_str(), |(_, h)| h.as_str()),
+            _ => self.authority.as_str(),
+        };
         let (uri, version) = match self.protocol {
             Protocol::Http1 => {
-                if let Ok(host) = HeaderValue::from_str(&self.authority) {
+                if let Ok(host) = HeaderValue::from_str(authority) {
                     headers.insert(header::HOST, host);
+                }
+                // Envoy's HTTP/1 codec sends an explicit empty body on requests that may carry one.
+                let bodyless = body.is_end_stream() && !matches!(self.method, Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE);
+                if bodyless && !headers.contains_key(header::CONTENT_LENGTH) {
+                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
                 }
                 (Uri::try_from(self.path_and_query.as_str()), Version::HTTP_11)
             }
-            Protocol::Http2 => (Uri::try_from(format!("http://{}{}", self.authority, self.path_and_query)), Version::HTTP_2),
+            Protocol::Http2 => (Uri::try_from(format!("http://{authority}{}", self.path_and_query)), Version::HTTP_2),
         };
         let mut req = Request::new(body);
         *req.method_mut() = self.method.clone();
@@ -434,7 +453,7 @@ impl Attempts {
                 (None, None) => body::empty(),
             };
             let attempt = attempts.fetch_add(1, Relaxed) + 1;
-            let request = template.request(body, expected, self.count_to_upstream.then_some(attempt));
+            let request = template.request(body, expected, self.count_to_upstream.then_some(attempt), Some(endpoint));
             let result = {
                 let _retry = (n > 0).then(|| Counted::new(&runtime.active_retries));
                 let _in_flight = runtime.start(endpoint);
@@ -559,14 +578,7 @@ impl Failure {
 }
 
 fn is_refused_stream(e: &hyper::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = source {
-        if let Some(h2) = err.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM);
-        }
-        source = err.source();
-    }
-    false
+    super::super::super::upstream::pool::stream_reset(e) == Some(h2::Reason::REFUSED_STREAM)
 }
 
 async fn buffer(body: Body) -> Result<Bytes, String> {

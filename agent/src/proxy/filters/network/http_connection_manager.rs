@@ -95,13 +95,15 @@ where
     let result = match codec {
         Codec::Http1 => {
             let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.max_buf_size(buffer).max_headers(max_headers + 1);
+            builder.max_buf_size(buffer).max_headers(max_headers * 2 + 100);
             builder.serve_connection(io, service).await
         }
         Codec::Http2 => hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, service).await,
         Codec::Auto => {
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder.http1().max_buf_size(buffer).max_headers(max_headers + 1);
+            // hyper refuses more headers than this before the connection manager sees them; the
+            // configured limit is checked per request, with Envoy's reply.
+            builder.http1().max_buf_size(buffer).max_headers(max_headers * 2 + 100);
             return match builder.serve_connection(io, service).await {
                 Ok(()) => (),
                 Err(e) => tracing::debug!("HTTP connection ended: {e}"),
@@ -164,10 +166,17 @@ impl HttpContext {
             return Ok(None);
         }
         if parts.version == Version::HTTP_10 && !self.hcm.accept_http_10 {
-            return Ok(Some(local_reply::reply(StatusCode::UPGRADE_REQUIRED, Some("Upgrade Required"), grpc)));
+            let mut reply = local_reply::reply(StatusCode::UPGRADE_REQUIRED, Some("Upgrade Required"), grpc);
+            reply.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Ok(Some(reply));
         }
         let method_ok = parts.method.as_str().bytes().all(|b| !b.is_ascii_lowercase());
-        let target_ok = parts.uri.path().starts_with('/') || parts.uri.authority().is_some() || parts.uri == "*";
+        let target_ok = match (parts.uri.scheme(), parts.uri.authority()) {
+            (Some(_), Some(_)) => true,
+            // Authority-form belongs to CONNECT only.
+            (None, Some(_)) => parts.method == hyper::Method::CONNECT,
+            _ => parts.uri.path().starts_with('/') || parts.uri == "*",
+        };
         let framing_ok = !(parts.headers.contains_key(header::CONTENT_LENGTH) && parts.headers.contains_key(header::TRANSFER_ENCODING));
         if !method_ok || !target_ok || !framing_ok {
             return Ok(Some(local_reply::reply(StatusCode::BAD_REQUEST, Some("Bad Request"), grpc)));
@@ -298,7 +307,8 @@ impl HttpContext {
                 headers.insert("x-envoy-external-address", v);
             }
         }
-        if edge || !headers.contains_key("x-request-id") {
+        let replace = edge && !self.hcm.preserve_external_request_id;
+        if self.hcm.generate_request_id && (replace || !headers.contains_key("x-request-id")) {
             if let Ok(v) = HeaderValue::from_str(&request_id()) {
                 headers.insert("x-request-id", v);
             }
@@ -518,7 +528,7 @@ fn decode_unreserved(path: &str) -> String {
                 if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
                     out.push(c);
                 } else {
-                    out.extend_from_slice(&[b'%', bytes[i + 1].to_ascii_uppercase(), bytes[i + 2].to_ascii_uppercase()]);
+                    out.extend_from_slice(&bytes[i..i + 3]);
                 }
                 i += 3;
                 continue;
