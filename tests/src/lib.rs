@@ -15,6 +15,7 @@
 
 pub mod agent;
 pub mod cluster;
+pub mod conformance;
 pub mod netns;
 pub mod tools;
 pub mod load;

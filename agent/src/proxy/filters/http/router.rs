@@ -154,7 +154,8 @@ fn prepare(mut parts: Parts, matched: &Matched<'_>, cluster: &ClusterRef<'_>, do
             parts.headers.insert("x-envoy-original-path", v);
         }
     }
-    let mut authority = route::authority(&parts).unwrap_or_default().to_string();
+    let original_authority = route::authority(&parts).unwrap_or_default().to_string();
+    let mut authority = original_authority.clone();
     match &action.host_rewrite {
         Some(HostRewrite::Literal(h)) => authority = h.clone(),
         Some(HostRewrite::Header(name)) => {
@@ -168,8 +169,11 @@ fn prepare(mut parts: Parts, matched: &Matched<'_>, cluster: &ClusterRef<'_>, do
                 authority = host;
             }
         }
-        // Only endpoints with a hostname (DNS clusters) have a host to rewrite to; weft's have addresses.
+        // Rewritten per attempt, to the chosen endpoint's hostname (if it has one).
         Some(HostRewrite::Auto) | None => {}
+    }
+    if authority != original_authority {
+        set_original_host(&mut parts.headers, &original_authority);
     }
     let headers = &mut parts.headers;
     let keep_te = headers.get(header::TE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
@@ -212,6 +216,13 @@ fn prepare(mut parts: Parts, matched: &Matched<'_>, cluster: &ClusterRef<'_>, do
             Discovery::Static { hostnames, .. } => hostnames.clone(),
             _ => Vec::new(),
         },
+    }
+}
+
+/// Envoy keeps a rewritten request's original host in `x-envoy-original-host`.
+fn set_original_host(headers: &mut HeaderMap, original: &str) {
+    if let Ok(v) = HeaderValue::from_str(original) {
+        headers.insert("x-envoy-original-host", v);
     }
 }
 
@@ -278,6 +289,9 @@ impl Template {
             (Some(HostRewrite::Auto), Some(e)) => self.hostnames.iter().find(|(a, _)| *a == e).map_or(self.authority.as_str(), |(_, h)| h.as_str()),
             _ => self.authority.as_str(),
         };
+        if authority != self.authority {
+            set_original_host(&mut headers, &self.authority);
+        }
         let (uri, version) = match self.protocol {
             Protocol::Http1 => {
                 if let Ok(host) = HeaderValue::from_str(authority) {
