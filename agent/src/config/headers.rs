@@ -49,6 +49,8 @@ pub enum Part {
     ResponseCode,
     UpstreamRemoteAddress,
     UpstreamCluster,
+    /// Local reply bodies (`local_reply_config` formats) only.
+    LocalReplyBody,
 }
 
 /// Headers a proxy owns and a route may not change (Envoy refuses these too).
@@ -129,6 +131,7 @@ pub fn parse_format(text: &str) -> std::result::Result<Vec<Part>, String> {
             "RESPONSE_CODE" => Part::ResponseCode,
             "UPSTREAM_REMOTE_ADDRESS" => Part::UpstreamRemoteAddress,
             "UPSTREAM_CLUSTER" => Part::UpstreamCluster,
+            "LOCAL_REPLY_BODY" => Part::LocalReplyBody,
             _ => match (command.strip_prefix("REQ("), command.strip_prefix("RESP(")) {
                 (Some(rest), _) => Part::RequestHeader(header_argument(rest, command)?),
                 (_, Some(rest)) => Part::ResponseHeader(header_argument(rest, command)?),

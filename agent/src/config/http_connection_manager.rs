@@ -4,7 +4,9 @@
 use std::sync::Arc;
 
 use super::http_filters::{self, Fault, LocalRateLimit, CORS, FAULT, LOCAL_RATELIMIT};
+use super::headers::{HeaderOps, Part};
 use super::listener::CidrRange;
+use super::matcher::HeaderMatcher;
 use super::route::{self, RouteConfiguration};
 use super::tree::{ConfigError, Obj, Result};
 
@@ -38,6 +40,63 @@ pub struct HttpConnectionManager {
     pub escaped_slashes: EscapedSlashes,
     /// `http_protocol_options.accept_http_10`: HTTP/1.0 requests are served (else 426).
     pub accept_http_10: bool,
+    pub local_reply: Option<LocalReplyConfig>,
+}
+
+/// `local_reply_config`: how the proxy's own replies are rewritten and formatted.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LocalReplyConfig {
+    pub mappers: Vec<ReplyMapper>,
+    pub body_format: Option<BodyFormat>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ReplyMapper {
+    pub filter: ReplyFilter,
+    pub status: Option<u16>,
+    pub body: Option<String>,
+    pub body_format: Option<BodyFormat>,
+    /// `headers_to_add`, as response header additions.
+    pub headers: HeaderOps,
+}
+
+/// The access-log filters a mapper selects local replies with.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub enum ReplyFilter {
+    Status { op: Comparison, value: u16 },
+    Header(HeaderMatcher),
+    And(Vec<ReplyFilter>),
+    Or(Vec<ReplyFilter>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Comparison {
+    Eq,
+    Ge,
+    Le,
+}
+
+impl ReplyFilter {
+    pub fn matches(&self, status: u16, request: &hyper::HeaderMap) -> bool {
+        match self {
+            ReplyFilter::Status { op: Comparison::Eq, value } => status == *value,
+            ReplyFilter::Status { op: Comparison::Ge, value } => status >= *value,
+            ReplyFilter::Status { op: Comparison::Le, value } => status <= *value,
+            ReplyFilter::Header(h) => {
+                let values: Vec<&str> = request.get_all(h.name.as_str()).iter().filter_map(|v| v.to_str().ok()).collect();
+                h.matches((!values.is_empty()).then(|| values.join(",")).as_deref())
+            }
+            ReplyFilter::And(all) => all.iter().all(|f| f.matches(status, request)),
+            ReplyFilter::Or(any) => any.iter().any(|f| f.matches(status, request)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub enum BodyFormat {
+    Text { format: Vec<Part>, content_type: String },
+    /// Fields sorted by key, as Envoy writes them.
+    Json { fields: Vec<(String, Vec<Part>)>, content_type: String },
 }
 
 /// `path_with_escaped_slashes_action`: what `%2F`/`%5C` in a path do.
@@ -174,6 +233,7 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
         max_headers_count = common.u64("max_headers_count")?.map_or(100, |n| n.clamp(1, 10_000) as usize);
         common.finish()?;
     }
+    let local_reply = h.object("local_reply_config")?.map(local_reply_config).transpose()?;
     h.finish()?;
     Ok(HttpConnectionManager {
         codec,
@@ -196,7 +256,106 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
         strip_trailing_host_dot,
         escaped_slashes,
         accept_http_10,
+        local_reply,
     })
+}
+
+fn local_reply_config(mut l: Obj<'_>) -> Result<LocalReplyConfig> {
+    let mut mappers = Vec::new();
+    for mut m in l.objects("mappers")? {
+        let filter = reply_filter(m.required_object("filter")?)?;
+        let status = m.u64("status_code")?.map(|s| u16::try_from(s).ok().filter(|s| (200..600).contains(s)).ok_or_else(|| ConfigError::new(m.at("status_code"), "must be in [200, 600)"))).transpose()?;
+        let body = match m.object("body")? {
+            Some(mut b) => {
+                let text = b.string("inline_string")?.unwrap_or_default().to_string();
+                b.finish()?;
+                Some(text)
+            }
+            None => None,
+        };
+        let body_format = m.object("body_format_override")?.map(body_format).transpose()?;
+        let mut headers = HeaderOps::default();
+        for o in m.objects("headers_to_add")? {
+            headers.response_add.push(super::headers::option(o)?);
+        }
+        m.finish()?;
+        mappers.push(ReplyMapper { filter, status, body, body_format, headers });
+    }
+    let body_format = l.object("body_format")?.map(body_format).transpose()?;
+    l.finish()?;
+    Ok(LocalReplyConfig { mappers, body_format })
+}
+
+fn reply_filter(mut f: Obj<'_>) -> Result<ReplyFilter> {
+    let mut found = Vec::new();
+    if let Some(mut s) = f.object("status_code_filter")? {
+        let mut c = s.required_object("comparison")?;
+        let op = match c.string("op")?.unwrap_or("EQ") {
+            "EQ" => Comparison::Eq,
+            "GE" => Comparison::Ge,
+            "LE" => Comparison::Le,
+            other => return Err(ConfigError::new(c.at("op"), format!("{other} is not a comparison"))),
+        };
+        let mut v = c.required_object("value")?;
+        let value = v.u64("default_value")?.unwrap_or(0).min(u64::from(u16::MAX)) as u16;
+        let _ = v.string("runtime_key")?;
+        v.finish()?;
+        c.finish()?;
+        s.finish()?;
+        found.push(ReplyFilter::Status { op, value });
+    }
+    if let Some(mut h) = f.object("header_filter")? {
+        found.push(ReplyFilter::Header(super::matcher::header_matcher(h.required_object("header")?)?));
+        h.finish()?;
+    }
+    for (key, make) in [("and_filter", ReplyFilter::And as fn(Vec<ReplyFilter>) -> ReplyFilter), ("or_filter", ReplyFilter::Or)] {
+        if let Some(mut list) = f.object(key)? {
+            let filters = list.objects("filters")?.into_iter().map(reply_filter).collect::<Result<_>>()?;
+            list.finish()?;
+            found.push(make(filters));
+        }
+    }
+    if found.len() != 1 {
+        return Err(ConfigError::new(f.path(), "needs exactly one of status_code_filter, header_filter, and_filter or or_filter (others are not supported by weft)"));
+    }
+    f.finish()?;
+    Ok(found.remove(0))
+}
+
+/// `SubstitutionFormatString` with `text_format`, `text_format_source.inline_string` or `json_format`.
+fn body_format(mut b: Obj<'_>) -> Result<BodyFormat> {
+    let content_type = b.string("content_type")?.map(str::to_string);
+    let parse = |text: &str, path: String| super::headers::parse_format(text).map_err(|e| ConfigError::new(path, e));
+    let text = match (b.string("text_format")?, b.object("text_format_source")?) {
+        (Some(t), None) => Some(t.to_string()),
+        (None, Some(mut src)) => {
+            let t = src.required_string("inline_string")?.to_string();
+            src.finish()?;
+            Some(t)
+        }
+        (None, None) => None,
+        _ => return Err(ConfigError::new(b.path(), "needs one of text_format or text_format_source")),
+    };
+    let format = match (text, b.take("json_format")) {
+        (Some(t), None) => BodyFormat::Text { format: parse(&t, b.at("text_format"))?, content_type: content_type.unwrap_or_else(|| "text/plain".into()) },
+        (None, Some(serde_json::Value::Object(map))) => {
+            let mut fields = Vec::new();
+            for (key, value) in map {
+                let serde_json::Value::String(text) = value else {
+                    return Err(ConfigError::new(format!("{}.{key}", b.at("json_format")), "only string values are supported by weft"));
+                };
+                fields.push((key.clone(), parse(text, format!("{}.{key}", b.at("json_format")))?));
+            }
+            fields.sort_by(|a, b| a.0.cmp(&b.0));
+            BodyFormat::Json { fields, content_type: content_type.unwrap_or_else(|| "application/json".into()) }
+        }
+        _ => return Err(ConfigError::new(b.path(), "needs exactly one of text_format, text_format_source or json_format")),
+    };
+    if b.bool("omit_empty_values")? == Some(true) {
+        return Err(ConfigError::new(b.at("omit_empty_values"), "is not supported by weft yet"));
+    }
+    b.finish()?;
+    Ok(format)
 }
 
 fn only_disabled(o: &mut Obj<'_>, key: &str) -> Result<()> {

@@ -96,6 +96,15 @@ pub struct RouteAction {
     pub retry_policy: Option<RetryPolicy>,
     /// How RING_HASH and MAGLEV clusters hash the request.
     pub hash_policy: Vec<HashPolicy>,
+    pub internal_redirect: Option<InternalRedirectPolicy>,
+}
+
+/// `internal_redirect_policy`: upstream redirects the proxy follows itself.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct InternalRedirectPolicy {
+    pub max_internal_redirects: u32,
+    pub redirect_response_codes: Vec<u16>,
+    pub allow_cross_scheme_redirect: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -438,8 +447,31 @@ fn route_action(mut a: Obj<'_>) -> Result<RouteAction> {
     };
     let retry_policy = a.object("retry_policy")?.map(retry_policy).transpose()?;
     let hash_policy = a.objects("hash_policy")?.into_iter().map(hash_policy).collect::<Result<_>>()?;
+    let internal_redirect = a.object("internal_redirect_policy")?.map(internal_redirect_policy).transpose()?;
     a.finish()?;
-    Ok(RouteAction { cluster, cluster_not_found_status, prefix_rewrite, regex_rewrite, host_rewrite, timeout, retry_policy, hash_policy })
+    Ok(RouteAction { cluster, cluster_not_found_status, prefix_rewrite, regex_rewrite, host_rewrite, timeout, retry_policy, hash_policy, internal_redirect })
+}
+
+fn internal_redirect_policy(mut p: Obj<'_>) -> Result<InternalRedirectPolicy> {
+    let max_internal_redirects = p.u64("max_internal_redirects")?.unwrap_or(1).min(u64::from(u32::MAX)) as u32;
+    let path = p.at("redirect_response_codes");
+    let codes: Vec<u16> = match p.take("redirect_response_codes") {
+        None => vec![302],
+        Some(serde_json::Value::Array(codes)) => codes
+            .iter()
+            .map(|c| c.as_u64().and_then(|c| u16::try_from(c).ok()).ok_or_else(|| ConfigError::new(path.clone(), "expected status codes")))
+            .collect::<Result<_>>()?,
+        Some(_) => return Err(ConfigError::new(path, "expected a list of status codes")),
+    };
+    // Envoy follows only these redirect codes; others in the list are ignored.
+    let redirect_response_codes = codes.into_iter().filter(|c| matches!(c, 301 | 302 | 303 | 307 | 308)).collect();
+    let allow_cross_scheme_redirect = p.bool("allow_cross_scheme_redirect")?.unwrap_or(false);
+    if p.has("predicates") || p.has("response_headers_to_copy") {
+        let key = if p.has("predicates") { "predicates" } else { "response_headers_to_copy" };
+        return Err(ConfigError::new(p.at(key), "is not supported by weft yet"));
+    }
+    p.finish()?;
+    Ok(InternalRedirectPolicy { max_internal_redirects, redirect_response_codes, allow_cross_scheme_redirect })
 }
 
 fn hash_policy(mut h: Obj<'_>) -> Result<HashPolicy> {

@@ -33,6 +33,8 @@ pub struct Vars<'a> {
     pub upstream: Option<(SocketAddr, &'a str)>,
     /// The response's status and headers (response headers).
     pub response: Option<(u16, &'a HeaderMap)>,
+    /// The text of a local reply (`local_reply_config` formats).
+    pub local_reply_body: Option<&'a str>,
 }
 
 impl<'a> Vars<'a> {
@@ -46,6 +48,7 @@ impl<'a> Vars<'a> {
             authority: authority(parts).unwrap_or_default(),
             upstream: None,
             response: None,
+            local_reply_body: None,
         }
     }
 }
@@ -157,7 +160,7 @@ fn add(options: &[HeaderValueOption], headers: &mut HeaderMap, vars: &Vars<'_>) 
     }
 }
 
-fn format_value(parts: &[Part], vars: &Vars<'_>) -> String {
+pub fn format_value(parts: &[Part], vars: &Vars<'_>) -> String {
     let mut out = String::new();
     let d = vars.downstream;
     let header = |map: &HeaderMap, name: &str| map.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
@@ -180,6 +183,7 @@ fn format_value(parts: &[Part], vars: &Vars<'_>) -> String {
             Part::ResponseCode => out.push_str(&vars.response.map(|(s, _)| s.to_string()).unwrap_or_default()),
             Part::UpstreamRemoteAddress => out.push_str(&vars.upstream.map(|(a, _)| a.to_string()).unwrap_or_default()),
             Part::UpstreamCluster => out.push_str(vars.upstream.map(|(_, c)| c).unwrap_or_default()),
+            Part::LocalReplyBody => out.push_str(vars.local_reply_body.unwrap_or_default()),
         }
     }
     out
@@ -345,7 +349,7 @@ mod tests {
             headers.insert(k, HeaderValue::from_static(v));
         }
         let original = headers.clone();
-        let vars = Vars { downstream: &ctx, request: &original, path: "/", method: "GET", authority: "x", upstream: None, response: None };
+        let vars = Vars { downstream: &ctx, request: &original, path: "/", method: "GET", authority: "x", upstream: None, response: None, local_reply_body: None };
         apply_request(&ops, &mut headers, &vars);
         assert_eq!(headers.get_all("x-a").iter().count(), 2);
         assert_eq!(headers["x-b"], "0");

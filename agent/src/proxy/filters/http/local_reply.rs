@@ -6,19 +6,82 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
 
 use super::super::super::body::{self, Body};
+use super::super::super::route::{self, Vars};
+use crate::config::headers::Part;
+use crate::config::http_connection_manager::{BodyFormat, LocalReplyConfig};
 
-/// Marks a response the proxy made itself (no upstream headers such as `x-envoy-upstream-service-time`).
-#[derive(Debug, Clone, Copy)]
-pub struct LocalReply;
+/// Marks a response the proxy made itself (no upstream headers such as `x-envoy-upstream-service-time`),
+/// with its text for `local_reply_config`.
+#[derive(Debug, Clone)]
+pub struct LocalReply {
+    pub text: String,
+    pub grpc: bool,
+}
 
 pub fn reply(status: StatusCode, text: Option<&str>, grpc: bool) -> Response<Body> {
     let mut response = build(status, text, grpc);
-    response.extensions_mut().insert(LocalReply);
+    response.extensions_mut().insert(LocalReply { text: text.unwrap_or_default().to_string(), grpc });
     response
 }
 
 pub fn is_local(response: &Response<Body>) -> bool {
     response.extensions().get::<LocalReply>().is_some()
+}
+
+/// Rewrites a local reply by the connection manager's `local_reply_config`: the first mapper whose filter
+/// matches may change its status, text and headers, and a body format (the mapper's, or the config's)
+/// formats its body.
+pub fn map(config: &LocalReplyConfig, response: &mut Response<Body>, vars: &Vars<'_>) {
+    let Some(local) = response.extensions().get::<LocalReply>().cloned() else { return };
+    if local.grpc {
+        return;
+    }
+    let status = response.status().as_u16();
+    let mapper = config.mappers.iter().find(|m| m.filter.matches(status, vars.request));
+    let mut text = local.text;
+    let mut format = config.body_format.as_ref();
+    if let Some(m) = mapper {
+        if let Some(s) = m.status.and_then(|s| StatusCode::from_u16(s).ok()) {
+            *response.status_mut() = s;
+        }
+        if let Some(body) = &m.body {
+            text = body.clone();
+        }
+        format = m.body_format.as_ref().or(format);
+        let returned = response.headers().clone();
+        let vars = Vars { response: Some((response.status().as_u16(), &returned)), local_reply_body: Some(&text), ..*vars };
+        route::apply_response(&m.headers, response.headers_mut(), &vars);
+    }
+    let returned = response.headers().clone();
+    let vars = Vars { response: Some((response.status().as_u16(), &returned)), local_reply_body: Some(&text), ..*vars };
+    let (body, content_type) = match format {
+        Some(BodyFormat::Text { format, content_type }) => (route::format_value(format, &vars), content_type.as_str()),
+        Some(BodyFormat::Json { fields, content_type }) => (json_body(fields, &vars), content_type.as_str()),
+        None if mapper.is_some_and(|m| m.body.is_some()) => (text.clone(), "text/plain"),
+        None => return,
+    };
+    if let Ok(v) = HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    response.headers_mut().remove(header::CONTENT_LENGTH);
+    *response.body_mut() = body::full(body);
+}
+
+/// Envoy's JSON format: keys sorted, a value that is one numeric command a number, a newline at the end.
+fn json_body(fields: &[(String, Vec<Part>)], vars: &Vars<'_>) -> String {
+    let mut map = serde_json::Map::new();
+    for (key, parts) in fields {
+        let text = route::format_value(parts, vars);
+        let numeric = matches!(parts.as_slice(), [Part::ResponseCode]);
+        let value = match text.parse::<u64>() {
+            Ok(n) if numeric => serde_json::Value::from(n),
+            _ => serde_json::Value::from(text),
+        };
+        map.insert(key.clone(), value);
+    }
+    let mut out = serde_json::Value::Object(map).to_string();
+    out.push('\n');
+    out
 }
 
 fn build(status: StatusCode, text: Option<&str>, grpc: bool) -> Response<Body> {
@@ -44,7 +107,7 @@ fn grpc_reply(status: StatusCode, text: &str) -> Response<Body> {
 /// A trailers-only gRPC answer with `code` and `message`.
 pub fn grpc_code(code: u32, message: &str) -> Response<Body> {
     let mut response = Response::new(body::empty());
-    response.extensions_mut().insert(LocalReply);
+    response.extensions_mut().insert(LocalReply { text: message.to_string(), grpc: true });
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     headers.insert("grpc-status", HeaderValue::from(code));

@@ -101,7 +101,7 @@ pub async fn forward(mut parts: Parts, body: Body, matched: Matched<'_>, downstr
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
     let authority = route::authority(&parts).unwrap_or_default().to_string();
     let method = parts.method.to_string();
-    let vars = Vars { downstream, request: &original, path: &path, method: &method, authority: &authority, upstream: None, response: None };
+    let vars = Vars { downstream, request: &original, path: &path, method: &method, authority: &authority, upstream: None, response: None, local_reply_body: None };
     for ops in &levels {
         route::apply_request(ops, &mut parts.headers, &vars);
     }

@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
-use super::super::super::body::Body;
+use super::super::super::body::{self, Body};
 use super::super::super::route::{self, Downstream, Vars};
 use super::super::super::snapshot::Snapshot;
 use super::super::super::upstream::Upstream;
@@ -25,7 +25,7 @@ use super::super::http::router::{self, Matched};
 use super::super::http::{fault, local_ratelimit, local_reply};
 use crate::config::http_connection_manager::{Codec, EscapedSlashes, HostPort, HttpConnectionManager, HttpFilterKind, Routes, ServerHeader};
 use crate::config::http_filters::FilterOverride;
-use crate::config::route::{Action, Route, RouteConfiguration, VirtualHost};
+use crate::config::route::{Action, InternalRedirectPolicy, Route, RouteConfiguration, VirtualHost};
 
 /// What the requests of one downstream connection are served with.
 pub struct HttpContext {
@@ -138,9 +138,17 @@ impl HttpContext {
                     let remote = self.mutate_request(&mut parts.headers);
                     let request_id = parts.headers.get("x-request-id").cloned();
                     let downstream = Downstream { remote, local: self.local, protocol };
+                    // The request as local reply mappers see it.
+                    let request = self.hcm.local_reply.as_ref().map(|_| (parts.headers.clone(), parts.uri.clone(), parts.method.clone()));
                     let mut response = self.route(parts, body.boxed(), routes.as_deref(), &downstream, &upstream).await;
                     if let Some(id) = request_id.filter(|_| self.hcm.always_set_request_id_in_response) {
                         response.headers_mut().insert("x-request-id", id);
+                    }
+                    if let (Some(config), Some((headers, uri, method))) = (&self.hcm.local_reply, &request) {
+                        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+                        let authority = uri.authority().map(|a| a.as_str()).or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok())).unwrap_or_default();
+                        let vars = Vars { downstream: &downstream, request: headers, path, method: method.as_str(), authority, upstream: None, response: None, local_reply_body: None };
+                        local_reply::map(config, &mut response, &vars);
                     }
                     response
                 }
@@ -316,7 +324,36 @@ impl HttpContext {
         SocketAddr::new(remote.to_canonical(), if remote == self.peer.ip() { self.peer.port() } else { 0 })
     }
 
-    async fn route(&self, parts: Parts, body: Body, routes: Option<&RouteConfiguration>, downstream: &Downstream, upstream: &Upstream) -> Response<Body> {
+    /// Routes the request, following upstream redirects the matched route's `internal_redirect_policy`
+    /// allows (the followed request has no body and carries `x-envoy-original-url`).
+    async fn route(&self, mut parts: Parts, body: Body, routes: Option<&RouteConfiguration>, downstream: &Downstream, upstream: &Upstream) -> Response<Body> {
+        let mut body = Some(body);
+        let mut followed = 0;
+        loop {
+            let policy = self.redirect_policy(routes, &parts).filter(|p| followed < p.max_internal_redirects);
+            let saved = policy.map(|_| (parts.method.clone(), parts.uri.clone(), parts.version, parts.headers.clone()));
+            let response = self.filters_and_route(parts, body.take().unwrap_or_else(body::empty), routes, downstream, upstream).await;
+            let next = policy.zip(saved).and_then(|(p, saved)| internal_redirect(p, &response, saved));
+            match next {
+                Some(redirected) => {
+                    parts = redirected;
+                    followed += 1;
+                }
+                None => return response,
+            }
+        }
+    }
+
+    fn redirect_policy<'a>(&self, routes: Option<&'a RouteConfiguration>, parts: &Parts) -> Option<&'a InternalRedirectPolicy> {
+        let host = route::authority(parts).unwrap_or_default();
+        match &route::select(routes?, host, parts)?.1.action {
+            Action::Route(a) => a.internal_redirect.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// The HTTP filters, then the route's action.
+    async fn filters_and_route(&self, parts: Parts, body: Body, routes: Option<&RouteConfiguration>, downstream: &Downstream, upstream: &Upstream) -> Response<Body> {
         let grpc = route::is_grpc(&parts.headers);
         let host = route::authority(&parts).unwrap_or_default().to_string();
         let selected = routes.and_then(|rc| Some((rc, route::select(rc, &host, &parts)?)));
@@ -443,6 +480,38 @@ fn append_via(headers: &mut HeaderMap, via: &str) {
     if let Ok(v) = HeaderValue::from_str(&value) {
         headers.insert(header::VIA, v);
     }
+}
+
+/// The request to send instead of passing `response` on, when it is a redirect the policy follows: an
+/// absolute `http` URL (or any scheme with `allow_cross_scheme_redirect`), one of the policy's codes.
+fn internal_redirect(policy: &InternalRedirectPolicy, response: &Response<Body>, saved: (hyper::Method, Uri, Version, HeaderMap)) -> Option<Parts> {
+    if local_reply::is_local(response) || !policy.redirect_response_codes.contains(&response.status().as_u16()) {
+        return None;
+    }
+    let location: Uri = response.headers().get(header::LOCATION)?.to_str().ok()?.parse().ok()?;
+    let (scheme, authority) = (location.scheme_str()?, location.authority()?.as_str().to_string());
+    if scheme != "http" && !policy.allow_cross_scheme_redirect {
+        return None;
+    }
+    let (method, uri, version, mut headers) = saved;
+    let original_host = uri.authority().map(|a| a.as_str().to_string()).or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string))?;
+    let original = format!("http://{original_host}{}", uri.path_and_query().map_or("/", |p| p.as_str()));
+    if let Ok(v) = HeaderValue::from_str(&original) {
+        headers.insert("x-envoy-original-url", v);
+    }
+    headers.remove(header::CONTENT_LENGTH);
+    let mut request = hyper::Request::new(());
+    *request.method_mut() = method;
+    *request.version_mut() = version;
+    *request.uri_mut() = match version {
+        Version::HTTP_2 => location.clone(),
+        _ => location.path_and_query().map_or("/", |p| p.as_str()).parse().ok()?,
+    };
+    if let Ok(v) = HeaderValue::from_str(&authority) {
+        headers.insert(header::HOST, v);
+    }
+    *request.headers_mut() = headers;
+    Some(request.into_parts().0)
 }
 
 /// `%2F`, `%2f` to `/` and `%5C`, `%5c` to `\\`.
