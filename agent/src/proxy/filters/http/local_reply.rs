@@ -100,8 +100,7 @@ fn build(status: StatusCode, text: Option<&str>, grpc: bool) -> Response<Body> {
 }
 
 fn grpc_reply(status: StatusCode, text: &str) -> Response<Body> {
-    let message = if text.is_empty() { status.canonical_reason().unwrap_or_default() } else { text };
-    grpc_code(u32::from(grpc_status(status)), message)
+    grpc_code(u32::from(grpc_status(status)), text)
 }
 
 /// A trailers-only gRPC answer with `code` and `message`.
@@ -111,8 +110,11 @@ pub fn grpc_code(code: u32, message: &str) -> Response<Body> {
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     headers.insert("grpc-status", HeaderValue::from(code));
-    if let Ok(v) = HeaderValue::from_str(&percent_encode(message)) {
-        headers.insert("grpc-message", v);
+    // Envoy sends no grpc-message for a reply without text.
+    if !message.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&percent_encode(message)) {
+            headers.insert("grpc-message", v);
+        }
     }
     response
 }

@@ -414,7 +414,7 @@ impl HttpContext {
             }
             Action::DirectResponse { status, body } => {
                 let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
-                let mut reply = local_reply::reply(status, body.as_deref(), false);
+                let mut reply = local_reply::reply(status, body.as_deref(), route::is_grpc(&parts.headers));
                 // Envoy points a 201 or a redirect at the request's own URL when the route names no other.
                 if status == StatusCode::CREATED || status.is_redirection() {
                     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
