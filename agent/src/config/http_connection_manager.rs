@@ -41,6 +41,8 @@ pub struct HttpConnectionManager {
     /// `http_protocol_options.accept_http_10`: HTTP/1.0 requests are served (else 426).
     pub accept_http_10: bool,
     pub local_reply: Option<LocalReplyConfig>,
+    /// `upgrade_configs`: the `upgrade` protocols (lowercase, e.g. `websocket`) proxied as upgrades.
+    pub upgrades: Vec<String>,
 }
 
 /// `local_reply_config`: how the proxy's own replies are rewritten and formatted.
@@ -234,6 +236,15 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
         common.finish()?;
     }
     let local_reply = h.object("local_reply_config")?.map(local_reply_config).transpose()?;
+    let mut upgrades = Vec::new();
+    for (kind, enabled) in upgrade_configs(&mut h)? {
+        if kind == "connect" {
+            return Err(ConfigError::new(h.at("upgrade_configs"), "CONNECT is not supported by weft yet"));
+        }
+        if enabled {
+            upgrades.push(kind);
+        }
+    }
     h.finish()?;
     Ok(HttpConnectionManager {
         codec,
@@ -257,7 +268,26 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
         escaped_slashes,
         accept_http_10,
         local_reply,
+        upgrades,
     })
+}
+
+/// `upgrade_configs` of a connection manager or a route: (lowercase upgrade type, enabled).
+pub fn upgrade_configs(o: &mut Obj<'_>) -> Result<Vec<(String, bool)>> {
+    let mut out = Vec::new();
+    for mut u in o.objects("upgrade_configs")? {
+        let kind = u.required_string("upgrade_type")?.to_ascii_lowercase();
+        let enabled = u.bool("enabled")?.unwrap_or(true);
+        if u.has("filters") {
+            return Err(ConfigError::new(u.at("filters"), "upgrade filter chains are not supported by weft yet"));
+        }
+        if u.has("connect_config") {
+            return Err(ConfigError::new(u.at("connect_config"), "is not supported by weft yet"));
+        }
+        u.finish()?;
+        out.push((kind, enabled));
+    }
+    Ok(out)
 }
 
 fn local_reply_config(mut l: Obj<'_>) -> Result<LocalReplyConfig> {

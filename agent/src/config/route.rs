@@ -97,6 +97,9 @@ pub struct RouteAction {
     /// How RING_HASH and MAGLEV clusters hash the request.
     pub hash_policy: Vec<HashPolicy>,
     pub internal_redirect: Option<InternalRedirectPolicy>,
+    /// `upgrade_configs`: per upgrade type, enabled or disabled for this route (over the connection
+    /// manager's).
+    pub upgrades: Vec<(String, bool)>,
 }
 
 /// `internal_redirect_policy`: upstream redirects the proxy follows itself.
@@ -448,8 +451,20 @@ fn route_action(mut a: Obj<'_>) -> Result<RouteAction> {
     let retry_policy = a.object("retry_policy")?.map(retry_policy).transpose()?;
     let hash_policy = a.objects("hash_policy")?.into_iter().map(hash_policy).collect::<Result<_>>()?;
     let internal_redirect = a.object("internal_redirect_policy")?.map(internal_redirect_policy).transpose()?;
+    let upgrades = super::http_connection_manager::upgrade_configs(&mut a)?;
     a.finish()?;
-    Ok(RouteAction { cluster, cluster_not_found_status, prefix_rewrite, regex_rewrite, host_rewrite, timeout, retry_policy, hash_policy, internal_redirect })
+    Ok(RouteAction {
+        cluster,
+        cluster_not_found_status,
+        prefix_rewrite,
+        regex_rewrite,
+        host_rewrite,
+        timeout,
+        retry_policy,
+        hash_policy,
+        internal_redirect,
+        upgrades,
+    })
 }
 
 fn internal_redirect_policy(mut p: Obj<'_>) -> Result<InternalRedirectPolicy> {

@@ -209,6 +209,19 @@ impl Pools {
         Ok(sender)
     }
 
+    /// Sends an upgrade request (WebSocket) on a connection of its own: after a 101 the connection belongs to
+    /// the upgraded stream, so it never returns to the pool.
+    pub async fn send_upgrade(&self, key: Key, timeout: Duration, req: Request<Body>) -> Result<Response<Incoming>, PoolError> {
+        let stream = self.sockets.connect(key.endpoint, key.source, timeout).await.map_err(PoolError::Connect)?;
+        let (mut sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(PoolError::Reset)?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!("upstream upgrade connection ended: {e}");
+            }
+        });
+        sender.send_request(req).await.map_err(PoolError::Reset)
+    }
+
     async fn send_http2(&self, key: Key, timeout: Duration, req: Request<Body>) -> (Result<Response<Incoming>, PoolError>, bool) {
         let existing = {
             let conns = self.http2.lock().unwrap_or_else(|e| e.into_inner());

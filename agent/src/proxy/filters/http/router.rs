@@ -13,6 +13,7 @@ use hyper::body::Body as _;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::TokioIo;
 
 use super::super::super::body::{self, Body};
 use super::super::super::route::{self, Downstream, Vars};
@@ -88,7 +89,9 @@ fn choose_cluster<'a>(action: &'a RouteAction, headers: &HeaderMap) -> (String, 
     }
 }
 
-pub async fn forward(mut parts: Parts, body: Body, matched: Matched<'_>, downstream: &Downstream, upstream: &Upstream) -> Response<Body> {
+/// Forwards the request by the route. `upgrade` is set for an allowed upgrade request (WebSocket): it goes on a
+/// connection of its own, once, and after a 101 the two connections are joined.
+pub async fn forward(mut parts: Parts, body: Body, matched: Matched<'_>, downstream: &Downstream, upstream: &Upstream, upgrade: bool) -> Response<Body> {
     let grpc = route::is_grpc(&parts.headers);
     let action = matched.action;
     let (cluster_name, weighted_ops) = choose_cluster(action, &parts.headers);
@@ -106,9 +109,19 @@ pub async fn forward(mut parts: Parts, body: Body, matched: Matched<'_>, downstr
         route::apply_request(ops, &mut parts.headers, &vars);
     }
     let policy = Attempts::new(&mut parts.headers, action, matched.virtual_host);
-    let template = prepare(parts, &matched, &cluster, downstream);
+    let on_downstream_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>().filter(|_| upgrade);
+    let upgrade_header = parts.headers.get(header::UPGRADE).cloned();
+    let mut template = prepare(parts, &matched, &cluster, downstream);
     let started = Instant::now();
-    let (mut response, endpoint) = policy.run(&template, body, &cluster, upstream, grpc).await;
+    let (mut response, endpoint) = match (on_downstream_upgrade, upgrade_header) {
+        (Some(on_downstream), Some(kind)) => {
+            template.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            template.headers.insert(header::UPGRADE, kind);
+            template.protocol = Protocol::Http1;
+            upgrade_once(&template, body, &cluster, upstream, on_downstream).await
+        }
+        _ => policy.run(&template, body, &cluster, upstream, grpc).await,
+    };
     finish_response(&mut response, template.downstream_version, started);
     if let Some(cookie) = template.set_cookie.clone() {
         response.headers_mut().append(header::SET_COOKIE, cookie);
@@ -603,12 +616,49 @@ async fn buffer(body: Body) -> Result<Bytes, String> {
     }
 }
 
-/// The headers Envoy's router sets on the way back.
+/// Sends an upgrade request once (no retries) and, on 101, joins the downstream and upstream connections.
+async fn upgrade_once(
+    template: &Template,
+    body: Body,
+    cluster: &ClusterRef<'_>,
+    upstream: &Upstream,
+    on_downstream: hyper::upgrade::OnUpgrade,
+) -> (Response<Body>, Option<SocketAddr>) {
+    let runtime = upstream.pools.runtime(&cluster.config.name);
+    let Ok(endpoint) = pick_endpoint(cluster, &runtime, upstream.original_dst, &[], 1, template.hash) else {
+        return (local_reply::reply(StatusCode::SERVICE_UNAVAILABLE, Some("no healthy upstream"), false), None);
+    };
+    let key = Key { endpoint, source: cluster.config.source_address };
+    cluster.state.upstream_rq_total.fetch_add(1, Relaxed);
+    cluster.state.upstream_cx_total.fetch_add(1, Relaxed);
+    let mut response = match upstream.pools.send_upgrade(key, cluster.config.connect_timeout, template.request(body, None, None, Some(endpoint))).await {
+        Ok(r) => r,
+        Err(e) => return (Failure::Pool(e).reply(false, false), None),
+    };
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let on_upstream = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            match tokio::try_join!(on_downstream, on_upstream) {
+                Ok((down, up)) => {
+                    let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                        tracing::debug!("upgraded connection ended: {e}");
+                    }
+                }
+                Err(e) => tracing::debug!("upgrade failed: {e}"),
+            }
+        });
+    }
+    (response.map(BodyExt::boxed), Some(endpoint))
+}
+
+/// The headers Envoy's router sets on the way back (an upgrade's 101 keeps `connection` and `upgrade`).
 fn finish_response(response: &mut Response<Body>, version: Version, started: Instant) {
     *response.version_mut() = version;
+    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
-    for h in HOP_BY_HOP {
-        headers.remove(h);
+    for h in HOP_BY_HOP.iter().filter(|h| !(switching && matches!(**h, "connection" | "upgrade"))) {
+        headers.remove(*h);
     }
     if !local_reply::is_local(response) {
         let elapsed = HeaderValue::from(started.elapsed().as_millis() as u64);

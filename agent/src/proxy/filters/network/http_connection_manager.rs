@@ -96,7 +96,7 @@ where
         Codec::Http1 => {
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder.max_buf_size(buffer).max_headers(max_headers * 2 + 100);
-            builder.serve_connection(io, service).await
+            builder.serve_connection(io, service).with_upgrades().await
         }
         Codec::Http2 => hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, service).await,
         Codec::Auto => {
@@ -104,7 +104,7 @@ where
             // hyper refuses more headers than this before the connection manager sees them; the
             // configured limit is checked per request, with Envoy's reply.
             builder.http1().max_buf_size(buffer).max_headers(max_headers * 2 + 100);
-            return match builder.serve_connection(io, service).await {
+            return match builder.serve_connection_with_upgrades(io, service).await {
                 Ok(()) => (),
                 Err(e) => tracing::debug!("HTTP connection ended: {e}"),
             };
@@ -409,8 +409,17 @@ impl HttpContext {
     ) -> Response<Body> {
         let mut response = match &matched.action {
             Action::Route(action) => {
+                let upgrade = upgrade_type(&parts);
+                let allowed = |kind: &String| match action.upgrades.iter().find(|(k, _)| k == kind) {
+                    Some((_, enabled)) => *enabled,
+                    None => self.hcm.upgrades.contains(kind),
+                };
+                // Envoy refuses upgrades neither the route nor the connection manager allows.
+                if upgrade.as_ref().is_some_and(|kind| !allowed(kind)) {
+                    return local_reply::reply(StatusCode::FORBIDDEN, None, false);
+                }
                 let matched = Matched { config, virtual_host, route: matched, action };
-                return router::forward(parts, body, matched, downstream, upstream).await;
+                return router::forward(parts, body, matched, downstream, upstream, upgrade.is_some()).await;
             }
             Action::DirectResponse { status, body } => {
                 let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
@@ -480,6 +489,17 @@ fn append_via(headers: &mut HeaderMap, via: &str) {
     if let Ok(v) = HeaderValue::from_str(&value) {
         headers.insert(header::VIA, v);
     }
+}
+
+/// The protocol an HTTP/1.1 request asks to upgrade to (`connection: upgrade` with `upgrade: X`), lowercase.
+fn upgrade_type(parts: &Parts) -> Option<String> {
+    if parts.version != Version::HTTP_11 {
+        return None;
+    }
+    let connection = parts.headers.get_all(header::CONNECTION).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(','));
+    let asks = connection.map(str::trim).any(|t| t.eq_ignore_ascii_case("upgrade"));
+    let kind = parts.headers.get(header::UPGRADE)?.to_str().ok()?.trim().to_ascii_lowercase();
+    (asks && !kind.is_empty()).then_some(kind)
 }
 
 /// The request to send instead of passing `response` on, when it is a redirect the policy follows: an
@@ -695,14 +715,22 @@ mod in_memory {
     }
 
     fn proxy(endpoint: SocketAddr, http2: bool, route: serde_json::Value) -> HttpContext {
+        proxy_with(endpoint, http2, route, json!({}))
+    }
+
+    /// A context whose connection manager has `extra` fields.
+    fn proxy_with(endpoint: SocketAddr, http2: bool, route: serde_json::Value, extra: serde_json::Value) -> HttpContext {
         let mut cluster = json!({"name": "web", "connect_timeout": "1s",
             "load_assignment": {"endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": endpoint.port()}}}}]}]}});
         if http2 {
             cluster["http2_protocol_options"] = json!({});
         }
         let cluster = crate::config::cluster::translate(Obj::new(&cluster, "c").unwrap()).unwrap();
-        let hcm = json!({"route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}]},
+        let mut hcm = json!({"route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}]},
             "http_filters": [{"name": "router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]});
+        if let (Some(hcm), Some(extra)) = (hcm.as_object_mut(), extra.as_object()) {
+            hcm.extend(extra.clone());
+        }
         let hcm = crate::config::http_connection_manager::translate(Obj::new(&hcm, "h").unwrap()).unwrap();
         let snapshot = Arc::new(Snapshot { clusters: Arc::new([Resource::fixed("web", cluster)].into_iter().collect()), ..Snapshot::default() });
         let (_, updates) = watch::channel(Some(Arc::clone(&snapshot)));
@@ -765,6 +793,58 @@ mod in_memory {
         assert_eq!(answers[0].0, 200, "{answers:?}");
         assert!(answers[0].1.contains("n=2"), "third attempt answered: {answers:?}");
         assert_eq!(answers[1], (404, String::new()));
+    }
+
+    /// An upstream that switches to the WebSocket protocol and then echoes bytes.
+    async fn websocket_upstream() -> SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).await.unwrap_or(0) == 1 {
+                        head.push(byte[0]);
+                    }
+                    let _ = stream.write_all(b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n").await;
+                    let (mut r, mut w) = stream.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        addr
+    }
+
+    async fn upgrade(context: HttpContext) -> Result<String, u16> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(serve(server, context));
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client)).await.unwrap();
+        tokio::spawn(conn.with_upgrades());
+        let req = Request::builder().uri("/chat").header("host", "example.com").header("connection", "upgrade").header("upgrade", "websocket");
+        let response = sender.send_request(req.body(Full::new(Bytes::new())).unwrap()).await.unwrap();
+        if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return Err(response.status().as_u16());
+        }
+        let mut io = TokioIo::new(hyper::upgrade::on(response).await.unwrap());
+        io.write_all(b"ping").await.unwrap();
+        let mut back = [0u8; 4];
+        io.read_exact(&mut back).await.unwrap();
+        Ok(String::from_utf8_lossy(&back).into_owned())
+    }
+
+    #[tokio::test]
+    async fn websocket_upgrades_join_the_connections_when_allowed() {
+        let addr = websocket_upstream().await;
+        let route = json!({"match": {"prefix": "/"}, "route": {"cluster": "web"}});
+        let allowed = proxy_with(addr, false, route.clone(), json!({"upgrade_configs": [{"upgrade_type": "websocket"}]}));
+        assert_eq!(upgrade(allowed).await, Ok("ping".to_string()), "bytes flow both ways after the 101");
+        assert_eq!(upgrade(proxy(addr, false, route)).await, Err(403), "not configured: refused as Envoy refuses it");
+        let disabled = json!({"match": {"prefix": "/"}, "route": {"cluster": "web", "upgrade_configs": [{"upgrade_type": "websocket", "enabled": false}]}});
+        let context = proxy_with(addr, false, disabled, json!({"upgrade_configs": [{"upgrade_type": "websocket"}]}));
+        assert_eq!(upgrade(context).await, Err(403), "the route disables it");
     }
 
     #[tokio::test]
