@@ -183,7 +183,6 @@ fn check_references(listeners: &[Listener], clusters: &[Cluster]) -> Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::listener::NetworkFilter;
     use serde_json::json;
 
     fn err(v: Value) -> String {
@@ -210,7 +209,7 @@ mod tests {
                 {"name": "opt", "is_optional": true, "typed_config": {"@type": "type.googleapis.com/x.Unknown"}},
                 {"name": "tcp", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", "stat_prefix": "s", "cluster": "c"}}]}]}]}});
         let b = translate(v.clone()).unwrap();
-        assert_eq!(b.listeners[0].filter_chains[0].filter, NetworkFilter::TcpProxy { cluster: "c".into() });
+        assert_eq!(b.listeners[0].filter_chains[0].filter, crate::config::listener::TcpProxy::to("c"));
         let mut required = v;
         required["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["is_optional"] = json!(false);
         assert!(err(required).contains("filters[0].typed_config: filter \"opt\" of type type.googleapis.com/x.Unknown is not supported"));

@@ -98,11 +98,33 @@ fn mask(prefix: u128, addr: u128, len: u8, bits: u8) -> bool {
     len == 0 || prefix.checked_shr(shift) == addr.checked_shr(shift)
 }
 
+/// `envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TcpProxy {
+    /// One cluster, or several with weights (`weighted_clusters`).
+    pub clusters: Vec<(String, u32)>,
+    /// Closed after this long without bytes either way (Envoy's default 1 h; `None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// Upstream connection attempts before giving up (default 1).
+    pub max_connect_attempts: u32,
+}
+
+impl TcpProxy {
+    /// A proxy to one cluster with Envoy's defaults.
+    pub fn to(cluster: &str) -> NetworkFilter {
+        NetworkFilter::TcpProxy(Arc::new(TcpProxy {
+            clusters: vec![(cluster.to_string(), 1)],
+            idle_timeout: Some(Duration::from_secs(3600)),
+            max_connect_attempts: 1,
+        }))
+    }
+}
+
 /// The terminal network filter of a filter chain.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NetworkFilter {
-    TcpProxy { cluster: String },
+    TcpProxy(Arc<TcpProxy>),
     HttpConnectionManager(Arc<HttpConnectionManager>),
 }
 
@@ -301,9 +323,32 @@ fn terminal_filter(chain: &mut Obj<'_>) -> Result<NetworkFilter> {
 
 fn tcp_proxy(mut t: Obj<'_>) -> Result<NetworkFilter> {
     let _ = t.string("stat_prefix")?;
-    let cluster = t.required_string("cluster")?.to_string();
+    let clusters = match (t.string("cluster")?, t.object("weighted_clusters")?) {
+        (Some(c), None) if !c.is_empty() => vec![(c.to_string(), 1)],
+        (None, Some(mut w)) => {
+            let mut clusters = Vec::new();
+            for mut c in w.objects("clusters")? {
+                let name = c.required_string("name")?.to_string();
+                let weight = c.u64("weight")?.filter(|w| *w > 0).ok_or_else(|| ConfigError::new(c.at("weight"), "must be greater than 0"))?;
+                c.finish()?;
+                clusters.push((name, u32::try_from(weight).unwrap_or(u32::MAX)));
+            }
+            if clusters.is_empty() {
+                return Err(ConfigError::new(w.at("clusters"), "must have at least one cluster"));
+            }
+            w.finish()?;
+            clusters
+        }
+        _ => return Err(ConfigError::new(t.path(), "needs exactly one of cluster or weighted_clusters")),
+    };
+    let idle_timeout = match t.duration("idle_timeout")? {
+        None => Some(Duration::from_secs(3600)),
+        Some(d) if d.is_zero() => None,
+        Some(d) => Some(d),
+    };
+    let max_connect_attempts = t.u64("max_connect_attempts")?.unwrap_or(1).clamp(1, 100) as u32;
     t.finish()?;
-    Ok(NetworkFilter::TcpProxy { cluster })
+    Ok(NetworkFilter::TcpProxy(Arc::new(TcpProxy { clusters, idle_timeout, max_connect_attempts })))
 }
 
 #[cfg(test)]

@@ -119,11 +119,11 @@ pub async fn serve(accepted: Accepted, entry: &Listener, snapshot: &Arc<Snapshot
 /// The chain's terminal network filter.
 async fn run_filter(io: Rewind, filter: &NetworkFilter, upstream: Upstream, updates: SnapshotWatch, peer: SocketAddr, local: SocketAddr) -> Outcome {
     match filter {
-        NetworkFilter::TcpProxy { cluster } => match tcp_proxy::serve(io, cluster, &upstream).await {
+        NetworkFilter::TcpProxy(config) => match tcp_proxy::serve(io, config, &upstream).await {
             Relayed::Done(from_downstream, to_downstream) => Outcome::Relayed { from_downstream, to_downstream },
             Relayed::NoUpstream(e) => Outcome::UpstreamFailed(e),
             Relayed::Failed(e) => {
-                tracing::debug!(%peer, cluster, "tcp_proxy connection ended: {e}");
+                tracing::debug!(%peer, "tcp_proxy connection ended: {e}");
                 Outcome::Relayed { from_downstream: 0, to_downstream: 0 }
             }
         },

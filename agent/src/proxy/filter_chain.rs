@@ -120,10 +120,10 @@ fn application_protocol(names: &[String], offered: &[String]) -> Specificity {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::listener::{FilterChainMatch, ListenerFilters, NetworkFilter};
+    use crate::config::listener::{FilterChainMatch, ListenerFilters};
 
     fn chain(name: &str, matcher: FilterChainMatch) -> FilterChain {
-        FilterChain { name: name.into(), matcher, filter: NetworkFilter::TcpProxy { cluster: name.into() } }
+        FilterChain { name: name.into(), matcher, filter: crate::config::listener::TcpProxy::to(name) }
     }
 
     fn listener(chains: Vec<FilterChain>, default: bool) -> Listener {

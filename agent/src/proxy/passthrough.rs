@@ -10,7 +10,7 @@ use std::time::Duration;
 use super::snapshot::Snapshot;
 use crate::capture::{INBOUND_PASSTHROUGH_V4, INBOUND_PASSTHROUGH_V6, INBOUND_PORT, OUTBOUND_PORT};
 use crate::config::cluster::{CircuitBreakers, Cluster, Discovery, LbPolicy};
-use crate::config::listener::{CidrRange, FilterChain, FilterChainMatch, Listener, ListenerFilters, NetworkFilter};
+use crate::config::listener::{CidrRange, FilterChain, FilterChainMatch, Listener, ListenerFilters, TcpProxy};
 use crate::config::store::Resource;
 
 pub const OUTBOUND_CLUSTER: &str = "PassthroughCluster";
@@ -60,7 +60,7 @@ fn listener(name: &str, port: u16, filter_chains: Vec<FilterChain>) -> Listener 
 /// A chain for destinations of one address family (`None`: any).
 fn chain(family: Option<IpAddr>, cluster: &str) -> FilterChain {
     let matcher = FilterChainMatch { prefix_ranges: family.map(|prefix| CidrRange { prefix, len: 0 }).into_iter().collect(), ..Default::default() };
-    FilterChain { name: cluster.to_string(), matcher, filter: NetworkFilter::TcpProxy { cluster: cluster.to_string() } }
+    FilterChain { name: cluster.to_string(), matcher, filter: TcpProxy::to(cluster) }
 }
 
 fn cluster(name: &str, source: Option<IpAddr>, connect_timeout: Duration) -> Cluster {
@@ -94,9 +94,9 @@ mod tests {
             application_protocols: Vec::new(),
         };
         let v4 = super::super::filter_chain::select(inbound, &info("10.0.0.2:8080")).unwrap();
-        assert_eq!(v4.filter, NetworkFilter::TcpProxy { cluster: INBOUND_CLUSTER_V4.into() });
+        assert_eq!(v4.filter, TcpProxy::to(INBOUND_CLUSTER_V4));
         let v6 = super::super::filter_chain::select(inbound, &info("[fd00::2]:8080")).unwrap();
-        assert_eq!(v6.filter, NetworkFilter::TcpProxy { cluster: INBOUND_CLUSTER_V6.into() });
+        assert_eq!(v6.filter, TcpProxy::to(INBOUND_CLUSTER_V6));
         assert_eq!(s.cluster(INBOUND_CLUSTER_V4).unwrap().config.source_address, Some("127.0.0.6:0".parse().unwrap()));
         assert!(s.bound_on_port(OUTBOUND_PORT).is_some());
     }

@@ -1,11 +1,21 @@
-//! The tcp_proxy filter: one downstream connection, one upstream connection, bytes copied both ways. A FIN from
-//! either side is passed on as a FIN (half-close) and the other direction keeps flowing until it ends too.
+//! The tcp_proxy filter: one downstream connection, one upstream connection (to a cluster chosen by weight,
+//! after up to `max_connect_attempts` tries), bytes copied both ways until both sides have closed or nothing
+//! moved for `idle_timeout`. A FIN from either side is passed on as a FIN (half-close) and the other
+//! direction keeps flowing until it ends too.
 
 use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
 
+use super::super::super::upstream::lb::random;
 use super::super::super::upstream::{ConnectError, Upstream};
+use crate::config::listener::TcpProxy;
 
 /// Per-direction copy buffer. tokio's default (8 KiB) caps a bulk transfer at a fraction of what loopback
 /// and veth carry; 64 KiB matches the socket's typical read size.
@@ -21,16 +31,149 @@ pub enum Relayed {
     Failed(io::Error),
 }
 
-pub async fn serve<D>(mut downstream: D, cluster: &str, upstream: &Upstream) -> Relayed
+pub async fn serve<D>(downstream: D, config: &TcpProxy, upstream: &Upstream) -> Relayed
 where
     D: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut up = match upstream.connect(cluster).await {
-        Ok(up) => up,
-        Err(e) => return Relayed::NoUpstream(e),
+    let cluster = pick_weighted(&config.clusters);
+    let mut attempt = 1;
+    let up = loop {
+        match upstream.connect(cluster).await {
+            Ok(up) => break up,
+            Err(ConnectError::Connect(e)) if attempt < config.max_connect_attempts => {
+                tracing::debug!(cluster, attempt, "tcp_proxy connect failed, trying again: {e}");
+                attempt += 1;
+            }
+            Err(e) => return Relayed::NoUpstream(e),
+        }
     };
-    match tokio::io::copy_bidirectional_with_sizes(&mut downstream, &mut up, BUFFER, BUFFER).await {
+    let started = Instant::now();
+    let last_activity = Arc::new(AtomicU64::new(0));
+    let mut down = Tracked { inner: downstream, started, last_activity: Arc::clone(&last_activity) };
+    let mut up = Tracked { inner: up, started, last_activity: Arc::clone(&last_activity) };
+    let copy = tokio::io::copy_bidirectional_with_sizes(&mut down, &mut up, BUFFER, BUFFER);
+    let result = match config.idle_timeout {
+        None => copy.await,
+        Some(idle) => tokio::select! {
+            result = copy => result,
+            () = idle_for(idle, started, &last_activity) => {
+                tracing::debug!(cluster, ?idle, "tcp_proxy idle timeout; closing");
+                return Relayed::Done(0, 0);
+            }
+        },
+    };
+    match result {
         Ok((from, to)) => Relayed::Done(from, to),
         Err(e) => Relayed::Failed(e),
+    }
+}
+
+/// A cluster by weight (the only one when there is one).
+fn pick_weighted(clusters: &[(String, u32)]) -> &str {
+    let total: u64 = clusters.iter().map(|(_, w)| u64::from(*w)).sum();
+    let mut point = random() as u64 % total.max(1);
+    for (name, weight) in clusters {
+        if point < u64::from(*weight) {
+            return name;
+        }
+        point -= u64::from(*weight);
+    }
+    clusters.last().map_or("", |(name, _)| name.as_str())
+}
+
+/// Completes once nothing has been read either way for `idle`: sleeps until the deadline the last activity
+/// sets, no polling in between.
+async fn idle_for(idle: Duration, started: Instant, last_activity: &AtomicU64) {
+    loop {
+        let last = started + Duration::from_millis(last_activity.load(Relaxed));
+        let deadline = last + idle;
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline).await;
+    }
+}
+
+/// A stream that records when it last read bytes (milliseconds since the connection started).
+struct Tracked<S> {
+    inner: S,
+    started: Instant,
+    last_activity: Arc<AtomicU64>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.last_activity.store(self.started.elapsed().as_millis() as u64, Relaxed);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::store::Resource;
+    use crate::proxy::snapshot::Snapshot;
+    use crate::proxy::socket::SocketFactory;
+    use crate::proxy::upstream::pool::Pools;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn upstream_to(addr: std::net::SocketAddr) -> Upstream {
+        let v = serde_json::json!({"name": "echo", "connect_timeout": "1s",
+            "load_assignment": {"endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": addr.port()}}}}]}]}});
+        let cluster = crate::config::cluster::translate(crate::config::tree::Obj::new(&v, "c").unwrap()).unwrap();
+        let snapshot = Snapshot { clusters: Arc::new([Resource::fixed("echo", cluster)].into_iter().collect()), ..Snapshot::default() };
+        Upstream { snapshot: Arc::new(snapshot), pools: Pools::new(SocketFactory::Host), original_dst: addr }
+    }
+
+    #[tokio::test]
+    async fn relays_both_ways_and_closes_idle_connections() {
+        let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = echo.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        let config = TcpProxy { clusters: vec![("echo".into(), 1)], idle_timeout: Some(Duration::from_millis(200)), max_connect_attempts: 1 };
+        let (mut client, server) = tokio::io::duplex(1024);
+        let upstream = upstream_to(addr);
+        let relay = tokio::spawn(async move { serve(server, &config, &upstream).await });
+        client.write_all(b"hello").await.unwrap();
+        let mut back = [0u8; 5];
+        client.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"hello");
+        // Nothing more is sent: the idle timeout ends the relay and closes the downstream side.
+        let ended = tokio::time::timeout(Duration::from_secs(5), relay).await;
+        assert!(ended.is_ok(), "the idle connection was not closed");
+        assert_eq!(client.read(&mut back).await.unwrap_or(0), 0);
+    }
+
+    #[test]
+    fn weights_pick_every_cluster_in_proportion() {
+        let clusters = vec![("a".to_string(), 3), ("b".to_string(), 1)];
+        let picks: Vec<&str> = (0..4000).map(|_| pick_weighted(&clusters)).collect();
+        let a = picks.iter().filter(|c| **c == "a").count();
+        assert!((2700..3300).contains(&a), "{a} of 4000");
     }
 }
