@@ -100,6 +100,17 @@ pub struct RouteAction {
     /// `upgrade_configs`: per upgrade type, enabled or disabled for this route (over the connection
     /// manager's).
     pub upgrades: Vec<(String, bool)>,
+    /// `request_mirror_policies`: copies of the request sent to other clusters, their answers ignored.
+    pub mirrors: Vec<MirrorPolicy>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct MirrorPolicy {
+    pub cluster: String,
+    /// `runtime_fraction` (its default value): the share of requests mirrored.
+    pub fraction: Percent,
+    /// Envoy appends `-shadow` to the mirrored request's host unless told not to.
+    pub shadow_suffix: bool,
 }
 
 /// `internal_redirect_policy`: upstream redirects the proxy follows itself.
@@ -452,6 +463,7 @@ fn route_action(mut a: Obj<'_>) -> Result<RouteAction> {
     let hash_policy = a.objects("hash_policy")?.into_iter().map(hash_policy).collect::<Result<_>>()?;
     let internal_redirect = a.object("internal_redirect_policy")?.map(internal_redirect_policy).transpose()?;
     let upgrades = super::http_connection_manager::upgrade_configs(&mut a)?;
+    let mirrors = a.objects("request_mirror_policies")?.into_iter().map(mirror_policy).collect::<Result<_>>()?;
     a.finish()?;
     Ok(RouteAction {
         cluster,
@@ -464,7 +476,26 @@ fn route_action(mut a: Obj<'_>) -> Result<RouteAction> {
         hash_policy,
         internal_redirect,
         upgrades,
+        mirrors,
     })
+}
+
+fn mirror_policy(mut m: Obj<'_>) -> Result<MirrorPolicy> {
+    let cluster = m.required_string("cluster")?.to_string();
+    let fraction = match m.object("runtime_fraction")? {
+        Some(mut f) => {
+            let percent = http_filters::fractional_percent(f.required_object("default_value")?)?;
+            let _ = f.string("runtime_key")?;
+            f.finish()?;
+            percent
+        }
+        None => Percent::ALL,
+    };
+    // Tracing decisions do not change what is sent.
+    let _ = m.object("trace_sampled")?;
+    let shadow_suffix = !m.bool("disable_shadow_host_suffix_append")?.unwrap_or(false);
+    m.finish()?;
+    Ok(MirrorPolicy { cluster, fraction, shadow_suffix })
 }
 
 fn internal_redirect_policy(mut p: Obj<'_>) -> Result<InternalRedirectPolicy> {
@@ -670,9 +701,9 @@ mod tests {
 
     #[test]
     fn route_errors_name_the_field() {
-        let v = json!({"virtual_hosts": [{"name": "a", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "c", "request_mirror_policies": [{"cluster": "m"}]}}]}]});
+        let v = json!({"virtual_hosts": [{"name": "a", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "c", "max_stream_duration": {}}}]}]});
         let err = translate(Obj::new(&v, "rc").unwrap()).unwrap_err();
-        assert_eq!(err.path, "rc.virtual_hosts[0].routes[0].route.request_mirror_policies");
+        assert_eq!(err.path, "rc.virtual_hosts[0].routes[0].route.max_stream_duration");
         let v = json!({"virtual_hosts": [{"name": "a", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"weighted_clusters": {"clusters": [{"name": "a", "weight": 1}], "total_weight": 5}}}]}]});
         let err = translate(Obj::new(&v, "rc").unwrap()).unwrap_err();
         assert_eq!(err.path, "rc.virtual_hosts[0].routes[0].route.weighted_clusters.total_weight");

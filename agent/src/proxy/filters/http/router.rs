@@ -24,9 +24,9 @@ use super::super::super::upstream::runtime::{ClusterRuntime, Result as AttemptRe
 use super::super::super::upstream::pool::{Key, PoolError, Protocol};
 use super::super::super::upstream::Upstream;
 use super::local_reply;
-use crate::config::cluster::Discovery;
+use crate::config::cluster::{Cluster, Discovery};
 use crate::config::headers::HeaderOps;
-use crate::config::route::{ClusterSpecifier, HashKey, HashPolicy, HostRewrite, RetryOn, Route, RouteAction, RouteConfiguration, VirtualHost};
+use crate::config::route::{ClusterSpecifier, HashKey, HashPolicy, HostRewrite, MirrorPolicy, RetryOn, Route, RouteAction, RouteConfiguration, VirtualHost};
 
 /// Hop-by-hop headers: they describe one connection and are never forwarded (`te: trailers` excepted).
 const HOP_BY_HOP: [&str; 6] = ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te"];
@@ -112,6 +112,7 @@ pub async fn forward(mut parts: Parts, body: Body, matched: Matched<'_>, downstr
     let on_downstream_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>().filter(|_| upgrade);
     let upgrade_header = parts.headers.get(header::UPGRADE).cloned();
     let mut template = prepare(parts, &matched, &cluster, downstream);
+    let body = mirror(&template, body, &action.mirrors, upstream).await;
     let started = Instant::now();
     let (mut response, endpoint) = match (on_downstream_upgrade, upgrade_header) {
         (Some(on_downstream), Some(kind)) => {
@@ -142,6 +143,7 @@ pub async fn forward(mut parts: Parts, body: Body, matched: Matched<'_>, downstr
 }
 
 /// What every attempt sends: the request after the route's rewrites.
+#[derive(Clone)]
 struct Template {
     method: Method,
     path_and_query: String,
@@ -215,12 +217,7 @@ fn prepare(mut parts: Parts, matched: &Matched<'_>, cluster: &ClusterRef<'_>, do
         path_and_query: rewritten.unwrap_or(original_path),
         authority,
         headers: parts.headers,
-        protocol: match (cluster.config.follow_downstream_protocol, parts.version) {
-            (true, Version::HTTP_2) => Protocol::Http2,
-            (true, _) => Protocol::Http1,
-            (false, _) if cluster.config.http2 => Protocol::Http2,
-            (false, _) => Protocol::Http1,
-        },
+        protocol: protocol_for(cluster.config, parts.version),
         downstream_version: parts.version,
         hash,
         set_cookie,
@@ -236,6 +233,16 @@ fn prepare(mut parts: Parts, matched: &Matched<'_>, cluster: &ClusterRef<'_>, do
 fn set_original_host(headers: &mut HeaderMap, original: &str) {
     if let Ok(v) = HeaderValue::from_str(original) {
         headers.insert("x-envoy-original-host", v);
+    }
+}
+
+/// The upstream protocol of `cluster` for a request that came in as `version`.
+fn protocol_for(cluster: &Cluster, version: Version) -> Protocol {
+    match (cluster.follow_downstream_protocol, version) {
+        (true, Version::HTTP_2) => Protocol::Http2,
+        (true, _) => Protocol::Http1,
+        (false, _) if cluster.http2 => Protocol::Http2,
+        (false, _) => Protocol::Http1,
     }
 }
 
@@ -614,6 +621,40 @@ async fn buffer(body: Body) -> Result<Bytes, String> {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) => Err(format!("request body: {e}")),
     }
+}
+
+/// Sends copies of the request to the mirror clusters (fire and forget, answers ignored) and returns the body
+/// for the request itself; the body is buffered only when a mirror takes this request.
+async fn mirror(template: &Template, body: Body, mirrors: &[MirrorPolicy], upstream: &Upstream) -> Body {
+    let chosen: Vec<&MirrorPolicy> = mirrors.iter().filter(|m| m.fraction.hit(lb::random() as u64)).collect();
+    if chosen.is_empty() {
+        return body;
+    }
+    let Ok(bytes) = buffer(body).await else { return body::empty() };
+    for m in chosen {
+        let Some(cluster) = upstream.snapshot.cluster(&m.cluster) else { continue };
+        let runtime = upstream.pools.runtime(&m.cluster);
+        let Ok(endpoint) = pick_endpoint(&cluster, &runtime, upstream.original_dst, &[], 1, template.hash) else { continue };
+        let mut copy = Template { protocol: protocol_for(cluster.config, template.downstream_version), ..template.clone() };
+        if m.shadow_suffix {
+            let (host, port) = route::split_port(&template.authority);
+            copy.authority = match port {
+                Some(p) => format!("{host}-shadow:{p}"),
+                None => format!("{host}-shadow"),
+            };
+        }
+        let request = copy.request(body::full(bytes.clone()), None, None, Some(endpoint));
+        let (pools, key, timeout, limits) = (Arc::clone(&upstream.pools), Key { endpoint, source: cluster.config.source_address }, cluster.config.connect_timeout, cluster.config.circuit_breakers);
+        cluster.state.upstream_rq_total.fetch_add(1, Relaxed);
+        tokio::spawn(async move {
+            let (result, _) = pools.send(key, copy.protocol, timeout, (&runtime, &limits), request).await;
+            if let Ok(response) = result {
+                // Read to the end so the pooled connection can serve again.
+                let _ = response.into_body().collect().await;
+            }
+        });
+    }
+    body::full(bytes)
 }
 
 /// Sends an upgrade request once (no retries) and, on 101, joins the downstream and upstream connections.

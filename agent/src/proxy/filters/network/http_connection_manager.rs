@@ -719,13 +719,17 @@ mod in_memory {
     }
 
     /// A context whose connection manager has `extra` fields.
-    fn proxy_with(endpoint: SocketAddr, http2: bool, route: serde_json::Value, extra: serde_json::Value) -> HttpContext {
-        let mut cluster = json!({"name": "web", "connect_timeout": "1s",
+    fn cluster(name: &str, endpoint: SocketAddr, http2: bool) -> crate::config::cluster::Cluster {
+        let mut cluster = json!({"name": name, "connect_timeout": "1s",
             "load_assignment": {"endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": endpoint.port()}}}}]}]}});
         if http2 {
             cluster["http2_protocol_options"] = json!({});
         }
-        let cluster = crate::config::cluster::translate(Obj::new(&cluster, "c").unwrap()).unwrap();
+        crate::config::cluster::translate(Obj::new(&cluster, "c").unwrap()).unwrap()
+    }
+
+    fn proxy_with(endpoint: SocketAddr, http2: bool, route: serde_json::Value, extra: serde_json::Value) -> HttpContext {
+        let cluster = cluster("web", endpoint, http2);
         let mut hcm = json!({"route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}]},
             "http_filters": [{"name": "router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]});
         if let (Some(hcm), Some(extra)) = (hcm.as_object_mut(), extra.as_object()) {
@@ -845,6 +849,25 @@ mod in_memory {
         let disabled = json!({"match": {"prefix": "/"}, "route": {"cluster": "web", "upgrade_configs": [{"upgrade_type": "websocket", "enabled": false}]}});
         let context = proxy_with(addr, false, disabled, json!({"upgrade_configs": [{"upgrade_type": "websocket"}]}));
         assert_eq!(upgrade(context).await, Err(403), "the route disables it");
+    }
+
+    #[tokio::test]
+    async fn mirrored_requests_reach_the_shadow_cluster_and_answers_come_from_the_route() {
+        let (web, _) = upstream(0, false).await;
+        let (shadow, shadow_connections) = upstream(0, false).await;
+        let route = json!({"match": {"prefix": "/"}, "route": {"cluster": "web", "request_mirror_policies": [{"cluster": "shadow"}]}});
+        let mut context = proxy(web, false, route);
+        let clusters = [Resource::fixed("web", cluster("web", web, false)), Resource::fixed("shadow", cluster("shadow", shadow, false))];
+        let snapshot = Arc::new(Snapshot { clusters: Arc::new(clusters.into_iter().collect()), ..Snapshot::default() });
+        context.upstream.snapshot = Arc::clone(&snapshot);
+        context.updates = watch::channel(Some(snapshot)).1;
+        let answers = requests(context, false, &["/m"]).await;
+        assert!(answers[0].1.starts_with("path=/m n=0"), "{answers:?}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while shadow_connections.load(SeqCst) == 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(shadow_connections.load(SeqCst), 1, "the mirror cluster got its copy");
     }
 
     #[tokio::test]
