@@ -75,7 +75,7 @@ impl EnvoyAdmin {
             let name = &c.config.name;
             out.push_str(&format!("{name}::observability_name::{name}\n"));
             out.push_str(&format!("{name}::default_priority::max_connections::1024\n"));
-            for e in c.endpoints {
+            for e in c.endpoints.hosts() {
                 out.push_str(&format!("{name}::{e}::cx_total::{}\n", c.state.upstream_cx_total.load(Relaxed)));
                 out.push_str(&format!("{name}::{e}::health_flags::healthy\n"));
             }

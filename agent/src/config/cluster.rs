@@ -57,7 +57,7 @@ pub struct OutlierDetection {
 #[serde(tag = "type", rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Discovery {
     /// Fixed endpoints from `load_assignment`, with the hostnames some of them have.
-    Static { endpoints: Vec<SocketAddr>, hostnames: Vec<(SocketAddr, String)> },
+    Static { endpoints: Assignment, hostnames: Vec<(SocketAddr, String)> },
     /// Connect to the downstream connection's original destination.
     OriginalDst,
     /// Endpoints from EDS (over ADS), for `service_name`.
@@ -73,6 +73,34 @@ pub enum LbPolicy {
     LeastRequest { choice_count: u32 },
     RingHash { min_ring_size: u64, max_ring_size: u64 },
     Maglev { table_size: u64 },
+}
+
+/// A cluster's endpoints by priority level (0 first). An endpoint appears as many times as its
+/// `load_balancing_weight` (scaled down to at most [`MAX_WEIGHT_SLOTS`] per level), so round robin, random and
+/// the hash rings give it its share; endpoints EDS marks unhealthy, draining or timed out are left out.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Assignment {
+    pub priorities: Vec<Vec<SocketAddr>>,
+}
+
+/// The most slots one priority level's weighted endpoints take.
+pub const MAX_WEIGHT_SLOTS: u64 = 10_000;
+
+impl Assignment {
+    /// Every distinct endpoint, in order.
+    pub fn hosts(&self) -> Vec<SocketAddr> {
+        let mut out: Vec<SocketAddr> = Vec::new();
+        for e in self.priorities.iter().flatten() {
+            if !out.contains(e) {
+                out.push(*e);
+            }
+        }
+        out
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.priorities.iter().all(Vec::is_empty)
+    }
 }
 
 /// Envoy's default `connect_timeout`.
@@ -154,7 +182,7 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
     })
 }
 
-fn load_assignment(c: &mut Obj<'_>) -> Result<(Vec<SocketAddr>, Vec<(SocketAddr, String)>)> {
+fn load_assignment(c: &mut Obj<'_>) -> Result<(Assignment, Vec<(SocketAddr, String)>)> {
     // Envoy accepts any cluster_name for a static cluster's inline assignment; only the endpoints matter.
     let Some(la) = c.object("load_assignment")? else { return Ok(Default::default()) };
     let mut hostnames = Vec::new();
@@ -163,16 +191,29 @@ fn load_assignment(c: &mut Obj<'_>) -> Result<(Vec<SocketAddr>, Vec<(SocketAddr,
 }
 
 /// `envoy.config.endpoint.v3.ClusterLoadAssignment`: its cluster (service) name and endpoints.
-pub fn assignment(la: Obj<'_>) -> Result<(String, Vec<SocketAddr>)> {
+pub fn assignment(la: Obj<'_>) -> Result<(String, Assignment)> {
     read_assignment(la, None)
 }
 
 /// Endpoint hostnames (for `auto_host_rewrite`) are kept where `hostnames` is given (static clusters) and
-/// refused elsewhere, so they are never silently dropped.
-fn read_assignment(mut la: Obj<'_>, mut hostnames: Option<&mut Vec<(SocketAddr, String)>>) -> Result<(String, Vec<SocketAddr>)> {
+/// refused elsewhere, so they are never silently dropped. Localities are accepted: without
+/// `locality_weighted_lb_config` (which weft refuses) Envoy does not balance by them either.
+fn read_assignment(mut la: Obj<'_>, mut hostnames: Option<&mut Vec<(SocketAddr, String)>>) -> Result<(String, Assignment)> {
     let name = la.string("cluster_name")?.unwrap_or_default().to_string();
-    let mut endpoints = Vec::new();
+    let mut levels: Vec<Vec<(SocketAddr, u64)>> = Vec::new();
     for mut locality in la.objects("endpoints")? {
+        let priority = locality.u64("priority")?.unwrap_or(0);
+        if priority > 128 {
+            return Err(ConfigError::new(locality.at("priority"), format!("{priority} is not a priority (0-128)")));
+        }
+        if let Some(mut l) = locality.object("locality")? {
+            for key in ["region", "zone", "sub_zone"] {
+                let _ = l.string(key)?;
+            }
+            l.finish()?;
+        }
+        let _ = locality.u64("load_balancing_weight")?;
+        let mut entries = Vec::new();
         for mut lb in locality.objects("lb_endpoints")? {
             let mut endpoint = lb.required_object("endpoint")?;
             let address = socket_address(endpoint.required_object("address")?)?;
@@ -181,14 +222,48 @@ fn read_assignment(mut la: Obj<'_>, mut hostnames: Option<&mut Vec<(SocketAddr, 
                     names.push((address, h.to_string()));
                 }
             }
-            endpoints.push(address);
             endpoint.finish()?;
+            let weight = lb.u64("load_balancing_weight")?.unwrap_or(1);
+            if weight == 0 {
+                return Err(ConfigError::new(lb.at("load_balancing_weight"), "must be greater than 0"));
+            }
+            let serves = match lb.string("health_status")?.unwrap_or("UNKNOWN") {
+                "UNKNOWN" | "HEALTHY" | "DEGRADED" => true,
+                "UNHEALTHY" | "DRAINING" | "TIMEOUT" => false,
+                other => return Err(ConfigError::new(lb.at("health_status"), format!("{other} is not a health status"))),
+            };
             lb.finish()?;
+            if serves {
+                entries.push((address, weight));
+            }
         }
         locality.finish()?;
+        let level = priority as usize;
+        if levels.len() <= level {
+            levels.resize_with(level + 1, Vec::new);
+        }
+        levels[level].extend(entries);
     }
     la.finish()?;
-    Ok((name, endpoints))
+    let priorities = levels.into_iter().map(weighted_slots).collect();
+    Ok((name, Assignment { priorities }))
+}
+
+/// Each endpoint repeated by its weight (divided by the weights' common divisor, scaled down proportionally
+/// when the level would take more than [`MAX_WEIGHT_SLOTS`]).
+fn weighted_slots(entries: Vec<(SocketAddr, u64)>) -> Vec<SocketAddr> {
+    let gcd = entries.iter().fold(0, |g, (_, w)| gcd(g, *w)).max(1);
+    let total: u64 = entries.iter().map(|(_, w)| w / gcd).sum();
+    let scale = if total > MAX_WEIGHT_SLOTS { total as f64 / MAX_WEIGHT_SLOTS as f64 } else { 1.0 };
+    entries.iter().flat_map(|(a, w)| std::iter::repeat_n(*a, (((w / gcd) as f64 / scale).round() as usize).max(1))).collect()
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 /// `envoy.config.core.v3.BindConfig`: only the source address (a `SocketAddress`, not an `Address`).

@@ -35,7 +35,7 @@ pub const SUPPORTED: &[(&str, &str)] = &[
     ("static_resources.clusters[].eds_cluster_config", "service_name, eds_config.ads (EDS over ADS, V3)"),
     ("static_resources.clusters[].connect_timeout", "default 5s"),
     ("static_resources.clusters[].lb_policy", "ROUND_ROBIN, RANDOM, LEAST_REQUEST (least_request_lb_config.choice_count), RING_HASH (ring_hash_lb_config, XX_HASH, Envoy's ring), MAGLEV (maglev_lb_config.table_size, Envoy's table), CLUSTER_PROVIDED (ORIGINAL_DST)"),
-    ("static_resources.clusters[].load_assignment", "cluster_name, endpoints[].lb_endpoints[].endpoint.{address.socket_address, hostname (static clusters: auto_host_rewrite)}"),
+    ("static_resources.clusters[].load_assignment", "cluster_name, endpoints[].{priority (Envoy's priority load with overprovisioning 1.4), locality, load_balancing_weight (localities weigh nothing without locality_weighted_lb_config, as in Envoy)}, endpoints[].lb_endpoints[].{endpoint.address.socket_address, endpoint.hostname (static clusters: auto_host_rewrite), load_balancing_weight, health_status (UNHEALTHY, DRAINING, TIMEOUT left out)}"),
     ("static_resources.clusters[].circuit_breakers.thresholds[]", "DEFAULT priority: max_connections, max_pending_requests, max_requests, max_retries (503 with x-envoy-overloaded)"),
     ("static_resources.clusters[].outlier_detection", "consecutive_5xx, consecutive_gateway_failure, enforcing_*, base_ejection_time, max_ejection_time, max_ejection_percent, interval; success-rate and failure-percentage ejection only when not enforced"),
     ("static_resources.clusters[].common_lb_config.healthy_panic_threshold", "percent of available endpoints below which all are used"),
@@ -45,7 +45,7 @@ pub const SUPPORTED: &[(&str, &str)] = &[
     ("dynamic_resources.ads_config", "api_type GRPC or DELTA_GRPC, transport_api_version V3, one envoy_grpc service"),
     ("dynamic_resources.lds_config / cds_config", "ads: {} with resource_api_version V3 (listeners and clusters over ADS)"),
     ("xDS Listener and Cluster resources", "the same fields as static_resources.listeners[] and clusters[]"),
-    ("xDS ClusterLoadAssignment resources", "cluster_name, endpoints[].lb_endpoints[].endpoint.address.socket_address"),
+    ("xDS ClusterLoadAssignment resources", "the same fields as load_assignment, without endpoint hostnames"),
     ("xDS RouteConfiguration resources", "the same fields as an inline route_config"),
 ];
 

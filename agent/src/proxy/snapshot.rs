@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 
-use crate::config::cluster::{Cluster, Discovery};
+use crate::config::cluster::{Assignment, Cluster, Discovery};
 use crate::config::listener::Listener;
 use crate::config::route::RouteConfiguration;
 use crate::config::store::{ByName, ClusterState};
@@ -20,14 +20,14 @@ pub struct Snapshot {
     pub routes: Arc<ByName<Arc<RouteConfiguration>>>,
     pub clusters: Arc<ByName<Cluster>>,
     /// EDS: service name → endpoints.
-    pub assignments: Arc<ByName<Vec<SocketAddr>>>,
+    pub assignments: Arc<ByName<Assignment>>,
 }
 
 /// One cluster as the data path sees it.
 pub struct ClusterRef<'a> {
     pub config: &'a Cluster,
     /// STATIC endpoints, or EDS endpoints as last received; empty for ORIGINAL_DST.
-    pub endpoints: &'a [SocketAddr],
+    pub endpoints: &'a Assignment,
     /// Round-robin position.
     pub cursor: &'a AtomicUsize,
     pub state: &'a ClusterState,
@@ -66,10 +66,11 @@ impl Snapshot {
     pub fn cluster(&self, name: &str) -> Option<ClusterRef<'_>> {
         let entry = self.clusters.get(name)?;
         let config = entry.model();
-        let endpoints: &[SocketAddr] = match &config.discovery {
+        static NONE: Assignment = Assignment { priorities: Vec::new() };
+        let endpoints: &Assignment = match &config.discovery {
             Discovery::Static { endpoints, .. } => endpoints,
-            Discovery::Eds { service_name } => self.assignments.get(service_name).map_or(&[], |a| a.model().as_slice()),
-            Discovery::OriginalDst => &[],
+            Discovery::Eds { service_name } => self.assignments.get(service_name).map_or(&NONE, |a| a.model()),
+            Discovery::OriginalDst => &NONE,
         };
         Some(ClusterRef { config, endpoints, cursor: &entry.cursor, state: &entry.state })
     }

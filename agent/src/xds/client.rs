@@ -74,7 +74,8 @@ fn backoff(failures: u32) -> Duration {
 fn endpoint(state: &XdsState, cluster: &str) -> Result<Endpoint, String> {
     let c = state.bootstrap().clusters.iter().find(|c| c.name == cluster).ok_or(format!("no cluster {cluster}"))?;
     let Discovery::Static { endpoints, .. } = &c.discovery else { return Err(format!("cluster {cluster} is not STATIC")) };
-    let addr = endpoints.first().ok_or(format!("cluster {cluster} has no endpoint"))?;
+    let hosts = endpoints.hosts();
+    let addr = hosts.first().ok_or(format!("cluster {cluster} has no endpoint"))?;
     Endpoint::from_shared(format!("http://{addr}"))
         .map(|e| e.connect_timeout(c.connect_timeout))
         .map_err(|e| e.to_string())

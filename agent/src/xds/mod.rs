@@ -47,7 +47,7 @@ pub struct Store {
     pub listeners: Arc<ByName<Listener>>,
     pub clusters: Arc<ByName<Cluster>>,
     /// EDS: service name → endpoints.
-    pub assignments: Arc<ByName<Vec<std::net::SocketAddr>>>,
+    pub assignments: Arc<ByName<crate::config::cluster::Assignment>>,
     /// RDS: route configuration name → routes.
     pub routes: Arc<ByName<Arc<RouteConfiguration>>>,
     pub versions: HashMap<&'static str, String>,
@@ -58,7 +58,7 @@ pub struct Store {
 /// Shared decoded resources of every stream in the process.
 static LISTENERS: LazyLock<intern::Interner<Resource<Listener>>> = LazyLock::new(Default::default);
 static CLUSTERS: LazyLock<intern::Interner<Resource<Cluster>>> = LazyLock::new(Default::default);
-static ASSIGNMENTS: LazyLock<intern::Interner<Resource<Vec<std::net::SocketAddr>>>> = LazyLock::new(Default::default);
+static ASSIGNMENTS: LazyLock<intern::Interner<Resource<crate::config::cluster::Assignment>>> = LazyLock::new(Default::default);
 static ROUTES: LazyLock<intern::Interner<Resource<Arc<RouteConfiguration>>>> = LazyLock::new(Default::default);
 
 type Rejection = (Option<String>, String);

@@ -39,14 +39,24 @@ pub fn choose(c: &ClusterRef<'_>, runtime: &ClusterRuntime, available: &[SocketA
     }
 }
 
-/// Envoy's ring: each host gets `scale` hashes of `"<address>_<i>"`, sorted by hash.
+/// Envoy's ring: each distinct host gets hashes of `"<address>_<i>"` in proportion to its weight (how often
+/// it appears in `hosts`), the least-weighted host at least `min_ring_size` times its share; sorted by hash.
 fn ring(hosts: &[SocketAddr], min_ring_size: u64, max_ring_size: u64) -> Vec<(u64, usize)> {
-    let weight = 1.0 / hosts.len() as f64;
-    let scale = ((weight * min_ring_size as f64).ceil() / weight).min(max_ring_size as f64);
+    let mut weights: Vec<(usize, f64)> = Vec::new();
+    for (i, h) in hosts.iter().enumerate() {
+        match weights.iter_mut().find(|(first, _)| hosts[*first] == *h) {
+            Some((_, w)) => *w += 1.0,
+            None => weights.push((i, 1.0)),
+        }
+    }
+    let total = hosts.len() as f64;
+    let min_weight = weights.iter().map(|(_, w)| w / total).fold(1.0, f64::min);
+    let scale = ((min_weight * min_ring_size as f64).ceil() / min_weight).min(max_ring_size as f64);
     let mut entries = Vec::with_capacity(scale.ceil() as usize);
     let (mut current, mut target) = (0.0, 0.0);
-    for (index, host) in hosts.iter().enumerate() {
-        target += scale * weight;
+    for (index, weight) in weights {
+        target += scale * weight / total;
+        let host = hosts[index];
         let mut i = 0u64;
         while current < target {
             entries.push((xxh64(format!("{host}_{i}").as_bytes(), 0), index));

@@ -89,7 +89,9 @@ impl ClusterRuntime {
                 None => true,
             })
             .collect();
-        if (healthy.len() as f64) * 100.0 < panic_threshold * endpoints.len() as f64 {
+        // Panic mode counts hosts, not their weighted slots.
+        let distinct = |hosts: &[SocketAddr]| hosts.iter().enumerate().filter(|(i, h)| !hosts[..*i].contains(h)).count();
+        if (distinct(&healthy) as f64) * 100.0 < panic_threshold * distinct(endpoints) as f64 {
             endpoints.to_vec()
         } else {
             healthy
@@ -106,7 +108,7 @@ impl ClusterRuntime {
         let now = Instant::now();
         let mut states = self.endpoints();
         let ejected = states.values().filter(|s| s.ejected_until.is_some_and(|t| t > now)).count();
-        let Some(state) = states.get_mut(&endpoint) else { return };
+        let state = states.entry(endpoint).or_default();
         if code < 500 {
             state.consecutive_5xx = 0;
             state.consecutive_gateway_failures = 0;

@@ -497,7 +497,7 @@ impl Attempts {
                 Ok(r) => AttemptResult::Status(r.status().as_u16()),
                 Err(_) => AttemptResult::LocalFailure,
             };
-            let hosts = cluster.endpoints.len();
+            let hosts = cluster.endpoints.hosts().len();
             runtime.record(endpoint, outcome, cluster.config.outlier_detection.as_ref(), hosts, cluster.state);
             let retriable = match &result {
                 Ok(response) => self.retriable_status(response.status()),
