@@ -12,6 +12,7 @@ pub mod filters;
 pub mod listener;
 pub mod listener_filter;
 pub mod passthrough;
+pub mod random;
 pub mod route;
 pub mod server;
 pub mod snapshot;

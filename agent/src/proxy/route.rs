@@ -81,7 +81,7 @@ fn matches(m: &RouteMatch, path_and_query: &str, req: &Parts) -> bool {
         && (!m.grpc || is_grpc(&req.headers))
         // Downstream TLS comes with the security work: every connection is plaintext so far.
         && m.tls_presented != Some(true)
-        && m.fraction.is_none_or(|f| f.hit(super::upstream::lb::random() as u64))
+        && m.fraction.is_none_or(|f| f.hit(super::random::random() as u64))
 }
 
 /// A header's values joined with `,`, pseudo-headers included, as Envoy's header matchers see them.

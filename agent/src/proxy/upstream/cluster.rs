@@ -4,8 +4,9 @@
 use std::net::SocketAddr;
 
 use super::super::snapshot::ClusterRef;
+use super::super::random::random;
 use super::lb;
-use super::runtime::{self, ClusterRuntime};
+use super::runtime::ClusterRuntime;
 use crate::config::cluster::Discovery;
 
 /// Envoy's overprovisioning factor: a level at 1/1.4 of its hosts available still takes all its traffic.
@@ -33,7 +34,7 @@ fn priority_level(c: &ClusterRef<'_>, runtime: &ClusterRuntime) -> Vec<SocketAdd
         // No level has an available endpoint: Envoy's panic mode on the first level.
         return levels.first().cloned().unwrap_or_default();
     }
-    let mut point = (lb::random() % 10_000) as f64 / 100.0;
+    let mut point = (random() % 10_000) as f64 / 100.0;
     let mut remaining = 100.0;
     for (i, h) in health.iter().enumerate() {
         let load = (h * 100.0 / total).min(remaining);
@@ -73,6 +74,7 @@ mod tests {
     use crate::config::store::Resource;
     use crate::config::tree::Obj;
     use crate::proxy::snapshot::Snapshot;
+    use crate::proxy::upstream::runtime;
     use serde_json::json;
     use std::sync::Arc;
 

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use xxhash_rust::xxh64::xxh64;
 
+use super::super::random::random;
 use super::super::snapshot::ClusterRef;
 use super::runtime::ClusterRuntime;
 use crate::config::cluster::LbPolicy;
@@ -121,14 +122,6 @@ fn maglev(hosts: &[SocketAddr], size: u64) -> Vec<(u64, usize)> {
         }
     }
     table.into_iter().enumerate().map(|(slot, host)| (slot as u64, host.unwrap_or(0))).collect()
-}
-
-/// A random number from the standard library's randomly keyed hasher (no RNG crate for this).
-pub fn random() -> usize {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::Instant::now().elapsed().as_nanos());
-    h.finish() as usize
 }
 
 /// Envoy's combination of several hash policies' values.

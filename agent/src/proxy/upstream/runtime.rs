@@ -10,6 +10,8 @@ use std::time::Instant;
 
 use tokio::sync::Notify;
 
+use super::super::random::random;
+
 use crate::config::cluster::OutlierDetection;
 use crate::config::store::ClusterState;
 
@@ -134,5 +136,5 @@ impl ClusterRuntime {
 }
 
 fn enforced(percent: u32) -> bool {
-    percent >= 100 || (percent > 0 && (super::lb::random() % 100) < percent as usize)
+    percent >= 100 || (percent > 0 && (random() % 100) < percent as usize)
 }

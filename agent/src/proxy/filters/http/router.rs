@@ -16,6 +16,7 @@ use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 
 use super::super::super::body::{self, Body};
+use super::super::super::random::random;
 use super::super::super::route::{self, Downstream, Vars};
 use super::super::super::snapshot::ClusterRef;
 use super::super::super::upstream::cluster::{self, PickError};
@@ -74,7 +75,7 @@ fn choose_cluster<'a>(action: &'a RouteAction, headers: &HeaderMap) -> (String, 
         ClusterSpecifier::Weighted(w) => {
             let total: u64 = w.clusters.iter().map(|c| u64::from(c.weight)).sum();
             // `header_name`: the header's value (an unsigned integer) stands in for the random number.
-            let random = w.header_name.as_deref().and_then(|h| header(h).trim().parse::<u64>().ok()).unwrap_or_else(|| lb::random() as u64);
+            let random = w.header_name.as_deref().and_then(|h| header(h).trim().parse::<u64>().ok()).unwrap_or_else(|| random() as u64);
             let mut point = random % total.max(1);
             let chosen = w.clusters.iter().find(|c| {
                 let inside = point < u64::from(c.weight);
@@ -420,7 +421,7 @@ impl Attempts {
     fn back_off(&self, n: u32) -> Duration {
         let ceiling = self.base_interval.saturating_mul(1u32 << n.min(16)).min(self.max_interval);
         let millis = ceiling.as_millis().max(1) as usize;
-        Duration::from_millis((lb::random() % millis) as u64)
+        Duration::from_millis((random() % millis) as u64)
     }
 
     /// The response and the endpoint that gave it (none for local replies).
@@ -626,7 +627,7 @@ async fn buffer(body: Body) -> Result<Bytes, String> {
 /// Sends copies of the request to the mirror clusters (fire and forget, answers ignored) and returns the body
 /// for the request itself; the body is buffered only when a mirror takes this request.
 async fn mirror(template: &Template, body: Body, mirrors: &[MirrorPolicy], upstream: &Upstream) -> Body {
-    let chosen: Vec<&MirrorPolicy> = mirrors.iter().filter(|m| m.fraction.hit(lb::random() as u64)).collect();
+    let chosen: Vec<&MirrorPolicy> = mirrors.iter().filter(|m| m.fraction.hit(random() as u64)).collect();
     if chosen.is_empty() {
         return body;
     }
