@@ -139,3 +139,77 @@ async fn run_filter(io: Rewind, filter: &NetworkFilter, upstream: Upstream, upda
         }
     }
 }
+
+/// The connection handler on loopback sockets (no root, no namespaces): the listener filters detect the
+/// protocol, the chain is chosen by it, and its network filter serves the connection.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::store::Resource;
+    use crate::config::tree::Obj;
+    use crate::proxy::socket::SocketFactory;
+    use serde_json::json;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    async fn echo_server() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        addr
+    }
+
+    fn snapshot(echo: SocketAddr) -> (Arc<Snapshot>, Listener) {
+        let listener = json!({"name": "l", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},
+            "listener_filters": [{"name": "h", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector"}}],
+            "filter_chains": [{"filter_chain_match": {"application_protocols": ["http/1.1"]}, "filters": [{"name": "hcm", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "from the HTTP chain"}}}]}]},
+                "http_filters": [{"name": "router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}]}],
+            "default_filter_chain": {"filters": [{"name": "tcp", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", "cluster": "echo"}}]}});
+        let listener = crate::config::listener::translate(Obj::new(&listener, "l").unwrap()).unwrap();
+        let cluster = json!({"name": "echo", "load_assignment": {"endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": echo.port()}}}}]}]}});
+        let cluster = crate::config::cluster::translate(Obj::new(&cluster, "c").unwrap()).unwrap();
+        let snapshot = Snapshot {
+            listeners: Arc::new([Resource::fixed("l", listener.clone())].into_iter().collect()),
+            clusters: Arc::new([Resource::fixed("echo", cluster)].into_iter().collect()),
+            ..Snapshot::default()
+        };
+        (Arc::new(snapshot), listener)
+    }
+
+    /// Serves one connection carrying `payload` through the handler; returns what came back.
+    async fn exchange(payload: &'static [u8]) -> Vec<u8> {
+        let (snapshot, listener) = snapshot(echo_server().await);
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (stream, peer) = front.accept().await.unwrap();
+            let (_tx, updates) = watch::channel(Some(Arc::clone(&snapshot)));
+            let drain = Drain { updates, timeout: Duration::from_secs(1) };
+            let pools = Pools::new(SocketFactory::Host);
+            serve(Accepted { stream, peer, original_dst: None }, &listener, &snapshot, &pools, drain).await
+        });
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(payload).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut back)).await.unwrap().unwrap();
+        back
+    }
+
+    #[tokio::test]
+    async fn chains_are_chosen_by_the_detected_protocol() {
+        let http = exchange(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
+        let text = String::from_utf8_lossy(&http);
+        assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("from the HTTP chain"), "{text}");
+        assert_eq!(exchange(b"raw bytes, not HTTP\r\n").await, b"raw bytes, not HTTP\r\n", "tcp_proxy echoed them");
+    }
+}
