@@ -2,6 +2,7 @@
 //! routes come from, the request handling options Envoy applies before routing, and the HTTP filters.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::http_filters::{self, Fault, LocalRateLimit, CORS, FAULT, LOCAL_RATELIMIT};
 use super::headers::{HeaderOps, Part};
@@ -29,6 +30,15 @@ pub struct HttpConnectionManager {
     pub host_port: HostPort,
     /// `common_http_protocol_options.max_headers_count` (default 100): more request headers get 431.
     pub max_headers_count: usize,
+    /// `common_http_protocol_options.idle_timeout` (default 1 h; `None`: never): a connection without
+    /// requests for this long is closed gracefully.
+    pub idle_timeout: Option<Duration>,
+    /// `common_http_protocol_options.max_connection_duration`: connections are closed gracefully after it.
+    pub max_connection_duration: Option<Duration>,
+    pub headers_with_underscores: UnderscoreHeaders,
+    /// `stream_idle_timeout` (default 5 min; `None`: never): a request without its response headers after
+    /// this long gets 504 `stream timeout`.
+    pub stream_idle_timeout: Option<Duration>,
     /// `internal_address_config.cidr_ranges`: clients in these ranges are internal (none by default).
     pub internal_ranges: Vec<CidrRange>,
     pub always_set_request_id_in_response: bool,
@@ -99,6 +109,15 @@ pub enum BodyFormat {
     Text { format: Vec<Part>, content_type: String },
     /// Fields sorted by key, as Envoy writes them.
     Json { fields: Vec<(String, Vec<Part>)>, content_type: String },
+}
+
+/// `headers_with_underscores_action`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum UnderscoreHeaders {
+    Allow,
+    RejectRequest,
+    DropHeader,
 }
 
 /// `path_with_escaped_slashes_action`: what `%2F`/`%5C` in a path do.
@@ -226,13 +245,23 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
         (false, true) => HostPort::StripAny,
         (true, true) => return Err(ConfigError::new(h.at("strip_any_host_port"), "cannot be combined with strip_matching_host_port")),
     };
-    // Timeouts weft does not enforce yet are refused unless they disable the timeout.
-    only_disabled(&mut h, "stream_idle_timeout")?;
+    let stream_idle_timeout = timeout(h.duration("stream_idle_timeout")?, Some(Duration::from_secs(300)));
+    // A timeout weft does not enforce yet is refused unless it disables the timeout.
     only_disabled(&mut h, "request_timeout")?;
     let mut max_headers_count = 100;
+    let mut idle_timeout = Some(Duration::from_secs(3600));
+    let mut max_connection_duration = None;
+    let mut headers_with_underscores = UnderscoreHeaders::Allow;
     if let Some(mut common) = h.object("common_http_protocol_options")? {
-        only_disabled(&mut common, "idle_timeout")?;
+        idle_timeout = timeout(common.duration("idle_timeout")?, idle_timeout);
+        max_connection_duration = timeout(common.duration("max_connection_duration")?, None);
         max_headers_count = common.u64("max_headers_count")?.map_or(100, |n| n.clamp(1, 10_000) as usize);
+        headers_with_underscores = match common.string("headers_with_underscores_action")?.unwrap_or("ALLOW") {
+            "ALLOW" => UnderscoreHeaders::Allow,
+            "REJECT_REQUEST" => UnderscoreHeaders::RejectRequest,
+            "DROP_HEADER" => UnderscoreHeaders::DropHeader,
+            other => return Err(ConfigError::new(common.at("headers_with_underscores_action"), format!("{other} is not an action"))),
+        };
         common.finish()?;
     }
     let local_reply = h.object("local_reply_config")?.map(local_reply_config).transpose()?;
@@ -260,6 +289,10 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
         merge_slashes,
         host_port,
         max_headers_count,
+        idle_timeout,
+        max_connection_duration,
+        headers_with_underscores,
+        stream_idle_timeout,
         internal_ranges,
         always_set_request_id_in_response,
         generate_request_id,
@@ -386,6 +419,15 @@ fn body_format(mut b: Obj<'_>) -> Result<BodyFormat> {
     }
     b.finish()?;
     Ok(format)
+}
+
+/// A configured timeout where `0s` disables it.
+fn timeout(configured: Option<Duration>, default: Option<Duration>) -> Option<Duration> {
+    match configured {
+        None => default,
+        Some(t) if t.is_zero() => None,
+        Some(t) => Some(t),
+    }
 }
 
 fn only_disabled(o: &mut Obj<'_>, key: &str) -> Result<()> {

@@ -23,7 +23,8 @@ use super::super::super::upstream::Upstream;
 use super::super::http::cors::{self, Cors};
 use super::super::http::router::{self, Matched};
 use super::super::http::{fault, local_ratelimit, local_reply};
-use crate::config::http_connection_manager::{Codec, EscapedSlashes, HostPort, HttpConnectionManager, HttpFilterKind, Routes, ServerHeader};
+use super::lifetime::{Activity, Counted};
+use crate::config::http_connection_manager::{Codec, EscapedSlashes, HostPort, HttpConnectionManager, HttpFilterKind, Routes, ServerHeader, UnderscoreHeaders};
 use crate::config::http_filters::FilterOverride;
 use crate::config::route::{Action, InternalRedirectPolicy, Route, RouteConfiguration, VirtualHost};
 
@@ -78,39 +79,60 @@ impl std::error::Error for Reset {}
 /// hyper's smallest header buffer; smaller `max_request_headers_kb` limits are checked per request.
 const MIN_HEADER_BUFFER: usize = 8192;
 
+/// Runs a hyper connection until it ends, or until its lifetime expires and it has closed gracefully.
+macro_rules! drive {
+    ($conn:expr, $activity:expr, $hcm:expr) => {{
+        let conn = $conn;
+        tokio::pin!(conn);
+        tokio::select! {
+            result = conn.as_mut() => result,
+            () = $activity.expired($hcm.idle_timeout, $hcm.max_connection_duration) => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    }};
+}
+
 /// Serves one downstream connection until it closes.
 pub async fn serve<IO>(io: IO, context: HttpContext)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let codec = context.hcm.codec;
-    let buffer = context.hcm.max_request_headers_bytes.max(MIN_HEADER_BUFFER) + 1024;
-    let max_headers = context.hcm.max_headers_count;
+    let hcm = Arc::clone(&context.hcm);
+    let buffer = hcm.max_request_headers_bytes.max(MIN_HEADER_BUFFER) + 1024;
+    let max_headers = hcm.max_headers_count;
+    let activity = Activity::new();
     let context = Arc::new(context);
+    let counting = Arc::clone(&activity);
     let service = hyper::service::service_fn(move |req| {
         let context = Arc::clone(&context);
-        async move { context.handle(req).await }
+        let in_flight = counting.request();
+        async move {
+            let response = context.handle(req).await?;
+            Ok::<_, Reset>(response.map(|body| Counted { body, _in_flight: in_flight }))
+        }
     });
     let io = TokioIo::new(io);
-    let result = match codec {
+    let ended = match hcm.codec {
         Codec::Http1 => {
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder.max_buf_size(buffer).max_headers(max_headers * 2 + 100);
-            builder.serve_connection(io, service).with_upgrades().await
+            drive!(builder.serve_connection(io, service).with_upgrades(), activity, hcm).map_err(|e| e.to_string())
         }
-        Codec::Http2 => hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, service).await,
+        Codec::Http2 => {
+            let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            drive!(builder.serve_connection(io, service), activity, hcm).map_err(|e| e.to_string())
+        }
         Codec::Auto => {
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             // hyper refuses more headers than this before the connection manager sees them; the
             // configured limit is checked per request, with Envoy's reply.
             builder.http1().max_buf_size(buffer).max_headers(max_headers * 2 + 100);
-            return match builder.serve_connection_with_upgrades(io, service).await {
-                Ok(()) => (),
-                Err(e) => tracing::debug!("HTTP connection ended: {e}"),
-            };
+            drive!(builder.serve_connection_with_upgrades(io, service), activity, hcm).map_err(|e| e.to_string())
         }
     };
-    if let Err(e) = result {
+    if let Err(e) = ended {
         tracing::debug!("HTTP connection ended: {e}");
     }
 }
@@ -126,7 +148,24 @@ impl HttpContext {
         (Upstream { snapshot, ..self.upstream.clone() }, routes)
     }
 
+    /// One request, within `stream_idle_timeout` until its response headers (Envoy's 504 `stream timeout`
+    /// for a request waiting on its upstream).
     async fn handle(&self, req: Request<Incoming>) -> Result<Response<Body>, Reset> {
+        let grpc = route::is_grpc(req.headers());
+        match self.hcm.stream_idle_timeout {
+            None => self.respond(req).await,
+            Some(t) => match tokio::time::timeout(t, self.respond(req)).await {
+                Ok(answered) => answered,
+                Err(_) => {
+                    let mut reply = local_reply::reply(StatusCode::GATEWAY_TIMEOUT, Some("stream timeout"), grpc);
+                    self.finish(reply.headers_mut());
+                    Ok(reply)
+                }
+            },
+        }
+    }
+
+    async fn respond(&self, req: Request<Incoming>) -> Result<Response<Body>, Reset> {
         let (upstream, routes) = self.current();
         let protocol = protocol_name(req.version());
         let (mut parts, body) = req.into_parts();
@@ -169,6 +208,15 @@ impl HttpContext {
                 return Err(Reset);
             }
             return Ok(Some(local_reply::reply(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, Some("Request Header Fields Too Large"), grpc)));
+        }
+        // Refused by the codec, as Envoy's: HTTP/2 resets the stream, HTTP/1 answers and closes.
+        if parts.headers.keys().any(|k| k.as_str().contains('_')) && self.hcm.headers_with_underscores == UnderscoreHeaders::RejectRequest {
+            if parts.version == Version::HTTP_2 {
+                return Err(Reset);
+            }
+            let mut reply = local_reply::reply(StatusCode::BAD_REQUEST, Some("Bad Request"), grpc);
+            reply.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Ok(Some(reply));
         }
         if parts.version == Version::HTTP_2 {
             return Ok(None);
@@ -262,6 +310,12 @@ impl HttpContext {
     fn mutate_request(&self, headers: &mut HeaderMap) -> SocketAddr {
         for h in ["x-envoy-internal", "keep-alive", "proxy-connection"] {
             headers.remove(h);
+        }
+        if self.hcm.headers_with_underscores == UnderscoreHeaders::DropHeader {
+            let underscored: Vec<_> = headers.keys().filter(|k| k.as_str().contains('_')).cloned().collect();
+            for k in underscored {
+                headers.remove(k);
+            }
         }
         let hops = self.hcm.xff_num_trusted_hops as usize;
         let xff: Vec<String> = headers

@@ -1,2 +1,3 @@
 pub mod http_connection_manager;
+pub mod lifetime;
 pub mod tcp_proxy;
