@@ -138,11 +138,11 @@ fn scenario(api: &str) {
     works(&ns, 19101);
 
     // A bad l1 next to a new l3: NACK naming l1 and the field, l3 applied, the last good l1 still serving.
-    let bad = listener("l1", 19100, "\n      max_connect_attempts: 3");
+    let bad = listener("l1", 19100, "\n      hash_policy: [{source_ip: {}}]");
     server.set(LISTENER, "3", &[&bad, &listener("l2", 19101, ""), &listener("l3", 19102, "")]).unwrap();
     let nack = server.wait_request("NACK of listeners v3", |r| r.type_url == LISTENER && r.error.is_some()).unwrap();
     let detail = nack.error.unwrap();
-    assert!(detail.contains("Listener 'l1'") && detail.contains("typed_config.max_connect_attempts: is not supported"), "{detail}");
+    assert!(detail.contains("Listener 'l1'") && detail.contains("typed_config.hash_policy: is not supported"), "{detail}");
     if !delta {
         assert_eq!(nack.version_info, "2", "a NACK carries the last accepted version");
     }
