@@ -16,6 +16,11 @@ pub struct Cluster {
     pub http2: bool,
     /// `use_downstream_protocol_config`: upstream requests use the downstream request's HTTP version.
     pub follow_downstream_protocol: bool,
+    /// Pooled connections unused this long are closed (`common_http_protocol_options.idle_timeout`,
+    /// Envoy's default 1 h; `None`: never).
+    pub idle_timeout: Option<Duration>,
+    /// `max_requests_per_connection`: a connection carries at most this many requests.
+    pub max_requests_per_connection: Option<u64>,
     /// `upstream_bind_config.source_address`: the local address upstream connections are made from (Istio's
     /// inbound clusters use 127.0.0.6, which capture lets through).
     pub source_address: Option<SocketAddr>,
@@ -124,7 +129,11 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
         }
         common.finish()?;
     }
-    let (http2, follow_downstream_protocol) = http2_options(&mut c)?;
+    let mut protocol = http2_options(&mut c)?;
+    if let Some(n) = c.u64("max_requests_per_connection")?.filter(|n| *n > 0) {
+        protocol.max_requests_per_connection = Some(n);
+    }
+    let HttpOptions { http2, follow_downstream_protocol, idle_timeout, max_requests_per_connection } = protocol;
     let source_address = c.object("upstream_bind_config")?.map(bind_config).transpose()?;
     let discovery = match kind {
         "STATIC" => {
@@ -175,6 +184,8 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
         lb_policy,
         http2,
         follow_downstream_protocol,
+        idle_timeout,
+        max_requests_per_connection,
         source_address,
         circuit_breakers,
         outlier_detection,
@@ -275,15 +286,22 @@ fn bind_config(mut b: Obj<'_>) -> Result<SocketAddr> {
 
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
-/// The upstream HTTP protocol: `http2_protocol_options: {}`, or `typed_extension_protocol_options`
-/// HttpProtocolOptions with `explicit_http_config` or `use_downstream_protocol_config`. Returns (HTTP/2,
-/// follow the downstream's protocol). HTTP/2 tuning inside is not supported yet.
-fn http2_options(c: &mut Obj<'_>) -> Result<(bool, bool)> {
-    let mut http2 = false;
-    let mut downstream = false;
+/// What a cluster's HTTP protocol options say.
+struct HttpOptions {
+    http2: bool,
+    follow_downstream_protocol: bool,
+    idle_timeout: Option<Duration>,
+    max_requests_per_connection: Option<u64>,
+}
+
+/// The upstream HTTP protocol: `http2_protocol_options`, or `typed_extension_protocol_options`
+/// HttpProtocolOptions with `explicit_http_config` or `use_downstream_protocol_config`, and its
+/// `common_http_protocol_options`. HTTP/2 settings that change flow control are not supported yet.
+fn http2_options(c: &mut Obj<'_>) -> Result<HttpOptions> {
+    let mut out = HttpOptions { http2: false, follow_downstream_protocol: false, idle_timeout: Some(Duration::from_secs(3600)), max_requests_per_connection: None };
     if let Some(o) = c.object("http2_protocol_options")? {
         o.finish()?;
-        http2 = true;
+        out.http2 = true;
     }
     if let Some(mut ext) = c.object("typed_extension_protocol_options")? {
         if let Some(mut opts) = ext.object(HTTP_PROTOCOL_OPTIONS)? {
@@ -293,7 +311,7 @@ fn http2_options(c: &mut Obj<'_>) -> Result<(bool, bool)> {
                     match (explicit.object("http2_protocol_options")?, explicit.object("http_protocol_options")?) {
                         (Some(h2), None) => {
                             h2.finish()?;
-                            http2 = true;
+                            out.http2 = true;
                         }
                         (None, Some(h1)) => h1.finish()?,
                         _ => return Err(ConfigError::new(explicit.path(), "needs exactly one of http_protocol_options or http2_protocol_options")),
@@ -307,15 +325,24 @@ fn http2_options(c: &mut Obj<'_>) -> Result<(bool, bool)> {
                         }
                     }
                     follow.finish()?;
-                    downstream = true;
+                    out.follow_downstream_protocol = true;
                 }
                 _ => return Err(ConfigError::new(opts.path(), "needs exactly one of explicit_http_config or use_downstream_protocol_config")),
+            }
+            if let Some(mut common) = opts.object("common_http_protocol_options")? {
+                out.idle_timeout = match common.duration("idle_timeout")? {
+                    None => out.idle_timeout,
+                    Some(t) if t.is_zero() => None,
+                    Some(t) => Some(t),
+                };
+                out.max_requests_per_connection = common.u64("max_requests_per_connection")?.filter(|n| *n > 0);
+                common.finish()?;
             }
             opts.finish()?;
         }
         ext.finish()?;
     }
-    Ok((http2, downstream))
+    Ok(out)
 }
 
 fn lb_policy(c: &mut Obj<'_>) -> Result<LbPolicy> {

@@ -71,6 +71,8 @@ fn cluster(name: &str, source: Option<IpAddr>, connect_timeout: Duration) -> Clu
         lb_policy: LbPolicy::ClusterProvided,
         http2: false,
         follow_downstream_protocol: false,
+        idle_timeout: Some(Duration::from_secs(3600)),
+        max_requests_per_connection: None,
         source_address: source.map(|ip| SocketAddr::new(ip, 0)),
         circuit_breakers: CircuitBreakers::default(),
         outlier_detection: None,

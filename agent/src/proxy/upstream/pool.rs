@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use super::super::body::Body;
 use super::super::socket::SocketFactory;
 use super::runtime::ClusterRuntime;
-use crate::config::cluster::CircuitBreakers;
+use crate::config::cluster::{CircuitBreakers, Cluster};
 
 /// Which connections of a pool can serve a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -82,10 +82,43 @@ pub fn stream_reset(e: &hyper::Error) -> Option<h2::Reason> {
     None
 }
 
+/// An idle HTTP/1.1 connection: the requests it has carried, and which parking of it this is (so its idle
+/// timer removes it only if it is still that parking).
+struct Pooled {
+    sender: http1::SendRequest<Body>,
+    used: u64,
+    parked: u64,
+}
+
+/// How a cluster's connections are reused.
+#[derive(Debug, Clone, Copy)]
+pub struct Reuse<'a> {
+    pub connect_timeout: Duration,
+    pub limits: &'a CircuitBreakers,
+    /// Closed after this long unused (`common_http_protocol_options.idle_timeout`).
+    pub idle_timeout: Option<Duration>,
+    /// Not reused after this many requests (`max_requests_per_connection`).
+    pub max_requests: Option<u64>,
+}
+
+impl<'a> Reuse<'a> {
+    pub fn of(cluster: &'a Cluster) -> Reuse<'a> {
+        Reuse {
+            connect_timeout: cluster.connect_timeout,
+            limits: &cluster.circuit_breakers,
+            idle_timeout: cluster.idle_timeout,
+            max_requests: cluster.max_requests_per_connection,
+        }
+    }
+}
+
+static PARKINGS: AtomicU64 = AtomicU64::new(0);
+
 pub struct Pools {
     sockets: SocketFactory,
-    idle_http1: Mutex<HashMap<Key, Vec<http1::SendRequest<Body>>>>,
-    http2: Mutex<HashMap<Key, http2::SendRequest<Body>>>,
+    idle_http1: Mutex<HashMap<Key, Vec<Pooled>>>,
+    /// Each endpoint's HTTP/2 connection and the streams it has carried.
+    http2: Mutex<HashMap<Key, (http2::SendRequest<Body>, u64)>>,
     clusters: Mutex<HashMap<String, Arc<ClusterRuntime>>>,
 }
 
@@ -113,28 +146,29 @@ impl Pools {
         self: &Arc<Self>,
         key: Key,
         protocol: Protocol,
-        connect_timeout: Duration,
-        limits: (&Arc<ClusterRuntime>, &CircuitBreakers),
+        reuse: Reuse<'_>,
+        runtime: &Arc<ClusterRuntime>,
         req: Request<Body>,
     ) -> (Result<Response<Incoming>, PoolError>, bool) {
         match protocol {
-            Protocol::Http1 => self.send_http1(key, connect_timeout, limits, req).await,
-            Protocol::Http2 => self.send_http2(key, connect_timeout, req).await,
+            Protocol::Http1 => self.send_http1(key, reuse, runtime, req).await,
+            Protocol::Http2 => self.send_http2(key, reuse, req).await,
         }
     }
 
     async fn send_http1(
         self: &Arc<Self>,
         key: Key,
-        timeout: Duration,
-        (runtime, limits): (&Arc<ClusterRuntime>, &CircuitBreakers),
+        reuse: Reuse<'_>,
+        runtime: &Arc<ClusterRuntime>,
         mut req: Request<Body>,
     ) -> (Result<Response<Incoming>, PoolError>, bool) {
+        let limits = reuse.limits;
         loop {
-            while let Some(mut sender) = self.idle(key) {
+            while let Some(Pooled { mut sender, used, .. }) = self.idle(key) {
                 match sender.try_send_request(req).await {
                     Ok(response) => {
-                        self.recycle(key, sender, runtime);
+                        self.recycle(key, sender, used + 1, reuse, runtime);
                         return (Ok(response), false);
                     }
                     // The kept-alive connection was closed by the upstream before the request went out: the
@@ -157,41 +191,56 @@ impl Pools {
             let _ = tokio::time::timeout(Duration::from_millis(100), freed).await;
             runtime.pending.fetch_sub(1, Relaxed);
         }
-        let mut sender = match self.connect_http1(key, timeout, runtime).await {
+        let mut sender = match self.connect_http1(key, reuse.connect_timeout, runtime).await {
             Ok(s) => s,
             Err(e) => return (Err(e), true),
         };
         let result = sender.send_request(req).await.map_err(PoolError::Reset);
         if result.is_ok() {
-            self.recycle(key, sender, runtime);
+            self.recycle(key, sender, 1, reuse, runtime);
         }
         (result, true)
     }
 
-    fn idle(&self, key: Key) -> Option<http1::SendRequest<Body>> {
+    fn idle(&self, key: Key) -> Option<Pooled> {
         let mut idle = self.idle_http1.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(&key)?;
-        while let Some(sender) = list.pop() {
-            if sender.is_ready() {
-                return Some(sender);
+        while let Some(pooled) = list.pop() {
+            if pooled.sender.is_ready() {
+                return Some(pooled);
             }
         }
         None
     }
 
     /// Puts the connection back once its response has been read to the end (an HTTP/1.1 connection carries
-    /// one exchange at a time); a connection that closes instead is forgotten.
-    fn recycle(self: &Arc<Self>, key: Key, mut sender: http1::SendRequest<Body>, runtime: &Arc<ClusterRuntime>) {
+    /// one exchange at a time), unless it has carried `max_requests`; a connection that closes instead is
+    /// forgotten, and one left unused for the idle timeout is closed.
+    fn recycle(self: &Arc<Self>, key: Key, mut sender: http1::SendRequest<Body>, used: u64, reuse: Reuse<'_>, runtime: &Arc<ClusterRuntime>) {
         let pools: Weak<Pools> = Arc::downgrade(self);
         let runtime = Arc::clone(runtime);
+        let (idle_timeout, spent) = (reuse.idle_timeout, reuse.max_requests.is_some_and(|max| used >= max));
         tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                if let Some(pools) = pools.upgrade() {
-                    pools.idle_http1.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default().push(sender);
-                }
+            let parked = PARKINGS.fetch_add(1, Relaxed);
+            let back = !spent && sender.ready().await.is_ok();
+            if back {
+                let Some(p) = pools.upgrade() else { return };
+                p.idle_list(key, |list| list.push(Pooled { sender, used, parked }));
             }
             runtime.freed.notify_one();
+            if let (true, Some(idle)) = (back, idle_timeout) {
+                tokio::time::sleep(idle).await;
+                if let Some(p) = pools.upgrade() {
+                    // Still parked since then: dropping its sender closes the connection.
+                    p.idle_list(key, |list| list.retain(|c| c.parked != parked));
+                }
+            }
         });
+    }
+
+    fn idle_list<T>(&self, key: Key, f: impl FnOnce(&mut Vec<Pooled>) -> T) -> T {
+        let mut idle = self.idle_http1.lock().unwrap_or_else(|e| e.into_inner());
+        f(idle.entry(key).or_default())
     }
 
     async fn connect_http1(&self, key: Key, timeout: Duration, runtime: &Arc<ClusterRuntime>) -> Result<http1::SendRequest<Body>, PoolError> {
@@ -222,14 +271,22 @@ impl Pools {
         sender.send_request(req).await.map_err(PoolError::Reset)
     }
 
-    async fn send_http2(&self, key: Key, timeout: Duration, req: Request<Body>) -> (Result<Response<Incoming>, PoolError>, bool) {
+    /// One HTTP/2 connection per endpoint carries every request; after `max_requests` streams new requests
+    /// go on a new connection while the old one finishes its streams.
+    async fn send_http2(&self, key: Key, reuse: Reuse<'_>, req: Request<Body>) -> (Result<Response<Incoming>, PoolError>, bool) {
         let existing = {
-            let conns = self.http2.lock().unwrap_or_else(|e| e.into_inner());
-            conns.get(&key).filter(|s| !s.is_closed()).cloned()
+            let mut conns = self.http2.lock().unwrap_or_else(|e| e.into_inner());
+            match conns.get_mut(&key).filter(|(s, used)| !s.is_closed() && reuse.max_requests.is_none_or(|max| *used < max)) {
+                Some((sender, used)) => {
+                    *used += 1;
+                    Some(sender.clone())
+                }
+                None => None,
+            }
         };
         let (mut sender, fresh) = match existing {
             Some(s) => (s, false),
-            None => match self.connect_http2(key, timeout).await {
+            None => match self.connect_http2(key, reuse.connect_timeout).await {
                 Ok(s) => (s, true),
                 Err(e) => return (Err(e), true),
             },
@@ -245,7 +302,7 @@ impl Pools {
                 tracing::debug!("upstream HTTP/2 connection ended: {e}");
             }
         });
-        self.http2.lock().unwrap_or_else(|e| e.into_inner()).insert(key, sender.clone());
+        self.http2.lock().unwrap_or_else(|e| e.into_inner()).insert(key, (sender.clone(), 1));
         Ok(sender)
     }
 }

@@ -22,7 +22,7 @@ use super::super::super::snapshot::ClusterRef;
 use super::super::super::upstream::cluster::{self, PickError};
 use super::super::super::upstream::lb;
 use super::super::super::upstream::runtime::{ClusterRuntime, Result as AttemptResult};
-use super::super::super::upstream::pool::{Key, PoolError, Protocol};
+use super::super::super::upstream::pool::{Key, PoolError, Protocol, Reuse};
 use super::super::super::upstream::Upstream;
 use super::local_reply;
 use crate::config::cluster::{Cluster, Discovery};
@@ -532,8 +532,7 @@ impl Attempts {
     ) -> Result<Response<hyper::body::Incoming>, Failure> {
         cluster.state.upstream_rq_total.fetch_add(1, Relaxed);
         let key = Key { endpoint, source: cluster.config.source_address };
-        let limits = (runtime, &cluster.config.circuit_breakers);
-        let send = upstream.pools.send(key, protocol, cluster.config.connect_timeout, limits, request);
+        let send = upstream.pools.send(key, protocol, Reuse::of(cluster.config), runtime, request);
         let (result, new_connection) = match self.per_try_timeout {
             None => send.await,
             Some(t) => tokio::time::timeout(t, send).await.map_err(|_| Failure::PerTryTimeout)?,
@@ -645,10 +644,10 @@ async fn mirror(template: &Template, body: Body, mirrors: &[MirrorPolicy], upstr
             };
         }
         let request = copy.request(body::full(bytes.clone()), None, None, Some(endpoint));
-        let (pools, key, timeout, limits) = (Arc::clone(&upstream.pools), Key { endpoint, source: cluster.config.source_address }, cluster.config.connect_timeout, cluster.config.circuit_breakers);
+        let (pools, key, config) = (Arc::clone(&upstream.pools), Key { endpoint, source: cluster.config.source_address }, cluster.config.clone());
         cluster.state.upstream_rq_total.fetch_add(1, Relaxed);
         tokio::spawn(async move {
-            let (result, _) = pools.send(key, copy.protocol, timeout, (&runtime, &limits), request).await;
+            let (result, _) = pools.send(key, copy.protocol, Reuse::of(&config), &runtime, request).await;
             if let Ok(response) = result {
                 // Read to the end so the pooled connection can serve again.
                 let _ = response.into_body().collect().await;

@@ -925,6 +925,20 @@ mod in_memory {
     }
 
     #[tokio::test]
+    async fn connections_carry_at_most_max_requests_per_connection() {
+        let (addr, connections) = upstream(0, false).await;
+        let mut context = proxy(addr, false, json!({"match": {"prefix": "/"}, "route": {"cluster": "web"}}));
+        let mut limited = cluster("web", addr, false);
+        limited.max_requests_per_connection = Some(2);
+        let snapshot = Arc::new(Snapshot { clusters: Arc::new([Resource::fixed("web", limited)].into_iter().collect()), ..Snapshot::default() });
+        context.upstream.snapshot = Arc::clone(&snapshot);
+        context.updates = watch::channel(Some(snapshot)).1;
+        let answers = requests(context, false, &["/1", "/2", "/3", "/4", "/5"]).await;
+        assert!(answers.iter().all(|a| a.0 == 200), "{answers:?}");
+        assert_eq!(connections.load(SeqCst), 3, "two requests per connection");
+    }
+
+    #[tokio::test]
     async fn refused_upstream_is_envoys_503() {
         let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
         let answers = requests(proxy(dead, false, json!({"match": {"prefix": "/"}, "route": {"cluster": "web"}})), false, &["/"]).await;
