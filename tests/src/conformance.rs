@@ -3,6 +3,16 @@
 //! case file is sent to both; what a client observes must be the same, and each request's `expect` must hold
 //! for both (so both being broken the same way does not pass). The runner is `tests/tests/http_conformance.rs`.
 //!
+//! A third side, `weft-xds`, checks that xDS-delivered configuration behaves exactly like file-delivered
+//! configuration: the same bootstrap's listeners go to weft over LDS, its clusters over CDS and every
+//! HttpConnectionManager's inline `route_config` over RDS (the HCM then says `rds: {route_config_name:
+//! <listener>}`), all state of the world over ADS from the test management server
+//! ([`crate::xds_server::XdsServer`]) in that side's namespace; its bootstrap keeps the node and admin and
+//! has only `dynamic_resources` (see [`xds_config`]). Its answers are judged against Envoy's like the static
+//! weft side's (a `known_difference` must show there too), and must also equal the static weft side's.
+//! A file whose resources cannot be delivered that way (e.g. they do not encode as protobuf) is skipped on
+//! that side, with the reason in the table.
+//!
 //! # Case files: `tests/conformance/<topic>.yaml`
 //!
 //! ```yaml
@@ -66,10 +76,12 @@
 //! # Environment
 //!
 //! `WEFT_CONFORMANCE_FILTER=substring` runs only the files whose name contains it;
-//! `WEFT_CONFORMANCE_ONLY=envoy` runs Envoy alone (checks the `expect`s: for writing cases);
+//! `WEFT_CONFORMANCE_ONLY=envoy` runs Envoy alone (checks the `expect`s: for writing cases); `=weft` runs
+//! Envoy and weft on the static bootstrap, `=xds` Envoy and weft over xDS;
 //! `WEFT_CONFORMANCE_VERBOSE=1` prints every answer (first repetition) in full.
 //! The assembled bootstraps (JSON) and the proxies' logs stay in `<target>/weft-test/conformance/`
-//! (`envoy --mode validate -c FILE`).
+//! (`envoy --mode validate -c FILE`); for the xDS side `<file>.xds.json` (its bootstrap) and
+//! `<file>.xds-resources.json` (the resources served, as JSON).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -87,6 +99,9 @@ use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use xds_api::pb::google::protobuf::Any;
+
+use crate::xds_server::{self, XdsServer};
 use crate::{tools, wait_for, ChildGuard, NetNs};
 
 /// The HTTP listener of the shorthand.
@@ -324,6 +339,178 @@ pub fn bootstrap(file: &CaseFile) -> Result<String, String> {
     // Envoy's YAML 1.1 parser would read it as a boolean.
     let json = serde_json::to_value(&root).map_err(|e| e.to_string())?;
     serde_json::to_string_pretty(&json).map_err(|e| e.to_string())
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The same configuration over xDS
+
+/// Where the xDS side's management server listens (in that side's namespace).
+pub const XDS_ADDR: &str = "127.0.0.1:18000";
+/// The xDS side's bootstrap cluster to the management server.
+const XDS_CLUSTER: &str = "weft-conformance-xds";
+
+/// Resources of one type: name → the resource as JSON, and encoded.
+pub type Encoded = BTreeMap<String, (serde_json::Value, Any)>;
+
+/// A bootstrap's static resources as a management server delivers them, and the bootstrap that gets them.
+#[derive(Debug, Clone)]
+pub struct XdsConfig {
+    /// The bootstrap (JSON): the node, admin and runtime of the static one, `dynamic_resources` with LDS and
+    /// CDS over ADS (state of the world) from [`XDS_ADDR`], and only the management server's cluster.
+    pub bootstrap: String,
+    /// Per type URL (clusters, listeners, routes): name → the resource as JSON, and encoded.
+    pub resources: Vec<(&'static str, Encoded)>,
+    /// The ports of the listeners (the side waits until each accepts).
+    pub ports: Vec<u16>,
+}
+
+impl XdsConfig {
+    /// The names of the resources of `type_url`.
+    pub fn names(&self, type_url: &str) -> Vec<String> {
+        self.resources.iter().filter(|(t, _)| *t == type_url).flat_map(|(_, r)| r.keys().cloned()).collect()
+    }
+
+    /// The resources as JSON, for the work directory.
+    pub fn resources_json(&self) -> serde_json::Value {
+        let by_type: serde_json::Map<String, serde_json::Value> = self
+            .resources
+            .iter()
+            .map(|(t, r)| (t.to_string(), r.values().map(|(json, _)| json.clone()).collect()))
+            .collect();
+        serde_json::Value::Object(by_type)
+    }
+}
+
+/// The HttpConnectionManager configurations of a listener (its filter chains' and default chain's).
+fn hcm_configs(listener: &mut serde_json::Value) -> Vec<&mut serde_json::Map<String, serde_json::Value>> {
+    let mut out = Vec::new();
+    let Some(obj) = listener.as_object_mut() else { return out };
+    for (key, value) in obj.iter_mut() {
+        let chains: Vec<&mut serde_json::Value> = match (key.as_str(), value) {
+            ("filter_chains", serde_json::Value::Array(chains)) => chains.iter_mut().collect(),
+            ("default_filter_chain", chain) => vec![chain],
+            _ => continue,
+        };
+        for chain in chains {
+            let Some(filters) = chain.get_mut("filters").and_then(serde_json::Value::as_array_mut) else { continue };
+            for filter in filters {
+                let Some(config) = filter.get_mut("typed_config").and_then(serde_json::Value::as_object_mut) else { continue };
+                if config.get("@type").and_then(serde_json::Value::as_str).is_some_and(|t| t.ends_with(".HttpConnectionManager")) {
+                    out.push(config);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `value` encoded as the xDS resource `type_url` (with the agent's descriptor pool, as the test server does).
+fn encode(type_url: &str, value: &serde_json::Value) -> Result<Any, String> {
+    let message = type_url.rsplit('/').next().unwrap_or(type_url);
+    let bytes = weft_agent::xds::codec::json_to_bytes(message, value)?;
+    Ok(Any { type_url: type_url.to_string(), value: bytes })
+}
+
+/// Moves a static bootstrap's (the output of [`bootstrap`]) listeners to LDS, clusters to CDS and every
+/// HttpConnectionManager's inline `route_config` to RDS (named by its listener, `<listener>-<n>` when a
+/// listener has several), and encodes them. `Err` says why this bootstrap cannot be delivered so.
+pub fn xds_config(static_bootstrap: &str) -> Result<XdsConfig, String> {
+    use serde_json::{json, Value as Json};
+    let mut root: Json = serde_json::from_str(static_bootstrap).map_err(|e| format!("the bootstrap: {e}"))?;
+    let root_map = root.as_object_mut().ok_or("the bootstrap is not an object")?;
+    if root_map.contains_key("dynamic_resources") {
+        return Err("the bootstrap already has dynamic_resources".into());
+    }
+    let Some(Json::Object(mut statics)) = root_map.remove("static_resources") else {
+        return Err("no static_resources".into());
+    };
+    let mut take = |key: &str| match statics.remove(key) {
+        None => Ok(Vec::new()),
+        Some(Json::Array(items)) => Ok(items),
+        Some(other) => Err(format!("static_resources.{key} is not a list: {other}")),
+    };
+    let mut listeners = take("listeners")?;
+    let clusters = take("clusters")?;
+    if let Some(key) = statics.keys().next() {
+        return Err(format!("static_resources.{key} has no LDS/CDS/RDS equivalent here"));
+    }
+    let mut routes = Vec::new();
+    let mut ports = Vec::new();
+    for (i, listener) in listeners.iter_mut().enumerate() {
+        let name = match listener.get("name").and_then(Json::as_str) {
+            Some(name) => name.to_string(),
+            None => {
+                // Static listeners may go unnamed; LDS resources are named.
+                let name = format!("listener-{i}");
+                listener.as_object_mut().ok_or("a listener is not an object")?.insert("name".into(), name.clone().into());
+                name
+            }
+        };
+        if let Some(port) = listener["address"]["socket_address"]["port_value"].as_u64() {
+            ports.push(u16::try_from(port).map_err(|_| format!("listener {name}: port {port}"))?);
+        }
+        let hcms = hcm_configs(listener);
+        let several = hcms.len() > 1;
+        for (n, hcm) in hcms.into_iter().enumerate() {
+            let Some(mut route_config) = hcm.remove("route_config") else { continue };
+            let route_name = if several { format!("{name}-{n}") } else { name.clone() };
+            route_config
+                .as_object_mut()
+                .ok_or_else(|| format!("listener {name}: route_config is not an object"))?
+                .insert("name".into(), route_name.clone().into());
+            hcm.insert(
+                "rds".into(),
+                json!({"route_config_name": route_name, "config_source": {"ads": {}, "resource_api_version": "V3"}}),
+            );
+            routes.push(route_config);
+        }
+    }
+    let mut resources = Vec::new();
+    for (type_url, items) in [(xds_server::CLUSTER, clusters), (xds_server::LISTENER, listeners), (xds_server::ROUTE, routes)] {
+        let kind = type_url.rsplit('.').next().unwrap_or(type_url);
+        let mut named = BTreeMap::new();
+        for item in items {
+            let name = item.get("name").and_then(Json::as_str).ok_or_else(|| format!("a {kind} without a name"))?.to_string();
+            if type_url == xds_server::CLUSTER && name == XDS_CLUSTER {
+                return Err(format!("cluster {name} is the management server's"));
+            }
+            let any = encode(type_url, &item).map_err(|e| format!("encoding {kind} {name}: {e}"))?;
+            if named.insert(name.clone(), (item, any)).is_some() {
+                return Err(format!("two {kind}s named {name}"));
+            }
+        }
+        resources.push((type_url, named));
+    }
+    let (xds_host, xds_port) = XDS_ADDR.split_once(':').expect("host:port");
+    root_map.insert(
+        "dynamic_resources".into(),
+        json!({
+            "ads_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
+            },
+            "lds_config": {"ads": {}, "resource_api_version": "V3"},
+            "cds_config": {"ads": {}, "resource_api_version": "V3"},
+        }),
+    );
+    root_map.insert(
+        "static_resources".into(),
+        json!({"clusters": [{
+            "name": XDS_CLUSTER,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }},
+            "load_assignment": {"cluster_name": XDS_CLUSTER, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": xds_host, "port_value": xds_port.parse::<u16>().expect("port")},
+            }}}]}]},
+        }]}),
+    );
+    let bootstrap = serde_json::to_string_pretty(&root).map_err(|e| e.to_string())?;
+    Ok(XdsConfig { bootstrap, resources, ports })
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -618,7 +805,10 @@ fn dechunk(mut rest: &[u8]) -> Option<Vec<u8>> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Proxy {
     Envoy,
+    /// weft on the static bootstrap.
     Weft,
+    /// weft with the same listeners, clusters and routes over xDS (see [`xds_config`]).
+    WeftXds,
 }
 
 impl Proxy {
@@ -626,13 +816,14 @@ impl Proxy {
         match self {
             Proxy::Envoy => "envoy",
             Proxy::Weft => "weft",
+            Proxy::WeftXds => "weft-xds",
         }
     }
 
     fn command(self, config: &Path) -> Result<Command, String> {
         let mut cmd = match self {
             Proxy::Envoy => Command::new(tools::envoy_path().map_err(|e| e.to_string())?),
-            Proxy::Weft => {
+            Proxy::Weft | Proxy::WeftXds => {
                 let mut c = Command::new(tools::bin_path("weft-agent").map_err(|e| e.to_string())?);
                 c.arg("proxy");
                 c
@@ -649,6 +840,18 @@ pub struct Side {
     pub proxy: Proxy,
     pub ns: NetNs,
     rt: tokio::runtime::Runtime,
+    /// The management server of the xDS side.
+    xds: Option<XdsServer>,
+    /// The xDS side's last resource version (one per file).
+    version: std::sync::atomic::AtomicU64,
+}
+
+/// What the xDS side waits for after start-up: `version` of the resources acknowledged, and the listeners.
+struct XdsWait<'a> {
+    config: &'a XdsConfig,
+    version: String,
+    /// The server's requests before this start (the rest are this process's).
+    since: usize,
 }
 
 impl Side {
@@ -665,7 +868,13 @@ impl Side {
             let listener = ns.tcp_listen(("127.0.0.1", 20001 + i as u16)).map_err(|e| format!("upstream {name}: {e}"))?;
             rt.spawn(serve_upstream(name, listener));
         }
-        Ok(Side { proxy, ns, rt })
+        let xds = match proxy {
+            Proxy::WeftXds => Some(
+                XdsServer::start(&ns, XDS_ADDR.parse().expect("address")).map_err(|e| format!("management server: {e}"))?,
+            ),
+            _ => None,
+        };
+        Ok(Side { proxy, ns, rt, xds, version: Default::default() })
     }
 
     /// Runs `fut` on the runtime (never on the calling thread, which is outside the namespace).
@@ -678,8 +887,9 @@ impl Side {
         self.rt.block_on(handle).expect("conformance task panicked")
     }
 
-    /// Starts the proxy on `config` and waits for its admin /ready; the error carries its stderr.
-    fn start(&self, config: &Path, log: &Path) -> Result<ChildGuard, String> {
+    /// Starts the proxy on `config` and waits for its admin /ready (and with `xds`, for the resources to be
+    /// acknowledged and the listeners to accept); the error carries its stderr.
+    fn start(&self, config: &Path, log: &Path, xds: Option<&XdsWait>) -> Result<ChildGuard, String> {
         let mut cmd = self.proxy.command(config)?;
         let log_file = std::fs::File::create(log).map_err(|e| e.to_string())?;
         cmd.stdout(Stdio::null()).stderr(log_file);
@@ -687,22 +897,81 @@ impl Side {
         let mut child = ChildGuard::new(cmd.spawn().map_err(|e| format!("spawning {}: {e}", self.proxy.name()))?, self.proxy.name());
         child.set_grace(Duration::from_secs(2));
         let mut exited = None;
-        let ready = wait_for(&format!("{} /ready", self.proxy.name()), Duration::from_secs(20), || {
+        let mut rejected = None;
+        let what = match xds {
+            None => format!("{} /ready", self.proxy.name()),
+            Some(_) => format!("{} /ready, the xDS resources acknowledged and the listeners accepting", self.proxy.name()),
+        };
+        let ready = wait_for(&what, Duration::from_secs(20), || {
             if let Ok(Some(status)) = child.wait_timeout(Duration::ZERO) {
                 exited = Some(status);
                 return Ok(());
             }
+            if let Some(wait) = xds {
+                if let Some(nack) = self.xds_rejected(wait) {
+                    rejected = Some(nack);
+                    return Ok(());
+                }
+            }
             let ready = crate::traffic::http(&self.ns, ADMIN.parse().unwrap(), "GET", "admin", "/ready").map_err(|e| e.to_string())?;
-            if ready.status == 200 { Ok(()) } else { Err(ready.head) }
+            if ready.status != 200 {
+                return Err(ready.head);
+            }
+            match xds {
+                Some(wait) => self.xds_synced(wait),
+                None => Ok(()),
+            }
         });
-        let failure = match (ready, exited) {
-            (Ok(()), None) => return Ok(child),
-            (_, Some(status)) => format!("{} exited at start-up ({status})", self.proxy.name()),
-            (Err(e), None) => e.to_string(),
+        let failure = match (ready, exited, rejected) {
+            (Ok(()), None, None) => return Ok(child),
+            (_, Some(status), _) => format!("{} exited at start-up ({status})", self.proxy.name()),
+            (_, None, Some(nack)) => nack,
+            (Err(e), None, None) => e.to_string(),
         };
         drop(child);
         let stderr = std::fs::read_to_string(log).unwrap_or_default();
         Err(format!("{failure}\n{}", stderr.trim_end()))
+    }
+
+    /// A NACK of this start's resources, as the error.
+    fn xds_rejected(&self, wait: &XdsWait) -> Option<String> {
+        let server = self.xds.as_ref()?;
+        let requests = server.requests();
+        let nack = requests.get(wait.since..)?.iter().find(|r| r.error.is_some() && !r.response_nonce.is_empty())?;
+        let kind = nack.type_url.rsplit('.').next().unwrap_or_default();
+        Some(format!("weft rejected (NACK) {kind} version {}: {}", wait.version, nack.error.clone().unwrap_or_default()))
+    }
+
+    /// `Ok` once CDS, LDS and RDS (every route name subscribed) acknowledged this start's version and every
+    /// listener port accepts a connection; `Err` says what is missing.
+    fn xds_synced(&self, wait: &XdsWait) -> Result<(), String> {
+        let server = self.xds.as_ref().ok_or("no management server")?;
+        let requests = server.requests();
+        let recent = requests.get(wait.since..).unwrap_or_default();
+        for (type_url, _) in &wait.config.resources {
+            let names = wait.config.names(type_url);
+            // Wildcard types are acknowledged whatever they hold; RDS only once there is a route to ask for.
+            if *type_url == xds_server::ROUTE && names.is_empty() {
+                continue;
+            }
+            let acked = recent.iter().any(|r| {
+                r.type_url == *type_url
+                    && r.is_ack()
+                    && r.version_info == wait.version
+                    && (*type_url != xds_server::ROUTE || names.iter().all(|n| r.names.contains(n)))
+            });
+            if !acked {
+                let kind = type_url.rsplit('.').next().unwrap_or_default();
+                let last = recent.iter().rev().find(|r| r.type_url == *type_url);
+                return Err(format!("no ACK of {kind} version {} (names {names:?}); its last request: {last:?}", wait.version));
+            }
+        }
+        for port in &wait.config.ports {
+            self.ns
+                .tcp_connect(std::net::SocketAddr::from(([127, 0, 0, 1], *port)), Duration::from_secs(1))
+                .map_err(|e| format!("listener port {port}: {e}"))?;
+        }
+        Ok(())
     }
 
     fn stop(&self, mut child: ChildGuard) {
@@ -714,7 +983,27 @@ impl Side {
 
     /// Starts the proxy on `config`, sends every request in order, stops it. `Err` when it did not start.
     pub fn answers(&self, config: &Path, log: &Path, requests: &[CaseRequest]) -> Result<Vec<Vec<Observed>>, String> {
-        let child = self.start(config, log)?;
+        let child = self.start(config, log, None)?;
+        Ok(self.send_all(child, requests))
+    }
+
+    /// [`Side::answers`] for the xDS side: serves `xds`'s resources (a new version) from the side's
+    /// management server, starts weft on `xds.bootstrap` (written at `config`), waits until it acknowledged
+    /// them and its listeners accept, then sends the requests.
+    pub fn answers_over_xds(&self, xds: &XdsConfig, config: &Path, log: &Path, requests: &[CaseRequest]) -> Result<Vec<Vec<Observed>>, String> {
+        let server = self.xds.as_ref().ok_or("this side has no management server")?;
+        let version = (self.version.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1).to_string();
+        let since = server.requests().len();
+        for (type_url, resources) in &xds.resources {
+            let encoded = resources.iter().map(|(name, (_, any))| (name.clone(), any.clone())).collect();
+            server.publish(type_url, &version, encoded);
+        }
+        let child = self.start(config, log, Some(&XdsWait { config: xds, version, since }))?;
+        Ok(self.send_all(child, requests))
+    }
+
+    /// Sends every request in order, then stops `child`.
+    fn send_all(&self, child: ChildGuard, requests: &[CaseRequest]) -> Vec<Vec<Observed>> {
         let requests = requests.to_vec();
         let answers = self.run(async move {
             let file_deadline = Instant::now() + FILE_DEADLINE;
@@ -758,7 +1047,7 @@ impl Side {
             all
         });
         self.stop(child);
-        Ok(answers)
+        answers
     }
 }
 
@@ -769,6 +1058,8 @@ impl Side {
 #[derive(Debug, Clone)]
 pub struct Outcome {
     pub file: String,
+    /// Whose answers were judged: `weft`, `weft-xds`, or `envoy` (when no weft side ran).
+    pub proxy: &'static str,
     pub request: String,
     /// Empty when it passed.
     pub problems: Vec<String>,
@@ -776,6 +1067,8 @@ pub struct Outcome {
     pub envoy_broken: bool,
     /// A documented difference that still holds: the differences found, which do not fail the suite.
     pub known: Option<String>,
+    /// Why the file was not run on this side (its one row; not a failure).
+    pub skipped: Option<String>,
 }
 
 impl Outcome {
@@ -853,10 +1146,25 @@ fn error_note(proxy: Proxy, answers: &[Observed]) -> Option<String> {
     answers.iter().find_map(|a| a.error.as_deref()).map(|e| format!("({} client error: {})", proxy.name(), shorten(e)))
 }
 
-/// Compares Envoy's and weft's answers to one request (`weft` is `None` when weft was not run). Reported:
-/// Envoy's failed `expect`s (the case or Envoy is wrong), the fields where weft differs from Envoy, and
-/// weft's failed `expect`s on fields where it agrees with Envoy (both wrong the same way).
+/// Compares Envoy's and weft's (static bootstrap) answers to one request: [`judge_proxy`] for [`Proxy::Weft`].
 pub fn judge(file: &str, req: &CaseRequest, envoy: Result<&[Observed], &str>, weft: Option<Result<&[Observed], &str>>) -> Outcome {
+    judge_proxy(file, req, envoy, Proxy::Weft, weft, None)
+}
+
+/// Compares Envoy's and `proxy`'s answers to one request (`answers` is `None` when no weft was run: the row
+/// is then Envoy's). Reported: Envoy's failed `expect`s (the case or Envoy is wrong), the fields where
+/// `proxy` differs from Envoy, and its failed `expect`s on fields where it agrees with Envoy (both wrong the
+/// same way). With `reference` (the static weft side's answers, when judging the xDS side), also every
+/// field where the answers differ from those: configuration delivered over xDS must behave exactly as the
+/// same configuration from a file, so a `known_difference` must show the same way too.
+pub fn judge_proxy(
+    file: &str,
+    req: &CaseRequest,
+    envoy: Result<&[Observed], &str>,
+    proxy: Proxy,
+    answers: Option<Result<&[Observed], &str>>,
+    reference: Option<&[Observed]>,
+) -> Outcome {
     let mut problems: Vec<String> = match envoy {
         Ok(a) => {
             let mut p: Vec<String> = check_expect(req, Proxy::Envoy, a).into_iter().map(|(_, p)| p).collect();
@@ -869,9 +1177,18 @@ pub fn judge(file: &str, req: &CaseRequest, envoy: Result<&[Observed], &str>, we
     };
     let envoy_broken = !problems.is_empty();
     let envoy = envoy.ok();
-    match weft {
+    let outcome = |problems, known| Outcome {
+        file: file.to_string(),
+        proxy: if answers.is_some() { proxy.name() } else { Proxy::Envoy.name() },
+        request: req.name.clone(),
+        problems,
+        envoy_broken,
+        known,
+        skipped: None,
+    };
+    match answers {
         None => {}
-        Some(Err(why)) => problems.push(format!("weft did not start: {}", shorten(why))),
+        Some(Err(why)) => problems.push(format!("{} did not start: {}", proxy.name(), shorten(why))),
         Some(Ok(weft)) => {
             let mut differing = Vec::new();
             let mut weft_problems = Vec::new();
@@ -885,46 +1202,63 @@ pub fn judge(file: &str, req: &CaseRequest, envoy: Result<&[Observed], &str>, we
                             (de.get(k).copied().unwrap_or(0.0) - dw.get(k).copied().unwrap_or(0.0)).abs() > tolerance
                         });
                         if differs {
-                            weft_problems.push(format!("{field}: envoy={e:?} weft={w:?} (tolerance {tolerance})"));
+                            weft_problems.push(format!("{field}: envoy={e:?} {}={w:?} (tolerance {tolerance})", proxy.name()));
                             differing.push(field);
                         }
                     } else if e != w {
-                        weft_problems.push(format!("{field}: envoy={:?} weft={:?}", shorten(&e), shorten(&w)));
+                        weft_problems.push(format!("{field}: envoy={:?} {}={:?}", shorten(&e), proxy.name(), shorten(&w)));
                         differing.push(field);
                     }
                 }
             }
-            for (field, problem) in check_expect(req, Proxy::Weft, weft) {
+            for (field, problem) in check_expect(req, proxy, weft) {
                 if !differing.contains(&field) {
                     weft_problems.push(problem);
                 }
             }
             if !weft_problems.is_empty() {
-                weft_problems.extend(error_note(Proxy::Weft, weft));
+                weft_problems.extend(error_note(proxy, weft));
+            }
+            // Unlike the same configuration from a file: never excused by a known difference.
+            if let Some(reference) = reference {
+                let mut unlike = Vec::new();
+                for field in req.fields() {
+                    // Sampled: each side is held to Envoy's within the tolerance above.
+                    if field == "upstream_distribution" {
+                        continue;
+                    }
+                    let (r, a) = (summarize(reference, &field), summarize(weft, &field));
+                    if r != a {
+                        unlike.push(format!("{field}: weft={:?} {}={:?}", shorten(&r), proxy.name(), shorten(&a)));
+                    }
+                }
+                if !unlike.is_empty() {
+                    problems.push(format!("unlike weft on the static bootstrap: {}", unlike.join("; ")));
+                }
             }
             match &req.known_difference {
                 Some(_) if weft_problems.is_empty() && !envoy_broken => {
-                    problems.push("weft now answers as Envoy does: remove known_difference from the case".into());
+                    problems.push(format!("{} now answers as Envoy does: remove known_difference from the case", proxy.name()));
                 }
                 Some(why) if !envoy_broken => {
                     let known = format!("known difference ({why}): {}", weft_problems.join("; "));
-                    return Outcome { file: file.to_string(), request: req.name.clone(), problems, envoy_broken, known: Some(known) };
+                    return outcome(problems, Some(known));
                 }
                 _ => problems.extend(weft_problems),
             }
         }
     }
-    Outcome { file: file.to_string(), request: req.name.clone(), problems, envoy_broken, known: None }
+    outcome(problems, None)
 }
 
 /// The line of a start-up failure that says why, shortened for the table (the whole text is printed once):
 /// without the file name, with `<hcm>` for the shorthand's HttpConnectionManager path.
 fn start_reason(why: &str) -> String {
     let lines: Vec<&str> = why.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-    let line = lines
-        .iter()
-        .rev()
-        .find(|l| l.contains("rror") || l.contains("not supported") || l.contains("critical"))
+    // The xDS side's NACK (its first line) says it best; the log after it repeats it with a timestamp.
+    let nack = lines.first().filter(|l| l.starts_with("weft rejected (NACK)"));
+    let line = nack
+        .or_else(|| lines.iter().rev().find(|l| l.contains("rror") || l.contains("not supported") || l.contains("critical")))
         .or(lines.last())
         .map(|l| l.to_string())
         .unwrap_or_default();
@@ -941,35 +1275,82 @@ pub fn work_dir() -> PathBuf {
     tools::harness_dir().join("conformance")
 }
 
-/// Runs one case file against the sides (Envoy first; weft if present), both at once.
-pub fn run_file(name: &str, file: &CaseFile, envoy: &Side, weft: Option<&Side>) -> Vec<Outcome> {
+/// Every request of `file` as one row (a file that could not be run at all).
+fn file_rows(name: &str, file: &CaseFile, proxy: &'static str, problem: &str) -> Vec<Outcome> {
+    file.requests
+        .iter()
+        .map(|r| Outcome {
+            file: name.into(),
+            proxy,
+            request: r.name.clone(),
+            problems: vec![problem.to_string()],
+            envoy_broken: true,
+            known: None,
+            skipped: None,
+        })
+        .collect()
+}
+
+/// Runs one case file against the sides, all at once: Envoy, weft on the static bootstrap if present, and
+/// weft over xDS if present (skipped, with the reason as its one row, when the configuration cannot be
+/// delivered so).
+pub fn run_file(name: &str, file: &CaseFile, envoy: &Side, weft: Option<&Side>, xds: Option<&Side>) -> Vec<Outcome> {
     let dir = work_dir();
     let config = dir.join(format!("{name}.json"));
     let written = bootstrap(file).and_then(|text| {
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-        std::fs::write(&config, text).map_err(|e| e.to_string())
+        std::fs::write(&config, &text).map_err(|e| e.to_string())?;
+        Ok(text)
     });
-    if let Err(e) = written {
-        return file
-            .requests
-            .iter()
-            .map(|r| Outcome { file: name.into(), request: r.name.clone(), problems: vec![format!("bad case file: {e}")], envoy_broken: true, known: None })
-            .collect();
+    let text = match written {
+        Ok(text) => text,
+        Err(e) => return file_rows(name, file, Proxy::Envoy.name(), &format!("bad case file: {e}")),
+    };
+    // The xDS side's bootstrap (next to the static one) and resources, or why the file is skipped there.
+    let xds_config_path = dir.join(format!("{name}.xds.json"));
+    let over_xds = xds.map(|_| {
+        let xds = xds_config(&text)?;
+        std::fs::write(&xds_config_path, &xds.bootstrap).map_err(|e| e.to_string())?;
+        let resources = serde_json::to_string_pretty(&xds.resources_json()).map_err(|e| e.to_string())?;
+        std::fs::write(dir.join(format!("{name}.xds-resources.json")), resources).map_err(|e| e.to_string())?;
+        Ok::<_, String>(xds)
+    });
+    if let Some(Err(why)) = &over_xds {
+        eprintln!("--- {name}: SKIPPED on the xDS side: {why}");
     }
     let run = |side: &Side| {
         let log = dir.join(format!("{name}.{}.log", side.proxy.name()));
-        side.answers(&config, &log, &file.requests).map_err(|e| {
+        let answers = match (side.proxy, &over_xds) {
+            (Proxy::WeftXds, Some(Ok(xds))) => side.answers_over_xds(xds, &xds_config_path, &log, &file.requests),
+            (Proxy::WeftXds, _) => Err("no xDS configuration".to_string()),
+            _ => side.answers(&config, &log, &file.requests),
+        };
+        answers.map_err(|e| {
             eprintln!("--- {name}: {} did not start:\n{e}\n---", side.proxy.name());
             start_reason(&e)
         })
     };
-    let (e, w) = std::thread::scope(|s| {
-        let w = weft.map(|side| s.spawn(move || run(side)));
-        let e = run(envoy);
-        (e, w.map(|h| h.join().expect("weft side panicked")))
+    let xds = xds.filter(|_| matches!(over_xds, Some(Ok(_))));
+    let timed = |side: &Side| {
+        let started = Instant::now();
+        let answers = run(side);
+        (answers, format!("{} {:.1}s", side.proxy.name(), started.elapsed().as_secs_f64()))
+    };
+    let started = Instant::now();
+    let ((e, te), w, x) = std::thread::scope(|s| {
+        let w = weft.map(|side| s.spawn(move || timed(side)));
+        let x = xds.map(|side| s.spawn(move || timed(side)));
+        let e = timed(envoy);
+        (e, w.map(|h| h.join().expect("weft side panicked")), x.map(|h| h.join().expect("weft-xds side panicked")))
     });
+    let (w, tw) = w.map_or((None, None), |(w, t)| (Some(w), Some(t)));
+    let (x, tx) = x.map_or((None, None), |(x, t)| (Some(x), Some(t)));
+    if started.elapsed() > Duration::from_secs(5) {
+        let times: Vec<String> = [Some(te), tw, tx].into_iter().flatten().collect();
+        eprintln!("{name}: slow: {}", times.join(", "));
+    }
     if std::env::var_os("WEFT_CONFORMANCE_VERBOSE").is_some() {
-        for (proxy, answers) in [(Proxy::Envoy, Some(&e)), (Proxy::Weft, w.as_ref())] {
+        for (proxy, answers) in [(Proxy::Envoy, Some(&e)), (Proxy::Weft, w.as_ref()), (Proxy::WeftXds, x.as_ref())] {
             let Some(Ok(answers)) = answers else { continue };
             for (req, a) in file.requests.iter().zip(answers) {
                 let a = &a[0];
@@ -987,84 +1368,194 @@ pub fn run_file(name: &str, file: &CaseFile, envoy: &Side, weft: Option<&Side>) 
             }
         }
     }
-    file.requests
-        .iter()
-        .enumerate()
-        .map(|(i, req)| {
-            let envoy = e.as_ref().map(|a| a[i].as_slice()).map_err(String::as_str);
-            let weft = w.as_ref().map(|w| w.as_ref().map(|a| a[i].as_slice()).map_err(String::as_str));
-            judge(name, req, envoy, weft)
-        })
-        .collect()
+    let one = |answers: &Result<Vec<Vec<Observed>>, String>, i: usize| -> Result<Vec<Observed>, String> {
+        answers.as_ref().map(|a| a[i].clone()).map_err(Clone::clone)
+    };
+    let mut outcomes = Vec::new();
+    // Envoy's rows when no weft side ran, else the static side's rows, then the xDS side's.
+    if weft.is_some() || xds.is_none() {
+        for (i, req) in file.requests.iter().enumerate() {
+            let envoy = one(&e, i);
+            let weft = w.as_ref().map(|w| one(w, i));
+            let weft = weft.as_ref().map(|w| w.as_deref().map_err(String::as_str));
+            outcomes.push(judge(name, req, envoy.as_deref().map_err(String::as_str), weft));
+        }
+    }
+    match (&over_xds, &x) {
+        (Some(Err(why)), _) => outcomes.push(Outcome {
+            file: name.into(),
+            proxy: Proxy::WeftXds.name(),
+            request: "(the file)".into(),
+            problems: Vec::new(),
+            envoy_broken: false,
+            known: None,
+            skipped: Some(why.clone()),
+        }),
+        (_, Some(x)) => {
+            for (i, req) in file.requests.iter().enumerate() {
+                let envoy = one(&e, i);
+                let answers = one(x, i);
+                // The static side's answers, when it ran.
+                let reference = w.as_ref().and_then(|w| w.as_ref().ok()).map(|w| w[i].as_slice());
+                let answers = Some(answers.as_deref().map_err(String::as_str));
+                outcomes.push(judge_proxy(name, req, envoy.as_deref().map_err(String::as_str), Proxy::WeftXds, answers, reference));
+            }
+        }
+        _ => {}
+    }
+    outcomes
 }
 
-/// The table: one row per request, then the totals.
+/// The table: one row per request and proxy, then the totals.
 pub fn table(outcomes: &[Outcome]) -> String {
     let fw = outcomes.iter().map(|o| o.file.len()).max().unwrap_or(4).max(4);
+    let pw = outcomes.iter().map(|o| o.proxy.len()).max().unwrap_or(5).max(5);
     let rw = outcomes.iter().map(|o| o.request.chars().count()).max().unwrap_or(7).clamp(7, 60);
     let mut out = String::new();
-    let _ = writeln!(out, "{:fw$}  {:rw$}  RESULT  DETAIL", "FILE", "REQUEST");
+    let _ = writeln!(out, "{:fw$}  {:pw$}  {:rw$}  RESULT  DETAIL", "FILE", "PROXY", "REQUEST");
     for o in outcomes {
-        let verdict = match (o.passed(), &o.known) {
-            (true, Some(_)) => "KNOWN",
-            (true, None) => "PASS",
-            (false, _) => "FAIL",
+        let verdict = match (o.passed(), &o.known, &o.skipped) {
+            (true, _, Some(_)) => "SKIP",
+            (true, Some(_), None) => "KNOWN",
+            (true, None, None) => "PASS",
+            (false, _, _) => "FAIL",
         };
         let name: String = o.request.chars().take(rw).collect();
-        let detail = o.known.clone().unwrap_or_else(|| o.problems.join("; "));
-        let _ = writeln!(out, "{:fw$}  {:rw$}  {verdict:6}  {detail}", o.file, name);
+        let detail = o.skipped.clone().or_else(|| o.known.clone()).unwrap_or_else(|| o.problems.join("; "));
+        let _ = writeln!(out, "{:fw$}  {:pw$}  {:rw$}  {verdict:6}  {detail}", o.file, o.proxy, name);
     }
-    let _ = writeln!(out, "\n{:fw$}  PASSED/REQUESTS", "FILE");
-    let mut files: Vec<(&str, usize, usize)> = Vec::new();
+    let _ = writeln!(out, "\n{:fw$}  {:pw$}  PASSED/REQUESTS", "FILE", "PROXY");
+    let mut files: Vec<(&str, &str, usize, usize, bool)> = Vec::new();
     for o in outcomes {
         match files.last_mut() {
-            Some((f, passed, total)) if *f == o.file => {
+            Some((f, p, passed, total, _)) if *f == o.file && *p == o.proxy => {
                 *passed += usize::from(o.passed());
                 *total += 1;
             }
-            _ => files.push((&o.file, usize::from(o.passed()), 1)),
+            _ => files.push((&o.file, o.proxy, usize::from(o.passed()), 1, o.skipped.is_some())),
         }
     }
-    for (file, passed, total) in files {
-        let _ = writeln!(out, "{file:fw$}  {passed}/{total}");
+    for (file, proxy, passed, total, skipped) in files {
+        if skipped {
+            let _ = writeln!(out, "{file:fw$}  {proxy:pw$}  skipped");
+        } else {
+            let _ = writeln!(out, "{file:fw$}  {proxy:pw$}  {passed}/{total}");
+        }
     }
-    let failed = outcomes.iter().filter(|o| !o.passed()).count();
-    let known = outcomes.iter().filter(|o| o.passed() && o.known.is_some()).count();
-    let envoy_broken = outcomes.iter().filter(|o| o.envoy_broken).count();
-    let _ = writeln!(
-        out,
-        "{} requests: {} the same as Envoy, {known} known differences, {failed} failed ({envoy_broken} with Envoy itself failing an expect)",
-        outcomes.len(),
-        outcomes.len() - failed - known
-    );
+    let mut proxies: Vec<&str> = Vec::new();
+    for o in outcomes {
+        if !proxies.contains(&o.proxy) {
+            proxies.push(o.proxy);
+        }
+    }
+    for proxy in proxies {
+        let rows: Vec<&Outcome> = outcomes.iter().filter(|o| o.proxy == proxy).collect();
+        let skipped = rows.iter().filter(|o| o.skipped.is_some()).count();
+        let requests = rows.len() - skipped;
+        let failed = rows.iter().filter(|o| !o.passed()).count();
+        let known = rows.iter().filter(|o| o.passed() && o.known.is_some()).count();
+        let envoy_broken = rows.iter().filter(|o| o.envoy_broken).count();
+        let skipped = if skipped > 0 { format!("; {skipped} files skipped") } else { String::new() };
+        let _ = writeln!(
+            out,
+            "{proxy}: {requests} requests: {} the same as Envoy, {known} known differences, {failed} failed ({envoy_broken} with Envoy itself failing an expect){skipped}",
+            requests - failed - known
+        );
+    }
     out
 }
 
-/// Runs the whole suite: the files in `dir` matching `filter`, Envoy and (unless `envoy_only`) weft.
-pub fn run_suite(dir: &Path, filter: Option<&str>, envoy_only: bool) -> Result<Vec<Outcome>, String> {
+/// Which weft sides run next to Envoy.
+#[derive(Debug, Clone, Copy)]
+pub struct Sides {
+    /// weft on the static bootstrap.
+    pub weft: bool,
+    /// weft with the configuration over xDS.
+    pub xds: bool,
+}
+
+/// Runs the whole suite: the files in `dir` matching `filter`, on Envoy and the `sides`.
+pub fn run_suite(dir: &Path, filter: Option<&str>, sides: Sides) -> Result<Vec<Outcome>, String> {
     let files = load_cases(dir, filter)?;
     if files.is_empty() {
         return Err(format!("no case files in {} matching {filter:?}", dir.display()));
     }
     let tag = std::process::id() % 100_000;
     let envoy = Side::new(Proxy::Envoy, &format!("wc-e-{tag}"))?;
-    let weft = if envoy_only { None } else { Some(Side::new(Proxy::Weft, &format!("wc-w-{tag}"))?) };
+    let weft = if sides.weft { Some(Side::new(Proxy::Weft, &format!("wc-w-{tag}"))?) } else { None };
+    let xds = if sides.xds { Some(Side::new(Proxy::WeftXds, &format!("wc-x-{tag}"))?) } else { None };
     let mut outcomes = Vec::new();
     for (name, file) in &files {
         let started = Instant::now();
         let result = match file {
-            Ok(file) => run_file(name, file, &envoy, weft.as_ref()),
+            Ok(file) => run_file(name, file, &envoy, weft.as_ref(), xds.as_ref()),
             Err(e) => vec![Outcome {
                 file: name.clone(),
+                proxy: Proxy::Envoy.name(),
                 request: "(the file)".into(),
                 problems: vec![format!("bad case file: {e}")],
                 envoy_broken: true,
                 known: None,
+                skipped: None,
             }],
         };
         let failed = result.iter().filter(|o| !o.passed()).count();
-        eprintln!("{name}: {} requests, {failed} failed, {:.1}s", result.len(), started.elapsed().as_secs_f64());
+        let skipped = if result.iter().any(|o| o.skipped.is_some()) { " (skipped on the xDS side)" } else { "" };
+        eprintln!("{name}: {} rows, {failed} failed{skipped}, {:.1}s", result.len(), started.elapsed().as_secs_f64());
         outcomes.extend(result);
     }
     Ok(outcomes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn case(text: &str) -> CaseFile {
+        serde_yaml::from_str(text).expect("case file")
+    }
+
+    #[test]
+    fn xds_config_moves_listeners_clusters_and_inline_routes() {
+        let file = case(&std::fs::read_to_string(crate::workspace_root().join("tests/conformance/codec_types.yaml")).unwrap());
+        let xds = xds_config(&bootstrap(&file).unwrap()).unwrap();
+        assert_eq!(xds.names(xds_server::CLUSTER), ["a", "b"]);
+        assert_eq!(xds.names(xds_server::LISTENER), ["h1-only", "h2-only"]);
+        assert_eq!(xds.names(xds_server::ROUTE), ["h1-only", "h2-only"]);
+        assert_eq!(xds.ports, [19200, 19201]);
+        let json = xds.resources_json();
+        let hcm = &json[xds_server::LISTENER][0]["filter_chains"][0]["filters"][0]["typed_config"];
+        assert!(hcm.get("route_config").is_none());
+        assert_eq!(hcm["rds"]["route_config_name"], "h1-only");
+        assert_eq!(hcm["codec_type"], "HTTP1");
+        let boot: serde_json::Value = serde_json::from_str(&xds.bootstrap).unwrap();
+        assert_eq!(boot["node"]["id"], "conformance");
+        assert_eq!(boot["dynamic_resources"]["lds_config"]["ads"], serde_json::json!({}));
+        assert!(boot["static_resources"].get("listeners").is_none());
+        assert_eq!(boot["static_resources"]["clusters"][0]["name"], XDS_CLUSTER);
+    }
+
+    #[test]
+    fn xds_config_reports_what_does_not_encode() {
+        let file = case(
+            "{description: d, route_config: {virtual_hosts: []}, requests: [], http_filters: [{name: envoy.filters.http.cors, \
+             typed_config: {'@type': type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors}}]}",
+        );
+        let e = xds_config(&bootstrap(&file).unwrap()).unwrap_err();
+        assert!(e.contains("encoding Listener http") && e.contains("cors.v3.Cors"), "{e}");
+    }
+
+    #[test]
+    fn the_xds_side_must_answer_as_the_static_side_even_in_a_known_difference() {
+        let req: CaseRequest =
+            serde_yaml::from_str("{name: r, compare: [status], known_difference: why}").expect("request");
+        let answer = |status: &str| vec![Observed { status: status.into(), ..Default::default() }];
+        let (envoy, weft, same, other) = (answer("501"), answer("400"), answer("400"), answer("502"));
+        let ok = judge_proxy("f", &req, Ok(&envoy), Proxy::WeftXds, Some(Ok(&same)), Some(&weft));
+        assert!(ok.passed() && ok.known.is_some(), "{ok:?}");
+        assert_eq!(ok.proxy, "weft-xds");
+        let bad = judge_proxy("f", &req, Ok(&envoy), Proxy::WeftXds, Some(Ok(&other)), Some(&weft));
+        assert!(!bad.passed(), "{bad:?}");
+        assert!(bad.problems[0].contains(r#"unlike weft on the static bootstrap: status: weft="400" weft-xds="502""#), "{bad:?}");
+    }
 }

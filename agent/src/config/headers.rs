@@ -163,28 +163,9 @@ fn header_argument(rest: &str, command: &str) -> std::result::Result<String, Str
     }
 }
 
-/// Standard base64 (with or without padding) to UTF-8 text.
+/// Standard base64 (proto3 JSON `bytes`) to UTF-8 text.
 fn base64_decode(text: &str) -> Option<String> {
-    let value = |c: u8| match c {
-        b'A'..=b'Z' => Some(c - b'A'),
-        b'a'..=b'z' => Some(c - b'a' + 26),
-        b'0'..=b'9' => Some(c - b'0' + 52),
-        b'+' | b'-' => Some(62),
-        b'/' | b'_' => Some(63),
-        _ => None,
-    };
-    let mut bits = 0u32;
-    let mut count = 0;
-    let mut out = Vec::new();
-    for c in text.bytes().filter(|c| *c != b'=') {
-        bits = (bits << 6) | u32::from(value(c)?);
-        count += 6;
-        if count >= 8 {
-            count -= 8;
-            out.push((bits >> count) as u8);
-        }
-    }
-    String::from_utf8(out).ok()
+    String::from_utf8(super::secret::base64(text)?).ok()
 }
 
 #[cfg(test)]

@@ -78,7 +78,7 @@ fn data_source(mut d: Obj<'_>) -> Result<DataSource> {
 }
 
 /// Standard base64 with padding, as the proto3 JSON mapping writes `bytes`.
-fn base64(text: &str) -> Option<Vec<u8>> {
+pub(crate) fn base64(text: &str) -> Option<Vec<u8>> {
     let value = |c: u8| match c {
         b'A'..=b'Z' => Some(c - b'A'),
         b'a'..=b'z' => Some(c - b'a' + 26),
