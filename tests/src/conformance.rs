@@ -1538,11 +1538,11 @@ mod tests {
     #[test]
     fn xds_config_reports_what_does_not_encode() {
         let file = case(
-            "{description: d, route_config: {virtual_hosts: []}, requests: [], http_filters: [{name: envoy.filters.http.cors, \
-             typed_config: {'@type': type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors}}]}",
+            "{description: d, route_config: {virtual_hosts: []}, requests: [], http_filters: [{name: envoy.filters.http.ext_authz, \
+             typed_config: {'@type': type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz}}]}",
         );
         let e = xds_config(&bootstrap(&file).unwrap()).unwrap_err();
-        assert!(e.contains("encoding Listener http") && e.contains("cors.v3.Cors"), "{e}");
+        assert!(e.contains("encoding Listener http") && e.contains("ext_authz.v3.ExtAuthz"), "{e}");
     }
 
     #[test]
