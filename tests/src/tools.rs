@@ -134,6 +134,19 @@ pub fn bin_path(name: &str) -> Result<PathBuf, HarnessError> {
 }
 
 /// `Ok` when running as root (euid 0); otherwise the reason tests skip.
+/// Set by `cargo xtask test` when the eBPF programs could not be built here (the pinned nightly toolchain
+/// is missing and cannot be installed); its value says why. Only the eBPF suites skip on it.
+pub const EBPF_UNAVAILABLE: &str = "WEFT_EBPF_UNAVAILABLE";
+
+/// Root, and for the eBPF mode the eBPF programs: why the eBPF suites cannot run, if they cannot.
+pub fn require_ebpf(mode: &str) -> Result<(), String> {
+    require_root()?;
+    match std::env::var(EBPF_UNAVAILABLE) {
+        Ok(why) if mode == "ebpf" => Err(format!("the eBPF programs could not be built: {why}")),
+        _ => Ok(()),
+    }
+}
+
 pub fn require_root() -> Result<(), String> {
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };

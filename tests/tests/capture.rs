@@ -10,14 +10,14 @@ use std::time::Duration;
 use serde_json::Value;
 use weft_tests::agent::Agent;
 use weft_tests::traffic::{echo, echo_paced, payload, EchoServer};
-use weft_tests::{bin_path, require_root, wait_for, Cluster, ClusterOptions, Pod, WeftEntry};
+use weft_tests::{bin_path, require_ebpf, wait_for, Cluster, ClusterOptions, Pod, WeftEntry};
 
 const SERVER_PORT: u16 = 8080;
 
 /// A node with weft-cni chained in and a running agent; `None` (with the reason printed) where the suite
 /// cannot run.
 fn node(test: &str, mode: &str) -> Option<(Cluster, Agent)> {
-    if let Err(why) = require_root() {
+    if let Err(why) = require_ebpf(mode) {
         eprintln!("SKIPPED {test}: {why}");
         return None;
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::Value;
 use weft_tests::agent::{Agent, ADMIN};
 use weft_tests::traffic::{echo, echo_nonblocking, payload, EchoServer};
-use weft_tests::{bin_path, cgroup2_root, require_root, wait_for, Cluster, ClusterOptions, WeftEntry};
+use weft_tests::{bin_path, cgroup2_root, require_ebpf, wait_for, Cluster, ClusterOptions, WeftEntry};
 
 const HOOKS: [(&str, &str); 4] = [
     ("weft_connect4", "cgroup_inet4_connect"),
@@ -19,7 +19,7 @@ const HOOKS: [(&str, &str); 4] = [
 ];
 
 fn cluster(test: &str) -> Option<Cluster> {
-    if let Err(why) = require_root() {
+    if let Err(why) = require_ebpf("ebpf") {
         eprintln!("SKIPPED {test}: {why}");
         return None;
     }

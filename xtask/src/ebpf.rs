@@ -7,11 +7,16 @@ use std::process::Command;
 use crate::{run, target_dir, workspace_root};
 
 pub fn build() -> Result<(), String> {
+    build_with(&crate::setup::ebpf_toolchain()?)
+}
+
+/// Builds with `toolchain` (the pinned nightly, by the name `setup` found it under).
+pub fn build_with(toolchain: &str) -> Result<(), String> {
     let crate_dir = workspace_root().join("ebpf/weft-ebpf");
     let out = target_dir().join("ebpf");
     // The crate's .cargo/config.toml selects the target and build-std.
     run(Command::new("rustup")
-        .args(["run", "nightly", "cargo", "build", "--quiet", "--release"])
+        .args(["run", toolchain, "cargo", "build", "--quiet", "--release"])
         .current_dir(&crate_dir)
         .env("CARGO_TARGET_DIR", &out)
         .env_remove("RUSTC")

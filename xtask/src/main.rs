@@ -70,14 +70,30 @@ pub fn workspace_root() -> std::path::PathBuf {
 }
 
 fn test(extra: &[&str]) -> Result<(), String> {
-    setup::run()?;
+    let toolchain = setup::run_all()?;
     setup::require_root("the capture suites create network namespaces and program iptables/nftables")?;
     let root = workspace_root();
-    ebpf::build()?;
+    // Only a missing pinned toolchain skips the eBPF suites (loudly); a build failure fails the run.
+    let ebpf_unavailable = match toolchain {
+        Ok(toolchain) => {
+            ebpf::build_with(&toolchain)?;
+            None
+        }
+        Err(why) => {
+            eprintln!("\n################################################################################");
+            eprintln!("xtask: WARNING: the eBPF suites are SKIPPED on this machine: {why}");
+            eprintln!("xtask: every other suite runs; install {} with rust-src to run them.", setup::EBPF_TOOLCHAIN);
+            eprintln!("################################################################################\n");
+            Some(why)
+        }
+    };
     // One debug build serves the binaries the suites drive and the test harnesses themselves.
     run(cargo().current_dir(&root).args(["build", "--workspace", "--bins"]))?;
     let mut cmd = cargo();
     cmd.current_dir(&root).args(["test", "--workspace"]);
+    if let Some(why) = ebpf_unavailable {
+        cmd.env("WEFT_EBPF_UNAVAILABLE", why);
+    }
     let extra: Vec<&str> = extra.iter().copied().skip_while(|a| *a == "--").collect();
     if !extra.is_empty() {
         cmd.arg("--").args(extra);

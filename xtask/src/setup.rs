@@ -18,11 +18,9 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("nghttp2-client", "h2load, the HTTP/2 and gRPC load generator of `bench http`"),
 ];
 
+/// Everything, the eBPF toolchain included (for the commands that cannot do without it).
 pub fn run() -> Result<(), String> {
-    debian_packages()?;
-    ebpf_toolchain()?;
-    envoy()?;
-    grpc_python()
+    run_all()?.map(|_| ())
 }
 
 /// grpcio and its code generator: the gRPC upstream and client of the differential gRPC test
@@ -67,29 +65,66 @@ fn debian_packages() -> Result<(), String> {
     apt(&args)
 }
 
-/// The eBPF programs build with the nightly toolchain's `rust-src` (for `-Z build-std=core`) and bpf-linker
-/// built against Debian's LLVM 22.
-fn ebpf_toolchain() -> Result<(), String> {
+/// The nightly toolchain the eBPF crate is verified with (aya-ebpf 0.1 and aya-log-ebpf 0.1 need it; a newer
+/// nightly may break the build).
+pub const EBPF_TOOLCHAIN: &str = "nightly-2026-05-19";
+
+/// Installs what the others need. The eBPF toolchain is the one part that may be impossible on a machine
+/// (the pinned nightly comes from the Rust distribution server, not a registry): its failure is returned
+/// separately so that only the eBPF suites skip.
+pub fn run_all() -> Result<Result<String, String>, String> {
+    debian_packages()?;
+    envoy()?;
+    grpc_python()?;
+    Ok(ebpf_toolchain())
+}
+
+/// The pinned nightly (by name, or as the machine's `nightly` when that is the same build) with `rust-src`
+/// for `-Z build-std=core`, and bpf-linker built against Debian's LLVM 22. Returns the toolchain to use.
+pub fn ebpf_toolchain() -> Result<String, String> {
+    let toolchain = pinned_toolchain()?;
     let components = Command::new("rustup")
-        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .args(["component", "list", "--toolchain", &toolchain, "--installed"])
         .output()
         .map_err(|e| format!("rustup: {e}"))?;
-    if !components.status.success() {
-        return Err("the nightly toolchain is missing (`rustup toolchain install nightly`): the eBPF programs need it".into());
-    }
     if !String::from_utf8_lossy(&components.stdout).lines().any(|l| l.starts_with("rust-src")) {
-        eprintln!("xtask: adding rust-src to the nightly toolchain");
-        crate::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        eprintln!("xtask: adding rust-src to the {toolchain} toolchain");
+        crate::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &toolchain]))?;
     }
-    if Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success()) {
-        return Ok(());
+    if !Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        eprintln!("xtask: installing bpf-linker (builds against LLVM 22, a few minutes)");
+        crate::run(
+            crate::cargo()
+                .args(["install", "--locked", "bpf-linker", "--no-default-features", "--features", "llvm-22"])
+                .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
+        )?;
     }
-    eprintln!("xtask: installing bpf-linker (builds against LLVM 22, a few minutes)");
-    crate::run(
-        crate::cargo()
-            .args(["install", "--locked", "bpf-linker", "--no-default-features", "--features", "llvm-22"])
-            .env("LLVM_PREFIX", "/usr/lib/llvm-22"),
-    )
+    Ok(toolchain)
+}
+
+fn pinned_toolchain() -> Result<String, String> {
+    let date = EBPF_TOOLCHAIN.trim_start_matches("nightly-");
+    let is_pinned = |name: &str| {
+        Command::new("rustup")
+            .args(["run", name, "rustc", "--version"])
+            .output()
+            .is_ok_and(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains(date))
+    };
+    for name in [EBPF_TOOLCHAIN, "nightly"] {
+        if is_pinned(name) {
+            return Ok(name.to_string());
+        }
+    }
+    eprintln!("xtask: installing the {EBPF_TOOLCHAIN} toolchain for the eBPF programs");
+    let installed = Command::new("rustup")
+        .args(["toolchain", "install", EBPF_TOOLCHAIN, "--profile", "minimal", "--component", "rust-src"])
+        .output()
+        .map_err(|e| format!("rustup: {e}"))?;
+    if installed.status.success() && is_pinned(EBPF_TOOLCHAIN) {
+        return Ok(EBPF_TOOLCHAIN.to_string());
+    }
+    let why = String::from_utf8_lossy(&installed.stderr).lines().last().unwrap_or_default().to_string();
+    Err(format!("the pinned toolchain {EBPF_TOOLCHAIN} is not installed and could not be installed ({why})"))
 }
 
 fn installed(package: &str) -> bool {
