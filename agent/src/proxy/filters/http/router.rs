@@ -101,13 +101,17 @@ pub async fn forward(mut parts: Parts, body: Body, matched: Matched<'_>, downstr
         return local_reply::reply(status, None, grpc);
     };
     let levels = matched.levels(weighted_ops);
-    let original = parts.headers.clone();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
     let authority = route::authority(&parts).unwrap_or_default().to_string();
     let method = parts.method.to_string();
+    let changes_request = levels.iter().any(|l| !l.request_add.is_empty() || !l.request_remove.is_empty());
+    // Substitutions read the request as it arrived, so the changes work on a copy only when there are any.
+    let original = if changes_request { parts.headers.clone() } else { HeaderMap::new() };
     let vars = Vars { downstream, request: &original, path: &path, method: &method, authority: &authority, upstream: None, response: None, local_reply_body: None };
-    for ops in &levels {
-        route::apply_request(ops, &mut parts.headers, &vars);
+    if changes_request {
+        for ops in &levels {
+            route::apply_request(ops, &mut parts.headers, &vars);
+        }
     }
     let policy = Attempts::new(&mut parts.headers, action, matched.virtual_host);
     let on_downstream_upgrade = parts.extensions.remove::<hyper::upgrade::OnUpgrade>().filter(|_| upgrade);

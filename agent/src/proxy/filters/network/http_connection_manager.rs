@@ -28,6 +28,9 @@ use crate::config::http_connection_manager::{Codec, EscapedSlashes, HostPort, Ht
 use crate::config::http_filters::FilterOverride;
 use crate::config::route::{Action, InternalRedirectPolicy, Route, RouteConfiguration, VirtualHost};
 
+/// A request's route configuration, virtual host and route.
+type Selected<'a> = (&'a RouteConfiguration, (&'a VirtualHost, &'a Route));
+
 /// What the requests of one downstream connection are served with.
 pub struct HttpContext {
     pub hcm: Arc<HttpConnectionManager>,
@@ -246,6 +249,15 @@ impl HttpContext {
     /// Path normalisation, escaped slashes and host rewriting for matching, before routing and before any
     /// filter reads them. Returns the reply when the path's escaped slashes are refused or redirected.
     fn normalize(&self, parts: &mut Parts) -> Option<Response<Body>> {
+        let hcm = &self.hcm;
+        let untouched = !hcm.normalize_path
+            && !hcm.merge_slashes
+            && hcm.escaped_slashes == EscapedSlashes::KeepUnchanged
+            && hcm.host_port == HostPort::Keep
+            && !hcm.strip_trailing_host_dot;
+        if untouched {
+            return None;
+        }
         let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let (path, query) = match path_and_query.split_once('?') {
             Some((p, q)) => (p, Some(q)),
@@ -258,7 +270,7 @@ impl HttpContext {
         if self.hcm.merge_slashes {
             new_path = merge_slashes(&new_path);
         }
-        let escaped = ["%2f", "%5c"].iter().any(|e| new_path.to_ascii_lowercase().contains(e));
+        let escaped = new_path.as_bytes().windows(3).any(|w| w[0] == b'%' && (w[1] == b'2' && w[2].eq_ignore_ascii_case(&b'f') || w[1] == b'5' && w[2].eq_ignore_ascii_case(&b'c')));
         let mut redirect = false;
         if escaped {
             match self.hcm.escaped_slashes {
@@ -384,9 +396,15 @@ impl HttpContext {
         let mut body = Some(body);
         let mut followed = 0;
         loop {
-            let policy = self.redirect_policy(routes, &parts).filter(|p| followed < p.max_internal_redirects);
+            let host = route::authority(&parts).unwrap_or_default().to_string();
+            let selected = routes.and_then(|rc| Some((rc, route::select(rc, &host, &parts)?)));
+            let policy = match selected.map(|(_, (_, r))| &r.action) {
+                Some(Action::Route(a)) => a.internal_redirect.as_ref().filter(|p| followed < p.max_internal_redirects),
+                _ => None,
+            };
             let saved = policy.map(|_| (parts.method.clone(), parts.uri.clone(), parts.version, parts.headers.clone()));
-            let response = self.filters_and_route(parts, body.take().unwrap_or_else(body::empty), routes, downstream, upstream).await;
+            let body = body.take().unwrap_or_else(body::empty);
+            let response = self.filters_and_route(parts, body, selected, &host, downstream, upstream).await;
             let next = policy.zip(saved).and_then(|(p, saved)| internal_redirect(p, &response, saved));
             match next {
                 Some(redirected) => {
@@ -398,19 +416,17 @@ impl HttpContext {
         }
     }
 
-    fn redirect_policy<'a>(&self, routes: Option<&'a RouteConfiguration>, parts: &Parts) -> Option<&'a InternalRedirectPolicy> {
-        let host = route::authority(parts).unwrap_or_default();
-        match &route::select(routes?, host, parts)?.1.action {
-            Action::Route(a) => a.internal_redirect.as_ref(),
-            _ => None,
-        }
-    }
-
-    /// The HTTP filters, then the route's action.
-    async fn filters_and_route(&self, parts: Parts, body: Body, routes: Option<&RouteConfiguration>, downstream: &Downstream, upstream: &Upstream) -> Response<Body> {
+    /// The HTTP filters, then the action of the route `selected` for the request.
+    async fn filters_and_route(
+        &self,
+        parts: Parts,
+        body: Body,
+        selected: Option<Selected<'_>>,
+        host: &str,
+        downstream: &Downstream,
+        upstream: &Upstream,
+    ) -> Response<Body> {
         let grpc = route::is_grpc(&parts.headers);
-        let host = route::authority(&parts).unwrap_or_default().to_string();
-        let selected = routes.and_then(|rc| Some((rc, route::select(rc, &host, &parts)?)));
         let overrides = |name: &str| {
             let (rc, (vh, r)) = selected?;
             r.per_filter.get(name).or_else(|| vh.per_filter.get(name)).or_else(|| rc.per_filter.get(name))
@@ -442,7 +458,7 @@ impl HttpContext {
         }
         let mut response = match selected {
             None => local_reply::reply(StatusCode::NOT_FOUND, None, grpc),
-            Some((config, (virtual_host, matched))) => self.answer(parts, body, config, virtual_host, matched, &host, downstream, upstream).await,
+            Some((config, (virtual_host, matched))) => self.answer(parts, body, config, virtual_host, matched, host, downstream, upstream).await,
         };
         response.headers_mut().extend(added);
         response
