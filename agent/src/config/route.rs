@@ -93,6 +93,9 @@ pub struct RouteAction {
     pub host_rewrite: Option<HostRewrite>,
     /// `None`: disabled (`0s`); Envoy's default is 15s.
     pub timeout: Option<Duration>,
+    /// `max_stream_duration.grpc_timeout_header_max`: a gRPC request's `grpc-timeout` becomes its timeout,
+    /// capped at this (`Some(ZERO)`: uncapped), less `grpc_timeout_header_offset`.
+    pub grpc_timeout: Option<(Duration, Duration)>,
     pub retry_policy: Option<RetryPolicy>,
     /// How RING_HASH and MAGLEV clusters hash the request.
     pub hash_policy: Vec<HashPolicy>,
@@ -192,6 +195,8 @@ pub struct RetryPolicy {
     pub num_retries: u32,
     pub per_try_timeout: Option<Duration>,
     pub retriable_status_codes: Vec<u16>,
+    /// `retriable_headers`: with `retriable-headers`, a response matching one of these is retried.
+    pub retriable_headers: Vec<HeaderMatcher>,
     /// `retry_host_predicate: previous_hosts`: a retry avoids endpoints already tried.
     pub previous_hosts: bool,
     pub host_selection_max_attempts: u32,
@@ -209,6 +214,7 @@ pub struct RetryOn {
     pub retriable_4xx: bool,
     pub refused_stream: bool,
     pub retriable_status_codes: bool,
+    pub retriable_headers: bool,
 }
 
 impl RetryOn {
@@ -225,6 +231,7 @@ impl RetryOn {
                 "retriable-4xx" => on.retriable_4xx = true,
                 "refused-stream" => on.refused_stream = true,
                 "retriable-status-codes" => on.retriable_status_codes = true,
+                "retriable-headers" => on.retriable_headers = true,
                 other if strict => return Err(format!("retry condition {other:?} is not supported by weft")),
                 _ => {}
             }
@@ -241,6 +248,7 @@ impl RetryOn {
             retriable_4xx: self.retriable_4xx || other.retriable_4xx,
             refused_stream: self.refused_stream || other.refused_stream,
             retriable_status_codes: self.retriable_status_codes || other.retriable_status_codes,
+            retriable_headers: self.retriable_headers || other.retriable_headers,
         }
     }
 }
@@ -460,6 +468,18 @@ fn route_action(mut a: Obj<'_>) -> Result<RouteAction> {
         Some(t) => Some(t),
     };
     let retry_policy = a.object("retry_policy")?.map(retry_policy).transpose()?;
+    let grpc_timeout = match a.object("max_stream_duration")? {
+        Some(mut m) => {
+            if m.duration("max_stream_duration")?.is_some_and(|d| !d.is_zero()) {
+                return Err(ConfigError::new(m.at("max_stream_duration"), "is not enforced by weft yet; remove it or set 0s"));
+            }
+            let max = m.duration("grpc_timeout_header_max")?;
+            let offset = m.duration("grpc_timeout_header_offset")?.unwrap_or_default();
+            m.finish()?;
+            max.map(|max| (max, offset))
+        }
+        None => None,
+    };
     let hash_policy = a.objects("hash_policy")?.into_iter().map(hash_policy).collect::<Result<_>>()?;
     let internal_redirect = a.object("internal_redirect_policy")?.map(internal_redirect_policy).transpose()?;
     let upgrades = super::http_connection_manager::upgrade_configs(&mut a)?;
@@ -472,6 +492,7 @@ fn route_action(mut a: Obj<'_>) -> Result<RouteAction> {
         regex_rewrite,
         host_rewrite,
         timeout,
+        grpc_timeout,
         retry_policy,
         hash_policy,
         internal_redirect,
@@ -642,6 +663,7 @@ fn retry_policy(mut p: Obj<'_>) -> Result<RetryPolicy> {
             .collect::<Result<_>>()?,
         Some(_) => return Err(ConfigError::new(path, "expected a list of status codes")),
     };
+    let retriable_headers = p.objects("retriable_headers")?.into_iter().map(matcher::header_matcher).collect::<Result<_>>()?;
     let mut previous_hosts = false;
     for mut predicate in p.objects("retry_host_predicate")? {
         let name = predicate.string("name")?.unwrap_or_default().to_string();
@@ -668,6 +690,7 @@ fn retry_policy(mut p: Obj<'_>) -> Result<RetryPolicy> {
         num_retries,
         per_try_timeout,
         retriable_status_codes,
+        retriable_headers,
         previous_hosts,
         host_selection_max_attempts,
         base_interval,
@@ -701,9 +724,9 @@ mod tests {
 
     #[test]
     fn route_errors_name_the_field() {
-        let v = json!({"virtual_hosts": [{"name": "a", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "c", "max_stream_duration": {}}}]}]});
+        let v = json!({"virtual_hosts": [{"name": "a", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "c", "max_stream_duration": {"max_stream_duration": "5s"}}}]}]});
         let err = translate(Obj::new(&v, "rc").unwrap()).unwrap_err();
-        assert_eq!(err.path, "rc.virtual_hosts[0].routes[0].route.max_stream_duration");
+        assert_eq!(err.path, "rc.virtual_hosts[0].routes[0].route.max_stream_duration.max_stream_duration");
         let v = json!({"virtual_hosts": [{"name": "a", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"weighted_clusters": {"clusters": [{"name": "a", "weight": 1}], "total_weight": 5}}}]}]});
         let err = translate(Obj::new(&v, "rc").unwrap()).unwrap_err();
         assert_eq!(err.path, "rc.virtual_hosts[0].routes[0].route.weighted_clusters.total_weight");

@@ -27,6 +27,7 @@ use super::super::super::upstream::Upstream;
 use super::local_reply;
 use crate::config::cluster::{Cluster, Discovery};
 use crate::config::headers::HeaderOps;
+use crate::config::matcher::HeaderMatcher;
 use crate::config::route::{ClusterSpecifier, HashKey, HashPolicy, HostRewrite, MirrorPolicy, RetryOn, Route, RouteAction, RouteConfiguration, VirtualHost};
 
 /// Hop-by-hop headers: they describe one connection and are never forwarded (`te: trailers` excepted).
@@ -347,13 +348,32 @@ struct Attempts {
     retry_on: RetryOn,
     retries: u32,
     retriable_status_codes: Vec<u16>,
+    retriable_headers: Vec<HeaderMatcher>,
     previous_hosts: bool,
     host_attempts: u32,
     base_interval: Duration,
     max_interval: Duration,
+    /// The timeout is the gRPC request's own deadline (`grpc-timeout`): its expiry is Envoy's
+    /// DEADLINE_EXCEEDED "downstream duration timeout", not an upstream timeout.
+    stream_deadline: bool,
     /// `x-envoy-attempt-count` on upstream requests and on the response.
     count_to_upstream: bool,
     count_to_response: bool,
+}
+
+/// gRPC's `grpc-timeout` (digits and a unit: H, M, S, m, u, n).
+fn grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok().filter(|_| (1..=8).contains(&digits.len()))?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
@@ -363,11 +383,18 @@ fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
 impl Attempts {
     fn new(headers: &mut HeaderMap, action: &RouteAction, virtual_host: &VirtualHost) -> Attempts {
         let policy = action.retry_policy.as_ref().or(virtual_host.retry_policy.as_ref());
-        let timeout = match header_u64(headers, "x-envoy-upstream-rq-timeout-ms") {
-            Some(0) => None,
-            Some(ms) => Some(Duration::from_millis(ms)),
-            None => action.timeout,
+        let grpc_timeout = action.grpc_timeout.filter(|_| route::is_grpc(headers)).and_then(|(max, offset)| {
+            let asked = headers.get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(grpc_timeout)?;
+            let capped = if max.is_zero() { asked } else { asked.min(max) };
+            Some(if offset < capped { capped - offset } else { capped })
+        });
+        let timeout = match (header_u64(headers, "x-envoy-upstream-rq-timeout-ms"), grpc_timeout) {
+            (Some(0), _) => None,
+            (Some(ms), _) => Some(Duration::from_millis(ms)),
+            (None, Some(t)) => (!t.is_zero()).then_some(t),
+            (None, None) => action.timeout,
         };
+        let stream_deadline = grpc_timeout.is_some() && header_u64(headers, "x-envoy-upstream-rq-timeout-ms").is_none();
         let per_try_timeout = header_u64(headers, "x-envoy-upstream-rq-per-try-timeout-ms")
             .filter(|ms| *ms > 0)
             .map(Duration::from_millis)
@@ -391,22 +418,29 @@ impl Attempts {
             retry_on,
             retries,
             retriable_status_codes,
+            retriable_headers: policy.map(|p| p.retriable_headers.clone()).unwrap_or_default(),
             previous_hosts: policy.is_some_and(|p| p.previous_hosts),
             host_attempts: policy.map_or(1, |p| p.host_selection_max_attempts),
             base_interval: policy.map_or(Duration::from_millis(25), |p| p.base_interval),
             max_interval: policy.map_or(Duration::from_millis(250), |p| p.max_interval),
+            stream_deadline,
             count_to_upstream: virtual_host.include_request_attempt_count,
             count_to_response: virtual_host.include_attempt_count_in_response,
         }
     }
 
-    fn retriable_status(&self, status: StatusCode) -> bool {
-        let code = status.as_u16();
+    fn retriable_response(&self, response: &Response<hyper::body::Incoming>) -> bool {
+        let code = response.status().as_u16();
         let on = &self.retry_on;
+        let header = |name: &str| {
+            let values: Vec<&str> = response.headers().get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
+            (!values.is_empty()).then(|| values.join(","))
+        };
         (on.server_error && code >= 500)
             || (on.gateway_error && matches!(code, 502..=504))
             || (on.retriable_4xx && code == 409)
             || (on.retriable_status_codes && self.retriable_status_codes.contains(&code))
+            || (on.retriable_headers && self.retriable_headers.iter().any(|h| h.matches(header(&h.name).as_deref())))
     }
 
     fn retriable_failure(&self, error: &Failure) -> bool {
@@ -437,6 +471,7 @@ impl Attempts {
             None => attempt.await,
             Some(at) => match tokio::time::timeout_at(at, attempt).await {
                 Ok(answered) => answered,
+                Err(_) if self.stream_deadline => (local_reply::grpc_code(4, "downstream duration timeout"), None),
                 Err(_) => (local_reply::reply(StatusCode::GATEWAY_TIMEOUT, Some("upstream request timeout"), grpc), None),
             },
         };
@@ -505,7 +540,7 @@ impl Attempts {
             let hosts = cluster.endpoints.hosts().len();
             runtime.record(endpoint, outcome, cluster.config.outlier_detection.as_ref(), hosts, cluster.state);
             let retriable = match &result {
-                Ok(response) => self.retriable_status(response.status()),
+                Ok(response) => self.retriable_response(response),
                 Err(failure) => self.retriable_failure(failure),
             };
             // A retry needs room under the cluster's max_retries circuit breaker.
