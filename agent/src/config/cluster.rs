@@ -394,7 +394,7 @@ fn lb_policy(c: &mut Obj<'_>) -> Result<LbPolicy> {
 }
 
 fn is_prime(n: u64) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
 }
 
 /// A number that proto3 JSON may give as a number or a string.

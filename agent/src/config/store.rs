@@ -36,12 +36,15 @@ pub struct ClusterState {
     pub upstream_rq_pending_overflow: AtomicU64,
     pub upstream_rq_retry_overflow: AtomicU64,
     pub outlier_detection_ejections_total: AtomicU64,
-    ring: Mutex<Option<(Vec<SocketAddr>, Arc<Vec<(u64, usize)>>)>>,
+    ring: Mutex<Option<(Vec<SocketAddr>, Arc<Ring>)>>,
 }
+
+/// A hash ring or Maglev table: (hash or slot, index of the endpoint).
+pub type Ring = Vec<(u64, usize)>;
 
 impl ClusterState {
     /// The hash ring (or Maglev table) of `hosts`, built by `build` when the hosts changed.
-    pub fn ring(&self, hosts: &[SocketAddr], build: impl FnOnce() -> Vec<(u64, usize)>) -> Arc<Vec<(u64, usize)>> {
+    pub fn ring(&self, hosts: &[SocketAddr], build: impl FnOnce() -> Ring) -> Arc<Ring> {
         let mut cached = self.ring.lock().unwrap_or_else(|e| e.into_inner());
         match &*cached {
             Some((for_hosts, ring)) if for_hosts == hosts => Arc::clone(ring),

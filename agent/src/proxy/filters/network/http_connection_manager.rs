@@ -296,7 +296,7 @@ impl HttpContext {
             }
             set_path(&mut parts.uri, &rebuilt);
         }
-        let Some(authority) = route::authority(parts).map(str::to_string) else { return None };
+        let authority = route::authority(parts).map(str::to_string)?;
         let (mut host, port) = route::split_port(&authority);
         if self.hcm.strip_trailing_host_dot {
             host = host.strip_suffix('.').unwrap_or(host);
