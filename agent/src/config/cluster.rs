@@ -67,6 +67,22 @@ pub enum Discovery {
     OriginalDst,
     /// Endpoints from EDS (over ADS), for `service_name`.
     Eds { service_name: String },
+    /// STRICT_DNS (every address of every host) or LOGICAL_DNS (the first address of the one host), resolved
+    /// again every `refresh`.
+    Dns { hosts: Vec<(String, u16)>, logical: bool, refresh: Duration, family: DnsFamily },
+}
+
+/// `dns_lookup_family`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum DnsFamily {
+    /// IPv6 addresses when there are any, else IPv4 (Envoy's AUTO).
+    Auto,
+    V4Only,
+    V6Only,
+    /// IPv4 addresses when there are any, else IPv6.
+    V4Preferred,
+    All,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -172,8 +188,12 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
             }
             Discovery::OriginalDst
         }
+        "STRICT_DNS" | "LOGICAL_DNS" => dns(&mut c, kind == "LOGICAL_DNS", lb_policy)?,
         other => {
-            return Err(ConfigError::new(c.at("type"), format!("{other} clusters are not supported yet; use STATIC, EDS or ORIGINAL_DST")))
+            return Err(ConfigError::new(
+                c.at("type"),
+                format!("{other} clusters are not supported yet; use STATIC, STRICT_DNS, LOGICAL_DNS, EDS or ORIGINAL_DST"),
+            ))
         }
     };
     c.finish()?;
@@ -343,6 +363,53 @@ fn http2_options(c: &mut Obj<'_>) -> Result<HttpOptions> {
         ext.finish()?;
     }
     Ok(out)
+}
+
+/// A DNS cluster: its hosts (names or addresses with ports) from `load_assignment`, and how they are resolved.
+fn dns(c: &mut Obj<'_>, logical: bool, lb_policy: LbPolicy) -> Result<Discovery> {
+    if lb_policy == LbPolicy::ClusterProvided {
+        return Err(ConfigError::new(c.at("lb_policy"), "CLUSTER_PROVIDED is only valid for ORIGINAL_DST clusters"));
+    }
+    let refresh = c.duration("dns_refresh_rate")?.unwrap_or(Duration::from_secs(5));
+    if refresh < Duration::from_millis(1) {
+        return Err(ConfigError::new(c.at("dns_refresh_rate"), "must be at least 1ms"));
+    }
+    if c.bool("respect_dns_ttl")? == Some(true) {
+        return Err(ConfigError::new(c.at("respect_dns_ttl"), "is not supported by weft yet; weft refreshes every dns_refresh_rate"));
+    }
+    let family = match c.string("dns_lookup_family")?.unwrap_or("AUTO") {
+        "AUTO" => DnsFamily::Auto,
+        "V4_ONLY" => DnsFamily::V4Only,
+        "V6_ONLY" => DnsFamily::V6Only,
+        "V4_PREFERRED" => DnsFamily::V4Preferred,
+        "ALL" => DnsFamily::All,
+        other => return Err(ConfigError::new(c.at("dns_lookup_family"), format!("{other} is not a lookup family"))),
+    };
+    let mut la = c.required_object("load_assignment")?;
+    let _ = la.string("cluster_name")?;
+    let mut hosts = Vec::new();
+    for mut locality in la.objects("endpoints")? {
+        for mut lb in locality.objects("lb_endpoints")? {
+            let mut endpoint = lb.required_object("endpoint")?;
+            let mut address = endpoint.required_object("address")?;
+            let mut sa = address.required_object("socket_address")?;
+            let host = sa.required_string("address")?.to_string();
+            let port = sa.u64("port_value")?.and_then(|p| u16::try_from(p).ok()).filter(|p| *p > 0);
+            let port = port.ok_or_else(|| ConfigError::new(sa.at("port_value"), "needs a port (1-65535)"))?;
+            sa.finish()?;
+            address.finish()?;
+            endpoint.finish()?;
+            lb.finish()?;
+            hosts.push((host, port));
+        }
+        locality.finish()?;
+    }
+    la.finish()?;
+    if hosts.is_empty() || (logical && hosts.len() != 1) {
+        let why = if logical { "LOGICAL_DNS clusters need exactly one endpoint" } else { "needs at least one endpoint" };
+        return Err(ConfigError::new(c.at("load_assignment"), why));
+    }
+    Ok(Discovery::Dns { hosts, logical, refresh, family })
 }
 
 fn lb_policy(c: &mut Obj<'_>) -> Result<LbPolicy> {

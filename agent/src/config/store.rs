@@ -37,12 +37,23 @@ pub struct ClusterState {
     pub upstream_rq_retry_overflow: AtomicU64,
     pub outlier_detection_ejections_total: AtomicU64,
     ring: Mutex<Option<(Vec<SocketAddr>, Arc<Ring>)>>,
+    /// A DNS cluster's last resolution and when it was made.
+    resolved: Mutex<Option<(std::time::Instant, Arc<super::cluster::Assignment>)>>,
 }
 
 /// A hash ring or Maglev table: (hash or slot, index of the endpoint).
 pub type Ring = Vec<(u64, usize)>;
 
 impl ClusterState {
+    /// A DNS cluster's endpoints as last resolved (empty before the first resolution) and when.
+    pub fn resolved(&self) -> Option<(std::time::Instant, Arc<super::cluster::Assignment>)> {
+        self.resolved.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set_resolved(&self, assignment: super::cluster::Assignment) {
+        *self.resolved.lock().unwrap_or_else(|e| e.into_inner()) = Some((std::time::Instant::now(), Arc::new(assignment)));
+    }
+
     /// The hash ring (or Maglev table) of `hosts`, built by `build` when the hosts changed.
     pub fn ring(&self, hosts: &[SocketAddr], build: impl FnOnce() -> Ring) -> Arc<Ring> {
         let mut cached = self.ring.lock().unwrap_or_else(|e| e.into_inner());

@@ -26,11 +26,29 @@ pub struct Snapshot {
 /// One cluster as the data path sees it.
 pub struct ClusterRef<'a> {
     pub config: &'a Cluster,
-    /// STATIC endpoints, or EDS endpoints as last received; empty for ORIGINAL_DST.
-    pub endpoints: &'a Assignment,
+    /// STATIC endpoints, EDS endpoints as last received, DNS endpoints as last resolved; empty for
+    /// ORIGINAL_DST.
+    pub endpoints: Endpoints<'a>,
     /// Round-robin position.
     pub cursor: &'a AtomicUsize,
     pub state: &'a ClusterState,
+}
+
+/// A cluster's endpoints: from the configuration, or a DNS resolution shared with the cluster's state.
+pub enum Endpoints<'a> {
+    Config(&'a Assignment),
+    Resolved(Arc<Assignment>),
+}
+
+impl std::ops::Deref for Endpoints<'_> {
+    type Target = Assignment;
+
+    fn deref(&self) -> &Assignment {
+        match self {
+            Endpoints::Config(a) => a,
+            Endpoints::Resolved(a) => a,
+        }
+    }
 }
 
 impl Snapshot {
@@ -67,10 +85,11 @@ impl Snapshot {
         let entry = self.clusters.get(name)?;
         let config = entry.model();
         static NONE: Assignment = Assignment { priorities: Vec::new() };
-        let endpoints: &Assignment = match &config.discovery {
-            Discovery::Static { endpoints, .. } => endpoints,
-            Discovery::Eds { service_name } => self.assignments.get(service_name).map_or(&NONE, |a| a.model()),
-            Discovery::OriginalDst => &NONE,
+        let endpoints = match &config.discovery {
+            Discovery::Static { endpoints, .. } => Endpoints::Config(endpoints),
+            Discovery::Eds { service_name } => Endpoints::Config(self.assignments.get(service_name).map_or(&NONE, |a| a.model())),
+            Discovery::Dns { .. } => entry.state.resolved().map_or(Endpoints::Config(&NONE), |(_, a)| Endpoints::Resolved(a)),
+            Discovery::OriginalDst => Endpoints::Config(&NONE),
         };
         Some(ClusterRef { config, endpoints, cursor: &entry.cursor, state: &entry.state })
     }

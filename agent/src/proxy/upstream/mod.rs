@@ -2,6 +2,7 @@
 //! (made by the snapshot's socket factory; pooled for HTTP).
 
 pub mod cluster;
+pub mod dns;
 pub mod lb;
 pub mod pool;
 pub mod runtime;
@@ -47,6 +48,7 @@ impl std::fmt::Display for ConnectError {
 impl Upstream {
     /// A new TCP connection to an endpoint of `cluster` (tcp_proxy).
     pub async fn connect(&self, cluster: &str) -> Result<TcpStream, ConnectError> {
+        dns::refresh(&self.snapshot, cluster).await;
         let c = self.snapshot.cluster(cluster).ok_or_else(|| ConnectError::UnknownCluster(cluster.to_string()))?;
         let runtime = self.pools.runtime(cluster);
         let endpoint = cluster::pick(&c, &runtime, self.original_dst, &[], None).map_err(|_| ConnectError::NoHealthyUpstream)?;
