@@ -364,6 +364,9 @@ struct Attempts {
 
 /// gRPC's `grpc-timeout` (digits and a unit: H, M, S, m, u, n).
 fn grpc_timeout(value: &str) -> Option<Duration> {
+    if !value.is_ascii() {
+        return None;
+    }
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
     let n: u64 = digits.parse().ok().filter(|_| (1..=8).contains(&digits.len()))?;
     Some(match unit {
