@@ -266,10 +266,7 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
     }
     let local_reply = h.object("local_reply_config")?.map(local_reply_config).transpose()?;
     let mut upgrades = Vec::new();
-    for (kind, enabled) in upgrade_configs(&mut h)? {
-        if kind == "connect" {
-            return Err(ConfigError::new(h.at("upgrade_configs"), "CONNECT is not supported by weft yet"));
-        }
+    for (kind, enabled) in upgrade_configs(&mut h, false)? {
         if enabled {
             upgrades.push(kind);
         }
@@ -305,8 +302,9 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
     })
 }
 
-/// `upgrade_configs` of a connection manager or a route: (lowercase upgrade type, enabled).
-pub fn upgrade_configs(o: &mut Obj<'_>) -> Result<Vec<(String, bool)>> {
+/// `upgrade_configs` of a connection manager or a route: (lowercase upgrade type, enabled). A route's CONNECT
+/// entry carries `connect_config` (weft terminates CONNECT: the tunnel's bytes go to the route's cluster).
+pub fn upgrade_configs(o: &mut Obj<'_>, route: bool) -> Result<Vec<(String, bool)>> {
     let mut out = Vec::new();
     for mut u in o.objects("upgrade_configs")? {
         let kind = u.required_string("upgrade_type")?.to_ascii_lowercase();
@@ -314,8 +312,19 @@ pub fn upgrade_configs(o: &mut Obj<'_>) -> Result<Vec<(String, bool)>> {
         if u.has("filters") {
             return Err(ConfigError::new(u.at("filters"), "upgrade filter chains are not supported by weft yet"));
         }
-        if u.has("connect_config") {
-            return Err(ConfigError::new(u.at("connect_config"), "is not supported by weft yet"));
+        match u.object("connect_config")? {
+            Some(mut c) if route && kind == "connect" => {
+                if c.has("proxy_protocol_config") || c.bool("allow_post")? == Some(true) {
+                    return Err(ConfigError::new(c.path(), "only an empty connect_config is supported by weft"));
+                }
+                c.finish()?;
+            }
+            Some(_) => return Err(ConfigError::new(u.at("connect_config"), "belongs to a route's CONNECT upgrade only")),
+            // Without connect_config Envoy forwards CONNECT upstream as a request; weft only terminates it.
+            None if route && kind == "connect" && enabled => {
+                return Err(ConfigError::new(u.path(), "forwarding CONNECT upstream is not supported by weft yet; add connect_config: {} to terminate it"))
+            }
+            None => {}
         }
         u.finish()?;
         out.push((kind, enabled));

@@ -66,6 +66,8 @@ pub enum PathMatch {
     Regex(Regex),
     /// Matches the prefix followed by nothing, `/`, `?` or `#`.
     PathSeparatedPrefix(String),
+    /// `connect_matcher`: CONNECT requests (which no path matcher matches).
+    Connect,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -265,6 +267,7 @@ impl PathMatch {
             PathMatch::Path(p) => eq(path, p),
             PathMatch::Regex(r) => r.is_match(path),
             PathMatch::PathSeparatedPrefix(p) => starts(p) && matches!(path.as_bytes().get(p.len()), None | Some(b'/' | b'?' | b'#')),
+            PathMatch::Connect => false,
         }
     }
 }
@@ -372,10 +375,11 @@ fn route_match(mut m: Obj<'_>) -> Result<RouteMatch> {
         m.string("path")?.map(|p| PathMatch::Path(p.to_string())),
         m.object("safe_regex")?.map(matcher::regex).transpose()?.map(PathMatch::Regex),
         m.string("path_separated_prefix")?.map(|p| PathMatch::PathSeparatedPrefix(p.to_string())),
+        m.object("connect_matcher")?.map(|c| c.finish().map(|()| PathMatch::Connect)).transpose()?,
     ];
     let mut found = found.into_iter().flatten();
     let (Some(path), None) = (found.next(), found.next()) else {
-        return Err(ConfigError::new(m.path(), "needs exactly one of prefix, path, safe_regex or path_separated_prefix"));
+        return Err(ConfigError::new(m.path(), "needs exactly one of prefix, path, safe_regex, path_separated_prefix or connect_matcher"));
     };
     if let PathMatch::PathSeparatedPrefix(p) = &path {
         if !p.starts_with('/') || (p.len() > 1 && p.ends_with('/')) || p.contains(['?', '#']) {
@@ -482,7 +486,7 @@ fn route_action(mut a: Obj<'_>) -> Result<RouteAction> {
     };
     let hash_policy = a.objects("hash_policy")?.into_iter().map(hash_policy).collect::<Result<_>>()?;
     let internal_redirect = a.object("internal_redirect_policy")?.map(internal_redirect_policy).transpose()?;
-    let upgrades = super::http_connection_manager::upgrade_configs(&mut a)?;
+    let upgrades = super::http_connection_manager::upgrade_configs(&mut a, true)?;
     let mirrors = a.objects("request_mirror_policies")?.into_iter().map(mirror_policy).collect::<Result<_>>()?;
     a.finish()?;
     Ok(RouteAction {

@@ -63,7 +63,11 @@ pub fn select<'a>(rc: &'a RouteConfiguration, host: &str, req: &Parts) -> Option
 
 fn matches(m: &RouteMatch, path_and_query: &str, req: &Parts) -> bool {
     let path = path_and_query.split(['?', '#']).next().unwrap_or_default();
+    // A CONNECT request has no path: only `connect_matcher` routes take it, and they take nothing else.
+    let connect = req.method == hyper::Method::CONNECT;
     let path_ok = match &m.path {
+        PathMatch::Connect => connect,
+        _ if connect => false,
         // A prefix sees the whole `:path`; exact paths and regexes the path without the query, as in Envoy.
         PathMatch::Prefix(_) => m.path.matches(path_and_query, m.case_sensitive),
         _ => m.path.matches(path, m.case_sensitive),
@@ -195,7 +199,7 @@ pub fn rewrite_path(path_and_query: &str, matched: &PathMatch, prefix: Option<&s
     if let Some(replacement) = prefix {
         let len = match matched {
             PathMatch::Prefix(p) | PathMatch::PathSeparatedPrefix(p) => p.len(),
-            PathMatch::Path(_) | PathMatch::Regex(_) => path_and_query.split('?').next().unwrap_or_default().len(),
+            PathMatch::Path(_) | PathMatch::Regex(_) | PathMatch::Connect => path_and_query.split('?').next().unwrap_or_default().len(),
         };
         let rest = path_and_query.get(len.min(path_and_query.len())..).unwrap_or_default();
         return Some(format!("{replacement}{rest}"));

@@ -23,7 +23,7 @@ use super::super::super::upstream::cluster::{self, PickError};
 use super::super::super::upstream::{dns, lb};
 use super::super::super::upstream::runtime::{ClusterRuntime, Result as AttemptResult};
 use super::super::super::upstream::pool::{Key, PoolError, Protocol, Reuse};
-use super::super::super::upstream::Upstream;
+use super::super::super::upstream::{ConnectError, Upstream};
 use super::local_reply;
 use crate::config::cluster::{Cluster, Discovery};
 use crate::config::headers::HeaderOps;
@@ -663,6 +663,38 @@ async fn buffer(body: Body) -> Result<Bytes, String> {
     match limited.collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) => Err(format!("request body: {e}")),
+    }
+}
+
+/// Terminates a CONNECT request (the route's `connect_config`): a TCP connection to the route's cluster, then
+/// 200 and the tunnel's bytes both ways, as Envoy does.
+pub async fn tunnel(mut parts: Parts, matched: Matched<'_>, upstream: &Upstream) -> Response<Body> {
+    let (cluster_name, _) = choose_cluster(matched.action, &parts.headers);
+    let Some(on_downstream) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+        return local_reply::reply(StatusCode::BAD_REQUEST, None, false);
+    };
+    match upstream.connect(&cluster_name).await {
+        Err(ConnectError::UnknownCluster(_)) => {
+            local_reply::reply(StatusCode::from_u16(matched.action.cluster_not_found_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE), None, false)
+        }
+        Err(ConnectError::NoHealthyUpstream) => local_reply::reply(StatusCode::SERVICE_UNAVAILABLE, Some("no healthy upstream"), false),
+        Err(ConnectError::Connect(e)) => {
+            tracing::debug!(cluster = cluster_name, "CONNECT upstream failed: {e}");
+            local_reply::reply(StatusCode::SERVICE_UNAVAILABLE, Some(&format!("{RESET_BODY}reset reason: remote connection failure")), false)
+        }
+        Ok(mut stream) => {
+            tokio::spawn(async move {
+                match on_downstream.await {
+                    Ok(down) => {
+                        if let Err(e) = tokio::io::copy_bidirectional(&mut TokioIo::new(down), &mut stream).await {
+                            tracing::debug!("CONNECT tunnel ended: {e}");
+                        }
+                    }
+                    Err(e) => tracing::debug!("CONNECT upgrade failed: {e}"),
+                }
+            });
+            Response::new(body::empty())
+        }
     }
 }
 

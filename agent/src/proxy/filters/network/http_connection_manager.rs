@@ -179,12 +179,17 @@ impl HttpContext {
                 None => {
                     let remote = self.mutate_request(&mut parts.headers);
                     let request_id = parts.headers.get("x-request-id").cloned();
+                    let connect = parts.method == hyper::Method::CONNECT;
                     let downstream = Downstream { remote, local: self.local, protocol };
                     // The request as local reply mappers see it.
                     let request = self.hcm.local_reply.as_ref().map(|_| (parts.headers.clone(), parts.uri.clone(), parts.method.clone()));
                     let mut response = self.route(parts, body.boxed(), routes.as_deref(), &downstream, &upstream).await;
                     if let Some(id) = request_id.filter(|_| self.hcm.always_set_request_id_in_response) {
                         response.headers_mut().insert("x-request-id", id);
+                    }
+                    // A refused CONNECT ends its HTTP/1.1 connection: what follows was meant for the tunnel.
+                    if connect && !response.status().is_success() && protocol != "HTTP/2" {
+                        response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
                     }
                     if let (Some(config), Some((headers, uri, method))) = (&self.hcm.local_reply, &request) {
                         let path = uri.path_and_query().map_or("/", |p| p.as_str());
@@ -479,7 +484,7 @@ impl HttpContext {
     ) -> Response<Body> {
         let mut response = match &matched.action {
             Action::Route(action) => {
-                let upgrade = upgrade_type(&parts);
+                let upgrade = if parts.method == hyper::Method::CONNECT { Some("connect".to_string()) } else { upgrade_type(&parts) };
                 let allowed = |kind: &String| match action.upgrades.iter().find(|(k, _)| k == kind) {
                     Some((_, enabled)) => *enabled,
                     None => self.hcm.upgrades.contains(kind),
@@ -489,6 +494,9 @@ impl HttpContext {
                     return local_reply::reply(StatusCode::FORBIDDEN, None, false);
                 }
                 let matched = Matched { config, virtual_host, route: matched, action };
+                if parts.method == hyper::Method::CONNECT {
+                    return router::tunnel(parts, matched, upstream).await;
+                }
                 return router::forward(parts, body, matched, downstream, upstream, upgrade.is_some()).await;
             }
             Action::DirectResponse { status, body } => {
@@ -952,6 +960,35 @@ mod in_memory {
         let answers = requests(context, false, &["/1", "/2", "/3", "/4", "/5"]).await;
         assert!(answers.iter().all(|a| a.0 == 200), "{answers:?}");
         assert_eq!(connections.load(SeqCst), 3, "two requests per connection");
+    }
+
+    #[tokio::test]
+    async fn connect_is_terminated_into_a_tunnel_to_the_route_cluster() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = echo.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = echo.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        let route = json!({"match": {"connect_matcher": {}}, "route": {"cluster": "web", "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}]}});
+        let context = proxy_with(addr, false, route, json!({"upgrade_configs": [{"upgrade_type": "CONNECT"}]}));
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(serve(server, context));
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client)).await.unwrap();
+        tokio::spawn(conn.with_upgrades());
+        let req = Request::builder().method("CONNECT").uri("backend.example:443").header("host", "backend.example:443");
+        let response = sender.send_request(req.body(Full::new(Bytes::new())).unwrap()).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut io = TokioIo::new(hyper::upgrade::on(response).await.unwrap());
+        io.write_all(b"through the tunnel").await.unwrap();
+        let mut back = [0u8; 18];
+        io.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"through the tunnel");
     }
 
     #[tokio::test]
