@@ -120,6 +120,13 @@ impl TcpProxy {
     }
 }
 
+impl ListenerFilters {
+    /// Only `original_dst`, nothing to inspect (so no timeout): what capture listeners need.
+    pub fn original_dst_only() -> ListenerFilters {
+        ListenerFilters { original_dst: true, tls_inspector: false, http_inspector: false, timeout: Duration::ZERO, continue_on_timeout: false }
+    }
+}
+
 /// The terminal network filter of a filter chain.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]

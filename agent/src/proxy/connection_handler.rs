@@ -152,20 +152,6 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
-    async fn echo_server() -> SocketAddr {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
-            }
-        });
-        addr
-    }
-
     fn snapshot(echo: SocketAddr) -> (Arc<Snapshot>, Listener) {
         let listener = json!({"name": "l", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},
             "listener_filters": [{"name": "h", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector"}}],
@@ -187,7 +173,7 @@ mod tests {
 
     /// Serves one connection carrying `payload` through the handler; returns what came back.
     async fn exchange(payload: &'static [u8]) -> Vec<u8> {
-        let (snapshot, listener) = snapshot(echo_server().await);
+        let (snapshot, listener) = snapshot(crate::proxy::testing::echo_server().await);
         let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = front.local_addr().unwrap();
         tokio::spawn(async move {

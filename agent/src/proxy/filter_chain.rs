@@ -134,13 +134,7 @@ mod tests {
             default_filter_chain: default.then(|| chain("default", FilterChainMatch::default())),
             use_original_dst: false,
             bind_to_port: true,
-            listener_filters: ListenerFilters {
-                original_dst: true,
-                tls_inspector: false,
-                http_inspector: false,
-                timeout: std::time::Duration::ZERO,
-                continue_on_timeout: false,
-            },
+            listener_filters: ListenerFilters::original_dst_only(),
         }
     }
 

@@ -18,6 +18,8 @@ pub mod server;
 pub mod snapshot;
 pub mod socket;
 pub mod stats;
+#[cfg(test)]
+pub mod testing;
 pub mod upstream;
 
 use std::time::Duration;

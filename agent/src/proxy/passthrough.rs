@@ -47,13 +47,7 @@ fn listener(name: &str, port: u16, filter_chains: Vec<FilterChain>) -> Listener 
         default_filter_chain: None,
         use_original_dst: false,
         bind_to_port: true,
-        listener_filters: ListenerFilters {
-            original_dst: true,
-            tls_inspector: false,
-            http_inspector: false,
-            timeout: Duration::ZERO,
-            continue_on_timeout: false,
-        },
+        listener_filters: ListenerFilters::original_dst_only(),
     }
 }
 

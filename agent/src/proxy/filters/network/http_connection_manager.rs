@@ -965,16 +965,7 @@ mod in_memory {
     #[tokio::test]
     async fn connect_is_terminated_into_a_tunnel_to_the_route_cluster() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = echo.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = echo.accept().await {
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
-            }
-        });
+        let addr = crate::proxy::testing::echo_server().await;
         let route = json!({"match": {"connect_matcher": {}}, "route": {"cluster": "web", "upgrade_configs": [{"upgrade_type": "CONNECT", "connect_config": {}}]}});
         let context = proxy_with(addr, false, route, json!({"upgrade_configs": [{"upgrade_type": "CONNECT"}]}));
         let (client, server) = tokio::io::duplex(64 * 1024);

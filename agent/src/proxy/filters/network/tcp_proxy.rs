@@ -145,16 +145,7 @@ mod tests {
 
     #[tokio::test]
     async fn relays_both_ways_and_closes_idle_connections() {
-        let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = echo.local_addr().unwrap();
-        tokio::spawn(async move {
-            while let Ok((mut s, _)) = echo.accept().await {
-                tokio::spawn(async move {
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
-            }
-        });
+        let addr = crate::proxy::testing::echo_server().await;
         let config = TcpProxy { clusters: vec![("echo".into(), 1)], idle_timeout: Some(Duration::from_millis(200)), max_connect_attempts: 1 };
         let (mut client, server) = tokio::io::duplex(1024);
         let upstream = upstream_to(addr);

@@ -1,0 +1,20 @@
+//! Helpers the data path's in-memory tests share.
+
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+
+/// A TCP echo server on loopback (no root needed): every connection gets its bytes back.
+pub async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
+    let addr = listener.local_addr().expect("local address");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
