@@ -297,8 +297,8 @@ fn unimplemented_fields_are_refused_by_path() {
             "static_resources.listeners[1].filter_chains[0].filters[0].typed_config.route_config.virtual_hosts[0].routes[2].route.idle_timeout",
         ),
         (
-            base.replace("    lb_policy: ROUND_ROBIN", "    lb_policy: ROUND_ROBIN\n    health_checks: [{timeout: 1s, interval: 1s, unhealthy_threshold: 1, healthy_threshold: 1, tcp_health_check: {}}]"),
-            "static_resources.clusters[1].health_checks",
+            base.replace("    lb_policy: ROUND_ROBIN", "    lb_policy: ROUND_ROBIN\n    upstream_connection_options: {tcp_keepalive: {keepalive_time: 30}}"),
+            "static_resources.clusters[1].upstream_connection_options",
         ),
         (
             base.replace("    filter_chains:\n    - filters:\n      - name: envoy.filters.network.tcp_proxy", "    filter_chains:\n    - filter_chain_match: {direct_source_prefix_ranges: [{address_prefix: 10.0.0.0, prefix_len: 8}]}\n      filters:\n      - name: envoy.filters.network.tcp_proxy"),

@@ -28,6 +28,30 @@ pub struct Cluster {
     pub outlier_detection: Option<OutlierDetection>,
     /// `common_lb_config.healthy_panic_threshold` (percent, default 50): below it, every endpoint is used.
     pub healthy_panic_threshold: f64,
+    /// The active health check (`health_checks`, one).
+    pub health_check: Option<HealthCheck>,
+}
+
+/// `envoy.config.core.v3.HealthCheck`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct HealthCheck {
+    pub timeout: Duration,
+    pub interval: Duration,
+    /// Consecutive failures that make a healthy endpoint unhealthy.
+    pub unhealthy_threshold: u32,
+    /// Consecutive successes that make an unhealthy endpoint healthy (one suffices for a new endpoint).
+    pub healthy_threshold: u32,
+    pub kind: HealthCheckKind,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub enum HealthCheckKind {
+    /// A connection is made.
+    Tcp,
+    /// `GET path` with `host` (the cluster's name by default) answers a status in `statuses` (`[start, end)`).
+    Http { path: String, host: Option<String>, statuses: Vec<(u16, u16)>, headers: super::headers::HeaderOps },
+    /// `grpc.health.v1.Health/Check` for `service` answers SERVING.
+    Grpc { service: String, authority: Option<String> },
 }
 
 /// The default priority's `circuit_breakers` thresholds (Envoy's defaults: 1024, 1024, 1024, 3).
@@ -151,6 +175,11 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
     }
     let HttpOptions { http2, follow_downstream_protocol, idle_timeout, max_requests_per_connection } = protocol;
     let source_address = c.object("upstream_bind_config")?.map(bind_config).transpose()?;
+    let mut checks = c.objects("health_checks")?;
+    if checks.len() > 1 {
+        return Err(ConfigError::new(c.at("health_checks"), "weft supports one health check per cluster"));
+    }
+    let health_check = checks.pop().map(health_check).transpose()?;
     let discovery = match kind {
         "STATIC" => {
             if lb_policy == LbPolicy::ClusterProvided {
@@ -210,6 +239,7 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
         circuit_breakers,
         outlier_detection,
         healthy_panic_threshold,
+        health_check,
     })
 }
 
@@ -410,6 +440,68 @@ fn dns(c: &mut Obj<'_>, logical: bool, lb_policy: LbPolicy) -> Result<Discovery>
         return Err(ConfigError::new(c.at("load_assignment"), why));
     }
     Ok(Discovery::Dns { hosts, logical, refresh, family })
+}
+
+fn health_check(mut h: Obj<'_>) -> Result<HealthCheck> {
+    let required = |h: &mut Obj<'_>, key: &str| -> Result<Duration> {
+        h.duration(key)?.filter(|d| !d.is_zero()).ok_or_else(|| ConfigError::new(h.at(key), "is required and must be greater than 0s"))
+    };
+    let timeout = required(&mut h, "timeout")?;
+    let interval = required(&mut h, "interval")?;
+    let threshold = |h: &mut Obj<'_>, key: &str| -> Result<u32> {
+        let n = h.u64(key)?.ok_or_else(|| ConfigError::new(h.at(key), "is required"))?;
+        Ok(n.clamp(1, u64::from(u32::MAX)) as u32)
+    };
+    let unhealthy_threshold = threshold(&mut h, "unhealthy_threshold")?;
+    let healthy_threshold = threshold(&mut h, "healthy_threshold")?;
+    // Scheduling and logging details: they change when checks run or what is logged, not what is healthy.
+    for key in ["no_traffic_interval", "no_traffic_healthy_interval", "unhealthy_interval", "unhealthy_edge_interval", "healthy_edge_interval", "interval_jitter", "initial_jitter", "event_log_path"] {
+        let _ = h.take(key);
+    }
+    let _ = h.u64("interval_jitter_percent")?;
+    let _ = h.bool("always_log_health_check_failures")?;
+    let _ = h.bool("always_log_health_check_success")?;
+    let _ = h.bool("reuse_connection")?;
+    let mut found = Vec::new();
+    if let Some(t) = h.object("tcp_health_check")? {
+        if t.has("send") || t.has("receive") {
+            return Err(ConfigError::new(t.path(), "send and receive payloads are not supported by weft yet"));
+        }
+        t.finish()?;
+        found.push(HealthCheckKind::Tcp);
+    }
+    if let Some(mut http) = h.object("http_health_check")? {
+        let path = http.required_string("path")?.to_string();
+        let host = http.string("host")?.filter(|h| !h.is_empty()).map(str::to_string);
+        let mut statuses = Vec::new();
+        for mut r in http.objects("expected_statuses")? {
+            let start = r.u64("start")?.unwrap_or(0).min(600) as u16;
+            let end = r.u64("end")?.unwrap_or(0).min(600) as u16;
+            r.finish()?;
+            statuses.push((start, end));
+        }
+        if statuses.is_empty() {
+            statuses.push((200, 201));
+        }
+        match http.string("codec_client_type")?.unwrap_or("HTTP1") {
+            "HTTP1" => {}
+            other => return Err(ConfigError::new(http.at("codec_client_type"), format!("{other} is not supported by weft yet; use HTTP1"))),
+        }
+        let headers = super::headers::ops(&mut http)?;
+        http.finish()?;
+        found.push(HealthCheckKind::Http { path, host, statuses, headers });
+    }
+    if let Some(mut g) = h.object("grpc_health_check")? {
+        let service = g.string("service_name")?.unwrap_or_default().to_string();
+        let authority = g.string("authority")?.filter(|a| !a.is_empty()).map(str::to_string);
+        g.finish()?;
+        found.push(HealthCheckKind::Grpc { service, authority });
+    }
+    if found.len() != 1 {
+        return Err(ConfigError::new(h.path(), "needs exactly one of tcp_health_check, http_health_check or grpc_health_check"));
+    }
+    h.finish()?;
+    Ok(HealthCheck { timeout, interval, unhealthy_threshold, healthy_threshold, kind: found.remove(0) })
 }
 
 fn lb_policy(c: &mut Obj<'_>) -> Result<LbPolicy> {

@@ -39,6 +39,7 @@ pub const SUPPORTED: &[(&str, &str)] = &[
     ("static_resources.clusters[].circuit_breakers.thresholds[]", "DEFAULT priority: max_connections, max_pending_requests, max_requests, max_retries (503 with x-envoy-overloaded)"),
     ("static_resources.clusters[].outlier_detection", "consecutive_5xx, consecutive_gateway_failure, enforcing_*, base_ejection_time, max_ejection_time, max_ejection_percent, interval; success-rate and failure-percentage ejection only when not enforced"),
     ("static_resources.clusters[].common_lb_config.healthy_panic_threshold", "percent of available endpoints below which all are used"),
+    ("static_resources.clusters[].health_checks[]", "one: timeout, interval, unhealthy_threshold, healthy_threshold; tcp_health_check (no payloads), http_health_check (path, host, expected_statuses, request_headers_to_add, HTTP1), grpc_health_check (service_name, authority); jitter, no-traffic intervals and logging fields accepted (timing and logs only)"),
     ("static_resources.clusters[].http2_protocol_options", "empty only: the upstream speaks HTTP/2 (pooled, multiplexed)"),
     ("static_resources.clusters[].upstream_bind_config.source_address", "address, port_value: the source of upstream connections"),
     ("static_resources.clusters[].typed_extension_protocol_options", "HttpProtocolOptions with explicit_http_config (http or http2, no flow-control tuning) or use_downstream_protocol_config, and common_http_protocol_options.{idle_timeout (default 1h), max_requests_per_connection}"),

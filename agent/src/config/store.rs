@@ -39,6 +39,52 @@ pub struct ClusterState {
     ring: Mutex<Option<(Vec<SocketAddr>, Arc<Ring>)>>,
     /// A DNS cluster's last resolution and when it was made.
     resolved: Mutex<Option<(std::time::Instant, Arc<super::cluster::Assignment>)>>,
+    /// The active health check: whether it runs, the endpoints it checks, and what it found.
+    pub health: HealthState,
+}
+
+/// What a cluster's active health checker knows, shared with the data path.
+#[derive(Debug, Default)]
+pub struct HealthState {
+    pub started: std::sync::atomic::AtomicBool,
+    /// The endpoints to check: the ones the data path last saw.
+    pub hosts: Mutex<Vec<SocketAddr>>,
+    results: Mutex<std::collections::HashMap<SocketAddr, Health>>,
+    /// Set when the first round of checks is done; waiters are woken then.
+    pub first_round_done: std::sync::atomic::AtomicBool,
+    pub first_round: tokio::sync::Notify,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Health {
+    healthy: bool,
+    /// Consecutive results against the current state.
+    streak: u32,
+}
+
+impl HealthState {
+    /// Whether load balancing may use `endpoint`: always without a health checker; with one, once a check
+    /// passed (a new endpoint is unhealthy until then, as in Envoy).
+    pub fn allows(&self, endpoint: SocketAddr) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        !self.started.load(Relaxed) || self.results.lock().unwrap_or_else(|e| e.into_inner()).get(&endpoint).is_some_and(|h| h.healthy)
+    }
+
+    /// Records one check: the first decides at once; later ones flip the state after `threshold`
+    /// consecutive results against it.
+    pub fn record(&self, endpoint: SocketAddr, passed: bool, unhealthy_threshold: u32, healthy_threshold: u32) {
+        let mut results = self.results.lock().unwrap_or_else(|e| e.into_inner());
+        let h = results.entry(endpoint).or_insert(Health { healthy: passed, streak: 0 });
+        if h.healthy == passed {
+            h.streak = 0;
+            return;
+        }
+        h.streak += 1;
+        let threshold = if passed { healthy_threshold } else { unhealthy_threshold };
+        if h.streak >= threshold {
+            *h = Health { healthy: passed, streak: 0 };
+        }
+    }
 }
 
 /// A hash ring or Maglev table: (hash or slot, index of the endpoint).

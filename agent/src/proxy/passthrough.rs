@@ -71,6 +71,7 @@ fn cluster(name: &str, source: Option<IpAddr>, connect_timeout: Duration) -> Clu
         circuit_breakers: CircuitBreakers::default(),
         outlier_detection: None,
         healthy_panic_threshold: 50.0,
+        health_check: None,
     }
 }
 

@@ -17,11 +17,13 @@ const OVERPROVISIONING: f64 = 1.4;
 /// the available endpoints (all of them in panic mode).
 fn priority_level(c: &ClusterRef<'_>, runtime: &ClusterRuntime) -> Vec<SocketAddr> {
     let levels = &c.endpoints.priorities;
+    // Endpoints failing the active health check are unavailable like ejected ones (panic mode uses all).
+    let passes = |e: SocketAddr| c.state.health.allows(e);
     let threshold = c.config.healthy_panic_threshold;
     if levels.len() <= 1 {
-        return levels.first().map(|l| runtime.available(l, threshold)).unwrap_or_default();
+        return levels.first().map(|l| runtime.available(l, threshold, passes)).unwrap_or_default();
     }
-    let healthy: Vec<Vec<SocketAddr>> = levels.iter().map(|l| runtime.available(l, 0.0)).collect();
+    let healthy: Vec<Vec<SocketAddr>> = levels.iter().map(|l| runtime.available(l, 0.0, passes)).collect();
     // Availability counts hosts, not their weighted slots.
     let distinct = |hosts: &[SocketAddr]| hosts.iter().enumerate().filter(|(i, h)| !hosts[..*i].contains(h)).count();
     let health: Vec<f64> = levels
@@ -40,11 +42,11 @@ fn priority_level(c: &ClusterRef<'_>, runtime: &ClusterRuntime) -> Vec<SocketAdd
         let load = (h * 100.0 / total).min(remaining);
         remaining -= load;
         if point < load {
-            return runtime.available(&levels[i], threshold);
+            return runtime.available(&levels[i], threshold, passes);
         }
         point -= load;
     }
-    runtime.available(&levels[0], threshold)
+    runtime.available(&levels[0], threshold, passes)
 }
 
 /// Why no upstream could be chosen; the HTTP layer turns it into Envoy's local replies.

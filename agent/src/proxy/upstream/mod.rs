@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod dns;
+pub mod health;
 pub mod lb;
 pub mod pool;
 pub mod runtime;
@@ -49,6 +50,7 @@ impl Upstream {
     /// A new TCP connection to an endpoint of `cluster` (tcp_proxy).
     pub async fn connect(&self, cluster: &str) -> Result<TcpStream, ConnectError> {
         dns::refresh(&self.snapshot, cluster).await;
+        health::ensure(&self.snapshot, cluster, self.pools.sockets()).await;
         let c = self.snapshot.cluster(cluster).ok_or_else(|| ConnectError::UnknownCluster(cluster.to_string()))?;
         let runtime = self.pools.runtime(cluster);
         let endpoint = cluster::pick(&c, &runtime, self.original_dst, &[], None).map_err(|_| ConnectError::NoHealthyUpstream)?;

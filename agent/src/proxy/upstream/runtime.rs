@@ -76,12 +76,14 @@ impl ClusterRuntime {
 
     /// The endpoints load balancing may choose: those not ejected, or all of them when fewer than
     /// `panic_threshold` percent are available (Envoy's panic mode).
-    pub fn available(&self, endpoints: &[SocketAddr], panic_threshold: f64) -> Vec<SocketAddr> {
+    /// `passes`: the active health check's verdict.
+    pub fn available(&self, endpoints: &[SocketAddr], panic_threshold: f64, passes: impl Fn(SocketAddr) -> bool) -> Vec<SocketAddr> {
         let now = Instant::now();
         let mut states = self.endpoints();
         let healthy: Vec<SocketAddr> = endpoints
             .iter()
             .copied()
+            .filter(|e| passes(*e))
             .filter(|e| match states.get_mut(e) {
                 Some(s) if s.ejected_until.is_some_and(|t| t > now) => false,
                 Some(s) => {

@@ -20,7 +20,7 @@ use super::super::super::random::random;
 use super::super::super::route::{self, Downstream, Vars};
 use super::super::super::snapshot::ClusterRef;
 use super::super::super::upstream::cluster::{self, PickError};
-use super::super::super::upstream::{dns, lb};
+use super::super::super::upstream::{dns, health, lb};
 use super::super::super::upstream::runtime::{ClusterRuntime, Result as AttemptResult};
 use super::super::super::upstream::pool::{Key, PoolError, Protocol, Reuse};
 use super::super::super::upstream::{ConnectError, Upstream};
@@ -98,6 +98,7 @@ pub async fn forward(mut parts: Parts, body: Body, matched: Matched<'_>, downstr
     let action = matched.action;
     let (cluster_name, weighted_ops) = choose_cluster(action, &parts.headers);
     dns::refresh(&upstream.snapshot, &cluster_name).await;
+    health::ensure(&upstream.snapshot, &cluster_name, upstream.pools.sockets()).await;
     let Some(cluster) = upstream.snapshot.cluster(&cluster_name) else {
         let status = StatusCode::from_u16(action.cluster_not_found_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
         return local_reply::reply(status, None, grpc);
