@@ -8,9 +8,19 @@ use serde::Deserialize;
 
 use crate::capture::ebpf::EbpfSettings;
 use crate::config::bootstrap::AdsApi;
-use crate::xds::pod::XdsSettings;
 use crate::capture::iptables::Variant;
 use crate::capture::RedirectMode;
+
+/// Where the control plane is and how the mesh is named.
+#[derive(Debug, Clone, PartialEq)]
+pub struct XdsSettings {
+    /// istiod's xDS address (plaintext gRPC, e.g. port 15010).
+    pub address: std::net::SocketAddr,
+    pub api: AdsApi,
+    pub cluster_id: String,
+    pub mesh_id: String,
+    pub istio_version: String,
+}
 
 /// Validated agent settings.
 #[derive(Debug, Clone, PartialEq)]

@@ -380,11 +380,7 @@ fn http2_options(c: &mut Obj<'_>) -> Result<HttpOptions> {
                 _ => return Err(ConfigError::new(opts.path(), "needs exactly one of explicit_http_config or use_downstream_protocol_config")),
             }
             if let Some(mut common) = opts.object("common_http_protocol_options")? {
-                out.idle_timeout = match common.duration("idle_timeout")? {
-                    None => out.idle_timeout,
-                    Some(t) if t.is_zero() => None,
-                    Some(t) => Some(t),
-                };
+                out.idle_timeout = common.timeout("idle_timeout", out.idle_timeout)?;
                 out.max_requests_per_connection = common.u64("max_requests_per_connection")?.filter(|n| *n > 0);
                 common.finish()?;
             }

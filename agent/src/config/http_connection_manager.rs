@@ -94,10 +94,7 @@ impl ReplyFilter {
             ReplyFilter::Status { op: Comparison::Eq, value } => status == *value,
             ReplyFilter::Status { op: Comparison::Ge, value } => status >= *value,
             ReplyFilter::Status { op: Comparison::Le, value } => status <= *value,
-            ReplyFilter::Header(h) => {
-                let values: Vec<&str> = request.get_all(h.name.as_str()).iter().filter_map(|v| v.to_str().ok()).collect();
-                h.matches((!values.is_empty()).then(|| values.join(",")).as_deref())
-            }
+            ReplyFilter::Header(h) => h.matches_in(request),
             ReplyFilter::And(all) => all.iter().all(|f| f.matches(status, request)),
             ReplyFilter::Or(any) => any.iter().any(|f| f.matches(status, request)),
         }
@@ -245,7 +242,7 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
         (false, true) => HostPort::StripAny,
         (true, true) => return Err(ConfigError::new(h.at("strip_any_host_port"), "cannot be combined with strip_matching_host_port")),
     };
-    let stream_idle_timeout = timeout(h.duration("stream_idle_timeout")?, Some(Duration::from_secs(300)));
+    let stream_idle_timeout = h.timeout("stream_idle_timeout", Some(Duration::from_secs(300)))?;
     // A timeout weft does not enforce yet is refused unless it disables the timeout.
     only_disabled(&mut h, "request_timeout")?;
     let mut max_headers_count = 100;
@@ -253,8 +250,8 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
     let mut max_connection_duration = None;
     let mut headers_with_underscores = UnderscoreHeaders::Allow;
     if let Some(mut common) = h.object("common_http_protocol_options")? {
-        idle_timeout = timeout(common.duration("idle_timeout")?, idle_timeout);
-        max_connection_duration = timeout(common.duration("max_connection_duration")?, None);
+        idle_timeout = common.timeout("idle_timeout", idle_timeout)?;
+        max_connection_duration = common.timeout("max_connection_duration", None)?;
         max_headers_count = common.u64("max_headers_count")?.map_or(100, |n| n.clamp(1, 10_000) as usize);
         headers_with_underscores = match common.string("headers_with_underscores_action")?.unwrap_or("ALLOW") {
             "ALLOW" => UnderscoreHeaders::Allow,
@@ -428,15 +425,6 @@ fn body_format(mut b: Obj<'_>) -> Result<BodyFormat> {
     }
     b.finish()?;
     Ok(format)
-}
-
-/// A configured timeout where `0s` disables it.
-fn timeout(configured: Option<Duration>, default: Option<Duration>) -> Option<Duration> {
-    match configured {
-        None => default,
-        Some(t) if t.is_zero() => None,
-        Some(t) => Some(t),
-    }
 }
 
 fn only_disabled(o: &mut Obj<'_>, key: &str) -> Result<()> {

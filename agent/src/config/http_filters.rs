@@ -47,7 +47,7 @@ pub fn fractional_percent(mut p: Obj<'_>) -> Result<Percent> {
 }
 
 /// `RuntimeFractionalPercent`: weft has no runtime, so the default value decides.
-fn runtime_percent(mut p: Obj<'_>) -> Result<Percent> {
+pub(crate) fn runtime_percent(mut p: Obj<'_>) -> Result<Percent> {
     let percent = fractional_percent(p.required_object("default_value")?)?;
     let _ = p.string("runtime_key")?;
     p.finish()?;

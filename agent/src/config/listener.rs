@@ -348,11 +348,7 @@ fn tcp_proxy(mut t: Obj<'_>) -> Result<NetworkFilter> {
         }
         _ => return Err(ConfigError::new(t.path(), "needs exactly one of cluster or weighted_clusters")),
     };
-    let idle_timeout = match t.duration("idle_timeout")? {
-        None => Some(Duration::from_secs(3600)),
-        Some(d) if d.is_zero() => None,
-        Some(d) => Some(d),
-    };
+    let idle_timeout = t.timeout("idle_timeout", Some(Duration::from_secs(3600)))?;
     let max_connect_attempts = t.u64("max_connect_attempts")?.unwrap_or(1).clamp(1, 100) as u32;
     t.finish()?;
     Ok(NetworkFilter::TcpProxy(Arc::new(TcpProxy { clusters, idle_timeout, max_connect_attempts })))

@@ -139,6 +139,19 @@ impl HeaderMatcher {
     }
 }
 
+/// A header's values joined with `,` (how Envoy's header matchers see a repeated header), `None` when absent.
+pub fn joined(headers: &hyper::HeaderMap, name: &str) -> Option<String> {
+    let values: Vec<&str> = headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
+    (!values.is_empty()).then(|| values.join(","))
+}
+
+impl HeaderMatcher {
+    /// Matches against a header map (pseudo-headers aside).
+    pub fn matches_in(&self, headers: &hyper::HeaderMap) -> bool {
+        self.matches(joined(headers, &self.name).as_deref())
+    }
+}
+
 pub fn header_matcher(mut h: Obj<'_>) -> Result<HeaderMatcher> {
     let name = h.required_string("name")?.to_ascii_lowercase();
     let invert = h.bool("invert_match")?.unwrap_or(false);

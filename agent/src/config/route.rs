@@ -396,15 +396,7 @@ fn route_match(mut m: Obj<'_>) -> Result<RouteMatch> {
         }
         None => false,
     };
-    let fraction = match m.object("runtime_fraction")? {
-        Some(mut f) => {
-            let percent = http_filters::fractional_percent(f.required_object("default_value")?)?;
-            let _ = f.string("runtime_key")?;
-            f.finish()?;
-            Some(percent)
-        }
-        None => None,
-    };
+    let fraction = m.object("runtime_fraction")?.map(http_filters::runtime_percent).transpose()?;
     let tls_presented = match m.object("tls_context")? {
         Some(mut t) => {
             let presented = t.bool("presented")?;
@@ -466,11 +458,7 @@ fn route_action(mut a: Obj<'_>) -> Result<RouteAction> {
     if found.next().is_some() {
         return Err(ConfigError::new(a.path(), "needs at most one host rewrite"));
     }
-    let timeout = match a.duration("timeout")? {
-        None => Some(DEFAULT_TIMEOUT),
-        Some(t) if t.is_zero() => None,
-        Some(t) => Some(t),
-    };
+    let timeout = a.timeout("timeout", Some(DEFAULT_TIMEOUT))?;
     let retry_policy = a.object("retry_policy")?.map(retry_policy).transpose()?;
     let grpc_timeout = match a.object("max_stream_duration")? {
         Some(mut m) => {
@@ -507,15 +495,7 @@ fn route_action(mut a: Obj<'_>) -> Result<RouteAction> {
 
 fn mirror_policy(mut m: Obj<'_>) -> Result<MirrorPolicy> {
     let cluster = m.required_string("cluster")?.to_string();
-    let fraction = match m.object("runtime_fraction")? {
-        Some(mut f) => {
-            let percent = http_filters::fractional_percent(f.required_object("default_value")?)?;
-            let _ = f.string("runtime_key")?;
-            f.finish()?;
-            percent
-        }
-        None => Percent::ALL,
-    };
+    let fraction = m.object("runtime_fraction")?.map(http_filters::runtime_percent).transpose()?.unwrap_or(Percent::ALL);
     // Tracing decisions do not change what is sent.
     let _ = m.object("trace_sampled")?;
     let shadow_suffix = !m.bool("disable_shadow_host_suffix_append")?.unwrap_or(false);

@@ -150,6 +150,15 @@ impl<'a> Obj<'a> {
             .ok_or_else(|| ConfigError::new(path, format!("{text:?} is not a duration; write seconds like \"5s\" or \"0.25s\"")))
     }
 
+    /// A timeout where `0s` disables it (Envoy's convention); `default` when absent.
+    pub fn timeout(&mut self, key: &str, default: Option<Duration>) -> Result<Option<Duration>> {
+        Ok(match self.duration(key)? {
+            None => default,
+            Some(t) if t.is_zero() => None,
+            Some(t) => Some(t),
+        })
+    }
+
     pub fn object(&mut self, key: &str) -> Result<Option<Obj<'a>>> {
         let path = self.at(key);
         self.take(key).map(|v| Obj::new(v, path)).transpose()

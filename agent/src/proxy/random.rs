@@ -8,3 +8,19 @@ pub fn random() -> usize {
     h.write_u128(std::time::Instant::now().elapsed().as_nanos());
     h.finish() as usize
 }
+
+/// The index of the item whose share of the summed `weights` holds `point` (taken modulo the sum): a
+/// weighted choice when `point` is random. The last item when every weight is zero.
+pub fn weighted(weights: impl Iterator<Item = u64> + Clone, point: u64) -> usize {
+    let total: u64 = weights.clone().sum();
+    let mut point = point % total.max(1);
+    let mut last = 0;
+    for (i, w) in weights.enumerate() {
+        if point < w {
+            return i;
+        }
+        point -= w;
+        last = i;
+    }
+    last
+}

@@ -95,10 +95,7 @@ pub fn header_value(req: &Parts, name: &str) -> Option<String> {
         ":method" => Some(req.method.as_str().to_string()),
         ":authority" => authority(req).map(str::to_string),
         ":scheme" => Some(req.uri.scheme_str().unwrap_or("http").to_string()),
-        _ => {
-            let values: Vec<&str> = req.headers.get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
-            (!values.is_empty()).then(|| values.join(","))
-        }
+        _ => crate::config::matcher::joined(&req.headers, name),
     }
 }
 

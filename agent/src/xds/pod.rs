@@ -2,7 +2,7 @@
 //! with the node identity its Istio sidecar would have had, so istiod serves it exactly what it would serve
 //! that sidecar. All streams share one HTTP/2 connection; identical resources are held once (see `intern`).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use serde_json::json;
@@ -13,18 +13,8 @@ use tonic::transport::{Channel, Endpoint};
 use super::{client, Sink, XdsState};
 use crate::proxy::snapshot::Snapshot;
 use crate::cni_server::registry::PodRecord;
-use crate::config::bootstrap::{Ads, AdsApi, Bootstrap, Node};
-
-/// Where the control plane is and how the mesh is named.
-#[derive(Debug, Clone, PartialEq)]
-pub struct XdsSettings {
-    /// istiod's xDS address (plaintext gRPC, e.g. port 15010).
-    pub address: SocketAddr,
-    pub api: AdsApi,
-    pub cluster_id: String,
-    pub mesh_id: String,
-    pub istio_version: String,
-}
+use crate::config::agent::XdsSettings;
+use crate::config::bootstrap::{Ads, Bootstrap, Node};
 
 /// The node's shared connection to the control plane.
 pub struct PodXds {

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use super::super::snapshot::ClusterRef;
 use super::super::random::random;
 use super::lb;
-use super::runtime::ClusterRuntime;
+use super::runtime::{distinct, ClusterRuntime};
 use crate::config::cluster::Discovery;
 
 /// Envoy's overprovisioning factor: a level at 1/1.4 of its hosts available still takes all its traffic.
@@ -25,7 +25,6 @@ fn priority_level(c: &ClusterRef<'_>, runtime: &ClusterRuntime) -> Vec<SocketAdd
     }
     let healthy: Vec<Vec<SocketAddr>> = levels.iter().map(|l| runtime.available(l, 0.0, passes)).collect();
     // Availability counts hosts, not their weighted slots.
-    let distinct = |hosts: &[SocketAddr]| hosts.iter().enumerate().filter(|(i, h)| !hosts[..*i].contains(h)).count();
     let health: Vec<f64> = levels
         .iter()
         .zip(&healthy)

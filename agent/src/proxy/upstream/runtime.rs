@@ -94,7 +94,6 @@ impl ClusterRuntime {
             })
             .collect();
         // Panic mode counts hosts, not their weighted slots.
-        let distinct = |hosts: &[SocketAddr]| hosts.iter().enumerate().filter(|(i, h)| !hosts[..*i].contains(h)).count();
         if (distinct(&healthy) as f64) * 100.0 < panic_threshold * distinct(endpoints) as f64 {
             endpoints.to_vec()
         } else {
@@ -135,6 +134,11 @@ impl ClusterRuntime {
             tracing::debug!(%endpoint, ?time, "outlier detection: endpoint ejected");
         }
     }
+}
+
+/// How many different endpoints `hosts` holds (a weighted endpoint appears once per slot).
+pub fn distinct(hosts: &[SocketAddr]) -> usize {
+    hosts.iter().enumerate().filter(|(i, h)| !hosts[..*i].contains(h)).count()
 }
 
 fn enforced(percent: u32) -> bool {

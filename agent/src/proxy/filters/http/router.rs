@@ -16,7 +16,7 @@ use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 
 use super::super::super::body::{self, Body};
-use super::super::super::random::random;
+use super::super::super::random::{random, weighted};
 use super::super::super::route::{self, Downstream, Vars};
 use super::super::super::snapshot::ClusterRef;
 use super::super::super::upstream::cluster::{self, PickError};
@@ -74,16 +74,9 @@ fn choose_cluster<'a>(action: &'a RouteAction, headers: &HeaderMap) -> (String, 
         ClusterSpecifier::Cluster(c) => (c.clone(), None),
         ClusterSpecifier::Header(h) => (header(h), None),
         ClusterSpecifier::Weighted(w) => {
-            let total: u64 = w.clusters.iter().map(|c| u64::from(c.weight)).sum();
             // `header_name`: the header's value (an unsigned integer) stands in for the random number.
-            let random = w.header_name.as_deref().and_then(|h| header(h).trim().parse::<u64>().ok()).unwrap_or_else(|| random() as u64);
-            let mut point = random % total.max(1);
-            let chosen = w.clusters.iter().find(|c| {
-                let inside = point < u64::from(c.weight);
-                point = point.saturating_sub(u64::from(c.weight));
-                inside
-            });
-            match chosen.or(w.clusters.last()) {
+            let point = w.header_name.as_deref().and_then(|h| header(h).trim().parse::<u64>().ok()).unwrap_or_else(|| random() as u64);
+            match w.clusters.get(weighted(w.clusters.iter().map(|c| u64::from(c.weight)), point)) {
                 Some(c) => (c.name.clone(), Some(&c.headers)),
                 None => (String::new(), None),
             }
@@ -104,14 +97,15 @@ pub async fn forward(mut parts: Parts, body: Body, matched: Matched<'_>, downstr
         return local_reply::reply(status, None, grpc);
     };
     let levels = matched.levels(weighted_ops);
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
-    let authority = route::authority(&parts).unwrap_or_default().to_string();
-    let method = parts.method.to_string();
-    let changes_request = levels.iter().any(|l| !l.request_add.is_empty() || !l.request_remove.is_empty());
-    // Substitutions read the request as it arrived, so the changes work on a copy only when there are any.
-    let original = if changes_request { parts.headers.clone() } else { HeaderMap::new() };
-    let vars = Vars { downstream, request: &original, path: &path, method: &method, authority: &authority, upstream: None, response: None, local_reply_body: None };
-    if changes_request {
+    // Header substitutions read the request as it arrived: kept only for routes that change headers.
+    let arrived = levels.iter().any(|l| !l.is_empty()).then(|| Arrived {
+        headers: parts.headers.clone(),
+        path: parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_string(),
+        authority: route::authority(&parts).unwrap_or_default().to_string(),
+        method: parts.method.to_string(),
+    });
+    if let Some(arrived) = &arrived {
+        let vars = arrived.vars(downstream, &arrived.headers);
         for ops in &levels {
             route::apply_request(ops, &mut parts.headers, &vars);
         }
@@ -135,19 +129,41 @@ pub async fn forward(mut parts: Parts, body: Body, matched: Matched<'_>, downstr
     if let Some(cookie) = template.set_cookie.clone() {
         response.headers_mut().append(header::SET_COOKIE, cookie);
     }
-    if levels.iter().any(|l| !l.response_add.is_empty() || !l.response_remove.is_empty()) {
+    if let Some(arrived) = arrived.filter(|_| levels.iter().any(|l| !l.response_add.is_empty() || !l.response_remove.is_empty())) {
         let returned = response.headers().clone();
         let vars = Vars {
             upstream: endpoint.map(|e| (e, cluster.config.name.as_str())),
             response: Some((response.status().as_u16(), &returned)),
-            request: &template.headers,
-            ..vars
+            ..arrived.vars(downstream, &template.headers)
         };
         for ops in &levels {
             route::apply_response(ops, response.headers_mut(), &vars);
         }
     }
     response
+}
+
+/// The request as it arrived, for the `%...%` substitutions of header changes.
+struct Arrived {
+    headers: HeaderMap,
+    path: String,
+    authority: String,
+    method: String,
+}
+
+impl Arrived {
+    fn vars<'a>(&'a self, downstream: &'a Downstream, request: &'a HeaderMap) -> Vars<'a> {
+        Vars {
+            downstream,
+            request,
+            path: &self.path,
+            method: &self.method,
+            authority: &self.authority,
+            upstream: None,
+            response: None,
+            local_reply_body: None,
+        }
+    }
 }
 
 /// What every attempt sends: the request after the route's rewrites.
@@ -437,15 +453,11 @@ impl Attempts {
     fn retriable_response(&self, response: &Response<hyper::body::Incoming>) -> bool {
         let code = response.status().as_u16();
         let on = &self.retry_on;
-        let header = |name: &str| {
-            let values: Vec<&str> = response.headers().get_all(name).iter().filter_map(|v| v.to_str().ok()).collect();
-            (!values.is_empty()).then(|| values.join(","))
-        };
         (on.server_error && code >= 500)
             || (on.gateway_error && matches!(code, 502..=504))
             || (on.retriable_4xx && code == 409)
             || (on.retriable_status_codes && self.retriable_status_codes.contains(&code))
-            || (on.retriable_headers && self.retriable_headers.iter().any(|h| h.matches(header(&h.name).as_deref())))
+            || (on.retriable_headers && self.retriable_headers.iter().any(|h| h.matches_in(response.headers())))
     }
 
     fn retriable_failure(&self, error: &Failure) -> bool {

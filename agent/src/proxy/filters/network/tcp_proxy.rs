@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-use super::super::super::random::random;
+use super::super::super::random::{random, weighted};
 use super::super::super::upstream::{ConnectError, Upstream};
 use crate::config::listener::TcpProxy;
 
@@ -70,15 +70,8 @@ where
 
 /// A cluster by weight (the only one when there is one).
 fn pick_weighted(clusters: &[(String, u32)]) -> &str {
-    let total: u64 = clusters.iter().map(|(_, w)| u64::from(*w)).sum();
-    let mut point = random() as u64 % total.max(1);
-    for (name, weight) in clusters {
-        if point < u64::from(*weight) {
-            return name;
-        }
-        point -= u64::from(*weight);
-    }
-    clusters.last().map_or("", |(name, _)| name.as_str())
+    let i = weighted(clusters.iter().map(|(_, w)| u64::from(*w)), random() as u64);
+    clusters.get(i).map_or("", |(name, _)| name.as_str())
 }
 
 /// Completes once nothing has been read either way for `idle`: sleeps until the deadline the last activity
