@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::http_filters::{self, Fault, LocalRateLimit, CORS, FAULT, LOCAL_RATELIMIT};
 use super::headers::{HeaderOps, Part};
-use super::listener::CidrRange;
+use super::cidr::{self, CidrRange};
 use super::matcher::HeaderMatcher;
 use super::route::{self, RouteConfiguration};
 use super::tree::{ConfigError, Obj, Result};
@@ -218,7 +218,7 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
     };
     let mut internal_ranges = Vec::new();
     if let Some(mut internal) = h.object("internal_address_config")? {
-        internal_ranges = internal.objects("cidr_ranges")?.into_iter().map(super::listener::cidr_range).collect::<Result<_>>()?;
+        internal_ranges = internal.objects("cidr_ranges")?.into_iter().map(cidr::cidr_range).collect::<Result<_>>()?;
         let _ = internal.bool("unix_sockets")?;
         internal.finish()?;
     }
@@ -263,7 +263,7 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
     }
     let local_reply = h.object("local_reply_config")?.map(local_reply_config).transpose()?;
     let mut upgrades = Vec::new();
-    for (kind, enabled) in upgrade_configs(&mut h, false)? {
+    for (kind, enabled) in route::upgrade_configs(&mut h, false)? {
         if enabled {
             upgrades.push(kind);
         }
@@ -297,36 +297,6 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
         local_reply,
         upgrades,
     })
-}
-
-/// `upgrade_configs` of a connection manager or a route: (lowercase upgrade type, enabled). A route's CONNECT
-/// entry carries `connect_config` (weft terminates CONNECT: the tunnel's bytes go to the route's cluster).
-pub fn upgrade_configs(o: &mut Obj<'_>, route: bool) -> Result<Vec<(String, bool)>> {
-    let mut out = Vec::new();
-    for mut u in o.objects("upgrade_configs")? {
-        let kind = u.required_string("upgrade_type")?.to_ascii_lowercase();
-        let enabled = u.bool("enabled")?.unwrap_or(true);
-        if u.has("filters") {
-            return Err(ConfigError::new(u.at("filters"), "upgrade filter chains are not supported by weft yet"));
-        }
-        match u.object("connect_config")? {
-            Some(mut c) if route && kind == "connect" => {
-                if c.has("proxy_protocol_config") || c.bool("allow_post")? == Some(true) {
-                    return Err(ConfigError::new(c.path(), "only an empty connect_config is supported by weft"));
-                }
-                c.finish()?;
-            }
-            Some(_) => return Err(ConfigError::new(u.at("connect_config"), "belongs to a route's CONNECT upgrade only")),
-            // Without connect_config Envoy forwards CONNECT upstream as a request; weft only terminates it.
-            None if route && kind == "connect" && enabled => {
-                return Err(ConfigError::new(u.path(), "forwarding CONNECT upstream is not supported by weft yet; add connect_config: {} to terminate it"))
-            }
-            None => {}
-        }
-        u.finish()?;
-        out.push((kind, enabled));
-    }
-    Ok(out)
 }
 
 fn local_reply_config(mut l: Obj<'_>) -> Result<LocalReplyConfig> {

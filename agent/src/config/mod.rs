@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod bootstrap;
+pub mod cidr;
 pub mod cluster;
 pub mod fields;
 pub mod headers;

@@ -474,7 +474,7 @@ fn route_action(mut a: Obj<'_>) -> Result<RouteAction> {
     };
     let hash_policy = a.objects("hash_policy")?.into_iter().map(hash_policy).collect::<Result<_>>()?;
     let internal_redirect = a.object("internal_redirect_policy")?.map(internal_redirect_policy).transpose()?;
-    let upgrades = super::http_connection_manager::upgrade_configs(&mut a, true)?;
+    let upgrades = upgrade_configs(&mut a, true)?;
     let mirrors = a.objects("request_mirror_policies")?.into_iter().map(mirror_policy).collect::<Result<_>>()?;
     a.finish()?;
     Ok(RouteAction {
@@ -680,6 +680,36 @@ fn retry_policy(mut p: Obj<'_>) -> Result<RetryPolicy> {
         base_interval,
         max_interval: max_interval.unwrap_or(base_interval * 10),
     })
+}
+
+/// `upgrade_configs` of a connection manager or a route: (lowercase upgrade type, enabled). A route's CONNECT
+/// entry carries `connect_config` (weft terminates CONNECT: the tunnel's bytes go to the route's cluster).
+pub fn upgrade_configs(o: &mut Obj<'_>, route: bool) -> Result<Vec<(String, bool)>> {
+    let mut out = Vec::new();
+    for mut u in o.objects("upgrade_configs")? {
+        let kind = u.required_string("upgrade_type")?.to_ascii_lowercase();
+        let enabled = u.bool("enabled")?.unwrap_or(true);
+        if u.has("filters") {
+            return Err(ConfigError::new(u.at("filters"), "upgrade filter chains are not supported by weft yet"));
+        }
+        match u.object("connect_config")? {
+            Some(mut c) if route && kind == "connect" => {
+                if c.has("proxy_protocol_config") || c.bool("allow_post")? == Some(true) {
+                    return Err(ConfigError::new(c.path(), "only an empty connect_config is supported by weft"));
+                }
+                c.finish()?;
+            }
+            Some(_) => return Err(ConfigError::new(u.at("connect_config"), "belongs to a route's CONNECT upgrade only")),
+            // Without connect_config Envoy forwards CONNECT upstream as a request; weft only terminates it.
+            None if route && kind == "connect" && enabled => {
+                return Err(ConfigError::new(u.path(), "forwarding CONNECT upstream is not supported by weft yet; add connect_config: {} to terminate it"))
+            }
+            None => {}
+        }
+        u.finish()?;
+        out.push((kind, enabled));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
