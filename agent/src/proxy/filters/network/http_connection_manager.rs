@@ -23,6 +23,7 @@ use super::super::super::upstream::Upstream;
 use super::super::http::cors::{self, Cors};
 use super::super::http::router::{self, Matched};
 use super::super::http::{fault, local_ratelimit, local_reply};
+use super::http1_codec::{CodecError, Http1Codec, Refusals};
 use super::lifetime::{Activity, Counted};
 use crate::config::http_connection_manager::{Codec, EscapedSlashes, HostPort, HttpConnectionManager, HttpFilterKind, Routes, ServerHeader, UnderscoreHeaders};
 use crate::config::http_filters::FilterOverride;
@@ -105,34 +106,41 @@ where
     let hcm = Arc::clone(&context.hcm);
     let buffer = hcm.max_request_headers_bytes.max(MIN_HEADER_BUFFER) + 1024;
     let max_headers = hcm.max_headers_count;
+    // hyper refuses more headers than this before the connection manager sees them; the configured limit
+    // is checked per request, with Envoy's reply.
+    let parser_headers = max_headers * 2 + 100;
     let activity = Activity::new();
     let context = Arc::new(context);
     let counting = Arc::clone(&activity);
+    let refusals = Arc::new(Refusals::default());
+    let codec_refusals = Arc::clone(&refusals);
+    let http1_codec = move |io, auto| TokioIo::new(Http1Codec::new(io, auto, buffer, parser_headers, codec_refusals));
     let service = hyper::service::service_fn(move |req| {
         let context = Arc::clone(&context);
         let in_flight = counting.request();
+        let refused = refusals.next_request();
         async move {
-            let response = context.handle(req).await?;
+            let response = match refused {
+                Some(error) => context.refuse(error),
+                None => context.handle(req).await?,
+            };
             Ok::<_, Reset>(response.map(|body| Counted { body, _in_flight: in_flight }))
         }
     });
-    let io = TokioIo::new(io);
     let ended = match hcm.codec {
         Codec::Http1 => {
             let mut builder = hyper::server::conn::http1::Builder::new();
-            builder.max_buf_size(buffer).max_headers(max_headers * 2 + 100);
-            drive!(builder.serve_connection(io, service).with_upgrades(), activity, hcm).map_err(|e| e.to_string())
+            builder.max_buf_size(buffer).max_headers(parser_headers);
+            drive!(builder.serve_connection(http1_codec(io, false), service).with_upgrades(), activity, hcm).map_err(|e| e.to_string())
         }
         Codec::Http2 => {
             let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-            drive!(builder.serve_connection(io, service), activity, hcm).map_err(|e| e.to_string())
+            drive!(builder.serve_connection(TokioIo::new(io), service), activity, hcm).map_err(|e| e.to_string())
         }
         Codec::Auto => {
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            // hyper refuses more headers than this before the connection manager sees them; the
-            // configured limit is checked per request, with Envoy's reply.
-            builder.http1().max_buf_size(buffer).max_headers(max_headers * 2 + 100);
-            drive!(builder.serve_connection_with_upgrades(io, service), activity, hcm).map_err(|e| e.to_string())
+            builder.http1().max_buf_size(buffer).max_headers(parser_headers);
+            drive!(builder.serve_connection_with_upgrades(http1_codec(io, true), service), activity, hcm).map_err(|e| e.to_string())
         }
     };
     if let Err(e) = ended {
@@ -166,6 +174,14 @@ impl HttpContext {
                 }
             },
         }
+    }
+
+    /// The codec's answer to a refused request head, after which the connection closes.
+    fn refuse(&self, error: CodecError) -> Response<Body> {
+        let mut reply = local_reply::reply(error.status(), Some(error.text()), false);
+        reply.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        self.finish(reply.headers_mut());
+        reply
     }
 
     async fn respond(&self, req: Request<Incoming>) -> Result<Response<Body>, Reset> {
@@ -750,6 +766,9 @@ mod tests {
 #[cfg(test)]
 mod in_memory {
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use http_body_util::{BodyExt, Full};
     use hyper::body::Bytes;
@@ -846,6 +865,21 @@ mod in_memory {
             }
         }
         out
+    }
+
+    #[tokio::test]
+    async fn a_malformed_request_after_a_good_one_is_answered_in_order_then_the_connection_closes() {
+        let (addr, _) = upstream(0, false).await;
+        let context = proxy(addr, false, json!({"match": {"prefix": "/"}, "route": {"cluster": "web"}}));
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(serve(server, context));
+        client.write_all(b"GET /first HTTP/1.1\r\nhost: example.com\r\n\r\nPOST / HTTP/1.1\r\nhost: example.com\r\ntransfer-encoding: gzip\r\n\r\n").await.unwrap();
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_string(&mut answer)).await.unwrap().unwrap();
+        let first = answer.find("path=/first n=0").expect("the good request is answered first");
+        let refused = answer.find("HTTP/1.1 501 Not Implemented").expect("then the codec's refusal");
+        assert!(first < refused, "{answer}");
+        assert!(answer.ends_with("\r\n\r\nNot Implemented") && answer[refused..].contains("connection: close"), "{answer}");
     }
 
     #[tokio::test]

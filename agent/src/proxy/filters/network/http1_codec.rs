@@ -1,0 +1,435 @@
+//! Envoy's HTTP/1 codec rules that hyper's parser does not share, applied to the downstream byte stream
+//! before hyper reads it: malformed request heads get Envoy's local replies (400 `Bad Request`, 501 `Not
+//! Implemented` for a transfer-encoding other than chunked) instead of hyper's bodiless 400, a request with
+//! both `content-length` and `transfer-encoding` is refused rather than re-framed, and obsolete line folding
+//! is joined with a space as Envoy joins it.
+//!
+//! The stream is followed request by request (heads, then their bodies by `content-length` or chunked
+//! framing), so a bad head on a keep-alive connection is answered in order, after the responses to the
+//! requests before it: it reaches hyper as a stand-in `connection: close` request whose sequence number
+//! tells the connection manager to answer it with the codec's reply. Past an upgrade, a CONNECT, the HTTP/2
+//! preface or anything the follower cannot frame, bytes pass through untouched and hyper's own parser
+//! (stricter than none) is the only check.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, BytesMut};
+use hyper::StatusCode;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// What the codec refused, answered with Envoy's status and body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CodecError {
+    BadRequest,
+    NotImplemented,
+}
+
+impl CodecError {
+    pub fn status(self) -> StatusCode {
+        match self {
+            CodecError::BadRequest => StatusCode::BAD_REQUEST,
+            CodecError::NotImplemented => StatusCode::NOT_IMPLEMENTED,
+        }
+    }
+
+    pub fn text(self) -> &'static str {
+        match self {
+            CodecError::BadRequest => "Bad Request",
+            CodecError::NotImplemented => "Not Implemented",
+        }
+    }
+}
+
+/// Shared by the stream and the connection manager's service: which request (by its order on the
+/// connection) stands in for a refused head.
+#[derive(Default)]
+pub struct Refusals {
+    refused: OnceLock<(u64, CodecError)>,
+    served: AtomicU64,
+}
+
+impl Refusals {
+    /// Called once per request hyper hands over, in order; the codec's refusal when this is the stand-in.
+    pub fn next_request(&self) -> Option<CodecError> {
+        let n = self.served.fetch_add(1, Relaxed);
+        self.refused.get().filter(|(at, _)| *at == n).map(|(_, e)| *e)
+    }
+}
+
+/// The stand-in for a refused head: no body, and hyper closes the connection after answering it.
+const STAND_IN: &[u8] = b"GET / HTTP/1.1\r\nhost: codec.invalid\r\nconnection: close\r\n\r\n";
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Longest chunk-size or trailer line followed before the stream is left to hyper.
+const MAX_LINE: usize = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// Auto codec: the first bytes may be the HTTP/2 preface.
+    Preface,
+    Head,
+    Body(u64),
+    ChunkSize,
+    ChunkData(u64),
+    ChunkEnd,
+    Trailers,
+    /// Not followed any more: bytes pass untouched.
+    Opaque,
+    /// The stand-in was delivered; nothing more is read.
+    Refused,
+}
+
+/// The downstream stream as hyper reads it.
+pub struct Http1Codec<IO> {
+    io: IO,
+    /// Bytes read from `io`: the first `checked` are ready for hyper, the rest not yet followed.
+    buf: BytesMut,
+    checked: usize,
+    framing: Framing,
+    eof: bool,
+    heads: u64,
+    max_head: usize,
+    max_headers: usize,
+    refusals: Arc<Refusals>,
+}
+
+impl<IO> Http1Codec<IO> {
+    /// `auto`: the connection may be HTTP/2 with prior knowledge. Heads over `max_head` bytes or with more
+    /// than `max_headers` headers are left to hyper's limits.
+    pub fn new(io: IO, auto: bool, max_head: usize, max_headers: usize, refusals: Arc<Refusals>) -> Self {
+        let framing = if auto { Framing::Preface } else { Framing::Head };
+        Http1Codec { io, buf: BytesMut::new(), checked: 0, framing, eof: false, heads: 0, max_head, max_headers, refusals }
+    }
+
+    /// Follows the unchecked input as far as it is complete.
+    fn follow(&mut self) {
+        while self.step() {}
+    }
+
+    /// One step of following the stream; false when more input is needed (or nothing is followed).
+    fn step(&mut self) -> bool {
+        let rest = &self.buf[self.checked..];
+        match self.framing {
+            Framing::Opaque => {
+                self.checked = self.buf.len();
+                false
+            }
+            Framing::Refused => false,
+            Framing::Preface => {
+                let undecided = rest.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(rest);
+                if !undecided {
+                    self.framing = if rest.starts_with(H2_PREFACE) { Framing::Opaque } else { Framing::Head };
+                }
+                !undecided
+            }
+            Framing::Head => self.head(),
+            Framing::Body(n) | Framing::ChunkData(n) => {
+                let take = (rest.len() as u64).min(n);
+                self.checked += take as usize;
+                self.framing = match (self.framing, n - take) {
+                    (Framing::Body(_), 0) => Framing::Head,
+                    (Framing::Body(_), left) => Framing::Body(left),
+                    (_, 0) => Framing::ChunkEnd,
+                    (_, left) => Framing::ChunkData(left),
+                };
+                take > 0
+            }
+            Framing::ChunkSize | Framing::ChunkEnd | Framing::Trailers => {
+                let Some((len, text)) = line(rest) else {
+                    // A line longer than any framing line: the stream is not followed further.
+                    if rest.len() > MAX_LINE {
+                        self.framing = Framing::Opaque;
+                        return true;
+                    }
+                    return false;
+                };
+                self.framing = match self.framing {
+                    Framing::ChunkSize => match chunk_size(text) {
+                        Some(0) => Framing::Trailers,
+                        Some(n) => Framing::ChunkData(n),
+                        None => Framing::Opaque,
+                    },
+                    Framing::ChunkEnd if text.is_empty() => Framing::ChunkSize,
+                    Framing::Trailers if text.is_empty() => Framing::Head,
+                    Framing::Trailers => Framing::Trailers,
+                    _ => Framing::Opaque,
+                };
+                self.checked += len;
+                true
+            }
+        }
+    }
+
+    /// Checks the request head at `checked`, once complete; false when more input is needed.
+    fn head(&mut self) -> bool {
+        // Empty lines before a request line are skipped by hyper and Envoy alike.
+        let rest = &self.buf[self.checked..];
+        let blank = rest.iter().take_while(|b| **b == b'\r' || **b == b'\n').count();
+        let Some(end) = head_end(&rest[blank..]) else {
+            if rest.len() > self.max_head {
+                self.framing = Framing::Opaque;
+                return true;
+            }
+            return false;
+        };
+        let head_start = self.checked + blank;
+        let head = &self.buf[head_start..head_start + end];
+        let unfolded = unfold(head);
+        let verdict = check(unfolded.as_deref().unwrap_or(head), self.max_headers);
+        self.heads += 1;
+        match verdict {
+            Ok(next) => {
+                if let Some(unfolded) = unfolded {
+                    self.replace(head_start, end, &unfolded);
+                    self.checked = head_start + unfolded.len();
+                } else {
+                    self.checked = head_start + end;
+                }
+                self.framing = next;
+            }
+            Err(error) => {
+                let _ = self.refusals.refused.set((self.heads - 1, error));
+                self.buf.truncate(self.checked);
+                self.buf.extend_from_slice(STAND_IN);
+                self.checked = self.buf.len();
+                self.framing = Framing::Refused;
+            }
+        }
+        true
+    }
+
+    /// Replaces `len` bytes at `at` with `with`.
+    fn replace(&mut self, at: usize, len: usize, with: &[u8]) {
+        let tail = self.buf.split_off(at + len);
+        self.buf.truncate(at);
+        self.buf.extend_from_slice(with);
+        self.buf.unsplit(tail);
+    }
+}
+
+/// The length of a request head (through its empty line), once it is complete.
+fn head_end(bytes: &[u8]) -> Option<usize> {
+    let mut at = 0;
+    while let Some(nl) = bytes[at..].iter().position(|b| *b == b'\n') {
+        let line = &bytes[at..at + nl];
+        at += nl + 1;
+        if line.is_empty() || line == b"\r" {
+            return Some(at);
+        }
+    }
+    None
+}
+
+/// One line (without its line ending) and its length with it.
+fn line(bytes: &[u8]) -> Option<(usize, &[u8])> {
+    let nl = bytes.iter().position(|b| *b == b'\n')?;
+    let text = &bytes[..nl];
+    Some((nl + 1, text.strip_suffix(b"\r").unwrap_or(text)))
+}
+
+/// A chunk size line: hex digits, optionally followed by extensions.
+fn chunk_size(text: &[u8]) -> Option<u64> {
+    let digits = text.split(|b| *b == b';').next()?;
+    let digits = std::str::from_utf8(digits).ok()?.trim_matches([' ', '\t']);
+    u64::from_str_radix(digits, 16).ok()
+}
+
+/// The head with obsolete line folding (a header line continued on lines starting with a space or tab)
+/// joined by single spaces, as Envoy joins it; None when it has none.
+fn unfold(head: &[u8]) -> Option<Vec<u8>> {
+    let folded = head.windows(2).skip(1).any(|w| w[0] == b'\n' && (w[1] == b' ' || w[1] == b'\t'));
+    if !folded {
+        return None;
+    }
+    let mut out = Vec::with_capacity(head.len());
+    let mut lines = head.split_inclusive(|b| *b == b'\n');
+    out.extend_from_slice(lines.next()?);
+    for line in lines {
+        if line.first().is_some_and(|b| *b == b' ' || *b == b'\t') && line.iter().any(|b| !b.is_ascii_whitespace()) {
+            while out.last().is_some_and(|b| b.is_ascii_whitespace()) {
+                out.pop();
+            }
+            out.push(b' ');
+            out.extend(line.iter().skip_while(|b| **b == b' ' || **b == b'\t'));
+        } else {
+            out.extend_from_slice(line);
+        }
+    }
+    Some(out)
+}
+
+/// Envoy's verdict on a complete head: how the request's body is framed, or the codec's refusal.
+fn check(head: &[u8], max_headers: usize) -> Result<Framing, CodecError> {
+    let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
+    let mut request = httparse::Request::new(&mut headers);
+    match request.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        // Over the header count limit: left to the connection manager's 431.
+        Err(httparse::Error::TooManyHeaders) => return Ok(Framing::Opaque),
+        Ok(httparse::Status::Partial) | Err(_) => return Err(CodecError::BadRequest),
+    }
+    let mut length: Option<&[u8]> = None;
+    let mut chunked = false;
+    let mut upgrade = request.method == Some("CONNECT");
+    for h in request.headers.iter() {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            // Envoy's codec knows one transfer coding.
+            if !h.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                return Err(CodecError::NotImplemented);
+            }
+            chunked = true;
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            let value = h.value.trim_ascii();
+            if value.is_empty() || !value.iter().all(u8::is_ascii_digit) || length.is_some_and(|l| l != value) {
+                return Err(CodecError::BadRequest);
+            }
+            length = Some(value);
+        } else if h.name.eq_ignore_ascii_case("upgrade") {
+            upgrade = true;
+        }
+    }
+    if chunked && length.is_some() {
+        return Err(CodecError::BadRequest);
+    }
+    if upgrade {
+        return Ok(Framing::Opaque);
+    }
+    if chunked {
+        return Ok(Framing::ChunkSize);
+    }
+    let length = match length {
+        None => 0,
+        Some(digits) => std::str::from_utf8(digits).ok().and_then(|d| d.parse::<u64>().ok()).ok_or(CodecError::BadRequest)?,
+    };
+    Ok(if length == 0 { Framing::Head } else { Framing::Body(length) })
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Http1Codec<IO> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, out: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.checked > 0 {
+                let n = this.checked.min(out.remaining());
+                out.put_slice(&this.buf[..n]);
+                this.buf.advance(n);
+                this.checked -= n;
+                return Poll::Ready(Ok(()));
+            }
+            match this.framing {
+                // Nothing follows the stand-in: hyper answers it and closes (an end of stream here would
+                // make hyper drop the connection before answering).
+                Framing::Refused => return Poll::Pending,
+                // Passing through with nothing buffered: hyper reads the stream directly.
+                Framing::Opaque if this.buf.is_empty() => return Pin::new(&mut this.io).poll_read(cx, out),
+                _ => {}
+            }
+            if this.eof {
+                // Whatever is left incomplete is hyper's to refuse.
+                this.checked = this.buf.len();
+                if this.checked == 0 {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            this.buf.reserve(8192);
+            if ready!(tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.buf))? == 0 {
+                this.eof = true;
+            }
+            this.follow();
+        }
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Http1Codec<IO> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// What hyper reads when the client sends `input` in pieces of `piece` bytes, and the refusal recorded.
+    async fn through(input: &[u8], piece: usize, auto: bool) -> (String, Option<(u64, CodecError)>) {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let refusals = Arc::new(Refusals::default());
+        let mut codec = Http1Codec::new(server, auto, 8192, 100, Arc::clone(&refusals));
+        for chunk in input.chunks(piece) {
+            client.write_all(chunk).await.unwrap();
+        }
+        drop(client);
+        let mut out = Vec::new();
+        // A refused stream never ends for hyper: read until nothing more comes.
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(200), codec.read_to_end(&mut out)).await;
+        (String::from_utf8_lossy(&out).into_owned(), refusals.refused.get().copied())
+    }
+
+    const PIPELINED: &str = "POST /a HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nGET /bPOST /c HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n0\r\ntrailer: t\r\n\r\nGET /d HTTP/1.1\r\nhost: x\r\n\r\n";
+
+    #[tokio::test]
+    async fn valid_requests_pass_unchanged_however_they_are_split() {
+        for piece in [1, 2, 7, 64, 4096] {
+            assert_eq!(through(PIPELINED.as_bytes(), piece, true).await, (PIPELINED.to_string(), None), "pieces of {piece}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bad_head_after_good_requests_becomes_the_stand_in_at_its_place() {
+        let input = format!("{PIPELINED}GET /e HTTP/1.1\r\nbad header: x\r\n\r\nGET /f HTTP/1.1\r\n\r\n");
+        let (out, refused) = through(input.as_bytes(), 3, false).await;
+        assert_eq!(out, format!("{PIPELINED}{}", std::str::from_utf8(STAND_IN).unwrap()));
+        assert_eq!(refused, Some((3, CodecError::BadRequest)));
+    }
+
+    #[tokio::test]
+    async fn framing_refusals_are_envoys() {
+        let cases: [(&str, CodecError); 5] = [
+            ("THIS IS NOT HTTP\r\n\r\n", CodecError::BadRequest),
+            ("POST / HTTP/1.1\r\ntransfer-encoding: gzip\r\n\r\n", CodecError::NotImplemented),
+            ("POST / HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n", CodecError::BadRequest),
+            ("POST / HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n", CodecError::BadRequest),
+            ("POST / HTTP/1.1\r\ncontent-length: -1\r\n\r\n", CodecError::BadRequest),
+        ];
+        for (input, error) in cases {
+            assert_eq!(through(input.as_bytes(), 5, false).await.1, Some((0, error)), "{input:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn folded_header_lines_are_joined_with_a_space() {
+        let (out, refused) = through(b"GET / HTTP/1.1\r\nx-folded: one\r\n \t two\r\nhost: x\r\n\r\n", 4, false).await;
+        assert_eq!((out.as_str(), refused), ("GET / HTTP/1.1\r\nx-folded: one two\r\nhost: x\r\n\r\n", None));
+    }
+
+    #[tokio::test]
+    async fn http2_upgrades_and_unframeable_bodies_pass_through() {
+        let h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00bad header: x\r\n\r\n";
+        assert_eq!(through(h2, 3, true).await, (String::from_utf8_lossy(h2).into_owned(), None));
+        let upgrade = "GET /ws HTTP/1.1\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\nnot http at all\r\n\r\n";
+        assert_eq!(through(upgrade.as_bytes(), 9, false).await, (upgrade.to_string(), None));
+        let bad_chunk = "POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nbad header: x\r\n\r\n";
+        assert_eq!(through(bad_chunk.as_bytes(), 9, false).await, (bad_chunk.to_string(), None));
+    }
+}
