@@ -1104,7 +1104,7 @@ fn distribution(answers: &[Observed]) -> BTreeMap<String, f64> {
 fn shorten(s: &str) -> String {
     let one_line = s.replace('\n', "\\n").replace('\r', "\\r");
     if one_line.chars().count() > 160 {
-        format!("{}…", one_line.chars().take(160).collect::<String>())
+        format!("{}…", one_line.chars().take(600).collect::<String>())
     } else {
         one_line
     }

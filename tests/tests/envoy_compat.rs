@@ -293,8 +293,8 @@ fn unimplemented_fields_are_refused_by_path() {
             "static_resources.clusters[1].lb_subset_config",
         ),
         (
-            base.replace("route: {cluster: web}", "route: {cluster: web, idle_timeout: 5s}"),
-            "static_resources.listeners[1].filter_chains[0].filters[0].typed_config.route_config.virtual_hosts[0].routes[2].route.idle_timeout",
+            base.replace("route: {cluster: web}", "route: {cluster: web, rate_limits: [{actions: [{remote_address: {}}]}]}"),
+            "static_resources.listeners[1].filter_chains[0].filters[0].typed_config.route_config.virtual_hosts[0].routes[2].route.rate_limits",
         ),
         (
             base.replace("    lb_policy: ROUND_ROBIN", "    lb_policy: ROUND_ROBIN\n    upstream_connection_options: {tcp_keepalive: {keepalive_time: 30}}"),

@@ -36,9 +36,19 @@ pub struct HttpConnectionManager {
     /// `common_http_protocol_options.max_connection_duration`: connections are closed gracefully after it.
     pub max_connection_duration: Option<Duration>,
     pub headers_with_underscores: UnderscoreHeaders,
-    /// `stream_idle_timeout` (default 5 min; `None`: never): a request without its response headers after
-    /// this long gets 504 `stream timeout`.
+    /// `stream_idle_timeout` (default 5 min; `None`: never): a stream without activity (request or response
+    /// data) this long ends: `stream timeout` (408 while the request is incomplete, else 504) before the
+    /// response starts, a reset after.
     pub stream_idle_timeout: Option<Duration>,
+    /// `request_timeout`: a request not received completely this long after it started gets 408
+    /// `request timeout` (unless its response has started).
+    pub request_timeout: Option<Duration>,
+    /// `request_headers_timeout`: an HTTP/1 connection whose request head does not arrive completely this
+    /// long after it began is closed.
+    pub request_headers_timeout: Option<Duration>,
+    /// `common_http_protocol_options.max_stream_duration`: a stream lasting longer ends (408 `downstream
+    /// duration timeout` before the response starts, a reset after), unless its route says otherwise.
+    pub max_stream_duration: Option<Duration>,
     /// `internal_address_config.cidr_ranges`: clients in these ranges are internal (none by default).
     pub internal_ranges: Vec<CidrRange>,
     pub always_set_request_id_in_response: bool,
@@ -243,15 +253,17 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
         (true, true) => return Err(ConfigError::new(h.at("strip_any_host_port"), "cannot be combined with strip_matching_host_port")),
     };
     let stream_idle_timeout = h.timeout("stream_idle_timeout", Some(Duration::from_secs(300)))?;
-    // A timeout weft does not enforce yet is refused unless it disables the timeout.
-    only_disabled(&mut h, "request_timeout")?;
+    let request_timeout = h.timeout("request_timeout", None)?;
+    let request_headers_timeout = h.timeout("request_headers_timeout", None)?;
     let mut max_headers_count = 100;
     let mut idle_timeout = Some(Duration::from_secs(3600));
     let mut max_connection_duration = None;
+    let mut max_stream_duration = None;
     let mut headers_with_underscores = UnderscoreHeaders::Allow;
     if let Some(mut common) = h.object("common_http_protocol_options")? {
         idle_timeout = common.timeout("idle_timeout", idle_timeout)?;
         max_connection_duration = common.timeout("max_connection_duration", None)?;
+        max_stream_duration = common.timeout("max_stream_duration", None)?;
         max_headers_count = common.u64("max_headers_count")?.map_or(100, |n| n.clamp(1, 10_000) as usize);
         headers_with_underscores = match common.string("headers_with_underscores_action")?.unwrap_or("ALLOW") {
             "ALLOW" => UnderscoreHeaders::Allow,
@@ -287,6 +299,9 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
         max_connection_duration,
         headers_with_underscores,
         stream_idle_timeout,
+        request_timeout,
+        request_headers_timeout,
+        max_stream_duration,
         internal_ranges,
         always_set_request_id_in_response,
         generate_request_id,
@@ -395,13 +410,6 @@ fn body_format(mut b: Obj<'_>) -> Result<BodyFormat> {
     }
     b.finish()?;
     Ok(format)
-}
-
-fn only_disabled(o: &mut Obj<'_>, key: &str) -> Result<()> {
-    match o.duration(key)? {
-        Some(t) if !t.is_zero() => Err(ConfigError::new(o.at(key), "is not enforced by weft yet; remove it or set 0s")),
-        _ => Ok(()),
-    }
 }
 
 fn routes(h: &mut Obj<'_>) -> Result<Routes> {

@@ -85,6 +85,29 @@ pub enum Action {
     DirectResponse { status: u16, body: Option<String> },
 }
 
+/// A route's setting for a timer the connection manager also configures.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub enum TimerOverride {
+    /// `0s`: no timer for this route, whatever the connection manager says.
+    Disabled,
+    After(Duration),
+}
+
+/// `max_stream_duration` of a route: its own limit (`max_stream_duration`), and for requests carrying
+/// `grpc-timeout` when `grpc_timeout_header_max` is set, that deadline instead.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct StreamDuration {
+    pub max: Option<TimerOverride>,
+    pub grpc_header: Option<GrpcTimeout>,
+}
+
+/// A gRPC request's `grpc-timeout`, capped at `max` (`ZERO`: uncapped), less `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct GrpcTimeout {
+    pub max: Duration,
+    pub offset: Duration,
+}
+
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct RouteAction {
     pub cluster: ClusterSpecifier,
@@ -95,9 +118,15 @@ pub struct RouteAction {
     pub host_rewrite: Option<HostRewrite>,
     /// `None`: disabled (`0s`); Envoy's default is 15s.
     pub timeout: Option<Duration>,
-    /// `max_stream_duration.grpc_timeout_header_max`: a gRPC request's `grpc-timeout` becomes its timeout,
-    /// capped at this (`Some(ZERO)`: uncapped), less `grpc_timeout_header_offset`.
-    pub grpc_timeout: Option<(Duration, Duration)>,
+    /// `idle_timeout`: the stream idle timeout once this route is chosen, over the connection manager's.
+    pub idle_timeout: Option<TimerOverride>,
+    /// `max_stream_duration`: how long the whole stream may last once this route is chosen. Present, it
+    /// puts the route on Envoy's "new timeouts": the router's `timeout` and `max_grpc_timeout` no longer
+    /// apply.
+    pub stream_duration: Option<StreamDuration>,
+    /// The deprecated `max_grpc_timeout` and `grpc_timeout_offset` (what istiod emits): a gRPC request's
+    /// `grpc-timeout` becomes the router's timeout, capped at the maximum (`ZERO`: uncapped).
+    pub max_grpc_timeout: Option<GrpcTimeout>,
     pub retry_policy: Option<RetryPolicy>,
     /// How RING_HASH and MAGLEV clusters hash the request.
     pub hash_policy: Vec<HashPolicy>,
@@ -460,18 +489,20 @@ fn route_action(mut a: Obj<'_>) -> Result<RouteAction> {
     }
     let timeout = a.timeout("timeout", Some(DEFAULT_TIMEOUT))?;
     let retry_policy = a.object("retry_policy")?.map(retry_policy).transpose()?;
-    let grpc_timeout = match a.object("max_stream_duration")? {
+    let idle_timeout = timer_override(&mut a, "idle_timeout")?;
+    let stream_duration = match a.object("max_stream_duration")? {
         Some(mut m) => {
-            if m.duration("max_stream_duration")?.is_some_and(|d| !d.is_zero()) {
-                return Err(ConfigError::new(m.at("max_stream_duration"), "is not enforced by weft yet; remove it or set 0s"));
-            }
-            let max = m.duration("grpc_timeout_header_max")?;
+            let max = timer_override(&mut m, "max_stream_duration")?;
+            let header_max = m.duration("grpc_timeout_header_max")?;
             let offset = m.duration("grpc_timeout_header_offset")?.unwrap_or_default();
             m.finish()?;
-            max.map(|max| (max, offset))
+            Some(StreamDuration { max, grpc_header: header_max.map(|max| GrpcTimeout { max, offset }) })
         }
         None => None,
     };
+    let max_grpc_timeout = a.duration("max_grpc_timeout")?;
+    let grpc_offset = a.duration("grpc_timeout_offset")?.unwrap_or_default();
+    let max_grpc_timeout = max_grpc_timeout.map(|max| GrpcTimeout { max, offset: grpc_offset });
     let hash_policy = a.objects("hash_policy")?.into_iter().map(hash_policy).collect::<Result<_>>()?;
     let internal_redirect = a.object("internal_redirect_policy")?.map(internal_redirect_policy).transpose()?;
     let upgrades = upgrade_configs(&mut a, true)?;
@@ -484,13 +515,20 @@ fn route_action(mut a: Obj<'_>) -> Result<RouteAction> {
         regex_rewrite,
         host_rewrite,
         timeout,
-        grpc_timeout,
+        idle_timeout,
+        stream_duration,
+        max_grpc_timeout,
         retry_policy,
         hash_policy,
         internal_redirect,
         upgrades,
         mirrors,
     })
+}
+
+/// A timer a route sets over the connection manager's: absent, `0s` (disabled) or a duration.
+fn timer_override(o: &mut Obj<'_>, key: &str) -> Result<Option<TimerOverride>> {
+    Ok(o.duration(key)?.map(|d| if d.is_zero() { TimerOverride::Disabled } else { TimerOverride::After(d) }))
 }
 
 fn mirror_policy(mut m: Obj<'_>) -> Result<MirrorPolicy> {
@@ -738,7 +776,7 @@ mod tests {
 
     #[test]
     fn route_errors_name_the_field() {
-        let v = json!({"virtual_hosts": [{"name": "a", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "c", "max_stream_duration": {"max_stream_duration": "5s"}}}]}]});
+        let v = json!({"virtual_hosts": [{"name": "a", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "c", "max_stream_duration": {"max_stream_duration": "5m"}}}]}]});
         let err = translate(Obj::new(&v, "rc").unwrap()).unwrap_err();
         assert_eq!(err.path, "rc.virtual_hosts[0].routes[0].route.max_stream_duration.max_stream_duration");
         let v = json!({"virtual_hosts": [{"name": "a", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"weighted_clusters": {"clusters": [{"name": "a", "weight": 1}], "total_weight": 5}}}]}]});

@@ -3,6 +3,7 @@
 //! tested in memory.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
@@ -115,6 +116,32 @@ fn query_value<'a>(path_and_query: &'a str, name: &str) -> Option<&'a str> {
 
 pub fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(hyper::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// A request's `grpc-timeout` (at most 8 digits and a unit: H, M, S, m, u, n).
+pub fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok().filter(|_| (1..=8).contains(&digits.len()))?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// A `grpc-timeout` value for `timeout`, as Envoy writes it: milliseconds, or a larger unit when the
+/// number would exceed 8 digits.
+pub fn grpc_timeout_value(timeout: Duration) -> HeaderValue {
+    const MAX: u128 = 99_999_999;
+    let ms = timeout.as_millis();
+    let units = [(ms, 'm'), (ms / 1000, 'S'), (ms / 60_000, 'M'), (ms / 3_600_000, 'H')];
+    let (value, unit) = units.into_iter().find(|(v, _)| *v <= MAX).unwrap_or((MAX, 'H'));
+    HeaderValue::from_str(&format!("{value}{unit}")).unwrap_or(HeaderValue::from_static("99999999H"))
 }
 
 /// Applies one level's request changes: removals first, then additions, as Envoy's header parser does.

@@ -28,7 +28,7 @@ use super::local_reply;
 use crate::config::cluster::{Cluster, Discovery};
 use crate::config::headers::HeaderOps;
 use crate::config::matcher::HeaderMatcher;
-use crate::config::route::{ClusterSpecifier, HashKey, HashPolicy, HostRewrite, MirrorPolicy, RetryOn, Route, RouteAction, RouteConfiguration, VirtualHost};
+use crate::config::route::{ClusterSpecifier, GrpcTimeout, HashKey, HashPolicy, HostRewrite, MirrorPolicy, RetryOn, Route, RouteAction, RouteConfiguration, VirtualHost};
 
 /// Hop-by-hop headers: they describe one connection and are never forwarded (`te: trailers` excepted).
 const HOP_BY_HOP: [&str; 6] = ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "te"];
@@ -371,30 +371,25 @@ struct Attempts {
     host_attempts: u32,
     base_interval: Duration,
     max_interval: Duration,
-    /// The timeout is the gRPC request's own deadline (`grpc-timeout`): its expiry is Envoy's
-    /// DEADLINE_EXCEEDED "downstream duration timeout", not an upstream timeout.
-    stream_deadline: bool,
+    /// Under `max_grpc_timeout`, upstream requests carry the expected timeout as their `grpc-timeout`.
+    grpc_timeout_follows: bool,
     /// `x-envoy-attempt-count` on upstream requests and on the response.
     count_to_upstream: bool,
     count_to_response: bool,
 }
 
-/// gRPC's `grpc-timeout` (digits and a unit: H, M, S, m, u, n).
-fn grpc_timeout(value: &str) -> Option<Duration> {
-    if !value.is_ascii() {
-        return None;
+/// The router's timeout for a gRPC request under the deprecated `max_grpc_timeout`, as Envoy computes it:
+/// the request's `grpc-timeout` less the offset (unless that leaves nothing), capped at the maximum when
+/// one is set; `None` (no timeout) when neither gives one.
+fn grpc_router_timeout(asked: Option<Duration>, limit: GrpcTimeout) -> Option<Duration> {
+    let mut timeout = asked.unwrap_or_default();
+    if limit.offset < timeout {
+        timeout -= limit.offset;
     }
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    let n: u64 = digits.parse().ok().filter(|_| (1..=8).contains(&digits.len()))?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
+    if !limit.max.is_zero() && (timeout.is_zero() || timeout > limit.max) {
+        timeout = limit.max;
+    }
+    (!timeout.is_zero()).then_some(timeout)
 }
 
 fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
@@ -404,18 +399,16 @@ fn header_u64(headers: &HeaderMap, name: &str) -> Option<u64> {
 impl Attempts {
     fn new(headers: &mut HeaderMap, action: &RouteAction, virtual_host: &VirtualHost) -> Attempts {
         let policy = action.retry_policy.as_ref().or(virtual_host.retry_policy.as_ref());
-        let grpc_timeout = action.grpc_timeout.filter(|_| route::is_grpc(headers)).and_then(|(max, offset)| {
-            let asked = headers.get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(grpc_timeout)?;
-            let capped = if max.is_zero() { asked } else { asked.min(max) };
-            Some(if offset < capped { capped - offset } else { capped })
-        });
-        let timeout = match (header_u64(headers, "x-envoy-upstream-rq-timeout-ms"), grpc_timeout) {
+        // Envoy's router: a route with `max_stream_duration` has no timeout of its own (the stream's
+        // duration limits it); a gRPC request under `max_grpc_timeout` takes its own deadline.
+        let legacy_grpc = action.max_grpc_timeout.filter(|_| action.stream_duration.is_none() && route::is_grpc(headers));
+        let timeout = match (header_u64(headers, "x-envoy-upstream-rq-timeout-ms"), legacy_grpc) {
             (Some(0), _) => None,
             (Some(ms), _) => Some(Duration::from_millis(ms)),
-            (None, Some(t)) => (!t.is_zero()).then_some(t),
+            (None, Some(limit)) => grpc_router_timeout(route::grpc_timeout(headers), limit),
+            (None, None) if action.stream_duration.is_some() => None,
             (None, None) => action.timeout,
         };
-        let stream_deadline = grpc_timeout.is_some() && header_u64(headers, "x-envoy-upstream-rq-timeout-ms").is_none();
         let per_try_timeout = header_u64(headers, "x-envoy-upstream-rq-per-try-timeout-ms")
             .filter(|ms| *ms > 0)
             .map(Duration::from_millis)
@@ -444,7 +437,7 @@ impl Attempts {
             host_attempts: policy.map_or(1, |p| p.host_selection_max_attempts),
             base_interval: policy.map_or(Duration::from_millis(25), |p| p.base_interval),
             max_interval: policy.map_or(Duration::from_millis(250), |p| p.max_interval),
-            stream_deadline,
+            grpc_timeout_follows: legacy_grpc.is_some(),
             count_to_upstream: virtual_host.include_request_attempt_count,
             count_to_response: virtual_host.include_attempt_count_in_response,
         }
@@ -488,7 +481,6 @@ impl Attempts {
             None => attempt.await,
             Some(at) => match tokio::time::timeout_at(at, attempt).await {
                 Ok(answered) => answered,
-                Err(_) if self.stream_deadline => (local_reply::grpc_code(4, "downstream duration timeout"), None),
                 Err(_) => (local_reply::reply(StatusCode::GATEWAY_TIMEOUT, Some("upstream request timeout"), grpc), None),
             },
         };
@@ -544,7 +536,10 @@ impl Attempts {
                 (None, None) => body::empty(),
             };
             let attempt = attempts.fetch_add(1, Relaxed) + 1;
-            let request = template.request(body, expected, self.count_to_upstream.then_some(attempt), Some(endpoint));
+            let mut request = template.request(body, expected, self.count_to_upstream.then_some(attempt), Some(endpoint));
+            if let Some(t) = expected.filter(|_| self.grpc_timeout_follows) {
+                request.headers_mut().insert("grpc-timeout", route::grpc_timeout_value(t));
+            }
             let result = {
                 let _retry = (n > 0).then(|| Counted::new(&runtime.active_retries));
                 let _in_flight = runtime.start(endpoint);

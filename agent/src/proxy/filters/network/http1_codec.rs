@@ -11,20 +11,25 @@
 //! preface or anything the follower cannot frame, bytes pass through untouched and hyper's own parser
 //! (stricter than none) is the only check.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
 use hyper::StatusCode;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
 
 /// What the codec refused, answered with Envoy's status and body.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CodecError {
     BadRequest,
     NotImplemented,
+    /// `request_headers_timeout` expired before the head was complete.
+    HeaderTimeout,
 }
 
 impl CodecError {
@@ -32,6 +37,7 @@ impl CodecError {
         match self {
             CodecError::BadRequest => StatusCode::BAD_REQUEST,
             CodecError::NotImplemented => StatusCode::NOT_IMPLEMENTED,
+            CodecError::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -39,6 +45,7 @@ impl CodecError {
         match self {
             CodecError::BadRequest => "Bad Request",
             CodecError::NotImplemented => "Not Implemented",
+            CodecError::HeaderTimeout => "request header timeout",
         }
     }
 }
@@ -83,6 +90,17 @@ enum Framing {
     Refused,
 }
 
+/// The connection manager's limits on request heads.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadLimits {
+    /// Heads over this many bytes, or with more headers than `max_headers`, are left to hyper's limits.
+    pub max_bytes: usize,
+    pub max_headers: usize,
+    /// `request_headers_timeout`: a head must be complete this long after its first byte, or the
+    /// connection is closed.
+    pub timeout: Option<Duration>,
+}
+
 /// The downstream stream as hyper reads it.
 pub struct Http1Codec<IO> {
     io: IO,
@@ -92,17 +110,44 @@ pub struct Http1Codec<IO> {
     framing: Framing,
     eof: bool,
     heads: u64,
-    max_head: usize,
-    max_headers: usize,
+    limits: HeadLimits,
+    /// Armed by the first byte of a request head, while `limits.timeout` is set.
+    head_deadline: Option<Pin<Box<Sleep>>>,
     refusals: Arc<Refusals>,
 }
 
 impl<IO> Http1Codec<IO> {
-    /// `auto`: the connection may be HTTP/2 with prior knowledge. Heads over `max_head` bytes or with more
-    /// than `max_headers` headers are left to hyper's limits.
-    pub fn new(io: IO, auto: bool, max_head: usize, max_headers: usize, refusals: Arc<Refusals>) -> Self {
+    /// `auto`: the connection may be HTTP/2 with prior knowledge.
+    pub fn new(io: IO, auto: bool, limits: HeadLimits, refusals: Arc<Refusals>) -> Self {
         let framing = if auto { Framing::Preface } else { Framing::Head };
-        Http1Codec { io, buf: BytesMut::new(), checked: 0, framing, eof: false, heads: 0, max_head, max_headers, refusals }
+        Http1Codec { io, buf: BytesMut::new(), checked: 0, framing, eof: false, heads: 0, limits, head_deadline: None, refusals }
+    }
+
+    /// Arms the head timer when a head has begun and is not complete, disarms it otherwise; once it has
+    /// expired, the head is refused (true).
+    fn poll_head_timer(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(timeout) = self.limits.timeout else { return false };
+        let partial = matches!(self.framing, Framing::Head | Framing::Preface) && self.buf.len() > self.checked;
+        if !partial {
+            self.head_deadline = None;
+            return false;
+        }
+        let deadline = self.head_deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if deadline.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        self.refuse(CodecError::HeaderTimeout);
+        true
+    }
+
+    /// Replaces everything from the current head on with the stand-in for `error`.
+    fn refuse(&mut self, error: CodecError) {
+        let _ = self.refusals.refused.set((self.heads, error));
+        self.heads += 1;
+        self.buf.truncate(self.checked);
+        self.buf.extend_from_slice(STAND_IN);
+        self.checked = self.buf.len();
+        self.framing = Framing::Refused;
     }
 
     /// Follows the unchecked input as far as it is complete.
@@ -170,8 +215,15 @@ impl<IO> Http1Codec<IO> {
         let rest = &self.buf[self.checked..];
         let blank = rest.iter().take_while(|b| **b == b'\r' || **b == b'\n').count();
         let Some(end) = head_end(&rest[blank..]) else {
-            if rest.len() > self.max_head {
+            if rest.len() > self.limits.max_bytes {
                 self.framing = Framing::Opaque;
+                return true;
+            }
+            // Refused at the first byte that cannot start a request, as Envoy's parser refuses it (a TLS
+            // handshake sent in plaintext gets its 400 at once, not when a head never completes).
+            let partial = &rest[blank..];
+            if !partial.is_empty() && !could_be_head(unfold(partial).as_deref().unwrap_or(partial), self.limits.max_headers) {
+                self.refuse(CodecError::BadRequest);
                 return true;
             }
             return false;
@@ -179,10 +231,10 @@ impl<IO> Http1Codec<IO> {
         let head_start = self.checked + blank;
         let head = &self.buf[head_start..head_start + end];
         let unfolded = unfold(head);
-        let verdict = check(unfolded.as_deref().unwrap_or(head), self.max_headers);
-        self.heads += 1;
-        match verdict {
+        match check(unfolded.as_deref().unwrap_or(head), self.limits.max_headers) {
             Ok(next) => {
+                self.heads += 1;
+                self.head_deadline = None;
                 if let Some(unfolded) = unfolded {
                     self.replace(head_start, end, &unfolded);
                     self.checked = head_start + unfolded.len();
@@ -191,13 +243,7 @@ impl<IO> Http1Codec<IO> {
                 }
                 self.framing = next;
             }
-            Err(error) => {
-                let _ = self.refusals.refused.set((self.heads - 1, error));
-                self.buf.truncate(self.checked);
-                self.buf.extend_from_slice(STAND_IN);
-                self.checked = self.buf.len();
-                self.framing = Framing::Refused;
-            }
+            Err(error) => self.refuse(error),
         }
         true
     }
@@ -260,6 +306,12 @@ fn unfold(head: &[u8]) -> Option<Vec<u8>> {
         }
     }
     Some(out)
+}
+
+/// Whether the start of a head can still become a valid one.
+fn could_be_head(partial: &[u8], max_headers: usize) -> bool {
+    let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
+    !matches!(httparse::Request::new(&mut headers).parse(partial), Err(e) if e != httparse::Error::TooManyHeaders)
 }
 
 /// Envoy's verdict on a complete head: how the request's body is framed, or the codec's refusal.
@@ -336,7 +388,11 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Http1Codec<IO> {
                 continue;
             }
             this.buf.reserve(8192);
-            if ready!(tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.buf))? == 0 {
+            let read = tokio_util::io::poll_read_buf(Pin::new(&mut this.io), cx, &mut this.buf);
+            if read.is_pending() && this.poll_head_timer(cx) {
+                continue;
+            }
+            if ready!(read)? == 0 {
                 this.eof = true;
             }
             this.follow();
@@ -375,7 +431,8 @@ mod tests {
     async fn through(input: &[u8], piece: usize, auto: bool) -> (String, Option<(u64, CodecError)>) {
         let (mut client, server) = tokio::io::duplex(1 << 16);
         let refusals = Arc::new(Refusals::default());
-        let mut codec = Http1Codec::new(server, auto, 8192, 100, Arc::clone(&refusals));
+        let limits = HeadLimits { max_bytes: 8192, max_headers: 100, timeout: None };
+        let mut codec = Http1Codec::new(server, auto, limits, Arc::clone(&refusals));
         for chunk in input.chunks(piece) {
             client.write_all(chunk).await.unwrap();
         }
@@ -415,6 +472,15 @@ mod tests {
         for (input, error) in cases {
             assert_eq!(through(input.as_bytes(), 5, false).await.1, Some((0, error)), "{input:?}");
         }
+        // A TLS ClientHello is refused at its first byte, without waiting for a head that never ends.
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let refusals = Arc::new(Refusals::default());
+        let limits = HeadLimits { max_bytes: 8192, max_headers: 100, timeout: None };
+        let mut codec = Http1Codec::new(server, true, limits, Arc::clone(&refusals));
+        client.write_all(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03]).await.unwrap();
+        let mut out = vec![0; 4096];
+        let n = codec.read(&mut out).await.unwrap();
+        assert_eq!((&out[..n], refusals.refused.get().copied()), (STAND_IN, Some((0, CodecError::BadRequest))));
     }
 
     #[tokio::test]
@@ -431,5 +497,22 @@ mod tests {
         assert_eq!(through(upgrade.as_bytes(), 9, false).await, (upgrade.to_string(), None));
         let bad_chunk = "POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nbad header: x\r\n\r\n";
         assert_eq!(through(bad_chunk.as_bytes(), 9, false).await, (bad_chunk.to_string(), None));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_that_does_not_complete_in_time_is_refused_with_408() {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let refusals = Arc::new(Refusals::default());
+        let limits = HeadLimits { max_bytes: 8192, max_headers: 100, timeout: Some(Duration::from_secs(5)) };
+        let mut codec = Http1Codec::new(server, false, limits, Arc::clone(&refusals));
+        client.write_all(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\nGET /b HTTP/1.1\r\n").await.unwrap();
+        let mut out = vec![0; 4096];
+        let n = codec.read(&mut out).await.unwrap();
+        assert_eq!(&out[..n], b"GET /a HTTP/1.1\r\nhost: x\r\n\r\n", "a complete head passes at once");
+        let start = tokio::time::Instant::now();
+        let n = codec.read(&mut out).await.unwrap();
+        assert_eq!(&out[..n], STAND_IN);
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+        assert_eq!(refusals.refused.get().copied(), Some((1, CodecError::HeaderTimeout)));
     }
 }

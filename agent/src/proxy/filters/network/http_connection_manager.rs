@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::http::request::Parts;
 use hyper::{Request, Response, StatusCode, Uri, Version};
@@ -23,8 +23,9 @@ use super::super::super::upstream::Upstream;
 use super::super::http::cors::{self, Cors};
 use super::super::http::router::{self, Matched};
 use super::super::http::{fault, local_ratelimit, local_reply};
-use super::http1_codec::{CodecError, Http1Codec, Refusals};
+use super::http1_codec::{CodecError, HeadLimits, Http1Codec, Refusals};
 use super::lifetime::{Activity, Counted};
+use super::stream::{Expired, RequestBody, ResponseBody, StreamTimers};
 use crate::config::http_connection_manager::{Codec, EscapedSlashes, HostPort, HttpConnectionManager, HttpFilterKind, Routes, ServerHeader, UnderscoreHeaders};
 use crate::config::http_filters::FilterOverride;
 use crate::config::route::{Action, InternalRedirectPolicy, Route, RouteConfiguration, VirtualHost};
@@ -114,14 +115,15 @@ where
     let counting = Arc::clone(&activity);
     let refusals = Arc::new(Refusals::default());
     let codec_refusals = Arc::clone(&refusals);
-    let http1_codec = move |io, auto| TokioIo::new(Http1Codec::new(io, auto, buffer, parser_headers, codec_refusals));
+    let limits = HeadLimits { max_bytes: buffer, max_headers: parser_headers, timeout: hcm.request_headers_timeout };
+    let http1_codec = move |io, auto| TokioIo::new(Http1Codec::new(io, auto, limits, codec_refusals));
     let service = hyper::service::service_fn(move |req| {
         let context = Arc::clone(&context);
         let in_flight = counting.request();
         let refused = refusals.next_request();
         async move {
             let response = match refused {
-                Some(error) => context.refuse(error),
+                Some(error) => context.refuse(error).map(|body| ResponseBody::new(body, None)),
                 None => context.handle(req).await?,
             };
             Ok::<_, Reset>(response.map(|body| Counted { body, _in_flight: in_flight }))
@@ -159,21 +161,40 @@ impl HttpContext {
         (Upstream { snapshot, ..self.upstream.clone() }, routes)
     }
 
-    /// One request, within `stream_idle_timeout` until its response headers (Envoy's 504 `stream timeout`
-    /// for a request waiting on its upstream).
-    async fn handle(&self, req: Request<Incoming>) -> Result<Response<Body>, Reset> {
-        let grpc = route::is_grpc(req.headers());
-        match self.hcm.stream_idle_timeout {
-            None => self.respond(req).await,
-            Some(t) => match tokio::time::timeout(t, self.respond(req)).await {
-                Ok(answered) => answered,
-                Err(_) => {
-                    let mut reply = local_reply::reply(StatusCode::GATEWAY_TIMEOUT, Some("stream timeout"), grpc);
-                    self.finish(reply.headers_mut());
-                    Ok(reply)
-                }
-            },
+    /// One request under its stream's timers: one that expires before the response starts is answered
+    /// here; after, the response body resets the stream.
+    async fn handle(&self, req: Request<Incoming>) -> Result<Response<ResponseBody<Body>>, Reset> {
+        let hcm = &self.hcm;
+        let timers = StreamTimers::new(hcm.stream_idle_timeout, hcm.request_timeout, hcm.max_stream_duration, req.body().is_end_stream());
+        let (grpc, version) = (route::is_grpc(req.headers()), req.version());
+        let req = req.map(|body| RequestBody::new(body, Arc::clone(&timers)).boxed());
+        let response = tokio::select! {
+            answered = self.respond(req, &timers) => answered?,
+            expired = timers.expired() => self.timed_out(expired, grpc, version, &timers),
+        };
+        Ok(response.map(|body| ResponseBody::new(body, Some(timers))))
+    }
+
+    /// Envoy's local reply to a stream whose timer expired before its response started.
+    fn timed_out(&self, expired: Expired, grpc: bool, version: Version, timers: &StreamTimers) -> Response<Body> {
+        let complete = timers.request_complete();
+        let mut reply = match expired {
+            Expired::Duration if grpc => local_reply::grpc_code(4, "downstream duration timeout"),
+            Expired::Request => local_reply::reply(StatusCode::REQUEST_TIMEOUT, Some("request timeout"), grpc),
+            // Envoy's code for a timer that fires before the response: 408 while the request is still
+            // arriving, 504 once it is complete.
+            Expired::Duration | Expired::Idle => {
+                let status = if complete { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::REQUEST_TIMEOUT };
+                let text = if expired == Expired::Idle { "stream timeout" } else { "downstream duration timeout" };
+                local_reply::reply(status, Some(text), grpc)
+            }
+        };
+        // The rest of an HTTP/1.1 request will not be read: its connection cannot carry another.
+        if !complete && version != Version::HTTP_2 {
+            reply.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        self.finish(reply.headers_mut());
+        reply
     }
 
     /// The codec's answer to a refused request head, after which the connection closes.
@@ -184,7 +205,7 @@ impl HttpContext {
         reply
     }
 
-    async fn respond(&self, req: Request<Incoming>) -> Result<Response<Body>, Reset> {
+    async fn respond(&self, req: Request<Body>, timers: &StreamTimers) -> Result<Response<Body>, Reset> {
         let (upstream, routes) = self.current();
         let protocol = protocol_name(req.version());
         let (mut parts, body) = req.into_parts();
@@ -199,7 +220,7 @@ impl HttpContext {
                     let downstream = Downstream { remote, local: self.local, protocol };
                     // The request as local reply mappers see it.
                     let request = self.hcm.local_reply.as_ref().map(|_| (parts.headers.clone(), parts.uri.clone(), parts.method.clone()));
-                    let mut response = self.route(parts, body.boxed(), routes.as_deref(), &downstream, &upstream).await;
+                    let mut response = self.route(parts, body, routes.as_deref(), (&downstream, &upstream), timers).await;
                     if let Some(id) = request_id.filter(|_| self.hcm.always_set_request_id_in_response) {
                         response.headers_mut().insert("x-request-id", id);
                     }
@@ -413,12 +434,15 @@ impl HttpContext {
 
     /// Routes the request, following upstream redirects the matched route's `internal_redirect_policy`
     /// allows (the followed request has no body and carries `x-envoy-original-url`).
-    async fn route(&self, mut parts: Parts, body: Body, routes: Option<&RouteConfiguration>, downstream: &Downstream, upstream: &Upstream) -> Response<Body> {
+    async fn route(&self, mut parts: Parts, body: Body, routes: Option<&RouteConfiguration>, (downstream, upstream): (&Downstream, &Upstream), timers: &StreamTimers) -> Response<Body> {
         let mut body = Some(body);
         let mut followed = 0;
         loop {
             let host = route::authority(&parts).unwrap_or_default().to_string();
             let selected = routes.and_then(|rc| Some((rc, route::select(rc, &host, &parts)?)));
+            if let Some(Action::Route(a)) = selected.map(|(_, (_, r))| &r.action) {
+                timers.route(a.idle_timeout, a.stream_duration.as_ref(), self.hcm.max_stream_duration, &mut parts.headers);
+            }
             let policy = match selected.map(|(_, (_, r))| &r.action) {
                 Some(Action::Route(a)) => a.internal_redirect.as_ref().filter(|p| followed < p.max_internal_redirects),
                 _ => None,
