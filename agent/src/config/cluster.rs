@@ -21,6 +21,8 @@ pub struct Cluster {
     pub idle_timeout: Option<Duration>,
     /// `max_requests_per_connection`: a connection carries at most this many requests.
     pub max_requests_per_connection: Option<u64>,
+    /// `http2_protocol_options` settings of an HTTP/2 upstream (unset: hyper's defaults, Envoy's pool limits).
+    pub http2_settings: Http2Settings,
     /// `upstream_bind_config.source_address`: the local address upstream connections are made from (Istio's
     /// inbound clusters use 127.0.0.6, which capture lets through).
     pub source_address: Option<SocketAddr>,
@@ -28,6 +30,9 @@ pub struct Cluster {
     pub outlier_detection: Option<OutlierDetection>,
     /// `common_lb_config.healthy_panic_threshold` (percent, default 50): below it, every endpoint is used.
     pub healthy_panic_threshold: f64,
+    /// `common_lb_config.locality_weighted_lb_config`: a priority level's traffic is shared among its
+    /// localities by their `load_balancing_weight` and availability before an endpoint is chosen.
+    pub locality_weighted: bool,
     /// The active health check (`health_checks`, one).
     pub health_check: Option<HealthCheck>,
 }
@@ -69,7 +74,17 @@ impl Default for CircuitBreakers {
     }
 }
 
-/// `outlier_detection` by consecutive errors (what Istio's DestinationRule `outlierDetection` sets).
+/// `http2_protocol_options` of an upstream HTTP/2 connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Http2Settings {
+    /// Streams one pooled connection carries at once; more requests open another connection.
+    pub max_concurrent_streams: Option<u32>,
+    pub initial_stream_window_size: Option<u32>,
+    pub initial_connection_window_size: Option<u32>,
+}
+
+/// `outlier_detection`: consecutive errors (what Istio's DestinationRule `outlierDetection` sets), and the
+/// success-rate and failure-percentage sweeps every `interval`.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct OutlierDetection {
     pub consecutive_5xx: u32,
@@ -80,6 +95,32 @@ pub struct OutlierDetection {
     pub base_ejection_time: Duration,
     pub max_ejection_time: Duration,
     pub max_ejection_percent: u32,
+    /// `always_eject_one_host`: one host may be ejected whatever `max_ejection_percent` says.
+    pub always_eject_one_host: bool,
+    /// How often the success-rate and failure-percentage sweeps run (each over the interval just ended).
+    pub interval: Duration,
+    pub success_rate: SuccessRate,
+    pub failure_percentage: FailurePercentage,
+}
+
+/// Success-rate ejection: among the hosts with `request_volume` requests in the interval (at least
+/// `minimum_hosts` of them), those below mean - stdev × `stdev_factor`/1000 are ejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct SuccessRate {
+    pub minimum_hosts: u64,
+    pub request_volume: u64,
+    pub stdev_factor: u64,
+    pub enforcing: u32,
+}
+
+/// Failure-percentage ejection: among the hosts with `request_volume` requests in the interval (at least
+/// `minimum_hosts` of them), those failing `threshold` percent or more are ejected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct FailurePercentage {
+    pub threshold: u64,
+    pub minimum_hosts: u64,
+    pub request_volume: u64,
+    pub enforcing: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -126,6 +167,20 @@ pub enum LbPolicy {
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Assignment {
     pub priorities: Vec<Vec<SocketAddr>>,
+    /// Each priority level's localities (for `locality_weighted_lb_config`), in Envoy's order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub localities: Vec<Vec<Locality>>,
+}
+
+/// The endpoints of one locality of a priority level.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Locality {
+    /// Its `load_balancing_weight`; 0 when no entry of the locality has one (it then takes no traffic).
+    pub weight: u32,
+    /// The endpoints that serve (each once).
+    pub hosts: Vec<SocketAddr>,
+    /// Every endpoint listed, including those EDS marks unhealthy: availability is `hosts` out of this.
+    pub total: usize,
 }
 
 /// The most slots one priority level's weighted endpoints take.
@@ -162,10 +217,15 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
     let circuit_breakers = c.object("circuit_breakers")?.map(circuit_breakers).transpose()?.unwrap_or_default();
     let outlier_detection = c.object("outlier_detection")?.map(outlier_detection).transpose()?;
     let mut healthy_panic_threshold = 50.0;
+    let mut locality_weighted = false;
     if let Some(mut common) = c.object("common_lb_config")? {
         if let Some(mut t) = common.object("healthy_panic_threshold")? {
             healthy_panic_threshold = number(&mut t, "value")?.unwrap_or(0.0).clamp(0.0, 100.0);
             t.finish()?;
+        }
+        if let Some(l) = common.object("locality_weighted_lb_config")? {
+            l.finish()?;
+            locality_weighted = locality_weighting(&common, lb_policy, kind)?;
         }
         common.finish()?;
     }
@@ -173,7 +233,7 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
     if let Some(n) = c.u64("max_requests_per_connection")?.filter(|n| *n > 0) {
         protocol.max_requests_per_connection = Some(n);
     }
-    let HttpOptions { http2, follow_downstream_protocol, idle_timeout, max_requests_per_connection } = protocol;
+    let HttpOptions { http2, follow_downstream_protocol, idle_timeout, max_requests_per_connection, http2_settings } = protocol;
     let source_address = c.object("upstream_bind_config")?.map(bind_config).transpose()?;
     let mut checks = c.objects("health_checks")?;
     if checks.len() > 1 {
@@ -235,12 +295,27 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
         follow_downstream_protocol,
         idle_timeout,
         max_requests_per_connection,
+        http2_settings,
         source_address,
         circuit_breakers,
         outlier_detection,
         healthy_panic_threshold,
+        locality_weighted,
         health_check,
     })
+}
+
+/// Whether `locality_weighted_lb_config` can be honoured: the hash balancers fold locality weights into
+/// their rings in Envoy (not done by weft), and weft's DNS clusters do not keep localities.
+fn locality_weighting(common: &Obj<'_>, lb_policy: LbPolicy, kind: &str) -> Result<bool> {
+    let path = common.at("locality_weighted_lb_config");
+    if matches!(lb_policy, LbPolicy::RingHash { .. } | LbPolicy::Maglev { .. }) {
+        return Err(ConfigError::new(path, "is not supported by weft with RING_HASH or MAGLEV yet"));
+    }
+    if matches!(kind, "STRICT_DNS" | "LOGICAL_DNS") {
+        return Err(ConfigError::new(path, "is not supported by weft for DNS clusters yet"));
+    }
+    Ok(true)
 }
 
 fn load_assignment(c: &mut Obj<'_>) -> Result<(Assignment, Vec<(SocketAddr, String)>)> {
@@ -257,23 +332,27 @@ pub fn assignment(la: Obj<'_>) -> Result<(String, Assignment)> {
 }
 
 /// Endpoint hostnames (for `auto_host_rewrite`) are kept where `hostnames` is given (static clusters) and
-/// refused elsewhere, so they are never silently dropped. Localities are accepted: without
-/// `locality_weighted_lb_config` (which weft refuses) Envoy does not balance by them either.
+/// refused elsewhere, so they are never silently dropped. Localities are kept for
+/// `locality_weighted_lb_config`; without it Envoy does not balance by them either.
 fn read_assignment(mut la: Obj<'_>, mut hostnames: Option<&mut Vec<(SocketAddr, String)>>) -> Result<(String, Assignment)> {
     let name = la.string("cluster_name")?.unwrap_or_default().to_string();
     let mut levels: Vec<Vec<(SocketAddr, u64)>> = Vec::new();
+    let mut localities: Vec<Vec<(LocalityKey, Locality)>> = Vec::new();
     for mut locality in la.objects("endpoints")? {
         let priority = locality.u64("priority")?.unwrap_or(0);
         if priority > 128 {
             return Err(ConfigError::new(locality.at("priority"), format!("{priority} is not a priority (0-128)")));
         }
-        if let Some(mut l) = locality.object("locality")? {
-            for key in ["region", "zone", "sub_zone"] {
-                let _ = l.string(key)?;
-            }
-            l.finish()?;
+        let key = match locality.object("locality")? {
+            Some(l) => Some(locality_key(l)?),
+            None => None,
+        };
+        let weight = locality.u64("load_balancing_weight")?;
+        if weight == Some(0) {
+            return Err(ConfigError::new(locality.at("load_balancing_weight"), "must be greater than or equal to 1"));
         }
-        let _ = locality.u64("load_balancing_weight")?;
+        let weight = weight.map(|w| w.min(u64::from(u32::MAX)) as u32);
+        let mut listed = 0;
         let mut entries = Vec::new();
         for mut lb in locality.objects("lb_endpoints")? {
             let mut endpoint = lb.required_object("endpoint")?;
@@ -288,12 +367,17 @@ fn read_assignment(mut la: Obj<'_>, mut hostnames: Option<&mut Vec<(SocketAddr, 
             if weight == 0 {
                 return Err(ConfigError::new(lb.at("load_balancing_weight"), "must be greater than 0"));
             }
-            let serves = match lb.string("health_status")?.unwrap_or("UNKNOWN") {
+            let status = lb.string("health_status")?.unwrap_or("UNKNOWN");
+            let serves = match status {
                 "UNKNOWN" | "HEALTHY" | "DEGRADED" => true,
                 "UNHEALTHY" | "DRAINING" | "TIMEOUT" => false,
                 other => return Err(ConfigError::new(lb.at("health_status"), format!("{other} is not a health status"))),
             };
             lb.finish()?;
+            // Envoy excludes draining hosts from a locality's count; unhealthy ones count as unavailable.
+            if status != "DRAINING" {
+                listed += 1;
+            }
             if serves {
                 entries.push((address, weight));
             }
@@ -302,12 +386,53 @@ fn read_assignment(mut la: Obj<'_>, mut hostnames: Option<&mut Vec<(SocketAddr, 
         let level = priority as usize;
         if levels.len() <= level {
             levels.resize_with(level + 1, Vec::new);
+            localities.resize_with(level + 1, Vec::new);
         }
+        add_locality(&mut localities[level], key, weight, entries.iter().map(|(a, _)| *a), listed);
         levels[level].extend(entries);
     }
     la.finish()?;
     let priorities = levels.into_iter().map(weighted_slots).collect();
-    Ok((name, Assignment { priorities }))
+    let localities = localities.into_iter().map(|level| level.into_iter().map(|(_, l)| l).collect()).collect();
+    Ok((name, Assignment { priorities, localities }))
+}
+
+/// A locality's `region`, `zone`, `sub_zone`: Envoy orders a level's localities by them.
+type LocalityKey = (String, String, String);
+
+fn locality_key(mut l: Obj<'_>) -> Result<LocalityKey> {
+    let mut parts = [String::new(), String::new(), String::new()];
+    for (part, key) in parts.iter_mut().zip(["region", "zone", "sub_zone"]) {
+        *part = l.string(key)?.unwrap_or_default().to_string();
+    }
+    l.finish()?;
+    let [region, zone, sub_zone] = parts;
+    Ok((region, zone, sub_zone))
+}
+
+/// Adds one `LocalityLbEndpoints` entry to its level's localities, as Envoy groups them: entries of the same
+/// locality share its endpoints, and its weight is the last one given by an entry that names the locality
+/// (an entry without `locality` is in the unnamed locality but never gives it a weight).
+fn add_locality(level: &mut Vec<(LocalityKey, Locality)>, key: Option<LocalityKey>, weight: Option<u32>, hosts: impl Iterator<Item = SocketAddr>, listed: usize) {
+    let named = key.is_some();
+    let key = key.unwrap_or_default();
+    let index = match level.binary_search_by(|(k, _)| k.cmp(&key)) {
+        Ok(i) => i,
+        Err(i) => {
+            level.insert(i, (key, Locality::default()));
+            i
+        }
+    };
+    let locality = &mut level[index].1;
+    if let (true, Some(w)) = (named, weight) {
+        locality.weight = w;
+    }
+    for h in hosts {
+        if !locality.hosts.contains(&h) {
+            locality.hosts.push(h);
+        }
+    }
+    locality.total += listed;
 }
 
 /// Each endpoint repeated by its weight (divided by the weights' common divisor, scaled down proportionally
@@ -342,15 +467,22 @@ struct HttpOptions {
     follow_downstream_protocol: bool,
     idle_timeout: Option<Duration>,
     max_requests_per_connection: Option<u64>,
+    http2_settings: Http2Settings,
 }
 
 /// The upstream HTTP protocol: `http2_protocol_options`, or `typed_extension_protocol_options`
 /// HttpProtocolOptions with `explicit_http_config` or `use_downstream_protocol_config`, and its
-/// `common_http_protocol_options`. HTTP/2 settings that change flow control are not supported yet.
+/// `common_http_protocol_options`.
 fn http2_options(c: &mut Obj<'_>) -> Result<HttpOptions> {
-    let mut out = HttpOptions { http2: false, follow_downstream_protocol: false, idle_timeout: Some(Duration::from_secs(3600)), max_requests_per_connection: None };
+    let mut out = HttpOptions {
+        http2: false,
+        follow_downstream_protocol: false,
+        idle_timeout: Some(Duration::from_secs(3600)),
+        max_requests_per_connection: None,
+        http2_settings: Http2Settings::default(),
+    };
     if let Some(o) = c.object("http2_protocol_options")? {
-        o.finish()?;
+        out.http2_settings = http2_settings(o)?;
         out.http2 = true;
     }
     if let Some(mut ext) = c.object("typed_extension_protocol_options")? {
@@ -360,7 +492,7 @@ fn http2_options(c: &mut Obj<'_>) -> Result<HttpOptions> {
                 (Some(mut explicit), None) => {
                     match (explicit.object("http2_protocol_options")?, explicit.object("http_protocol_options")?) {
                         (Some(h2), None) => {
-                            h2.finish()?;
+                            out.http2_settings = http2_settings(h2)?;
                             out.http2 = true;
                         }
                         (None, Some(h1)) => h1.finish()?,
@@ -389,6 +521,25 @@ fn http2_options(c: &mut Obj<'_>) -> Result<HttpOptions> {
         ext.finish()?;
     }
     Ok(out)
+}
+
+/// `envoy.config.core.v3.Http2ProtocolOptions`: the settings weft applies to its upstream HTTP/2 connections
+/// (ranges as Envoy validates them); any other field is refused by its path.
+fn http2_settings(mut o: Obj<'_>) -> Result<Http2Settings> {
+    let within = |o: &mut Obj<'_>, key: &str, min: u64, max: u64| -> Result<Option<u32>> {
+        match o.u64(key)? {
+            None => Ok(None),
+            Some(v) if (min..=max).contains(&v) => Ok(Some(v as u32)),
+            Some(v) => Err(ConfigError::new(o.at(key), format!("{v} is out of range: must be between {min} and {max}"))),
+        }
+    };
+    let settings = Http2Settings {
+        max_concurrent_streams: within(&mut o, "max_concurrent_streams", 1, 2_147_483_647)?,
+        initial_stream_window_size: within(&mut o, "initial_stream_window_size", 65_535, 2_147_483_647)?,
+        initial_connection_window_size: within(&mut o, "initial_connection_window_size", 65_535, 2_147_483_647)?,
+    };
+    o.finish()?;
+    Ok(settings)
 }
 
 /// A DNS cluster: its hosts (names or addresses with ports) from `load_assignment`, and how they are resolved.
@@ -594,32 +745,120 @@ fn outlier_detection(mut o: Obj<'_>) -> Result<OutlierDetection> {
         }
         Ok(v as u32)
     };
+    let count = |o: &mut Obj<'_>, key: &str, default: u64| -> Result<u64> { Ok(o.u64(key)?.unwrap_or(default)) };
     let base_ejection_time = o.duration("base_ejection_time")?.unwrap_or(Duration::from_secs(30));
+    // Envoy's detector refuses an explicit max below the base; an absent one is the larger of 300s and the base.
+    let max_ejection_time = match o.duration("max_ejection_time")? {
+        Some(max) if max < base_ejection_time => {
+            return Err(ConfigError::new(o.at("max_ejection_time"), "outlier detector's max_ejection_time cannot be smaller than base_ejection_time"))
+        }
+        Some(max) => max,
+        None => Duration::from_secs(300).max(base_ejection_time),
+    };
+    let interval = o.duration("interval")?.unwrap_or(Duration::from_secs(10));
+    if interval.is_zero() {
+        return Err(ConfigError::new(o.at("interval"), "must be greater than 0s"));
+    }
     let out = OutlierDetection {
         consecutive_5xx: o.u64("consecutive_5xx")?.unwrap_or(5).min(u64::from(u32::MAX)) as u32,
         consecutive_gateway_failure: o.u64("consecutive_gateway_failure")?.unwrap_or(5).min(u64::from(u32::MAX)) as u32,
         enforcing_consecutive_5xx: percent(&mut o, "enforcing_consecutive_5xx", 100)?,
         enforcing_consecutive_gateway_failure: percent(&mut o, "enforcing_consecutive_gateway_failure", 0)?,
-        max_ejection_time: o.duration("max_ejection_time")?.unwrap_or(Duration::from_secs(300)).max(base_ejection_time),
+        max_ejection_time,
         base_ejection_time,
         max_ejection_percent: percent(&mut o, "max_ejection_percent", 10)?,
+        always_eject_one_host: o.bool("always_eject_one_host")?.unwrap_or(false),
+        interval,
+        success_rate: SuccessRate {
+            minimum_hosts: count(&mut o, "success_rate_minimum_hosts", 5)?,
+            request_volume: count(&mut o, "success_rate_request_volume", 100)?,
+            stdev_factor: count(&mut o, "success_rate_stdev_factor", 1900)?,
+            enforcing: percent(&mut o, "enforcing_success_rate", 100)?,
+        },
+        failure_percentage: FailurePercentage {
+            threshold: count(&mut o, "failure_percentage_threshold", 85)?,
+            minimum_hosts: count(&mut o, "failure_percentage_minimum_hosts", 5)?,
+            request_volume: count(&mut o, "failure_percentage_request_volume", 50)?,
+            enforcing: percent(&mut o, "enforcing_failure_percentage", 0)?,
+        },
     };
-    // The ejection sweep interval: weft ejects and returns hosts at the moment their time is due.
-    let _ = o.duration("interval")?;
-    // Success-rate and failure-percentage detection need a request volume weft does not sample yet: accepted
-    // only when they cannot eject.
-    if percent(&mut o, "enforcing_success_rate", 100)? > 0 && o.has("success_rate_minimum_hosts") {
-        return Err(ConfigError::new(o.at("enforcing_success_rate"), "success-rate ejection is not supported by weft yet; set it to 0"));
-    }
-    for key in ["success_rate_minimum_hosts", "success_rate_request_volume", "success_rate_stdev_factor", "failure_percentage_threshold", "failure_percentage_minimum_hosts", "failure_percentage_request_volume"] {
-        let _ = o.take(key);
-    }
-    if percent(&mut o, "enforcing_failure_percentage", 0)? > 0 {
-        return Err(ConfigError::new(o.at("enforcing_failure_percentage"), "failure-percentage ejection is not supported by weft yet; set it to 0"));
+    if out.failure_percentage.threshold > 100 {
+        return Err(ConfigError::new(o.at("failure_percentage_threshold"), format!("{} is not a percentage", out.failure_percentage.threshold)));
     }
     if o.bool("split_external_local_origin_errors")? == Some(true) {
         return Err(ConfigError::new(o.at("split_external_local_origin_errors"), "is not supported by weft yet"));
     }
     o.finish()?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn cluster(v: serde_json::Value) -> Result<Cluster> {
+        translate(Obj::new(&v, "c")?)
+    }
+
+    fn at(port: u16) -> serde_json::Value {
+        json!({"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}})
+    }
+
+    #[test]
+    fn localities_keep_their_weights_and_hosts_per_priority() {
+        let mut down = at(3);
+        down["health_status"] = json!("UNHEALTHY");
+        let c = cluster(json!({"name": "c", "common_lb_config": {"locality_weighted_lb_config": {}}, "load_assignment": {"endpoints": [
+            {"locality": {"zone": "b"}, "load_balancing_weight": 1, "lb_endpoints": [at(2), down]},
+            {"locality": {"zone": "a"}, "load_balancing_weight": 3, "lb_endpoints": [at(1)]},
+            {"lb_endpoints": [at(4)], "load_balancing_weight": 7},
+            {"locality": {"zone": "c"}, "priority": 1, "lb_endpoints": [at(5)]}]}}))
+        .unwrap();
+        assert!(c.locality_weighted);
+        let Discovery::Static { endpoints, .. } = c.discovery else { panic!("static") };
+        let level0: Vec<(u32, usize, usize)> = endpoints.localities[0].iter().map(|l| (l.weight, l.hosts.len(), l.total)).collect();
+        // Sorted by locality; the unnamed locality first and without a weight (Envoy keeps none for it).
+        assert_eq!(level0, vec![(0, 1, 1), (3, 1, 1), (1, 1, 2)]);
+        assert_eq!(endpoints.localities[1][0].weight, 0, "a locality without load_balancing_weight weighs nothing");
+    }
+
+    #[test]
+    fn locality_weighting_refusals_name_the_field() {
+        let err = |v| cluster(v).unwrap_err().to_string();
+        let lb = json!({"locality_weighted_lb_config": {}});
+        assert!(err(json!({"name": "c", "lb_policy": "RING_HASH", "common_lb_config": lb})).contains("c.common_lb_config.locality_weighted_lb_config"));
+        assert!(err(json!({"name": "c", "common_lb_config": {"locality_weighted_lb_config": {"x": 1}}})).contains("locality_weighted_lb_config.x"));
+        let zero = json!({"name": "c", "load_assignment": {"endpoints": [{"locality": {}, "load_balancing_weight": 0, "lb_endpoints": [at(1)]}]}});
+        assert!(err(zero).contains("endpoints[0].load_balancing_weight"));
+    }
+
+    #[test]
+    fn http2_settings_are_read_in_both_places_and_others_refused() {
+        let c = cluster(json!({"name": "c", "http2_protocol_options": {"max_concurrent_streams": 2, "initial_stream_window_size": 65535}})).unwrap();
+        assert_eq!(c.http2_settings, Http2Settings { max_concurrent_streams: Some(2), initial_stream_window_size: Some(65535), initial_connection_window_size: None });
+        let typed = json!({"name": "c", "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {"@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {"initial_connection_window_size": 1048576}}}}});
+        let c = cluster(typed).unwrap();
+        assert!(c.http2);
+        assert_eq!(c.http2_settings.initial_connection_window_size, Some(1_048_576));
+        let err = |v| cluster(v).unwrap_err().to_string();
+        assert!(err(json!({"name": "c", "http2_protocol_options": {"initial_stream_window_size": 100}})).contains("c.http2_protocol_options.initial_stream_window_size"));
+        assert!(err(json!({"name": "c", "http2_protocol_options": {"max_concurrent_streams": 0}})).contains("max_concurrent_streams"));
+        assert!(err(json!({"name": "c", "http2_protocol_options": {"hpack_table_size": 0}})).contains("c.http2_protocol_options.hpack_table_size"));
+    }
+
+    #[test]
+    fn outlier_detection_has_envoys_defaults() {
+        let c = cluster(json!({"name": "c", "outlier_detection": {}})).unwrap();
+        let od = c.outlier_detection.unwrap();
+        assert_eq!(od.interval, Duration::from_secs(10));
+        assert_eq!(od.success_rate, SuccessRate { minimum_hosts: 5, request_volume: 100, stdev_factor: 1900, enforcing: 100 });
+        assert_eq!(od.failure_percentage, FailurePercentage { threshold: 85, minimum_hosts: 5, request_volume: 50, enforcing: 0 });
+        assert_eq!(od.max_ejection_time, Duration::from_secs(300));
+        let err = cluster(json!({"name": "c", "outlier_detection": {"base_ejection_time": "10s", "max_ejection_time": "5s"}})).unwrap_err();
+        assert!(err.to_string().contains("c.outlier_detection.max_ejection_time"));
+        let err = cluster(json!({"name": "c", "outlier_detection": {"failure_percentage_threshold": 101}})).unwrap_err();
+        assert!(err.to_string().contains("failure_percentage_threshold"));
+    }
 }

@@ -67,10 +67,12 @@ fn cluster(name: &str, source: Option<IpAddr>, connect_timeout: Duration) -> Clu
         follow_downstream_protocol: false,
         idle_timeout: Some(Duration::from_secs(3600)),
         max_requests_per_connection: None,
+        http2_settings: Default::default(),
         source_address: source.map(|ip| SocketAddr::new(ip, 0)),
         circuit_breakers: CircuitBreakers::default(),
         outlier_detection: None,
         healthy_panic_threshold: 50.0,
+        locality_weighted: false,
         health_check: None,
     }
 }

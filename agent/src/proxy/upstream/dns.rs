@@ -30,7 +30,7 @@ pub async fn refresh(snapshot: &Snapshot, name: &str) {
     if addresses.is_empty() && c.state.resolved().is_some() {
         return;
     }
-    c.state.set_resolved(Assignment { priorities: vec![addresses] });
+    c.state.set_resolved(Assignment { priorities: vec![addresses], ..Default::default() });
 }
 
 /// The addresses `dns_lookup_family` keeps.

@@ -1,7 +1,8 @@
 //! Upstream HTTP connection pools, one set per socket factory (the standalone proxy, or one pod): per
 //! endpoint and source address, HTTP/1.1 connections are kept alive and reused one request at a time, and
-//! one HTTP/2 connection carries every concurrent request as its own stream, as Envoy's pools do. Dropping
-//! the pools closes their idle connections.
+//! an HTTP/2 connection carries concurrent requests as streams (up to the cluster's `max_concurrent_streams`,
+//! beyond which another connection is opened), as Envoy's pools do. Dropping the pools closes their idle
+//! connections.
 
 use std::collections::HashMap;
 use std::io;
@@ -10,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
@@ -18,7 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use super::super::body::Body;
 use super::super::socket::SocketFactory;
 use super::runtime::ClusterRuntime;
-use crate::config::cluster::{CircuitBreakers, Cluster};
+use crate::config::cluster::{CircuitBreakers, Cluster, Http2Settings};
 
 /// Which connections of a pool can serve a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -99,6 +101,8 @@ pub struct Reuse<'a> {
     pub idle_timeout: Option<Duration>,
     /// Not reused after this many requests (`max_requests_per_connection`).
     pub max_requests: Option<u64>,
+    /// `http2_protocol_options` of HTTP/2 connections.
+    pub http2: Http2Settings,
 }
 
 impl<'a> Reuse<'a> {
@@ -108,17 +112,52 @@ impl<'a> Reuse<'a> {
             limits: &cluster.circuit_breakers,
             idle_timeout: cluster.idle_timeout,
             max_requests: cluster.max_requests_per_connection,
+            http2: cluster.http2_settings,
         }
     }
 }
 
 static PARKINGS: AtomicU64 = AtomicU64::new(0);
 
+/// A pooled HTTP/2 connection: the streams it has carried, and those open now (a request's stream stays open
+/// until its response body is dropped, as Envoy counts it until the stream completes).
+struct Http2Connection {
+    sender: http2::SendRequest<Body>,
+    used: u64,
+    open: Arc<AtomicU64>,
+}
+
+impl Http2Connection {
+    /// Whether it can take another stream: still up, under `max_requests_per_connection` streams in all and
+    /// `max_concurrent_streams` at once.
+    fn has_room(&self, reuse: &Reuse<'_>) -> bool {
+        !self.sender.is_closed()
+            && reuse.max_requests.is_none_or(|max| self.used < max)
+            && reuse.http2.max_concurrent_streams.is_none_or(|max| self.open.load(Relaxed) < u64::from(max))
+    }
+}
+
+/// One open stream of an HTTP/2 connection; closes it in the count when dropped.
+struct OpenStream(Arc<AtomicU64>);
+
+impl OpenStream {
+    fn new(open: &Arc<AtomicU64>) -> OpenStream {
+        open.fetch_add(1, Relaxed);
+        OpenStream(Arc::clone(open))
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
 pub struct Pools {
     sockets: SocketFactory,
     idle_http1: Mutex<HashMap<Key, Vec<Pooled>>>,
-    /// Each endpoint's HTTP/2 connection and the streams it has carried.
-    http2: Mutex<HashMap<Key, (http2::SendRequest<Body>, u64)>>,
+    /// Each endpoint's HTTP/2 connections.
+    http2: Mutex<HashMap<Key, Vec<Http2Connection>>>,
     clusters: Mutex<HashMap<String, Arc<ClusterRuntime>>>,
 }
 
@@ -149,9 +188,12 @@ impl Pools {
         reuse: Reuse<'_>,
         runtime: &Arc<ClusterRuntime>,
         req: Request<Body>,
-    ) -> (Result<Response<Incoming>, PoolError>, bool) {
+    ) -> (Result<Response<Body>, PoolError>, bool) {
         match protocol {
-            Protocol::Http1 => self.send_http1(key, reuse, runtime, req).await,
+            Protocol::Http1 => {
+                let (result, fresh) = self.send_http1(key, reuse, runtime, req).await;
+                (result.map(|r| r.map(BodyExt::boxed)), fresh)
+            }
             Protocol::Http2 => self.send_http2(key, reuse, req).await,
         }
     }
@@ -271,38 +313,118 @@ impl Pools {
         sender.send_request(req).await.map_err(PoolError::Reset)
     }
 
-    /// One HTTP/2 connection per endpoint carries every request; after `max_requests` streams new requests
-    /// go on a new connection while the old one finishes its streams.
-    async fn send_http2(&self, key: Key, reuse: Reuse<'_>, req: Request<Body>) -> (Result<Response<Incoming>, PoolError>, bool) {
+    /// An HTTP/2 connection with room carries the request as a stream; when none has room (closed, at
+    /// `max_requests_per_connection` streams in all, or at `max_concurrent_streams` open), a new connection
+    /// is made for it while the others finish their streams.
+    async fn send_http2(&self, key: Key, reuse: Reuse<'_>, req: Request<Body>) -> (Result<Response<Body>, PoolError>, bool) {
         let existing = {
             let mut conns = self.http2.lock().unwrap_or_else(|e| e.into_inner());
-            match conns.get_mut(&key).filter(|(s, used)| !s.is_closed() && reuse.max_requests.is_none_or(|max| *used < max)) {
-                Some((sender, used)) => {
-                    *used += 1;
-                    Some(sender.clone())
-                }
-                None => None,
-            }
+            let list = conns.entry(key).or_default();
+            // Connections that closed or carried their last stream take no more.
+            list.retain(|c| !c.sender.is_closed() && reuse.max_requests.is_none_or(|max| c.used < max));
+            list.iter_mut().find(|c| c.has_room(&reuse)).map(|c| {
+                c.used += 1;
+                (c.sender.clone(), OpenStream::new(&c.open))
+            })
         };
-        let (mut sender, fresh) = match existing {
+        let ((mut sender, stream), fresh) = match existing {
             Some(s) => (s, false),
-            None => match self.connect_http2(key, reuse.connect_timeout).await {
+            None => match self.connect_http2(key, reuse).await {
                 Ok(s) => (s, true),
                 Err(e) => return (Err(e), true),
             },
         };
-        (sender.send_request(req).await.map_err(PoolError::Reset), fresh)
+        let result = sender.send_request(req).await.map_err(PoolError::Reset);
+        // The stream stays open in the count while its response body is read.
+        (result.map(|r| r.map(|body| body.map_frame(move |frame| {
+            let _open = &stream;
+            frame
+        }).boxed())), fresh)
     }
 
-    async fn connect_http2(&self, key: Key, timeout: Duration) -> Result<http2::SendRequest<Body>, PoolError> {
-        let stream = self.sockets.connect(key.endpoint, key.source, timeout).await.map_err(PoolError::Connect)?;
-        let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.map_err(PoolError::Reset)?;
+    async fn connect_http2(&self, key: Key, reuse: Reuse<'_>) -> Result<(http2::SendRequest<Body>, OpenStream), PoolError> {
+        let stream = self.sockets.connect(key.endpoint, key.source, reuse.connect_timeout).await.map_err(PoolError::Connect)?;
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder
+            .initial_stream_window_size(reuse.http2.initial_stream_window_size)
+            .initial_connection_window_size(reuse.http2.initial_connection_window_size);
+        let (sender, conn) = builder.handshake(TokioIo::new(stream)).await.map_err(PoolError::Reset)?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!("upstream HTTP/2 connection ended: {e}");
             }
         });
-        self.http2.lock().unwrap_or_else(|e| e.into_inner()).insert(key, (sender.clone(), 1));
-        Ok(sender)
+        let open = Arc::new(AtomicU64::new(0));
+        let first = OpenStream::new(&open);
+        let connection = Http2Connection { sender: sender.clone(), used: 1, open };
+        self.http2.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default().push(connection);
+        Ok((sender, first))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::Ordering::SeqCst;
+
+    /// An h2c upstream that answers 200 to everything; counts the connections it accepted.
+    async fn upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&connections);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, SeqCst);
+                let service = hyper::service::service_fn(|_req: Request<Incoming>| async { Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from("ok")))) });
+                tokio::spawn(hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(TokioIo::new(stream), service));
+            }
+        });
+        (addr, connections)
+    }
+
+    fn cluster(h2: serde_json::Value) -> Cluster {
+        let v = serde_json::json!({"name": "c", "http2_protocol_options": h2});
+        crate::config::cluster::translate(crate::config::tree::Obj::new(&v, "c").unwrap()).unwrap()
+    }
+
+    async fn get(pools: &Arc<Pools>, key: Key, cluster: &Cluster, runtime: &Arc<ClusterRuntime>) -> Response<Body> {
+        let req = Request::builder().uri("http://upstream/").body(super::super::super::body::empty()).unwrap();
+        let (result, _) = pools.send(key, Protocol::Http2, Reuse::of(cluster), runtime, req).await;
+        result.unwrap()
+    }
+
+    #[tokio::test]
+    async fn max_concurrent_streams_opens_another_connection_while_streams_are_open() {
+        let (endpoint, connections) = upstream().await;
+        let pools = Pools::new(SocketFactory::Host);
+        let runtime = pools.runtime("c");
+        let key = Key { endpoint, source: None };
+        let limited = cluster(serde_json::json!({"max_concurrent_streams": 1, "initial_stream_window_size": 65535, "initial_connection_window_size": 1048576}));
+        let first = get(&pools, key, &limited, &runtime).await;
+        let second = get(&pools, key, &limited, &runtime).await;
+        assert_eq!(connections.load(SeqCst), 2, "the first connection's one stream is still open (its body unread)");
+        drop((first, second));
+        let third = get(&pools, key, &limited, &runtime).await;
+        assert_eq!(third.into_body().collect().await.unwrap().to_bytes(), Bytes::from("ok"));
+        assert_eq!(connections.load(SeqCst), 2, "a finished stream frees its connection for the next request");
+    }
+
+    #[tokio::test]
+    async fn without_a_limit_one_connection_carries_every_stream() {
+        let (endpoint, connections) = upstream().await;
+        let pools = Pools::new(SocketFactory::Host);
+        let runtime = pools.runtime("c");
+        let key = Key { endpoint, source: None };
+        let unlimited = cluster(serde_json::json!({}));
+        // Three responses held open at once, all on the first connection.
+        let mut open = Vec::new();
+        for _ in 0..3 {
+            open.push(get(&pools, key, &unlimited, &runtime).await);
+        }
+        assert_eq!(connections.load(SeqCst), 1);
     }
 }

@@ -443,7 +443,7 @@ impl Attempts {
         }
     }
 
-    fn retriable_response(&self, response: &Response<hyper::body::Incoming>) -> bool {
+    fn retriable_response(&self, response: &Response<Body>) -> bool {
         let code = response.status().as_u16();
         let on = &self.retry_on;
         (on.server_error && code >= 500)
@@ -562,7 +562,7 @@ impl Attempts {
             }
             if !retriable || n >= self.retries || !room {
                 return match result {
-                    Ok(response) => (response.map(BodyExt::boxed), Some(endpoint)),
+                    Ok(response) => (response, Some(endpoint)),
                     Err(failure) => (failure.reply(n > 0, grpc), None),
                 };
             }
@@ -580,7 +580,7 @@ impl Attempts {
         cluster: &ClusterRef<'_>,
         upstream: &Upstream,
         runtime: &Arc<ClusterRuntime>,
-    ) -> Result<Response<hyper::body::Incoming>, Failure> {
+    ) -> Result<Response<Body>, Failure> {
         cluster.state.upstream_rq_total.fetch_add(1, Relaxed);
         let key = Key { endpoint, source: cluster.config.source_address };
         let send = upstream.pools.send(key, protocol, Reuse::of(cluster.config), runtime, request);
