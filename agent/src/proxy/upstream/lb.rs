@@ -93,33 +93,57 @@ fn ring_lookup(ring: &[(u64, usize)], h: u64) -> Option<usize> {
     }
 }
 
-/// Maglev's table (equal weights): each host fills its next free slot of its own permutation in turn.
+/// Envoy's weighted Maglev table. Each distinct host (weighted by how often it appears in `hosts`) takes
+/// its next free slot of its own permutation in turn; a host of the largest weight takes one every round,
+/// one of a third of it every third round, as Envoy's table builder compares `round × weight` with a
+/// target that grows by the largest weight per slot taken.
 fn maglev(hosts: &[SocketAddr], size: u64) -> Vec<(u64, usize)> {
-    let permutation: Vec<(u64, u64)> = hosts
-        .iter()
-        .map(|h| {
-            let key = h.to_string();
-            (xxh64(key.as_bytes(), 0) % size, xxh64(key.as_bytes(), 1) % (size - 1) + 1)
-        })
-        .collect();
-    let mut next = vec![0u64; hosts.len()];
-    let mut table: Vec<Option<usize>> = vec![None; size as usize];
-    let mut filled = 0;
-    'fill: loop {
-        for (i, (offset, skip)) in permutation.iter().enumerate() {
-            loop {
-                let slot = ((offset + next[i] * skip) % size) as usize;
-                next[i] += 1;
-                if table[slot].is_none() {
-                    table[slot] = Some(i);
-                    filled += 1;
-                    break;
-                }
-            }
-            if filled == size as usize {
-                break 'fill;
+    struct Entry {
+        index: usize,
+        offset: u64,
+        skip: u64,
+        weight: f64,
+        target: f64,
+        next: u64,
+    }
+    let mut entries: Vec<Entry> = Vec::new();
+    for (index, host) in hosts.iter().enumerate() {
+        match entries.iter_mut().find(|e| hosts[e.index] == *host) {
+            Some(e) => e.weight += 1.0,
+            None => {
+                let key = host.to_string();
+                let (offset, skip) = (xxh64(key.as_bytes(), 0) % size, xxh64(key.as_bytes(), 1) % (size - 1) + 1);
+                entries.push(Entry { index, offset, skip, weight: 1.0, target: 0.0, next: 0 });
             }
         }
+    }
+    let total = hosts.len() as f64;
+    for e in &mut entries {
+        e.weight = e.weight * 1.0 / total;
+    }
+    let max_weight = entries.iter().map(|e| e.weight).fold(0.0, f64::max);
+    let mut table: Vec<Option<usize>> = vec![None; size as usize];
+    let mut filled = 0u64;
+    let mut round = 1u32;
+    while filled < size && !entries.is_empty() {
+        for e in entries.iter_mut() {
+            if filled == size {
+                break;
+            }
+            if f64::from(round) * e.weight < e.target {
+                continue;
+            }
+            e.target += max_weight;
+            let mut slot = ((e.offset + e.next * e.skip) % size) as usize;
+            while table[slot].is_some() {
+                e.next += 1;
+                slot = ((e.offset + e.next * e.skip) % size) as usize;
+            }
+            table[slot] = Some(e.index);
+            e.next += 1;
+            filled += 1;
+        }
+        round += 1;
     }
     table.into_iter().enumerate().map(|(slot, host)| (slot as u64, host.unwrap_or(0))).collect()
 }
@@ -157,5 +181,11 @@ mod tests {
         let counts: Vec<usize> = (0..3).map(|i| table.iter().filter(|e| e.1 == i).count()).collect();
         assert!(counts.iter().all(|c| (21_000..23_000).contains(c)), "{counts:?}");
         assert_eq!(ring(&hosts, 1024, 8_388_608).len(), 1026, "ceil(1024/3)*3 entries");
+        // Weight 3 against 1: three slots for every one.
+        let weighted = [hosts[0], hosts[0], hosts[0], hosts[1]];
+        let table = maglev(&weighted, 65537);
+        let heavy = table.iter().filter(|e| e.1 == 0).count();
+        let light = table.len() - heavy;
+        assert!(heavy.abs_diff(3 * light) <= 4, "{heavy} slots against {light}");
     }
 }
