@@ -17,6 +17,7 @@ use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
+use super::super::activity::{Activity, Counted, InFlight};
 use super::super::body::Body;
 use super::super::socket::SocketFactory;
 use super::runtime::ClusterRuntime;
@@ -124,7 +125,7 @@ static PARKINGS: AtomicU64 = AtomicU64::new(0);
 struct Http2Connection {
     sender: http2::SendRequest<Body>,
     used: u64,
-    open: Arc<AtomicU64>,
+    streams: Arc<Activity>,
 }
 
 impl Http2Connection {
@@ -133,23 +134,7 @@ impl Http2Connection {
     fn has_room(&self, reuse: &Reuse<'_>) -> bool {
         !self.sender.is_closed()
             && reuse.max_requests.is_none_or(|max| self.used < max)
-            && reuse.http2.max_concurrent_streams.is_none_or(|max| self.open.load(Relaxed) < u64::from(max))
-    }
-}
-
-/// One open stream of an HTTP/2 connection; closes it in the count when dropped.
-struct OpenStream(Arc<AtomicU64>);
-
-impl OpenStream {
-    fn new(open: &Arc<AtomicU64>) -> OpenStream {
-        open.fetch_add(1, Relaxed);
-        OpenStream(Arc::clone(open))
-    }
-}
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
+            && reuse.http2.max_concurrent_streams.is_none_or(|max| self.streams.in_flight() < max as usize)
     }
 }
 
@@ -324,7 +309,7 @@ impl Pools {
             list.retain(|c| !c.sender.is_closed() && reuse.max_requests.is_none_or(|max| c.used < max));
             list.iter_mut().find(|c| c.has_room(&reuse)).map(|c| {
                 c.used += 1;
-                (c.sender.clone(), OpenStream::new(&c.open))
+                (c.sender.clone(), c.streams.request())
             })
         };
         let ((mut sender, stream), fresh) = match existing {
@@ -336,27 +321,31 @@ impl Pools {
         };
         let result = sender.send_request(req).await.map_err(PoolError::Reset);
         // The stream stays open in the count while its response body is read.
-        (result.map(|r| r.map(|body| body.map_frame(move |frame| {
-            let _open = &stream;
-            frame
-        }).boxed())), fresh)
+        (result.map(|r| r.map(|body| Counted { body, _in_flight: stream }.boxed())), fresh)
     }
 
-    async fn connect_http2(&self, key: Key, reuse: Reuse<'_>) -> Result<(http2::SendRequest<Body>, OpenStream), PoolError> {
+    /// A new HTTP/2 connection, closed once it has carried no stream for the cluster's idle timeout.
+    async fn connect_http2(&self, key: Key, reuse: Reuse<'_>) -> Result<(http2::SendRequest<Body>, InFlight), PoolError> {
         let stream = self.sockets.connect(key.endpoint, key.source, reuse.connect_timeout).await.map_err(PoolError::Connect)?;
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
             .initial_stream_window_size(reuse.http2.initial_stream_window_size)
             .initial_connection_window_size(reuse.http2.initial_connection_window_size);
         let (sender, conn) = builder.handshake(TokioIo::new(stream)).await.map_err(PoolError::Reset)?;
+        let streams = Activity::new();
+        let first = streams.request();
+        let watched = Arc::clone(&streams);
+        let idle_timeout = reuse.idle_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!("upstream HTTP/2 connection ended: {e}");
+            tokio::select! {
+                ended = conn => if let Err(e) = ended {
+                    tracing::debug!("upstream HTTP/2 connection ended: {e}");
+                },
+                // Dropping the connection closes it; its senders then count as closed.
+                () = watched.expired(idle_timeout, None) => tracing::debug!("idle upstream HTTP/2 connection closed"),
             }
         });
-        let open = Arc::new(AtomicU64::new(0));
-        let first = OpenStream::new(&open);
-        let connection = Http2Connection { sender: sender.clone(), used: 1, open };
+        let connection = Http2Connection { sender: sender.clone(), used: 1, streams };
         self.http2.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default().push(connection);
         Ok((sender, first))
     }
@@ -426,5 +415,25 @@ mod tests {
             open.push(get(&pools, key, &unlimited, &runtime).await);
         }
         assert_eq!(connections.load(SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_http2_connection_idle_for_the_idle_timeout_is_closed() {
+        let (endpoint, connections) = upstream().await;
+        let pools = Pools::new(SocketFactory::Host);
+        let runtime = pools.runtime("c");
+        let key = Key { endpoint, source: None };
+        let mut short = cluster(serde_json::json!({}));
+        short.idle_timeout = Some(Duration::from_millis(100));
+        let first = get(&pools, key, &short, &runtime).await;
+        first.into_body().collect().await.unwrap();
+        let closed = || pools.http2.lock().unwrap().get(&key).is_some_and(|list| list.iter().all(|c| c.sender.is_closed()));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !closed() {
+            assert!(tokio::time::Instant::now() < deadline, "the idle connection was not closed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        get(&pools, key, &short, &runtime).await;
+        assert_eq!(connections.load(SeqCst), 2, "the next request opened a new connection");
     }
 }

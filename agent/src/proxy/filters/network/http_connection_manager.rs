@@ -24,7 +24,7 @@ use super::super::http::cors::{self, Cors};
 use super::super::http::router::{self, Matched};
 use super::super::http::{fault, local_ratelimit, local_reply};
 use super::http1_codec::{CodecError, HeadLimits, Http1Codec, Refusals};
-use super::lifetime::{Activity, Counted};
+use super::super::super::activity::{Activity, Counted};
 use super::stream::{Expired, RequestBody, ResponseBody, StreamTimers};
 use crate::config::http_connection_manager::{Codec, EscapedSlashes, HostPort, HttpConnectionManager, HttpFilterKind, Routes, ServerHeader, UnderscoreHeaders};
 use crate::config::http_filters::FilterOverride;

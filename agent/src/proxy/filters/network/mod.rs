@@ -1,5 +1,4 @@
 pub mod http1_codec;
 pub mod http_connection_manager;
-pub mod lifetime;
 pub mod tcp_proxy;
 pub mod stream;

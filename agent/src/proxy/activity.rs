@@ -1,6 +1,7 @@
-//! When the HTTP connection manager closes a downstream connection on its own: after `idle_timeout` without
-//! requests in flight, or at `max_connection_duration`; both gracefully (the request in flight finishes,
-//! HTTP/2 gets a GOAWAY). Requests count as in flight until their response body has been sent.
+//! A connection's streams in flight and when it closes on its own: after `idle_timeout` without streams in
+//! flight, or at `max_connection_duration`. Downstream, the HTTP connection manager closes gracefully (the
+//! request in flight finishes, HTTP/2 gets a GOAWAY); upstream, a pooled HTTP/2 connection idle that long
+//! is closed. A stream counts as in flight until its response body has been sent (or dropped).
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
@@ -25,6 +26,11 @@ pub struct Activity {
 impl Activity {
     pub fn new() -> Arc<Activity> {
         Arc::new(Activity { started: Instant::now(), in_flight: AtomicUsize::new(0), idle_since: AtomicU64::new(0), idle: Notify::new() })
+    }
+
+    /// Streams in flight now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Relaxed)
     }
 
     /// Counts a request until the guard (held by its response body) is dropped.
