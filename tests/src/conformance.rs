@@ -518,7 +518,10 @@ pub fn xds_config(static_bootstrap: &str) -> Result<XdsConfig, String> {
 
 type Reply = hyper::Response<Full<Bytes>>;
 
-async fn upstream_reply(name: &'static str, req: hyper::Request<Incoming>) -> io::Result<Reply> {
+async fn upstream_reply(name: &'static str, mut req: hyper::Request<Incoming>) -> io::Result<Reply> {
+    if req.method() == hyper::Method::CONNECT {
+        return Ok(accept_connect(name, &mut req));
+    }
     let (parts, body) = req.into_parts();
     let body = body.collect().await.map_err(io::Error::other)?.to_bytes();
     let all = |h: &str| -> Vec<String> {
@@ -580,6 +583,23 @@ async fn upstream_reply(name: &'static str, req: hyper::Request<Incoming>) -> io
     reply.body(Full::new(Bytes::from(json.to_string()))).map_err(io::Error::other)
 }
 
+/// A CONNECT reaching an upstream (forwarded by the proxy): 200, then the tunnel answers the first bytes it
+/// carries with `NAME <target>: <bytes>` and closes.
+fn accept_connect(name: &'static str, req: &mut hyper::Request<Incoming>) -> Reply {
+    let target = req.uri().to_string();
+    let upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = upgrade.await else { return };
+        let mut tunnel = TokioIo::new(upgraded);
+        let mut buf = vec![0; 4096];
+        if let Ok(n) = tunnel.read(&mut buf).await {
+            let _ = tunnel.write_all(format!("{name} {target}: {}", String::from_utf8_lossy(&buf[..n])).as_bytes()).await;
+        }
+        let _ = tunnel.shutdown().await;
+    });
+    hyper::Response::new(Full::new(Bytes::new()))
+}
+
 async fn serve_upstream(name: &'static str, listener: std::net::TcpListener) {
     let listener = match listener.set_nonblocking(true).and_then(|_| tokio::net::TcpListener::from_std(listener)) {
         Ok(l) => l,
@@ -590,7 +610,7 @@ async fn serve_upstream(name: &'static str, listener: std::net::TcpListener) {
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| upstream_reply(name, req));
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+            let _ = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await;
         });
     }
 }
