@@ -71,8 +71,10 @@ impl HealthState {
     }
 
     /// Records one check: the first decides at once; later ones flip the state after `threshold`
-    /// consecutive results against it.
-    pub fn record(&self, endpoint: SocketAddr, passed: bool, unhealthy_threshold: u32, healthy_threshold: u32) {
+    /// consecutive results against it, except that a wrong answer (not a network failure) makes a healthy
+    /// endpoint unhealthy at once, as Envoy's non-network failures do.
+    pub fn record(&self, endpoint: SocketAddr, outcome: CheckOutcome, unhealthy_threshold: u32, healthy_threshold: u32) {
+        let passed = outcome == CheckOutcome::Passed;
         let mut results = self.results.lock().unwrap_or_else(|e| e.into_inner());
         let h = results.entry(endpoint).or_insert(Health { healthy: passed, streak: 0 });
         if h.healthy == passed {
@@ -80,11 +82,26 @@ impl HealthState {
             return;
         }
         h.streak += 1;
-        let threshold = if passed { healthy_threshold } else { unhealthy_threshold };
+        let threshold = match outcome {
+            CheckOutcome::Passed => healthy_threshold,
+            CheckOutcome::NetworkFailure => unhealthy_threshold,
+            CheckOutcome::Failed => 1,
+        };
         if h.streak >= threshold {
             *h = Health { healthy: passed, streak: 0 };
         }
     }
+}
+
+/// The result of one active health check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckOutcome {
+    Passed,
+    /// No connection, a reset, or no (complete) answer within the timeout: counts toward
+    /// `unhealthy_threshold`.
+    NetworkFailure,
+    /// The endpoint answered, wrongly (status, body, gRPC status).
+    Failed,
 }
 
 /// A hash ring or Maglev table: (hash or slot, index of the endpoint).
