@@ -110,8 +110,8 @@ pub enum Discovery {
     /// Endpoints from EDS (over ADS), for `service_name`.
     Eds { service_name: String },
     /// STRICT_DNS (every address of every host) or LOGICAL_DNS (the first address of the one host), resolved
-    /// again every `refresh`.
-    Dns { hosts: Vec<(String, u16)>, logical: bool, refresh: Duration, family: DnsFamily },
+    /// again every `refresh`, or with `respect_dns_ttl` when the answer's TTL runs out.
+    Dns { hosts: Vec<(String, u16)>, logical: bool, refresh: Duration, family: DnsFamily, respect_dns_ttl: bool },
 }
 
 /// `dns_lookup_family`.
@@ -418,9 +418,7 @@ fn dns(c: &mut Obj<'_>, logical: bool, lb_policy: LbPolicy) -> Result<Discovery>
     if refresh < Duration::from_millis(1) {
         return Err(ConfigError::new(c.at("dns_refresh_rate"), "must be at least 1ms"));
     }
-    if c.bool("respect_dns_ttl")? == Some(true) {
-        return Err(ConfigError::new(c.at("respect_dns_ttl"), "is not supported by weft yet; weft refreshes every dns_refresh_rate"));
-    }
+    let respect_dns_ttl = c.bool("respect_dns_ttl")?.unwrap_or(false);
     let family = match c.string("dns_lookup_family")?.unwrap_or("AUTO") {
         "AUTO" => DnsFamily::Auto,
         "V4_ONLY" => DnsFamily::V4Only,
@@ -453,7 +451,7 @@ fn dns(c: &mut Obj<'_>, logical: bool, lb_policy: LbPolicy) -> Result<Discovery>
         let why = if logical { "LOGICAL_DNS clusters need exactly one endpoint" } else { "needs at least one endpoint" };
         return Err(ConfigError::new(c.at("load_assignment"), why));
     }
-    Ok(Discovery::Dns { hosts, logical, refresh, family })
+    Ok(Discovery::Dns { hosts, logical, refresh, family, respect_dns_ttl })
 }
 
 fn lb_policy(c: &mut Obj<'_>) -> Result<LbPolicy> {

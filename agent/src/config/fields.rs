@@ -31,7 +31,7 @@ pub const SUPPORTED: &[(&str, &str)] = &[
     ("...request_headers_to_add[] / response_headers_to_add[]", "header {key, value, raw_value}, append_action, append, keep_empty_value; %DOWNSTREAM_REMOTE_ADDRESS[_WITHOUT_PORT]%, %DOWNSTREAM_LOCAL_ADDRESS[_WITHOUT_PORT]%, %DOWNSTREAM_LOCAL_PORT%, %PROTOCOL%, %REQ(h)%, %RESP(h)%, %RESPONSE_CODE%, %UPSTREAM_REMOTE_ADDRESS%, %UPSTREAM_CLUSTER%"),
     ("static_resources.secrets[]", "name, tls_certificate {certificate_chain, private_key}, validation_context {trusted_ca}; DataSource filename, inline_string or inline_bytes; files are read when used, as in Envoy; private keys redacted in config_dump"),
     ("static_resources.clusters[].name", ""),
-    ("static_resources.clusters[].type", "STATIC, STRICT_DNS, LOGICAL_DNS (dns_refresh_rate, dns_lookup_family; the system resolver), EDS, ORIGINAL_DST"),
+    ("static_resources.clusters[].type", "STATIC, STRICT_DNS, LOGICAL_DNS (dns_refresh_rate, dns_lookup_family, respect_dns_ttl (refresh at the answer's smallest TTL); /etc/resolv.conf and /etc/hosts, no cache), EDS, ORIGINAL_DST"),
     ("static_resources.clusters[].eds_cluster_config", "service_name, eds_config.ads (EDS over ADS, V3)"),
     ("static_resources.clusters[].connect_timeout", "default 5s"),
     ("static_resources.clusters[].lb_policy", "ROUND_ROBIN, RANDOM, LEAST_REQUEST (least_request_lb_config.choice_count), RING_HASH (ring_hash_lb_config, XX_HASH, Envoy's ring), MAGLEV (maglev_lb_config.table_size, Envoy's table), CLUSTER_PROVIDED (ORIGINAL_DST)"),

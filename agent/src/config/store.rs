@@ -37,7 +37,7 @@ pub struct ClusterState {
     pub upstream_rq_retry_overflow: AtomicU64,
     pub outlier_detection_ejections_total: AtomicU64,
     ring: Mutex<Option<(Vec<SocketAddr>, Arc<Ring>)>>,
-    /// A DNS cluster's last resolution and when it was made.
+    /// A DNS cluster's last resolution and when it is due for a refresh.
     resolved: Mutex<Option<(std::time::Instant, Arc<super::cluster::Assignment>)>>,
     /// The active health check: whether it runs, the endpoints it checks, and what it found.
     pub health: HealthState,
@@ -108,13 +108,16 @@ pub enum CheckOutcome {
 pub type Ring = Vec<(u64, usize)>;
 
 impl ClusterState {
-    /// A DNS cluster's endpoints as last resolved (empty before the first resolution) and when.
+    /// A DNS cluster's endpoints as last resolved (none before the first resolution) and when they are due
+    /// for a refresh.
     pub fn resolved(&self) -> Option<(std::time::Instant, Arc<super::cluster::Assignment>)> {
         self.resolved.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub fn set_resolved(&self, assignment: super::cluster::Assignment) {
-        *self.resolved.lock().unwrap_or_else(|e| e.into_inner()) = Some((std::time::Instant::now(), Arc::new(assignment)));
+    /// Stores a resolution, to be refreshed after `refresh`.
+    pub fn set_resolved(&self, assignment: super::cluster::Assignment, refresh: std::time::Duration) {
+        let due = std::time::Instant::now() + refresh;
+        *self.resolved.lock().unwrap_or_else(|e| e.into_inner()) = Some((due, Arc::new(assignment)));
     }
 
     /// The hash ring (or Maglev table) of `hosts`, built by `build` when the hosts changed.
