@@ -51,12 +51,30 @@ pub struct HealthCheck {
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub enum HealthCheckKind {
-    /// A connection is made.
-    Tcp,
-    /// `GET path` with `host` (the cluster's name by default) answers a status in `statuses` (`[start, end)`).
-    Http { path: String, host: Option<String>, statuses: Vec<(u16, u16)>, headers: super::headers::HeaderOps },
+    /// A connection is made; `send` is written and every block of `receive` must then arrive, in order
+    /// (not necessarily adjacent). Without `receive`, the connection alone passes.
+    Tcp { send: Vec<u8>, receive: Vec<Vec<u8>> },
+    Http(Box<HttpCheck>),
     /// `grpc.health.v1.Health/Check` for `service` answers SERVING.
     Grpc { service: String, authority: Option<String> },
+}
+
+/// An HTTP health check: `method path` with `host` (the cluster's name by default) answers a status in
+/// `statuses` (`[start, end)`) and, with `receive`, a body whose first `response_buffer_size` bytes (all of
+/// it when `None`) contain the `receive` blocks in order.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct HttpCheck {
+    pub path: String,
+    pub host: Option<String>,
+    pub statuses: Vec<(u16, u16)>,
+    pub headers: super::headers::HeaderOps,
+    pub method: String,
+    /// The request body (`send`).
+    pub send: Vec<u8>,
+    pub receive: Vec<Vec<u8>>,
+    pub response_buffer_size: Option<usize>,
+    /// `codec_client_type: HTTP2`: HTTP/2 with prior knowledge.
+    pub http2: bool,
 }
 
 /// The default priority's `circuit_breakers` thresholds (Envoy's defaults: 1024, 1024, 1024, 3).
@@ -133,8 +151,8 @@ pub enum Discovery {
     /// Endpoints from EDS (over ADS), for `service_name`.
     Eds { service_name: String },
     /// STRICT_DNS (every address of every host) or LOGICAL_DNS (the first address of the one host), resolved
-    /// again every `refresh`.
-    Dns { hosts: Vec<(String, u16)>, logical: bool, refresh: Duration, family: DnsFamily },
+    /// again every `refresh`, or with `respect_dns_ttl` when the answer's TTL runs out.
+    Dns { hosts: Vec<(String, u16)>, logical: bool, refresh: Duration, family: DnsFamily, respect_dns_ttl: bool },
 }
 
 /// `dns_lookup_family`.
@@ -239,7 +257,7 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
     if checks.len() > 1 {
         return Err(ConfigError::new(c.at("health_checks"), "weft supports one health check per cluster"));
     }
-    let health_check = checks.pop().map(health_check).transpose()?;
+    let health_check = checks.pop().map(super::health_check::translate).transpose()?;
     let discovery = match kind {
         "STATIC" => {
             if lb_policy == LbPolicy::ClusterProvided {
@@ -551,9 +569,7 @@ fn dns(c: &mut Obj<'_>, logical: bool, lb_policy: LbPolicy) -> Result<Discovery>
     if refresh < Duration::from_millis(1) {
         return Err(ConfigError::new(c.at("dns_refresh_rate"), "must be at least 1ms"));
     }
-    if c.bool("respect_dns_ttl")? == Some(true) {
-        return Err(ConfigError::new(c.at("respect_dns_ttl"), "is not supported by weft yet; weft refreshes every dns_refresh_rate"));
-    }
+    let respect_dns_ttl = c.bool("respect_dns_ttl")?.unwrap_or(false);
     let family = match c.string("dns_lookup_family")?.unwrap_or("AUTO") {
         "AUTO" => DnsFamily::Auto,
         "V4_ONLY" => DnsFamily::V4Only,
@@ -586,69 +602,7 @@ fn dns(c: &mut Obj<'_>, logical: bool, lb_policy: LbPolicy) -> Result<Discovery>
         let why = if logical { "LOGICAL_DNS clusters need exactly one endpoint" } else { "needs at least one endpoint" };
         return Err(ConfigError::new(c.at("load_assignment"), why));
     }
-    Ok(Discovery::Dns { hosts, logical, refresh, family })
-}
-
-fn health_check(mut h: Obj<'_>) -> Result<HealthCheck> {
-    let required = |h: &mut Obj<'_>, key: &str| -> Result<Duration> {
-        h.duration(key)?.filter(|d| !d.is_zero()).ok_or_else(|| ConfigError::new(h.at(key), "is required and must be greater than 0s"))
-    };
-    let timeout = required(&mut h, "timeout")?;
-    let interval = required(&mut h, "interval")?;
-    let threshold = |h: &mut Obj<'_>, key: &str| -> Result<u32> {
-        let n = h.u64(key)?.ok_or_else(|| ConfigError::new(h.at(key), "is required"))?;
-        Ok(n.clamp(1, u64::from(u32::MAX)) as u32)
-    };
-    let unhealthy_threshold = threshold(&mut h, "unhealthy_threshold")?;
-    let healthy_threshold = threshold(&mut h, "healthy_threshold")?;
-    // Scheduling and logging details: they change when checks run or what is logged, not what is healthy.
-    for key in ["no_traffic_interval", "no_traffic_healthy_interval", "unhealthy_interval", "unhealthy_edge_interval", "healthy_edge_interval", "interval_jitter", "initial_jitter", "event_log_path"] {
-        let _ = h.take(key);
-    }
-    let _ = h.u64("interval_jitter_percent")?;
-    let _ = h.bool("always_log_health_check_failures")?;
-    let _ = h.bool("always_log_health_check_success")?;
-    let _ = h.bool("reuse_connection")?;
-    let mut found = Vec::new();
-    if let Some(t) = h.object("tcp_health_check")? {
-        if t.has("send") || t.has("receive") {
-            return Err(ConfigError::new(t.path(), "send and receive payloads are not supported by weft yet"));
-        }
-        t.finish()?;
-        found.push(HealthCheckKind::Tcp);
-    }
-    if let Some(mut http) = h.object("http_health_check")? {
-        let path = http.required_string("path")?.to_string();
-        let host = http.string("host")?.filter(|h| !h.is_empty()).map(str::to_string);
-        let mut statuses = Vec::new();
-        for mut r in http.objects("expected_statuses")? {
-            let start = r.u64("start")?.unwrap_or(0).min(600) as u16;
-            let end = r.u64("end")?.unwrap_or(0).min(600) as u16;
-            r.finish()?;
-            statuses.push((start, end));
-        }
-        if statuses.is_empty() {
-            statuses.push((200, 201));
-        }
-        match http.string("codec_client_type")?.unwrap_or("HTTP1") {
-            "HTTP1" => {}
-            other => return Err(ConfigError::new(http.at("codec_client_type"), format!("{other} is not supported by weft yet; use HTTP1"))),
-        }
-        let headers = super::headers::ops(&mut http)?;
-        http.finish()?;
-        found.push(HealthCheckKind::Http { path, host, statuses, headers });
-    }
-    if let Some(mut g) = h.object("grpc_health_check")? {
-        let service = g.string("service_name")?.unwrap_or_default().to_string();
-        let authority = g.string("authority")?.filter(|a| !a.is_empty()).map(str::to_string);
-        g.finish()?;
-        found.push(HealthCheckKind::Grpc { service, authority });
-    }
-    if found.len() != 1 {
-        return Err(ConfigError::new(h.path(), "needs exactly one of tcp_health_check, http_health_check or grpc_health_check"));
-    }
-    h.finish()?;
-    Ok(HealthCheck { timeout, interval, unhealthy_threshold, healthy_threshold, kind: found.remove(0) })
+    Ok(Discovery::Dns { hosts, logical, refresh, family, respect_dns_ttl })
 }
 
 fn lb_policy(c: &mut Obj<'_>) -> Result<LbPolicy> {

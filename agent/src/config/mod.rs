@@ -8,6 +8,7 @@ pub mod cidr;
 pub mod cluster;
 pub mod fields;
 pub mod headers;
+pub mod health_check;
 pub mod http_connection_manager;
 pub mod http_filters;
 pub mod listener;

@@ -37,7 +37,7 @@ pub struct ClusterState {
     pub upstream_rq_retry_overflow: AtomicU64,
     pub outlier_detection_ejections_total: AtomicU64,
     ring: Mutex<Option<(Vec<SocketAddr>, Arc<Ring>)>>,
-    /// A DNS cluster's last resolution and when it was made.
+    /// A DNS cluster's last resolution and when it is due for a refresh.
     resolved: Mutex<Option<(std::time::Instant, Arc<super::cluster::Assignment>)>>,
     /// The active health check: whether it runs, the endpoints it checks, and what it found.
     pub health: HealthState,
@@ -71,8 +71,10 @@ impl HealthState {
     }
 
     /// Records one check: the first decides at once; later ones flip the state after `threshold`
-    /// consecutive results against it.
-    pub fn record(&self, endpoint: SocketAddr, passed: bool, unhealthy_threshold: u32, healthy_threshold: u32) {
+    /// consecutive results against it, except that a wrong answer (not a network failure) makes a healthy
+    /// endpoint unhealthy at once, as Envoy's non-network failures do.
+    pub fn record(&self, endpoint: SocketAddr, outcome: CheckOutcome, unhealthy_threshold: u32, healthy_threshold: u32) {
+        let passed = outcome == CheckOutcome::Passed;
         let mut results = self.results.lock().unwrap_or_else(|e| e.into_inner());
         let h = results.entry(endpoint).or_insert(Health { healthy: passed, streak: 0 });
         if h.healthy == passed {
@@ -80,24 +82,42 @@ impl HealthState {
             return;
         }
         h.streak += 1;
-        let threshold = if passed { healthy_threshold } else { unhealthy_threshold };
+        let threshold = match outcome {
+            CheckOutcome::Passed => healthy_threshold,
+            CheckOutcome::NetworkFailure => unhealthy_threshold,
+            CheckOutcome::Failed => 1,
+        };
         if h.streak >= threshold {
             *h = Health { healthy: passed, streak: 0 };
         }
     }
 }
 
+/// The result of one active health check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CheckOutcome {
+    Passed,
+    /// No connection, a reset, or no (complete) answer within the timeout: counts toward
+    /// `unhealthy_threshold`.
+    NetworkFailure,
+    /// The endpoint answered, wrongly (status, body, gRPC status).
+    Failed,
+}
+
 /// A hash ring or Maglev table: (hash or slot, index of the endpoint).
 pub type Ring = Vec<(u64, usize)>;
 
 impl ClusterState {
-    /// A DNS cluster's endpoints as last resolved (empty before the first resolution) and when.
+    /// A DNS cluster's endpoints as last resolved (none before the first resolution) and when they are due
+    /// for a refresh.
     pub fn resolved(&self) -> Option<(std::time::Instant, Arc<super::cluster::Assignment>)> {
         self.resolved.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub fn set_resolved(&self, assignment: super::cluster::Assignment) {
-        *self.resolved.lock().unwrap_or_else(|e| e.into_inner()) = Some((std::time::Instant::now(), Arc::new(assignment)));
+    /// Stores a resolution, to be refreshed after `refresh`.
+    pub fn set_resolved(&self, assignment: super::cluster::Assignment, refresh: std::time::Duration) {
+        let due = std::time::Instant::now() + refresh;
+        *self.resolved.lock().unwrap_or_else(|e| e.into_inner()) = Some((due, Arc::new(assignment)));
     }
 
     /// The hash ring (or Maglev table) of `hosts`, built by `build` when the hosts changed.
