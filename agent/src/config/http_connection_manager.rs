@@ -275,7 +275,7 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
     }
     let local_reply = h.object("local_reply_config")?.map(local_reply_config).transpose()?;
     let mut upgrades = Vec::new();
-    for (kind, enabled) in route::upgrade_configs(&mut h, false)? {
+    for (kind, enabled) in route::upgrade_configs(&mut h, false)?.0 {
         if enabled {
             upgrades.push(kind);
         }

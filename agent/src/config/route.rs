@@ -134,6 +134,9 @@ pub struct RouteAction {
     /// `upgrade_configs`: per upgrade type, enabled or disabled for this route (over the connection
     /// manager's).
     pub upgrades: Vec<(String, bool)>,
+    /// A CONNECT upgrade with `connect_config`: the proxy terminates CONNECT and sends the tunnel's bytes to
+    /// the cluster. Without it a CONNECT request is forwarded to the cluster, which answers it.
+    pub terminate_connect: bool,
     /// `request_mirror_policies`: copies of the request sent to other clusters, their answers ignored.
     pub mirrors: Vec<MirrorPolicy>,
 }
@@ -505,7 +508,7 @@ fn route_action(mut a: Obj<'_>) -> Result<RouteAction> {
     let max_grpc_timeout = max_grpc_timeout.map(|max| GrpcTimeout { max, offset: grpc_offset });
     let hash_policy = a.objects("hash_policy")?.into_iter().map(hash_policy).collect::<Result<_>>()?;
     let internal_redirect = a.object("internal_redirect_policy")?.map(internal_redirect_policy).transpose()?;
-    let upgrades = upgrade_configs(&mut a, true)?;
+    let (upgrades, terminate_connect) = upgrade_configs(&mut a, true)?;
     let mirrors = a.objects("request_mirror_policies")?.into_iter().map(mirror_policy).collect::<Result<_>>()?;
     a.finish()?;
     Ok(RouteAction {
@@ -522,6 +525,7 @@ fn route_action(mut a: Obj<'_>) -> Result<RouteAction> {
         hash_policy,
         internal_redirect,
         upgrades,
+        terminate_connect,
         mirrors,
     })
 }
@@ -720,10 +724,12 @@ fn retry_policy(mut p: Obj<'_>) -> Result<RetryPolicy> {
     })
 }
 
-/// `upgrade_configs` of a connection manager or a route: (lowercase upgrade type, enabled). A route's CONNECT
-/// entry carries `connect_config` (weft terminates CONNECT: the tunnel's bytes go to the route's cluster).
-pub fn upgrade_configs(o: &mut Obj<'_>, route: bool) -> Result<Vec<(String, bool)>> {
+/// `upgrade_configs` of a connection manager or a route: (lowercase upgrade type, enabled), and whether a
+/// route's CONNECT entry carries `connect_config` (the proxy terminates CONNECT; without it CONNECT is
+/// forwarded upstream as a request).
+pub fn upgrade_configs(o: &mut Obj<'_>, route: bool) -> Result<(Vec<(String, bool)>, bool)> {
     let mut out = Vec::new();
+    let mut terminate_connect = false;
     for mut u in o.objects("upgrade_configs")? {
         let kind = u.required_string("upgrade_type")?.to_ascii_lowercase();
         let enabled = u.bool("enabled")?.unwrap_or(true);
@@ -736,18 +742,15 @@ pub fn upgrade_configs(o: &mut Obj<'_>, route: bool) -> Result<Vec<(String, bool
                     return Err(ConfigError::new(c.path(), "only an empty connect_config is supported by weft"));
                 }
                 c.finish()?;
+                terminate_connect = true;
             }
             Some(_) => return Err(ConfigError::new(u.at("connect_config"), "belongs to a route's CONNECT upgrade only")),
-            // Without connect_config Envoy forwards CONNECT upstream as a request; weft only terminates it.
-            None if route && kind == "connect" && enabled => {
-                return Err(ConfigError::new(u.path(), "forwarding CONNECT upstream is not supported by weft yet; add connect_config: {} to terminate it"))
-            }
             None => {}
         }
         u.finish()?;
         out.push((kind, enabled));
     }
-    Ok(out)
+    Ok((out, terminate_connect))
 }
 
 #[cfg(test)]

@@ -287,9 +287,14 @@ impl Pools {
 
     /// Sends an upgrade request (WebSocket) on a connection of its own: after a 101 the connection belongs to
     /// the upgraded stream, so it never returns to the pool.
-    pub async fn send_upgrade(&self, key: Key, timeout: Duration, req: Request<Body>) -> Result<Response<Incoming>, PoolError> {
-        let stream = self.sockets.connect(key.endpoint, key.source, timeout).await.map_err(PoolError::Connect)?;
-        let (mut sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(PoolError::Reset)?;
+    pub async fn send_upgrade(&self, key: Key, timeout: Duration, protocol: Protocol, req: Request<Body>) -> Result<Response<Incoming>, PoolError> {
+        let stream = TokioIo::new(self.sockets.connect(key.endpoint, key.source, timeout).await.map_err(PoolError::Connect)?);
+        if protocol == Protocol::Http2 {
+            let (mut sender, conn) = http2::handshake(TokioExecutor::new(), stream).await.map_err(PoolError::Reset)?;
+            tokio::spawn(conn);
+            return sender.send_request(req).await.map_err(PoolError::Reset);
+        }
+        let (mut sender, conn) = http1::handshake(stream).await.map_err(PoolError::Reset)?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!("upstream upgrade connection ended: {e}");

@@ -117,6 +117,8 @@ pub async fn forward(mut parts: Parts, body: Body, matched: Matched<'_>, downstr
     let body = mirror(&template, body, &action.mirrors, upstream).await;
     let started = Instant::now();
     let (mut response, endpoint) = match (on_downstream_upgrade, upgrade_header) {
+        // A CONNECT the route does not terminate goes to the cluster as it came, in its protocol.
+        (Some(on_downstream), _) if template.method == Method::CONNECT => upgrade_once(&template, body, &cluster, upstream, on_downstream).await,
         (Some(on_downstream), Some(kind)) => {
             template.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             template.headers.insert(header::UPGRADE, kind);
@@ -342,7 +344,7 @@ impl Template {
                     headers.insert(header::HOST, host);
                 }
                 // Envoy's HTTP/1 codec sends an explicit empty body on requests that may carry one.
-                let bodyless = body.is_end_stream() && !matches!(self.method, Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE);
+                let bodyless = body.is_end_stream() && !matches!(self.method, Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE | Method::CONNECT);
                 if bodyless && !headers.contains_key(header::CONTENT_LENGTH) {
                     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(0));
                 }
@@ -350,6 +352,8 @@ impl Template {
             }
             Protocol::Http2 => (Uri::try_from(format!("http://{authority}{}", self.path_and_query)), Version::HTTP_2),
         };
+        // CONNECT names its target alone (authority-form, or :authority without :path in HTTP/2).
+        let uri = if self.method == Method::CONNECT { Uri::try_from(authority) } else { uri };
         let mut req = Request::new(body);
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = uri.unwrap_or_else(|_| Uri::from_static("/"));
@@ -740,7 +744,8 @@ async fn mirror(template: &Template, body: Body, mirrors: &[MirrorPolicy], upstr
     body::full(bytes)
 }
 
-/// Sends an upgrade request once (no retries) and, on 101, joins the downstream and upstream connections.
+/// Sends an upgrade request (or a forwarded CONNECT) once, no retries, on a connection of its own; on 101
+/// (a 2xx for CONNECT) joins the downstream and upstream connections.
 async fn upgrade_once(
     template: &Template,
     body: Body,
@@ -755,11 +760,16 @@ async fn upgrade_once(
     let key = Key { endpoint, source: cluster.config.source_address };
     cluster.state.upstream_rq_total.fetch_add(1, Relaxed);
     cluster.state.upstream_cx_total.fetch_add(1, Relaxed);
-    let mut response = match upstream.pools.send_upgrade(key, cluster.config.connect_timeout, template.request(body, None, None, Some(endpoint))).await {
+    let request = template.request(body, None, None, Some(endpoint));
+    let mut response = match upstream.pools.send_upgrade(key, cluster.config.connect_timeout, template.protocol, request).await {
         Ok(r) => r,
         Err(e) => return (Failure::Pool(e).reply(false, false), None),
     };
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+    let joined = match template.method {
+        Method::CONNECT => response.status().is_success(),
+        _ => response.status() == StatusCode::SWITCHING_PROTOCOLS,
+    };
+    if joined {
         let on_upstream = hyper::upgrade::on(&mut response);
         tokio::spawn(async move {
             match tokio::try_join!(on_downstream, on_upstream) {

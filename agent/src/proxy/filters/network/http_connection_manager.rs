@@ -534,7 +534,7 @@ impl HttpContext {
                     return local_reply::reply(StatusCode::FORBIDDEN, None, false);
                 }
                 let matched = Matched { config, virtual_host, route: matched, action };
-                if parts.method == hyper::Method::CONNECT {
+                if parts.method == hyper::Method::CONNECT && action.terminate_connect {
                     return router::tunnel(parts, matched, upstream).await;
                 }
                 return router::forward(parts, body, matched, downstream, upstream, upgrade.is_some()).await;
