@@ -101,96 +101,58 @@ pub struct HeadLimits {
     pub timeout: Option<Duration>,
 }
 
-/// The downstream stream as hyper reads it.
-pub struct Http1Codec<IO> {
-    io: IO,
-    /// Bytes read from `io`: the first `checked` are ready for hyper, the rest not yet followed.
-    buf: BytesMut,
-    checked: usize,
-    framing: Framing,
-    eof: bool,
-    heads: u64,
-    limits: HeadLimits,
-    /// Armed by the first byte of a request head, while `limits.timeout` is set.
-    head_deadline: Option<Pin<Box<Sleep>>>,
-    refusals: Arc<Refusals>,
+/// What one step of following makes of the bytes at the cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// This many bytes are followed (none when only the framing moved on).
+    Advance(usize),
+    /// More bytes are needed.
+    More,
+    /// The head here must be rewritten (folded lines) or refused: done where the bytes are held.
+    Hold,
 }
 
-impl<IO> Http1Codec<IO> {
-    /// `auto`: the connection may be HTTP/2 with prior knowledge.
-    pub fn new(io: IO, auto: bool, limits: HeadLimits, refusals: Arc<Refusals>) -> Self {
-        let framing = if auto { Framing::Preface } else { Framing::Head };
-        Http1Codec { io, buf: BytesMut::new(), checked: 0, framing, eof: false, heads: 0, limits, head_deadline: None, refusals }
-    }
+/// Where the stream is: the framing of what comes next, and how many request heads passed.
+struct Follower {
+    framing: Framing,
+    heads: u64,
+    max_bytes: usize,
+    max_headers: usize,
+}
 
-    /// Arms the head timer when a head has begun and is not complete, disarms it otherwise; once it has
-    /// expired, the head is refused (true).
-    fn poll_head_timer(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(timeout) = self.limits.timeout else { return false };
-        let partial = matches!(self.framing, Framing::Head | Framing::Preface) && self.buf.len() > self.checked;
-        if !partial {
-            self.head_deadline = None;
-            return false;
-        }
-        let deadline = self.head_deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        if deadline.as_mut().poll(cx).is_pending() {
-            return false;
-        }
-        self.refuse(CodecError::HeaderTimeout);
-        true
-    }
-
-    /// Replaces everything from the current head on with the stand-in for `error`.
-    fn refuse(&mut self, error: CodecError) {
-        let _ = self.refusals.refused.set((self.heads, error));
-        self.heads += 1;
-        self.buf.truncate(self.checked);
-        self.buf.extend_from_slice(STAND_IN);
-        self.checked = self.buf.len();
-        self.framing = Framing::Refused;
-    }
-
-    /// Follows the unchecked input as far as it is complete.
-    fn follow(&mut self) {
-        while self.step() {}
-    }
-
-    /// One step of following the stream; false when more input is needed (or nothing is followed).
-    fn step(&mut self) -> bool {
-        let rest = &self.buf[self.checked..];
+impl Follower {
+    /// One step over `rest`, the bytes not yet followed.
+    fn step(&mut self, rest: &[u8]) -> Step {
         match self.framing {
-            Framing::Opaque => {
-                self.checked = self.buf.len();
-                false
-            }
-            Framing::Refused => false,
+            Framing::Refused => Step::More,
+            _ if rest.is_empty() => Step::More,
+            Framing::Opaque => Step::Advance(rest.len()),
             Framing::Preface => {
-                let undecided = rest.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(rest);
-                if !undecided {
-                    self.framing = if rest.starts_with(H2_PREFACE) { Framing::Opaque } else { Framing::Head };
+                if rest.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(rest) {
+                    return Step::More;
                 }
-                !undecided
+                self.framing = if rest.starts_with(H2_PREFACE) { Framing::Opaque } else { Framing::Head };
+                Step::Advance(0)
             }
-            Framing::Head => self.head(),
+            Framing::Head => self.head(rest),
             Framing::Body(n) | Framing::ChunkData(n) => {
                 let take = (rest.len() as u64).min(n);
-                self.checked += take as usize;
                 self.framing = match (self.framing, n - take) {
                     (Framing::Body(_), 0) => Framing::Head,
                     (Framing::Body(_), left) => Framing::Body(left),
                     (_, 0) => Framing::ChunkEnd,
                     (_, left) => Framing::ChunkData(left),
                 };
-                take > 0
+                Step::Advance(take as usize)
             }
             Framing::ChunkSize | Framing::ChunkEnd | Framing::Trailers => {
                 let Some((len, text)) = line(rest) else {
                     // A line longer than any framing line: the stream is not followed further.
                     if rest.len() > MAX_LINE {
                         self.framing = Framing::Opaque;
-                        return true;
+                        return Step::Advance(0);
                     }
-                    return false;
+                    return Step::More;
                 };
                 self.framing = match self.framing {
                     Framing::ChunkSize => match chunk_size(text) {
@@ -203,57 +165,143 @@ impl<IO> Http1Codec<IO> {
                     Framing::Trailers => Framing::Trailers,
                     _ => Framing::Opaque,
                 };
-                self.checked += len;
-                true
+                Step::Advance(len)
             }
         }
     }
 
-    /// Checks the request head at `checked`, once complete; false when more input is needed.
-    fn head(&mut self) -> bool {
+    /// A request head that passes unchanged, once complete; `Hold` for one to rewrite or refuse.
+    fn head(&mut self, rest: &[u8]) -> Step {
         // Empty lines before a request line are skipped by hyper and Envoy alike.
-        let rest = &self.buf[self.checked..];
         let blank = rest.iter().take_while(|b| **b == b'\r' || **b == b'\n').count();
         let Some(end) = head_end(&rest[blank..]) else {
-            if rest.len() > self.limits.max_bytes {
+            if rest.len() > self.max_bytes {
                 self.framing = Framing::Opaque;
-                return true;
+                return Step::Advance(0);
             }
             // Refused at the first byte that cannot start a request, as Envoy's parser refuses it (a TLS
             // handshake sent in plaintext gets its 400 at once, not when a head never completes).
+            // Judged by its complete lines (the last may still be continued), or its request line so far.
             let partial = &rest[blank..];
-            if !partial.is_empty() && !could_be_head(unfold(partial).as_deref().unwrap_or(partial), self.limits.max_headers) {
-                self.refuse(CodecError::BadRequest);
-                return true;
-            }
-            return false;
+            let partial = partial.iter().rposition(|b| *b == b'\n').map_or(partial, |nl| &partial[..=nl]);
+            let possible = partial.is_empty() || could_be_head(unfold(partial).as_deref().unwrap_or(partial), self.max_headers);
+            return if possible { Step::More } else { Step::Hold };
         };
-        let head_start = self.checked + blank;
-        let head = &self.buf[head_start..head_start + end];
-        let unfolded = unfold(head);
-        match check(unfolded.as_deref().unwrap_or(head), self.limits.max_headers) {
+        let head = &rest[blank..blank + end];
+        if unfold(head).is_some() {
+            return Step::Hold;
+        }
+        match check(head, self.max_headers) {
             Ok(next) => {
                 self.heads += 1;
-                self.head_deadline = None;
-                if let Some(unfolded) = unfolded {
-                    self.replace(head_start, end, &unfolded);
-                    self.checked = head_start + unfolded.len();
-                } else {
-                    self.checked = head_start + end;
-                }
                 self.framing = next;
+                Step::Advance(blank + end)
             }
-            Err(error) => self.refuse(error),
+            Err(_) => Step::Hold,
         }
+    }
+
+    /// The verdict on a held head (complete or not): the head as it goes on, or the codec's refusal.
+    fn hold(&mut self, rest: &[u8]) -> Result<(usize, Vec<u8>), CodecError> {
+        let blank = rest.iter().take_while(|b| **b == b'\r' || **b == b'\n').count();
+        let end = head_end(&rest[blank..]).ok_or(CodecError::BadRequest)?;
+        let head = &rest[blank..blank + end];
+        let unfolded = unfold(head).unwrap_or_else(|| head.to_vec());
+        self.framing = check(&unfolded, self.max_headers)?;
+        self.heads += 1;
+        Ok((blank + end, unfolded))
+    }
+}
+
+/// The downstream stream as hyper reads it. Bytes are followed where hyper's read put them; only a head
+/// split across reads (or one to rewrite) is held in a buffer of the codec's own.
+pub struct Http1Codec<IO> {
+    io: IO,
+    /// Held bytes: the first `checked` are ready for hyper, the rest not yet followed.
+    buf: BytesMut,
+    checked: usize,
+    follower: Follower,
+    eof: bool,
+    head_timeout: Option<Duration>,
+    /// Armed by the first byte of a request head held incomplete, for the head of that number.
+    head_deadline: Option<(u64, Pin<Box<Sleep>>)>,
+    refusals: Arc<Refusals>,
+}
+
+impl<IO> Http1Codec<IO> {
+    /// `auto`: the connection may be HTTP/2 with prior knowledge.
+    pub fn new(io: IO, auto: bool, limits: HeadLimits, refusals: Arc<Refusals>) -> Self {
+        let framing = if auto { Framing::Preface } else { Framing::Head };
+        let follower = Follower { framing, heads: 0, max_bytes: limits.max_bytes, max_headers: limits.max_headers };
+        Http1Codec { io, buf: BytesMut::new(), checked: 0, follower, eof: false, head_timeout: limits.timeout, head_deadline: None, refusals }
+    }
+
+    /// Arms the head timer when a head has begun and is not complete, disarms it otherwise; once it has
+    /// expired, the head is refused (true).
+    fn poll_head_timer(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(timeout) = self.head_timeout else { return false };
+        let partial = matches!(self.follower.framing, Framing::Head | Framing::Preface) && self.buf.len() > self.checked;
+        let head = self.follower.heads;
+        match &mut self.head_deadline {
+            _ if !partial => {
+                self.head_deadline = None;
+                return false;
+            }
+            Some((armed_for, deadline)) if *armed_for == head => {
+                if deadline.as_mut().poll(cx).is_pending() {
+                    return false;
+                }
+            }
+            _ => {
+                let mut deadline = Box::pin(tokio::time::sleep(timeout));
+                let pending = deadline.as_mut().poll(cx).is_pending();
+                self.head_deadline = Some((head, deadline));
+                if pending {
+                    return false;
+                }
+            }
+        }
+        self.refuse(CodecError::HeaderTimeout);
         true
     }
 
-    /// Replaces `len` bytes at `at` with `with`.
-    fn replace(&mut self, at: usize, len: usize, with: &[u8]) {
-        let tail = self.buf.split_off(at + len);
-        self.buf.truncate(at);
-        self.buf.extend_from_slice(with);
-        self.buf.unsplit(tail);
+    /// Replaces everything from the current head on with the stand-in for `error`.
+    fn refuse(&mut self, error: CodecError) {
+        let _ = self.refusals.refused.set((self.follower.heads, error));
+        self.follower.heads += 1;
+        self.buf.truncate(self.checked);
+        self.buf.extend_from_slice(STAND_IN);
+        self.checked = self.buf.len();
+        self.follower.framing = Framing::Refused;
+    }
+
+    /// Follows the held bytes as far as they are complete, rewriting or refusing held heads.
+    fn follow(&mut self) {
+        loop {
+            match self.follower.step(&self.buf[self.checked..]) {
+                Step::Advance(n) => self.checked += n,
+                Step::More => return,
+                Step::Hold => match self.follower.hold(&self.buf[self.checked..]) {
+                    Ok((len, head)) => {
+                        let tail = self.buf.split_off(self.checked + len);
+                        self.buf.truncate(self.checked);
+                        self.buf.extend_from_slice(&head);
+                        self.buf.unsplit(tail);
+                        self.checked += head.len();
+                    }
+                    Err(error) => self.refuse(error),
+                },
+            }
+        }
+    }
+
+    /// Follows bytes hyper's read just put at `new`: how many of them pass as they are.
+    fn follow_in_place(&mut self, new: &[u8]) -> usize {
+        let mut at = 0;
+        while let Step::Advance(n) = self.follower.step(&new[at..]) {
+            at += n;
+        }
+        at
     }
 }
 
@@ -369,20 +417,42 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Http1Codec<IO> {
                 out.put_slice(&this.buf[..n]);
                 this.buf.advance(n);
                 this.checked -= n;
+                if this.buf.is_empty() {
+                    // An idle connection keeps no buffer of its own.
+                    this.buf = BytesMut::new();
+                }
                 return Poll::Ready(Ok(()));
             }
-            match this.framing {
+            if this.follower.framing == Framing::Refused {
                 // Nothing follows the stand-in: hyper answers it and closes (an end of stream here would
                 // make hyper drop the connection before answering).
-                Framing::Refused => return Poll::Pending,
-                // Passing through with nothing buffered: hyper reads the stream directly.
-                Framing::Opaque if this.buf.is_empty() => return Pin::new(&mut this.io).poll_read(cx, out),
-                _ => {}
+                return Poll::Pending;
             }
             if this.eof {
                 // Whatever is left incomplete is hyper's to refuse.
                 this.checked = this.buf.len();
                 if this.checked == 0 {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            if this.buf.is_empty() {
+                // Read where hyper wants the bytes, and hold back only what cannot pass yet.
+                let before = out.filled().len();
+                ready!(Pin::new(&mut this.io).poll_read(cx, out))?;
+                let read = out.filled().len() - before;
+                if read == 0 {
+                    this.eof = true;
+                    return Poll::Ready(Ok(()));
+                }
+                let passed = this.follow_in_place(&out.filled()[before..]);
+                if passed == read {
+                    return Poll::Ready(Ok(()));
+                }
+                this.buf.extend_from_slice(&out.filled()[before + passed..]);
+                out.set_filled(before + passed);
+                this.follow();
+                if passed > 0 {
                     return Poll::Ready(Ok(()));
                 }
                 continue;
