@@ -117,6 +117,9 @@ struct RunArgs {
     /// sotw or delta [default: sotw].
     #[arg(long)]
     xds_api: Option<String>,
+    /// Worker threads of each captured pod's own share of the proxy [default: 2].
+    #[arg(long)]
+    pod_workers: Option<usize>,
 }
 
 impl RunArgs {
@@ -143,6 +146,8 @@ impl RunArgs {
             cluster_id: None,
             mesh_id: None,
             istio_version: None,
+            pod_workers: self.pod_workers,
+            pod_limits: None,
         };
         cfg = flags.apply(cfg)?;
         if let Some(level) = &self.log_level {
@@ -260,7 +265,12 @@ async fn serve(cfg: AgentConfig) -> Result<(), String> {
     let redirector = capture::redirector(cfg.redirect, cfg.iptables_variant, &cfg.ebpf).map_err(|e| e.to_string())?;
     let registry = RegistryFile::new(&cfg.state_dir)
         .map_err(|e| format!("state dir {}: {e}", cfg.state_dir.display()))?;
-    let settings = ProxySettings { connect_timeout: cfg.connect_timeout, drain_timeout: cfg.drain_timeout };
+    let settings = ProxySettings {
+        connect_timeout: cfg.connect_timeout,
+        drain_timeout: cfg.drain_timeout,
+        pod_workers: cfg.pod_workers,
+        pod_limits: cfg.pod_limits,
+    };
     let xds = cfg.xds.clone().map(weft_agent::xds::pod::PodXds::new).transpose().map_err(|e| format!("xds_address: {e}"))?;
     let node = Arc::new(Node::new(Arc::from(redirector), registry, settings, xds));
     let admin = Arc::new(Admin { node: Arc::clone(&node), ready: false.into(), started: std::time::SystemTime::now() });

@@ -14,6 +14,7 @@ use crate::capture::{CaptureError, RedirectMode, Redirector};
 use crate::cni_server::registry::{PodRecord, RegistryFile};
 use crate::proxy::listener::{self, PodListeners};
 use crate::proxy::passthrough;
+use crate::proxy::pod_share::{LoadSnapshot, PodShare};
 use crate::proxy::stats::ListenerSnapshot;
 use crate::proxy::ProxySettings;
 use crate::xds::pod::PodXds;
@@ -37,6 +38,8 @@ struct CapturedPod {
     netns: Netns,
     listeners: PodListeners,
     xds: Option<PodStream>,
+    /// The pod's own worker threads, where its connections and its xDS stream run.
+    share: PodShare,
 }
 
 /// A pod's xDS stream; dropping it ends the stream.
@@ -81,6 +84,8 @@ pub struct PodStatus {
     pub listening: bool,
     pub outbound: ListenerSnapshot,
     pub inbound: ListenerSnapshot,
+    /// The pod's share of the proxy: connections, requests in flight, bytes and CPU time of its threads.
+    pub load: LoadSnapshot,
     /// xDS sync status per type (CDS, EDS, LDS, RDS), when the agent has a control plane.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub xds: Option<std::collections::BTreeMap<&'static str, &'static str>>,
@@ -253,6 +258,7 @@ impl Node {
                 listening: p.listeners.healthy(),
                 outbound: p.listeners.outbound.snapshot(),
                 inbound: p.listeners.inbound.snapshot(),
+                load: p.share.load.snapshot(),
                 xds: p.xds.as_ref().map(|s| s.state.sync_status()),
             })
             .collect()
@@ -275,7 +281,9 @@ impl Node {
             None => Some(Arc::new(passthrough::snapshot(self.settings.connect_timeout))),
         };
         let (snapshot, config) = tokio::sync::watch::channel(initial);
-        let listeners = listener::start(label.clone(), ns.clone(), self.settings, config)
+        let share = PodShare::new(self.settings.pod_workers, self.settings.pod_limits)
+            .map_err(|e| NodeError::new(format!("{label}: cannot start the pod's worker threads"), e))?;
+        let listeners = listener::start(label.clone(), ns.clone(), self.settings, config, &share)
             .await
             .map_err(|e| NodeError::new(format!("{label}: cannot create in-pod listeners"), e))?;
         let listening = started.elapsed();
@@ -290,10 +298,12 @@ impl Node {
         tracing::debug!(pod = %label, ?listening, total = ?started.elapsed(), "listeners and rules in place");
         record.redirect = self.redirector.mode();
         let xds = self.xds.as_ref().map(|x| {
+            // One pod's configuration churn is translated on its own threads.
+            let _on_pod_threads = share.handle().enter();
             let (state, task) = x.start(&record, snapshot);
             PodStream { state, task }
         });
-        Ok(CapturedPod { record, netns: ns, listeners, xds })
+        Ok(CapturedPod { record, netns: ns, listeners, xds, share })
     }
 
     /// Removes the pod's rules (when its netns still exists) and stops its listeners.
@@ -305,6 +315,10 @@ impl Node {
                 tracing::warn!(pod = %pod.label(), "cannot remove redirection: {e}");
             }
         }
+        // Its listeners stop now; its established connections finish on its threads.
+        let CapturedPod { listeners, xds, share, .. } = pod;
+        drop((listeners, xds));
+        share.retire(self.settings.drain_timeout);
     }
 
     async fn verify_rules(&self, ns: &Netns) -> Result<(), NodeError> {

@@ -1,4 +1,5 @@
-//! The node agent's admin routes: liveness, readiness and a JSON status of captured pods.
+//! The node agent's admin routes: liveness, readiness, a JSON status of captured pods and their share of the
+//! proxy as Prometheus metrics.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -54,13 +55,38 @@ impl Routes for Admin {
                     version: env!("CARGO_PKG_VERSION"),
                     pods: self.node.status().await,
                 }),
+                ("GET", "/stats/prometheus") => Reply::ok("text/plain; version=0.0.4", prometheus(&self.node.status().await)),
                 (method, "/logging") => super::logging(method, &request),
                 ("GET", path) if path.starts_with("/pods/") && path.ends_with("/config_dump") => self.pod_config_dump(&request).await,
                 ("GET", _) => {
-                    Reply::status("404 Not Found", "paths: /healthz /ready /healthz/ready /status /pods/<ns>/<name>/config_dump /logging\n")
+                    Reply::status("404 Not Found", "paths: /healthz /ready /healthz/ready /status /stats/prometheus /pods/<ns>/<name>/config_dump /logging\n")
                 }
                 _ => Reply::status("405 Method Not Allowed", "GET only\n"),
             }
         })
     }
+}
+
+/// Each pod's share of the proxy, labelled `pod="namespace/name"`, and the node's connections counted by
+/// the listeners (which the pods' connections add up to).
+fn prometheus(pods: &[PodStatus]) -> String {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: &dyn Fn(&PodStatus) -> f64| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+        for p in pods {
+            out.push_str(&format!("{name}{{pod=\"{}/{}\"}} {}\n", p.namespace, p.name, value(p)));
+        }
+    };
+    metric("weft_pod_connections", "gauge", "Downstream connections open.", &|p| p.load.connections as f64);
+    metric("weft_pod_connections_total", "counter", "Downstream connections accepted.", &|p| p.load.connections_total as f64);
+    metric("weft_pod_connections_refused_total", "counter", "Connections closed over max_connections.", &|p| p.load.connections_refused as f64);
+    metric("weft_pod_requests", "gauge", "HTTP requests in flight.", &|p| p.load.requests as f64);
+    metric("weft_pod_requests_total", "counter", "HTTP requests admitted.", &|p| p.load.requests_total as f64);
+    metric("weft_pod_requests_refused_total", "counter", "Requests answered 503 over max_requests.", &|p| p.load.requests_refused as f64);
+    metric("weft_pod_received_bytes_total", "counter", "Bytes read from downstream.", &|p| p.load.bytes_in as f64);
+    metric("weft_pod_sent_bytes_total", "counter", "Bytes written to downstream.", &|p| p.load.bytes_out as f64);
+    metric("weft_pod_cpu_seconds_total", "counter", "CPU time of the pod's worker threads.", &|p| p.load.cpu_us as f64 / 1e6);
+    let listened: u64 = pods.iter().map(|p| p.outbound.active + p.inbound.active).sum();
+    out.push_str(&format!("# HELP weft_node_connections Connections open on every pod's listeners.\n# TYPE weft_node_connections gauge\nweft_node_connections {listened}\n"));
+    out
 }

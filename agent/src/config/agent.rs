@@ -22,6 +22,26 @@ pub struct XdsSettings {
     pub istio_version: String,
 }
 
+/// Per-pod limits (the config file's `pod_limits`): what one pod may hold of the node proxy at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PodLimits {
+    /// Downstream connections open at once; more are closed at once.
+    pub max_connections: u64,
+    /// HTTP requests in flight at once; more get 503 `envoy overloaded`.
+    pub max_requests: u64,
+}
+
+impl Default for PodLimits {
+    fn default() -> Self {
+        PodLimits { max_connections: 4096, max_requests: 4096 }
+    }
+}
+
+impl PodLimits {
+    pub const UNLIMITED: PodLimits = PodLimits { max_connections: u64::MAX, max_requests: u64::MAX };
+}
+
 /// Validated agent settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentConfig {
@@ -38,6 +58,9 @@ pub struct AgentConfig {
     /// The control plane each captured pod gets its configuration from; none: pods are proxied by original
     /// destination only.
     pub xds: Option<XdsSettings>,
+    /// Worker threads of each pod's share of the proxy.
+    pub pod_workers: usize,
+    pub pod_limits: PodLimits,
 }
 
 impl Default for AgentConfig {
@@ -53,6 +76,8 @@ impl Default for AgentConfig {
             ebpf: EbpfSettings::default(),
             drain_timeout: Duration::from_secs(30),
             xds: None,
+            pod_workers: 2,
+            pod_limits: PodLimits::default(),
         }
     }
 }
@@ -78,6 +103,8 @@ pub struct ConfigFile {
     pub cluster_id: Option<String>,
     pub mesh_id: Option<String>,
     pub istio_version: Option<String>,
+    pub pod_workers: Option<usize>,
+    pub pod_limits: Option<PodLimits>,
 }
 
 impl ConfigFile {
@@ -101,6 +128,18 @@ impl ConfigFile {
         }
         if let Some(ms) = self.drain_timeout_ms {
             base.drain_timeout = millis("drain_timeout_ms", ms, 0)?;
+        }
+        if let Some(n) = self.pod_workers {
+            if !(1..=64).contains(&n) {
+                return Err(format!("pod_workers: {n} is not between 1 and 64"));
+            }
+            base.pod_workers = n;
+        }
+        if let Some(limits) = self.pod_limits {
+            if limits.max_connections == 0 || limits.max_requests == 0 {
+                return Err("pod_limits: max_connections and max_requests must be at least 1".into());
+            }
+            base.pod_limits = limits;
         }
         if self.ebpf_object.is_some() {
             base.ebpf.object = self.ebpf_object;

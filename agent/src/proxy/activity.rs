@@ -82,12 +82,13 @@ impl Drop for InFlight {
 }
 
 /// A response body that keeps its request counted until it is dropped (sent or abandoned).
-pub struct Counted<B> {
+pub struct Counted<B, G = InFlight> {
     pub body: B,
-    pub _in_flight: InFlight,
+    /// Held until the body is dropped.
+    pub _in_flight: G,
 }
 
-impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
+impl<B: Body<Data = Bytes> + Unpin, G: Unpin> Body for Counted<B, G> {
     type Data = Bytes;
     type Error = B::Error;
 

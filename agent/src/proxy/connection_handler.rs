@@ -14,6 +14,7 @@ use super::filter_chain::{self, ConnectionInfo};
 use super::filters::network::http_connection_manager::{self, HttpContext};
 use super::filters::network::tcp_proxy::{self, Relayed};
 use super::listener_filter::{self, InspectError, Rewind};
+use super::pod_share::{Metered, PodLoad};
 use super::snapshot::Snapshot;
 use super::upstream::pool::Pools;
 use super::upstream::{ConnectError, Upstream};
@@ -75,9 +76,16 @@ pub struct Accepted {
     pub original_dst: Option<SocketAddr>,
 }
 
+/// What serves a pod's connections: its upstream pools and its load (the standalone proxy is a pod too).
+pub struct Pod {
+    pub pools: Arc<Pools>,
+    pub load: Arc<PodLoad>,
+}
+
 /// Serves a connection accepted by `entry` until it ends or its listener has been drained; upstream
 /// connections come from `pools` (the pod's or the proxy's).
-pub async fn serve(accepted: Accepted, entry: &Listener, snapshot: &Arc<Snapshot>, pools: &Arc<Pools>, drain: Drain) -> Outcome {
+pub async fn serve(accepted: Accepted, entry: &Listener, snapshot: &Arc<Snapshot>, pod: &Pod, drain: Drain) -> Outcome {
+    let pools = &pod.pools;
     let Accepted { stream, peer, original_dst } = accepted;
     let socket_local = stream.local_addr().unwrap_or(entry.address);
     let restored = match entry.listener_filters.original_dst {
@@ -111,13 +119,13 @@ pub async fn serve(accepted: Accepted, entry: &Listener, snapshot: &Arc<Snapshot
     let upstream = Upstream { snapshot: Arc::clone(snapshot), pools: Arc::clone(pools), original_dst: local };
     let updates = drain.updates.clone();
     tokio::select! {
-        outcome = run_filter(io, &chain.filter, upstream, updates, peer, local) => outcome,
+        outcome = run_filter(Metered::new(io, Arc::clone(&pod.load)), &chain.filter, upstream, updates, (peer, local), &pod.load) => outcome,
         () = drain.of(listener) => Outcome::Drained,
     }
 }
 
 /// The chain's terminal network filter.
-async fn run_filter(io: Rewind, filter: &NetworkFilter, upstream: Upstream, updates: SnapshotWatch, peer: SocketAddr, local: SocketAddr) -> Outcome {
+async fn run_filter(io: Metered<Rewind>, filter: &NetworkFilter, upstream: Upstream, updates: SnapshotWatch, (peer, local): (SocketAddr, SocketAddr), load: &Arc<PodLoad>) -> Outcome {
     match filter {
         NetworkFilter::TcpProxy(config) => match tcp_proxy::serve(io, config, &upstream).await {
             Relayed::Done(from_downstream, to_downstream) => Outcome::Relayed { from_downstream, to_downstream },
@@ -133,7 +141,7 @@ async fn run_filter(io: Rewind, filter: &NetworkFilter, upstream: Upstream, upda
                     return Outcome::Warming;
                 }
             }
-            let context = HttpContext { hcm: Arc::clone(hcm), updates, upstream, peer, local };
+            let context = HttpContext { hcm: Arc::clone(hcm), updates, upstream, peer, local, load: Arc::clone(load) };
             http_connection_manager::serve(io, context).await;
             Outcome::Http
         }
@@ -147,6 +155,7 @@ mod tests {
     use super::*;
     use crate::config::store::Resource;
     use crate::config::tree::Obj;
+    use crate::proxy::pod_share::PodLimits;
     use crate::proxy::socket::SocketFactory;
     use serde_json::json;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -180,8 +189,8 @@ mod tests {
             let (stream, peer) = front.accept().await.unwrap();
             let (_tx, updates) = watch::channel(Some(Arc::clone(&snapshot)));
             let drain = Drain { updates, timeout: Duration::from_secs(1) };
-            let pools = Pools::new(SocketFactory::Host);
-            serve(Accepted { stream, peer, original_dst: None }, &listener, &snapshot, &pools, drain).await
+            let pod = Pod { pools: Pools::new(SocketFactory::Host), load: PodLoad::new(PodLimits::UNLIMITED) };
+            serve(Accepted { stream, peer, original_dst: None }, &listener, &snapshot, &pod, drain).await
         });
         let mut client = TcpStream::connect(addr).await.unwrap();
         client.write_all(payload).await.unwrap();

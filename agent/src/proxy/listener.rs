@@ -13,7 +13,8 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
-use super::connection_handler::{self, Accepted, Drain, Outcome, SnapshotWatch};
+use super::connection_handler::{self, Accepted, Drain, Outcome, Pod, SnapshotWatch};
+use super::pod_share::{Admitted, PodShare};
 use super::socket::{self, SocketFactory};
 use super::stats::ListenerStats;
 use super::upstream::pool::Pools;
@@ -31,8 +32,8 @@ pub struct ListenerContext {
     pub settings: ProxySettings,
     /// The pod's configuration (`None` inside until the first one arrives).
     pub config: SnapshotWatch,
-    /// The pod's upstream connections, made from its netns.
-    pub pools: Arc<Pools>,
+    /// The pod's upstream connections (made from its netns) and its load.
+    pub served: Pod,
 }
 
 /// The running listeners of one pod. Dropping it stops accepting; established connections finish on their own.
@@ -99,7 +100,8 @@ fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
 }
 
 /// Creates the pod's listeners inside its netns and starts serving them by `config`.
-pub async fn start(pod: String, ns: Netns, settings: ProxySettings, config: SnapshotWatch) -> io::Result<PodListeners> {
+/// The accept loops and every task of their connections run on the pod's own threads (`share`).
+pub async fn start(pod: String, ns: Netns, settings: ProxySettings, config: SnapshotWatch, share: &PodShare) -> io::Result<PodListeners> {
     let thread_ns = ns.clone();
     let sockets = tokio::task::spawn_blocking(move || {
         thread_ns.run_on_new_thread(|| {
@@ -126,11 +128,15 @@ pub async fn start(pod: String, ns: Netns, settings: ProxySettings, config: Snap
             stats,
             settings,
             config: config.clone(),
-            pools: Arc::clone(&pools),
+            served: Pod { pools: Arc::clone(&pools), load: Arc::clone(&share.load) },
         });
-        let listener = TcpListener::from_std(socket)?;
+        let runtime = share.handle();
+        let listener = {
+            let _entered = runtime.enter();
+            TcpListener::from_std(socket)?
+        };
         listeners.addresses.push(addr);
-        listeners.tasks.push(tokio::spawn(accept_loop(listener, ctx)));
+        listeners.tasks.push(runtime.spawn(accept_loop(listener, ctx)));
     }
     Ok(listeners)
 }
@@ -138,9 +144,16 @@ pub async fn start(pod: String, ns: Netns, settings: ProxySettings, config: Snap
 async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerContext>) {
     loop {
         match listener.accept().await {
-            Ok((stream, peer)) => {
-                tokio::spawn(serve(stream, peer, Arc::clone(&ctx)));
-            }
+            Ok((stream, peer)) => match ctx.served.load.connection() {
+                Some(admitted) => {
+                    tokio::spawn(serve(stream, peer, Arc::clone(&ctx), admitted));
+                }
+                // Over the pod's `max_connections`: closed at once, as Envoy's listener connection limit.
+                None => {
+                    ctx.stats.rejected();
+                    drop(stream);
+                }
+            },
             Err(e) => {
                 // Out of descriptors or memory: back off briefly instead of spinning on the error.
                 tracing::warn!(pod = %ctx.pod, direction = ?ctx.direction, "accept failed: {e}");
@@ -154,7 +167,7 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerContext>) {
 /// `initial_fetch_timeout`); the pod is never proxied without the configuration the control plane meant.
 const INITIAL_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 
-async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerContext>) {
+async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Arc<ListenerContext>, _admitted: Admitted) {
     ctx.stats.accepted();
     let (from, to) = match socket::original_dst(&stream) {
         // Nothing rewrote this connection: it was made to the listener itself. Proxying it would loop.
@@ -190,7 +203,7 @@ async fn from_config(accepted: Accepted, ctx: &ListenerContext) -> (u64, u64) {
         return (0, 0);
     };
     let drain = Drain { updates, timeout: ctx.settings.drain_timeout };
-    match connection_handler::serve(accepted, entry, &config, &ctx.pools, drain).await {
+    match connection_handler::serve(accepted, entry, &config, &ctx.served, drain).await {
         Outcome::Relayed { from_downstream, to_downstream } => (from_downstream, to_downstream),
         Outcome::Http | Outcome::Drained => (0, 0),
         Outcome::UpstreamFailed(e) => {

@@ -13,6 +13,7 @@ pub mod filters;
 pub mod listener;
 pub mod listener_filter;
 pub mod passthrough;
+pub mod pod_share;
 pub mod random;
 pub mod route;
 pub mod server;
@@ -42,10 +43,18 @@ pub struct ProxySettings {
     pub connect_timeout: Duration,
     /// How long a connection may go on after its listener was removed or replaced (Envoy's drain time).
     pub drain_timeout: Duration,
+    /// Worker threads of each pod's own share of the proxy.
+    pub pod_workers: usize,
+    pub pod_limits: pod_share::PodLimits,
 }
 
 impl Default for ProxySettings {
     fn default() -> Self {
-        ProxySettings { connect_timeout: Duration::from_secs(10), drain_timeout: Duration::from_secs(30) }
+        ProxySettings {
+            connect_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
+            pod_workers: 2,
+            pod_limits: pod_share::PodLimits::default(),
+        }
     }
 }

@@ -13,7 +13,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::connection_handler::{self, Accepted, Drain, Outcome};
+use super::connection_handler::{self, Accepted, Drain, Outcome, Pod};
+use super::pod_share::{PodLimits, PodLoad};
 use super::snapshot::Snapshot;
 use super::socket::SocketFactory;
 use super::upstream::pool::Pools;
@@ -44,7 +45,7 @@ impl Drop for Bound {
 pub struct Proxy {
     /// The current configuration; new connections take it, established ones watch it to drain.
     config: watch::Sender<Option<Arc<Snapshot>>>,
-    pools: Arc<Pools>,
+    pod: Arc<Pod>,
     bound: Mutex<BTreeMap<String, Bound>>,
     drain_timeout: std::time::Duration,
 }
@@ -61,7 +62,8 @@ impl Proxy {
     pub fn new(drain_timeout: std::time::Duration) -> Arc<Proxy> {
         Arc::new(Proxy {
             config: watch::Sender::new(Some(Arc::new(Snapshot::default()))),
-            pools: Pools::new(SocketFactory::Host),
+            // The standalone proxy is one pod without a netns, and without per-pod limits.
+            pod: Arc::new(Pod { pools: Pools::new(SocketFactory::Host), load: PodLoad::new(PodLimits::UNLIMITED) }),
             bound: Mutex::default(),
             drain_timeout,
         })
@@ -111,7 +113,7 @@ impl Proxy {
             .map_err(|e| io::Error::new(e.kind(), format!("listener {:?}: cannot bind {}: {e}", l.name, l.address)))?;
         let local = socket.local_addr()?;
         let counters = Arc::new(ListenerCounters::default());
-        let served = Served { name: l.name.clone(), updates: self.config.subscribe(), pools: Arc::clone(&self.pools), drain_timeout: self.drain_timeout };
+        let served = Served { name: l.name.clone(), updates: self.config.subscribe(), pod: Arc::clone(&self.pod), drain_timeout: self.drain_timeout };
         let task = tokio::spawn(accept_loop(socket, served, Arc::clone(&counters)));
         Ok(Bound { config: l.clone(), local, counters, task })
     }
@@ -131,7 +133,7 @@ fn bind_reuseport(addr: SocketAddr) -> io::Result<TcpListener> {
 struct Served {
     name: String,
     updates: watch::Receiver<Option<Arc<Snapshot>>>,
-    pools: Arc<Pools>,
+    pod: Arc<Pod>,
     drain_timeout: std::time::Duration,
 }
 
@@ -156,7 +158,7 @@ async fn accept_loop(socket: TcpListener, served: Served, counters: Arc<Listener
                 let _ = stream.set_nodelay(true);
                 let drain = Drain { updates, timeout: served.drain_timeout };
                 let accepted = Accepted { stream, peer, original_dst: None };
-                if let Outcome::UpstreamFailed(e) = connection_handler::serve(accepted, entry, config, &served.pools, drain).await {
+                if let Outcome::UpstreamFailed(e) = connection_handler::serve(accepted, entry, config, &served.pod, drain).await {
                     tracing::debug!(listener = %served.name, %peer, "no upstream connection: {e}");
                 }
             }

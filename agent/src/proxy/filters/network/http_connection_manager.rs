@@ -25,6 +25,7 @@ use super::super::http::router::{self, Matched};
 use super::super::http::{fault, local_ratelimit, local_reply};
 use super::http1_codec::{CodecError, HeadLimits, Http1Codec, Refusals};
 use super::super::super::activity::{Activity, Counted};
+use super::super::super::pod_share::PodLoad;
 use super::stream::{Expired, RequestBody, ResponseBody, StreamTimers};
 use crate::config::http_connection_manager::{Codec, EscapedSlashes, HostPort, HttpConnectionManager, HttpFilterKind, Routes, ServerHeader, UnderscoreHeaders};
 use crate::config::http_filters::FilterOverride;
@@ -42,6 +43,8 @@ pub struct HttpContext {
     pub upstream: Upstream,
     pub peer: SocketAddr,
     pub local: SocketAddr,
+    /// The pod's load: requests in flight count toward its `max_requests`.
+    pub load: Arc<PodLoad>,
 }
 
 /// Headers only a trusted (internal) client may send; removed from other requests, as Envoy does.
@@ -121,12 +124,14 @@ where
         let context = Arc::clone(&context);
         let in_flight = counting.request();
         let refused = refusals.next_request();
+        let admitted = context.load.request();
         async move {
-            let response = match refused {
-                Some(error) => context.refuse(error).map(|body| ResponseBody::new(body, None)),
-                None => context.handle(req).await?,
+            let response = match (refused, &admitted) {
+                (Some(error), _) => context.refuse(error).map(|body| ResponseBody::new(body, None)),
+                (None, None) => context.overloaded().map(|body| ResponseBody::new(body, None)),
+                (None, Some(_)) => context.handle(req).await?,
             };
-            Ok::<_, Reset>(response.map(|body| Counted { body, _in_flight: in_flight }))
+            Ok::<_, Reset>(response.map(|body| Counted { body, _in_flight: (in_flight, admitted) }))
         }
     });
     let ended = match hcm.codec {
@@ -193,6 +198,13 @@ impl HttpContext {
         if !complete && version != Version::HTTP_2 {
             reply.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
+        self.finish(reply.headers_mut());
+        reply
+    }
+
+    /// Envoy's overload reply to a request beyond the pod's `max_requests` in flight.
+    fn overloaded(&self) -> Response<Body> {
+        let mut reply = local_reply::reply(StatusCode::SERVICE_UNAVAILABLE, Some("envoy overloaded"), false);
         self.finish(reply.headers_mut());
         reply
     }
@@ -801,6 +813,7 @@ mod in_memory {
     use super::*;
     use crate::config::store::Resource;
     use crate::config::tree::Obj;
+    use crate::proxy::pod_share::PodLimits;
     use crate::proxy::socket::SocketFactory;
     use crate::proxy::upstream::pool::Pools;
 
@@ -860,7 +873,7 @@ mod in_memory {
         let snapshot = Arc::new(Snapshot { clusters: Arc::new([Resource::fixed("web", cluster)].into_iter().collect()), ..Snapshot::default() });
         let (_, updates) = watch::channel(Some(Arc::clone(&snapshot)));
         let upstream = Upstream { snapshot, pools: Pools::new(SocketFactory::Host), original_dst: "127.0.0.1:1".parse().unwrap() };
-        HttpContext { hcm: Arc::new(hcm), updates, upstream, peer: "127.0.0.1:40000".parse().unwrap(), local: "127.0.0.1:10000".parse().unwrap() }
+        HttpContext { hcm: Arc::new(hcm), updates, upstream, peer: "127.0.0.1:40000".parse().unwrap(), local: "127.0.0.1:10000".parse().unwrap(), load: PodLoad::new(PodLimits::default()) }
     }
 
     /// Sends `paths` over one downstream connection (HTTP/2 prior knowledge when `h2`); returns status and
@@ -904,6 +917,39 @@ mod in_memory {
         let refused = answer.find("HTTP/1.1 501 Not Implemented").expect("then the codec's refusal");
         assert!(first < refused, "{answer}");
         assert!(answer.ends_with("\r\n\r\nNot Implemented") && answer[refused..].contains("connection: close"), "{answer}");
+    }
+
+    #[tokio::test]
+    async fn requests_beyond_the_pods_limit_get_envoys_overload_reply() {
+        // An upstream that accepts and never answers keeps the first request in flight.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = silent.accept().await {
+                held.push(stream);
+            }
+        });
+        let mut context = proxy(addr, false, json!({"match": {"prefix": "/"}, "route": {"cluster": "web"}}));
+        context.load = PodLoad::new(PodLimits { max_connections: 10, max_requests: 1 });
+        let load = Arc::clone(&context.load);
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        tokio::spawn(serve(server, context));
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(client)).await.unwrap();
+        tokio::spawn(conn);
+        let get = || Request::builder().uri("http://example.com/").body(Full::new(Bytes::new())).unwrap();
+        let first = tokio::spawn(sender.send_request(get()));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while load.snapshot().requests == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "the first request never started");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let refused = sender.send_request(get()).await.unwrap();
+        assert_eq!(refused.status(), 503);
+        assert_eq!(refused.into_body().collect().await.unwrap().to_bytes(), "envoy overloaded");
+        first.abort();
+        let s = load.snapshot();
+        assert_eq!((s.requests, s.requests_total, s.requests_refused), (1, 1, 1));
     }
 
     #[tokio::test]

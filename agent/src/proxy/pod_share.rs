@@ -1,0 +1,289 @@
+//! A pod's share of the node proxy. Every captured pod is served by worker threads of its own (a tokio
+//! runtime per pod), so the kernel's scheduler shares the CPU between pods as it would between sidecars:
+//! a pod's share does not grow with its connections or requests, an idle pod's share goes to the busy ones,
+//! and a pod's xDS work runs on its own threads too. On top, each pod's load is counted (connections,
+//! requests in flight, bytes, CPU time of its threads) and held to its limits: connections beyond
+//! `max_connections` are closed at once (Envoy's listener `connection_limit`), requests beyond
+//! `max_requests` get Envoy's overload reply (503 `envoy overloaded`).
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+
+use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+pub use crate::config::agent::PodLimits;
+
+/// A pod's load, counted lock-free on the data path.
+#[derive(Debug)]
+pub struct PodLoad {
+    limits: PodLimits,
+    connections: AtomicU64,
+    connections_total: AtomicU64,
+    connections_refused: AtomicU64,
+    requests: AtomicU64,
+    requests_total: AtomicU64,
+    requests_refused: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    /// The pod's worker threads (Linux thread ids), for their CPU time.
+    threads: Mutex<Vec<u32>>,
+}
+
+/// A point-in-time copy for `/status` and the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct LoadSnapshot {
+    pub connections: u64,
+    pub connections_total: u64,
+    pub connections_refused: u64,
+    pub requests: u64,
+    pub requests_total: u64,
+    pub requests_refused: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// CPU time the pod's worker threads have used, in microseconds.
+    pub cpu_us: u64,
+}
+
+/// Holds one unit of a pod's load until dropped.
+pub struct Admitted {
+    load: Arc<PodLoad>,
+    request: bool,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let counter = if self.request { &self.load.requests } else { &self.load.connections };
+        counter.fetch_sub(1, Relaxed);
+    }
+}
+
+impl PodLoad {
+    pub fn new(limits: PodLimits) -> Arc<PodLoad> {
+        Arc::new(PodLoad {
+            limits,
+            connections: AtomicU64::new(0),
+            connections_total: AtomicU64::new(0),
+            connections_refused: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            requests_total: AtomicU64::new(0),
+            requests_refused: AtomicU64::new(0),
+            bytes_in: AtomicU64::new(0),
+            bytes_out: AtomicU64::new(0),
+            threads: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Counts one more unit under `limit`, or refuses it.
+    fn admit(self: &Arc<Self>, request: bool) -> Option<Admitted> {
+        let (counter, total, refused, limit) = match request {
+            true => (&self.requests, &self.requests_total, &self.requests_refused, self.limits.max_requests),
+            false => (&self.connections, &self.connections_total, &self.connections_refused, self.limits.max_connections),
+        };
+        if counter.fetch_add(1, Relaxed) >= limit {
+            counter.fetch_sub(1, Relaxed);
+            refused.fetch_add(1, Relaxed);
+            return None;
+        }
+        total.fetch_add(1, Relaxed);
+        Some(Admitted { load: Arc::clone(self), request })
+    }
+
+    /// A new downstream connection, unless the pod is at `max_connections`.
+    pub fn connection(self: &Arc<Self>) -> Option<Admitted> {
+        self.admit(false)
+    }
+
+    /// A new HTTP request, unless the pod is at `max_requests`.
+    pub fn request(self: &Arc<Self>) -> Option<Admitted> {
+        self.admit(true)
+    }
+
+    fn add_thread(&self, tid: u32) {
+        self.threads.lock().unwrap_or_else(PoisonError::into_inner).push(tid);
+    }
+
+    /// CPU time of the pod's threads so far (from `/proc/self/task/<tid>/schedstat`, in nanoseconds).
+    fn cpu_us(&self) -> u64 {
+        let threads = self.threads.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let ns: u64 = threads
+            .iter()
+            .filter_map(|tid| std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok())
+            .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+            .sum();
+        ns / 1000
+    }
+
+    pub fn snapshot(&self) -> LoadSnapshot {
+        LoadSnapshot {
+            connections: self.connections.load(Relaxed),
+            connections_total: self.connections_total.load(Relaxed),
+            connections_refused: self.connections_refused.load(Relaxed),
+            requests: self.requests.load(Relaxed),
+            requests_total: self.requests_total.load(Relaxed),
+            requests_refused: self.requests_refused.load(Relaxed),
+            bytes_in: self.bytes_in.load(Relaxed),
+            bytes_out: self.bytes_out.load(Relaxed),
+            cpu_us: self.cpu_us(),
+        }
+    }
+}
+
+/// A downstream byte stream whose bytes count toward its pod's load.
+pub struct Metered<IO> {
+    io: IO,
+    load: Arc<PodLoad>,
+}
+
+impl<IO> Metered<IO> {
+    pub fn new(io: IO, load: Arc<PodLoad>) -> Self {
+        Metered { io, load }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Metered<IO> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.io).poll_read(cx, buf);
+        this.load.bytes_in.fetch_add((buf.filled().len() - before) as u64, Relaxed);
+        polled
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Metered<IO> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = polled {
+            this.load.bytes_out.fetch_add(n as u64, Relaxed);
+        }
+        polled
+    }
+
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = polled {
+            this.load.bytes_out.fetch_add(n as u64, Relaxed);
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// The Linux id of the calling thread.
+fn current_tid() -> Option<u32> {
+    let link = std::fs::read_link("/proc/thread-self").ok()?;
+    link.file_name()?.to_str()?.parse().ok()
+}
+
+/// A pod's worker threads. Dropping it lets the pod's tasks finish on their own (the threads stay until
+/// the last connection has ended, or the drain deadline passed).
+pub struct PodShare {
+    runtime: Option<tokio::runtime::Runtime>,
+    pub load: Arc<PodLoad>,
+}
+
+impl PodShare {
+    pub fn new(workers: usize, limits: PodLimits) -> std::io::Result<PodShare> {
+        let load = PodLoad::new(limits);
+        let threads = Arc::clone(&load);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers.max(1))
+            .thread_name("weft-pod")
+            .on_thread_start(move || {
+                if let Some(tid) = current_tid() {
+                    threads.add_thread(tid);
+                }
+            })
+            .enable_all()
+            .build()?;
+        Ok(PodShare { runtime: Some(runtime), load })
+    }
+
+    /// Where the pod's tasks run.
+    pub fn handle(&self) -> tokio::runtime::Handle {
+        match &self.runtime {
+            Some(r) => r.handle().clone(),
+            None => tokio::runtime::Handle::current(),
+        }
+    }
+
+    /// Stops the pod's threads once its connections have ended or `deadline` has passed.
+    pub fn retire(mut self, deadline: std::time::Duration) {
+        let Some(runtime) = self.runtime.take() else { return };
+        let load = Arc::clone(&self.load);
+        let spawned = std::thread::Builder::new().name("weft-pod-retire".into()).spawn(move || {
+            runtime.block_on(async {
+                let end = tokio::time::Instant::now() + deadline;
+                while load.connections.load(Relaxed) > 0 && tokio::time::Instant::now() < end {
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            });
+            runtime.shutdown_background();
+        });
+        if let Err(e) = spawned {
+            tracing::warn!("cannot retire a pod's threads: {e}");
+        }
+    }
+}
+
+impl Drop for PodShare {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_refuse_beyond_and_release_on_drop() {
+        let load = PodLoad::new(PodLimits { max_connections: 2, max_requests: 1 });
+        let a = load.connection().unwrap();
+        let _b = load.connection().unwrap();
+        assert!(load.connection().is_none(), "a third connection is over the limit");
+        drop(a);
+        let _c = load.connection().expect("a closed connection frees its place");
+        let _r = load.request().unwrap();
+        assert!(load.request().is_none());
+        let s = load.snapshot();
+        assert_eq!((s.connections, s.connections_total, s.connections_refused, s.requests, s.requests_refused), (2, 3, 1, 1, 1));
+    }
+
+    #[test]
+    fn a_pods_threads_count_their_cpu_time() {
+        let share = PodShare::new(1, PodLimits::default()).unwrap();
+        share.handle().block_on(async {
+            // Busy for a while on the pod's own thread.
+            tokio::spawn(async {
+                let start = std::time::Instant::now();
+                let mut x = 0u64;
+                while start.elapsed() < std::time::Duration::from_millis(50) {
+                    x = x.wrapping_add(std::hint::black_box(1));
+                }
+                x
+            })
+            .await
+            .unwrap();
+        });
+        assert!(share.load.snapshot().cpu_us >= 40_000, "{:?}", share.load.snapshot());
+    }
+}
