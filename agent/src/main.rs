@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the node agent: serve the CNI socket, capture pods, proxy their traffic.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Run the proxy alone from an Envoy v3 bootstrap file, as `envoy -c FILE` would.
     Proxy(ProxyArgs),
     /// Remove everything weft installed on this node: pods' rules, eBPF pins (which detaches the programs),
@@ -160,7 +160,7 @@ impl RunArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Cleanup(args) => cleanup(args),
         Command::Proxy(args) => proxy(args),
     };
