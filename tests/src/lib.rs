@@ -19,6 +19,7 @@ pub mod conformance;
 pub mod netns;
 pub mod tools;
 pub mod load;
+pub mod share;
 pub mod traffic;
 pub mod util;
 pub mod xds_server;
