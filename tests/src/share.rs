@@ -72,3 +72,83 @@ pub fn closed_loop(pod: &NetNs, addr: SocketAddr, connections: usize, window: Du
         Ok(total)
     })
 }
+
+const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+
+/// A minimal HTTP/1.1 server on `port` in `pod` (every request, GET without a body, is answered 200 `ok`
+/// on its keep-alive connection), one thread, until the process ends.
+pub fn start_http(pod: &NetNs, port: u16) -> io::Result<()> {
+    let listener = pod.tcp_listen(("0.0.0.0", port))?;
+    listener.set_nonblocking(true)?;
+    let runtime = single_thread()?;
+    std::thread::spawn(move || {
+        runtime.block_on(async move {
+            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
+            while let Ok((conn, _)) = listener.accept().await {
+                tokio::spawn(answer_requests(conn));
+            }
+        });
+    });
+    Ok(())
+}
+
+async fn answer_requests(mut conn: tokio::net::TcpStream) -> io::Result<()> {
+    conn.set_nodelay(true)?;
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = conn.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            buf.drain(..end + 4);
+            conn.write_all(ANSWER).await?;
+        }
+    }
+}
+
+/// GET requests to `addr` from `pod` at a fixed `rate` per second for `duration`, spread over `connections`
+/// keep-alive connections, on one thread. Each latency (µs) counts from when its request was due, so a
+/// stalled proxy shows in the latencies instead of slowing the load (no coordinated omission).
+pub fn fixed_rate(pod: &NetNs, addr: SocketAddr, rate: u32, connections: usize, duration: Duration) -> io::Result<Vec<f64>> {
+    let streams = (0..connections)
+        .map(|_| {
+            let s = pod.tcp_connect(addr, Duration::from_secs(5))?;
+            s.set_nonblocking(true)?;
+            s.set_nodelay(true)?;
+            Ok(s)
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    let interval = Duration::from_secs_f64(connections as f64 / f64::from(rate.max(1)));
+    let per_connection = (duration.as_secs_f64() / interval.as_secs_f64()) as u32;
+    let request = format!("GET / HTTP/1.1\r\nhost: {addr}\r\n\r\n");
+    single_thread()?.block_on(async move {
+        let start = tokio::time::Instant::now();
+        let mut tasks = Vec::new();
+        for (i, s) in streams.into_iter().enumerate() {
+            let mut stream = tokio::net::TcpStream::from_std(s)?;
+            let request = request.clone();
+            // Connections take turns, so requests leave evenly spaced.
+            let offset = interval.mul_f64(i as f64 / connections as f64);
+            tasks.push(tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(per_connection as usize);
+                let mut answer = vec![0u8; ANSWER.len()];
+                for k in 0..per_connection {
+                    let due = start + offset + interval * k;
+                    tokio::time::sleep_until(due).await;
+                    stream.write_all(request.as_bytes()).await?;
+                    stream.read_exact(&mut answer).await?;
+                    latencies.push(due.elapsed().as_secs_f64() * 1e6);
+                }
+                Ok::<_, io::Error>(latencies)
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.map_err(io::Error::other)??);
+        }
+        Ok(all)
+    })
+}

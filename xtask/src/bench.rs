@@ -18,7 +18,7 @@ pub(crate) fn release_build() -> Result<(), String> {
     Ok(())
 }
 
-fn weft_cluster(name: &str) -> Result<Cluster, String> {
+pub(crate) fn weft_cluster(name: &str) -> Result<Cluster, String> {
     let entry = WeftEntry::new(bin_path("weft-cni").map_err(|e| e.to_string())?, "run/cni.sock");
     Cluster::with_options(name, ClusterOptions::with_weft(entry)).map_err(|e| e.to_string())
 }

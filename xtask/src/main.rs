@@ -10,6 +10,7 @@
 
 mod bench;
 mod bench_http;
+mod bench_neighbour;
 mod demo;
 mod ebpf;
 mod setup;
@@ -29,6 +30,7 @@ fn main() -> ExitCode {
         ["bench", "xds", rest @ ..] => bench::xds(rest),
         ["bench", "pods", rest @ ..] => bench::pods(rest),
         ["bench", "http", rest @ ..] => bench_http::run(rest),
+        ["bench", "neighbour", rest @ ..] => bench_neighbour::run(rest),
         // The upstream `bench http` runs inside its network namespace (not in the usage).
         ["bench-upstream", rest @ ..] => bench_http::upstream(rest),
         _ => Err(USAGE.to_string()),
@@ -43,7 +45,7 @@ fn main() -> ExitCode {
 }
 
 const USAGE: &str =
-    "usage: cargo xtask (setup | build-ebpf | test [-- CARGO TEST ARGS] | demo | bench cni [--pods N] | bench capture | bench xds [--clusters N] | bench pods | bench http [--duration S] [--connections N])";
+    "usage: cargo xtask (setup | build-ebpf | test [-- CARGO TEST ARGS] | demo | bench cni [--pods N] | bench capture | bench xds [--clusters N] | bench pods | bench http [--duration S] [--connections N] | bench neighbour [--duration S])";
 
 /// Runs a command, failing with its name when it does not succeed.
 pub fn run(cmd: &mut Command) -> Result<(), String> {
