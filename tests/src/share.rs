@@ -37,17 +37,22 @@ pub fn start_echo(pod: &NetNs, port: u16) -> io::Result<()> {
     Ok(())
 }
 
-/// Round trips of [`MESSAGE`] bytes, as many as they go, on `connections` connections from `pod` to
-/// `addr` for `window`, on one thread. Returns how many completed.
-pub fn closed_loop(pod: &NetNs, addr: SocketAddr, connections: usize, window: Duration) -> io::Result<u64> {
-    let streams = (0..connections)
+/// `n` connections from `pod` to `addr`, ready for an event loop.
+fn connect_all(pod: &NetNs, addr: SocketAddr, n: usize) -> io::Result<Vec<std::net::TcpStream>> {
+    (0..n)
         .map(|_| {
             let s = pod.tcp_connect(addr, Duration::from_secs(5))?;
             s.set_nonblocking(true)?;
             s.set_nodelay(true)?;
             Ok(s)
         })
-        .collect::<io::Result<Vec<_>>>()?;
+        .collect()
+}
+
+/// Round trips of [`MESSAGE`] bytes, as many as they go, on `connections` connections from `pod` to
+/// `addr` for `window`, on one thread. Returns how many completed.
+pub fn closed_loop(pod: &NetNs, addr: SocketAddr, connections: usize, window: Duration) -> io::Result<u64> {
+    let streams = connect_all(pod, addr, connections)?;
     single_thread()?.block_on(async move {
         let end = Instant::now() + window;
         let mut tasks = Vec::new();
@@ -113,14 +118,7 @@ async fn answer_requests(mut conn: tokio::net::TcpStream) -> io::Result<()> {
 /// keep-alive connections, on one thread. Each latency (µs) counts from when its request was due, so a
 /// stalled proxy shows in the latencies instead of slowing the load (no coordinated omission).
 pub fn fixed_rate(pod: &NetNs, addr: SocketAddr, rate: u32, connections: usize, duration: Duration) -> io::Result<Vec<f64>> {
-    let streams = (0..connections)
-        .map(|_| {
-            let s = pod.tcp_connect(addr, Duration::from_secs(5))?;
-            s.set_nonblocking(true)?;
-            s.set_nodelay(true)?;
-            Ok(s)
-        })
-        .collect::<io::Result<Vec<_>>>()?;
+    let streams = connect_all(pod, addr, connections)?;
     let interval = Duration::from_secs_f64(connections as f64 / f64::from(rate.max(1)));
     let per_connection = (duration.as_secs_f64() / interval.as_secs_f64()) as u32;
     let request = format!("GET / HTTP/1.1\r\nhost: {addr}\r\n\r\n");
