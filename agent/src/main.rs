@@ -148,6 +148,7 @@ impl RunArgs {
             istio_version: None,
             pod_workers: self.pod_workers,
             pod_limits: None,
+            node_max_connections: None,
         };
         cfg = flags.apply(cfg)?;
         if let Some(level) = &self.log_level {
@@ -282,6 +283,7 @@ async fn serve(cfg: AgentConfig) -> Result<(), String> {
         drain_timeout: cfg.drain_timeout,
         pod_workers: cfg.pod_workers,
         pod_limits: cfg.pod_limits,
+        node_max_connections: cfg.node_max_connections,
     };
     let xds = cfg.xds.clone().map(weft_agent::xds::pod::PodXds::new).transpose().map_err(|e| format!("xds_address: {e}"))?;
     let node = Arc::new(Node::new(Arc::from(redirector), registry, settings, xds));

@@ -14,7 +14,7 @@ use crate::capture::{CaptureError, RedirectMode, Redirector};
 use crate::cni_server::registry::{PodRecord, RegistryFile};
 use crate::proxy::listener::{self, PodListeners};
 use crate::proxy::passthrough;
-use crate::proxy::pod_share::{LoadSnapshot, PodShare};
+use crate::proxy::pod_share::{LoadSnapshot, NodeLoad, PodShare};
 use crate::proxy::stats::ListenerSnapshot;
 use crate::proxy::ProxySettings;
 use crate::xds::pod::PodXds;
@@ -68,6 +68,8 @@ pub struct Node {
     settings: ProxySettings,
     xds: Option<PodXds>,
     pods: Mutex<BTreeMap<Attachment, CapturedPod>>,
+    /// Connections of all pods together, against `node_max_connections`.
+    load: Arc<NodeLoad>,
 }
 
 /// One pod in the status endpoint.
@@ -93,7 +95,8 @@ pub struct PodStatus {
 
 impl Node {
     pub fn new(redirector: Arc<dyn Redirector>, registry: RegistryFile, settings: ProxySettings, xds: Option<PodXds>) -> Node {
-        Node { redirector, registry, settings, xds, pods: Mutex::new(BTreeMap::new()) }
+        let load = NodeLoad::new(settings.node_max_connections);
+        Node { redirector, registry, settings, xds, pods: Mutex::new(BTreeMap::new()), load }
     }
 
     /// The xDS state of pod `namespace/name`, when the agent has a control plane.
@@ -281,7 +284,7 @@ impl Node {
             None => Some(Arc::new(passthrough::snapshot(self.settings.connect_timeout))),
         };
         let (snapshot, config) = tokio::sync::watch::channel(initial);
-        let share = PodShare::new(self.settings.pod_workers, self.settings.pod_limits)
+        let share = PodShare::new(self.settings.pod_workers, self.settings.pod_limits, Some(Arc::clone(&self.load)))
             .map_err(|e| NodeError::new(format!("{label}: cannot start the pod's worker threads"), e))?;
         let listeners = listener::start(label.clone(), ns.clone(), self.settings, config, &share)
             .await

@@ -30,16 +30,18 @@ pub struct PodLimits {
     pub max_connections: u64,
     /// HTTP requests in flight at once; more get 503 `envoy overloaded`.
     pub max_requests: u64,
+    /// New downstream connections per second (bursts of up to a second's worth); more are closed at once.
+    pub max_connection_rate: u64,
 }
 
 impl Default for PodLimits {
     fn default() -> Self {
-        PodLimits { max_connections: 4096, max_requests: 4096 }
+        PodLimits { max_connections: 4096, max_requests: 4096, max_connection_rate: 1000 }
     }
 }
 
 impl PodLimits {
-    pub const UNLIMITED: PodLimits = PodLimits { max_connections: u64::MAX, max_requests: u64::MAX };
+    pub const UNLIMITED: PodLimits = PodLimits { max_connections: u64::MAX, max_requests: u64::MAX, max_connection_rate: u64::MAX };
 }
 
 /// Validated agent settings.
@@ -61,6 +63,9 @@ pub struct AgentConfig {
     /// Worker threads of each pod's share of the proxy.
     pub pod_workers: usize,
     pub pod_limits: PodLimits,
+    /// Downstream connections of all pods together (Envoy's overload manager
+    /// `global_downstream_max_connections`): at it, only pods under their equal share get new ones.
+    pub node_max_connections: u64,
 }
 
 impl Default for AgentConfig {
@@ -78,6 +83,7 @@ impl Default for AgentConfig {
             xds: None,
             pod_workers: 2,
             pod_limits: PodLimits::default(),
+            node_max_connections: 65536,
         }
     }
 }
@@ -105,6 +111,7 @@ pub struct ConfigFile {
     pub istio_version: Option<String>,
     pub pod_workers: Option<usize>,
     pub pod_limits: Option<PodLimits>,
+    pub node_max_connections: Option<u64>,
 }
 
 impl ConfigFile {
@@ -136,10 +143,16 @@ impl ConfigFile {
             base.pod_workers = n;
         }
         if let Some(limits) = self.pod_limits {
-            if limits.max_connections == 0 || limits.max_requests == 0 {
-                return Err("pod_limits: max_connections and max_requests must be at least 1".into());
+            if limits.max_connections == 0 || limits.max_requests == 0 || limits.max_connection_rate == 0 {
+                return Err("pod_limits: max_connections, max_requests and max_connection_rate must be at least 1".into());
             }
             base.pod_limits = limits;
+        }
+        if let Some(n) = self.node_max_connections {
+            if n == 0 {
+                return Err("node_max_connections: must be at least 1".into());
+            }
+            base.node_max_connections = n;
         }
         if self.ebpf_object.is_some() {
             base.ebpf.object = self.ebpf_object;

@@ -46,6 +46,8 @@ pub struct ProxySettings {
     /// Worker threads of each pod's own share of the proxy.
     pub pod_workers: usize,
     pub pod_limits: pod_share::PodLimits,
+    /// Connections of all pods together; at it, only pods under their equal share get new ones.
+    pub node_max_connections: u64,
 }
 
 impl Default for ProxySettings {
@@ -55,6 +57,7 @@ impl Default for ProxySettings {
             drain_timeout: Duration::from_secs(30),
             pod_workers: 2,
             pod_limits: pod_share::PodLimits::default(),
+            node_max_connections: 65536,
         }
     }
 }

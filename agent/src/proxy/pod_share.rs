@@ -16,10 +16,42 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 pub use crate::config::agent::PodLimits;
 
-/// A pod's load, counted lock-free on the data path.
+/// The connections of all pods together, against the node's limit (Envoy's overload manager
+/// `global_downstream_max_connections`). At the limit, connections are shed from the heaviest pods first:
+/// only a pod under its equal share (the limit over the pods captured) still gets new ones.
+#[derive(Debug)]
+pub struct NodeLoad {
+    max_connections: u64,
+    connections: AtomicU64,
+    pods: AtomicU64,
+}
+
+impl NodeLoad {
+    pub fn new(max_connections: u64) -> Arc<NodeLoad> {
+        Arc::new(NodeLoad { max_connections, connections: AtomicU64::new(0), pods: AtomicU64::new(0) })
+    }
+
+    /// Whether a pod holding `held` connections may open another.
+    fn admits(&self, held: u64) -> bool {
+        let share = self.max_connections / self.pods.load(Relaxed).max(1);
+        self.connections.load(Relaxed) < self.max_connections || held < share
+    }
+}
+
+/// New connections allowed per second, in bursts of up to a second's worth.
+#[derive(Debug)]
+struct RateBucket {
+    tokens: f64,
+    last: std::time::Instant,
+}
+
+/// A pod's load, counted lock-free on the data path (the connection-rate bucket takes a lock per new
+/// connection).
 #[derive(Debug)]
 pub struct PodLoad {
     limits: PodLimits,
+    node: Option<Arc<NodeLoad>>,
+    rate: Mutex<RateBucket>,
     connections: AtomicU64,
     connections_total: AtomicU64,
     connections_refused: AtomicU64,
@@ -57,13 +89,24 @@ impl Drop for Admitted {
     fn drop(&mut self) {
         let counter = if self.request { &self.load.requests } else { &self.load.connections };
         counter.fetch_sub(1, Relaxed);
+        if let (false, Some(node)) = (self.request, &self.load.node) {
+            node.connections.fetch_sub(1, Relaxed);
+        }
     }
 }
 
 impl PodLoad {
     pub fn new(limits: PodLimits) -> Arc<PodLoad> {
+        PodLoad::on_node(limits, None)
+    }
+
+    /// A pod's load that also counts toward the node's.
+    pub fn on_node(limits: PodLimits, node: Option<Arc<NodeLoad>>) -> Arc<PodLoad> {
+        let burst = limits.max_connection_rate as f64;
         Arc::new(PodLoad {
             limits,
+            node,
+            rate: Mutex::new(RateBucket { tokens: burst, last: std::time::Instant::now() }),
             connections: AtomicU64::new(0),
             connections_total: AtomicU64::new(0),
             connections_refused: AtomicU64::new(0),
@@ -91,9 +134,37 @@ impl PodLoad {
         Some(Admitted { load: Arc::clone(self), request })
     }
 
-    /// A new downstream connection, unless the pod is at `max_connections`.
+    /// A new downstream connection, unless the pod is over `max_connection_rate`, at `max_connections`, or
+    /// over its share of a node at its connection limit.
     pub fn connection(self: &Arc<Self>) -> Option<Admitted> {
-        self.admit(false)
+        let node_admits = self.node.as_ref().is_none_or(|n| n.admits(self.connections.load(Relaxed)));
+        if !node_admits || !self.take_rate_token() {
+            self.connections_refused.fetch_add(1, Relaxed);
+            return None;
+        }
+        let admitted = self.admit(false)?;
+        if let Some(node) = &self.node {
+            node.connections.fetch_add(1, Relaxed);
+        }
+        Some(admitted)
+    }
+
+    /// One token of the connection-rate bucket, refilled at `max_connection_rate` per second.
+    fn take_rate_token(&self) -> bool {
+        let rate = self.limits.max_connection_rate;
+        if rate == u64::MAX {
+            return true;
+        }
+        let mut bucket = self.rate.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(bucket.last).as_secs_f64() * rate as f64;
+        bucket.tokens = (bucket.tokens + refill).min(rate as f64);
+        bucket.last = now;
+        if bucket.tokens < 1.0 {
+            return false;
+        }
+        bucket.tokens -= 1.0;
+        true
     }
 
     /// A new HTTP request, unless the pod is at `max_requests`.
@@ -199,8 +270,8 @@ pub struct PodShare {
 }
 
 impl PodShare {
-    pub fn new(workers: usize, limits: PodLimits) -> std::io::Result<PodShare> {
-        let load = PodLoad::new(limits);
+    pub fn new(workers: usize, limits: PodLimits, node: Option<Arc<NodeLoad>>) -> std::io::Result<PodShare> {
+        let load = PodLoad::on_node(limits, node);
         let threads = Arc::clone(&load);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers.max(1))
@@ -212,6 +283,9 @@ impl PodShare {
             })
             .enable_all()
             .build()?;
+        if let Some(node) = &load.node {
+            node.pods.fetch_add(1, Relaxed);
+        }
         Ok(PodShare { runtime: Some(runtime), load })
     }
 
@@ -244,6 +318,9 @@ impl PodShare {
 
 impl Drop for PodShare {
     fn drop(&mut self) {
+        if let Some(node) = &self.load.node {
+            node.pods.fetch_sub(1, Relaxed);
+        }
         if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
@@ -256,7 +333,7 @@ mod tests {
 
     #[test]
     fn limits_refuse_beyond_and_release_on_drop() {
-        let load = PodLoad::new(PodLimits { max_connections: 2, max_requests: 1 });
+        let load = PodLoad::new(PodLimits { max_connections: 2, max_requests: 1, ..PodLimits::UNLIMITED });
         let a = load.connection().unwrap();
         let _b = load.connection().unwrap();
         assert!(load.connection().is_none(), "a third connection is over the limit");
@@ -269,8 +346,34 @@ mod tests {
     }
 
     #[test]
+    fn connections_beyond_the_rate_are_refused_until_the_bucket_refills() {
+        let load = PodLoad::new(PodLimits { max_connection_rate: 2, ..PodLimits::UNLIMITED });
+        let held: Vec<_> = (0..2).map(|_| load.connection().expect("a second's burst")).collect();
+        assert!(load.connection().is_none(), "a third connection in the same instant is over 2 per second");
+        std::thread::sleep(std::time::Duration::from_millis(600));
+        assert!(load.connection().is_some(), "half a second refills one token");
+        drop(held);
+    }
+
+    #[test]
+    fn a_node_at_its_limit_sheds_the_heaviest_pods_never_one_within_its_share() {
+        let node = NodeLoad::new(4);
+        node.pods.store(2, Relaxed);
+        let heavy = PodLoad::on_node(PodLimits::UNLIMITED, Some(Arc::clone(&node)));
+        let light = PodLoad::on_node(PodLimits::UNLIMITED, Some(Arc::clone(&node)));
+        let mut held: Vec<_> = (0..4).map(|_| heavy.connection().expect("under the node's limit")).collect();
+        assert!(heavy.connection().is_none(), "the node is full and the heavy pod holds more than its share of 2");
+        held.push(light.connection().expect("the light pod is within its share"));
+        held.push(light.connection().expect("still within its share"));
+        assert!(light.connection().is_none(), "now at its share of a full node");
+        held.pop();
+        assert!(light.connection().is_some(), "a closed connection frees its place");
+        assert_eq!((heavy.snapshot().connections_refused, light.snapshot().connections_refused), (1, 1));
+    }
+
+    #[test]
     fn a_pods_threads_count_their_cpu_time() {
-        let share = PodShare::new(1, PodLimits::default()).unwrap();
+        let share = PodShare::new(1, PodLimits::default(), None).unwrap();
         share.handle().block_on(async {
             // Busy for a while on the pod's own thread.
             tokio::spawn(async {

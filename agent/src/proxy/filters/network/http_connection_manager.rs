@@ -931,7 +931,7 @@ mod in_memory {
             }
         });
         let mut context = proxy(addr, false, json!({"match": {"prefix": "/"}, "route": {"cluster": "web"}}));
-        context.load = PodLoad::new(PodLimits { max_connections: 10, max_requests: 1 });
+        context.load = PodLoad::new(PodLimits { max_requests: 1, ..PodLimits::default() });
         let load = Arc::clone(&context.load);
         let (client, server) = tokio::io::duplex(64 * 1024);
         tokio::spawn(serve(server, context));
