@@ -32,16 +32,20 @@ pub struct PodLimits {
     pub max_requests: u64,
     /// New downstream connections per second (bursts of up to a second's worth); more are closed at once.
     pub max_connection_rate: u64,
+    /// Bytes per second the pod's downstream connections may move, each direction (bursts of up to a
+    /// second's worth); `None`: unlimited.
+    pub max_bandwidth: Option<u64>,
 }
 
 impl Default for PodLimits {
     fn default() -> Self {
-        PodLimits { max_connections: 4096, max_requests: 4096, max_connection_rate: 1000 }
+        PodLimits { max_connections: 4096, max_requests: 4096, max_connection_rate: 1000, max_bandwidth: None }
     }
 }
 
 impl PodLimits {
-    pub const UNLIMITED: PodLimits = PodLimits { max_connections: u64::MAX, max_requests: u64::MAX, max_connection_rate: u64::MAX };
+    pub const UNLIMITED: PodLimits =
+        PodLimits { max_connections: u64::MAX, max_requests: u64::MAX, max_connection_rate: u64::MAX, max_bandwidth: None };
 }
 
 /// Validated agent settings.
@@ -143,8 +147,8 @@ impl ConfigFile {
             base.pod_workers = n;
         }
         if let Some(limits) = self.pod_limits {
-            if limits.max_connections == 0 || limits.max_requests == 0 || limits.max_connection_rate == 0 {
-                return Err("pod_limits: max_connections, max_requests and max_connection_rate must be at least 1".into());
+            if limits.max_connections == 0 || limits.max_requests == 0 || limits.max_connection_rate == 0 || limits.max_bandwidth == Some(0) {
+                return Err("pod_limits: max_connections, max_requests, max_connection_rate and max_bandwidth must be at least 1".into());
             }
             base.pod_limits = limits;
         }

@@ -6,6 +6,7 @@
 //! `max_connections` are closed at once (Envoy's listener `connection_limit`), requests beyond
 //! `max_requests` get Envoy's overload reply (503 `envoy overloaded`).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -38,11 +39,39 @@ impl NodeLoad {
     }
 }
 
-/// New connections allowed per second, in bursts of up to a second's worth.
+/// A token bucket refilled at `rate` per second up to a second's worth. Tokens may be overdrawn (a read
+/// takes what arrived); the next user then waits until the debt is paid.
 #[derive(Debug)]
 struct RateBucket {
+    rate: f64,
     tokens: f64,
-    last: std::time::Instant,
+    last: tokio::time::Instant,
+}
+
+impl RateBucket {
+    fn new(rate: u64) -> Mutex<RateBucket> {
+        Mutex::new(RateBucket { rate: rate as f64, tokens: rate as f64, last: tokio::time::Instant::now() })
+    }
+
+    fn refill(&mut self) {
+        let now = tokio::time::Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.rate);
+        self.last = now;
+    }
+
+    /// The whole tokens there now, or how long until there is one.
+    fn available(&mut self) -> Result<u64, std::time::Duration> {
+        self.refill();
+        if self.tokens >= 1.0 {
+            return Ok(self.tokens as u64);
+        }
+        Err(std::time::Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+    }
+
+    fn take(&mut self, n: f64) {
+        self.refill();
+        self.tokens -= n;
+    }
 }
 
 /// A pod's load, counted lock-free on the data path (the connection-rate bucket takes a lock per new
@@ -51,7 +80,10 @@ struct RateBucket {
 pub struct PodLoad {
     limits: PodLimits,
     node: Option<Arc<NodeLoad>>,
+    /// New connections per second.
     rate: Mutex<RateBucket>,
+    /// Bytes per second read from and written to downstream, when limited.
+    bandwidth: Option<[Mutex<RateBucket>; 2]>,
     connections: AtomicU64,
     connections_total: AtomicU64,
     connections_refused: AtomicU64,
@@ -102,11 +134,11 @@ impl PodLoad {
 
     /// A pod's load that also counts toward the node's.
     pub fn on_node(limits: PodLimits, node: Option<Arc<NodeLoad>>) -> Arc<PodLoad> {
-        let burst = limits.max_connection_rate as f64;
         Arc::new(PodLoad {
             limits,
             node,
-            rate: Mutex::new(RateBucket { tokens: burst, last: std::time::Instant::now() }),
+            rate: RateBucket::new(limits.max_connection_rate),
+            bandwidth: limits.max_bandwidth.map(|b| [RateBucket::new(b), RateBucket::new(b)]),
             connections: AtomicU64::new(0),
             connections_total: AtomicU64::new(0),
             connections_refused: AtomicU64::new(0),
@@ -151,19 +183,14 @@ impl PodLoad {
 
     /// One token of the connection-rate bucket, refilled at `max_connection_rate` per second.
     fn take_rate_token(&self) -> bool {
-        let rate = self.limits.max_connection_rate;
-        if rate == u64::MAX {
+        if self.limits.max_connection_rate == u64::MAX {
             return true;
         }
         let mut bucket = self.rate.lock().unwrap_or_else(PoisonError::into_inner);
-        let now = std::time::Instant::now();
-        let refill = now.duration_since(bucket.last).as_secs_f64() * rate as f64;
-        bucket.tokens = (bucket.tokens + refill).min(rate as f64);
-        bucket.last = now;
-        if bucket.tokens < 1.0 {
+        if bucket.available().is_err() {
             return false;
         }
-        bucket.tokens -= 1.0;
+        bucket.take(1.0);
         true
     }
 
@@ -202,24 +229,67 @@ impl PodLoad {
     }
 }
 
-/// A downstream byte stream whose bytes count toward its pod's load.
+/// A downstream byte stream whose bytes count toward its pod's load, and wait for its bandwidth.
 pub struct Metered<IO> {
     io: IO,
     load: Arc<PodLoad>,
+    /// Waiting for bandwidth, per direction (read, write).
+    waits: [Option<Pin<Box<tokio::time::Sleep>>>; 2],
 }
+
+const READ: usize = 0;
+const WRITE: usize = 1;
 
 impl<IO> Metered<IO> {
     pub fn new(io: IO, load: Arc<PodLoad>) -> Self {
-        Metered { io, load }
+        Metered { io, load, waits: [None, None] }
+    }
+
+    /// How many bytes the pod's bandwidth in `direction` allows now (any number when unlimited); pending
+    /// until it allows one.
+    fn poll_bandwidth(&mut self, cx: &mut Context<'_>, direction: usize) -> Poll<usize> {
+        let Some(buckets) = &self.load.bandwidth else { return Poll::Ready(usize::MAX) };
+        loop {
+            let available = buckets[direction].lock().unwrap_or_else(PoisonError::into_inner).available();
+            let wait = match available {
+                Ok(bytes) => {
+                    self.waits[direction] = None;
+                    return Poll::Ready(usize::try_from(bytes).unwrap_or(usize::MAX));
+                }
+                Err(wait) => wait,
+            };
+            let sleep = self.waits[direction].get_or_insert_with(|| Box::pin(tokio::time::sleep(wait)));
+            sleep.as_mut().reset(tokio::time::Instant::now() + wait);
+            std::task::ready!(sleep.as_mut().poll(cx));
+        }
+    }
+
+    /// Counts `n` bytes moved in `direction` and takes them from the pod's bandwidth.
+    fn moved(&self, direction: usize, n: usize) {
+        let counter = if direction == READ { &self.load.bytes_in } else { &self.load.bytes_out };
+        counter.fetch_add(n as u64, Relaxed);
+        if let Some(buckets) = &self.load.bandwidth {
+            buckets[direction].lock().unwrap_or_else(PoisonError::into_inner).take(n as f64);
+        }
     }
 }
 
 impl<IO: AsyncRead + Unpin> AsyncRead for Metered<IO> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
+        let allowed = std::task::ready!(this.poll_bandwidth(cx, READ));
+        if allowed < buf.remaining() {
+            // Limited: read no more than the bandwidth allows now.
+            let mut limited = ReadBuf::new(buf.initialize_unfilled_to(allowed));
+            let polled = Pin::new(&mut this.io).poll_read(cx, &mut limited);
+            let n = limited.filled().len();
+            buf.advance(n);
+            this.moved(READ, n);
+            return polled;
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.io).poll_read(cx, buf);
-        this.load.bytes_in.fetch_add((buf.filled().len() - before) as u64, Relaxed);
+        this.moved(READ, buf.filled().len() - before);
         polled
     }
 }
@@ -227,18 +297,29 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Metered<IO> {
 impl<IO: AsyncWrite + Unpin> AsyncWrite for Metered<IO> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.io).poll_write(cx, data);
+        let allowed = std::task::ready!(this.poll_bandwidth(cx, WRITE));
+        let polled = Pin::new(&mut this.io).poll_write(cx, &data[..allowed.min(data.len())]);
         if let Poll::Ready(Ok(n)) = polled {
-            this.load.bytes_out.fetch_add(n as u64, Relaxed);
+            this.moved(WRITE, n);
         }
         polled
     }
 
     fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
         let this = self.get_mut();
+        let allowed = std::task::ready!(this.poll_bandwidth(cx, WRITE));
+        if allowed < bufs.iter().map(|b| b.len()).sum::<usize>() {
+            // Limited: the first slice, no more than the bandwidth allows now.
+            let first = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &b[..]);
+            let polled = Pin::new(&mut this.io).poll_write(cx, &first[..allowed.min(first.len())]);
+            if let Poll::Ready(Ok(n)) = polled {
+                this.moved(WRITE, n);
+            }
+            return polled;
+        }
         let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = polled {
-            this.load.bytes_out.fetch_add(n as u64, Relaxed);
+            this.moved(WRITE, n);
         }
         polled
     }
@@ -371,22 +452,47 @@ mod tests {
         assert_eq!((heavy.snapshot().connections_refused, light.snapshot().connections_refused), (1, 1));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_pods_bandwidth_paces_its_connections() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let load = PodLoad::new(PodLimits { max_bandwidth: Some(10_000), ..PodLimits::UNLIMITED });
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let mut metered = Metered::new(server, Arc::clone(&load));
+        client.write_all(&[0u8; 40_000]).await.unwrap();
+        let start = tokio::time::Instant::now();
+        let mut got = 0;
+        let mut buf = vec![0u8; 64 << 10];
+        while got < 40_000 {
+            got += metered.read(&mut buf).await.unwrap();
+        }
+        // A second's worth at once, then 10,000 bytes a second for the rest.
+        let took = start.elapsed().as_secs_f64();
+        assert!((2.9..3.2).contains(&took), "40,000 bytes at 10,000/s with a 10,000 burst took {took} s");
+        assert_eq!(load.snapshot().bytes_in, 40_000);
+    }
+
     #[test]
     fn a_pods_threads_count_their_cpu_time() {
         let share = PodShare::new(1, PodLimits::default(), None).unwrap();
-        share.handle().block_on(async {
-            // Busy for a while on the pod's own thread.
-            tokio::spawn(async {
-                let start = std::time::Instant::now();
+        let own_cpu_ns = || -> u64 {
+            let stat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
+            stat.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0)
+        };
+        share.handle().block_on(async move {
+            // Busy on the pod's own thread until it has used 50 ms of CPU, however busy the machine is.
+            tokio::spawn(async move {
+                let start = own_cpu_ns();
                 let mut x = 0u64;
-                while start.elapsed() < std::time::Duration::from_millis(50) {
-                    x = x.wrapping_add(std::hint::black_box(1));
+                while own_cpu_ns() - start < 50_000_000 {
+                    for _ in 0..10_000 {
+                        x = x.wrapping_add(std::hint::black_box(1));
+                    }
                 }
                 x
             })
             .await
             .unwrap();
         });
-        assert!(share.load.snapshot().cpu_us >= 40_000, "{:?}", share.load.snapshot());
+        assert!(share.load.snapshot().cpu_us >= 50_000, "{:?}", share.load.snapshot());
     }
 }
