@@ -3,8 +3,10 @@
 //! a pod's share does not grow with its connections or requests, an idle pod's share goes to the busy ones,
 //! and a pod's xDS work runs on its own threads too. On top, each pod's load is counted (connections,
 //! requests in flight, bytes, CPU time of its threads) and held to its limits: connections beyond
-//! `max_connections` are closed at once (Envoy's listener `connection_limit`), requests beyond
-//! `max_requests` get Envoy's overload reply (503 `envoy overloaded`).
+//! `max_connections` or `max_connection_rate` are closed at once (Envoy's listener `connection_limit`),
+//! requests beyond `max_requests` get Envoy's overload reply (503 `envoy overloaded`), bytes wait for
+//! `max_bandwidth`; and a node at `node_max_connections` sheds new connections from the pods over their
+//! equal share only.
 
 use std::future::Future;
 use std::pin::Pin;
