@@ -17,24 +17,34 @@ fn single_thread() -> io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread().enable_all().build()
 }
 
-/// Echoes every connection to `port` in `pod`, on one thread, until the process ends.
-pub fn start_echo(pod: &NetNs, port: u16) -> io::Result<()> {
+/// Serves every connection to `port` in `pod` with `serve`, on one thread, until the process ends.
+fn serve_on_one_thread<F, Fut>(pod: &NetNs, port: u16, serve: F) -> io::Result<()>
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = io::Result<()>> + 'static,
+{
     let listener = pod.tcp_listen(("0.0.0.0", port))?;
     listener.set_nonblocking(true)?;
     let runtime = single_thread()?;
     std::thread::spawn(move || {
-        runtime.block_on(async move {
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&runtime, async move {
             let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
-            while let Ok((mut conn, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let _ = conn.set_nodelay(true);
-                    let (mut r, mut w) = conn.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
+            while let Ok((conn, _)) = listener.accept().await {
+                let _ = conn.set_nodelay(true);
+                tokio::task::spawn_local(serve(conn));
             }
         });
     });
     Ok(())
+}
+
+/// Echoes every connection to `port` in `pod`, on one thread, until the process ends.
+pub fn start_echo(pod: &NetNs, port: u16) -> io::Result<()> {
+    serve_on_one_thread(pod, port, |mut conn| async move {
+        let (mut r, mut w) = conn.split();
+        tokio::io::copy(&mut r, &mut w).await.map(|_| ())
+    })
 }
 
 /// `n` connections from `pod` to `addr`, ready for an event loop.
@@ -83,22 +93,10 @@ const ANSWER: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
 /// A minimal HTTP/1.1 server on `port` in `pod` (every request, GET without a body, is answered 200 `ok`
 /// on its keep-alive connection), one thread, until the process ends.
 pub fn start_http(pod: &NetNs, port: u16) -> io::Result<()> {
-    let listener = pod.tcp_listen(("0.0.0.0", port))?;
-    listener.set_nonblocking(true)?;
-    let runtime = single_thread()?;
-    std::thread::spawn(move || {
-        runtime.block_on(async move {
-            let Ok(listener) = tokio::net::TcpListener::from_std(listener) else { return };
-            while let Ok((conn, _)) = listener.accept().await {
-                tokio::spawn(answer_requests(conn));
-            }
-        });
-    });
-    Ok(())
+    serve_on_one_thread(pod, port, answer_requests)
 }
 
 async fn answer_requests(mut conn: tokio::net::TcpStream) -> io::Result<()> {
-    conn.set_nodelay(true)?;
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
     loop {
