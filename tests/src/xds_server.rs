@@ -190,6 +190,11 @@ impl XdsServer {
         Ok(())
     }
 
+    /// [`XdsServer::publish`] for one node only.
+    pub fn publish_for_node(&self, node_id: &str, type_url: &str, version: &str, named: BTreeMap<String, Any>) {
+        self.publish_to(Some(node_id), type_url, version, named);
+    }
+
     fn publish_to(&self, node: Option<&str>, type_url: &str, version: &str, named: BTreeMap<String, Any>) {
         {
             let mut resources = self.shared.resources.lock().unwrap_or_else(|e| e.into_inner());

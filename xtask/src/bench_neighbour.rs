@@ -3,14 +3,20 @@
 //! as Istio's sidecars), in the same run on the same machine. Pod a (the victim) talks to pod d over 4
 //! keep-alive connections; pod c (the aggressor) floods pod b over 64. Every app is one event loop (the
 //! servers answer `200 ok`; wrk `-t1` and a fixed-rate client load them), so only the proxy decides how the
-//! pods fare. Both proxies relay at L4 (weft's pass-through, Envoy's `tcp_proxy`).
+//! pods fare. Both proxies relay at L4 (weft's pass-through, Envoy's `tcp_proxy`). Last, the control plane:
+//! weft with the test management server, a calm pod's configuration pushes timed to their ACK, alone and
+//! while another pod gets large configurations back to back.
 
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
-use weft_tests::agent::Agent;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use weft_tests::agent::{Agent, ADMIN};
 use weft_tests::share::{fixed_rate, start_http};
+use weft_tests::xds_server::{XdsServer, CLUSTER, LISTENER};
 use weft_tests::{envoy_path, wait_for, ChildGuard, Cluster, Pod};
 
 use crate::bench::{percentile, release_build, weft_cluster};
@@ -71,8 +77,120 @@ pub fn run(args: &[&str]) -> Result<(), String> {
         measure("envoy sidecars", &pods, window)?
     };
     eprintln!("xtask: bench neighbour: envoy: done");
+    let (calm_alone, calm_stormed, storm_pushes) = xds_storm(XDS_ROUNDS)?;
+    eprintln!("xtask: bench neighbour: xds: done");
     print(&[weft, envoy], secs);
+    print_xds(&calm_alone, &calm_stormed, storm_pushes);
     Ok(())
+}
+
+/// Configuration pushes to the calm pod, each measured from the push to its ACK.
+const XDS_ROUNDS: usize = 40;
+/// Clusters in each of the storming pod's pushes.
+const STORM_CLUSTERS: usize = 2000;
+
+fn cluster_yaml(name: &str, port: u32) -> String {
+    format!("{{name: {name}, type: STATIC, connect_timeout: 1s, load_assignment: {{cluster_name: {name}, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 10.96.0.1, port_value: {port}}}}}}}}}]}}]}}}}")
+}
+
+const XDS_LISTENER: &str = r#"
+name: virtualOutbound
+address: {socket_address: {address: 0.0.0.0, port_value: 15001}}
+filter_chains:
+- filters:
+  - name: envoy.filters.network.tcp_proxy
+    typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: out, cluster: svc}
+"#;
+
+/// The calm pod's configuration latency (push to ACK, ms), alone and while another pod of the node gets
+/// a storm of large configurations (`STORM_CLUSTERS` clusters a push, as fast as the agent ACKs them);
+/// and how many storm pushes were ACKed meanwhile.
+fn xds_storm(rounds: usize) -> Result<(Vec<f64>, Vec<f64>, usize), String> {
+    let e = |e: weft_tests::HarnessError| e.to_string();
+    let cluster = weft_cluster("bench-nb-xds")?;
+    let server = XdsServer::start(cluster.node(), "127.0.0.1:18000".parse().map_err(|_| "address")?).map_err(e)?;
+    server.set(CLUSTER, "0", &[&cluster_yaml("svc", 80)]).map_err(e)?;
+    server.set(LISTENER, "0", &[XDS_LISTENER]).map_err(e)?;
+    let _agent = Agent::start_with_args(&cluster, "iptables", ADMIN, &["--xds-address", "127.0.0.1:18000"]).map_err(e)?;
+    let calm = cluster.add_pod("bench", "calm").map_err(|e| e.to_string())?;
+    let storm = cluster.add_pod("bench", "storm").map_err(|e| e.to_string())?;
+    let id = |p: &Pod| format!("sidecar~{}~{}.bench~bench.svc.cluster.local", p.ip, p.name);
+    let (calm_id, storm_id) = (id(&calm), id(&storm));
+    // Only a stream's first request names its node; versions unique to a pod tell whose ACK it is.
+    wait_for("both pods synced", Duration::from_secs(30), || {
+        let acks = server.requests().iter().filter(|r| r.type_url == CLUSTER && r.version_info == "0" && r.is_ack()).count();
+        if acks >= 2 { Ok(()) } else { Err(format!("{acks} CDS ACKs")) }
+    })
+    .map_err(e)?;
+    let alone = pushes(&server, &calm_id, rounds, "alone")?;
+    // Two large configurations, encoded once, pushed in turn so that every push changes every cluster.
+    let variants: Vec<_> = (0..2u32)
+        .map(|v| {
+            let yaml: Vec<String> = (0..STORM_CLUSTERS).map(|i| cluster_yaml(&format!("storm{i}"), 1000 + v)).collect();
+            XdsServer::encode(CLUSTER, &yaml.iter().map(String::as_str).collect::<Vec<_>>()).map_err(e)
+        })
+        .collect::<Result<_, _>>()?;
+    let stop = AtomicBool::new(false);
+    let (stormed, storm_pushes) = std::thread::scope(|s| {
+        let storming = s.spawn(|| {
+            let mut n = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                let version = format!("storm-{n}");
+                let since = server.requests().len();
+                server.publish_for_node(&storm_id, CLUSTER, &version, variants[n % 2].clone());
+                let acked = |r: &weft_tests::xds_server::Recorded| r.type_url == CLUSTER && r.version_info == version && r.is_ack();
+                if server.wait_request_since(since, "storm ACK", acked).is_err() {
+                    break;
+                }
+                n += 1;
+            }
+            n
+        });
+        // The storm is under way (its first push out) before the calm pod's pushes start.
+        std::thread::sleep(Duration::from_millis(300));
+        let stormed = pushes(&server, &calm_id, rounds, "stormed");
+        stop.store(true, Ordering::Relaxed);
+        (stormed, storming.join().unwrap_or(0))
+    });
+    Ok((alone, stormed?, storm_pushes))
+}
+
+/// `rounds` pushes of a changed cluster to `node`, each waited for until ACKed: the latencies in ms.
+fn pushes(server: &XdsServer, node: &str, rounds: usize, tag: &str) -> Result<Vec<f64>, String> {
+    let mut latencies = Vec::with_capacity(rounds);
+    for i in 0..rounds {
+        let version = format!("{tag}-{i}");
+        let since = server.requests().len();
+        let start = Instant::now();
+        server.set_for_node(node, CLUSTER, &version, &[&cluster_yaml("svc", 2000 + i as u32)]).map_err(|e| e.to_string())?;
+        loop {
+            let requests = server.requests();
+            let acked = requests.get(since..).unwrap_or_default().iter().any(|r| r.type_url == CLUSTER && r.version_info == version && r.is_ack());
+            if acked {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                return Err(format!("{node} did not ACK {version} in 20 s"));
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        latencies.push(start.elapsed().as_secs_f64() * 1000.0);
+        // Spread over a few seconds, so that the pushes meet the storm at every stage.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(latencies)
+}
+
+fn print_xds(alone: &[f64], stormed: &[f64], storm_pushes: usize) {
+    println!("
+Control plane: {XDS_ROUNDS} pushes to a calm pod, push to ACK, alone and while another pod of the node is sent {STORM_CLUSTERS}-cluster configurations back to back ({storm_pushes} ACKed meanwhile)
+");
+    println!("| calm pod | p50 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|");
+    for (name, l) in [("alone", alone), ("during the storm", stormed)] {
+        let max = l.iter().copied().fold(0.0, f64::max);
+        println!("| {name} | {:.1} | {:.1} | {:.1} |", percentile(l, 50.0), percentile(l, 99.0), max);
+    }
 }
 
 /// Pods a, c (clients) and d, b (servers, HTTP on 9000); `target(client, server)` is where the client sends.
