@@ -358,15 +358,34 @@ fn unfold(head: &[u8]) -> Option<Vec<u8>> {
 
 /// Whether the start of a head can still become a valid one.
 fn could_be_head(partial: &[u8], max_headers: usize) -> bool {
-    let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
-    !matches!(httparse::Request::new(&mut headers).parse(partial), Err(e) if e != httparse::Error::TooManyHeaders)
+    parsed(partial, max_headers, |status, _| !matches!(status, Err(e) if e != httparse::Error::TooManyHeaders))
+}
+
+/// Headers parsed without a heap allocation; a head with more (up to `max_headers`) is parsed again.
+const STACK_HEADERS: usize = 64;
+
+/// `f` of the head parsed by httparse, with room for `max_headers` headers.
+fn parsed<R>(head: &[u8], max_headers: usize, f: impl Fn(httparse::Result<usize>, &httparse::Request<'_, '_>) -> R) -> R {
+    let mut stack = [httparse::EMPTY_HEADER; STACK_HEADERS];
+    let mut request = httparse::Request::new(&mut stack[..max_headers.min(STACK_HEADERS)]);
+    let status = request.parse(head);
+    if max_headers <= STACK_HEADERS || !matches!(status, Err(httparse::Error::TooManyHeaders)) {
+        return f(status, &request);
+    }
+    let mut heap = vec![httparse::EMPTY_HEADER; max_headers];
+    let mut request = httparse::Request::new(&mut heap);
+    let status = request.parse(head);
+    f(status, &request)
 }
 
 /// Envoy's verdict on a complete head: how the request's body is framed, or the codec's refusal.
 fn check(head: &[u8], max_headers: usize) -> Result<Framing, CodecError> {
-    let mut headers = vec![httparse::EMPTY_HEADER; max_headers];
-    let mut request = httparse::Request::new(&mut headers);
-    match request.parse(head) {
+    parsed(head, max_headers, framing)
+}
+
+/// The framing of a parsed head, or the codec's refusal.
+fn framing(status: httparse::Result<usize>, request: &httparse::Request<'_, '_>) -> Result<Framing, CodecError> {
+    match status {
         Ok(httparse::Status::Complete(_)) => {}
         // Over the header count limit: left to the connection manager's 431.
         Err(httparse::Error::TooManyHeaders) => return Ok(Framing::Opaque),
