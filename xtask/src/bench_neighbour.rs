@@ -53,7 +53,8 @@ pub fn run(args: &[&str]) -> Result<(), String> {
     let secs: u64 = match args {
         [] => 5,
         ["--duration", s] => s.parse().map_err(|_| format!("--duration {s}: not a number"))?,
-        _ => return Err("usage: cargo xtask bench neighbour [--duration S]".into()),
+        ["--control-plane"] => return control_plane(),
+        _ => return Err("usage: cargo xtask bench neighbour [--duration S | --control-plane]".into()),
     };
     let window = Duration::from_secs(secs);
     release_build()?;
@@ -77,9 +78,14 @@ pub fn run(args: &[&str]) -> Result<(), String> {
         measure("envoy sidecars", &pods, window)?
     };
     eprintln!("xtask: bench neighbour: envoy: done");
-    let (calm_alone, calm_stormed, storm_pushes) = xds_storm(XDS_ROUNDS)?;
-    eprintln!("xtask: bench neighbour: xds: done");
     print(&[weft, envoy], secs);
+    control_plane()
+}
+
+/// The control-plane part alone (`--control-plane`).
+fn control_plane() -> Result<(), String> {
+    release_build()?;
+    let (calm_alone, calm_stormed, storm_pushes) = xds_storm(XDS_ROUNDS)?;
     print_xds(&calm_alone, &calm_stormed, storm_pushes);
     Ok(())
 }

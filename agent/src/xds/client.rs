@@ -44,8 +44,7 @@ pub async fn run(state: Arc<XdsState>) {
     }
 }
 
-/// Runs one ADS stream per `state` on a shared `channel` (one HTTP/2 connection for every pod of the node)
-/// until the task is dropped.
+/// Runs the ADS stream of `state` on `channel` until the task is dropped.
 pub async fn run_on(state: Arc<XdsState>, api: AdsApi, channel: Channel) {
     let mut failures = 0u32;
     loop {

@@ -1,6 +1,7 @@
 //! Per-pod xDS streams for `weft-agent run`: each captured pod asks the control plane for its configuration
 //! with the node identity its Istio sidecar would have had, so istiod serves it exactly what it would serve
-//! that sidecar. All streams share one HTTP/2 connection; identical resources are held once (see `intern`).
+//! that sidecar. Each stream has its own HTTP/2 connection, as each sidecar has, so one pod's configuration
+//! storm queues only on its own connection; identical resources are held once (see `intern`).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use super::{client, Sink, XdsState};
 use crate::proxy::snapshot::Snapshot;
@@ -16,21 +17,21 @@ use crate::cni_server::registry::PodRecord;
 use crate::config::agent::XdsSettings;
 use crate::config::bootstrap::{Ads, Bootstrap, Node};
 
-/// The node's shared connection to the control plane.
+/// Where the node's pods get their configuration.
 pub struct PodXds {
     settings: XdsSettings,
-    channel: Channel,
+    endpoint: Endpoint,
 }
 
 impl PodXds {
-    /// A lazily connected channel: it connects on first use and reconnects by itself.
     pub fn new(settings: XdsSettings) -> Result<PodXds, String> {
-        let channel = Endpoint::from_shared(format!("http://{}", settings.address)).map_err(|e| e.to_string())?.connect_lazy();
-        Ok(PodXds { settings, channel })
+        let endpoint = Endpoint::from_shared(format!("http://{}", settings.address)).map_err(|e| e.to_string())?;
+        Ok(PodXds { settings, endpoint })
     }
 
-    /// Starts the pod's stream, whose accepted configurations go to `snapshot`; dropping (aborting) the handle
-    /// ends it.
+    /// Starts the pod's stream on a connection of its own (connected on first use, reconnected by itself), on
+    /// the runtime the caller is in; its accepted configurations go to `snapshot`. Dropping (aborting) the
+    /// handle ends it.
     pub fn start(&self, pod: &PodRecord, snapshot: watch::Sender<Option<Arc<Snapshot>>>) -> (Arc<XdsState>, JoinHandle<()>) {
         let bootstrap = Bootstrap {
             node: sidecar_node(pod, &self.settings),
@@ -42,7 +43,8 @@ impl PodXds {
             raw: serde_json::Value::Null,
         };
         let state = XdsState::new(bootstrap, Sink::Pod(snapshot));
-        let task = tokio::spawn(client::run_on(Arc::clone(&state), self.settings.api, self.channel.clone()));
+        let channel = self.endpoint.connect_lazy();
+        let task = tokio::spawn(client::run_on(Arc::clone(&state), self.settings.api, channel));
         (state, task)
     }
 }
