@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use super::tls::{TransportSocket, UpstreamTls};
 use super::tree::{ConfigError, Obj, Result};
 use super::socket_address;
 
@@ -35,6 +36,8 @@ pub struct Cluster {
     pub locality_weighted: bool,
     /// The active health check (`health_checks`, one).
     pub health_check: Option<HealthCheck>,
+    /// TLS originated on every upstream connection, or plaintext.
+    pub transport_socket: TransportSocket<UpstreamTls>,
 }
 
 /// `envoy.config.core.v3.HealthCheck`.
@@ -253,11 +256,15 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
     }
     let HttpOptions { http2, follow_downstream_protocol, idle_timeout, max_requests_per_connection, http2_settings } = protocol;
     let source_address = c.object("upstream_bind_config")?.map(bind_config).transpose()?;
+    let transport_socket = super::tls::upstream(c.object("transport_socket")?)?;
     let mut checks = c.objects("health_checks")?;
     if checks.len() > 1 {
         return Err(ConfigError::new(c.at("health_checks"), "weft supports one health check per cluster"));
     }
     let health_check = checks.pop().map(super::health_check::translate).transpose()?;
+    if health_check.is_some() && transport_socket != TransportSocket::RawBuffer {
+        return Err(ConfigError::new(c.at("health_checks"), "health checks of a TLS cluster are not supported yet (they would check in plaintext)"));
+    }
     let discovery = match kind {
         "STATIC" => {
             if lb_policy == LbPolicy::ClusterProvided {
@@ -320,6 +327,7 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
         healthy_panic_threshold,
         locality_weighted,
         health_check,
+        transport_socket,
     })
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::http_connection_manager::{self as hcm, HttpConnectionManager, Routes};
 use super::route::RouteConfiguration;
+use super::tls::{self, DownstreamTls, TransportSocket};
 use super::tree::{ConfigError, Obj, Result};
 use super::socket_address;
 pub use super::cidr::{canonical, CidrRange};
@@ -45,6 +46,8 @@ pub struct ListenerFilters {
 pub struct FilterChain {
     pub name: String,
     pub matcher: FilterChainMatch,
+    /// TLS terminated before the filters, or plaintext.
+    pub transport_socket: TransportSocket<DownstreamTls>,
     pub filter: NetworkFilter,
 }
 
@@ -205,9 +208,10 @@ fn listener_filters(l: &mut Obj<'_>) -> Result<ListenerFilters> {
 fn filter_chain(mut chain: Obj<'_>) -> Result<FilterChain> {
     let name = chain.string("name")?.unwrap_or_default().to_string();
     let matcher = chain.object("filter_chain_match")?.map(filter_chain_match).transpose()?.unwrap_or_default();
+    let transport_socket = tls::downstream(chain.object("transport_socket")?)?;
     let filter = terminal_filter(&mut chain)?;
     chain.finish()?;
-    Ok(FilterChain { name, matcher, filter })
+    Ok(FilterChain { name, matcher, transport_socket, filter })
 }
 
 fn filter_chain_match(mut m: Obj<'_>) -> Result<FilterChainMatch> {

@@ -66,7 +66,7 @@ pub fn translate(mut s: Obj<'_>) -> Result<Secret> {
     Ok(Secret { name, kind })
 }
 
-fn data_source(mut d: Obj<'_>) -> Result<DataSource> {
+pub(crate) fn data_source(mut d: Obj<'_>) -> Result<DataSource> {
     let source = match (d.string("filename")?, d.string("inline_string")?, d.string("inline_bytes")?) {
         (Some(f), None, None) if !f.is_empty() => DataSource::Filename(PathBuf::from(f)),
         (None, Some(text), None) => DataSource::Inline(text.as_bytes().to_vec()),

@@ -14,12 +14,15 @@ use super::filter_chain::{self, ConnectionInfo};
 use super::filters::network::http_connection_manager::{self, HttpContext};
 use super::filters::network::tcp_proxy::{self, Relayed};
 use super::listener_filter::{self, InspectError, Rewind};
+use super::tls::MaybeTls;
+use super::tls_info::TlsInfo;
 use super::pod_share::{Metered, PodLoad};
 use super::snapshot::Snapshot;
 use super::upstream::pool::Pools;
 use super::upstream::{ConnectError, Upstream};
 use crate::config::http_connection_manager::Routes;
 use crate::config::listener::{Listener, NetworkFilter};
+use crate::config::tls::TransportSocket;
 
 /// The configuration a pod's (or the proxy's) connections are served by: the latest snapshot, `None` until
 /// the first one arrives.
@@ -41,6 +44,8 @@ pub enum Outcome {
     UpstreamFailed(ConnectError),
     /// Its listener was removed or replaced and the drain time ran out: closed.
     Drained,
+    /// The chain's TLS handshake failed (or its secrets are missing): closed, as Envoy does.
+    TlsFailed,
 }
 
 /// Listener draining, as Envoy does it: when a configuration update removes or changes the listener that
@@ -118,14 +123,40 @@ pub async fn serve(accepted: Accepted, entry: &Listener, snapshot: &Arc<Snapshot
     };
     let upstream = Upstream { snapshot: Arc::clone(snapshot), pools: Arc::clone(pools), original_dst: local };
     let updates = drain.updates.clone();
+    let served = async {
+        let (io, tls) = match &chain.transport_socket {
+            TransportSocket::RawBuffer => (MaybeTls::Plain(io), None),
+            TransportSocket::Tls(context) => match pools.tls().accept(io, context).await {
+                Ok((stream, info)) => (MaybeTls::Tls(Box::new(stream)), Some(Arc::new(info))),
+                Err(e) => {
+                    tracing::debug!(listener = %listener.name, %peer, "{e}");
+                    return Outcome::TlsFailed;
+                }
+            },
+        };
+        let connection = DownstreamConnection { peer, local, tls };
+        run_filter(Metered::new(io, Arc::clone(&pod.load)), &chain.filter, upstream, updates, connection, &pod.load).await
+    };
     tokio::select! {
-        outcome = run_filter(Metered::new(io, Arc::clone(&pod.load)), &chain.filter, upstream, updates, (peer, local), &pod.load) => outcome,
+        outcome = served => outcome,
         () = drain.of(listener) => Outcome::Drained,
     }
 }
 
+/// A downstream connection after its transport socket: TLS terminated or plaintext.
+pub type DownstreamIo = MaybeTls<Rewind, tokio_rustls::server::TlsStream<Rewind>>;
+
+/// What the filters know of the downstream connection.
+pub struct DownstreamConnection {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    /// The TLS session, when the chain terminates TLS.
+    pub tls: Option<Arc<TlsInfo>>,
+}
+
 /// The chain's terminal network filter.
-async fn run_filter(io: Metered<Rewind>, filter: &NetworkFilter, upstream: Upstream, updates: SnapshotWatch, (peer, local): (SocketAddr, SocketAddr), load: &Arc<PodLoad>) -> Outcome {
+async fn run_filter(io: Metered<DownstreamIo>, filter: &NetworkFilter, upstream: Upstream, updates: SnapshotWatch, connection: DownstreamConnection, load: &Arc<PodLoad>) -> Outcome {
+    let DownstreamConnection { peer, local, tls } = connection;
     match filter {
         NetworkFilter::TcpProxy(config) => match tcp_proxy::serve(io, config, &upstream).await {
             Relayed::Done(from_downstream, to_downstream) => Outcome::Relayed { from_downstream, to_downstream },
@@ -141,7 +172,7 @@ async fn run_filter(io: Metered<Rewind>, filter: &NetworkFilter, upstream: Upstr
                     return Outcome::Warming;
                 }
             }
-            let context = HttpContext { hcm: Arc::clone(hcm), updates, upstream, peer, local, load: Arc::clone(load) };
+            let context = HttpContext { hcm: Arc::clone(hcm), updates, upstream, peer, local, tls, load: Arc::clone(load) };
             http_connection_manager::serve(io, context).await;
             Outcome::Http
         }

@@ -211,7 +211,7 @@ async fn from_config(accepted: Accepted, ctx: &ListenerContext) -> (u64, u64) {
             tracing::debug!(pod = %ctx.pod, %peer, "upstream: {e}");
             (0, 0)
         }
-        Outcome::NoFilterChain | Outcome::ListenerFilter | Outcome::Warming => {
+        Outcome::NoFilterChain | Outcome::ListenerFilter | Outcome::Warming | Outcome::TlsFailed => {
             ctx.stats.rejected();
             (0, 0)
         }

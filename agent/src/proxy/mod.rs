@@ -22,6 +22,7 @@ pub mod socket;
 pub mod stats;
 #[cfg(test)]
 pub mod testing;
+pub mod tls;
 pub mod tls_info;
 pub mod upstream;
 

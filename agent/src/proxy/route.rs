@@ -3,11 +3,13 @@
 //! tested in memory.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::http::request::Parts;
 
+use super::tls_info::TlsInfo;
 use crate::config::headers::{AppendAction, HeaderOps, HeaderValueOption, Part};
 use crate::config::matcher::Regex;
 use crate::config::route::{PathMatch, Redirect, Route, RouteConfiguration, RouteMatch, VirtualHost};
@@ -84,9 +86,13 @@ fn matches(m: &RouteMatch, path_and_query: &str, req: &Parts) -> bool {
             }
         })
         && (!m.grpc || is_grpc(&req.headers))
-        // Downstream TLS comes with the security work: every connection is plaintext so far.
-        && m.tls_presented != Some(true)
+        && m.tls_presented.is_none_or(|presented| presented == peer_presented(req))
         && m.fraction.is_none_or(|f| f.hit(super::random::random() as u64))
+}
+
+/// Whether the client presented a certificate (Envoy's `tls_context.presented`); plaintext ones did not.
+fn peer_presented(req: &Parts) -> bool {
+    req.extensions.get::<Arc<TlsInfo>>().is_some_and(|t| t.peer.is_some())
 }
 
 /// A header's values joined with `,`, pseudo-headers included, as Envoy's header matchers see them.

@@ -13,10 +13,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use tokio::net::TcpStream;
-
 use super::snapshot::Snapshot;
-use pool::Pools;
+use pool::{Pools, UpstreamIo};
 
 /// What one downstream connection's upstream connections are made with.
 #[derive(Clone)]
@@ -47,18 +45,21 @@ impl std::fmt::Display for ConnectError {
 }
 
 impl Upstream {
-    /// A new TCP connection to an endpoint of `cluster` (tcp_proxy).
-    pub async fn connect(&self, cluster: &str) -> Result<TcpStream, ConnectError> {
+    /// A new connection to an endpoint of `cluster` (tcp_proxy), TLS when the cluster originates it.
+    pub async fn connect(&self, cluster: &str) -> Result<UpstreamIo, ConnectError> {
         dns::refresh(&self.snapshot, cluster).await;
         health::ensure(&self.snapshot, cluster, self.pools.sockets()).await;
         let c = self.snapshot.cluster(cluster).ok_or_else(|| ConnectError::UnknownCluster(cluster.to_string()))?;
         let runtime = self.pools.runtime(cluster);
         let endpoint = cluster::pick(&c, &runtime, self.original_dst, &[], None).map_err(|_| ConnectError::NoHealthyUpstream)?;
-        let result = self.pools.sockets().connect(endpoint, c.config.source_address, c.config.connect_timeout).await;
+        let result = self.pools.connect(&pool::Key::of(endpoint, c.config), c.config.connect_timeout).await;
         c.state.upstream_cx_total.fetch_add(1, Relaxed);
         if result.is_err() {
             c.state.upstream_cx_connect_fail.fetch_add(1, Relaxed);
         }
-        result.map_err(ConnectError::Connect)
+        result.map_err(|e| match e {
+            pool::PoolError::Connect(e) => ConnectError::Connect(e),
+            other => ConnectError::Connect(io::Error::other(other.reason())),
+        })
     }
 }

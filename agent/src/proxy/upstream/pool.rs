@@ -20,15 +20,51 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use super::super::activity::{Activity, Counted, InFlight};
 use super::super::body::Body;
 use super::super::socket::SocketFactory;
+use super::super::tls::{MaybeTls, Tls};
 use super::runtime::ClusterRuntime;
 use crate::config::cluster::{CircuitBreakers, Cluster, Http2Settings};
+use crate::config::tls::{TransportSocket, UpstreamTls};
+
+/// An upstream connection, TLS or not.
+pub type UpstreamIo = MaybeTls<tokio::net::TcpStream, tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
 
 /// Which connections of a pool can serve a request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key {
     pub endpoint: SocketAddr,
     /// `upstream_bind_config` of the cluster.
     pub source: Option<SocketAddr>,
+    /// The cluster's TLS context: connections are shared only between clusters with the same one.
+    pub tls: Option<TlsKey>,
+}
+
+impl Key {
+    /// Connections of `cluster` to `endpoint`.
+    pub fn of(endpoint: SocketAddr, cluster: &Cluster) -> Key {
+        let tls = match &cluster.transport_socket {
+            TransportSocket::RawBuffer => None,
+            TransportSocket::Tls(context) => Some(TlsKey(Arc::clone(context))),
+        };
+        Key { endpoint, source: cluster.source_address, tls }
+    }
+}
+
+/// A TLS context, equal only to itself (a changed cluster gets new connections).
+#[derive(Debug, Clone)]
+pub struct TlsKey(pub Arc<UpstreamTls>);
+
+impl PartialEq for TlsKey {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for TlsKey {}
+
+impl std::hash::Hash for TlsKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        std::ptr::hash(Arc::as_ptr(&self.0), state)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +176,7 @@ impl Http2Connection {
 
 pub struct Pools {
     sockets: SocketFactory,
+    tls: Tls,
     idle_http1: Mutex<HashMap<Key, Vec<Pooled>>>,
     /// Each endpoint's HTTP/2 connections.
     http2: Mutex<HashMap<Key, Vec<Http2Connection>>>,
@@ -148,7 +185,7 @@ pub struct Pools {
 
 impl Pools {
     pub fn new(sockets: SocketFactory) -> Arc<Pools> {
-        Arc::new(Pools { sockets, idle_http1: Mutex::default(), http2: Mutex::default(), clusters: Mutex::default() })
+        Arc::new(Pools { sockets, tls: Tls::default(), idle_http1: Mutex::default(), http2: Mutex::default(), clusters: Mutex::default() })
     }
 
     /// This pod's state of cluster `name`.
@@ -162,6 +199,23 @@ impl Pools {
 
     pub fn sockets(&self) -> &SocketFactory {
         &self.sockets
+    }
+
+    /// The pod's secrets and TLS configurations, downstream and upstream.
+    pub fn tls(&self) -> &Tls {
+        &self.tls
+    }
+
+    /// A new connection for `key`, with TLS originated on it when the cluster has a TLS context.
+    pub async fn connect(&self, key: &Key, timeout: Duration) -> Result<UpstreamIo, PoolError> {
+        let stream = self.sockets.connect(key.endpoint, key.source, timeout).await.map_err(PoolError::Connect)?;
+        match &key.tls {
+            None => Ok(MaybeTls::Plain(stream)),
+            Some(TlsKey(context)) => {
+                let tls = self.tls.connect(stream, context, key.endpoint.ip()).await.map_err(|e| PoolError::Connect(std::io::Error::other(e.0)))?;
+                Ok(MaybeTls::Tls(Box::new(tls)))
+            }
+        }
     }
 
     /// Sends `req` on a pooled connection to `key`, making one when none is free (within the cluster's
@@ -192,10 +246,10 @@ impl Pools {
     ) -> (Result<Response<Incoming>, PoolError>, bool) {
         let limits = reuse.limits;
         loop {
-            while let Some(Pooled { mut sender, used, .. }) = self.idle(key) {
+            while let Some(Pooled { mut sender, used, .. }) = self.idle(&key) {
                 match sender.try_send_request(req).await {
                     Ok(response) => {
-                        self.recycle(key, sender, used + 1, reuse, runtime);
+                        self.recycle(key.clone(), sender, used + 1, reuse, runtime);
                         return (Ok(response), false);
                     }
                     // The kept-alive connection was closed by the upstream before the request went out: the
@@ -218,7 +272,7 @@ impl Pools {
             let _ = tokio::time::timeout(Duration::from_millis(100), freed).await;
             runtime.pending.fetch_sub(1, Relaxed);
         }
-        let mut sender = match self.connect_http1(key, reuse.connect_timeout, runtime).await {
+        let mut sender = match self.connect_http1(&key, reuse.connect_timeout, runtime).await {
             Ok(s) => s,
             Err(e) => return (Err(e), true),
         };
@@ -229,9 +283,9 @@ impl Pools {
         (result, true)
     }
 
-    fn idle(&self, key: Key) -> Option<Pooled> {
+    fn idle(&self, key: &Key) -> Option<Pooled> {
         let mut idle = self.idle_http1.lock().unwrap_or_else(|e| e.into_inner());
-        let list = idle.get_mut(&key)?;
+        let list = idle.get_mut(key)?;
         while let Some(pooled) = list.pop() {
             if pooled.sender.is_ready() {
                 return Some(pooled);
@@ -252,26 +306,26 @@ impl Pools {
             let back = !spent && sender.ready().await.is_ok();
             if back {
                 let Some(p) = pools.upgrade() else { return };
-                p.idle_list(key, |list| list.push(Pooled { sender, used, parked }));
+                p.idle_list(&key, |list| list.push(Pooled { sender, used, parked }));
             }
             runtime.freed.notify_one();
             if let (true, Some(idle)) = (back, idle_timeout) {
                 tokio::time::sleep(idle).await;
                 if let Some(p) = pools.upgrade() {
                     // Still parked since then: dropping its sender closes the connection.
-                    p.idle_list(key, |list| list.retain(|c| c.parked != parked));
+                    p.idle_list(&key, |list| list.retain(|c| c.parked != parked));
                 }
             }
         });
     }
 
-    fn idle_list<T>(&self, key: Key, f: impl FnOnce(&mut Vec<Pooled>) -> T) -> T {
+    fn idle_list<T>(&self, key: &Key, f: impl FnOnce(&mut Vec<Pooled>) -> T) -> T {
         let mut idle = self.idle_http1.lock().unwrap_or_else(|e| e.into_inner());
-        f(idle.entry(key).or_default())
+        f(idle.entry(key.clone()).or_default())
     }
 
-    async fn connect_http1(&self, key: Key, timeout: Duration, runtime: &Arc<ClusterRuntime>) -> Result<http1::SendRequest<Body>, PoolError> {
-        let stream = self.sockets.connect(key.endpoint, key.source, timeout).await.map_err(PoolError::Connect)?;
+    async fn connect_http1(&self, key: &Key, timeout: Duration, runtime: &Arc<ClusterRuntime>) -> Result<http1::SendRequest<Body>, PoolError> {
+        let stream = self.connect(key, timeout).await?;
         let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(PoolError::Reset)?;
         runtime.connections.fetch_add(1, Relaxed);
         let runtime = Arc::clone(runtime);
@@ -288,7 +342,7 @@ impl Pools {
     /// Sends an upgrade request (WebSocket) on a connection of its own: after a 101 the connection belongs to
     /// the upgraded stream, so it never returns to the pool.
     pub async fn send_upgrade(&self, key: Key, timeout: Duration, protocol: Protocol, req: Request<Body>) -> Result<Response<Incoming>, PoolError> {
-        let stream = TokioIo::new(self.sockets.connect(key.endpoint, key.source, timeout).await.map_err(PoolError::Connect)?);
+        let stream = TokioIo::new(self.connect(&key, timeout).await?);
         if protocol == Protocol::Http2 {
             let (mut sender, conn) = http2::handshake(TokioExecutor::new(), stream).await.map_err(PoolError::Reset)?;
             tokio::spawn(conn);
@@ -309,7 +363,7 @@ impl Pools {
     async fn send_http2(&self, key: Key, reuse: Reuse<'_>, req: Request<Body>) -> (Result<Response<Body>, PoolError>, bool) {
         let existing = {
             let mut conns = self.http2.lock().unwrap_or_else(|e| e.into_inner());
-            let list = conns.entry(key).or_default();
+            let list = conns.entry(key.clone()).or_default();
             // Connections that closed or carried their last stream take no more.
             list.retain(|c| !c.sender.is_closed() && reuse.max_requests.is_none_or(|max| c.used < max));
             list.iter_mut().find(|c| c.has_room(&reuse)).map(|c| {
@@ -319,7 +373,7 @@ impl Pools {
         };
         let ((mut sender, stream), fresh) = match existing {
             Some(s) => (s, false),
-            None => match self.connect_http2(key, reuse).await {
+            None => match self.connect_http2(&key, reuse).await {
                 Ok(s) => (s, true),
                 Err(e) => return (Err(e), true),
             },
@@ -330,8 +384,8 @@ impl Pools {
     }
 
     /// A new HTTP/2 connection, closed once it has carried no stream for the cluster's idle timeout.
-    async fn connect_http2(&self, key: Key, reuse: Reuse<'_>) -> Result<(http2::SendRequest<Body>, InFlight), PoolError> {
-        let stream = self.sockets.connect(key.endpoint, key.source, reuse.connect_timeout).await.map_err(PoolError::Connect)?;
+    async fn connect_http2(&self, key: &Key, reuse: Reuse<'_>) -> Result<(http2::SendRequest<Body>, InFlight), PoolError> {
+        let stream = self.connect(key, reuse.connect_timeout).await?;
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
             .initial_stream_window_size(reuse.http2.initial_stream_window_size)
@@ -351,7 +405,7 @@ impl Pools {
             }
         });
         let connection = Http2Connection { sender: sender.clone(), used: 1, streams };
-        self.http2.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_default().push(connection);
+        self.http2.lock().unwrap_or_else(|e| e.into_inner()).entry(key.clone()).or_default().push(connection);
         Ok((sender, first))
     }
 }
@@ -396,13 +450,13 @@ mod tests {
         let (endpoint, connections) = upstream().await;
         let pools = Pools::new(SocketFactory::Host);
         let runtime = pools.runtime("c");
-        let key = Key { endpoint, source: None };
+        let key = Key { endpoint, source: None, tls: None };
         let limited = cluster(serde_json::json!({"max_concurrent_streams": 1, "initial_stream_window_size": 65535, "initial_connection_window_size": 1048576}));
-        let first = get(&pools, key, &limited, &runtime).await;
-        let second = get(&pools, key, &limited, &runtime).await;
+        let first = get(&pools, key.clone(), &limited, &runtime).await;
+        let second = get(&pools, key.clone(), &limited, &runtime).await;
         assert_eq!(connections.load(SeqCst), 2, "the first connection's one stream is still open (its body unread)");
         drop((first, second));
-        let third = get(&pools, key, &limited, &runtime).await;
+        let third = get(&pools, key.clone(), &limited, &runtime).await;
         assert_eq!(third.into_body().collect().await.unwrap().to_bytes(), Bytes::from("ok"));
         assert_eq!(connections.load(SeqCst), 2, "a finished stream frees its connection for the next request");
     }
@@ -412,12 +466,12 @@ mod tests {
         let (endpoint, connections) = upstream().await;
         let pools = Pools::new(SocketFactory::Host);
         let runtime = pools.runtime("c");
-        let key = Key { endpoint, source: None };
+        let key = Key { endpoint, source: None, tls: None };
         let unlimited = cluster(serde_json::json!({}));
         // Three responses held open at once, all on the first connection.
         let mut open = Vec::new();
         for _ in 0..3 {
-            open.push(get(&pools, key, &unlimited, &runtime).await);
+            open.push(get(&pools, key.clone(), &unlimited, &runtime).await);
         }
         assert_eq!(connections.load(SeqCst), 1);
     }
@@ -427,10 +481,10 @@ mod tests {
         let (endpoint, connections) = upstream().await;
         let pools = Pools::new(SocketFactory::Host);
         let runtime = pools.runtime("c");
-        let key = Key { endpoint, source: None };
+        let key = Key { endpoint, source: None, tls: None };
         let mut short = cluster(serde_json::json!({}));
         short.idle_timeout = Some(Duration::from_millis(100));
-        let first = get(&pools, key, &short, &runtime).await;
+        let first = get(&pools, key.clone(), &short, &runtime).await;
         first.into_body().collect().await.unwrap();
         let closed = || pools.http2.lock().unwrap().get(&key).is_some_and(|list| list.iter().all(|c| c.sender.is_closed()));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -438,7 +492,7 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline, "the idle connection was not closed");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        get(&pools, key, &short, &runtime).await;
+        get(&pools, key.clone(), &short, &runtime).await;
         assert_eq!(connections.load(SeqCst), 2, "the next request opened a new connection");
     }
 }

@@ -26,6 +26,7 @@ use super::super::http::{fault, local_ratelimit, local_reply};
 use super::http1_codec::{CodecError, HeadLimits, Http1Codec, Refusals};
 use super::super::super::activity::{Activity, Counted};
 use super::super::super::pod_share::PodLoad;
+use super::super::super::tls_info::TlsInfo;
 use super::stream::{Expired, RequestBody, ResponseBody, StreamTimers};
 use crate::config::http_connection_manager::{Codec, EscapedSlashes, HostPort, HttpConnectionManager, HttpFilterKind, Routes, ServerHeader, UnderscoreHeaders};
 use crate::config::http_filters::FilterOverride;
@@ -43,6 +44,8 @@ pub struct HttpContext {
     pub upstream: Upstream,
     pub peer: SocketAddr,
     pub local: SocketAddr,
+    /// The downstream TLS session (RBAC, routes' `tls_context`), none on plaintext.
+    pub tls: Option<Arc<TlsInfo>>,
     /// The pod's load: requests in flight count toward its `max_requests`.
     pub load: Arc<PodLoad>,
 }
@@ -172,7 +175,11 @@ impl HttpContext {
         let hcm = &self.hcm;
         let timers = StreamTimers::new(hcm.stream_idle_timeout, hcm.request_timeout, hcm.max_stream_duration, req.body().is_end_stream());
         let (grpc, version) = (route::is_grpc(req.headers()), req.version());
-        let req = req.map(|body| RequestBody::new(body, Arc::clone(&timers)).boxed());
+        let mut req = req.map(|body| RequestBody::new(body, Arc::clone(&timers)).boxed());
+        if let Some(tls) = &self.tls {
+            // What route matching (`tls_context`) and RBAC read of the connection's TLS session.
+            req.extensions_mut().insert(Arc::clone(tls));
+        }
         let response = tokio::select! {
             answered = self.respond(req, &timers) => answered?,
             expired = timers.expired() => self.timed_out(expired, grpc, version, &timers),
@@ -873,7 +880,7 @@ mod in_memory {
         let snapshot = Arc::new(Snapshot { clusters: Arc::new([Resource::fixed("web", cluster)].into_iter().collect()), ..Snapshot::default() });
         let (_, updates) = watch::channel(Some(Arc::clone(&snapshot)));
         let upstream = Upstream { snapshot, pools: Pools::new(SocketFactory::Host), original_dst: "127.0.0.1:1".parse().unwrap() };
-        HttpContext { hcm: Arc::new(hcm), updates, upstream, peer: "127.0.0.1:40000".parse().unwrap(), local: "127.0.0.1:10000".parse().unwrap(), load: PodLoad::new(PodLimits::default()) }
+        HttpContext { hcm: Arc::new(hcm), updates, upstream, peer: "127.0.0.1:40000".parse().unwrap(), local: "127.0.0.1:10000".parse().unwrap(), tls: None, load: PodLoad::new(PodLimits::default()) }
     }
 
     /// Sends `paths` over one downstream connection (HTTP/2 prior knowledge when `h2`); returns status and

@@ -1,0 +1,737 @@
+//! The TLS transport socket (rustls, ring): handshakes under the network filters, downstream on filter chains
+//! and upstream on clusters, with Envoy's validation semantics: a chain to the configured roots (never a
+//! host-name check: Envoy checks SANs only against `match_subject_alt_names`), SAN matchers, a client
+//! certificate required or only validated when given; without roots an upstream's certificate is not
+//! checked, as in Envoy. rustls configurations are built once per context and rebuilt when a secret changes
+//! (a file's modification, a pushed identity), so a rotated certificate serves the next handshake while
+//! established connections keep theirs.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use super::tls_info::{PeerCertificate, TlsInfo};
+use crate::config::secret::{DataSource, Secret, SecretKind};
+use crate::config::tls::{iana_suite, CertificateSource, CommonTls, DownstreamTls, SanKind, SanMatcher, TrustSource, UpstreamTls, Versions};
+
+/// Key material of one certificate (never printed: see `Debug`).
+pub struct Certificate {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl std::fmt::Debug for Certificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Certificate({} in chain, key redacted)", self.chain.len())
+    }
+}
+
+/// A secret pushed to a pod (its identity as `default`, the mesh roots as `ROOTCA`, SDS resources).
+#[derive(Debug)]
+pub enum Pushed {
+    Certificate(Certificate),
+    Roots(Vec<CertificateDer<'static>>),
+}
+
+/// A pod's (or the standalone proxy's) TLS state: the secrets pushed to it by name, the bootstrap's static
+/// secrets, and the rustls configurations built from its contexts.
+#[derive(Default)]
+pub struct Tls {
+    pushed: ArcSwap<HashMap<String, Arc<Pushed>>>,
+    statics: ArcSwap<Vec<Secret>>,
+    servers: Mutex<Vec<Cached<DownstreamTls, ServerConfig>>>,
+    clients: Mutex<Vec<Cached<UpstreamTls, ClientConfig>>>,
+}
+
+/// A configuration built from `context`, valid while the secrets' `stamp` is unchanged.
+struct Cached<C, R> {
+    context: Weak<C>,
+    stamp: Vec<u64>,
+    built: Arc<R>,
+}
+
+/// A handshake that did not complete, or a context whose secrets are missing or broken.
+#[derive(Debug)]
+pub struct TlsError(pub String);
+
+impl std::fmt::Display for TlsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Tls {
+    /// Makes `secrets` (by SDS name) the ones pushed to this pod; later handshakes use them.
+    pub fn push(&self, secrets: HashMap<String, Arc<Pushed>>) {
+        self.pushed.store(Arc::new(secrets));
+    }
+
+    /// The bootstrap's `static_resources.secrets` (their files are read when a handshake needs them).
+    pub fn set_statics(&self, secrets: Vec<Secret>) {
+        self.statics.store(Arc::new(secrets));
+    }
+
+    /// Terminates TLS on a downstream connection.
+    pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(&self, io: S, context: &Arc<DownstreamTls>) -> Result<(tokio_rustls::server::TlsStream<S>, TlsInfo), TlsError> {
+        let config = self.server_config(context)?;
+        let stream = TlsAcceptor::from(config).accept(io).await.map_err(|e| TlsError(format!("TLS handshake: {e}")))?;
+        let (_, session) = stream.get_ref();
+        let info = TlsInfo {
+            sni: session.server_name().map(str::to_string),
+            alpn: session.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned()),
+            peer: session.peer_certificates().and_then(|c| c.first()).and_then(|c| peer_certificate(c)).map(Arc::new),
+        };
+        Ok((stream, info))
+    }
+
+    /// Originates TLS on an upstream connection to `ip`.
+    pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(&self, io: S, context: &Arc<UpstreamTls>, ip: IpAddr) -> Result<tokio_rustls::client::TlsStream<S>, TlsError> {
+        let config = self.client_config(context)?;
+        // Without `sni` Envoy sends none; rustls sends none for an IP address.
+        let name = match &context.sni {
+            Some(sni) => ServerName::try_from(sni.clone()).map_err(|e| TlsError(format!("sni {sni:?}: {e}")))?,
+            None => ServerName::IpAddress(ip.into()),
+        };
+        TlsConnector::from(config).connect(name, io).await.map_err(|e| TlsError(format!("upstream TLS handshake: {e}")))
+    }
+
+    fn server_config(&self, context: &Arc<DownstreamTls>) -> Result<Arc<ServerConfig>, TlsError> {
+        self.cached(&self.servers, context, &context.common, |material| build_server(context, material))
+    }
+
+    fn client_config(&self, context: &Arc<UpstreamTls>) -> Result<Arc<ClientConfig>, TlsError> {
+        self.cached(&self.clients, context, &context.common, |material| build_client(&context.common, material))
+    }
+
+    fn cached<C, R>(&self, cache: &Mutex<Vec<Cached<C, R>>>, context: &Arc<C>, common: &CommonTls, build: impl FnOnce(Material) -> Result<R, TlsError>) -> Result<Arc<R>, TlsError> {
+        let (pushed, statics) = (self.pushed.load(), self.statics.load());
+        let sources = Sources { pushed: &pushed, statics: &statics };
+        let stamp = sources.stamp(common);
+        {
+            let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+            cache.retain(|c| c.context.strong_count() > 0);
+            if let Some(c) = cache.iter().find(|c| std::ptr::eq(c.context.as_ptr(), Arc::as_ptr(context)) && c.stamp == stamp) {
+                return Ok(Arc::clone(&c.built));
+            }
+        }
+        let built = Arc::new(build(sources.material(common)?)?);
+        let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.retain(|c| !std::ptr::eq(c.context.as_ptr(), Arc::as_ptr(context)));
+        cache.push(Cached { context: Arc::downgrade(context), stamp, built: Arc::clone(&built) });
+        Ok(built)
+    }
+}
+
+/// Where a context's secrets are resolved: pushed secrets by name first, then the bootstrap's static ones.
+struct Sources<'a> {
+    pushed: &'a HashMap<String, Arc<Pushed>>,
+    statics: &'a [Secret],
+}
+
+/// A context's secrets, loaded.
+struct Material {
+    certificate: Option<Arc<CertifiedKey>>,
+    roots: Option<Arc<RootCertStore>>,
+}
+
+impl Sources<'_> {
+    fn static_secret(&self, name: &str) -> Option<&SecretKind> {
+        self.statics.iter().find(|s| s.name == name).map(|s| &s.kind)
+    }
+
+    /// What identifies the current secrets: pushed secrets by address, files by modification time and size.
+    fn stamp(&self, common: &CommonTls) -> Vec<u64> {
+        let mut stamp = Vec::new();
+        let mut file = |d: &DataSource| {
+            if let DataSource::Filename(path) = d {
+                let meta = std::fs::metadata(path).ok();
+                let modified = meta.as_ref().and_then(|m| m.modified().ok()).and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok());
+                stamp.push(modified.map_or(0, |d| d.as_nanos() as u64));
+                stamp.push(meta.map_or(0, |m| m.len()));
+            }
+        };
+        let named = |name: &str, stamp_files: &mut dyn FnMut(&DataSource)| match (self.pushed.get(name), self.static_secret(name)) {
+            (Some(p), _) => Some(Arc::as_ptr(p) as u64),
+            (None, Some(SecretKind::TlsCertificate { certificate_chain, private_key })) => {
+                stamp_files(certificate_chain);
+                stamp_files(private_key);
+                None
+            }
+            (None, Some(SecretKind::ValidationContext { trusted_ca })) => {
+                stamp_files(trusted_ca);
+                None
+            }
+            (None, None) => Some(u64::MAX),
+        };
+        let mut pushed = Vec::new();
+        match &common.certificate {
+            Some(CertificateSource::Inline { certificate_chain, private_key }) => {
+                file(certificate_chain);
+                file(private_key);
+            }
+            Some(CertificateSource::Sds(name)) => pushed.extend(named(name, &mut file)),
+            None => {}
+        }
+        match common.validation.as_ref().and_then(|v| v.trusted_ca.as_ref()) {
+            Some(TrustSource::Inline(d)) => file(d),
+            Some(TrustSource::Sds(name)) => pushed.extend(named(name, &mut file)),
+            None => {}
+        }
+        stamp.extend(pushed);
+        stamp
+    }
+
+    fn material(&self, common: &CommonTls) -> Result<Material, TlsError> {
+        let certificate = match &common.certificate {
+            None => None,
+            Some(CertificateSource::Inline { certificate_chain, private_key }) => Some(certified_key(&load_certificate(certificate_chain, private_key)?)?),
+            Some(CertificateSource::Sds(name)) => Some(match (self.pushed.get(name).map(|p| &**p), self.static_secret(name)) {
+                (Some(Pushed::Certificate(c)), _) => certified_key(c)?,
+                (None, Some(SecretKind::TlsCertificate { certificate_chain, private_key })) => certified_key(&load_certificate(certificate_chain, private_key)?)?,
+                _ => return Err(TlsError(format!("secret {name:?}: no certificate with that name (not pushed yet, or not a tls_certificate)"))),
+            }),
+        };
+        let roots = match common.validation.as_ref().and_then(|v| v.trusted_ca.as_ref()) {
+            None => None,
+            Some(TrustSource::Inline(d)) => Some(root_store(&certificates(d)?)?),
+            Some(TrustSource::Sds(name)) => Some(match (self.pushed.get(name).map(|p| &**p), self.static_secret(name)) {
+                (Some(Pushed::Roots(r)), _) => root_store(r)?,
+                (None, Some(SecretKind::ValidationContext { trusted_ca })) => root_store(&certificates(trusted_ca)?)?,
+                _ => return Err(TlsError(format!("secret {name:?}: no trusted CA with that name (not pushed yet, or not a validation_context)"))),
+            }),
+        };
+        Ok(Material { certificate, roots })
+    }
+}
+
+fn read(d: &DataSource) -> Result<Vec<u8>, TlsError> {
+    match d {
+        DataSource::Inline(bytes) => Ok(bytes.clone()),
+        DataSource::Filename(path) => std::fs::read(path).map_err(|e| TlsError(format!("{}: {e}", path.display()))),
+    }
+}
+
+fn describe(d: &DataSource) -> String {
+    match d {
+        DataSource::Filename(p) => p.display().to_string(),
+        DataSource::Inline(_) => "inline data".into(),
+    }
+}
+
+/// PEM certificates (a chain or a bundle of roots).
+pub fn certificates(d: &DataSource) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let pem = read(d)?;
+    let certs = CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>().map_err(|e| TlsError(format!("{}: not PEM certificates: {e}", describe(d))))?;
+    if certs.is_empty() {
+        return Err(TlsError(format!("{}: no PEM certificate in it", describe(d))));
+    }
+    Ok(certs)
+}
+
+pub fn load_certificate(chain: &DataSource, key: &DataSource) -> Result<Certificate, TlsError> {
+    let pem = read(key)?;
+    // Never echo what the key file holds: only where it is.
+    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| TlsError(format!("{}: no PEM private key in it", describe(key))))?;
+    Ok(Certificate { chain: certificates(chain)?, key })
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The key checked against the leaf, and the leaf's validity: an expired or not yet valid certificate is
+/// refused, never served.
+fn certified_key(c: &Certificate) -> Result<Arc<CertifiedKey>, TlsError> {
+    let leaf = c.chain.first().ok_or_else(|| TlsError("empty certificate chain".into()))?;
+    check_validity(leaf)?;
+    let key = provider().key_provider.load_private_key(c.key.clone_key()).map_err(|e| TlsError(format!("private key: {e}")))?;
+    let certified = CertifiedKey::new(c.chain.clone(), key);
+    certified.keys_match().map_err(|e| TlsError(format!("certificate and private key: {e}")))?;
+    Ok(Arc::new(certified))
+}
+
+fn check_validity(leaf: &CertificateDer<'_>) -> Result<(), TlsError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| TlsError(format!("certificate: {e}")))?;
+    let validity = cert.validity();
+    let now = x509_parser::time::ASN1Time::now();
+    if now < validity.not_before {
+        return Err(TlsError(format!("certificate {} is not valid before {}", cert.subject(), validity.not_before)));
+    }
+    if now > validity.not_after {
+        return Err(TlsError(format!("certificate {} expired at {}", cert.subject(), validity.not_after)));
+    }
+    Ok(())
+}
+
+fn root_store(roots: &[CertificateDer<'static>]) -> Result<Arc<RootCertStore>, TlsError> {
+    let mut store = RootCertStore::empty();
+    for (i, root) in roots.iter().enumerate() {
+        store.add(root.clone()).map_err(|e| TlsError(format!("trusted CA {i}: {e}")))?;
+    }
+    Ok(Arc::new(store))
+}
+
+fn provider_for(common: &CommonTls) -> CryptoProvider {
+    let mut provider = rustls::crypto::ring::default_provider();
+    if let Some(allowed) = &common.cipher_suites {
+        let allowed: Vec<&str> = allowed.iter().filter_map(|s| iana_suite(s)).collect();
+        // The list governs TLS 1.2 only, as in Envoy; TLS 1.3 suites are not configurable there.
+        provider.cipher_suites.retain(|s| s.version() == &rustls::version::TLS13 || s.suite().as_str().is_some_and(|n| allowed.contains(&n)));
+    }
+    provider
+}
+
+fn versions(v: Versions) -> Vec<&'static rustls::SupportedProtocolVersion> {
+    let mut out = Vec::new();
+    if v.tls13 {
+        out.push(&rustls::version::TLS13);
+    }
+    if v.tls12 {
+        out.push(&rustls::version::TLS12);
+    }
+    out
+}
+
+fn build_server(context: &DownstreamTls, material: Material) -> Result<ServerConfig, TlsError> {
+    let common = &context.common;
+    let provider = Arc::new(provider_for(common));
+    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider)).with_protocol_versions(&versions(common.versions)).map_err(|e| TlsError(e.to_string()))?;
+    let builder = match &material.roots {
+        None => builder.with_no_client_auth(),
+        Some(roots) => {
+            let webpki = WebPkiClientVerifier::builder_with_provider(Arc::clone(roots), Arc::clone(&provider));
+            let webpki = if context.require_client_certificate { webpki } else { webpki.allow_unauthenticated() };
+            let inner = webpki.build().map_err(|e| TlsError(format!("client certificate validation: {e}")))?;
+            let sans = common.validation.as_ref().map(|v| v.san_matchers.clone()).unwrap_or_default();
+            builder.with_client_cert_verifier(Arc::new(ClientSans { inner, sans }))
+        }
+    };
+    let certificate = material.certificate.ok_or_else(|| TlsError("a server needs a certificate".into()))?;
+    let mut config = builder.with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certificate)));
+    config.alpn_protocols = common.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    Ok(config)
+}
+
+fn build_client(common: &CommonTls, material: Material) -> Result<ClientConfig, TlsError> {
+    let provider = Arc::new(provider_for(common));
+    let builder = ClientConfig::builder_with_provider(Arc::clone(&provider)).with_protocol_versions(&versions(common.versions)).map_err(|e| TlsError(e.to_string()))?;
+    let inner = match &material.roots {
+        Some(roots) => Some(rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::clone(roots), Arc::clone(&provider)).build().map_err(|e| TlsError(format!("server certificate validation: {e}")))?),
+        None => None,
+    };
+    let sans = common.validation.as_ref().map(|v| v.san_matchers.clone()).unwrap_or_default();
+    let verifier = Arc::new(ServerSans { inner, sans, algorithms: provider.signature_verification_algorithms });
+    let builder = builder.dangerous().with_custom_certificate_verifier(verifier);
+    let mut config = match material.certificate {
+        Some(certificate) => builder.with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certificate))),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = common.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    Ok(config)
+}
+
+/// A certificate's names, as RBAC, SAN matchers and access logs see them; `None` if it does not parse.
+pub fn peer_certificate(der: &CertificateDer<'_>) -> Option<PeerCertificate> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let mut peer = PeerCertificate { subject: rfc2253(cert.subject()), ..Default::default() };
+    if let Ok(Some(sans)) = cert.subject_alternative_name() {
+        for name in &sans.value.general_names {
+            use x509_parser::extensions::GeneralName;
+            match name {
+                GeneralName::URI(u) => peer.uri_sans.push(u.to_string()),
+                GeneralName::DNSName(d) => peer.dns_sans.push(d.to_string()),
+                _ => {}
+            }
+        }
+    }
+    Some(peer)
+}
+
+/// The subject as Envoy prints it (RFC 2253: last RDN first, no spaces).
+fn rfc2253(name: &x509_parser::x509::X509Name<'_>) -> String {
+    let rdns: Vec<String> = name
+        .iter()
+        .map(|rdn| {
+            rdn.iter()
+                .map(|a| {
+                    let oid = a.attr_type().to_id_string();
+                    format!("{}={}", short_name(&oid).unwrap_or(&oid), a.as_str().unwrap_or_default())
+                })
+                .collect::<Vec<_>>()
+                .join("+")
+        })
+        .collect();
+    rdns.into_iter().rev().collect::<Vec<_>>().join(",")
+}
+
+/// OpenSSL's short names of the attributes RFC 2253 output uses.
+fn short_name(oid: &str) -> Option<&'static str> {
+    Some(match oid {
+        "2.5.4.3" => "CN",
+        "2.5.4.5" => "serialNumber",
+        "2.5.4.6" => "C",
+        "2.5.4.7" => "L",
+        "2.5.4.8" => "ST",
+        "2.5.4.9" => "STREET",
+        "2.5.4.10" => "O",
+        "2.5.4.11" => "OU",
+        "0.9.2342.19200300.100.1.1" => "UID",
+        "0.9.2342.19200300.100.1.25" => "DC",
+        "1.2.840.113549.1.9.1" => "emailAddress",
+        _ => return None,
+    })
+}
+
+/// Every SAN of a certificate with its kind, for `match_subject_alt_names`.
+fn sans(der: &CertificateDer<'_>) -> Vec<(SanKind, String)> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else { return Vec::new() };
+    let Ok(Some(ext)) = cert.subject_alternative_name() else { return Vec::new() };
+    use x509_parser::extensions::GeneralName;
+    ext.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(u) => Some((SanKind::Uri, u.to_string())),
+            GeneralName::DNSName(d) => Some((SanKind::Dns, d.to_string())),
+            GeneralName::RFC822Name(e) => Some((SanKind::Email, e.to_string())),
+            GeneralName::IPAddress(ip) => ip_text(ip).map(|ip| (SanKind::IpAddress, ip)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn ip_text(bytes: &[u8]) -> Option<String> {
+    match bytes.len() {
+        4 => Some(IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?).to_string()),
+        16 => Some(IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?).to_string()),
+        _ => None,
+    }
+}
+
+/// Envoy's rule: with matchers, some SAN of the leaf must satisfy one of them.
+fn sans_accepted(leaf: &CertificateDer<'_>, matchers: &[SanMatcher]) -> bool {
+    if matchers.is_empty() {
+        return true;
+    }
+    let names = sans(leaf);
+    matchers.iter().any(|m| names.iter().any(|(kind, value)| (m.kind == SanKind::Any || m.kind == *kind) && m.matcher.matches(value)))
+}
+
+fn san_mismatch() -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
+}
+
+/// WebPKI's client verification, then the SAN matchers.
+#[derive(Debug)]
+struct ClientSans {
+    inner: Arc<dyn ClientCertVerifier>,
+    sans: Vec<SanMatcher>,
+}
+
+impl ClientCertVerifier for ClientSans {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(&self, leaf: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>], now: UnixTime) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self.inner.verify_client_cert(leaf, intermediates, now)?;
+        if sans_accepted(leaf, &self.sans) {
+            Ok(verified)
+        } else {
+            Err(san_mismatch())
+        }
+    }
+
+    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// An upstream's certificate as Envoy checks it: the chain to the roots when there are roots (the host
+/// name is not checked), then the SAN matchers; without roots, nothing but the handshake's signatures.
+#[derive(Debug)]
+struct ServerSans {
+    inner: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    sans: Vec<SanMatcher>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for ServerSans {
+    fn verify_server_cert(&self, leaf: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>], name: &ServerName<'_>, ocsp: &[u8], now: UnixTime) -> Result<ServerCertVerified, rustls::Error> {
+        if let Some(inner) = &self.inner {
+            match inner.verify_server_cert(leaf, intermediates, name, ocsp, now) {
+                // The chain is good; only the name differs, which Envoy does not check.
+                Ok(_) | Err(rustls::Error::InvalidCertificate(CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. })) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if sans_accepted(leaf, &self.sans) {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(san_mismatch())
+        }
+    }
+
+    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// A connection with or without TLS under it: what the filters read and write.
+pub enum MaybeTls<P, T> {
+    Plain(P),
+    Tls(Box<T>),
+}
+
+impl<P: AsyncRead + Unpin, T: AsyncRead + Unpin> AsyncRead for MaybeTls<P, T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(p) => Pin::new(p).poll_read(cx, buf),
+            MaybeTls::Tls(t) => Pin::new(&mut **t).poll_read(cx, buf),
+        }
+    }
+}
+
+impl<P: AsyncWrite + Unpin, T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<P, T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            MaybeTls::Plain(p) => Pin::new(p).poll_write(cx, buf),
+            MaybeTls::Tls(t) => Pin::new(&mut **t).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            MaybeTls::Plain(p) => Pin::new(p).poll_write_vectored(cx, bufs),
+            MaybeTls::Tls(t) => Pin::new(&mut **t).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            MaybeTls::Plain(p) => p.is_write_vectored(),
+            MaybeTls::Tls(t) => t.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(p) => Pin::new(p).poll_flush(cx),
+            MaybeTls::Tls(t) => Pin::new(&mut **t).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(p) => Pin::new(p).poll_shutdown(cx),
+            MaybeTls::Tls(t) => Pin::new(&mut **t).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Handshakes over in-memory pipes with certificates of a test CA: who is accepted, what the filters learn
+/// of the peer, and that a pushed certificate serves the next handshake.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tls::{downstream, upstream};
+    use crate::config::tree::Obj;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+    use serde_json::json;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    struct Ca {
+        cert: rcgen::Certificate,
+        key: KeyPair,
+    }
+
+    impl Ca {
+        fn new() -> Ca {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let key = KeyPair::generate().unwrap();
+            Ca { cert: params.self_signed(&key).unwrap(), key }
+        }
+
+        /// A leaf for `uri` (a SPIFFE id): (chain PEM, key PEM).
+        fn issue(&self, uri: &str) -> (String, String) {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.subject_alt_names = vec![SanType::URI(uri.try_into().unwrap())];
+            params.distinguished_name.push(rcgen::DnType::CommonName, "workload");
+            let key = KeyPair::generate().unwrap();
+            (params.signed_by(&key, &self.cert, &self.key).unwrap().pem(), key.serialize_pem())
+        }
+
+        fn root(&self) -> String {
+            self.cert.pem()
+        }
+    }
+
+    fn inline(pem: &str) -> serde_json::Value {
+        json!({"inline_string": pem})
+    }
+
+    fn server_context(ca: &Ca, who: &str, require: bool, san_prefix: &str) -> Arc<DownstreamTls> {
+        let (chain, key) = ca.issue(who);
+        let v = json!({"name": "tls", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "require_client_certificate": require,
+            "common_tls_context": {"tls_certificates": [{"certificate_chain": inline(&chain), "private_key": inline(&key)}],
+                "alpn_protocols": ["istio-peer-exchange", "h2"],
+                "validation_context": {"trusted_ca": inline(&ca.root()), "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"prefix": san_prefix}}]}}}});
+        match downstream(Some(Obj::new(&v, "ts").unwrap())).unwrap() {
+            crate::config::tls::TransportSocket::Tls(t) => t,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn client_context(ca: &Ca, who: Option<&str>, san_exact: &str) -> Arc<UpstreamTls> {
+        let mut common = json!({"alpn_protocols": ["istio-peer-exchange", "istio"],
+            "validation_context": {"trusted_ca": inline(&ca.root()), "match_subject_alt_names": [{"exact": san_exact}]}});
+        if let Some(who) = who {
+            let (chain, key) = ca.issue(who);
+            common["tls_certificates"] = json!([{"certificate_chain": inline(&chain), "private_key": inline(&key)}]);
+        }
+        let v = json!({"name": "tls", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": "outbound_.8080_._.b.ns.svc.cluster.local", "common_tls_context": common}});
+        match upstream(Some(Obj::new(&v, "ts").unwrap())).unwrap() {
+            crate::config::tls::TransportSocket::Tls(t) => t,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// One exchange: the server's outcome (what it learnt of the client) and whether the client got the echo.
+    async fn handshake(server: &Tls, down: &Arc<DownstreamTls>, client: &Tls, up: &Arc<UpstreamTls>) -> (Result<TlsInfo, String>, bool) {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let accepting = async {
+            let (mut stream, info) = server.accept(a, down).await.map_err(|e| e.0)?;
+            let mut byte = [0u8; 1];
+            stream.read_exact(&mut byte).await.map_err(|e| e.to_string())?;
+            stream.write_all(&byte).await.map_err(|e| e.to_string())?;
+            stream.flush().await.map_err(|e| e.to_string())?;
+            Ok(info)
+        };
+        let connecting = async {
+            let Ok(mut stream) = client.connect(b, up, "10.0.0.2".parse().unwrap()).await else { return false };
+            let mut byte = [0u8; 1];
+            stream.write_all(b"x").await.is_ok() && stream.flush().await.is_ok() && stream.read_exact(&mut byte).await.is_ok()
+        };
+        tokio::join!(accepting, connecting)
+    }
+
+    #[tokio::test]
+    async fn mutual_tls_with_san_checks_both_ways() {
+        let ca = Ca::new();
+        let (server, client) = (Tls::default(), Tls::default());
+        let down = server_context(&ca, "spiffe://cluster.local/ns/b/sa/b", true, "spiffe://cluster.local/");
+        let up = client_context(&ca, Some("spiffe://cluster.local/ns/a/sa/a"), "spiffe://cluster.local/ns/b/sa/b");
+        let (info, echoed) = handshake(&server, &down, &client, &up).await;
+        let info = info.unwrap();
+        assert!(echoed);
+        assert_eq!(info.peer.as_ref().unwrap().uri_sans, ["spiffe://cluster.local/ns/a/sa/a"]);
+        assert_eq!(info.peer.as_ref().unwrap().subject, "CN=workload");
+        assert_eq!(info.sni.as_deref(), Some("outbound_.8080_._.b.ns.svc.cluster.local"));
+        assert_eq!(info.alpn.as_deref(), Some("istio-peer-exchange"));
+
+        // The client expects another server identity: refused by the client.
+        let wrong_server = client_context(&ca, Some("spiffe://cluster.local/ns/a/sa/a"), "spiffe://cluster.local/ns/c/sa/c");
+        let (_, echoed) = handshake(&server, &down, &client, &wrong_server).await;
+        assert!(!echoed, "a server with another SAN must be refused");
+        // A client outside the trust domain prefix, and a client without a certificate: refused by the server.
+        let outsider = client_context(&ca, Some("spiffe://other.domain/ns/a/sa/a"), "spiffe://cluster.local/ns/b/sa/b");
+        assert!(handshake(&server, &down, &client, &outsider).await.0.is_err());
+        let anonymous = client_context(&ca, None, "spiffe://cluster.local/ns/b/sa/b");
+        assert!(handshake(&server, &down, &client, &anonymous).await.0.is_err());
+        // Another CA's client: refused.
+        let stranger = client_context(&Ca::new(), Some("spiffe://cluster.local/ns/a/sa/a"), "spiffe://cluster.local/ns/b/sa/b");
+        assert!(handshake(&server, &down, &client, &stranger).await.0.is_err());
+    }
+
+    #[tokio::test]
+    async fn optional_client_certificates_and_unverified_upstreams() {
+        let ca = Ca::new();
+        let down = server_context(&ca, "spiffe://cluster.local/ns/b/sa/b", false, "spiffe://cluster.local/");
+        let v = json!({"name": "tls", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"}});
+        let crate::config::tls::TransportSocket::Tls(bare) = upstream(Some(Obj::new(&v, "ts").unwrap())).unwrap() else { panic!() };
+        let (info, echoed) = handshake(&Tls::default(), &down, &Tls::default(), &bare).await;
+        // No roots upstream: the server's certificate is not checked, as in Envoy; no client certificate is fine
+        // when it is not required.
+        assert!(echoed);
+        assert_eq!(info.unwrap().peer, None);
+    }
+
+    #[tokio::test]
+    async fn pushed_identities_serve_the_next_handshake() {
+        let ca = Ca::new();
+        let server = Tls::default();
+        let context = |name: &str| {
+            let v = json!({"name": "tls", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                "common_tls_context": {"tls_certificate_sds_secret_configs": [{"name": name, "sds_config": {"ads": {}}}]}}});
+            let crate::config::tls::TransportSocket::Tls(t) = downstream(Some(Obj::new(&v, "ts").unwrap())).unwrap() else { panic!() };
+            t
+        };
+        let down = context("default");
+        let up = client_context(&ca, None, "spiffe://cluster.local/ns/b/sa/first");
+        // Nothing pushed yet: fail closed.
+        assert!(handshake(&server, &down, &Tls::default(), &up).await.0.unwrap_err().contains("\"default\""));
+        let push = |who: &str| {
+            let (chain, key) = ca.issue(who);
+            let certificate = load_certificate(&DataSource::Inline(chain.into_bytes()), &DataSource::Inline(key.into_bytes())).unwrap();
+            assert!(!format!("{certificate:?}").contains("PRIVATE"), "keys are never printed");
+            server.push(HashMap::from([("default".to_string(), Arc::new(Pushed::Certificate(certificate)))]));
+        };
+        push("spiffe://cluster.local/ns/b/sa/first");
+        assert!(handshake(&server, &down, &Tls::default(), &up).await.1);
+        push("spiffe://cluster.local/ns/b/sa/second");
+        assert!(!handshake(&server, &down, &Tls::default(), &up).await.1, "the rotated certificate serves the next handshake");
+        let up = client_context(&ca, None, "spiffe://cluster.local/ns/b/sa/second");
+        assert!(handshake(&server, &down, &Tls::default(), &up).await.1);
+    }
+
+    #[test]
+    fn broken_material_is_named_not_echoed() {
+        let e = load_certificate(&DataSource::Inline(b"not pem".to_vec()), &DataSource::Inline(b"SECRET-KEY-BYTES".to_vec())).unwrap_err();
+        assert!(e.0.contains("no PEM private key") && !e.0.contains("SECRET"), "{e}");
+        let e = certificates(&DataSource::Filename("/nonexistent/chain.pem".into())).unwrap_err();
+        assert!(e.0.contains("/nonexistent/chain.pem"), "{e}");
+    }
+}
