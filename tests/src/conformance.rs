@@ -43,7 +43,12 @@
 //!     timeout_ms: 5000       # client-side deadline per request
 //!     port: 19200            # the listener to send to (only with static_resources of your own)
 //!     known_difference: why  # a difference the README documents: passes only while weft still differs
+//!     tls: {cert: client-a, sni: b.example.com, alpn: [h2]}   # send over TLS (any server certificate is
+//!                            # accepted; `cert` presents a leaf of the test PKI, see `crate::pki`)
 //! ```
+//!
+//! A bootstrap may name the test PKI's files as `{{pki}}/<name>.pem` / `.key` (`ca`, `other-ca`, `server`,
+//! `client-a`, `client-c`, `client-other-domain`, `stranger`; see `crate::pki::LEAVES` for their identities).
 //!
 //! Fields (`compare` entries and `expect` keys; the default `compare` is `[status, body, upstream,
 //! upstream_path]`; `expect` keys are always compared too):
@@ -184,6 +189,23 @@ pub struct CaseRequest {
     /// passes only while weft still differs, so the marker must go when the difference is fixed.
     #[serde(default)]
     pub known_difference: Option<String>,
+    /// Send over TLS (see [`ClientTls`]).
+    #[serde(default)]
+    pub tls: Option<ClientTls>,
+}
+
+/// The client side of a TLS request: `tls: {cert: client-a, sni: b.example.com, alpn: [h2]}`. The client
+/// trusts any server certificate (the suite judges the proxies' checks, not its own); `cert` names a leaf of
+/// the test PKI ([`crate::pki`]) presented as the client certificate.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTls {
+    #[serde(default)]
+    pub cert: Option<String>,
+    #[serde(default)]
+    pub sni: Option<String>,
+    #[serde(default)]
+    pub alpn: Vec<String>,
 }
 
 fn default_method() -> String {
@@ -338,7 +360,11 @@ pub fn bootstrap(file: &CaseFile) -> Result<String, String> {
     // JSON, not YAML: the case files are read as YAML 1.2, where `yes` is a string; written back as YAML,
     // Envoy's YAML 1.1 parser would read it as a boolean.
     let json = serde_json::to_value(&root).map_err(|e| e.to_string())?;
-    serde_json::to_string_pretty(&json).map_err(|e| e.to_string())
+    let text = serde_json::to_string_pretty(&json).map_err(|e| e.to_string())?;
+    if !text.contains("{{pki}}") {
+        return Ok(text);
+    }
+    Ok(text.replace("{{pki}}", &crate::pki::dir()?.display().to_string()))
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -699,8 +725,12 @@ pub async fn send(req: &CaseRequest, port: u16) -> Observed {
 }
 
 async fn send_inner(req: &CaseRequest, port: u16) -> Result<Observed, String> {
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| format!("connect: {e}"))?;
-    let _ = stream.set_nodelay(true);
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| format!("connect: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let stream: Box<dyn Io> = match &req.tls {
+        None => Box::new(tcp),
+        Some(tls) => Box::new(crate::tls_client::connect(tcp, tls).await?),
+    };
     if let Some(raw) = &req.raw {
         return send_raw(stream, raw).await;
     }
@@ -743,7 +773,12 @@ async fn send_inner(req: &CaseRequest, port: u16) -> Result<Observed, String> {
 }
 
 /// Writes `raw` and parses the HTTP/1 answer by hand (until it is complete or the connection closes).
-async fn send_raw(mut stream: tokio::net::TcpStream, raw: &str) -> Result<Observed, String> {
+/// A client connection, plaintext or TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+async fn send_raw(mut stream: Box<dyn Io>, raw: &str) -> Result<Observed, String> {
     let bytes = if raw.contains("\r\n") { raw.to_string() } else { raw.replace('\n', "\r\n") };
     stream.write_all(bytes.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
     let mut buf = Vec::new();
