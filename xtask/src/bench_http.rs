@@ -33,7 +33,7 @@ use crate::{cargo, run as run_cmd, target_dir, workspace_root};
 const USAGE: &str = "usage: cargo xtask bench http [--duration SECONDS] [--connections N]";
 const LISTEN_PORT: u16 = 10000;
 const ADMIN_PORT: u16 = 19901;
-const UPSTREAM_PORT: u16 = 20000;
+pub(crate) const UPSTREAM_PORT: u16 = 20000;
 const IDLE_CONNECTIONS: usize = 10_000;
 /// The file-descriptor limit of the bench process, inherited by everything it spawns.
 const NOFILE: u64 = 131_072;
@@ -75,16 +75,16 @@ const SCENARIOS: [Scenario; 3] = [Scenario::Http1, Scenario::Http2, Scenario::Gr
 
 /// One load run of one scenario against one target.
 #[derive(Default)]
-struct Run {
-    rps: f64,
+pub(crate) struct Run {
+    pub(crate) rps: f64,
     /// Requests that completed successfully.
     requests: u64,
-    p50_ms: f64,
-    p99_ms: f64,
+    pub(crate) p50_ms: f64,
+    pub(crate) p99_ms: f64,
     /// Set when the percentiles could not be computed and the two latency cells hold h2load's mean.
     mean_only: bool,
     /// Everything that went wrong: errors and non-2xx counted by the load tool, failed correctness probes.
-    errors: Vec<String>,
+    pub(crate) errors: Vec<String>,
     cpu_s: Option<f64>,
     rss_kib: Option<u64>,
     upstream_cpu_s: f64,
@@ -292,11 +292,11 @@ impl Run {
     }
 }
 
-fn first_line(text: &str) -> &str {
+pub(crate) fn first_line(text: &str) -> &str {
     text.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or_default()
 }
 
-fn last_line(text: &str) -> &str {
+pub(crate) fn last_line(text: &str) -> &str {
     text.lines().map(str::trim).rfind(|l| !l.is_empty()).unwrap_or_default()
 }
 
@@ -475,10 +475,10 @@ fn grpc_frame(message: &[u8]) -> Vec<u8> {
 // Processes
 
 /// A temporary directory removed when dropped.
-struct WorkDir(PathBuf);
+pub(crate) struct WorkDir(pub(crate) PathBuf);
 
 impl WorkDir {
-    fn create() -> Result<WorkDir, String> {
+    pub(crate) fn create() -> Result<WorkDir, String> {
         let dir = std::env::temp_dir().join(format!("weft-bench-http-{}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         Ok(WorkDir(dir))
@@ -491,19 +491,19 @@ impl Drop for WorkDir {
     }
 }
 
-fn write(path: &Path, contents: &[u8]) -> Result<(), String> {
+pub(crate) fn write(path: &Path, contents: &[u8]) -> Result<(), String> {
     std::fs::write(path, contents).map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
 /// A long-running process of the bench, its stderr in a log file.
-struct Server {
-    child: ChildGuard,
+pub(crate) struct Server {
+    pub(crate) child: ChildGuard,
     name: &'static str,
     log: PathBuf,
 }
 
 impl Server {
-    fn spawn(ns: &NetNs, work: &Path, name: &'static str, mut cmd: Command) -> Result<Server, String> {
+    pub(crate) fn spawn(ns: &NetNs, work: &Path, name: &'static str, mut cmd: Command) -> Result<Server, String> {
         let log = work.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
         let file2 = file.try_clone().map_err(|e| e.to_string())?;
@@ -521,7 +521,7 @@ impl Server {
     }
 
     /// Fails, with the end of its log, if the process has exited.
-    fn check_alive(&mut self) -> Result<(), String> {
+    pub(crate) fn check_alive(&mut self) -> Result<(), String> {
         match self.child.try_wait() {
             Ok(None) => Ok(()),
             Ok(Some(status)) => Err(format!("{} exited ({status}); its log ends with:\n{}", self.name, self.log_tail())),
@@ -530,7 +530,7 @@ impl Server {
     }
 
     /// Polls `ready` until it succeeds, failing early if the process exits.
-    fn wait_ready(&mut self, what: &str, mut ready: impl FnMut() -> Result<(), String>) -> Result<(), String> {
+    pub(crate) fn wait_ready(&mut self, what: &str, mut ready: impl FnMut() -> Result<(), String>) -> Result<(), String> {
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
             self.check_alive()?;
@@ -549,7 +549,7 @@ impl Server {
     }
 }
 
-fn start_upstream(ns: &NetNs, work: &Path, exe: &Path) -> Result<Server, String> {
+pub(crate) fn start_upstream(ns: &NetNs, work: &Path, exe: &Path) -> Result<Server, String> {
     let mut cmd = Command::new(exe);
     cmd.args(["bench-upstream", &format!("127.0.0.1:{UPSTREAM_PORT}")]);
     let mut server = Server::spawn(ns, work, "upstream", cmd)?;
@@ -574,7 +574,7 @@ fn start_proxy(ns: &NetNs, work: &Path, name: &'static str, mut cmd: Command, co
 }
 
 /// `PROGRAM [ARGS] --mode validate -c CONFIG`: whether the proxy accepts the bootstrap (its output if not).
-fn validate(program: &Path, args: &[&str], config: &Path) -> Result<(), String> {
+pub(crate) fn validate(program: &Path, args: &[&str], config: &Path) -> Result<(), String> {
     let out = Command::new(program)
         .args(args)
         .args(["--mode", "validate", "-c"])
@@ -587,14 +587,14 @@ fn validate(program: &Path, args: &[&str], config: &Path) -> Result<(), String> 
     Err(format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)).trim().to_string())
 }
 
-fn find_on_path(tool: &str) -> Option<PathBuf> {
+pub(crate) fn find_on_path(tool: &str) -> Option<PathBuf> {
     std::env::split_paths(&std::env::var_os("PATH")?).map(|d| d.join(tool)).find(|p| p.is_file())
 }
 
 /// Raises RLIMIT_NOFILE to `want` (soft and hard), or, where the hard limit cannot be raised (no
 /// CAP_SYS_RESOURCE, as in some containers), the soft limit to the hard one if that still leaves room for the
 /// idle connections. Processes spawned afterwards inherit it.
-fn raise_nofile(want: u64) -> Result<(), String> {
+pub(crate) fn raise_nofile(want: u64) -> Result<(), String> {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit/setrlimit with valid pointers to locals.
     unsafe {
@@ -620,7 +620,7 @@ fn raise_nofile(want: u64) -> Result<(), String> {
 }
 
 /// User plus system CPU time of a process (all its threads), in seconds.
-fn cpu_seconds(pid: u32) -> Result<f64, String> {
+pub(crate) fn cpu_seconds(pid: u32) -> Result<f64, String> {
     let path = format!("/proc/{pid}/stat");
     let stat = std::fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
     // Fields after the parenthesised command name start at field 3 (state); utime and stime are fields 14, 15.
@@ -639,7 +639,7 @@ fn cpu_seconds(pid: u32) -> Result<f64, String> {
 
 /// Runs a load tool inside the namespace, its output in files, killed if it overruns `timeout`. Returns its
 /// stdout; a non-zero exit is an error showing both outputs.
-fn run_tool(ns: &NetNs, work: &Path, mut cmd: Command, timeout: Duration) -> Result<String, String> {
+pub(crate) fn run_tool(ns: &NetNs, work: &Path, mut cmd: Command, timeout: Duration) -> Result<String, String> {
     let line = format!("{cmd:?}");
     let out_path = work.join("tool.out");
     let err_path = work.join("tool.err");
@@ -721,7 +721,7 @@ fn wrk_ms(text: &str) -> Option<f64> {
     })
 }
 
-fn parse_wrk(out: &str) -> Result<Run, String> {
+pub(crate) fn parse_wrk(out: &str) -> Result<Run, String> {
     let mut run = Run::default();
     let mut found = (false, false, false, false);
     for line in out.lines().map(str::trim) {
@@ -876,7 +876,7 @@ fn reset_on_close(s: &TcpStream) {
 // HTTP/1.1 by hand (readiness, the idle connections, the HTTP/1.1 probe)
 
 /// One `GET path` on a fresh connection from inside the namespace (`Connection: close`).
-fn get(ns: &NetNs, port: u16, path: &str) -> Result<(u16, Vec<u8>), String> {
+pub(crate) fn get(ns: &NetNs, port: u16, path: &str) -> Result<(u16, Vec<u8>), String> {
     let mut s = ns
         .tcp_connect(SocketAddr::from(([127, 0, 0, 1], port)), Duration::from_secs(2))
         .map_err(|e| format!("connect 127.0.0.1:{port}: {e}"))?;

@@ -10,6 +10,7 @@
 
 mod bench;
 mod bench_http;
+mod bench_mtls;
 mod bench_neighbour;
 mod demo;
 mod ebpf;
@@ -31,6 +32,7 @@ fn main() -> ExitCode {
         ["bench", "pods", rest @ ..] => bench::pods(rest),
         ["bench", "http", rest @ ..] => bench_http::run(rest),
         ["bench", "neighbour", rest @ ..] => bench_neighbour::run(rest),
+        ["bench", "mtls", rest @ ..] => bench_mtls::run(rest),
         // The upstream `bench http` runs inside its network namespace (not in the usage).
         ["bench-upstream", rest @ ..] => bench_http::upstream(rest),
         _ => Err(USAGE.to_string()),
