@@ -209,7 +209,6 @@ fn proxy(args: ProxyArgs) -> Result<(), String> {
         let proxy = weft_agent::proxy::server::Proxy::new(std::time::Duration::from_secs(args.drain_time_s));
         let quit = Arc::new(tokio::sync::Notify::new());
         let admin_address = bootstrap.admin;
-        proxy.set_static_secrets(bootstrap.secrets.clone());
         let xds = weft_agent::xds::XdsState::new(bootstrap, weft_agent::xds::Sink::Proxy(Arc::clone(&proxy)));
         // All or nothing at start-up: a port in use fails it, as in Envoy.
         if let Some(e) = xds.start().into_iter().next() {

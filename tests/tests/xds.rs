@@ -445,3 +445,78 @@ fn removed_listener_drains_its_connections() {
     assert_eq!(finish(kept), b"before the update, after it", "a connection of a kept listener was cut");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+/// A TLS listener whose certificate is an SDS secret over ADS (as istiod sends gateways' credentialName).
+fn tls_listener() -> String {
+    listener("tls", 19100, "").replace(
+        "filter_chains:\n- filters:",
+        "filter_chains:\n- transport_socket:\n    name: envoy.transport_sockets.tls\n    typed_config:\n      \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext\n      common_tls_context:\n        tls_certificate_sds_secret_configs: [{name: \"kubernetes://web-cert\", sds_config: {ads: {}, resource_api_version: V3}}]\n  filters:",
+    )
+}
+
+fn secret(chain: &str, key: &str) -> String {
+    let json = serde_json::json!({"name": "kubernetes://web-cert", "tls_certificate": {"certificate_chain": {"inline_string": chain}, "private_key": {"inline_string": key}}});
+    json.to_string()
+}
+
+/// The certificate a TLS client is shown on port 19100 (DER), or why the handshake failed.
+fn served_certificate(ns: &NetNs) -> Result<Vec<u8>, String> {
+    let tcp = ns.tcp_connect(addr(19100), Duration::from_secs(2)).map_err(|e| e.to_string())?;
+    tcp.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let tcp = tokio::net::TcpStream::from_std(tcp).map_err(|e| e.to_string())?;
+        let tls = weft_tests::tls_client::connect(tcp, &Default::default()).await?;
+        let certs = tls.get_ref().1.peer_certificates().ok_or("no certificate")?;
+        Ok(certs[0].to_vec())
+    })
+}
+
+fn pem_der(pem: &str) -> Vec<u8> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap().to_vec()
+}
+
+/// SDS over ADS: the secret a TLS context names is subscribed to by name; until it arrives handshakes fail
+/// (closed, never plaintext); a malformed one is NACKed naming the secret while the last good one keeps
+/// serving; a rotated one serves the next handshake.
+#[test]
+fn sds_secrets_over_ads() {
+    let Some(Setup { ns, dir, config, server }) = Setup::new("sds", "GRPC") else { return };
+    let pki = weft_tests::pki::dir().unwrap();
+    let read = |f: &str| std::fs::read_to_string(pki.join(f)).unwrap();
+    let _upstream = EchoServer::start(&ns, 19300).unwrap();
+    server.set(CLUSTER, "1", &[ECHO_CLUSTER]).unwrap();
+    server.set(LISTENER, "1", &[&tls_listener()]).unwrap();
+    let _weft = start_weft(&ns, &config);
+    let subscription = server.wait_request("an SDS subscription", |r| r.type_url == SECRET && !r.names.is_empty()).unwrap();
+    assert_eq!(subscription.names, ["kubernetes://web-cert"]);
+    wait_for("the listener to accept", Duration::from_secs(10), || ns.tcp_connect(addr(19100), Duration::from_secs(1)).map(drop).map_err(|e| e.to_string())).unwrap();
+    assert!(served_certificate(&ns).is_err(), "no secret yet: the handshake must fail");
+
+    server.set(SECRET, "1", &[&secret(&read("server.pem"), &read("server.key"))]).unwrap();
+    ack(&server, false, SECRET, "1", 1);
+    wait_for("the secret served", Duration::from_secs(10), || match served_certificate(&ns) {
+        Ok(der) if der == pem_der(&read("server.pem")) => Ok(()),
+        other => Err(format!("{other:?}")),
+    })
+    .unwrap();
+
+    server.set(SECRET, "2", &[&secret(&read("server.pem"), "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")]).unwrap();
+    let nack = server.wait_request("the NACK of v2", |r| r.type_url == SECRET && r.error.is_some()).unwrap();
+    let error = nack.error.unwrap();
+    assert!(error.contains("kubernetes://web-cert") && error.contains("private key"), "{error}");
+    assert!(!error.contains("bm90IGEga2V5"), "key material in the NACK: {error}");
+    assert_eq!(served_certificate(&ns).unwrap(), pem_der(&read("server.pem")), "the last good secret keeps serving");
+
+    server.set(SECRET, "3", &[&secret(&read("client-c.pem"), &read("client-c.key"))]).unwrap();
+    ack(&server, false, SECRET, "3", 2);
+    wait_for("the rotated secret served", Duration::from_secs(10), || match served_certificate(&ns) {
+        Ok(der) if der == pem_der(&read("client-c.pem")) => Ok(()),
+        other => Err(format!("{other:?}")),
+    })
+    .unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -227,6 +227,16 @@ impl Assignment {
 /// Envoy's default `connect_timeout`.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+impl Cluster {
+    /// Its TLS context, when it originates TLS.
+    pub fn tls_context(&self) -> Option<&super::tls::CommonTls> {
+        match &self.transport_socket {
+            TransportSocket::Tls(t) => Some(&t.common),
+            TransportSocket::RawBuffer => None,
+        }
+    }
+}
+
 pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
     let name = c.required_string("name")?.to_string();
     let kind = c.string("type")?.unwrap_or("STATIC");

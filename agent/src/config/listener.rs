@@ -116,6 +116,14 @@ impl Listener {
         self.filter_chains.iter().chain(&self.default_filter_chain).map(|c| &c.filter)
     }
 
+    /// The TLS contexts of its chains.
+    pub fn tls_contexts(&self) -> impl Iterator<Item = &super::tls::CommonTls> {
+        self.filter_chains.iter().chain(&self.default_filter_chain).filter_map(|c| match &c.transport_socket {
+            TransportSocket::Tls(t) => Some(&t.common),
+            TransportSocket::RawBuffer => None,
+        })
+    }
+
     /// The route configurations given inline.
     pub fn inline_routes(&self) -> impl Iterator<Item = &RouteConfiguration> {
         self.filters().filter_map(|f| match f {

@@ -47,7 +47,16 @@ pub struct CommonTls {
 #[serde(rename_all = "snake_case")]
 pub enum CertificateSource {
     Inline { certificate_chain: DataSource, private_key: DataSource },
-    Sds(String),
+    Sds(SdsSecret),
+}
+
+/// A secret by SDS name. Over ADS (`sds_config: {ads: {}}`) weft subscribes to it on the pod's stream, as
+/// Envoy does; otherwise (istio-agent's `sds-grpc` cluster, or no `sds_config`: a static secret) the agent
+/// resolves it itself: `default` and `ROOTCA` are the pod's identity and the mesh roots.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SdsSecret {
+    pub name: String,
+    pub over_ads: bool,
 }
 
 /// Who the peer must be: a chain to these roots (when given) and, when matchers are given, one SAN that
@@ -62,7 +71,7 @@ pub struct Validation {
 #[serde(rename_all = "snake_case")]
 pub enum TrustSource {
     Inline(DataSource),
-    Sds(String),
+    Sds(SdsSecret),
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -235,13 +244,27 @@ fn validation_context(mut v: Obj<'_>) -> Result<Validation> {
     Ok(Validation { trusted_ca, san_matchers })
 }
 
-/// `SdsSecretConfig`: the name is what weft resolves (per pod); where Envoy would fetch it from
-/// (`sds_config`: ADS, or istio-agent's `sds-grpc` cluster) is the agent's own business.
-fn sds_name(mut s: Obj<'_>) -> Result<String> {
+/// `SdsSecretConfig`: over ADS, or resolved by the agent (see [`SdsSecret`]).
+fn sds_name(mut s: Obj<'_>) -> Result<SdsSecret> {
     let name = s.required_string("name")?.to_string();
-    s.take("sds_config");
+    let over_ads = s.take("sds_config").is_some_and(|c| c.get("ads").is_some());
     s.finish()?;
-    Ok(name)
+    Ok(SdsSecret { name, over_ads })
+}
+
+impl CommonTls {
+    /// The secrets this context names by SDS.
+    pub fn sds_secrets(&self) -> impl Iterator<Item = &SdsSecret> {
+        let certificate = match &self.certificate {
+            Some(CertificateSource::Sds(s)) => Some(s),
+            _ => None,
+        };
+        let roots = match self.validation.as_ref().and_then(|v| v.trusted_ca.as_ref()) {
+            Some(TrustSource::Sds(s)) => Some(s),
+            _ => None,
+        };
+        certificate.into_iter().chain(roots)
+    }
 }
 
 fn tls_params(mut p: Obj<'_>) -> Result<(Versions, Option<Vec<String>>)> {
@@ -321,9 +344,9 @@ mod tests {
         .unwrap();
         let TransportSocket::Tls(t) = t else { panic!("{t:?}") };
         assert!(t.require_client_certificate);
-        assert_eq!(t.common.certificate, Some(CertificateSource::Sds("default".into())));
+        assert_eq!(t.common.certificate, Some(CertificateSource::Sds(SdsSecret { name: "default".into(), over_ads: true })));
         let v = t.common.validation.as_ref().unwrap();
-        assert_eq!(v.trusted_ca, Some(TrustSource::Sds("ROOTCA".into())));
+        assert_eq!(v.trusted_ca, Some(TrustSource::Sds(SdsSecret { name: "ROOTCA".into(), over_ads: true })));
         assert_eq!(v.san_matchers[0].kind, SanKind::Uri);
         assert_eq!(t.common.alpn, ["h2", "http/1.1"]);
     }

@@ -126,7 +126,7 @@ pub async fn serve(accepted: Accepted, entry: &Listener, snapshot: &Arc<Snapshot
     let served = async {
         let (io, tls) = match &chain.transport_socket {
             TransportSocket::RawBuffer => (MaybeTls::Plain(io), None),
-            TransportSocket::Tls(context) => match pools.tls().accept(io, context).await {
+            TransportSocket::Tls(context) => match pools.tls().accept(io, context, &snapshot.secrets).await {
                 Ok((stream, info)) => (MaybeTls::Tls(Box::new(stream)), Some(Arc::new(info))),
                 Err(e) => {
                     tracing::debug!(listener = %listener.name, %peer, "{e}");

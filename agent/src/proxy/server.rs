@@ -69,11 +69,6 @@ impl Proxy {
         })
     }
 
-    /// The bootstrap's static secrets, which TLS contexts name.
-    pub fn set_static_secrets(&self, secrets: Vec<crate::config::secret::Secret>) {
-        self.pod.pools.tls().set_statics(secrets);
-    }
-
     /// The configuration new connections are served by.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.config.borrow().clone().unwrap_or_default()

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crate::config::cluster::{Assignment, Cluster, Discovery};
 use crate::config::listener::Listener;
 use crate::config::route::RouteConfiguration;
+use crate::config::secret::Secret;
 use crate::config::store::{ByName, ClusterState};
 
 #[derive(Default)]
@@ -21,6 +22,8 @@ pub struct Snapshot {
     pub clusters: Arc<ByName<Cluster>>,
     /// EDS: service name → endpoints.
     pub assignments: Arc<ByName<Assignment>>,
+    /// Secrets TLS contexts name: the bootstrap's static ones and those received over ADS (SDS).
+    pub secrets: Arc<ByName<Secret>>,
 }
 
 /// One cluster as the data path sees it.

@@ -28,7 +28,8 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::tls_info::{PeerCertificate, TlsInfo};
 use crate::config::secret::{DataSource, Secret, SecretKind};
-use crate::config::tls::{iana_suite, CertificateSource, CommonTls, DownstreamTls, SanKind, SanMatcher, TrustSource, UpstreamTls, Versions};
+use crate::config::store::{ByName, Entry};
+use crate::config::tls::{iana_suite, CertificateSource, CommonTls, DownstreamTls, SanKind, SanMatcher, SdsSecret, TrustSource, UpstreamTls, Versions};
 
 /// Key material of one certificate (never printed: see `Debug`).
 pub struct Certificate {
@@ -49,12 +50,11 @@ pub enum Pushed {
     Roots(Vec<CertificateDer<'static>>),
 }
 
-/// A pod's (or the standalone proxy's) TLS state: the secrets pushed to it by name, the bootstrap's static
-/// secrets, and the rustls configurations built from its contexts.
+/// A pod's (or the standalone proxy's) TLS state: the secrets pushed to it by name (its identity) and the
+/// rustls configurations built from its contexts.
 #[derive(Default)]
 pub struct Tls {
     pushed: ArcSwap<HashMap<String, Arc<Pushed>>>,
-    statics: ArcSwap<Vec<Secret>>,
     servers: Mutex<Vec<Cached<DownstreamTls, ServerConfig>>>,
     clients: Mutex<Vec<Cached<UpstreamTls, ClientConfig>>>,
 }
@@ -82,14 +82,9 @@ impl Tls {
         self.pushed.store(Arc::new(secrets));
     }
 
-    /// The bootstrap's `static_resources.secrets` (their files are read when a handshake needs them).
-    pub fn set_statics(&self, secrets: Vec<Secret>) {
-        self.statics.store(Arc::new(secrets));
-    }
-
     /// Terminates TLS on a downstream connection.
-    pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(&self, io: S, context: &Arc<DownstreamTls>) -> Result<(tokio_rustls::server::TlsStream<S>, TlsInfo), TlsError> {
-        let config = self.server_config(context)?;
+    pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(&self, io: S, context: &Arc<DownstreamTls>, secrets: &ByName<Secret>) -> Result<(tokio_rustls::server::TlsStream<S>, TlsInfo), TlsError> {
+        let config = self.server_config(context, secrets)?;
         let stream = TlsAcceptor::from(config).accept(io).await.map_err(|e| TlsError(format!("TLS handshake: {e}")))?;
         let (_, session) = stream.get_ref();
         let info = TlsInfo {
@@ -101,8 +96,8 @@ impl Tls {
     }
 
     /// Originates TLS on an upstream connection to `ip`.
-    pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(&self, io: S, context: &Arc<UpstreamTls>, ip: IpAddr) -> Result<tokio_rustls::client::TlsStream<S>, TlsError> {
-        let config = self.client_config(context)?;
+    pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(&self, io: S, context: &Arc<UpstreamTls>, secrets: &ByName<Secret>, ip: IpAddr) -> Result<tokio_rustls::client::TlsStream<S>, TlsError> {
+        let config = self.client_config(context, secrets)?;
         // Without `sni` Envoy sends none; rustls sends none for an IP address.
         let name = match &context.sni {
             Some(sni) => ServerName::try_from(sni.clone()).map_err(|e| TlsError(format!("sni {sni:?}: {e}")))?,
@@ -111,17 +106,17 @@ impl Tls {
         TlsConnector::from(config).connect(name, io).await.map_err(|e| TlsError(format!("upstream TLS handshake: {e}")))
     }
 
-    fn server_config(&self, context: &Arc<DownstreamTls>) -> Result<Arc<ServerConfig>, TlsError> {
-        self.cached(&self.servers, context, &context.common, |material| build_server(context, material))
+    fn server_config(&self, context: &Arc<DownstreamTls>, secrets: &ByName<Secret>) -> Result<Arc<ServerConfig>, TlsError> {
+        self.cached(&self.servers, context, &context.common, secrets, |material| build_server(context, material))
     }
 
-    fn client_config(&self, context: &Arc<UpstreamTls>) -> Result<Arc<ClientConfig>, TlsError> {
-        self.cached(&self.clients, context, &context.common, |material| build_client(&context.common, material))
+    fn client_config(&self, context: &Arc<UpstreamTls>, secrets: &ByName<Secret>) -> Result<Arc<ClientConfig>, TlsError> {
+        self.cached(&self.clients, context, &context.common, secrets, |material| build_client(&context.common, material))
     }
 
-    fn cached<C, R>(&self, cache: &Mutex<Vec<Cached<C, R>>>, context: &Arc<C>, common: &CommonTls, build: impl FnOnce(Material) -> Result<R, TlsError>) -> Result<Arc<R>, TlsError> {
-        let (pushed, statics) = (self.pushed.load(), self.statics.load());
-        let sources = Sources { pushed: &pushed, statics: &statics };
+    fn cached<C, R>(&self, cache: &Mutex<Vec<Cached<C, R>>>, context: &Arc<C>, common: &CommonTls, secrets: &ByName<Secret>, build: impl FnOnce(Material) -> Result<R, TlsError>) -> Result<Arc<R>, TlsError> {
+        let pushed = self.pushed.load();
+        let sources = Sources { pushed: &pushed, secrets };
         let stamp = sources.stamp(common);
         {
             let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
@@ -138,10 +133,12 @@ impl Tls {
     }
 }
 
-/// Where a context's secrets are resolved: pushed secrets by name first, then the bootstrap's static ones.
+/// Where a context's secrets are resolved: a secret the agent serves (`sds-grpc`, static names) is the one
+/// pushed to the pod, else the configuration's (`static_resources.secrets`); one over ADS only the
+/// configuration's (received on the pod's stream).
 struct Sources<'a> {
     pushed: &'a HashMap<String, Arc<Pushed>>,
-    statics: &'a [Secret],
+    secrets: &'a ByName<Secret>,
 }
 
 /// A context's secrets, loaded.
@@ -150,15 +147,28 @@ struct Material {
     roots: Option<Arc<RootCertStore>>,
 }
 
+/// A named secret, found.
+enum Found<'a> {
+    Pushed(&'a Arc<Pushed>),
+    Configured(&'a Entry<Secret>),
+    Missing,
+}
+
 impl Sources<'_> {
-    fn static_secret(&self, name: &str) -> Option<&SecretKind> {
-        self.statics.iter().find(|s| s.name == name).map(|s| &s.kind)
+    fn lookup(&self, sds: &SdsSecret) -> Found<'_> {
+        let pushed = if sds.over_ads { None } else { self.pushed.get(&sds.name) };
+        match (pushed, self.secrets.get(&sds.name)) {
+            (Some(p), _) => Found::Pushed(p),
+            (None, Some(e)) => Found::Configured(e),
+            (None, None) => Found::Missing,
+        }
     }
 
-    /// What identifies the current secrets: pushed secrets by address, files by modification time and size.
+    /// What identifies the current secrets: pushed and received secrets by address, files by modification
+    /// time and size.
     fn stamp(&self, common: &CommonTls) -> Vec<u64> {
         let mut stamp = Vec::new();
-        let mut file = |d: &DataSource| {
+        let file = |stamp: &mut Vec<u64>, d: &DataSource| {
             if let DataSource::Filename(path) = d {
                 let meta = std::fs::metadata(path).ok();
                 let modified = meta.as_ref().and_then(|m| m.modified().ok()).and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok());
@@ -166,34 +176,29 @@ impl Sources<'_> {
                 stamp.push(meta.map_or(0, |m| m.len()));
             }
         };
-        let named = |name: &str, stamp_files: &mut dyn FnMut(&DataSource)| match (self.pushed.get(name), self.static_secret(name)) {
-            (Some(p), _) => Some(Arc::as_ptr(p) as u64),
-            (None, Some(SecretKind::TlsCertificate { certificate_chain, private_key })) => {
-                stamp_files(certificate_chain);
-                stamp_files(private_key);
-                None
-            }
-            (None, Some(SecretKind::ValidationContext { trusted_ca })) => {
-                stamp_files(trusted_ca);
-                None
-            }
-            (None, None) => Some(u64::MAX),
-        };
-        let mut pushed = Vec::new();
-        match &common.certificate {
-            Some(CertificateSource::Inline { certificate_chain, private_key }) => {
-                file(certificate_chain);
-                file(private_key);
-            }
-            Some(CertificateSource::Sds(name)) => pushed.extend(named(name, &mut file)),
-            None => {}
+        if let Some(CertificateSource::Inline { certificate_chain, private_key }) = &common.certificate {
+            file(&mut stamp, certificate_chain);
+            file(&mut stamp, private_key);
         }
-        match common.validation.as_ref().and_then(|v| v.trusted_ca.as_ref()) {
-            Some(TrustSource::Inline(d)) => file(d),
-            Some(TrustSource::Sds(name)) => pushed.extend(named(name, &mut file)),
-            None => {}
+        if let Some(TrustSource::Inline(d)) = common.validation.as_ref().and_then(|v| v.trusted_ca.as_ref()) {
+            file(&mut stamp, d);
         }
-        stamp.extend(pushed);
+        for sds in common.sds_secrets() {
+            match self.lookup(sds) {
+                Found::Pushed(p) => stamp.push(Arc::as_ptr(p) as u64),
+                Found::Configured(e) => {
+                    stamp.push(Arc::as_ptr(e) as u64);
+                    match &e.model.kind {
+                        SecretKind::TlsCertificate { certificate_chain, private_key } => {
+                            file(&mut stamp, certificate_chain);
+                            file(&mut stamp, private_key);
+                        }
+                        SecretKind::ValidationContext { trusted_ca } => file(&mut stamp, trusted_ca),
+                    }
+                }
+                Found::Missing => stamp.push(u64::MAX),
+            }
+        }
         stamp
     }
 
@@ -201,22 +206,48 @@ impl Sources<'_> {
         let certificate = match &common.certificate {
             None => None,
             Some(CertificateSource::Inline { certificate_chain, private_key }) => Some(certified_key(&load_certificate(certificate_chain, private_key)?)?),
-            Some(CertificateSource::Sds(name)) => Some(match (self.pushed.get(name).map(|p| &**p), self.static_secret(name)) {
-                (Some(Pushed::Certificate(c)), _) => certified_key(c)?,
-                (None, Some(SecretKind::TlsCertificate { certificate_chain, private_key })) => certified_key(&load_certificate(certificate_chain, private_key)?)?,
-                _ => return Err(TlsError(format!("secret {name:?}: no certificate with that name (not pushed yet, or not a tls_certificate)"))),
+            Some(CertificateSource::Sds(sds)) => Some(match self.lookup(sds) {
+                Found::Pushed(p) => match &**p {
+                    Pushed::Certificate(c) => certified_key(c)?,
+                    Pushed::Roots(_) => return Err(TlsError(format!("secret {:?} holds trust roots, not a certificate", sds.name))),
+                },
+                Found::Configured(e) => match &e.model.kind {
+                    SecretKind::TlsCertificate { certificate_chain, private_key } => certified_key(&load_certificate(certificate_chain, private_key)?)?,
+                    SecretKind::ValidationContext { .. } => return Err(TlsError(format!("secret {:?} is a validation_context, not a tls_certificate", sds.name))),
+                },
+                Found::Missing => return Err(TlsError(format!("secret {:?}: no certificate with that name yet", sds.name))),
             }),
         };
         let roots = match common.validation.as_ref().and_then(|v| v.trusted_ca.as_ref()) {
             None => None,
             Some(TrustSource::Inline(d)) => Some(root_store(&certificates(d)?)?),
-            Some(TrustSource::Sds(name)) => Some(match (self.pushed.get(name).map(|p| &**p), self.static_secret(name)) {
-                (Some(Pushed::Roots(r)), _) => root_store(r)?,
-                (None, Some(SecretKind::ValidationContext { trusted_ca })) => root_store(&certificates(trusted_ca)?)?,
-                _ => return Err(TlsError(format!("secret {name:?}: no trusted CA with that name (not pushed yet, or not a validation_context)"))),
+            Some(TrustSource::Sds(sds)) => Some(match self.lookup(sds) {
+                Found::Pushed(p) => match &**p {
+                    Pushed::Roots(r) => root_store(r)?,
+                    Pushed::Certificate(_) => return Err(TlsError(format!("secret {:?} holds a certificate, not trust roots", sds.name))),
+                },
+                Found::Configured(e) => match &e.model.kind {
+                    SecretKind::ValidationContext { trusted_ca } => root_store(&certificates(trusted_ca)?)?,
+                    SecretKind::TlsCertificate { .. } => return Err(TlsError(format!("secret {:?} is a tls_certificate, not a validation_context", sds.name))),
+                },
+                Found::Missing => return Err(TlsError(format!("secret {:?}: no trusted CA with that name yet", sds.name))),
             }),
         };
         Ok(Material { certificate, roots })
+    }
+}
+
+/// Checks a secret received over xDS (or in a bootstrap) the way a handshake would load it, so a broken one
+/// is rejected (NACKed, the last good one kept) rather than failing handshakes later. Files are only read
+/// at handshake time, as in Envoy.
+pub fn check_secret(secret: &Secret) -> Result<(), TlsError> {
+    let inline = |d: &DataSource| matches!(d, DataSource::Inline(_));
+    match &secret.kind {
+        SecretKind::TlsCertificate { certificate_chain, private_key } if inline(certificate_chain) && inline(private_key) => {
+            certified_key(&load_certificate(certificate_chain, private_key)?).map(drop)
+        }
+        SecretKind::ValidationContext { trusted_ca } if inline(trusted_ca) => root_store(&certificates(trusted_ca)?).map(drop),
+        _ => Ok(()),
     }
 }
 
@@ -643,7 +674,7 @@ mod tests {
     async fn handshake(server: &Tls, down: &Arc<DownstreamTls>, client: &Tls, up: &Arc<UpstreamTls>) -> (Result<TlsInfo, String>, bool) {
         let (a, b) = tokio::io::duplex(64 * 1024);
         let accepting = async {
-            let (mut stream, info) = server.accept(a, down).await.map_err(|e| e.0)?;
+            let (mut stream, info) = server.accept(a, down, &ByName::default()).await.map_err(|e| e.0)?;
             let mut byte = [0u8; 1];
             stream.read_exact(&mut byte).await.map_err(|e| e.to_string())?;
             stream.write_all(&byte).await.map_err(|e| e.to_string())?;
@@ -651,7 +682,7 @@ mod tests {
             Ok(info)
         };
         let connecting = async {
-            let Ok(mut stream) = client.connect(b, up, "10.0.0.2".parse().unwrap()).await else { return false };
+            let Ok(mut stream) = client.connect(b, up, &ByName::default(), "10.0.0.2".parse().unwrap()).await else { return false };
             let mut byte = [0u8; 1];
             stream.write_all(b"x").await.is_ok() && stream.flush().await.is_ok() && stream.read_exact(&mut byte).await.is_ok()
         };

@@ -18,6 +18,7 @@ use crate::config::bootstrap::Bootstrap;
 use crate::config::cluster::{self, Cluster};
 use crate::config::listener::{self, Listener};
 use crate::config::route::{self, RouteConfiguration};
+use crate::config::secret::{self, Secret};
 use crate::config::store::{ByName, ClusterState, Entry, Resource};
 use crate::config::tree::Obj;
 use crate::proxy::server::Proxy;
@@ -27,13 +28,14 @@ pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Li
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT_TYPE: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
 /// The resource types weft subscribes to, clusters first (a listener may only use clusters that exist).
-pub const TYPES: [&str; 4] = [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE];
+pub const TYPES: [&str; 5] = [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE, SECRET_TYPE];
 
 /// Types subscribed by name (EDS: the services of EDS clusters; RDS: the route configurations listeners
-/// name); the others as a whole (wildcard).
-pub const NAMED_TYPES: [&str; 2] = [ENDPOINT_TYPE, ROUTE_TYPE];
+/// name; SDS: the secrets TLS contexts name over ADS); the others as a whole (wildcard).
+pub const NAMED_TYPES: [&str; 3] = [ENDPOINT_TYPE, ROUTE_TYPE, SECRET_TYPE];
 
 pub fn is_wildcard(type_url: &str) -> bool {
     !NAMED_TYPES.contains(&type_url)
@@ -50,6 +52,8 @@ pub struct Store {
     pub assignments: Arc<ByName<crate::config::cluster::Assignment>>,
     /// RDS: route configuration name → routes.
     pub routes: Arc<ByName<Arc<RouteConfiguration>>>,
+    /// SDS over ADS: secret name → certificate or trust roots.
+    pub secrets: Arc<ByName<Secret>>,
     pub versions: HashMap<&'static str, String>,
     /// Per type, whether the last response was accepted: the xDS sync status.
     pub last_response: HashMap<&'static str, bool>,
@@ -60,6 +64,7 @@ static LISTENERS: LazyLock<intern::Interner<Resource<Listener>>> = LazyLock::new
 static CLUSTERS: LazyLock<intern::Interner<Resource<Cluster>>> = LazyLock::new(Default::default);
 static ASSIGNMENTS: LazyLock<intern::Interner<Resource<crate::config::cluster::Assignment>>> = LazyLock::new(Default::default);
 static ROUTES: LazyLock<intern::Interner<Resource<Arc<RouteConfiguration>>>> = LazyLock::new(Default::default);
+static SECRETS: LazyLock<intern::Interner<Resource<Secret>>> = LazyLock::new(Default::default);
 
 type Rejection = (Option<String>, String);
 
@@ -97,6 +102,7 @@ pub fn short_name(type_url: &str) -> &'static str {
         ENDPOINT_TYPE => "EDS",
         LISTENER_TYPE => "LDS",
         ROUTE_TYPE => "RDS",
+        SECRET_TYPE => "SDS",
         _ => "?",
     }
 }
@@ -123,6 +129,7 @@ pub struct XdsState {
     /// The bootstrap's listeners and clusters as resources, made once so their counters persist.
     static_listeners: Vec<Entry<Listener>>,
     static_clusters: Vec<Entry<Cluster>>,
+    static_secrets: Vec<Entry<Secret>>,
     sink: Sink,
     pub store: Mutex<Store>,
 }
@@ -131,7 +138,8 @@ impl XdsState {
     pub fn new(bootstrap: Bootstrap, sink: Sink) -> Arc<XdsState> {
         let static_listeners = bootstrap.listeners.iter().map(|l| Resource::fixed(&l.name, l.clone())).collect();
         let static_clusters = bootstrap.clusters.iter().map(|c| Resource::fixed(&c.name, c.clone())).collect();
-        Arc::new(XdsState { bootstrap, static_listeners, static_clusters, sink, store: Mutex::default() })
+        let static_secrets = bootstrap.secrets.iter().map(|s| Resource::fixed(&s.name, s.clone())).collect();
+        Arc::new(XdsState { bootstrap, static_listeners, static_clusters, static_secrets, sink, store: Mutex::default() })
     }
 
     /// Serves the bootstrap's static resources (standalone proxy); returns the listeners that cannot bind.
@@ -154,6 +162,7 @@ impl XdsState {
             LISTENER_TYPE => store.listeners.iter().map(|(n, e)| (n.to_string(), e.version.clone())).collect(),
             ENDPOINT_TYPE => store.assignments.iter().map(|(n, e)| (n.to_string(), e.version.clone())).collect(),
             ROUTE_TYPE => store.routes.iter().map(|(n, e)| (n.to_string(), e.version.clone())).collect(),
+            SECRET_TYPE => store.secrets.iter().map(|(n, e)| (n.to_string(), e.version.clone())).collect(),
             _ => store.clusters.iter().map(|(n, e)| (n.to_string(), e.version.clone())).collect(),
         }
     }
@@ -172,6 +181,11 @@ impl XdsState {
                     _ => None,
                 })
                 .collect()
+        } else if type_url == SECRET_TYPE {
+            let listeners = self.bootstrap.listeners.iter().chain(store.listeners.values().map(|e| e.model()));
+            let clusters = self.bootstrap.clusters.iter().chain(store.clusters.values().map(|e| e.model()));
+            let contexts = listeners.flat_map(Listener::tls_contexts).chain(clusters.filter_map(Cluster::tls_context));
+            contexts.flat_map(|c| c.sds_secrets().filter(|s| s.over_ads).map(|s| s.name.clone())).collect()
         } else {
             self.bootstrap
                 .listeners
@@ -229,6 +243,7 @@ impl XdsState {
             LISTENER_TYPE => Arc::make_mut(&mut store.listeners).retain(|e| !gone(&e.name)),
             ENDPOINT_TYPE => Arc::make_mut(&mut store.assignments).retain(|e| !gone(&e.name)),
             ROUTE_TYPE => Arc::make_mut(&mut store.routes).retain(|e| !gone(&e.name)),
+            SECRET_TYPE => Arc::make_mut(&mut store.secrets).retain(|e| !gone(&e.name)),
             _ => Arc::make_mut(&mut store.clusters).retain(|e| !gone(&e.name)),
         }
         errors.extend(self.push(&mut store));
@@ -265,6 +280,17 @@ impl XdsState {
                 Arc::make_mut(&mut store.routes).insert(rc);
                 Ok(name)
             }
+            // A secret that would not load is refused now, and the last good one keeps serving.
+            SECRET_TYPE => {
+                let s = shared(&SECRETS, r, "Secret", "name", |o| {
+                    let secret = secret::translate(o)?;
+                    crate::proxy::tls::check_secret(&secret).map_err(|e| crate::config::tree::ConfigError::new(secret.name.clone(), e.0))?;
+                    Ok(secret)
+                })?;
+                let name = s.name.to_string();
+                Arc::make_mut(&mut store.secrets).insert(s);
+                Ok(name)
+            }
             _ => {
                 let c = shared(&CLUSTERS, r, "Cluster", "name", cluster::translate)?;
                 let name = c.name.to_string();
@@ -294,6 +320,7 @@ impl XdsState {
                     routes: Arc::clone(&store.routes),
                     clusters: Arc::clone(&store.clusters),
                     assignments: Arc::clone(&store.assignments),
+                    secrets: Arc::clone(&store.secrets),
                 })));
                 return Vec::new();
             }
@@ -303,6 +330,7 @@ impl XdsState {
             clusters: Arc::new(self.static_clusters.iter().cloned().chain(store.clusters.values().cloned()).collect()),
             routes: Arc::clone(&store.routes),
             assignments: Arc::clone(&store.assignments),
+            secrets: Arc::new(self.static_secrets.iter().cloned().chain(store.secrets.values().cloned()).collect()),
         };
         proxy
             .apply(snapshot)

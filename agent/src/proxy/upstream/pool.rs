@@ -23,7 +23,10 @@ use super::super::socket::SocketFactory;
 use super::super::tls::{MaybeTls, Tls};
 use super::runtime::ClusterRuntime;
 use crate::config::cluster::{CircuitBreakers, Cluster, Http2Settings};
+use crate::config::secret::Secret;
+use crate::config::store::ByName;
 use crate::config::tls::{TransportSocket, UpstreamTls};
+use super::super::snapshot::Snapshot;
 
 /// An upstream connection, TLS or not.
 pub type UpstreamIo = MaybeTls<tokio::net::TcpStream, tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
@@ -39,23 +42,24 @@ pub struct Key {
 }
 
 impl Key {
-    /// Connections of `cluster` to `endpoint`.
-    pub fn of(endpoint: SocketAddr, cluster: &Cluster) -> Key {
+    /// Connections of `cluster` to `endpoint`, with the secrets of `snapshot`.
+    pub fn of(endpoint: SocketAddr, cluster: &Cluster, snapshot: &Snapshot) -> Key {
         let tls = match &cluster.transport_socket {
             TransportSocket::RawBuffer => None,
-            TransportSocket::Tls(context) => Some(TlsKey(Arc::clone(context))),
+            TransportSocket::Tls(context) => Some(TlsKey(Arc::clone(context), Arc::clone(&snapshot.secrets))),
         };
         Key { endpoint, source: cluster.source_address, tls }
     }
 }
 
-/// A TLS context, equal only to itself (a changed cluster gets new connections).
+/// A TLS context with the secrets it names, equal only to itself (a changed cluster or secret gets new
+/// connections).
 #[derive(Debug, Clone)]
-pub struct TlsKey(pub Arc<UpstreamTls>);
+pub struct TlsKey(pub Arc<UpstreamTls>, pub Arc<ByName<Secret>>);
 
 impl PartialEq for TlsKey {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
+        Arc::ptr_eq(&self.0, &other.0) && Arc::ptr_eq(&self.1, &other.1)
     }
 }
 
@@ -63,7 +67,8 @@ impl Eq for TlsKey {}
 
 impl std::hash::Hash for TlsKey {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        std::ptr::hash(Arc::as_ptr(&self.0), state)
+        std::ptr::hash(Arc::as_ptr(&self.0), state);
+        std::ptr::hash(Arc::as_ptr(&self.1), state)
     }
 }
 
@@ -211,8 +216,8 @@ impl Pools {
         let stream = self.sockets.connect(key.endpoint, key.source, timeout).await.map_err(PoolError::Connect)?;
         match &key.tls {
             None => Ok(MaybeTls::Plain(stream)),
-            Some(TlsKey(context)) => {
-                let tls = self.tls.connect(stream, context, key.endpoint.ip()).await.map_err(|e| PoolError::Connect(std::io::Error::other(e.0)))?;
+            Some(TlsKey(context, secrets)) => {
+                let tls = self.tls.connect(stream, context, secrets, key.endpoint.ip()).await.map_err(|e| PoolError::Connect(std::io::Error::other(e.0)))?;
                 Ok(MaybeTls::Tls(Box::new(tls)))
             }
         }
