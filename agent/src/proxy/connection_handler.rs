@@ -12,10 +12,12 @@ use tokio::sync::watch;
 
 use super::filter_chain::{self, ConnectionInfo};
 use super::filters::network::http_connection_manager::{self, HttpContext};
+use super::filters::network::rbac;
 use super::filters::network::tcp_proxy::{self, Relayed};
 use super::listener_filter::{self, InspectError, Rewind};
 use super::pod_share::{Metered, PodLoad};
 use super::snapshot::Snapshot;
+use super::tls_info::TlsInfo;
 use super::upstream::pool::Pools;
 use super::upstream::{ConnectError, Upstream};
 use crate::config::http_connection_manager::Routes;
@@ -41,6 +43,8 @@ pub enum Outcome {
     UpstreamFailed(ConnectError),
     /// Its listener was removed or replaced and the drain time ran out: closed.
     Drained,
+    /// A configuration update's network RBAC policy for its chain denies it: closed at once.
+    Denied,
 }
 
 /// Listener draining, as Envoy does it: when a configuration update removes or changes the listener that
@@ -117,15 +121,21 @@ pub async fn serve(accepted: Accepted, entry: &Listener, snapshot: &Arc<Snapshot
         return Outcome::NoFilterChain;
     };
     let upstream = Upstream { snapshot: Arc::clone(snapshot), pools: Arc::clone(pools), original_dst: local };
-    let updates = drain.updates.clone();
+    let (updates, guarded) = (drain.updates.clone(), drain.updates.clone());
+    // The TLS transport socket fills this in; plaintext connections have none.
+    let tls: Option<Arc<TlsInfo>> = None;
+    let connection = Arc::new(rbac::Connection { peer, local, server_name: info.server_name.clone(), tls });
+    let io = rbac::Gated::new(Metered::new(io, Arc::clone(&pod.load)), chain.rbac.clone(), Arc::clone(&connection));
     tokio::select! {
-        outcome = run_filter(Metered::new(io, Arc::clone(&pod.load)), &chain.filter, upstream, updates, (peer, local), &pod.load) => outcome,
+        outcome = run_filter(io, &chain.filter, upstream, updates, &connection, &pod.load) => outcome,
         () = drain.of(listener) => Outcome::Drained,
+        () = rbac::guard(guarded, &listener.name, &info, &connection) => Outcome::Denied,
     }
 }
 
-/// The chain's terminal network filter.
-async fn run_filter(io: Metered<Rewind>, filter: &NetworkFilter, upstream: Upstream, updates: SnapshotWatch, (peer, local): (SocketAddr, SocketAddr), load: &Arc<PodLoad>) -> Outcome {
+/// The chain's terminal network filter, behind its RBAC filters.
+async fn run_filter(io: rbac::Gated<Metered<Rewind>>, filter: &NetworkFilter, upstream: Upstream, updates: SnapshotWatch, connection: &rbac::Connection, load: &Arc<PodLoad>) -> Outcome {
+    let (peer, local) = (connection.peer, connection.local);
     match filter {
         NetworkFilter::TcpProxy(config) => match tcp_proxy::serve(io, config, &upstream).await {
             Relayed::Done(from_downstream, to_downstream) => Outcome::Relayed { from_downstream, to_downstream },
@@ -141,7 +151,8 @@ async fn run_filter(io: Metered<Rewind>, filter: &NetworkFilter, upstream: Upstr
                     return Outcome::Warming;
                 }
             }
-            let context = HttpContext { hcm: Arc::clone(hcm), updates, upstream, peer, local, load: Arc::clone(load) };
+            let (tls, server_name) = (connection.tls.clone(), connection.server_name.clone());
+            let context = HttpContext { hcm: Arc::clone(hcm), updates, upstream, peer, local, load: Arc::clone(load), tls, server_name };
             http_connection_manager::serve(io, context).await;
             Outcome::Http
         }
