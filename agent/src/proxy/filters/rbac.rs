@@ -9,6 +9,7 @@ use hyper::http::request::Parts;
 
 use super::super::route;
 use super::super::tls_info::TlsInfo;
+use crate::config::matcher::HeaderMatcher;
 use crate::config::rbac::{Action, Counters, Engines, Policies, Rule};
 
 /// What the rules are evaluated against.
@@ -35,8 +36,7 @@ impl Rule {
             Rule::And(rules) => rules.iter().all(|r| r.matches(facts)),
             Rule::Or(rules) => rules.iter().any(|r| r.matches(facts)),
             Rule::Not(rule) => !rule.matches(facts),
-            // A network filter sees an empty header map, as Envoy's does.
-            Rule::Header(h) => h.matches(facts.request.and_then(|r| route::header_value(r, &h.name)).as_deref()),
+            Rule::Header(h) => header_matches(h, facts.request),
             // The path without its query (a request target never carries a fragment).
             Rule::UrlPath(m) => facts.request.is_some_and(|r| m.matches(r.uri.path())),
             Rule::DestinationIp(range) => range.contains(facts.local.ip()),
@@ -48,6 +48,18 @@ impl Rule {
             Rule::RemoteIp(range) => range.contains(facts.remote),
         }
     }
+}
+
+/// Envoy's RBAC header rule: each value of a repeated header on its own (see
+/// [`HeaderMatcher::matches_individually`]). A network filter sees an empty header map, as Envoy's does.
+fn header_matches(h: &HeaderMatcher, request: Option<&Parts>) -> bool {
+    let Some(request) = request else { return h.matches(None) };
+    if h.name.starts_with(':') {
+        return h.matches(route::header_value(request, &h.name).as_deref());
+    }
+    let values: Vec<std::borrow::Cow<'_, str>> = request.headers.get_all(h.name.as_str()).iter().map(|v| String::from_utf8_lossy(v.as_bytes())).collect();
+    let values: Vec<&str> = values.iter().map(|v| v.as_ref()).collect();
+    h.matches_individually(&values)
 }
 
 /// Envoy's `AuthenticatedMatcher`: any TLS connection without a name; with one, any URI SAN, then any DNS
@@ -184,7 +196,11 @@ mod tests {
         assert!(permission(json!({"url_path": {"path": {"prefix": "/API/", "ignore_case": true}}})).matches(&f));
         assert!(permission(json!({"header": {"name": ":method", "string_match": {"exact": "POST"}}})).matches(&f));
         assert!(permission(json!({"header": {"name": ":path", "string_match": {"suffix": "debug=1"}}})).matches(&f), ":path keeps the query");
-        assert!(principal(json!({"header": {"name": "x-user", "string_match": {"exact": "alice,bob"}}})).matches(&f), "values are joined");
+        assert!(principal(json!({"header": {"name": "x-user", "string_match": {"exact": "bob"}}})).matches(&f), "each value alone");
+        assert!(!principal(json!({"header": {"name": "x-user", "string_match": {"exact": "alice,bob"}}})).matches(&f), "values are not joined");
+        let not_alice = principal(json!({"header": {"name": "x-user", "string_match": {"exact": "alice"}, "invert_match": true}}));
+        assert!(!not_alice.matches(&f), "one of the values is alice: inverted, no match (as Envoy)");
+        assert!(!principal(json!({"header": {"name": "x-absent", "string_match": {"exact": "a"}, "invert_match": true}})).matches(&f));
         let network = facts(None, None);
         assert!(!permission(json!({"url_path": {"path": {"prefix": "/"}}})).matches(&network));
         assert!(permission(json!({"not_rule": {"url_path": {"path": {"prefix": "/"}}}})).matches(&network));
