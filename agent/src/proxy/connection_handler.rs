@@ -211,6 +211,70 @@ mod tests {
         back
     }
 
+    /// The tcp_proxy listener of `snapshot` with a network RBAC filter of `rules` in front.
+    fn guarded(echo: SocketAddr, rules: serde_json::Value) -> (Arc<Snapshot>, Listener) {
+        let (base, _) = snapshot(echo);
+        let listener = json!({"name": "l", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},
+            "filter_chains": [{"filters": [
+                {"name": "rbac", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC", "stat_prefix": "guard_test", "rules": rules}},
+                {"name": "tcp", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", "cluster": "echo"}}]}]});
+        let listener = crate::config::listener::translate(Obj::new(&listener, "l").unwrap()).unwrap();
+        let listeners = Arc::new([Resource::fixed("l", listener.clone())].into_iter().collect());
+        let snapshot = Snapshot { listeners, clusters: Arc::clone(&base.clusters), ..Snapshot::default() };
+        (Arc::new(snapshot), listener)
+    }
+
+    #[tokio::test]
+    async fn an_update_whose_network_rbac_denies_an_open_connection_closes_it() {
+        let echo = crate::proxy::testing::echo_server().await;
+        let allow_all = json!({"action": "DENY", "policies": {}});
+        let deny_loopback = json!({"action": "DENY", "policies": {"loopback": {"permissions": [{"any": true}],
+            "principals": [{"direct_remote_ip": {"address_prefix": "127.0.0.0", "prefix_len": 8}}]}}});
+        let (first, listener) = guarded(echo, allow_all);
+        let (denying, _) = guarded(echo, deny_loopback);
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let (tx, updates) = watch::channel(Some(Arc::clone(&first)));
+        let served = tokio::spawn(async move {
+            let (stream, peer) = front.accept().await.unwrap();
+            // A drain time far longer than the test: only the guard can close the connection.
+            let drain = Drain { updates, timeout: Duration::from_secs(3600) };
+            let pod = Pod { pools: Pools::new(SocketFactory::Host), load: PodLoad::new(PodLimits::UNLIMITED) };
+            serve(Accepted { stream, peer, original_dst: None }, &listener, &first, &pod, drain).await
+        });
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut buf)).await.unwrap().unwrap();
+        assert_eq!(&buf, b"ping", "allowed by the first policy");
+        tx.send_replace(Some(denying));
+        let outcome = tokio::time::timeout(Duration::from_secs(5), served).await.expect("closed before the deadline").unwrap();
+        assert!(matches!(outcome, Outcome::Denied), "{outcome:?}");
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await.unwrap();
+        assert!(read.is_err() || rest.is_empty(), "the client sees the connection end");
+    }
+
+    #[tokio::test]
+    async fn a_denied_connection_is_closed_before_the_upstream_sees_a_byte() {
+        let echo = crate::proxy::testing::echo_server().await;
+        let (snapshot, listener) = guarded(echo, json!({"action": "ALLOW", "policies": {}}));
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (stream, peer) = front.accept().await.unwrap();
+            let (_tx, updates) = watch::channel(Some(Arc::clone(&snapshot)));
+            let drain = Drain { updates, timeout: Duration::from_secs(1) };
+            let pod = Pod { pools: Pools::new(SocketFactory::Host), load: PodLoad::new(PodLimits::UNLIMITED) };
+            serve(Accepted { stream, peer, original_dst: None }, &listener, &snapshot, &pod, drain).await
+        });
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"secret").await.unwrap();
+        let mut back = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut back)).await.unwrap();
+        assert!(read.is_err() || back.is_empty(), "nothing echoed: {back:?}");
+    }
+
     #[tokio::test]
     async fn chains_are_chosen_by_the_detected_protocol() {
         let http = exchange(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await;
