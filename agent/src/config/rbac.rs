@@ -78,7 +78,7 @@ pub struct Engines {
     pub shadow: Option<Policies>,
 }
 
-/// A filter's counters: `<prefix>rbac.[rules_stat_prefix]allowed` and the others, as Envoy names them.
+/// A filter's counters: `<prefix>rbac.[rules_stat_prefix.]allowed` and the others, as Envoy names them.
 #[derive(Debug, Clone)]
 pub struct Counters {
     pub allowed: Arc<AtomicU64>,
@@ -97,8 +97,9 @@ impl Counters {
             p if p.ends_with('.') => format!("{p}rbac."),
             p => format!("{p}.rbac."),
         };
-        let enforced = format!("{base}{rules_prefix}");
-        let shadow = format!("{base}{shadow_prefix}");
+        // Envoy joins a rule set's prefix and the counter with a dot (`rbac.dry_run_.shadow_denied`).
+        let dotted = |p: &str| if p.is_empty() || p.ends_with('.') { format!("{base}{p}") } else { format!("{base}{p}.") };
+        let (enforced, shadow) = (dotted(rules_prefix), dotted(shadow_prefix));
         let counter = |name: String| crate::proxy::stats::counter(&name);
         Counters {
             allowed: counter(format!("{enforced}allowed")),
@@ -383,7 +384,7 @@ mod tests {
         assert_eq!(rules.action, Action::Deny);
         assert_eq!(rules.policies.iter().map(|p| p.0.as_str()).collect::<Vec<_>>(), ["a", "b"]);
         assert!(matches!(&rules.policies[1].1.permissions[0], Rule::And(r) if r[0] == Rule::DestinationPort(80)));
-        assert_eq!(f.stats.names, ["http.t.rbac.".to_string(), "http.t.rbac.dry_".to_string()]);
+        assert_eq!(f.stats.names, ["http.t.rbac.".to_string(), "http.t.rbac.dry_.".to_string()]);
     }
 
     #[test]
@@ -409,8 +410,8 @@ mod tests {
     #[test]
     fn counters_are_named_as_envoy_names_them() {
         let n = network(Obj::new(&json!({"stat_prefix": "tcp", "shadow_rules_stat_prefix": "s_"}), "n").unwrap()).unwrap();
-        assert_eq!(n.stats.names, ["tcp.rbac.".to_string(), "tcp.rbac.s_".to_string()]);
-        assert!(crate::proxy::stats::named_counters().iter().any(|(name, _)| name == "tcp.rbac.s_shadow_denied"));
+        assert_eq!(n.stats.names, ["tcp.rbac.".to_string(), "tcp.rbac.s_.".to_string()]);
+        assert!(crate::proxy::stats::named_counters().iter().any(|(name, _)| name == "tcp.rbac.s_.shadow_denied"));
         let r = per_route(Obj::new(&json!({}), "r").unwrap()).unwrap();
         assert_eq!(r, Engines::default(), "an empty RBACPerRoute disables the filter on the route");
     }
