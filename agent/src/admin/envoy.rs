@@ -107,6 +107,11 @@ impl EnvoyAdmin {
                 counters.push((format!("cluster.{n}.{stat}"), format!("envoy_cluster_{stat}{{envoy_cluster_name=\"{n}\"}}"), value.load(Relaxed)));
             }
         }
+        // Filter counters kept by name (RBAC's), without tag extraction.
+        for (name, value) in crate::proxy::stats::named_counters() {
+            let series = format!("envoy_{}", name.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
+            counters.push((name, series, value));
+        }
         if !prometheus {
             return counters.iter().map(|(name, _, v)| format!("{name}: {v}\n")).collect();
         }

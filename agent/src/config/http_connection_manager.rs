@@ -8,6 +8,7 @@ use super::http_filters::{self, Fault, LocalRateLimit, CORS, FAULT, LOCAL_RATELI
 use super::headers::{HeaderOps, Part};
 use super::cidr::{self, CidrRange};
 use super::matcher::HeaderMatcher;
+use super::rbac::{self, HttpRbac, HTTP_RBAC};
 use super::route::{self, RouteConfiguration};
 use super::tree::{ConfigError, Obj, Result};
 
@@ -188,13 +189,15 @@ pub enum HttpFilterKind {
     /// The policies come from the routes' `typed_per_filter_config`.
     Cors,
     LocalRateLimit(Arc<LocalRateLimit>),
+    Rbac(Arc<HttpRbac>),
     Router,
 }
 
 const ROUTER: &str = "envoy.extensions.filters.http.router.v3.Router";
 
 pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
-    let _ = h.string("stat_prefix")?;
+    // Names the filters' counters (`http.<stat_prefix>.`), as in Envoy.
+    let stat_prefix = format!("http.{}.", h.string("stat_prefix")?.unwrap_or_default());
     let codec = match h.string("codec_type")?.unwrap_or("AUTO") {
         "AUTO" => Codec::Auto,
         "HTTP1" => Codec::Http1,
@@ -202,7 +205,7 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
         other => return Err(ConfigError::new(h.at("codec_type"), format!("{other} is not supported; use AUTO, HTTP1 or HTTP2"))),
     };
     let routes = routes(&mut h)?;
-    let http_filters = http_filters(&mut h)?;
+    let http_filters = http_filters(&mut h, &stat_prefix)?;
     let use_remote_address = h.bool("use_remote_address")?.unwrap_or(false);
     let xff_num_trusted_hops = h.u64("xff_num_trusted_hops")?.unwrap_or(0).min(u64::from(u32::MAX)) as u32;
     let server_name = h.string("server_name")?.unwrap_or("envoy").to_string();
@@ -432,7 +435,7 @@ fn routes(h: &mut Obj<'_>) -> Result<Routes> {
     }
 }
 
-fn http_filters(h: &mut Obj<'_>) -> Result<Vec<HttpFilter>> {
+fn http_filters(h: &mut Obj<'_>, stat_prefix: &str) -> Result<Vec<HttpFilter>> {
     let mut filters = Vec::new();
     let path = h.at("http_filters");
     for mut f in h.objects("http_filters")? {
@@ -457,6 +460,7 @@ fn http_filters(h: &mut Obj<'_>) -> Result<Vec<HttpFilter>> {
                 Some(HttpFilterKind::Cors)
             }
             LOCAL_RATELIMIT => Some(HttpFilterKind::LocalRateLimit(Arc::new(http_filters::local_ratelimit(typed)?))),
+            HTTP_RBAC => Some(HttpFilterKind::Rbac(Arc::new(rbac::http(typed, stat_prefix)?))),
             _ if optional => None,
             _ => {
                 return Err(ConfigError::new(

@@ -1,4 +1,5 @@
-//! The HTTP filters weft implements besides the router — `fault`, `cors`, `local_ratelimit` — and their
+//! The HTTP filters weft implements besides the router — `fault`, `cors`, `local_ratelimit` (and `rbac`, in
+//! `rbac.rs`) — and their
 //! per-route overrides (`typed_per_filter_config` on routes, virtual hosts and route configurations, keyed by
 //! the filter's name in the connection manager).
 
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::headers::{self, HeaderOps};
 use super::matcher::{self, HeaderMatcher, StringMatcher};
+use super::rbac::{self, Engines, HTTP_RBAC_PER_ROUTE};
 use super::tree::{ConfigError, Obj, Result};
 
 pub const FAULT: &str = "envoy.extensions.filters.http.fault.v3.HTTPFault";
@@ -264,6 +266,8 @@ pub enum FilterOverride {
     Fault(Arc<Fault>),
     Cors(Arc<CorsPolicy>),
     LocalRateLimit(Arc<LocalRateLimit>),
+    /// `RBACPerRoute`: the route's own policies (none: the filter allows everything there).
+    Rbac(Arc<Engines>),
     /// `FilterConfig` with `disabled: true`: the filter does not run for these requests.
     Disabled,
 }
@@ -291,6 +295,7 @@ fn filter_override(mut typed: Obj<'_>) -> Result<FilterOverride> {
         FAULT => FilterOverride::Fault(Arc::new(fault(typed)?)),
         CORS_POLICY => FilterOverride::Cors(Arc::new(cors_policy(typed)?)),
         LOCAL_RATELIMIT => FilterOverride::LocalRateLimit(Arc::new(local_ratelimit(typed)?)),
+        HTTP_RBAC_PER_ROUTE => FilterOverride::Rbac(Arc::new(rbac::per_route(typed)?)),
         FILTER_CONFIG => {
             let disabled = typed.bool("disabled")?.unwrap_or(false);
             let _ = typed.bool("is_optional")?;

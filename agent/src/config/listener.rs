@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::http_connection_manager::{self as hcm, HttpConnectionManager, Routes};
+use super::rbac::{self, NetworkRbac, NETWORK_RBAC};
 use super::route::RouteConfiguration;
 use super::tls::{self, DownstreamTls, TransportSocket};
 use super::tree::{ConfigError, Obj, Result};
@@ -48,6 +49,9 @@ pub struct FilterChain {
     pub matcher: FilterChainMatch,
     /// TLS terminated before the filters, or plaintext.
     pub transport_socket: TransportSocket<DownstreamTls>,
+    /// The network RBAC filters before the terminal filter, in order (the only non-terminal network filter
+    /// weft has).
+    pub rbac: Vec<Arc<NetworkRbac>>,
     pub filter: NetworkFilter,
 }
 
@@ -217,9 +221,9 @@ fn filter_chain(mut chain: Obj<'_>) -> Result<FilterChain> {
     let name = chain.string("name")?.unwrap_or_default().to_string();
     let matcher = chain.object("filter_chain_match")?.map(filter_chain_match).transpose()?.unwrap_or_default();
     let transport_socket = tls::downstream(chain.object("transport_socket")?)?;
-    let filter = terminal_filter(&mut chain)?;
+    let (rbac, filter) = network_filters(&mut chain)?;
     chain.finish()?;
-    Ok(FilterChain { name, matcher, transport_socket, filter })
+    Ok(FilterChain { name, matcher, transport_socket, rbac, filter })
 }
 
 fn filter_chain_match(mut m: Obj<'_>) -> Result<FilterChainMatch> {
@@ -266,12 +270,13 @@ fn cidr_ranges(m: &mut Obj<'_>, key: &str) -> Result<Vec<CidrRange>> {
     m.objects(key)?.into_iter().map(cidr_range).collect()
 }
 
-/// The chain's filters: optional filters of unknown types are skipped, as Envoy does; the terminal filter
-/// must be last.
-fn terminal_filter(chain: &mut Obj<'_>) -> Result<NetworkFilter> {
+/// The chain's filters: RBAC filters, then the terminal filter, last; optional filters of unknown types are
+/// skipped, as Envoy does.
+fn network_filters(chain: &mut Obj<'_>) -> Result<(Vec<Arc<NetworkRbac>>, NetworkFilter)> {
     let filters: Vec<Obj<'_>> = chain.objects("filters")?;
     let count = filters.len();
     let mut terminal = None;
+    let mut rbac_filters = Vec::new();
     for (i, mut f) in filters.into_iter().enumerate() {
         let filter_name = f.string("name")?.unwrap_or_default().to_string();
         let optional = f.bool("is_optional")?.unwrap_or(false);
@@ -280,6 +285,10 @@ fn terminal_filter(chain: &mut Obj<'_>) -> Result<NetworkFilter> {
         let filter = match type_url.rsplit('/').next().unwrap_or(type_url) {
             TCP_PROXY => Some(tcp_proxy(typed)?),
             HCM => Some(NetworkFilter::HttpConnectionManager(Arc::new(hcm::translate(typed)?))),
+            NETWORK_RBAC => {
+                rbac_filters.push(Arc::new(rbac::network(typed)?));
+                None
+            }
             _ if optional => None,
             _ => {
                 return Err(ConfigError::new(
@@ -294,7 +303,8 @@ fn terminal_filter(chain: &mut Obj<'_>) -> Result<NetworkFilter> {
         f.finish()?;
         terminal = terminal.or(filter);
     }
-    terminal.ok_or_else(|| ConfigError::new(chain.at("filters"), "the filter chain has no terminal filter"))
+    let terminal = terminal.ok_or_else(|| ConfigError::new(chain.at("filters"), "the filter chain has no terminal filter"))?;
+    Ok((rbac_filters, terminal))
 }
 
 fn tcp_proxy(mut t: Obj<'_>) -> Result<NetworkFilter> {

@@ -129,13 +129,31 @@ impl HeaderMatcher {
             None if self.treat_missing_as_empty => Some(""),
             v => v,
         };
-        let result = match (&self.test, value) {
-            (HeaderTest::Present(want), v) => return v.is_some() == (*want != self.invert),
-            (_, None) => return false,
-            (HeaderTest::String(m), Some(v)) => m.matches(v),
-            (HeaderTest::Range(start, end), Some(v)) => v.parse::<i64>().is_ok_and(|n| *start <= n && n < *end),
-        };
-        result != self.invert
+        match (&self.test, value) {
+            (HeaderTest::Present(want), v) => v.is_some() == (*want != self.invert),
+            (_, None) => false,
+            (_, Some(v)) => self.test_value(v) != self.invert,
+        }
+    }
+
+    /// Envoy's RBAC matching of a repeated header (`rbac_match_headers_individually`, on by default since
+    /// 1.38): the header matches when one of its values does, each tested alone; `invert_match` inverts
+    /// that answer. `values` empty: the header is absent.
+    pub fn matches_individually(&self, values: &[&str]) -> bool {
+        match (&self.test, values) {
+            (_, []) => self.matches(None),
+            (HeaderTest::Present(_), [first, ..]) => self.matches(Some(first)),
+            _ => values.iter().any(|v| self.test_value(v)) != self.invert,
+        }
+    }
+
+    /// The test on one present value, before `invert_match`.
+    fn test_value(&self, value: &str) -> bool {
+        match &self.test {
+            HeaderTest::Present(want) => *want,
+            HeaderTest::String(m) => m.matches(value),
+            HeaderTest::Range(start, end) => value.parse::<i64>().is_ok_and(|n| *start <= n && n < *end),
+        }
     }
 }
 

@@ -12,10 +12,10 @@ use tokio::sync::watch;
 
 use super::filter_chain::{self, ConnectionInfo};
 use super::filters::network::http_connection_manager::{self, HttpContext};
+use super::filters::network::rbac;
 use super::filters::network::tcp_proxy::{self, Relayed};
 use super::listener_filter::{self, InspectError, Rewind};
 use super::tls::MaybeTls;
-use super::tls_info::TlsInfo;
 use super::pod_share::{Metered, PodLoad};
 use super::snapshot::Snapshot;
 use super::upstream::pool::Pools;
@@ -46,6 +46,8 @@ pub enum Outcome {
     Drained,
     /// The chain's TLS handshake failed (or its secrets are missing): closed, as Envoy does.
     TlsFailed,
+    /// A configuration update's network RBAC policy for its chain denies it: closed at once.
+    Denied,
 }
 
 /// Listener draining, as Envoy does it: when a configuration update removes or changes the listener that
@@ -122,8 +124,10 @@ pub async fn serve(accepted: Accepted, entry: &Listener, snapshot: &Arc<Snapshot
         return Outcome::NoFilterChain;
     };
     let upstream = Upstream { snapshot: Arc::clone(snapshot), pools: Arc::clone(pools), original_dst: local };
-    let updates = drain.updates.clone();
+    let (updates, guarded) = (drain.updates.clone(), drain.updates.clone());
     let served = async {
+        // Bytes are metered on the wire, under TLS: a pod's bandwidth includes its handshakes.
+        let io = Metered::new(io, Arc::clone(&pod.load));
         let (io, tls) = match &chain.transport_socket {
             TransportSocket::RawBuffer => (MaybeTls::Plain(io), None),
             TransportSocket::Tls(context) => match pools.tls().accept(io, context, &snapshot.secrets).await {
@@ -134,8 +138,12 @@ pub async fn serve(accepted: Accepted, entry: &Listener, snapshot: &Arc<Snapshot
                 }
             },
         };
-        let connection = DownstreamConnection { peer, local, tls };
-        run_filter(Metered::new(io, Arc::clone(&pod.load)), &chain.filter, upstream, updates, connection, &pod.load).await
+        let connection = Arc::new(rbac::Connection { peer, local, server_name: info.server_name.clone(), tls });
+        let io = rbac::Gated::new(io, chain.rbac.clone(), Arc::clone(&connection));
+        tokio::select! {
+            outcome = run_filter(io, &chain.filter, upstream, updates, &connection, &pod.load) => outcome,
+            () = rbac::guard(guarded, &listener.name, &info, &connection) => Outcome::Denied,
+        }
     };
     tokio::select! {
         outcome = served => outcome,
@@ -143,20 +151,12 @@ pub async fn serve(accepted: Accepted, entry: &Listener, snapshot: &Arc<Snapshot
     }
 }
 
-/// A downstream connection after its transport socket: TLS terminated or plaintext.
-pub type DownstreamIo = MaybeTls<Rewind, tokio_rustls::server::TlsStream<Rewind>>;
+/// A downstream connection after its transport socket: TLS terminated or plaintext, metered either way.
+pub type DownstreamIo = MaybeTls<Metered<Rewind>, tokio_rustls::server::TlsStream<Metered<Rewind>>>;
 
-/// What the filters know of the downstream connection.
-pub struct DownstreamConnection {
-    pub peer: SocketAddr,
-    pub local: SocketAddr,
-    /// The TLS session, when the chain terminates TLS.
-    pub tls: Option<Arc<TlsInfo>>,
-}
-
-/// The chain's terminal network filter.
-async fn run_filter(io: Metered<DownstreamIo>, filter: &NetworkFilter, upstream: Upstream, updates: SnapshotWatch, connection: DownstreamConnection, load: &Arc<PodLoad>) -> Outcome {
-    let DownstreamConnection { peer, local, tls } = connection;
+/// The chain's terminal network filter, behind its RBAC filters.
+async fn run_filter(io: rbac::Gated<DownstreamIo>, filter: &NetworkFilter, upstream: Upstream, updates: SnapshotWatch, connection: &rbac::Connection, load: &Arc<PodLoad>) -> Outcome {
+    let (peer, local) = (connection.peer, connection.local);
     match filter {
         NetworkFilter::TcpProxy(config) => match tcp_proxy::serve(io, config, &upstream).await {
             Relayed::Done(from_downstream, to_downstream) => Outcome::Relayed { from_downstream, to_downstream },
@@ -172,7 +172,8 @@ async fn run_filter(io: Metered<DownstreamIo>, filter: &NetworkFilter, upstream:
                     return Outcome::Warming;
                 }
             }
-            let context = HttpContext { hcm: Arc::clone(hcm), updates, upstream, peer, local, tls, load: Arc::clone(load) };
+            let (tls, server_name) = (connection.tls.clone(), connection.server_name.clone());
+            let context = HttpContext { hcm: Arc::clone(hcm), updates, upstream, peer, local, load: Arc::clone(load), tls, server_name };
             http_connection_manager::serve(io, context).await;
             Outcome::Http
         }
@@ -229,6 +230,70 @@ mod tests {
         let mut back = Vec::new();
         tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut back)).await.unwrap().unwrap();
         back
+    }
+
+    /// The tcp_proxy listener of `snapshot` with a network RBAC filter of `rules` in front.
+    fn guarded(echo: SocketAddr, rules: serde_json::Value) -> (Arc<Snapshot>, Listener) {
+        let (base, _) = snapshot(echo);
+        let listener = json!({"name": "l", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},
+            "filter_chains": [{"filters": [
+                {"name": "rbac", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC", "stat_prefix": "guard_test", "rules": rules}},
+                {"name": "tcp", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", "cluster": "echo"}}]}]});
+        let listener = crate::config::listener::translate(Obj::new(&listener, "l").unwrap()).unwrap();
+        let listeners = Arc::new([Resource::fixed("l", listener.clone())].into_iter().collect());
+        let snapshot = Snapshot { listeners, clusters: Arc::clone(&base.clusters), ..Snapshot::default() };
+        (Arc::new(snapshot), listener)
+    }
+
+    #[tokio::test]
+    async fn an_update_whose_network_rbac_denies_an_open_connection_closes_it() {
+        let echo = crate::proxy::testing::echo_server().await;
+        let allow_all = json!({"action": "DENY", "policies": {}});
+        let deny_loopback = json!({"action": "DENY", "policies": {"loopback": {"permissions": [{"any": true}],
+            "principals": [{"direct_remote_ip": {"address_prefix": "127.0.0.0", "prefix_len": 8}}]}}});
+        let (first, listener) = guarded(echo, allow_all);
+        let (denying, _) = guarded(echo, deny_loopback);
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let (tx, updates) = watch::channel(Some(Arc::clone(&first)));
+        let served = tokio::spawn(async move {
+            let (stream, peer) = front.accept().await.unwrap();
+            // A drain time far longer than the test: only the guard can close the connection.
+            let drain = Drain { updates, timeout: Duration::from_secs(3600) };
+            let pod = Pod { pools: Pools::new(SocketFactory::Host), load: PodLoad::new(PodLimits::UNLIMITED) };
+            serve(Accepted { stream, peer, original_dst: None }, &listener, &first, &pod, drain).await
+        });
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), client.read_exact(&mut buf)).await.unwrap().unwrap();
+        assert_eq!(&buf, b"ping", "allowed by the first policy");
+        tx.send_replace(Some(denying));
+        let outcome = tokio::time::timeout(Duration::from_secs(5), served).await.expect("closed before the deadline").unwrap();
+        assert!(matches!(outcome, Outcome::Denied), "{outcome:?}");
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut rest)).await.unwrap();
+        assert!(read.is_err() || rest.is_empty(), "the client sees the connection end");
+    }
+
+    #[tokio::test]
+    async fn a_denied_connection_is_closed_before_the_upstream_sees_a_byte() {
+        let echo = crate::proxy::testing::echo_server().await;
+        let (snapshot, listener) = guarded(echo, json!({"action": "ALLOW", "policies": {}}));
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (stream, peer) = front.accept().await.unwrap();
+            let (_tx, updates) = watch::channel(Some(Arc::clone(&snapshot)));
+            let drain = Drain { updates, timeout: Duration::from_secs(1) };
+            let pod = Pod { pools: Pools::new(SocketFactory::Host), load: PodLoad::new(PodLimits::UNLIMITED) };
+            serve(Accepted { stream, peer, original_dst: None }, &listener, &snapshot, &pod, drain).await
+        });
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"secret").await.unwrap();
+        let mut back = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut back)).await.unwrap();
+        assert!(read.is_err() || back.is_empty(), "nothing echoed: {back:?}");
     }
 
     #[tokio::test]

@@ -4,4 +4,5 @@ pub mod cors;
 pub mod fault;
 pub mod local_ratelimit;
 pub mod local_reply;
+pub mod rbac;
 pub mod router;

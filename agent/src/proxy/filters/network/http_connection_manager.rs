@@ -22,11 +22,12 @@ use super::super::super::snapshot::Snapshot;
 use super::super::super::upstream::Upstream;
 use super::super::http::cors::{self, Cors};
 use super::super::http::router::{self, Matched};
-use super::super::http::{fault, local_ratelimit, local_reply};
+use super::super::http::{fault, local_ratelimit, local_reply, rbac};
+use super::super::rbac::Facts;
+use super::super::super::tls_info::TlsInfo;
 use super::http1_codec::{CodecError, HeadLimits, Http1Codec, Refusals};
 use super::super::super::activity::{Activity, Counted};
 use super::super::super::pod_share::PodLoad;
-use super::super::super::tls_info::TlsInfo;
 use super::stream::{Expired, RequestBody, ResponseBody, StreamTimers};
 use crate::config::http_connection_manager::{Codec, EscapedSlashes, HostPort, HttpConnectionManager, HttpFilterKind, Routes, ServerHeader, UnderscoreHeaders};
 use crate::config::http_filters::FilterOverride;
@@ -44,10 +45,12 @@ pub struct HttpContext {
     pub upstream: Upstream,
     pub peer: SocketAddr,
     pub local: SocketAddr,
-    /// The downstream TLS session (RBAC, routes' `tls_context`), none on plaintext.
-    pub tls: Option<Arc<TlsInfo>>,
     /// The pod's load: requests in flight count toward its `max_requests`.
     pub load: Arc<PodLoad>,
+    /// The connection's TLS session (`None`: plaintext; RBAC, routes' `tls_context`) and the SNI the
+    /// client asked for, for RBAC.
+    pub tls: Option<Arc<TlsInfo>>,
+    pub server_name: Option<String>,
 }
 
 /// Headers only a trusted (internal) client may send; removed from other requests, as Envoy does.
@@ -514,6 +517,13 @@ impl HttpContext {
                 (HttpFilterKind::LocalRateLimit(_), Some(FilterOverride::LocalRateLimit(l))) | (HttpFilterKind::LocalRateLimit(l), _) => {
                     local_ratelimit::decode(l, grpc, &Vars::of(&parts, downstream))
                 }
+                (HttpFilterKind::Rbac(filter), chosen) => {
+                    let route_engines = match chosen {
+                        Some(FilterOverride::Rbac(engines)) => Some(&**engines),
+                        _ => None,
+                    };
+                    rbac::decode(filter, route_engines, &self.facts(&parts, downstream), grpc)
+                }
                 (HttpFilterKind::Router, _) => break,
             };
             if let Some(reply) = reply {
@@ -526,6 +536,18 @@ impl HttpContext {
         };
         response.headers_mut().extend(added);
         response
+    }
+
+    /// What RBAC rules see of this request and its connection.
+    fn facts<'a>(&'a self, parts: &'a Parts, downstream: &Downstream) -> Facts<'a> {
+        Facts {
+            local: self.local,
+            peer: self.peer,
+            remote: downstream.remote.ip(),
+            server_name: self.server_name.as_deref(),
+            tls: self.tls.as_deref(),
+            request: Some(parts),
+        }
     }
 
     /// The route's action: the router filter, a direct response or a redirect.
@@ -880,7 +902,7 @@ mod in_memory {
         let snapshot = Arc::new(Snapshot { clusters: Arc::new([Resource::fixed("web", cluster)].into_iter().collect()), ..Snapshot::default() });
         let (_, updates) = watch::channel(Some(Arc::clone(&snapshot)));
         let upstream = Upstream { snapshot, pools: Pools::new(SocketFactory::Host), original_dst: "127.0.0.1:1".parse().unwrap() };
-        HttpContext { hcm: Arc::new(hcm), updates, upstream, peer: "127.0.0.1:40000".parse().unwrap(), local: "127.0.0.1:10000".parse().unwrap(), tls: None, load: PodLoad::new(PodLimits::default()) }
+        HttpContext { hcm: Arc::new(hcm), updates, upstream, peer: "127.0.0.1:40000".parse().unwrap(), local: "127.0.0.1:10000".parse().unwrap(), load: PodLoad::new(PodLimits::default()), tls: None, server_name: None }
     }
 
     /// Sends `paths` over one downstream connection (HTTP/2 prior knowledge when `h2`); returns status and

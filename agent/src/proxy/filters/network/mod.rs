@@ -1,4 +1,5 @@
 pub mod http1_codec;
 pub mod http_connection_manager;
+pub mod rbac;
 pub mod tcp_proxy;
 pub mod stream;

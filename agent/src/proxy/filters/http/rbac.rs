@@ -1,0 +1,18 @@
+//! The RBAC HTTP filter: the route's `RBACPerRoute` policies (most specific level) or the filter's own decide
+//! each request; a denied one gets Envoy's 403 `RBAC: access denied`.
+
+use hyper::{Response, StatusCode};
+
+use super::super::super::body::Body;
+use super::super::rbac::{self, Facts};
+use super::local_reply;
+use crate::config::rbac::{Engines, HttpRbac};
+
+/// `route_engines`: the route's `RBACPerRoute`, which replaces the filter's policies (not its counters).
+pub fn decode(filter: &HttpRbac, route_engines: Option<&Engines>, facts: &Facts<'_>, grpc: bool) -> Option<Response<Body>> {
+    let engines = route_engines.unwrap_or(&filter.engines);
+    if rbac::evaluate(engines, &filter.stats, facts) {
+        return None;
+    }
+    Some(local_reply::reply(StatusCode::FORBIDDEN, Some("RBAC: access denied"), grpc))
+}
