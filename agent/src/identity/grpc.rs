@@ -1,0 +1,110 @@
+//! gRPC to istiod's secured port (15012), as istio-agent and ztunnel reach it: TLS verified against istiod's
+//! root certificate (a file, re-read at every connection so a rotated root is picked up), HTTP/2 negotiated by
+//! ALPN, and the agent's own credential as `authorization: Bearer <token>` (the token file re-read for every
+//! request, since the kubelet rotates projected tokens). The CA client and the pods' xDS streams share it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tonic::codegen::http::Uri;
+use tonic::codegen::{InterceptedService, Service};
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::transport::{Channel, Endpoint};
+
+use super::BoxFuture;
+use crate::config::agent::IstiodConnection;
+
+/// A channel whose requests carry the bearer token when one is configured.
+pub type AuthChannel = InterceptedService<Channel, BearerToken>;
+
+/// A lazily connected channel to `address` (`host:port`) over TLS as `connection` says, with its token.
+pub fn istiod_channel(address: &str, connection: &IstiodConnection) -> Result<AuthChannel, String> {
+    let endpoint = Endpoint::from_shared(format!("https://{address}")).map_err(|e| format!("{address}: {e}"))?;
+    let server_name = ServerName::try_from(connection.server_name.clone())
+        .map_err(|e| format!("server name {:?}: {e}", connection.server_name))?;
+    let connector = TlsConnector { root_cert: Arc::new(connection.root_cert.clone()), server_name };
+    let channel = endpoint.connect_with_connector_lazy(connector);
+    Ok(InterceptedService::new(channel, BearerToken(Some(Arc::new(connection.token_file.clone())))))
+}
+
+/// A plaintext channel (istiod's 15010), without a token.
+pub fn plaintext_channel(address: &str) -> Result<AuthChannel, String> {
+    let endpoint = Endpoint::from_shared(format!("http://{address}")).map_err(|e| format!("{address}: {e}"))?;
+    Ok(InterceptedService::new(endpoint.connect_lazy(), BearerToken(None)))
+}
+
+/// Adds `authorization: Bearer <token>` from a file, read for every request.
+#[derive(Clone, Debug)]
+pub struct BearerToken(pub Option<Arc<PathBuf>>);
+
+impl Interceptor for BearerToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(path) = &self.0 {
+            let value = bearer(path).map_err(tonic::Status::unauthenticated)?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+}
+
+/// The `authorization` header value for the token in `path`. The token itself never appears in errors.
+pub fn bearer(path: &Path) -> Result<MetadataValue<tonic::metadata::Ascii>, String> {
+    let token = std::fs::read_to_string(path).map_err(|e| format!("token file {}: {e}", path.display()))?;
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(format!("token file {} is empty", path.display()));
+    }
+    format!("Bearer {token}").parse().map_err(|_| format!("token file {}: not a printable ASCII token", path.display()))
+}
+
+/// Opens TCP to the URI's authority, then TLS verified against the root certificate file.
+#[derive(Clone)]
+struct TlsConnector {
+    root_cert: Arc<PathBuf>,
+    server_name: ServerName<'static>,
+}
+
+impl Service<Uri> for TlsConnector {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Error = std::io::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let other = |e: String| std::io::Error::new(std::io::ErrorKind::Other, e);
+            let authority = uri.authority().ok_or_else(|| other(format!("{uri}: no host:port")))?.to_string();
+            let config = client_config(&this.root_cert).map_err(other)?;
+            let tcp = TcpStream::connect(&authority).await?;
+            let _ = tcp.set_nodelay(true);
+            let tls = tokio_rustls::TlsConnector::from(config).connect(this.server_name.clone(), tcp).await?;
+            Ok(TokioIo::new(tls))
+        })
+    }
+}
+
+/// rustls with the ring provider, trusting only the roots of `root_cert`, offering HTTP/2.
+fn client_config(root_cert: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
+    let pem = std::fs::read(root_cert).map_err(|e| format!("root certificate {}: {e}", root_cert.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in super::pem_certificates(&pem, &format!("root certificate {}", root_cert.display()))? {
+        roots.add(cert).map_err(|e| format!("root certificate {}: {e}", root_cert.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
