@@ -81,7 +81,7 @@ impl Service<Uri> for TlsConnector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let this = self.clone();
         Box::pin(async move {
-            let other = |e: String| std::io::Error::new(std::io::ErrorKind::Other, e);
+            let other = std::io::Error::other;
             let authority = uri.authority().ok_or_else(|| other(format!("{uri}: no host:port")))?.to_string();
             let config = client_config(&this.root_cert).map_err(other)?;
             let tcp = TcpStream::connect(&authority).await?;
