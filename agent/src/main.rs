@@ -320,6 +320,9 @@ fn run(args: RunArgs) -> Result<(), String> {
 }
 
 async fn serve(cfg: AgentConfig) -> Result<(), String> {
+    // First, so a CA that cannot be set up fails start-up before anything is installed on the node. The pods'
+    // TLS subscribes to it per pod (namespace, service account).
+    let identity = weft_agent::identity::manager(&cfg.identity)?;
     let redirector = capture::redirector(cfg.redirect, cfg.iptables_variant, &cfg.ebpf).map_err(|e| e.to_string())?;
     let registry = RegistryFile::new(&cfg.state_dir)
         .map_err(|e| format!("state dir {}: {e}", cfg.state_dir.display()))?;
@@ -332,8 +335,6 @@ async fn serve(cfg: AgentConfig) -> Result<(), String> {
     };
     let xds = cfg.xds.clone().map(weft_agent::xds::pod::PodXds::new).transpose().map_err(|e| format!("xds_address: {e}"))?;
     let node = Arc::new(Node::new(Arc::from(redirector), registry, settings, xds));
-    // The pods' certificates: the integrator's TLS subscribes per pod (namespace, service account).
-    let identity = weft_agent::identity::manager(&cfg.identity)?;
     let admin = Arc::new(Admin { node: Arc::clone(&node), ready: false.into(), started: std::time::SystemTime::now(), identity });
     let admin_listener = admin::bind(cfg.admin_address).map_err(|e| e.to_string())?;
     tokio::spawn(admin::serve(admin_listener, Arc::clone(&admin) as Arc<dyn admin::Routes>));

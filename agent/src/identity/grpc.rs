@@ -27,6 +27,8 @@ pub fn istiod_channel(address: &str, connection: &IstiodConnection) -> Result<Au
     let endpoint = Endpoint::from_shared(format!("https://{address}")).map_err(|e| format!("{address}: {e}"))?;
     let server_name = ServerName::try_from(connection.server_name.clone())
         .map_err(|e| format!("server name {:?}: {e}", connection.server_name))?;
+    // Read now too, so a missing or damaged root file fails at start-up rather than at the first connection.
+    client_config(&connection.root_cert)?;
     let connector = TlsConnector { root_cert: Arc::new(connection.root_cert.clone()), server_name };
     let channel = endpoint.connect_with_connector_lazy(connector);
     Ok(InterceptedService::new(channel, BearerToken(Some(Arc::new(connection.token_file.clone())))))
