@@ -5,8 +5,9 @@
 //!   `ImpersonatedIdentity` (one of the pods "on this node"), the CSR's signature, key type (ECDSA P-256) and
 //!   that its only URI SAN is the impersonated identity, and refuses otherwise; it signs a leaf for that
 //!   identity with the requested validity through an intermediate and answers leaf, intermediate, root;
-//! - an ADS endpoint that records each stream's bearer token and node id (and sends nothing), for the xDS
-//!   connection over the secured port.
+//! - an ADS endpoint that authenticates and authorizes each stream as istiod does (a client certificate of the
+//!   mesh first, else the bearer token, which is the node agent's `weft-system/weft-agent`; the identity's
+//!   namespace must be the node metadata's `NAMESPACE`, as `XDS_AUTH` checks), records it, and sends nothing.
 //!
 //! The protobuf messages are written here from Istio's `security/proto/pki/ca.proto` independently of the
 //! agent's, so a wrong field number on either side fails the test.
@@ -68,11 +69,18 @@ pub struct Issued {
     pub serial: String,
 }
 
+/// The identity the test token stands for (the node agent's ServiceAccount).
+pub const AGENT_IDENTITY: &str = "spiffe://cluster.local/ns/weft-system/sa/weft-agent";
+
 /// One ADS stream opened.
 #[derive(Debug, Clone)]
 pub struct XdsStream {
     pub authorization: Option<String>,
     pub node_id: Option<String>,
+    /// The URI SAN of the client certificate, when one was presented.
+    pub client_certificate: Option<String>,
+    /// Why the stream was refused (`authorization failed: ...`), if it was.
+    pub refused: Option<String>,
 }
 
 struct Pki {
@@ -197,7 +205,8 @@ fn pki() -> Result<(Pki, KeyPair), HarnessError> {
     Ok((Pki { root, intermediate, intermediate_key }, root_key))
 }
 
-/// istiod's serving certificate (DNS SAN `istiod.istio-system.svc`), h2 only.
+/// istiod's serving certificate (DNS SAN `istiod.istio-system.svc`), h2 only; client certificates of the
+/// mesh optional.
 fn server_tls(pki: &Pki, root_key: &KeyPair) -> Result<Arc<rustls::ServerConfig>, HarnessError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(err)?;
     let params = CertificateParams::new(vec![SERVER_NAME.to_string()]).map_err(err)?;
@@ -206,11 +215,18 @@ fn server_tls(pki: &Pki, root_key: &KeyPair) -> Result<Arc<rustls::ServerConfig>
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(err)?
-        .with_no_client_auth()
+        .with_client_cert_verifier(client_verifier(&pki.root)?)
         .with_single_cert(vec![cert.der().clone()], PrivateKeyDer::Pkcs8(key.serialize_der().into()))
         .map_err(err)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
+}
+
+fn client_verifier(root: &rcgen::Certificate) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, HarnessError> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root.der().clone()).map_err(err)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider).allow_unauthenticated().build().map_err(err)
 }
 
 /// Accepts TLS connections; a client that did not negotiate h2 by ALPN is dropped, as grpc-go does.
@@ -230,9 +246,15 @@ async fn accept(listener: std::net::TcpListener, acceptor: tokio_rustls::TlsAcce
 /// A server-side TLS connection tonic can serve.
 struct Tls(tokio_rustls::server::TlsStream<TcpStream>);
 
+/// The client's certificate chain, as the request extensions carry it.
+#[derive(Clone)]
+struct PeerCertificates(Option<Vec<rustls_pki_types::CertificateDer<'static>>>);
+
 impl tonic::transport::server::Connected for Tls {
-    type ConnectInfo = ();
-    fn connect_info(&self) {}
+    type ConnectInfo = PeerCertificates;
+    fn connect_info(&self) -> PeerCertificates {
+        PeerCertificates(self.0.get_ref().1.peer_certificates().map(|c| c.to_vec()))
+    }
 }
 
 impl AsyncRead for Tls {
@@ -419,11 +441,30 @@ impl AggregatedDiscoveryService for Ads {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let authorization = request.metadata().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
+        let client_certificate = request.extensions().get::<PeerCertificates>().and_then(|p| p.0.as_ref()).and_then(|c| uri_san(c.first()?));
         let mut stream = request.into_inner();
-        let first = stream.message().await.ok().flatten();
-        let node_id = first.and_then(|r| r.node).map(|n| n.id);
-        self.0.log.lock().unwrap_or_else(|e| e.into_inner()).streams.push(XdsStream { authorization, node_id });
-        Ok(Response::new(Box::pin(tokio_stream::pending())))
+        let node = stream.message().await.ok().flatten().and_then(|r| r.node);
+        let namespace = node.as_ref().and_then(|n| n.metadata.as_ref()).and_then(|m| m.fields.get("NAMESPACE")).and_then(|v| match &v.kind {
+            Some(xds_api::pb::google::protobuf::value::Kind::StringValue(s)) => Some(s.clone()),
+            _ => None,
+        });
+        // istiod: the client certificate's identity first, else the token's.
+        let identity = match (&client_certificate, &authorization) {
+            (Some(id), _) => Some(id.clone()),
+            (None, Some(a)) if *a == format!("Bearer {TOKEN}") => Some(AGENT_IDENTITY.to_string()),
+            _ => None,
+        };
+        let refused = match (&identity, &namespace) {
+            (None, _) => Some("authentication failure".to_string()),
+            (Some(id), Some(ns)) if id.contains(&format!("/ns/{ns}/sa/")) => None,
+            (Some(id), ns) => Some(format!("authorization failed: no identities ([{id}]) matched {}/", ns.as_deref().unwrap_or(""))),
+        };
+        let record = XdsStream { authorization, node_id: node.map(|n| n.id), client_certificate, refused: refused.clone() };
+        self.0.log.lock().unwrap_or_else(|e| e.into_inner()).streams.push(record);
+        match refused {
+            Some(why) => Err(Status::permission_denied(why)),
+            None => Ok(Response::new(Box::pin(tokio_stream::pending()))),
+        }
     }
 
     async fn delta_aggregated_resources(
@@ -432,4 +473,14 @@ impl AggregatedDiscoveryService for Ads {
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         Err(Status::unimplemented("delta is not served by the test istiod"))
     }
+}
+
+/// The URI SAN of a certificate.
+fn uri_san(der: &rustls_pki_types::CertificateDer<'_>) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        GeneralName::URI(uri) => Some(uri.to_string()),
+        _ => None,
+    })
 }

@@ -12,7 +12,7 @@ use serde_json::json;
 use weft_agent::config::agent::{IstiodCa, IstiodConnection, XdsSettings};
 use weft_agent::identity::manager::{Backoff, IdentityManager, IdentityStatus};
 use weft_agent::identity::{file_ca::FileCa, istio_ca::IstioCa, CertificateSource};
-use weft_tests::ca_server::{CaServer, CLUSTER_ID, SERVER_NAME, TOKEN};
+use weft_tests::ca_server::{CaServer, AGENT_IDENTITY, CLUSTER_ID, SERVER_NAME, TOKEN};
 
 const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
 const DB: &str = "spiffe://cluster.local/ns/default/sa/db";
@@ -197,8 +197,8 @@ async fn file_ca_issues_through_the_manager() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pod_xds_over_the_secured_port_sends_the_token() {
-    let server = CaServer::start(&[]).unwrap();
+async fn pod_xds_over_the_secured_port_presents_the_pods_certificate() {
+    let server = CaServer::start(&[WEB]).unwrap();
     let settings = XdsSettings {
         address: server.address,
         tls: Some(connection(&server)),
@@ -214,12 +214,27 @@ async fn pod_xds_over_the_secured_port_sends_the_token() {
         "redirect": "iptables", "added_at_unix": 0
     }))
     .unwrap();
+    let node_id = "sidecar~10.1.0.5~web-0.default~default.svc.cluster.local";
+
+    // The agent's token alone authenticates it as itself, which istiod's xDS check refuses for a pod of
+    // another namespace.
     let (tx, _rx) = tokio::sync::watch::channel(None);
     let (_state, task) = xds.start(&record, tx);
-    let stream = until("the pod's stream", || server.xds_streams().into_iter().next()).await;
-    assert_eq!(stream.authorization, Some(format!("Bearer {TOKEN}")));
-    assert_eq!(stream.node_id.as_deref(), Some("sidecar~10.1.0.5~web-0.default~default.svc.cluster.local"));
+    let stream = until("the token-only stream", || server.xds_streams().into_iter().next()).await;
     task.abort();
+    assert_eq!(stream.authorization, Some(format!("Bearer {TOKEN}")));
+    assert_eq!((stream.node_id.as_deref(), stream.client_certificate.as_deref()), (Some(node_id), None));
+    assert!(stream.refused.as_deref().is_some_and(|r| r.contains(AGENT_IDENTITY)), "{stream:?}");
+
+    // With the pod's certificate (from the same istiod, by impersonation) as client certificate, it passes.
+    let manager = manager(istio_ca(&server, connection(&server)), Duration::from_secs(3600));
+    let web = manager.pod_certificate("default", "web").unwrap();
+    until("web's certificate", || web.current()).await;
+    let (tx, _rx) = tokio::sync::watch::channel(None);
+    let (_state, task) = xds.start_as(&record, tx, Some(web.receiver()));
+    let stream = until("the stream with the pod's certificate", || server.xds_streams().into_iter().find(|s| s.client_certificate.is_some())).await;
+    task.abort();
+    assert_eq!((stream.node_id.as_deref(), stream.client_certificate.as_deref(), stream.refused), (Some(node_id), Some(WEB), None));
 }
 
 /// The test CA's own checks can fail: a CSR for another identity than the impersonated one, or no
@@ -228,7 +243,7 @@ async fn pod_xds_over_the_secured_port_sends_the_token() {
 async fn the_test_ca_refuses_a_csr_for_another_identity() {
     use weft_agent::identity::istio_ca::{IstioCertificateRequest, IstioCertificateResponse, CREATE_CERTIFICATE};
     let server = CaServer::start(&[WEB]).unwrap();
-    let channel = weft_agent::identity::grpc::istiod_channel(&server.address.to_string(), &connection(&server)).unwrap();
+    let channel = weft_agent::identity::grpc::istiod_channel(&server.address.to_string(), &connection(&server), None).unwrap();
     let (_, csr_for_db) = weft_agent::identity::key_and_csr(&DB.parse().unwrap()).unwrap();
     let impersonating = |id: Option<&str>| {
         id.map(|id| prost_types::Struct {

@@ -54,7 +54,7 @@ pub struct IstioCa {
 impl IstioCa {
     /// A client of the CA `settings` names; connects on first use and reconnects by itself.
     pub fn new(settings: &IstiodCa) -> Result<IstioCa, String> {
-        let channel = istiod_channel(&settings.address, &settings.connection)?;
+        let channel = istiod_channel(&settings.address, &settings.connection, None)?;
         let cluster_id = settings.cluster_id.parse().map_err(|_| format!("cluster_id {:?}: not printable ASCII", settings.cluster_id))?;
         Ok(IstioCa { channel, cluster_id, root_cert: settings.connection.root_cert.clone() })
     }

@@ -16,6 +16,7 @@ use crate::proxy::snapshot::Snapshot;
 use crate::cni_server::registry::PodRecord;
 use crate::config::agent::XdsSettings;
 use crate::identity::grpc::{self, AuthChannel};
+use crate::identity::manager::CertificateWatch;
 use crate::config::bootstrap::{Ads, Bootstrap, Node};
 
 /// Where the node's pods get their configuration.
@@ -26,15 +27,15 @@ pub struct PodXds {
 impl PodXds {
     pub fn new(settings: XdsSettings) -> Result<PodXds, String> {
         let xds = PodXds { settings };
-        xds.channel()?;
+        xds.channel(None)?;
         Ok(xds)
     }
 
-    /// A new lazily connected channel, as the settings say.
-    fn channel(&self) -> Result<AuthChannel, String> {
+    /// A new lazily connected channel, as the settings say; over TLS presenting `identity`'s certificate.
+    fn channel(&self, identity: Option<CertificateWatch>) -> Result<AuthChannel, String> {
         let address = self.settings.address.to_string();
         match &self.settings.tls {
-            Some(tls) => grpc::istiod_channel(&address, tls),
+            Some(tls) => grpc::istiod_channel(&address, tls, identity),
             None => grpc::plaintext_channel(&address),
         }
     }
@@ -43,6 +44,18 @@ impl PodXds {
     /// the runtime the caller is in; its accepted configurations go to `snapshot`. Dropping (aborting) the
     /// handle ends it.
     pub fn start(&self, pod: &PodRecord, snapshot: watch::Sender<Option<Arc<Snapshot>>>) -> (Arc<XdsState>, JoinHandle<()>) {
+        self.start_as(pod, snapshot, None)
+    }
+
+    /// [`PodXds::start`], the TLS connection presenting the pod's workload certificate (`identity`) as
+    /// istio-agent does: istiod's xDS identity check wants an identity of the pod's namespace, which the
+    /// agent's own token is not. Until the certificate is there the stream is refused and retried.
+    pub fn start_as(
+        &self,
+        pod: &PodRecord,
+        snapshot: watch::Sender<Option<Arc<Snapshot>>>,
+        identity: Option<CertificateWatch>,
+    ) -> (Arc<XdsState>, JoinHandle<()>) {
         let bootstrap = Bootstrap {
             node: sidecar_node(pod, &self.settings),
             admin: None,
@@ -53,7 +66,7 @@ impl PodXds {
             raw: serde_json::Value::Null,
         };
         let state = XdsState::new(bootstrap, Sink::Pod(snapshot));
-        let task = match self.channel() {
+        let task = match self.channel(identity) {
             Ok(channel) => tokio::spawn(client::run_on(Arc::clone(&state), self.settings.api, channel)),
             // Checked in `new`: the same settings make the same channel.
             Err(e) => tokio::spawn(async move { tracing::error!("xDS channel: {e}") }),
