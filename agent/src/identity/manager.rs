@@ -227,7 +227,9 @@ impl Renewer {
         status.last_error = None;
         drop(status);
         self.tx.send_replace(Some(Arc::new(cert)));
-        renew_at.duration_since(SystemTime::now()).unwrap_or_default()
+        // At least the backoff's base: a CA answering with certificates already past half their life (long
+        // backdated, or capped to a short life) must not be asked again in a tight loop.
+        renew_at.duration_since(SystemTime::now()).unwrap_or_default().max(self.backoff.base)
     }
 
     /// Records the failure; returns how long until the retry: the backoff, or sooner if the certificate held
