@@ -5,6 +5,7 @@ pub mod admin;
 pub mod capture;
 pub mod cni_server;
 pub mod config;
+pub mod identity;
 pub mod logging;
 pub mod node;
 pub mod proxy;

@@ -111,9 +111,44 @@ struct RunArgs {
     /// How long a stopping agent lets established connections finish, in ms [default: 30000].
     #[arg(long)]
     drain_timeout_ms: Option<u64>,
-    /// The control plane (istiod's plaintext xDS, e.g. 10.0.0.10:15010) each captured pod gets a stream to.
+    /// The control plane (istiod's plaintext xDS, e.g. 10.0.0.10:15010, or its secured 15012 with
+    /// --xds-tls) each captured pod gets a stream to.
     #[arg(long)]
     xds_address: Option<SocketAddr>,
+    /// xDS over istiod's secured port: TLS verified against --istiod-root-cert, the --istiod-token-file
+    /// token as bearer credential [default: false].
+    #[arg(long)]
+    xds_tls: Option<bool>,
+    /// SPIFFE trust domain of the pods' identities [default: cluster.local].
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// Where pods' certificates come from: istiod, file or none [default: none].
+    #[arg(long)]
+    ca: Option<String>,
+    /// istiod's secured address, host:port (--ca istiod), e.g. istiod.istio-system.svc:15012.
+    #[arg(long)]
+    ca_address: Option<String>,
+    /// CA certificate PEM file (--ca file).
+    #[arg(long)]
+    ca_cert: Option<PathBuf>,
+    /// CA private key PEM file (--ca file).
+    #[arg(long)]
+    ca_key: Option<PathBuf>,
+    /// Validity requested for each workload certificate, in seconds [default: 86400].
+    #[arg(long)]
+    cert_lifetime_s: Option<u64>,
+    /// istiod's root certificate PEM file (--ca istiod, --xds-tls).
+    #[arg(long)]
+    istiod_root_cert: Option<PathBuf>,
+    /// The agent's own token, sent as bearer credential to istiod [default: /var/run/secrets/tokens/istio-token].
+    #[arg(long)]
+    istiod_token_file: Option<PathBuf>,
+    /// The name istiod's certificate is checked against [default: istiod.istio-system.svc].
+    #[arg(long)]
+    istiod_server_name: Option<String>,
+    /// Cluster id sent to istiod (xDS node metadata CLUSTER_ID, CA header ClusterID) [default: Kubernetes].
+    #[arg(long)]
+    cluster_id: Option<String>,
     /// sotw or delta [default: sotw].
     #[arg(long)]
     xds_api: Option<String>,
@@ -128,7 +163,6 @@ impl RunArgs {
             Some(path) => ConfigFile::read(path)?,
             None => ConfigFile::default(),
         };
-        let mut cfg = file.apply(AgentConfig::default())?;
         let flags = ConfigFile {
             cni_socket: self.cni_socket.clone(),
             state_dir: self.state_dir.clone(),
@@ -143,14 +177,25 @@ impl RunArgs {
             drain_timeout_ms: self.drain_timeout_ms,
             xds_address: self.xds_address,
             xds_api: self.xds_api.clone(),
-            cluster_id: None,
+            cluster_id: self.cluster_id.clone(),
             mesh_id: None,
             istio_version: None,
             pod_workers: self.pod_workers,
             pod_limits: None,
             node_max_connections: None,
+            trust_domain: self.trust_domain.clone(),
+            ca: self.ca.clone(),
+            ca_address: self.ca_address.clone(),
+            ca_cert: self.ca_cert.clone(),
+            ca_key: self.ca_key.clone(),
+            cert_lifetime_s: self.cert_lifetime_s,
+            istiod_root_cert: self.istiod_root_cert.clone(),
+            istiod_token_file: self.istiod_token_file.clone(),
+            istiod_server_name: self.istiod_server_name.clone(),
+            xds_tls: self.xds_tls,
         };
-        cfg = flags.apply(cfg)?;
+        // One layer, so settings that belong together (a CA's) may come partly from each.
+        let mut cfg = flags.or(file).apply(AgentConfig::default())?;
         if let Some(level) = &self.log_level {
             cfg.log_level = agent_config::parse_level(level).map_err(|e| format!("--log-level: {e}"))?;
         }
@@ -275,6 +320,9 @@ fn run(args: RunArgs) -> Result<(), String> {
 }
 
 async fn serve(cfg: AgentConfig) -> Result<(), String> {
+    // First, so a CA that cannot be set up fails start-up before anything is installed on the node. The pods'
+    // TLS subscribes to it per pod (namespace, service account).
+    let identity = weft_agent::identity::manager(&cfg.identity)?;
     let redirector = capture::redirector(cfg.redirect, cfg.iptables_variant, &cfg.ebpf).map_err(|e| e.to_string())?;
     let registry = RegistryFile::new(&cfg.state_dir)
         .map_err(|e| format!("state dir {}: {e}", cfg.state_dir.display()))?;
@@ -287,7 +335,7 @@ async fn serve(cfg: AgentConfig) -> Result<(), String> {
     };
     let xds = cfg.xds.clone().map(weft_agent::xds::pod::PodXds::new).transpose().map_err(|e| format!("xds_address: {e}"))?;
     let node = Arc::new(Node::new(Arc::from(redirector), registry, settings, xds));
-    let admin = Arc::new(Admin { node: Arc::clone(&node), ready: false.into(), started: std::time::SystemTime::now() });
+    let admin = Arc::new(Admin { node: Arc::clone(&node), ready: false.into(), started: std::time::SystemTime::now(), identity });
     let admin_listener = admin::bind(cfg.admin_address).map_err(|e| e.to_string())?;
     tokio::spawn(admin::serve(admin_listener, Arc::clone(&admin) as Arc<dyn admin::Routes>));
     tracing::info!(redirect = %cfg.redirect, admin = %cfg.admin_address, state_dir = %cfg.state_dir.display(), "starting");

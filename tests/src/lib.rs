@@ -14,6 +14,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod agent;
+pub mod ca_server;
 pub mod cluster;
 pub mod conformance;
 pub mod netns;

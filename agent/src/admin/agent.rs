@@ -15,6 +15,8 @@ pub struct Admin {
     /// Set once start-up adoption is done and the CNI socket serves.
     pub ready: AtomicBool,
     pub started: std::time::SystemTime,
+    /// The pods' workload identities, when the agent has a CA.
+    pub identity: Option<Arc<crate::identity::manager::IdentityManager>>,
 }
 
 #[derive(Serialize)]
@@ -24,6 +26,9 @@ struct Status<'a> {
     capture: serde_json::Value,
     version: &'a str,
     pods: Vec<PodStatus>,
+    /// Workload identities held: serial, expiry, last error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    identities: Option<Vec<crate::identity::manager::IdentityStatus>>,
 }
 
 impl Admin {
@@ -54,6 +59,7 @@ impl Routes for Admin {
                     capture: self.node.capture_status(),
                     version: env!("CARGO_PKG_VERSION"),
                     pods: self.node.status().await,
+                    identities: self.identity.as_ref().map(|m| m.status()),
                 }),
                 ("GET", "/stats/prometheus") => Reply::ok("text/plain; version=0.0.4", prometheus(&self.node.status().await)),
                 (method, "/logging") => super::logging(method, &request),

@@ -14,13 +14,64 @@ use crate::capture::RedirectMode;
 /// Where the control plane is and how the mesh is named.
 #[derive(Debug, Clone, PartialEq)]
 pub struct XdsSettings {
-    /// istiod's xDS address (plaintext gRPC, e.g. port 15010).
+    /// istiod's xDS address: plaintext gRPC (port 15010), or TLS (15012) when `tls` is set.
     pub address: std::net::SocketAddr,
+    /// istiod's secured port: TLS verified against istiod's root, the agent's token as bearer credential.
+    pub tls: Option<IstiodConnection>,
     pub api: AdsApi,
     pub cluster_id: String,
     pub mesh_id: String,
     pub istio_version: String,
 }
+
+/// How the agent reaches istiod's secured port (15012), as istio-agent does: istiod's certificate verified
+/// against its root, the agent's own token as `authorization: Bearer`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IstiodConnection {
+    /// PEM file of istiod's root certificate(s).
+    pub root_cert: PathBuf,
+    /// The agent's ServiceAccount token (audience `istio-ca`), re-read for every request.
+    pub token_file: PathBuf,
+    /// The name istiod's certificate is checked against.
+    pub server_name: String,
+}
+
+/// istiod's CA, asked for each pod's identity by impersonation (as ztunnel asks).
+#[derive(Debug, Clone, PartialEq)]
+pub struct IstiodCa {
+    /// `host:port` of istiod's secured port.
+    pub address: String,
+    pub connection: IstiodConnection,
+    /// Sent as the `ClusterID` header.
+    pub cluster_id: String,
+}
+
+/// Where workload certificates come from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CaSettings {
+    Istiod(IstiodCa),
+    /// A CA certificate and key (PEM) that sign locally.
+    File { cert: PathBuf, key: PathBuf },
+}
+
+/// Workload identities (`spiffe://<trust_domain>/ns/<namespace>/sa/<service account>`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdentitySettings {
+    pub trust_domain: String,
+    /// None: pods get no certificates.
+    pub ca: Option<CaSettings>,
+    /// The validity requested for each certificate.
+    pub cert_lifetime: Duration,
+}
+
+impl Default for IdentitySettings {
+    fn default() -> Self {
+        IdentitySettings { trust_domain: "cluster.local".into(), ca: None, cert_lifetime: Duration::from_secs(24 * 3600) }
+    }
+}
+
+pub const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/tokens/istio-token";
+pub const DEFAULT_ISTIOD_SERVER_NAME: &str = "istiod.istio-system.svc";
 
 /// Per-pod limits (the config file's `pod_limits`): what one pod may hold of the node proxy at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
@@ -70,6 +121,7 @@ pub struct AgentConfig {
     /// Downstream connections of all pods together (Envoy's overload manager
     /// `global_downstream_max_connections`): at it, only pods under their equal share get new ones.
     pub node_max_connections: u64,
+    pub identity: IdentitySettings,
 }
 
 impl Default for AgentConfig {
@@ -88,12 +140,13 @@ impl Default for AgentConfig {
             pod_workers: 2,
             pod_limits: PodLimits::default(),
             node_max_connections: 65536,
+            identity: IdentitySettings::default(),
         }
     }
 }
 
 /// The config file: every field optional, unknown fields refused so a typo never goes unnoticed.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     pub cni_socket: Option<PathBuf>,
@@ -116,6 +169,25 @@ pub struct ConfigFile {
     pub pod_workers: Option<usize>,
     pub pod_limits: Option<PodLimits>,
     pub node_max_connections: Option<u64>,
+    /// SPIFFE trust domain of the pods' identities [cluster.local].
+    pub trust_domain: Option<String>,
+    /// `istiod`, `file` or `none`.
+    pub ca: Option<String>,
+    /// istiod's secured address, `host:port` (ca = istiod).
+    pub ca_address: Option<String>,
+    /// CA certificate and key PEM files (ca = file).
+    pub ca_cert: Option<PathBuf>,
+    pub ca_key: Option<PathBuf>,
+    /// Requested certificate validity, seconds.
+    pub cert_lifetime_s: Option<u64>,
+    /// istiod's root certificate file (ca = istiod, xds_tls).
+    pub istiod_root_cert: Option<PathBuf>,
+    /// The agent's token file (ca = istiod, xds_tls).
+    pub istiod_token_file: Option<PathBuf>,
+    /// The name istiod's certificate must carry.
+    pub istiod_server_name: Option<String>,
+    /// xDS over istiod's secured port (TLS + token) rather than plaintext.
+    pub xds_tls: Option<bool>,
 }
 
 impl ConfigFile {
@@ -126,6 +198,7 @@ impl ConfigFile {
 
     /// Layers this file over `base`.
     pub fn apply(self, mut base: AgentConfig) -> Result<AgentConfig, String> {
+        let identity = self.clone();
         set(&mut base.cni_socket, self.cni_socket);
         set(&mut base.state_dir, self.state_dir);
         set(&mut base.redirect, self.redirect);
@@ -169,6 +242,7 @@ impl ConfigFile {
                 None => {
                     base.xds = Some(XdsSettings {
                         address,
+                        tls: None,
                         api: AdsApi::Sotw,
                         cluster_id: "Kubernetes".into(),
                         mesh_id: "cluster.local".into(),
@@ -192,8 +266,127 @@ impl ConfigFile {
         } else if mesh_fields.iter().any(|f| f.is_some()) {
             return Err("xds_api, cluster_id, mesh_id and istio_version need xds_address".into());
         }
+        identity.apply_identity(&mut base)?;
         Ok(base)
     }
+
+    /// The identity fields, taken together from this layer (`weft-agent run` merges the file and the flags
+    /// into one layer first, see [`ConfigFile::or`]): a CA's settings are complete or refused, by field.
+    fn apply_identity(&self, base: &mut AgentConfig) -> Result<(), String> {
+        if let Some(td) = &self.trust_domain {
+            crate::identity::SpiffeId::new(td, "ns", "sa").map_err(|e| format!("trust_domain: {e}"))?;
+            base.identity.trust_domain = td.clone();
+        }
+        if let Some(s) = self.cert_lifetime_s {
+            if !(60..=90 * 86400).contains(&s) {
+                return Err(format!("cert_lifetime_s: {s} is out of range, use 60..=7776000 (90 days)"));
+            }
+            base.identity.cert_lifetime = Duration::from_secs(s);
+        }
+        let connection = self.istiod_connection()?;
+        match self.ca.as_deref() {
+            None | Some("none") => {
+                let stray = [("ca_address", self.ca_address.is_some()), ("ca_cert", self.ca_cert.is_some()), ("ca_key", self.ca_key.is_some())];
+                if let Some((field, _)) = stray.iter().find(|(_, set)| *set) {
+                    return Err(format!("{field}: set ca to istiod or file to use it"));
+                }
+                if self.ca.is_some() {
+                    base.identity.ca = None;
+                }
+            }
+            Some("istiod") => {
+                if self.ca_cert.is_some() || self.ca_key.is_some() {
+                    return Err("ca_cert, ca_key: only for ca file".into());
+                }
+                let address = self.ca_address.clone().ok_or("ca_address: needed by ca istiod (istiod's secured port, host:15012)")?;
+                check_address(&address).map_err(|e| format!("ca_address: {e}"))?;
+                let connection = connection.clone().ok_or("istiod_root_cert: needed by ca istiod")?;
+                let cluster_id = match (&self.cluster_id, &base.xds) {
+                    (Some(id), _) => id.clone(),
+                    (None, Some(xds)) => xds.cluster_id.clone(),
+                    (None, None) => "Kubernetes".into(),
+                };
+                base.identity.ca = Some(CaSettings::Istiod(IstiodCa { address, connection, cluster_id }));
+            }
+            Some("file") => {
+                if self.ca_address.is_some() {
+                    return Err("ca_address: only for ca istiod".into());
+                }
+                let cert = self.ca_cert.clone().ok_or("ca_cert: needed by ca file")?;
+                let key = self.ca_key.clone().ok_or("ca_key: needed by ca file")?;
+                base.identity.ca = Some(CaSettings::File { cert, key });
+            }
+            Some(other) => return Err(format!("ca: unknown {other:?}: use istiod, file or none")),
+        }
+        if let Some(tls) = self.xds_tls {
+            let xds = base.xds.as_mut().ok_or("xds_tls: needs xds_address")?;
+            xds.tls = match tls {
+                true => Some(connection.ok_or("istiod_root_cert: needed by xds_tls")?),
+                false => None,
+            };
+        }
+        Ok(())
+    }
+
+    /// istiod's secured-port settings, when a root certificate is given.
+    fn istiod_connection(&self) -> Result<Option<IstiodConnection>, String> {
+        let Some(root_cert) = self.istiod_root_cert.clone() else {
+            if self.istiod_token_file.is_some() || self.istiod_server_name.is_some() {
+                return Err("istiod_token_file, istiod_server_name: need istiod_root_cert".into());
+            }
+            return Ok(None);
+        };
+        let server_name = self.istiod_server_name.clone().unwrap_or_else(|| DEFAULT_ISTIOD_SERVER_NAME.into());
+        rustls_pki_types::ServerName::try_from(server_name.as_str()).map_err(|e| format!("istiod_server_name: {server_name:?}: {e}"))?;
+        let token_file = self.istiod_token_file.clone().unwrap_or_else(|| DEFAULT_TOKEN_FILE.into());
+        Ok(Some(IstiodConnection { root_cert, token_file, server_name }))
+    }
+
+    /// This layer with the fields it leaves unset taken from `under`.
+    pub fn or(self, under: ConfigFile) -> ConfigFile {
+        ConfigFile {
+            cni_socket: self.cni_socket.or(under.cni_socket),
+            state_dir: self.state_dir.or(under.state_dir),
+            redirect: self.redirect.or(under.redirect),
+            iptables_variant: self.iptables_variant.or(under.iptables_variant),
+            admin_address: self.admin_address.or(under.admin_address),
+            log_level: self.log_level.or(under.log_level),
+            connect_timeout_ms: self.connect_timeout_ms.or(under.connect_timeout_ms),
+            ebpf_object: self.ebpf_object.or(under.ebpf_object),
+            bpf_pin_path: self.bpf_pin_path.or(under.bpf_pin_path),
+            sockmap: self.sockmap.or(under.sockmap),
+            drain_timeout_ms: self.drain_timeout_ms.or(under.drain_timeout_ms),
+            xds_address: self.xds_address.or(under.xds_address),
+            xds_api: self.xds_api.or(under.xds_api),
+            cluster_id: self.cluster_id.or(under.cluster_id),
+            mesh_id: self.mesh_id.or(under.mesh_id),
+            istio_version: self.istio_version.or(under.istio_version),
+            pod_workers: self.pod_workers.or(under.pod_workers),
+            pod_limits: self.pod_limits.or(under.pod_limits),
+            node_max_connections: self.node_max_connections.or(under.node_max_connections),
+            trust_domain: self.trust_domain.or(under.trust_domain),
+            ca: self.ca.or(under.ca),
+            ca_address: self.ca_address.or(under.ca_address),
+            ca_cert: self.ca_cert.or(under.ca_cert),
+            ca_key: self.ca_key.or(under.ca_key),
+            cert_lifetime_s: self.cert_lifetime_s.or(under.cert_lifetime_s),
+            istiod_root_cert: self.istiod_root_cert.or(under.istiod_root_cert),
+            istiod_token_file: self.istiod_token_file.or(under.istiod_token_file),
+            istiod_server_name: self.istiod_server_name.or(under.istiod_server_name),
+            xds_tls: self.xds_tls.or(under.xds_tls),
+        }
+    }
+}
+
+/// `host:port` with a non-zero port.
+fn check_address(address: &str) -> Result<(), String> {
+    let (host, port) = address.rsplit_once(':').ok_or_else(|| format!("{address:?} is not host:port"))?;
+    let port: u16 = port.parse().map_err(|_| format!("{address:?}: port {port:?} is not a number below 65536"))?;
+    if host.is_empty() || port == 0 {
+        return Err(format!("{address:?} is not host:port"));
+    }
+    format!("https://{address}").parse::<tonic::codegen::http::Uri>().map_err(|e| format!("{address:?}: {e}"))?;
+    Ok(())
 }
 
 fn millis(field: &str, ms: u64, min: u64) -> Result<Duration, String> {
@@ -237,5 +430,68 @@ mod tests {
         assert!(file(r#"{"stat_dir":"/x"}"#).unwrap_err().contains("stat_dir"));
         assert!(file(r#"{"log_level":"loud"}"#).unwrap_err().contains("log_level"));
         assert!(file(r#"{"connect_timeout_ms":0}"#).unwrap_err().contains("connect_timeout_ms"));
+    }
+
+    #[test]
+    fn identity_defaults_to_cluster_local_without_a_ca() {
+        let cfg = file("{}").unwrap();
+        assert_eq!(cfg.identity, IdentitySettings::default());
+        assert_eq!(cfg.identity.trust_domain, "cluster.local");
+    }
+
+    #[test]
+    fn istiod_ca_and_secured_xds() {
+        let cfg = file(
+            r#"{"ca":"istiod","ca_address":"istiod.istio-system.svc:15012","istiod_root_cert":"/r.pem",
+                "xds_address":"10.0.0.1:15012","xds_tls":true,"cluster_id":"c1","trust_domain":"example.org","cert_lifetime_s":3600}"#,
+        )
+        .unwrap();
+        let connection = IstiodConnection {
+            root_cert: "/r.pem".into(),
+            token_file: DEFAULT_TOKEN_FILE.into(),
+            server_name: DEFAULT_ISTIOD_SERVER_NAME.into(),
+        };
+        assert_eq!(
+            cfg.identity,
+            IdentitySettings {
+                trust_domain: "example.org".into(),
+                ca: Some(CaSettings::Istiod(IstiodCa {
+                    address: "istiod.istio-system.svc:15012".into(),
+                    connection: connection.clone(),
+                    cluster_id: "c1".into()
+                })),
+                cert_lifetime: Duration::from_secs(3600),
+            }
+        );
+        assert_eq!(cfg.xds.unwrap().tls, Some(connection));
+    }
+
+    #[test]
+    fn identity_errors_name_the_field() {
+        for (json, field) in [
+            (r#"{"ca":"istiod","istiod_root_cert":"/r"}"#, "ca_address"),
+            (r#"{"ca":"istiod","ca_address":"istiod:15012"}"#, "istiod_root_cert"),
+            (r#"{"ca":"istiod","ca_address":"istiod","istiod_root_cert":"/r"}"#, "ca_address"),
+            (r#"{"ca":"file","ca_cert":"/c"}"#, "ca_key"),
+            (r#"{"ca":"vault"}"#, "ca: unknown"),
+            (r#"{"ca_cert":"/c"}"#, "ca_cert"),
+            (r#"{"trust_domain":"Cluster.Local"}"#, "trust_domain"),
+            (r#"{"cert_lifetime_s":1}"#, "cert_lifetime_s"),
+            (r#"{"xds_tls":true}"#, "xds_tls"),
+            (r#"{"xds_address":"10.0.0.1:15012","xds_tls":true}"#, "istiod_root_cert"),
+            (r#"{"istiod_token_file":"/t"}"#, "istiod_root_cert"),
+            (r#"{"istiod_root_cert":"/r","istiod_server_name":"bad name"}"#, "istiod_server_name"),
+        ] {
+            let e = file(json).unwrap_err();
+            assert!(e.contains(field), "{json}: {e}");
+        }
+    }
+
+    #[test]
+    fn flags_complete_the_file() {
+        let from_file: ConfigFile = serde_json::from_str(r#"{"ca":"file","ca_cert":"/c"}"#).unwrap();
+        let flags = ConfigFile { ca_key: Some("/k".into()), ..ConfigFile::default() };
+        let cfg = flags.or(from_file).apply(AgentConfig::default()).unwrap();
+        assert_eq!(cfg.identity.ca, Some(CaSettings::File { cert: "/c".into(), key: "/k".into() }));
     }
 }

@@ -6,12 +6,14 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::codegen::InterceptedService;
+use tonic::transport::Endpoint;
 use xds_api::pb::envoy::config::core::v3::Node;
 use xds_api::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use xds_api::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use xds_api::pb::google::rpc::Status;
 
+use crate::identity::grpc::{AuthChannel, BearerToken};
 use super::{codec, is_wildcard, Received, XdsState, NAMED_TYPES, TYPES};
 use crate::config::bootstrap::AdsApi;
 use crate::config::cluster::Discovery;
@@ -30,7 +32,11 @@ pub async fn run(state: Arc<XdsState>) {
     loop {
         let channel = match endpoint(&state, &ads.cluster) {
             Err(e) => Err(e),
-            Ok(endpoint) => endpoint.connect().await.map_err(|e| format!("connect: {e}")),
+            Ok(endpoint) => endpoint
+                .connect()
+                .await
+                .map(|c| InterceptedService::new(c, BearerToken(None)))
+                .map_err(|e| format!("connect: {e}")),
         };
         let result = match channel {
             Ok(channel) => stream(&state, ads.api, channel, &mut failures).await,
@@ -45,7 +51,7 @@ pub async fn run(state: Arc<XdsState>) {
 }
 
 /// Runs the ADS stream of `state` on `channel` until the task is dropped.
-pub async fn run_on(state: Arc<XdsState>, api: AdsApi, channel: Channel) {
+pub async fn run_on(state: Arc<XdsState>, api: AdsApi, channel: AuthChannel) {
     let mut failures = 0u32;
     loop {
         if let Err(e) = stream(&state, api, channel.clone(), &mut failures).await {
@@ -56,7 +62,7 @@ pub async fn run_on(state: Arc<XdsState>, api: AdsApi, channel: Channel) {
     }
 }
 
-async fn stream(state: &Arc<XdsState>, api: AdsApi, channel: Channel, failures: &mut u32) -> Result<(), String> {
+async fn stream(state: &Arc<XdsState>, api: AdsApi, channel: AuthChannel, failures: &mut u32) -> Result<(), String> {
     match api {
         AdsApi::Sotw => sotw(state, channel, failures).await,
         AdsApi::Delta => delta(state, channel, failures).await,
@@ -92,7 +98,7 @@ fn status(errors: &[String]) -> Option<Status> {
     (!errors.is_empty()).then(|| Status { code: INVALID_ARGUMENT, message: errors.join("; "), details: Vec::new() })
 }
 
-async fn sotw(state: &Arc<XdsState>, channel: Channel, failures: &mut u32) -> Result<(), String> {
+async fn sotw(state: &Arc<XdsState>, channel: AuthChannel, failures: &mut u32) -> Result<(), String> {
     let (tx, rx) = mpsc::channel(16);
     let mut named = NAMED_TYPES.map(Subscription::new);
     for (i, type_url) in TYPES.iter().filter(|t| is_wildcard(t)).enumerate() {
@@ -199,7 +205,7 @@ impl Subscription {
     }
 }
 
-async fn delta(state: &Arc<XdsState>, channel: Channel, failures: &mut u32) -> Result<(), String> {
+async fn delta(state: &Arc<XdsState>, channel: AuthChannel, failures: &mut u32) -> Result<(), String> {
     let (tx, rx) = mpsc::channel(16);
     let mut named = NAMED_TYPES.map(Subscription::new);
     for (i, type_url) in TYPES.iter().filter(|t| is_wildcard(t)).enumerate() {

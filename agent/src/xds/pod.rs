@@ -1,7 +1,8 @@
 //! Per-pod xDS streams for `weft-agent run`: each captured pod asks the control plane for its configuration
 //! with the node identity its Istio sidecar would have had, so istiod serves it exactly what it would serve
 //! that sidecar. Each stream has its own HTTP/2 connection, as each sidecar has, so one pod's configuration
-//! storm queues only on its own connection; identical resources are held once (see `intern`).
+//! storm queues only on its own connection; identical resources are held once (see `intern`). The connection
+//! is plaintext (istiod's 15010) or, as istio-agent's, TLS to istiod's secured port with the agent's token.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -9,30 +10,52 @@ use std::sync::Arc;
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::Endpoint;
 
 use super::{client, Sink, XdsState};
 use crate::proxy::snapshot::Snapshot;
 use crate::cni_server::registry::PodRecord;
 use crate::config::agent::XdsSettings;
+use crate::identity::grpc::{self, AuthChannel};
+use crate::identity::manager::CertificateWatch;
 use crate::config::bootstrap::{Ads, Bootstrap, Node};
 
 /// Where the node's pods get their configuration.
 pub struct PodXds {
     settings: XdsSettings,
-    endpoint: Endpoint,
 }
 
 impl PodXds {
     pub fn new(settings: XdsSettings) -> Result<PodXds, String> {
-        let endpoint = Endpoint::from_shared(format!("http://{}", settings.address)).map_err(|e| e.to_string())?;
-        Ok(PodXds { settings, endpoint })
+        let xds = PodXds { settings };
+        xds.channel(None)?;
+        Ok(xds)
+    }
+
+    /// A new lazily connected channel, as the settings say; over TLS presenting `identity`'s certificate.
+    fn channel(&self, identity: Option<CertificateWatch>) -> Result<AuthChannel, String> {
+        let address = self.settings.address.to_string();
+        match &self.settings.tls {
+            Some(tls) => grpc::istiod_channel(&address, tls, identity),
+            None => grpc::plaintext_channel(&address),
+        }
     }
 
     /// Starts the pod's stream on a connection of its own (connected on first use, reconnected by itself), on
     /// the runtime the caller is in; its accepted configurations go to `snapshot`. Dropping (aborting) the
     /// handle ends it.
     pub fn start(&self, pod: &PodRecord, snapshot: watch::Sender<Option<Arc<Snapshot>>>) -> (Arc<XdsState>, JoinHandle<()>) {
+        self.start_as(pod, snapshot, None)
+    }
+
+    /// [`PodXds::start`], the TLS connection presenting the pod's workload certificate (`identity`) as
+    /// istio-agent does: istiod's xDS identity check wants an identity of the pod's namespace, which the
+    /// agent's own token is not. Until the certificate is there the stream is refused and retried.
+    pub fn start_as(
+        &self,
+        pod: &PodRecord,
+        snapshot: watch::Sender<Option<Arc<Snapshot>>>,
+        identity: Option<CertificateWatch>,
+    ) -> (Arc<XdsState>, JoinHandle<()>) {
         let bootstrap = Bootstrap {
             node: sidecar_node(pod, &self.settings),
             admin: None,
@@ -43,8 +66,11 @@ impl PodXds {
             raw: serde_json::Value::Null,
         };
         let state = XdsState::new(bootstrap, Sink::Pod(snapshot));
-        let channel = self.endpoint.connect_lazy();
-        let task = tokio::spawn(client::run_on(Arc::clone(&state), self.settings.api, channel));
+        let task = match self.channel(identity) {
+            Ok(channel) => tokio::spawn(client::run_on(Arc::clone(&state), self.settings.api, channel)),
+            // Checked in `new`: the same settings make the same channel.
+            Err(e) => tokio::spawn(async move { tracing::error!("xDS channel: {e}") }),
+        };
         (state, task)
     }
 }
