@@ -736,7 +736,7 @@ mod tests {
         let server = Tls::default();
         let context = |name: &str| {
             let v = json!({"name": "tls", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-                "common_tls_context": {"tls_certificate_sds_secret_configs": [{"name": name, "sds_config": {"ads": {}}}]}}});
+                "common_tls_context": {"tls_certificate_sds_secret_configs": [{"name": name, "sds_config": {"api_config_source": {"api_type": "GRPC", "grpc_services": [{"envoy_grpc": {"cluster_name": "sds-grpc"}}]}}}]}}});
             let crate::config::tls::TransportSocket::Tls(t) = downstream(Some(Obj::new(&v, "ts").unwrap())).unwrap() else { panic!() };
             t
         };
