@@ -27,10 +27,11 @@ pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listene
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 /// Clusters, endpoints, listeners, routes: the order a management server sends them in.
-const ORDER: [&str; 4] = [CLUSTER, ENDPOINT, LISTENER, ROUTE];
+const ORDER: [&str; 5] = [CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET];
 /// Types clients subscribe to by name.
-const NAMED: [&str; 2] = [ENDPOINT, ROUTE];
+const NAMED: [&str; 3] = [ENDPOINT, ROUTE, SECRET];
 
 /// A bootstrap whose listeners and clusters come over ADS (`api`: `GRPC` or `DELTA_GRPC`) from a server at
 /// 127.0.0.1:18000, with an admin endpoint on 127.0.0.1:19901.

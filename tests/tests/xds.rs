@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use weft_tests::traffic::{echo, EchoServer};
-use weft_tests::xds_server::{ads_bootstrap as bootstrap, Recorded, XdsServer, CLUSTER, ENDPOINT, LISTENER, ROUTE};
+use weft_tests::xds_server::{ads_bootstrap as bootstrap, Recorded, XdsServer, CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET};
 use weft_tests::{bin_path, require_root, wait_for, ChildGuard, NetNs};
 
 const XDS: &str = "127.0.0.1:18000";
@@ -445,8 +445,6 @@ fn removed_listener_drains_its_connections() {
     assert_eq!(finish(kept), b"before the update, after it", "a connection of a kept listener was cut");
     let _ = std::fs::remove_dir_all(dir);
 }
-
-const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
 /// A TLS listener whose certificate is an SDS secret over ADS (as istiod sends gateways' credentialName).
 fn tls_listener() -> String {

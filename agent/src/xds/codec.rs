@@ -18,7 +18,7 @@ macro_rules! proto {
 
 /// Extension messages the `xds-api` descriptors lack, under `agent/proto/` (see its README), and the newer
 /// core files they need (which replace the older copies in the set).
-const EXTRA_PROTOS: [(&str, &str); 13] = [
+const EXTRA_PROTOS: [(&str, &str); 17] = [
     proto!("envoy/config/core/v3/proxy_protocol.proto"),
     proto!("envoy/extensions/filters/network/tcp_proxy/v3/tcp_proxy.proto"),
     proto!("envoy/extensions/upstreams/http/v3/http_protocol_options.proto"),
@@ -30,6 +30,10 @@ const EXTRA_PROTOS: [(&str, &str); 13] = [
     proto!("envoy/extensions/filters/http/cors/v3/cors.proto"),
     proto!("envoy/extensions/filters/http/local_ratelimit/v3/local_rate_limit.proto"),
     proto!("envoy/extensions/retry/host/previous_hosts/v3/previous_hosts.proto"),
+    proto!("envoy/extensions/transport_sockets/tls/v3/common.proto"),
+    proto!("envoy/extensions/transport_sockets/tls/v3/secret.proto"),
+    proto!("envoy/extensions/transport_sockets/tls/v3/tls.proto"),
+    proto!("envoy/extensions/transport_sockets/raw_buffer/v3/raw_buffer.proto"),
     proto!("envoy/extensions/filters/http/rbac/v3/rbac.proto"),
     proto!("envoy/extensions/filters/network/rbac/v3/rbac.proto"),
 ];
