@@ -51,6 +51,19 @@ struct ProxyArgs {
     /// How long connections of a removed or replaced listener may go on, in seconds (Envoy's --drain-time-s).
     #[arg(long, default_value_t = 600)]
     drain_time_s: u64,
+    /// The workload identity the proxy presents (spiffe://<trust domain>/ns/<ns>/sa/<sa>): its certificate and
+    /// the CA's root serve the SDS names `default` and `ROOTCA`, issued by the file CA of --ca-cert/--ca-key.
+    #[arg(long, requires_all = ["ca_cert", "ca_key"])]
+    identity: Option<String>,
+    /// The CA certificate (PEM) that issues --identity's certificates.
+    #[arg(long, requires = "identity")]
+    ca_cert: Option<PathBuf>,
+    /// The CA's private key (PEM).
+    #[arg(long, requires = "identity")]
+    ca_key: Option<PathBuf>,
+    /// Lifetime of --identity's certificates, in seconds; renewed at about half of it.
+    #[arg(long, default_value_t = 86_400)]
+    cert_lifetime_s: u64,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -243,6 +256,7 @@ fn proxy(args: ProxyArgs) -> Result<(), String> {
         println!("configuration '{shown}' OK");
         return Ok(());
     }
+    let identity = proxy_identity(&args)?;
     init_logging(level);
     let concurrency = args.concurrency.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -252,6 +266,14 @@ fn proxy(args: ProxyArgs) -> Result<(), String> {
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
     runtime.block_on(async move {
         let proxy = weft_agent::proxy::server::Proxy::new(std::time::Duration::from_secs(args.drain_time_s));
+        // Kept for the process's life: the identity is renewed while someone holds it.
+        let _identity = identity.map(|(manager, id)| {
+            let subscription = manager.subscribe(id);
+            let pods = Arc::clone(&proxy);
+            let watch = subscription.receiver();
+            tokio::spawn(async move { pods.tls().follow(watch).await });
+            subscription
+        });
         let quit = Arc::new(tokio::sync::Notify::new());
         let admin_address = bootstrap.admin;
         let xds = weft_agent::xds::XdsState::new(bootstrap, weft_agent::xds::Sink::Proxy(Arc::clone(&proxy)));
@@ -282,6 +304,19 @@ fn proxy(args: ProxyArgs) -> Result<(), String> {
         tracing::info!("exiting");
         Ok(())
     })
+}
+
+/// The standalone proxy's identity and the file CA that issues it.
+fn proxy_identity(args: &ProxyArgs) -> Result<Option<(Arc<weft_agent::identity::manager::IdentityManager>, weft_agent::identity::SpiffeId)>, String> {
+    let (Some(identity), Some(cert), Some(key)) = (&args.identity, &args.ca_cert, &args.ca_key) else { return Ok(None) };
+    let id: weft_agent::identity::SpiffeId = identity.parse().map_err(|e| format!("--identity: {e}"))?;
+    let settings = agent_config::IdentitySettings {
+        trust_domain: id.trust_domain().to_string(),
+        ca: Some(agent_config::CaSettings::File { cert: cert.clone(), key: key.clone() }),
+        cert_lifetime: std::time::Duration::from_secs(args.cert_lifetime_s),
+    };
+    let manager = weft_agent::identity::manager(&settings)?.ok_or("--identity: no CA")?;
+    Ok(Some((manager, id)))
 }
 
 fn cleanup(args: CleanupArgs) -> Result<(), String> {

@@ -64,6 +64,42 @@ pub struct HttpConnectionManager {
     pub local_reply: Option<LocalReplyConfig>,
     /// `upgrade_configs`: the `upgrade` protocols (lowercase, e.g. `websocket`) proxied as upgrades.
     pub upgrades: Vec<String>,
+    /// `forward_client_cert_details` and `set_current_client_cert_details`: what becomes of
+    /// `x-forwarded-client-cert`.
+    pub client_cert: ClientCert,
+}
+
+/// `x-forwarded-client-cert` handling, as Envoy's connection manager does it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct ClientCert {
+    pub forward: ForwardClientCert,
+    /// What of the client's certificate is added (AppendForward, SanitizeSet), in Envoy's order.
+    pub details: Vec<CertDetail>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ForwardClientCert {
+    /// Removed from every request.
+    #[default]
+    Sanitize,
+    /// Forwarded unchanged on mutual TLS connections, removed otherwise.
+    ForwardOnly,
+    /// On mutual TLS connections this hop's details are appended, removed otherwise.
+    AppendForward,
+    /// On mutual TLS connections replaced by this hop's details, removed otherwise.
+    SanitizeSet,
+    /// Forwarded unchanged on every connection.
+    AlwaysForwardOnly,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum CertDetail {
+    Subject,
+    Cert,
+    Chain,
+    Dns,
+    Uri,
 }
 
 /// `local_reply_config`: how the proxy's own replies are rewritten and formatted.
@@ -283,6 +319,7 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
             upgrades.push(kind);
         }
     }
+    let client_cert = client_cert(&mut h)?;
     h.finish()?;
     Ok(HttpConnectionManager {
         codec,
@@ -314,7 +351,37 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
         accept_http_10,
         local_reply,
         upgrades,
+        client_cert,
     })
+}
+
+fn client_cert(h: &mut Obj<'_>) -> Result<ClientCert> {
+    let forward = match h.string("forward_client_cert_details")?.unwrap_or("SANITIZE") {
+        "SANITIZE" => ForwardClientCert::Sanitize,
+        "FORWARD_ONLY" => ForwardClientCert::ForwardOnly,
+        "APPEND_FORWARD" => ForwardClientCert::AppendForward,
+        "SANITIZE_SET" => ForwardClientCert::SanitizeSet,
+        "ALWAYS_FORWARD_ONLY" => ForwardClientCert::AlwaysForwardOnly,
+        other => return Err(ConfigError::new(h.at("forward_client_cert_details"), format!("{other} is not a forward_client_cert_details mode"))),
+    };
+    let mut details = Vec::new();
+    if let Some(mut d) = h.object("set_current_client_cert_details")? {
+        // `subject` is a BoolValue ({value: true} in the JSON mapping, or a bare bool).
+        let subject = match d.take("subject") {
+            Some(serde_json::Value::Bool(b)) => *b,
+            Some(serde_json::Value::Object(o)) => o.get("value").and_then(serde_json::Value::as_bool).unwrap_or(false),
+            _ => false,
+        };
+        // Envoy's order, whatever the configuration's.
+        let [cert, chain, uri, dns] = [d.bool("cert")?, d.bool("chain")?, d.bool("uri")?, d.bool("dns")?].map(|b| b.unwrap_or(false));
+        for (on, detail) in [(cert, CertDetail::Cert), (chain, CertDetail::Chain), (subject, CertDetail::Subject), (uri, CertDetail::Uri), (dns, CertDetail::Dns)] {
+            if on {
+                details.push(detail);
+            }
+        }
+        d.finish()?;
+    }
+    Ok(ClientCert { forward, details })
 }
 
 fn local_reply_config(mut l: Obj<'_>) -> Result<LocalReplyConfig> {

@@ -69,6 +69,11 @@ impl Proxy {
         })
     }
 
+    /// The proxy's secrets and TLS configurations.
+    pub fn tls(&self) -> &crate::proxy::tls::Tls {
+        self.pod.pools.tls()
+    }
+
     /// The configuration new connections are served by.
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.config.borrow().clone().unwrap_or_default()

@@ -27,6 +27,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
 use super::tls_info::{PeerCertificate, TlsInfo};
+use crate::identity::manager::CertificateWatch;
+use crate::identity::WorkloadCertificate;
 use crate::config::secret::{DataSource, Secret, SecretKind};
 use crate::config::store::{ByName, Entry};
 use crate::config::tls::{iana_suite, CertificateSource, CommonTls, DownstreamTls, SanKind, SanMatcher, SdsSecret, TrustSource, UpstreamTls, Versions};
@@ -55,7 +57,7 @@ pub enum Pushed {
 #[derive(Default)]
 pub struct Tls {
     pushed: ArcSwap<HashMap<String, Arc<Pushed>>>,
-    servers: Mutex<Vec<Cached<DownstreamTls, ServerConfig>>>,
+    servers: Mutex<Vec<Cached<DownstreamTls, ServerSide>>>,
     clients: Mutex<Vec<Cached<UpstreamTls, ClientConfig>>>,
 }
 
@@ -64,6 +66,12 @@ struct Cached<C, R> {
     context: Weak<C>,
     stamp: Vec<u64>,
     built: Arc<R>,
+}
+
+/// A server configuration and the URI SANs of the certificate it presents.
+struct ServerSide {
+    config: Arc<ServerConfig>,
+    local_uri_sans: Arc<[String]>,
 }
 
 /// A handshake that did not complete, or a context whose secrets are missing or broken.
@@ -82,15 +90,29 @@ impl Tls {
         self.pushed.store(Arc::new(secrets));
     }
 
+    /// Serves `watch`'s certificate as Istio's `default` and its roots as `ROOTCA`, following every renewal,
+    /// until the watch ends; a withdrawn (expired) certificate is withdrawn here too: handshakes that need it
+    /// fail, never fall back to plaintext.
+    pub async fn follow(&self, mut watch: CertificateWatch) {
+        loop {
+            let current = watch.borrow_and_update().clone();
+            self.push(current.map(|c| identity_secrets(&c)).unwrap_or_default());
+            if watch.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Terminates TLS on a downstream connection.
     pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(&self, io: S, context: &Arc<DownstreamTls>, secrets: &ByName<Secret>) -> Result<(tokio_rustls::server::TlsStream<S>, TlsInfo), TlsError> {
-        let config = self.server_config(context, secrets)?;
-        let stream = TlsAcceptor::from(config).accept(io).await.map_err(|e| TlsError(format!("TLS handshake: {e}")))?;
+        let side = self.server_config(context, secrets)?;
+        let stream = TlsAcceptor::from(Arc::clone(&side.config)).accept(io).await.map_err(|e| TlsError(format!("TLS handshake: {e}")))?;
         let (_, session) = stream.get_ref();
         let info = TlsInfo {
             sni: session.server_name().map(str::to_string),
             alpn: session.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned()),
-            peer: session.peer_certificates().and_then(|c| c.first()).and_then(|c| peer_certificate(c)).map(Arc::new),
+            peer: session.peer_certificates().and_then(peer_certificate).map(Arc::new),
+            local_uri_sans: Arc::clone(&side.local_uri_sans),
         };
         Ok((stream, info))
     }
@@ -106,7 +128,7 @@ impl Tls {
         TlsConnector::from(config).connect(name, io).await.map_err(|e| TlsError(format!("upstream TLS handshake: {e}")))
     }
 
-    fn server_config(&self, context: &Arc<DownstreamTls>, secrets: &ByName<Secret>) -> Result<Arc<ServerConfig>, TlsError> {
+    fn server_config(&self, context: &Arc<DownstreamTls>, secrets: &ByName<Secret>) -> Result<Arc<ServerSide>, TlsError> {
         self.cached(&self.servers, context, &context.common, secrets, |material| build_server(context, material))
     }
 
@@ -131,6 +153,18 @@ impl Tls {
         cache.push(Cached { context: Arc::downgrade(context), stamp, built: Arc::clone(&built) });
         Ok(built)
     }
+}
+
+/// Istio's SDS names: the workload's own certificate and the mesh's trust roots.
+pub const IDENTITY_SECRET: &str = "default";
+pub const ROOTS_SECRET: &str = "ROOTCA";
+
+fn identity_secrets(c: &WorkloadCertificate) -> HashMap<String, Arc<Pushed>> {
+    let certificate = Certificate { chain: c.chain.clone(), key: c.private_key.clone_key() };
+    HashMap::from([
+        (IDENTITY_SECRET.to_string(), Arc::new(Pushed::Certificate(certificate))),
+        (ROOTS_SECRET.to_string(), Arc::new(Pushed::Roots(c.roots.clone()))),
+    ])
 }
 
 /// Where a context's secrets are resolved: a secret the agent serves (`sds-grpc`, static names) is the one
@@ -339,7 +373,7 @@ fn versions(v: Versions) -> Vec<&'static rustls::SupportedProtocolVersion> {
     out
 }
 
-fn build_server(context: &DownstreamTls, material: Material) -> Result<ServerConfig, TlsError> {
+fn build_server(context: &DownstreamTls, material: Material) -> Result<ServerSide, TlsError> {
     let common = &context.common;
     let provider = Arc::new(provider_for(common));
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider)).with_protocol_versions(&versions(common.versions)).map_err(|e| TlsError(e.to_string()))?;
@@ -354,9 +388,10 @@ fn build_server(context: &DownstreamTls, material: Material) -> Result<ServerCon
         }
     };
     let certificate = material.certificate.ok_or_else(|| TlsError("a server needs a certificate".into()))?;
+    let local_uri_sans = certificate.cert.first().map(|leaf| sans(leaf).into_iter().filter(|(k, _)| *k == SanKind::Uri).map(|(_, v)| v).collect()).unwrap_or_default();
     let mut config = builder.with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certificate)));
     config.alpn_protocols = common.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-    Ok(config)
+    Ok(ServerSide { config: Arc::new(config), local_uri_sans })
 }
 
 fn build_client(common: &CommonTls, material: Material) -> Result<ClientConfig, TlsError> {
@@ -377,10 +412,14 @@ fn build_client(common: &CommonTls, material: Material) -> Result<ClientConfig, 
     Ok(config)
 }
 
-/// A certificate's names, as RBAC, SAN matchers and access logs see them; `None` if it does not parse.
-pub fn peer_certificate(der: &CertificateDer<'_>) -> Option<PeerCertificate> {
+/// A presented chain's leaf as RBAC, SAN matchers, `x-forwarded-client-cert` and access logs see it;
+/// `None` if it does not parse.
+pub fn peer_certificate(chain: &[CertificateDer<'_>]) -> Option<PeerCertificate> {
+    let der = chain.first()?;
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let mut peer = PeerCertificate { subject: rfc2253(cert.subject()), ..Default::default() };
+    let sha256 = ring::digest::digest(&ring::digest::SHA256, der).as_ref().iter().map(|b| format!("{b:02x}")).collect();
+    let chain = chain.iter().map(|c| c.to_vec()).collect();
+    let mut peer = PeerCertificate { subject: rfc2253(cert.subject()), sha256, chain, ..Default::default() };
     if let Ok(Some(sans)) = cert.subject_alternative_name() {
         for name in &sans.value.general_names {
             use x509_parser::extensions::GeneralName;

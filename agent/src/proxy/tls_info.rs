@@ -13,6 +13,8 @@ pub struct TlsInfo {
     pub alpn: Option<String>,
     /// The client's certificate, present only when it was presented and validated.
     pub peer: Option<Arc<PeerCertificate>>,
+    /// The URI SANs of the certificate we presented (`By=` in `x-forwarded-client-cert`).
+    pub local_uri_sans: Arc<[String]>,
 }
 
 /// The validated leaf certificate of the peer, reduced to the names policies match on.
@@ -22,4 +24,8 @@ pub struct PeerCertificate {
     pub dns_sans: Vec<String>,
     /// The subject in RFC 2253 form, as Envoy prints it.
     pub subject: String,
+    /// SHA-256 of the leaf (DER), lowercase hex.
+    pub sha256: String,
+    /// The chain as presented, DER, leaf first.
+    pub chain: Vec<Vec<u8>>,
 }

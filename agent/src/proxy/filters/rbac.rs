@@ -148,8 +148,9 @@ mod tests {
             uri_sans: uri.iter().map(|s| s.to_string()).collect(),
             dns_sans: dns.iter().map(|s| s.to_string()).collect(),
             subject: subject.to_string(),
+            ..Default::default()
         };
-        TlsInfo { sni: Some("svc.example".into()), alpn: None, peer: Some(Arc::new(peer)) }
+        TlsInfo { sni: Some("svc.example".into()), peer: Some(Arc::new(peer)), ..Default::default() }
     }
 
     #[test]
@@ -165,7 +166,7 @@ mod tests {
         assert!(!spiffe.matches(&facts(Some(&other), None)) && !by_subject.matches(&facts(Some(&other), None)));
         let plaintext = facts(None, None);
         assert!(!any_tls.matches(&plaintext) && !spiffe.matches(&plaintext), "plaintext is never authenticated");
-        let no_cert = TlsInfo { sni: None, alpn: None, peer: None };
+        let no_cert = TlsInfo::default();
         assert!(any_tls.matches(&facts(Some(&no_cert), None)) && !by_subject.matches(&facts(Some(&no_cert), None)));
         assert!(principal(json!({"authenticated": {"principal_name": {"exact": ""}}})).matches(&facts(Some(&no_cert), None)), "the empty subject");
     }

@@ -25,6 +25,7 @@ use super::super::http::router::{self, Matched};
 use super::super::http::{fault, local_ratelimit, local_reply, rbac};
 use super::super::rbac::Facts;
 use super::super::super::tls_info::TlsInfo;
+use super::client_cert;
 use super::http1_codec::{CodecError, HeadLimits, Http1Codec, Refusals};
 use super::super::super::activity::{Activity, Counted};
 use super::super::super::pod_share::PodLoad;
@@ -380,6 +381,11 @@ impl HttpContext {
         None
     }
 
+    /// The downstream's scheme, as `x-forwarded-proto` tells it.
+    fn scheme(&self) -> HeaderValue {
+        HeaderValue::from_static(if self.tls.is_some() { "https" } else { "http" })
+    }
+
     /// `x-forwarded-for`, `x-forwarded-proto`, internal and edge requests, `x-request-id` and `via`, as
     /// Envoy's connection manager sets them. Returns the client's address (the trusted XFF entry or the
     /// peer).
@@ -414,14 +420,15 @@ impl HttpContext {
             if let Ok(v) = HeaderValue::from_str(&value) {
                 headers.insert("x-forwarded-for", v);
             }
-            headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+            headers.insert("x-forwarded-proto", self.scheme());
             (trusted.or(Some(self.peer.ip())), single)
         } else {
             (from_xff(hops), xff.len() == 1)
         };
         if !headers.contains_key("x-forwarded-proto") {
-            headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+            headers.insert("x-forwarded-proto", self.scheme());
         }
+        client_cert::mutate(headers, &self.hcm.client_cert, self.tls.as_deref());
         let internal = single && remote.is_some_and(|ip| self.hcm.internal_ranges.iter().any(|r| r.contains(ip)));
         let edge = !internal && self.hcm.use_remote_address;
         if internal {

@@ -1,3 +1,4 @@
+pub mod client_cert;
 pub mod http1_codec;
 pub mod http_connection_manager;
 pub mod rbac;
