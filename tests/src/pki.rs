@@ -1,4 +1,5 @@
-//! A test PKI written to files both proxies read: the mesh CA (`ca.pem`), another CA (`other-ca.pem`), and
+//! A test PKI written to files both proxies read: the mesh CA (`ca.pem`, its key `ca.key` for weft's file
+//! CA), another CA (`other-ca.pem`), and
 //! leaf certificates with SPIFFE identities (`<name>.pem` chain, `<name>.key`). Conformance case files name
 //! them as `{{pki}}/<file>`. Generated once per test process (fresh keys every run).
 
@@ -42,6 +43,7 @@ fn generate(dir: &Path) -> Result<PathBuf, String> {
     let write = |file: &str, text: &str| std::fs::write(dir.join(file), text).map_err(|e| format!("{file}: {e}"));
     for (name, ca) in &cas {
         write(&format!("{name}.pem"), &ca.cert.pem())?;
+        write(&format!("{name}.key"), &ca.key.serialize_pem())?;
     }
     for (name, issuer, uri, dns) in LEAVES {
         let Some((_, ca)) = cas.iter().find(|(n, _)| *n == issuer) else { return Err(format!("no CA {issuer}")) };

@@ -24,7 +24,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_rustls::TlsConnector;
 
 use super::tls_info::{PeerCertificate, TlsInfo};
 use crate::identity::manager::CertificateWatch;
@@ -68,9 +68,12 @@ struct Cached<C, R> {
     built: Arc<R>,
 }
 
-/// A server configuration and the URI SANs of the certificate it presents.
+/// A server configuration, the same without ALPN, and the URI SANs of the certificate it presents.
 struct ServerSide {
     config: Arc<ServerConfig>,
+    /// For clients that offer none of our protocols: Envoy (BoringSSL) then goes on without ALPN, where
+    /// rustls would refuse the handshake.
+    without_alpn: Arc<ServerConfig>,
     local_uri_sans: Arc<[String]>,
 }
 
@@ -106,7 +109,12 @@ impl Tls {
     /// Terminates TLS on a downstream connection.
     pub async fn accept<S: AsyncRead + AsyncWrite + Unpin>(&self, io: S, context: &Arc<DownstreamTls>, secrets: &ByName<Secret>) -> Result<(tokio_rustls::server::TlsStream<S>, TlsInfo), TlsError> {
         let side = self.server_config(context, secrets)?;
-        let stream = TlsAcceptor::from(Arc::clone(&side.config)).accept(io).await.map_err(|e| TlsError(format!("TLS handshake: {e}")))?;
+        let failed = |e: io::Error| TlsError(format!("TLS handshake: {e}"));
+        let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io).await.map_err(failed)?;
+        let offered: Vec<&[u8]> = start.client_hello().alpn().map(Iterator::collect).unwrap_or_default();
+        let overlap = offered.is_empty() || side.config.alpn_protocols.iter().any(|p| offered.contains(&p.as_slice()));
+        let config = if overlap { &side.config } else { &side.without_alpn };
+        let stream = start.into_stream(Arc::clone(config)).await.map_err(failed)?;
         let (_, session) = stream.get_ref();
         let info = TlsInfo {
             sni: session.server_name().map(str::to_string),
@@ -390,8 +398,9 @@ fn build_server(context: &DownstreamTls, material: Material) -> Result<ServerSid
     let certificate = material.certificate.ok_or_else(|| TlsError("a server needs a certificate".into()))?;
     let local_uri_sans = certificate.cert.first().map(|leaf| sans(leaf).into_iter().filter(|(k, _)| *k == SanKind::Uri).map(|(_, v)| v).collect()).unwrap_or_default();
     let mut config = builder.with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certificate)));
+    let without_alpn = Arc::new(config.clone());
     config.alpn_protocols = common.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-    Ok(ServerSide { config: Arc::new(config), local_uri_sans })
+    Ok(ServerSide { config: Arc::new(config), without_alpn, local_uri_sans })
 }
 
 fn build_client(common: &CommonTls, material: Material) -> Result<ClientConfig, TlsError> {
