@@ -227,3 +227,85 @@ fn istio_mtls_between_weft_and_an_envoy_sidecar() {
     assert!(strict.as_ref().map_or(true, |r| r.status == 0), "plaintext to a STRICT port must get nothing: {strict:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// One request on a new TLS connection to `port`: the DER of the certificate the server presented, if the
+/// request got its 200.
+async fn tls_request(port: u16) -> Result<Vec<u8>, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
+    let mut tls = weft_tests::tls_client::connect(tcp, &Default::default()).await?;
+    let presented = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| c.to_vec()).ok_or("no certificate")?;
+    tls.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    tls.read_to_end(&mut answer).await.map_err(|e| e.to_string())?;
+    if answer.starts_with(b"HTTP/1.1 200") {
+        Ok(presented)
+    } else {
+        Err(String::from_utf8_lossy(&answer).into_owned())
+    }
+}
+
+/// Rotation under load: weft's identity certificate lives 4 s and is renewed at about half of it while a
+/// client keeps opening TLS connections: no request fails, and new handshakes show new certificates.
+#[test]
+fn identity_rotation_under_load_loses_no_request() {
+    if let Err(why) = require_root() {
+        eprintln!("SKIPPED: {why}");
+        return;
+    }
+    let pki = weft_tests::pki::dir().unwrap().to_path_buf();
+    let dir = std::env::temp_dir().join(format!("weft-rotation-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ns = NetNs::create_with_lo(&format!("wr-{}", std::process::id() % 100_000)).unwrap();
+    let config = dir.join("proxy.yaml");
+    let listener = inbound_listener(WEFT_INBOUND, "unused", "a", false, true);
+    // Any client: this listener asks for no client certificate.
+    let listener = listener.replace("require_client_certificate: true", "require_client_certificate: false").replace(
+        "filter_chain_match: {transport_protocol: tls, application_protocols: [istio-peer-exchange, istio, istio-http/1.0, istio-http/1.1, istio-h2]}",
+        "filter_chain_match: {transport_protocol: tls}",
+    );
+    let listener = listener.split("\n          - name: envoy.filters.http.rbac").next().unwrap().to_string()
+        + "\n          - name: envoy.filters.http.router\n            typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}\n";
+    std::fs::write(&config, bootstrap(19901, &[listener], &[], "")).unwrap();
+    let mut cmd = Command::new(bin_path("weft-agent").unwrap());
+    cmd.args(["proxy", "--concurrency", "2", "-c"]).arg(&config);
+    cmd.args(["--identity", "spiffe://cluster.local/ns/a/sa/a", "--cert-lifetime-s", "4", "--ca-cert"]).arg(pki.join("ca.pem")).arg("--ca-key").arg(pki.join("ca.key"));
+    let _weft = start(&ns, "weft", cmd, &dir.join("weft.log"));
+    let (sent, failed, certificates) = ns.run_in(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                wait_for_async(|| tls_request(WEFT_INBOUND)).await;
+                let (mut sent, mut failed, mut seen) = (0u32, Vec::new(), Vec::<Vec<u8>>::new());
+                let until = tokio::time::Instant::now() + Duration::from_secs(7);
+                while tokio::time::Instant::now() < until {
+                    sent += 1;
+                    match tls_request(WEFT_INBOUND).await {
+                        Ok(der) if !seen.contains(&der) => seen.push(der),
+                        Ok(_) => {}
+                        Err(e) => failed.push(e),
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                (sent, failed, seen.len())
+            })
+        });
+    assert!(failed.is_empty(), "{} of {sent} requests failed during rotation: {:?}", failed.len(), &failed[..failed.len().min(3)]);
+    assert!(certificates >= 3, "7 s of 4 s certificates renewed at half-life must show at least 3 certificates, saw {certificates} in {sent} requests");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Polls `f` until it succeeds (the proxy is up and has its first certificate), for at most 20 s.
+async fn wait_for_async<F, Fut>(f: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<u8>, String>>,
+{
+    let until = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match f().await {
+            Ok(_) => return,
+            Err(e) if tokio::time::Instant::now() > until => panic!("the proxy never served TLS: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
