@@ -1,6 +1,7 @@
 //! `cargo xtask bench mtls [--duration S] [--connections N]`: mutual TLS between two proxies, as between two
 //! meshed pods: a client-side proxy (plaintext in, mTLS out with a client certificate, SNI and a SAN check) and
-//! a server-side proxy (mTLS in, client certificate required, SAN matched, then to the app), each with
+//! a server-side proxy (mTLS in, client certificate required, SAN matched, an RBAC filter allowing the client's
+//! namespace by SPIFFE id, then to the app), each with
 //! `--concurrency 1`, an Envoy pair against a weft pair on the same bootstraps, in one run, in one network
 //! namespace. HTTP/1.1 keep-alive through both (wrk): requests/s, p50/p99, CPU seconds of the pair and its
 //! resident memory; then new TLS handshakes per second (a TCP chain through both, one upstream handshake per
@@ -175,7 +176,7 @@ fn one_connection(ns: &NetNs) -> Result<(), String> {
 }
 
 fn print(rows: &[Row], duration: u64, connections: usize) {
-    println!("\nmTLS between two proxies (client side: plaintext in, mTLS out; server side: mTLS in, client certificate required, SAN checked), each `--concurrency 1`, loopback in one network namespace, wrk -t1 -c{connections}, {duration} s per row\n");
+    println!("\nmTLS between two proxies (client side: plaintext in, mTLS out; server side: mTLS in, client certificate required, SAN checked, RBAC on the SPIFFE id), each `--concurrency 1`, loopback in one network namespace, wrk -t1 -c{connections}, {duration} s per row\n");
     println!("| pair | req/s | p50 ms | p99 ms | CPU s (both) | req per CPU-s | RSS KiB (both) | new mTLS connections/s |");
     println!("|---|---|---|---|---|---|---|---|");
     for row in rows {
@@ -230,37 +231,54 @@ fn tls_context(kind: &str, pki: &Path, cert: &str, extra: &str) -> String {
     )
 }
 
-fn http_listener(name: &str, port: u16, cluster: &str, transport: &str) -> String {
+/// A listener with one chain: `transport` (a `transport_socket:` block, or `name: plaintext`) and `filters`.
+fn listener(name: &str, port: u16, transport: &str, filters: &str) -> String {
     format!(
         r#"  - name: {name}
     address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
     filter_chains:
     - {transport}
       filters:
-      - name: envoy.filters.network.http_connection_manager
+{filters}"#
+    )
+}
+
+/// An HTTP connection manager to `cluster`; on the server side behind Istio's RBAC shape allowing the trust
+/// domain's identities.
+fn http_listener(name: &str, port: u16, cluster: &str, transport: &str, rbac: bool) -> String {
+    let rbac = if rbac {
+        r#"
+          - name: envoy.filters.http.rbac
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+              rules:
+                policies:
+                  ns[b]-policy[allow-mesh]-rule[0]:
+                    permissions: [{and_rules: {rules: [{any: true}]}}]
+                    principals: [{and_ids: {ids: [{or_ids: {ids: [{authenticated: {principal_name: {safe_regex: {regex: "spiffe://cluster[.]local/ns/a/.*"}}}}]}}]}}]"#
+    } else {
+        ""
+    };
+    let filters = format!(
+        r#"      - name: envoy.filters.network.http_connection_manager
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: {name}
           route_config:
             virtual_hosts: [{{name: all, domains: ["*"], routes: [{{match: {{prefix: "/"}}, route: {{cluster: {cluster}}}}}]}}]
-          http_filters:
+          http_filters:{rbac}
           - name: envoy.filters.http.router
             typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
 "#
-    )
+    );
+    listener(name, port, transport, &filters)
 }
 
 fn tcp_listener(name: &str, port: u16, cluster: &str, transport: &str) -> String {
-    format!(
-        r#"  - name: {name}
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
-    filter_chains:
-    - {transport}
-      filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: {name}, cluster: {cluster}}}
-"#
-    )
+    let filters = format!(
+        "      - name: envoy.filters.network.tcp_proxy\n        typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: {name}, cluster: {cluster}}}\n"
+    );
+    listener(name, port, transport, &filters)
 }
 
 fn cluster(name: &str, port: u16, transport: &str) -> String {
@@ -278,7 +296,7 @@ fn client_bootstrap(pki: &Path) -> String {
     let out = tls_context("UpstreamTlsContext", pki, "client-a", "sni: outbound_.8080_._.b.ns.svc.cluster.local");
     format!(
         "admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {CLIENT_ADMIN}}}}}}}\nstatic_resources:\n  listeners:\n{}{}  clusters:\n{}{}",
-        http_listener("out-http", HTTP_PORT, "server-http", "name: plaintext"),
+        http_listener("out-http", HTTP_PORT, "server-http", "name: plaintext", false),
         tcp_listener("out-tcp", TCP_PORT, "server-tcp", "name: plaintext"),
         cluster("server-http", SERVER_HTTP_PORT, &out),
         cluster("server-tcp", SERVER_TCP_PORT, &out),
@@ -290,7 +308,7 @@ fn server_bootstrap(pki: &Path) -> String {
     let inbound = tls_context("DownstreamTlsContext", pki, "server", "require_client_certificate: true");
     format!(
         "admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {SERVER_ADMIN}}}}}}}\nstatic_resources:\n  listeners:\n{}{}  clusters:\n{}",
-        http_listener("in-http", SERVER_HTTP_PORT, "app", &inbound),
+        http_listener("in-http", SERVER_HTTP_PORT, "app", &inbound, true),
         tcp_listener("in-tcp", SERVER_TCP_PORT, "app", &inbound),
         cluster("app", UPSTREAM_PORT, ""),
     )

@@ -212,9 +212,8 @@ mod tests {
         (Arc::new(snapshot), listener)
     }
 
-    /// Serves one connection carrying `payload` through the handler; returns what came back.
-    async fn exchange(payload: &'static [u8]) -> Vec<u8> {
-        let (snapshot, listener) = snapshot(crate::proxy::testing::echo_server().await);
+    /// A loopback listener whose one connection the handler serves with `listener` of `snapshot`.
+    async fn front(snapshot: Arc<Snapshot>, listener: Listener) -> SocketAddr {
         let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = front.local_addr().unwrap();
         tokio::spawn(async move {
@@ -224,6 +223,13 @@ mod tests {
             let pod = Pod { pools: Pools::new(SocketFactory::Host), load: PodLoad::new(PodLimits::UNLIMITED) };
             serve(Accepted { stream, peer, original_dst: None }, &listener, &snapshot, &pod, drain).await
         });
+        addr
+    }
+
+    /// Serves one connection carrying `payload` through the handler; returns what came back.
+    async fn exchange(payload: &'static [u8]) -> Vec<u8> {
+        let (snapshot, listener) = snapshot(crate::proxy::testing::echo_server().await);
+        let addr = front(snapshot, listener).await;
         let mut client = TcpStream::connect(addr).await.unwrap();
         client.write_all(payload).await.unwrap();
         client.shutdown().await.unwrap();
@@ -280,15 +286,7 @@ mod tests {
     async fn a_denied_connection_is_closed_before_the_upstream_sees_a_byte() {
         let echo = crate::proxy::testing::echo_server().await;
         let (snapshot, listener) = guarded(echo, json!({"action": "ALLOW", "policies": {}}));
-        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = front.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (stream, peer) = front.accept().await.unwrap();
-            let (_tx, updates) = watch::channel(Some(Arc::clone(&snapshot)));
-            let drain = Drain { updates, timeout: Duration::from_secs(1) };
-            let pod = Pod { pools: Pools::new(SocketFactory::Host), load: PodLoad::new(PodLimits::UNLIMITED) };
-            serve(Accepted { stream, peer, original_dst: None }, &listener, &snapshot, &pod, drain).await
-        });
+        let addr = front(snapshot, listener).await;
         let mut client = TcpStream::connect(addr).await.unwrap();
         client.write_all(b"secret").await.unwrap();
         let mut back = Vec::new();
