@@ -51,19 +51,62 @@ struct ProxyArgs {
     /// How long connections of a removed or replaced listener may go on, in seconds (Envoy's --drain-time-s).
     #[arg(long, default_value_t = 600)]
     drain_time_s: u64,
-    /// The workload identity the proxy presents (spiffe://<trust domain>/ns/<ns>/sa/<sa>): its certificate and
-    /// the CA's root serve the SDS names `default` and `ROOTCA`, issued by the file CA of --ca-cert/--ca-key.
-    #[arg(long, requires_all = ["ca_cert", "ca_key"])]
+    /// The workload identity the proxy presents (spiffe://<trust domain>/ns/<ns>/sa/<sa>): its certificate,
+    /// issued by --ca, and the CA's root serve the SDS names `default` and `ROOTCA`.
+    #[arg(long, requires = "ca")]
     identity: Option<String>,
-    /// The CA certificate (PEM) that issues --identity's certificates.
-    #[arg(long, requires = "identity")]
+    #[command(flatten)]
+    ca: CaArgs,
+}
+
+/// Where workload certificates come from (shared by `run` and `proxy`).
+#[derive(clap::Args)]
+struct CaArgs {
+    /// Where certificates come from: istiod, file or none [default: none].
+    #[arg(long)]
+    ca: Option<String>,
+    /// istiod's secured address, host:port (--ca istiod), e.g. istiod.istio-system.svc:15012.
+    #[arg(long)]
+    ca_address: Option<String>,
+    /// CA certificate PEM file (--ca file).
+    #[arg(long)]
     ca_cert: Option<PathBuf>,
-    /// The CA's private key (PEM).
-    #[arg(long, requires = "identity")]
+    /// CA private key PEM file (--ca file).
+    #[arg(long)]
     ca_key: Option<PathBuf>,
-    /// Lifetime of --identity's certificates, in seconds; renewed at about half of it.
-    #[arg(long, default_value_t = 86_400)]
-    cert_lifetime_s: u64,
+    /// Validity requested for each workload certificate, in seconds [default: 86400].
+    #[arg(long)]
+    cert_lifetime_s: Option<u64>,
+    /// istiod's root certificate PEM file (--ca istiod, --xds-tls).
+    #[arg(long)]
+    istiod_root_cert: Option<PathBuf>,
+    /// The agent's own token, sent as bearer credential to istiod [default: /var/run/secrets/tokens/istio-token].
+    #[arg(long)]
+    istiod_token_file: Option<PathBuf>,
+    /// The name istiod's certificate is checked against [default: istiod.istio-system.svc].
+    #[arg(long)]
+    istiod_server_name: Option<String>,
+    /// Cluster id sent to istiod (xDS node metadata CLUSTER_ID, CA header ClusterID) [default: Kubernetes].
+    #[arg(long)]
+    cluster_id: Option<String>,
+}
+
+impl CaArgs {
+    /// These flags as a configuration layer.
+    fn layer(&self) -> ConfigFile {
+        ConfigFile {
+            ca: self.ca.clone(),
+            ca_address: self.ca_address.clone(),
+            ca_cert: self.ca_cert.clone(),
+            ca_key: self.ca_key.clone(),
+            cert_lifetime_s: self.cert_lifetime_s,
+            istiod_root_cert: self.istiod_root_cert.clone(),
+            istiod_token_file: self.istiod_token_file.clone(),
+            istiod_server_name: self.istiod_server_name.clone(),
+            cluster_id: self.cluster_id.clone(),
+            ..ConfigFile::default()
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -135,33 +178,8 @@ struct RunArgs {
     /// SPIFFE trust domain of the pods' identities [default: cluster.local].
     #[arg(long)]
     trust_domain: Option<String>,
-    /// Where pods' certificates come from: istiod, file or none [default: none].
-    #[arg(long)]
-    ca: Option<String>,
-    /// istiod's secured address, host:port (--ca istiod), e.g. istiod.istio-system.svc:15012.
-    #[arg(long)]
-    ca_address: Option<String>,
-    /// CA certificate PEM file (--ca file).
-    #[arg(long)]
-    ca_cert: Option<PathBuf>,
-    /// CA private key PEM file (--ca file).
-    #[arg(long)]
-    ca_key: Option<PathBuf>,
-    /// Validity requested for each workload certificate, in seconds [default: 86400].
-    #[arg(long)]
-    cert_lifetime_s: Option<u64>,
-    /// istiod's root certificate PEM file (--ca istiod, --xds-tls).
-    #[arg(long)]
-    istiod_root_cert: Option<PathBuf>,
-    /// The agent's own token, sent as bearer credential to istiod [default: /var/run/secrets/tokens/istio-token].
-    #[arg(long)]
-    istiod_token_file: Option<PathBuf>,
-    /// The name istiod's certificate is checked against [default: istiod.istio-system.svc].
-    #[arg(long)]
-    istiod_server_name: Option<String>,
-    /// Cluster id sent to istiod (xDS node metadata CLUSTER_ID, CA header ClusterID) [default: Kubernetes].
-    #[arg(long)]
-    cluster_id: Option<String>,
+    #[command(flatten)]
+    ca: CaArgs,
     /// sotw or delta [default: sotw].
     #[arg(long)]
     xds_api: Option<String>,
@@ -190,22 +208,14 @@ impl RunArgs {
             drain_timeout_ms: self.drain_timeout_ms,
             xds_address: self.xds_address,
             xds_api: self.xds_api.clone(),
-            cluster_id: self.cluster_id.clone(),
             mesh_id: None,
             istio_version: None,
             pod_workers: self.pod_workers,
             pod_limits: None,
             node_max_connections: None,
             trust_domain: self.trust_domain.clone(),
-            ca: self.ca.clone(),
-            ca_address: self.ca_address.clone(),
-            ca_cert: self.ca_cert.clone(),
-            ca_key: self.ca_key.clone(),
-            cert_lifetime_s: self.cert_lifetime_s,
-            istiod_root_cert: self.istiod_root_cert.clone(),
-            istiod_token_file: self.istiod_token_file.clone(),
-            istiod_server_name: self.istiod_server_name.clone(),
             xds_tls: self.xds_tls,
+            ..self.ca.layer()
         };
         // One layer, so settings that belong together (a CA's) may come partly from each.
         let mut cfg = flags.or(file).apply(AgentConfig::default())?;
@@ -256,7 +266,6 @@ fn proxy(args: ProxyArgs) -> Result<(), String> {
         println!("configuration '{shown}' OK");
         return Ok(());
     }
-    let identity = proxy_identity(&args)?;
     init_logging(level);
     let concurrency = args.concurrency.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -264,6 +273,11 @@ fn proxy(args: ProxyArgs) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    // The CA's channel is made on the runtime.
+    let identity = {
+        let _in_runtime = runtime.enter();
+        proxy_identity(&args)?
+    };
     runtime.block_on(async move {
         let proxy = weft_agent::proxy::server::Proxy::new(std::time::Duration::from_secs(args.drain_time_s));
         // Kept for the process's life: the identity is renewed while someone holds it.
@@ -306,16 +320,13 @@ fn proxy(args: ProxyArgs) -> Result<(), String> {
     })
 }
 
-/// The standalone proxy's identity and the file CA that issues it.
+/// The standalone proxy's identity and the CA that issues it (istiod's, by impersonation, or a file CA).
 fn proxy_identity(args: &ProxyArgs) -> Result<Option<(Arc<weft_agent::identity::manager::IdentityManager>, weft_agent::identity::SpiffeId)>, String> {
-    let (Some(identity), Some(cert), Some(key)) = (&args.identity, &args.ca_cert, &args.ca_key) else { return Ok(None) };
+    let Some(identity) = &args.identity else { return Ok(None) };
     let id: weft_agent::identity::SpiffeId = identity.parse().map_err(|e| format!("--identity: {e}"))?;
-    let settings = agent_config::IdentitySettings {
-        trust_domain: id.trust_domain().to_string(),
-        ca: Some(agent_config::CaSettings::File { cert: cert.clone(), key: key.clone() }),
-        cert_lifetime: std::time::Duration::from_secs(args.cert_lifetime_s),
-    };
-    let manager = weft_agent::identity::manager(&settings)?.ok_or("--identity: no CA")?;
+    let layer = ConfigFile { trust_domain: Some(id.trust_domain().to_string()), ..args.ca.layer() };
+    let settings = layer.apply(AgentConfig::default())?.identity;
+    let manager = weft_agent::identity::manager(&settings)?.ok_or("--identity needs --ca istiod or --ca file")?;
     Ok(Some((manager, id)))
 }
 

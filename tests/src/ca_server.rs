@@ -160,6 +160,17 @@ impl CaServer {
         self.log().streams.clone()
     }
 
+    /// A certificate of this mesh for `identity` issued without a request: (chain PEM, key PEM), for a sidecar
+    /// the test runs without an istio-agent (a real Envoy reading static secrets).
+    pub fn issue_directly(&self, identity: &str) -> Result<(String, String), HarnessError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(err)?;
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(identity.try_into().map_err(err)?)];
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        let leaf = params.signed_by(&key, &self.state.pki.intermediate, &self.state.pki.intermediate_key).map_err(err)?;
+        Ok((leaf.pem() + &self.state.pki.intermediate.pem(), key.serialize_pem()))
+    }
+
     /// The PEM of the CA's root (what workload certificates chain to).
     pub fn root_pem(&self) -> String {
         self.state.pki.root.pem()

@@ -1,7 +1,8 @@
 //! Istio's mutual TLS on the wire between weft and a real Envoy sidecar, in both directions, with the
-//! configurations istiod gives sidecars: pod a is weft (`weft-agent proxy --identity spiffe://cluster.local/ns/a/sa/a`,
-//! its certificate issued by the mesh's file CA and served as Istio's SDS `default`/`ROOTCA`), pod b is Envoy
-//! (its `default`/`ROOTCA` static secrets, identity `ns/b/sa/b`). Outbound clusters carry Istio's SNI, ALPN
+//! configurations istiod gives sidecars: pod a is weft (`weft-agent proxy --identity spiffe://cluster.local/ns/a/sa/a
+//! --ca istiod`, its certificate requested from the test's istiod CA by impersonation, as ztunnel requests its
+//! pods', and served as Istio's SDS `default`/`ROOTCA`), pod b is Envoy (`default`/`ROOTCA` static secrets
+//! issued by the same CA, identity `ns/b/sa/b`). Outbound clusters carry Istio's SNI, ALPN
 //! (`istio-peer-exchange`, `istio`) and server SAN check; inbound listeners split on `tls_inspector` with
 //! Istio's ALPN chain match, require client certificates of the trust domain, and authorize the caller's
 //! SPIFFE identity with RBAC (so a 200 proves which identity was presented). Pod b's inbound is PERMISSIVE,
@@ -12,6 +13,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use weft_tests::ca_server::{CaServer, CLUSTER_ID, SERVER_NAME};
 use weft_tests::traffic::{http, HttpResponse};
 use weft_tests::{bin_path, envoy_path, require_root, wait_for, ChildGuard, NetNs};
 
@@ -172,7 +174,6 @@ fn istio_mtls_between_weft_and_an_envoy_sidecar() {
         return;
     }
     let envoy = envoy_path().unwrap();
-    let pki = weft_tests::pki::dir().unwrap().to_path_buf();
     let dir = std::env::temp_dir().join(format!("weft-interop-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let ns = NetNs::create_with_lo(&format!("wi-{}", std::process::id() % 100_000)).unwrap();
@@ -190,15 +191,25 @@ fn istio_mtls_between_weft_and_an_envoy_sidecar() {
         ),
     )
     .unwrap();
+    // The test's istiod secured port, in the namespace, trusting the agent to impersonate a.
+    let ca = ns.run_in(|| CaServer::start(&[a])).unwrap();
     let mut cmd = Command::new(bin_path("weft-agent").unwrap());
     cmd.args(["proxy", "--concurrency", "1", "--log-level", "debug", "-c"]).arg(&weft_config);
-    cmd.arg("--identity").arg(a).arg("--ca-cert").arg(pki.join("ca.pem")).arg("--ca-key").arg(pki.join("ca.key"));
+    cmd.args(["--identity", a, "--ca", "istiod", "--ca-address", &ca.address.to_string(), "--istiod-server-name", SERVER_NAME, "--cluster-id", CLUSTER_ID]);
+    cmd.arg("--istiod-root-cert").arg(&ca.root_cert).arg("--istiod-token-file").arg(&ca.token_file);
     let _weft = start(&ns, "weft", cmd, &dir.join("weft.log"));
 
     // Pod b: Envoy with static default/ROOTCA; PERMISSIVE inbound allowing pod a.
+    let (chain, key) = ca.issue_directly(b).unwrap();
+    let (chain_file, key_file, root_file) = (dir.join("b.pem"), dir.join("b.key"), dir.join("root.pem"));
+    std::fs::write(&chain_file, chain).unwrap();
+    std::fs::write(&key_file, key).unwrap();
+    std::fs::write(&root_file, ca.root_pem()).unwrap();
     let secrets = format!(
-        "  secrets:\n  - {{name: default, tls_certificate: {{certificate_chain: {{filename: \"{d}/server.pem\"}}, private_key: {{filename: \"{d}/server.key\"}}}}}}\n  - {{name: ROOTCA, validation_context: {{trusted_ca: {{filename: \"{d}/ca.pem\"}}}}}}\n",
-        d = pki.display()
+        "  secrets:\n  - {{name: default, tls_certificate: {{certificate_chain: {{filename: \"{}\"}}, private_key: {{filename: \"{}\"}}}}}}\n  - {{name: ROOTCA, validation_context: {{trusted_ca: {{filename: \"{}\"}}}}}}\n",
+        chain_file.display(),
+        key_file.display(),
+        root_file.display()
     );
     let envoy_config = dir.join("b.yaml");
     std::fs::write(
@@ -225,6 +236,9 @@ fn istio_mtls_between_weft_and_an_envoy_sidecar() {
     answered(&ns, ENVOY_INBOUND, "/", 200, "b over plaintext");
     let strict = get(&ns, WEFT_INBOUND, "/");
     assert!(strict.as_ref().map_or(true, |r| r.status == 0), "plaintext to a STRICT port must get nothing: {strict:?}");
+    // a's certificate came from the CA by impersonation: one request, for exactly a.
+    let issued = ca.issued();
+    assert!(!issued.is_empty() && issued.iter().all(|i| i.identity == a), "{issued:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -269,7 +283,7 @@ fn identity_rotation_under_load_loses_no_request() {
     std::fs::write(&config, bootstrap(19901, &[listener], &[], "")).unwrap();
     let mut cmd = Command::new(bin_path("weft-agent").unwrap());
     cmd.args(["proxy", "--concurrency", "2", "-c"]).arg(&config);
-    cmd.args(["--identity", "spiffe://cluster.local/ns/a/sa/a", "--cert-lifetime-s", "4", "--ca-cert"]).arg(pki.join("ca.pem")).arg("--ca-key").arg(pki.join("ca.key"));
+    cmd.args(["--identity", "spiffe://cluster.local/ns/a/sa/a", "--cert-lifetime-s", "4", "--ca", "file", "--ca-cert"]).arg(pki.join("ca.pem")).arg("--ca-key").arg(pki.join("ca.key"));
     let _weft = start(&ns, "weft", cmd, &dir.join("weft.log"));
     let (sent, failed, certificates) = ns.run_in(|| {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();

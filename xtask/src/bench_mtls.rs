@@ -41,6 +41,8 @@ struct Row {
     cpu_s: f64,
     rss_kib: u64,
     handshakes_per_s: Result<f64, String>,
+    /// CPU seconds of the pair during the handshake run.
+    handshake_cpu_s: f64,
 }
 
 pub fn run(args: &[&str]) -> Result<(), String> {
@@ -72,7 +74,12 @@ pub fn run(args: &[&str]) -> Result<(), String> {
     let mut rows = Vec::new();
     for pair in [Pair::Envoy, Pair::Weft] {
         let command = || match pair {
-            Pair::Envoy => Command::new(&envoy),
+            Pair::Envoy => {
+                // Two Envoys in one network namespace: no hot-restart socket to share.
+                let mut c = Command::new(&envoy);
+                c.arg("--disable-hot-restart");
+                c
+            }
             Pair::Weft => {
                 let mut c = Command::new(&weft);
                 c.arg("proxy");
@@ -95,13 +102,15 @@ pub fn run(args: &[&str]) -> Result<(), String> {
         let http = wrk(&ns, &work.0, duration, connections);
         let cpu_s = cpu()? - before;
         let rss = pids.iter().map(|p| rss_kib(*p)).sum();
+        let before = cpu()?;
         let handshakes_per_s = handshakes(&ns, duration, connections.min(8));
+        let handshake_cpu_s = cpu()? - before;
         for side in [&mut client_side, &mut server_side] {
             side.check_alive()?;
         }
         upstream.check_alive()?;
         eprintln!("xtask: bench mtls: {}: done", pair_name(pair));
-        rows.push(Row { pair, http, cpu_s, rss_kib: rss, handshakes_per_s });
+        rows.push(Row { pair, http, cpu_s, rss_kib: rss, handshakes_per_s, handshake_cpu_s });
     }
     print(&rows, duration, connections);
     Ok(())
@@ -177,12 +186,12 @@ fn one_connection(ns: &NetNs) -> Result<(), String> {
 
 fn print(rows: &[Row], duration: u64, connections: usize) {
     println!("\nmTLS between two proxies (client side: plaintext in, mTLS out; server side: mTLS in, client certificate required, SAN checked, RBAC on the SPIFFE id), each `--concurrency 1`, loopback in one network namespace, wrk -t1 -c{connections}, {duration} s per row\n");
-    println!("| pair | req/s | p50 ms | p99 ms | CPU s (both) | req per CPU-s | RSS KiB (both) | new mTLS connections/s |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| pair | req/s | p50 ms | p99 ms | CPU s (both) | req per CPU-s | RSS KiB (both) | new mTLS connections/s | per CPU-s |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for row in rows {
         let handshakes = match &row.handshakes_per_s {
-            Ok(h) => format!("{h:.0}"),
-            Err(e) => format!("failed: {}", last_line(e)),
+            Ok(h) => format!("{h:.0} | {:.0}", h * duration as f64 / row.handshake_cpu_s.max(0.001)),
+            Err(e) => format!("failed: {} |", last_line(e)),
         };
         match &row.http {
             Ok(r) => println!(
@@ -207,7 +216,11 @@ fn print(rows: &[Row], duration: u64, connections: usize) {
                 w.p99_ms / e.p99_ms,
                 weft.rss_kib as f64 / envoy.rss_kib.max(1) as f64,
                 match (&envoy.handshakes_per_s, &weft.handshakes_per_s) {
-                    (Ok(e), Ok(w)) => format!(", new mTLS connections per second {:.2}x", w / e),
+                    (Ok(e), Ok(w)) => format!(
+                        ", new mTLS connections per second {:.2}x, per CPU-second {:.2}x",
+                        w / e,
+                        (w / weft.handshake_cpu_s.max(0.001)) / (e / envoy.handshake_cpu_s.max(0.001))
+                    ),
                     _ => String::new(),
                 }
             );

@@ -251,7 +251,9 @@ impl ConfigFile {
                 }
             }
         }
-        let mesh_fields = [&self.xds_api, &self.cluster_id, &self.mesh_id, &self.istio_version];
+        // The cluster id is istiod's CA's business too.
+        let cluster_id_for_xds = if self.ca.as_deref() == Some("istiod") { &None } else { &self.cluster_id };
+        let mesh_fields = [&self.xds_api, cluster_id_for_xds, &self.mesh_id, &self.istio_version];
         if let Some(xds) = base.xds.as_mut() {
             if let Some(api) = self.xds_api {
                 xds.api = match api.as_str() {
@@ -264,7 +266,7 @@ impl ConfigFile {
             set(&mut xds.mesh_id, self.mesh_id);
             set(&mut xds.istio_version, self.istio_version);
         } else if mesh_fields.iter().any(|f| f.is_some()) {
-            return Err("xds_api, cluster_id, mesh_id and istio_version need xds_address".into());
+            return Err("xds_api, cluster_id (without ca istiod), mesh_id and istio_version need xds_address".into());
         }
         identity.apply_identity(&mut base)?;
         Ok(base)
@@ -278,8 +280,8 @@ impl ConfigFile {
             base.identity.trust_domain = td.clone();
         }
         if let Some(s) = self.cert_lifetime_s {
-            if !(60..=90 * 86400).contains(&s) {
-                return Err(format!("cert_lifetime_s: {s} is out of range, use 60..=7776000 (90 days)"));
+            if !(2..=90 * 86400).contains(&s) {
+                return Err(format!("cert_lifetime_s: {s} is out of range, use 2..=7776000 (90 days)"));
             }
             base.identity.cert_lifetime = Duration::from_secs(s);
         }
