@@ -213,6 +213,7 @@ impl RunArgs {
             pod_workers: self.pod_workers,
             pod_limits: None,
             node_max_connections: None,
+            node_max_requests: None,
             trust_domain: self.trust_domain.clone(),
             xds_tls: self.xds_tls,
             ..self.ca.layer()
@@ -378,6 +379,7 @@ async fn serve(cfg: AgentConfig) -> Result<(), String> {
         pod_workers: cfg.pod_workers,
         pod_limits: cfg.pod_limits,
         node_max_connections: cfg.node_max_connections,
+        node_max_requests: cfg.node_max_requests,
     };
     let xds = cfg.xds.clone().map(weft_agent::xds::pod::PodXds::new).transpose().map_err(|e| format!("xds_address: {e}"))?;
     let node = Arc::new(Node::new(Arc::from(redirector), registry, settings, xds));

@@ -68,7 +68,7 @@ pub struct Node {
     settings: ProxySettings,
     xds: Option<PodXds>,
     pods: Mutex<BTreeMap<Attachment, CapturedPod>>,
-    /// Connections of all pods together, against `node_max_connections`.
+    /// Connections and requests of all pods together, against `node_max_connections` and `node_max_requests`.
     load: Arc<NodeLoad>,
 }
 
@@ -95,7 +95,7 @@ pub struct PodStatus {
 
 impl Node {
     pub fn new(redirector: Arc<dyn Redirector>, registry: RegistryFile, settings: ProxySettings, xds: Option<PodXds>) -> Node {
-        let load = NodeLoad::new(settings.node_max_connections);
+        let load = NodeLoad::new(settings.node_max_connections, settings.node_max_requests);
         Node { redirector, registry, settings, xds, pods: Mutex::new(BTreeMap::new()), load }
     }
 

@@ -121,6 +121,8 @@ pub struct AgentConfig {
     /// Downstream connections of all pods together (Envoy's overload manager
     /// `global_downstream_max_connections`): at it, only pods under their equal share get new ones.
     pub node_max_connections: u64,
+    /// HTTP requests in flight of all pods together; at it, requests are shed from the pods over their share.
+    pub node_max_requests: u64,
     pub identity: IdentitySettings,
 }
 
@@ -140,6 +142,7 @@ impl Default for AgentConfig {
             pod_workers: 2,
             pod_limits: PodLimits::default(),
             node_max_connections: 65536,
+            node_max_requests: 65536,
             identity: IdentitySettings::default(),
         }
     }
@@ -169,6 +172,7 @@ pub struct ConfigFile {
     pub pod_workers: Option<usize>,
     pub pod_limits: Option<PodLimits>,
     pub node_max_connections: Option<u64>,
+    pub node_max_requests: Option<u64>,
     /// SPIFFE trust domain of the pods' identities [cluster.local].
     pub trust_domain: Option<String>,
     /// `istiod`, `file` or `none`.
@@ -230,6 +234,12 @@ impl ConfigFile {
                 return Err("node_max_connections: must be at least 1".into());
             }
             base.node_max_connections = n;
+        }
+        if let Some(n) = self.node_max_requests {
+            if n == 0 {
+                return Err("node_max_requests: must be at least 1".into());
+            }
+            base.node_max_requests = n;
         }
         if self.ebpf_object.is_some() {
             base.ebpf.object = self.ebpf_object;
@@ -366,6 +376,7 @@ impl ConfigFile {
             pod_workers: self.pod_workers.or(under.pod_workers),
             pod_limits: self.pod_limits.or(under.pod_limits),
             node_max_connections: self.node_max_connections.or(under.node_max_connections),
+            node_max_requests: self.node_max_requests.or(under.node_max_requests),
             trust_domain: self.trust_domain.or(under.trust_domain),
             ca: self.ca.or(under.ca),
             ca_address: self.ca_address.or(under.ca_address),

@@ -50,6 +50,8 @@ pub struct ProxySettings {
     pub pod_limits: pod_share::PodLimits,
     /// Connections of all pods together; at it, only pods under their equal share get new ones.
     pub node_max_connections: u64,
+    /// Requests in flight of all pods together; at it, only pods under their equal share get new ones.
+    pub node_max_requests: u64,
 }
 
 impl Default for ProxySettings {
@@ -60,6 +62,7 @@ impl Default for ProxySettings {
             pod_workers: 2,
             pod_limits: pod_share::PodLimits::default(),
             node_max_connections: 65536,
+            node_max_requests: 65536,
         }
     }
 }

@@ -5,8 +5,8 @@
 //! requests in flight, bytes, CPU time of its threads) and held to its limits: connections beyond
 //! `max_connections` or `max_connection_rate` are closed at once (Envoy's listener `connection_limit`),
 //! requests beyond `max_requests` get Envoy's overload reply (503 `envoy overloaded`), bytes wait for
-//! `max_bandwidth`; and a node at `node_max_connections` sheds new connections from the pods over their
-//! equal share only.
+//! `max_bandwidth`; and a node at `node_max_connections` (`node_max_requests`) sheds new connections
+//! (requests) from the pods over their equal share only, as Envoy's overload manager sheds load.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -24,20 +24,38 @@ pub use crate::config::agent::PodLimits;
 /// only a pod under its equal share (the limit over the pods captured) still gets new ones.
 #[derive(Debug)]
 pub struct NodeLoad {
-    max_connections: u64,
-    connections: AtomicU64,
+    connections: NodeBudget,
+    requests: NodeBudget,
     pods: AtomicU64,
 }
 
+/// One node-wide limit: what all pods hold together, and the most they may.
+#[derive(Debug)]
+struct NodeBudget {
+    max: u64,
+    held: AtomicU64,
+}
+
 impl NodeLoad {
-    pub fn new(max_connections: u64) -> Arc<NodeLoad> {
-        Arc::new(NodeLoad { max_connections, connections: AtomicU64::new(0), pods: AtomicU64::new(0) })
+    pub fn new(max_connections: u64, max_requests: u64) -> Arc<NodeLoad> {
+        let budget = |max| NodeBudget { max, held: AtomicU64::new(0) };
+        Arc::new(NodeLoad { connections: budget(max_connections), requests: budget(max_requests), pods: AtomicU64::new(0) })
     }
 
-    /// Whether a pod holding `held` connections may open another.
-    fn admits(&self, held: u64) -> bool {
-        let share = self.max_connections / self.pods.load(Relaxed).max(1);
-        self.connections.load(Relaxed) < self.max_connections || held < share
+    fn budget(&self, request: bool) -> &NodeBudget {
+        if request {
+            &self.requests
+        } else {
+            &self.connections
+        }
+    }
+
+    /// Whether a pod holding `held` units may take another: always under the node's limit; at it, only a pod
+    /// under its equal share of it (the heaviest pods are shed first).
+    fn admits(&self, request: bool, held: u64) -> bool {
+        let budget = self.budget(request);
+        let share = budget.max / self.pods.load(Relaxed).max(1);
+        budget.held.load(Relaxed) < budget.max || held < share
     }
 }
 
@@ -123,8 +141,8 @@ impl Drop for Admitted {
     fn drop(&mut self) {
         let counter = if self.request { &self.load.requests } else { &self.load.connections };
         counter.fetch_sub(1, Relaxed);
-        if let (false, Some(node)) = (self.request, &self.load.node) {
-            node.connections.fetch_sub(1, Relaxed);
+        if let Some(node) = &self.load.node {
+            node.budget(self.request).held.fetch_sub(1, Relaxed);
         }
     }
 }
@@ -153,34 +171,35 @@ impl PodLoad {
         })
     }
 
-    /// Counts one more unit under `limit`, or refuses it.
+    /// Counts one more unit under the pod's limit and the node's, or refuses it.
     fn admit(self: &Arc<Self>, request: bool) -> Option<Admitted> {
         let (counter, total, refused, limit) = match request {
             true => (&self.requests, &self.requests_total, &self.requests_refused, self.limits.max_requests),
             false => (&self.connections, &self.connections_total, &self.connections_refused, self.limits.max_connections),
         };
-        if counter.fetch_add(1, Relaxed) >= limit {
-            counter.fetch_sub(1, Relaxed);
+        let node_admits = self.node.as_ref().is_none_or(|n| n.admits(request, counter.load(Relaxed)));
+        if !node_admits || counter.fetch_add(1, Relaxed) >= limit {
+            if node_admits {
+                counter.fetch_sub(1, Relaxed);
+            }
             refused.fetch_add(1, Relaxed);
             return None;
         }
         total.fetch_add(1, Relaxed);
+        if let Some(node) = &self.node {
+            node.budget(request).held.fetch_add(1, Relaxed);
+        }
         Some(Admitted { load: Arc::clone(self), request })
     }
 
     /// A new downstream connection, unless the pod is over `max_connection_rate`, at `max_connections`, or
-    /// over its share of a node at its connection limit.
+    /// over its share of a node at `node_max_connections`.
     pub fn connection(self: &Arc<Self>) -> Option<Admitted> {
-        let node_admits = self.node.as_ref().is_none_or(|n| n.admits(self.connections.load(Relaxed)));
-        if !node_admits || !self.take_rate_token() {
+        if !self.take_rate_token() {
             self.connections_refused.fetch_add(1, Relaxed);
             return None;
         }
-        let admitted = self.admit(false)?;
-        if let Some(node) = &self.node {
-            node.connections.fetch_add(1, Relaxed);
-        }
-        Some(admitted)
+        self.admit(false)
     }
 
     /// One token of the connection-rate bucket, refilled at `max_connection_rate` per second.
@@ -196,7 +215,8 @@ impl PodLoad {
         true
     }
 
-    /// A new HTTP request, unless the pod is at `max_requests`.
+    /// A new HTTP request, unless the pod is at `max_requests` or over its share of a node at
+    /// `node_max_requests`.
     pub fn request(self: &Arc<Self>) -> Option<Admitted> {
         self.admit(true)
     }
@@ -440,7 +460,7 @@ mod tests {
 
     #[test]
     fn a_node_at_its_limit_sheds_the_heaviest_pods_never_one_within_its_share() {
-        let node = NodeLoad::new(4);
+        let node = NodeLoad::new(4, u64::MAX);
         node.pods.store(2, Relaxed);
         let heavy = PodLoad::on_node(PodLimits::UNLIMITED, Some(Arc::clone(&node)));
         let light = PodLoad::on_node(PodLimits::UNLIMITED, Some(Arc::clone(&node)));
@@ -452,6 +472,20 @@ mod tests {
         held.pop();
         assert!(light.connection().is_some(), "a closed connection frees its place");
         assert_eq!((heavy.snapshot().connections_refused, light.snapshot().connections_refused), (1, 1));
+    }
+
+    #[test]
+    fn a_node_at_its_request_limit_sheds_requests_of_the_heaviest_pods() {
+        let node = NodeLoad::new(u64::MAX, 4);
+        node.pods.store(2, Relaxed);
+        let heavy = PodLoad::on_node(PodLimits::UNLIMITED, Some(Arc::clone(&node)));
+        let light = PodLoad::on_node(PodLimits::UNLIMITED, Some(Arc::clone(&node)));
+        let mut held: Vec<_> = (0..4).map(|_| heavy.request().expect("under the node's limit")).collect();
+        assert!(heavy.request().is_none(), "503 for the pod over its share of a saturated node");
+        held.push(light.request().expect("the light pod is within its share"));
+        held.truncate(2);
+        assert!(heavy.request().is_some(), "finished requests free the node");
+        assert_eq!((heavy.snapshot().requests_refused, light.snapshot().requests_refused), (1, 0));
     }
 
     #[tokio::test(start_paused = true)]
