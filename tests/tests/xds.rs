@@ -508,6 +508,9 @@ fn sds_secrets_over_ads() {
     assert!(error.contains("kubernetes://web-cert") && error.contains("private key"), "{error}");
     assert!(!error.contains("bm90IGEga2V5"), "key material in the NACK: {error}");
     assert_eq!(served_certificate(&ns).unwrap(), pem_der(&read("server.pem")), "the last good secret keeps serving");
+    let dump = admin_get(&ns, "/config_dump?resource=dynamic_active_secrets");
+    assert!(dump.contains("kubernetes://web-cert") && dump.contains("[redacted]"), "{dump}");
+    assert!(!dump.contains("PRIVATE KEY"), "a private key in /config_dump: {dump}");
 
     server.set(SECRET, "3", &[&secret(&read("client-c.pem"), &read("client-c.key"))]).unwrap();
     ack(&server, false, SECRET, "3", 2);

@@ -165,6 +165,18 @@ pub fn config_dump(xds: &XdsState, started: SystemTime, request: &AdminRequest<'
         .iter()
         .map(|(name, e)| json!({"name": name, "active_state": {"version_info": e.version, "listener": typed(&e.bytes, "listener.v3.Listener"), "last_updated": humantime_rfc3339(e.last_updated)}}))
         .collect();
+    // SDS secrets as received, keys redacted as Envoy redacts them.
+    let dynamic_secrets: Vec<Value> = store
+        .secrets
+        .iter()
+        .map(|(name, e)| {
+            let mut secret = redact(crate::xds::codec::any_to_json(crate::xds::SECRET_TYPE, &e.bytes).unwrap_or_else(|e| json!({"error": e})));
+            if let Some(obj) = secret.as_object_mut() {
+                obj.insert("@type".into(), json!(crate::xds::SECRET_TYPE));
+            }
+            json!({"name": name, "version_info": e.version, "last_updated": humantime_rfc3339(e.last_updated), "secret": secret})
+        })
+        .collect();
     let version = |t: &str| store.versions.get(t).cloned().unwrap_or_default();
     let static_secrets: Vec<Value> = raw
         .pointer("/static_resources/secrets")
@@ -185,7 +197,7 @@ pub fn config_dump(xds: &XdsState, started: SystemTime, request: &AdminRequest<'
                "static_clusters": statics("clusters", "cluster", "cluster.v3.Cluster"), "dynamic_active_clusters": dynamic_clusters}),
         json!({"@type": format!("{TYPE_PREFIX}ListenersConfigDump"), "version_info": version(crate::xds::LISTENER_TYPE),
                "static_listeners": statics("listeners", "listener", "listener.v3.Listener"), "dynamic_listeners": dynamic_listeners}),
-        json!({"@type": format!("{TYPE_PREFIX}SecretsConfigDump"), "static_secrets": static_secrets}),
+        json!({"@type": format!("{TYPE_PREFIX}SecretsConfigDump"), "static_secrets": static_secrets, "dynamic_active_secrets": dynamic_secrets}),
     ];
     drop(store);
     let mut configs = match request.param("resource") {
@@ -223,6 +235,7 @@ fn typed_item(dump: &str, field: &str, item: &Value) -> Value {
         "static_listeners" => "StaticListener",
         "dynamic_listeners" => "DynamicListener",
         "static_secrets" => "StaticSecret",
+        "dynamic_active_secrets" => "DynamicSecret",
         _ => return item.clone(),
     };
     let mut item = item.clone();
