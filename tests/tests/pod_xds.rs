@@ -1,5 +1,5 @@
 //! `weft-agent run` with a control plane: every captured pod gets its own xDS stream with the node identity
-//! its Istio sidecar would present, all streams share one connection, and each pod's configuration and sync
+//! its Istio sidecar would present, on a connection of its own (as each sidecar has), and each pod's configuration and sync
 //! status are visible per pod. The control plane is the test management server (no istiod here), run in the
 //! node's network namespace.
 
@@ -32,7 +32,7 @@ filter_chains:
 "#;
 
 #[test]
-fn every_pod_gets_its_own_stream_over_one_connection() {
+fn every_pod_gets_its_own_stream_on_its_own_connection() {
     if let Err(why) = require_root() {
         eprintln!("SKIPPED: {why}");
         return;
@@ -59,8 +59,8 @@ fn every_pod_gets_its_own_stream_over_one_connection() {
         let id = format!("sidecar~{}~{}.default~default.svc.cluster.local", pod.ip, pod.name);
         assert!(ids.contains(&id), "no stream for {id}");
     }
-    // One HTTP/2 connection carries them all.
-    assert_eq!(server.connections(), 1, "streams did not share one connection");
+    // A connection per pod, so that one pod's configuration storm queues on its own connection only.
+    assert_eq!(server.connections(), PODS, "one HTTP/2 connection per pod's stream");
 
     // Every pod is SYNCED for what the server sent.
     wait_for("every pod SYNCED", Duration::from_secs(30), || {
