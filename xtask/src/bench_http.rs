@@ -183,11 +183,11 @@ pub fn run(args: &[&str]) -> Result<(), String> {
         let start = || -> Result<Option<Server>, String> {
             match target {
                 Target::Direct => Ok(None),
-                Target::Envoy => start_proxy(&ns, &work.0, "envoy", Command::new(&envoy), &config).map(Some),
+                Target::Envoy => start_proxy(&ns, &work.0, "envoy", Command::new(&envoy), &config, ADMIN_PORT).map(Some),
                 Target::Weft => {
                     let mut cmd = Command::new(&weft);
                     cmd.arg("proxy");
-                    start_proxy(&ns, &work.0, "weft", cmd, &weft_config).map(Some)
+                    start_proxy(&ns, &work.0, "weft", cmd, &weft_config, ADMIN_PORT).map(Some)
                 }
             }
         };
@@ -561,11 +561,11 @@ pub(crate) fn start_upstream(ns: &NetNs, work: &Path, exe: &Path) -> Result<Serv
     Ok(server)
 }
 
-/// Starts `cmd` (Envoy, or `weft-agent proxy`) with the bench flags and waits for admin /ready.
-fn start_proxy(ns: &NetNs, work: &Path, name: &'static str, mut cmd: Command, config: &Path) -> Result<Server, String> {
+/// Starts `cmd` (Envoy, or `weft-agent proxy`) with the bench flags and waits for its admin (on `admin`) /ready.
+pub(crate) fn start_proxy(ns: &NetNs, work: &Path, name: &'static str, mut cmd: Command, config: &Path, admin: u16) -> Result<Server, String> {
     cmd.arg("-c").arg(config).args(["--concurrency", "1", "--log-level", "error"]);
     let mut server = Server::spawn(ns, work, name, cmd)?;
-    server.wait_ready("admin /ready answered 200", || match get(ns, ADMIN_PORT, "/ready") {
+    server.wait_ready("admin /ready answered 200", || match get(ns, admin, "/ready") {
         Ok((200, _)) => Ok(()),
         Ok((status, body)) => Err(format!("status {status}: {}", String::from_utf8_lossy(&body).trim())),
         Err(e) => Err(e),

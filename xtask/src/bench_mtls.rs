@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use weft_tests::{bin_path, envoy_path, NetNs};
 
 use crate::bench::{release_build, rss_kib};
-use crate::bench_http::{cpu_seconds, find_on_path, get, last_line, parse_wrk, run_tool, start_upstream, validate, write, Run, Server, WorkDir, UPSTREAM_PORT};
+use crate::bench_http::{cpu_seconds, find_on_path, last_line, parse_wrk, run_tool, start_proxy, start_upstream, validate, write, Run, WorkDir, UPSTREAM_PORT};
 use crate::{cargo, run as run_cmd, target_dir, workspace_root};
 
 const USAGE: &str = "usage: cargo xtask bench mtls [--duration SECONDS] [--connections N]";
@@ -94,8 +94,8 @@ pub fn run(args: &[&str]) -> Result<(), String> {
                 (Pair::Weft, _) => "weft-server",
             }
         };
-        let mut server_side = start(&ns, &work.0, name("server"), command(), &server, SERVER_ADMIN)?;
-        let mut client_side = start(&ns, &work.0, name("client"), command(), &client, CLIENT_ADMIN)?;
+        let mut server_side = start_proxy(&ns, &work.0, name("server"), command(), &server, SERVER_ADMIN)?;
+        let mut client_side = start_proxy(&ns, &work.0, name("client"), command(), &client, CLIENT_ADMIN)?;
         let pids = [client_side.child.id(), server_side.child.id()];
         let cpu = || pids.iter().map(|p| cpu_seconds(*p)).sum::<Result<f64, String>>();
         let before = cpu()?;
@@ -121,17 +121,6 @@ fn pair_name(pair: Pair) -> &'static str {
         Pair::Envoy => "envoy pair",
         Pair::Weft => "weft pair",
     }
-}
-
-fn start(ns: &NetNs, work: &Path, name: &'static str, mut cmd: Command, config: &Path, admin: u16) -> Result<Server, String> {
-    cmd.arg("-c").arg(config).args(["--concurrency", "1", "--log-level", "error"]);
-    let mut server = Server::spawn(ns, work, name, cmd)?;
-    server.wait_ready("admin /ready answered 200", || match get(ns, admin, "/ready") {
-        Ok((200, _)) => Ok(()),
-        Ok((status, _)) => Err(format!("status {status}")),
-        Err(e) => Err(e),
-    })?;
-    Ok(server)
 }
 
 fn wrk(ns: &NetNs, work: &Path, duration: u64, connections: usize) -> Result<Run, String> {

@@ -108,7 +108,7 @@ impl EnvoyAdmin {
             }
         }
         // Filter counters kept by name (RBAC's), without tag extraction.
-        for (name, value) in crate::proxy::stats::named_counters() {
+        for (name, value) in crate::counters::named_counters() {
             let series = format!("envoy_{}", name.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
             counters.push((name, series, value));
         }

@@ -100,7 +100,7 @@ impl Counters {
         // Envoy joins a rule set's prefix and the counter with a dot (`rbac.dry_run_.shadow_denied`).
         let dotted = |p: &str| if p.is_empty() || p.ends_with('.') { format!("{base}{p}") } else { format!("{base}{p}.") };
         let (enforced, shadow) = (dotted(rules_prefix), dotted(shadow_prefix));
-        let counter = |name: String| crate::proxy::stats::counter(&name);
+        let counter = |name: String| crate::counters::counter(&name);
         Counters {
             allowed: counter(format!("{enforced}allowed")),
             denied: counter(format!("{enforced}denied")),
@@ -411,7 +411,7 @@ mod tests {
     fn counters_are_named_as_envoy_names_them() {
         let n = network(Obj::new(&json!({"stat_prefix": "tcp", "shadow_rules_stat_prefix": "s_"}), "n").unwrap()).unwrap();
         assert_eq!(n.stats.names, ["tcp.rbac.".to_string(), "tcp.rbac.s_.".to_string()]);
-        assert!(crate::proxy::stats::named_counters().iter().any(|(name, _)| name == "tcp.rbac.s_.shadow_denied"));
+        assert!(crate::counters::named_counters().iter().any(|(name, _)| name == "tcp.rbac.s_.shadow_denied"));
         let r = per_route(Obj::new(&json!({}), "r").unwrap()).unwrap();
         assert_eq!(r, Engines::default(), "an empty RBACPerRoute disables the filter on the route");
     }

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::{CertificateSource, SpiffeId, WorkloadCertificate};
-use crate::proxy::random::random;
+use crate::random::random;
 
 /// The current certificate of an identity; `None` while there is no valid one.
 pub type CertificateWatch = watch::Receiver<Option<Arc<WorkloadCertificate>>>;

@@ -14,7 +14,6 @@ pub mod listener;
 pub mod listener_filter;
 pub mod passthrough;
 pub mod pod_share;
-pub mod random;
 pub mod route;
 pub mod server;
 pub mod snapshot;

@@ -87,7 +87,7 @@ fn matches(m: &RouteMatch, path_and_query: &str, req: &Parts) -> bool {
         })
         && (!m.grpc || is_grpc(&req.headers))
         && m.tls_presented.is_none_or(|presented| presented == peer_presented(req))
-        && m.fraction.is_none_or(|f| f.hit(super::random::random() as u64))
+        && m.fraction.is_none_or(|f| f.hit(crate::random::random() as u64))
 }
 
 /// Whether the client presented a certificate (Envoy's `tls_context.presented`); plaintext ones did not.

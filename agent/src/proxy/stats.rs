@@ -64,21 +64,3 @@ impl ListenerStats {
         }
     }
 }
-
-/// Counters named as Envoy names them (`http.inbound.rbac.allowed`), shared by every filter that names the
-/// same one and kept across configuration updates, as Envoy's stats are. The process has one registry: the
-/// standalone proxy's admin lists it; in the node agent the names are shared by all pods.
-static NAMED: std::sync::Mutex<std::collections::BTreeMap<String, std::sync::Arc<AtomicU64>>> =
-    std::sync::Mutex::new(std::collections::BTreeMap::new());
-
-/// The counter called `name`, created at zero the first time.
-pub fn counter(name: &str) -> std::sync::Arc<AtomicU64> {
-    let mut named = NAMED.lock().unwrap_or_else(|e| e.into_inner());
-    std::sync::Arc::clone(named.entry(name.to_string()).or_default())
-}
-
-/// Every named counter and its value, by name.
-pub fn named_counters() -> Vec<(String, u64)> {
-    let named = NAMED.lock().unwrap_or_else(|e| e.into_inner());
-    named.iter().map(|(name, c)| (name.clone(), c.load(Relaxed))).collect()
-}

@@ -432,14 +432,11 @@ pub fn peer_certificate(chain: &[CertificateDer<'_>]) -> Option<PeerCertificate>
     let sha256 = ring::digest::digest(&ring::digest::SHA256, der).as_ref().iter().map(|b| format!("{b:02x}")).collect();
     let chain = chain.iter().map(|c| c.to_vec()).collect();
     let mut peer = PeerCertificate { subject: rfc2253(cert.subject()), sha256, chain, ..Default::default() };
-    if let Ok(Some(sans)) = cert.subject_alternative_name() {
-        for name in &sans.value.general_names {
-            use x509_parser::extensions::GeneralName;
-            match name {
-                GeneralName::URI(u) => peer.uri_sans.push(u.to_string()),
-                GeneralName::DNSName(d) => peer.dns_sans.push(d.to_string()),
-                _ => {}
-            }
+    for (kind, name) in general_names(&cert) {
+        match kind {
+            SanKind::Uri => peer.uri_sans.push(name),
+            SanKind::Dns => peer.dns_sans.push(name),
+            _ => {}
         }
     }
     Some(peer)
@@ -482,7 +479,11 @@ fn short_name(oid: &str) -> Option<&'static str> {
 
 /// Every SAN of a certificate with its kind, for `match_subject_alt_names`.
 fn sans(der: &CertificateDer<'_>) -> Vec<(SanKind, String)> {
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else { return Vec::new() };
+    x509_parser::parse_x509_certificate(der).map(|(_, cert)| general_names(&cert)).unwrap_or_default()
+}
+
+/// A parsed certificate's SANs with their kinds.
+fn general_names(cert: &x509_parser::certificate::X509Certificate<'_>) -> Vec<(SanKind, String)> {
     let Ok(Some(ext)) = cert.subject_alternative_name() else { return Vec::new() };
     use x509_parser::extensions::GeneralName;
     ext.value

@@ -220,7 +220,7 @@ mod tests {
         let s = &filter.stats;
         let counts = [&s.allowed, &s.denied, &s.shadow_allowed, &s.shadow_denied].map(|c| c.load(Relaxed));
         assert_eq!(counts, [1, 1, 1, 1], "the shadow rules count but never decide");
-        assert!(crate::proxy::stats::named_counters().contains(&("http.evaluation_test.rbac.unit_.denied".to_string(), 1)));
+        assert!(crate::counters::named_counters().contains(&("http.evaluation_test.rbac.unit_.denied".to_string(), 1)));
         let empty_allow = Policies { action: Action::Allow, policies: Vec::new() };
         assert!(!empty_allow.allows(&facts(None, None)), "ALLOW without policies denies everything");
         let log = Policies { action: Action::Log, policies: Vec::new() };

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 
 use super::super::snapshot::ClusterRef;
-use super::super::random::random;
+use crate::random::random;
 use super::lb;
 use super::runtime::{distinct, ClusterRuntime};
 use super::runtime;

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use xxhash_rust::xxh64::xxh64;
 
-use super::super::random::random;
+use crate::random::random;
 use super::super::snapshot::ClusterRef;
 use super::runtime::ClusterRuntime;
 use crate::config::cluster::LbPolicy;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use super::super::random::random;
+use crate::random::random;
 
 use crate::config::cluster::OutlierDetection;
 use crate::config::store::ClusterState;

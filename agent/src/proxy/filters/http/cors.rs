@@ -7,7 +7,7 @@ use hyper::http::request::Parts;
 use hyper::{Method, Response, StatusCode};
 
 use super::super::super::body::Body;
-use super::super::super::random::random;
+use crate::random::random;
 use super::local_reply;
 use crate::config::http_filters::CorsPolicy;
 

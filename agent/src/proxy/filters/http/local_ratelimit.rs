@@ -5,7 +5,7 @@ use hyper::{Response, StatusCode};
 
 use super::super::super::body::Body;
 use super::super::super::route::{self, Vars};
-use super::super::super::random::random;
+use crate::random::random;
 use super::local_reply;
 use crate::config::http_filters::LocalRateLimit;
 

@@ -16,7 +16,7 @@ use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 
 use super::super::super::body::{self, Body};
-use super::super::super::random::{random, weighted};
+use crate::random::{random, weighted};
 use super::super::super::route::{self, Downstream, Vars};
 use super::super::super::snapshot::ClusterRef;
 use super::super::super::upstream::cluster::{self, PickError};

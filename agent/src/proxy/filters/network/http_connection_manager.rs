@@ -807,7 +807,7 @@ fn merge_slashes(path: &str) -> String {
 
 /// A random UUID (version 4 layout), like Envoy's generated request ids.
 fn request_id() -> String {
-    use super::super::super::random::random;
+    use crate::random::random;
     let (a, b) = (random() as u64, random() as u64);
     format!(
         "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",

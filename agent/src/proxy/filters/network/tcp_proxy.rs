@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
-use super::super::super::random::{random, weighted};
+use crate::random::{random, weighted};
 use super::super::super::upstream::{ConnectError, Upstream};
 use crate::config::listener::TcpProxy;
 
