@@ -7,6 +7,7 @@ pub mod cni_server;
 pub mod config;
 pub mod counters;
 pub mod identity;
+pub mod k8s;
 pub mod logging;
 pub mod node;
 pub mod proxy;

@@ -186,6 +186,13 @@ struct RunArgs {
     /// Worker threads of each captured pod's own share of the proxy [default: 2].
     #[arg(long)]
     pod_workers: Option<usize>,
+    /// The Kubernetes node this agent runs on (the DaemonSet passes spec.nodeName): turns on the pod watch, so
+    /// capture follows Istio's labels and each pod gets its own identity and metadata.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// kubeconfig file for the Kubernetes API [default: in-cluster credentials].
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -216,6 +223,8 @@ impl RunArgs {
             node_max_requests: None,
             trust_domain: self.trust_domain.clone(),
             xds_tls: self.xds_tls,
+            node_name: self.node_name.clone(),
+            kubeconfig: self.kubeconfig.clone(),
             ..self.ca.layer()
         };
         // One layer, so settings that belong together (a CA's) may come partly from each.
@@ -382,7 +391,12 @@ async fn serve(cfg: AgentConfig) -> Result<(), String> {
         node_max_requests: cfg.node_max_requests,
     };
     let xds = cfg.xds.clone().map(weft_agent::xds::pod::PodXds::new).transpose().map_err(|e| format!("xds_address: {e}"))?;
-    let node = Arc::new(Node::new(Arc::from(redirector), registry, settings, xds));
+    let mut node = Node::new(Arc::from(redirector), registry, settings, xds);
+    if let Some(kube) = cfg.kube.clone() {
+        tracing::info!(node = %kube.node_name, "watching the node's pods in the Kubernetes API");
+        node = node.with_kube(weft_agent::k8s::KubeView::start(kube).await?, identity.clone());
+    }
+    let node = Arc::new(node);
     let admin = Arc::new(Admin { node: Arc::clone(&node), ready: false.into(), started: std::time::SystemTime::now(), identity });
     let admin_listener = admin::bind(cfg.admin_address).map_err(|e| e.to_string())?;
     tokio::spawn(admin::serve(admin_listener, Arc::clone(&admin) as Arc<dyn admin::Routes>));
@@ -390,6 +404,7 @@ async fn serve(cfg: AgentConfig) -> Result<(), String> {
 
     let (adopted, dropped) = node.adopt().await?;
     tracing::info!(adopted, dropped, "pod registry reconciled");
+    tokio::spawn(Arc::clone(&node).follow_kube());
     let socket = CniSocket::bind(&cfg.cni_socket).map_err(|e| format!("CNI socket {}: {e}", cfg.cni_socket.display()))?;
     let socket = Arc::new(socket);
     let server = tokio::spawn(Arc::clone(&socket).serve(Arc::clone(&node)));

@@ -17,6 +17,8 @@ pub mod agent;
 pub mod ca_server;
 pub mod cluster;
 pub mod conformance;
+pub mod kube;
+pub mod manifests;
 pub mod netns;
 pub mod pki;
 pub mod tools;

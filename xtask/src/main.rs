@@ -1,7 +1,8 @@
 //! `cargo xtask`: the project's commands. Each installs what it needs first, idempotently and quietly when
 //! everything is already there.
 //!
-//! - `cargo xtask setup`: install the Debian packages the tests, demo and benchmarks use.
+//! - `cargo xtask setup`: install the Debian packages the tests, demo and benchmarks use, and build the tests'
+//!   Kubernetes control plane (etcd, kube-apiserver) from their Go modules.
 //! - `cargo xtask test`: setup, build, run every test (unit, libcni-driven capture suites for each backend).
 //! - `cargo xtask demo`: setup, build, run a two-pod netns cluster and show captured traffic, then clean up.
 //! - `cargo xtask bench cni`: setup, release build, measure CNI ADD latency with and without weft-cni.
@@ -14,6 +15,7 @@ mod bench_mtls;
 mod bench_neighbour;
 mod demo;
 mod ebpf;
+mod gobuild;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -22,7 +24,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match words.as_slice() {
-        ["setup"] => setup::run(),
+        ["setup"] => setup::everything(),
         ["build-ebpf"] => setup::run().and_then(|()| ebpf::build()),
         ["test", rest @ ..] => test(rest),
         ["demo"] => demo::run(),

@@ -12,6 +12,7 @@ use weft_cni::protocol::Attachment;
 
 use crate::capture::netns::{NetnsId, NetnsPath};
 use crate::capture::RedirectMode;
+use crate::k8s::PodMeta;
 
 const FILE_NAME: &str = "pods.json";
 const FORMAT_VERSION: u32 = 1;
@@ -32,6 +33,9 @@ pub struct PodRecord {
     pub ips: Vec<IpAddr>,
     pub redirect: RedirectMode,
     pub added_at_unix: u64,
+    /// What the Kubernetes API says of the pod (service account, labels, workload), when the agent watches it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<PodMeta>,
 }
 
 impl PodRecord {
@@ -121,6 +125,7 @@ mod tests {
             ips: vec!["10.0.0.2".parse().unwrap()],
             redirect: RedirectMode::Iptables,
             added_at_unix: 1,
+            meta: None,
         }
     }
 

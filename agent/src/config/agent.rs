@@ -124,6 +124,23 @@ pub struct AgentConfig {
     /// HTTP requests in flight of all pods together; at it, requests are shed from the pods over their share.
     pub node_max_requests: u64,
     pub identity: IdentitySettings,
+    /// The Kubernetes API the agent watches its node's pods in; none: every pod weft-cni hands over is captured.
+    pub kube: Option<KubeSettings>,
+}
+
+/// How the agent reaches the Kubernetes API and which pods are its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubeSettings {
+    /// A kubeconfig file; `None` is the in-cluster service account.
+    pub kubeconfig: Option<PathBuf>,
+    /// The node whose pods this agent captures (`spec.nodeName`).
+    pub node_name: String,
+    /// The agent's own namespace, never captured.
+    pub agent_namespace: String,
+    /// The Istio revision served.
+    pub revision: String,
+    /// How long a CNI ADD waits for a pod the API has not shown yet.
+    pub pod_wait: Duration,
 }
 
 impl Default for AgentConfig {
@@ -144,6 +161,7 @@ impl Default for AgentConfig {
             node_max_connections: 65536,
             node_max_requests: 65536,
             identity: IdentitySettings::default(),
+            kube: None,
         }
     }
 }
@@ -192,6 +210,17 @@ pub struct ConfigFile {
     pub istiod_server_name: Option<String>,
     /// xDS over istiod's secured port (TLS + token) rather than plaintext.
     pub xds_tls: Option<bool>,
+    /// The node this agent runs on: turns on the Kubernetes pod watch (capture by Istio's labels, per-pod
+    /// identities and metadata).
+    pub node_name: Option<String>,
+    /// kubeconfig file [in-cluster credentials].
+    pub kubeconfig: Option<PathBuf>,
+    /// The agent's own namespace, never captured [weft-system].
+    pub agent_namespace: Option<String>,
+    /// The Istio revision whose injection labels select pods [default].
+    pub revision: Option<String>,
+    /// How long a CNI ADD waits for the API to show the pod, ms [5000].
+    pub pod_wait_ms: Option<u64>,
 }
 
 impl ConfigFile {
@@ -279,7 +308,36 @@ impl ConfigFile {
             return Err("xds_api, cluster_id (without ca istiod), mesh_id and istio_version need xds_address".into());
         }
         identity.apply_identity(&mut base)?;
+        identity.apply_kube(&mut base)?;
         Ok(base)
+    }
+
+    /// The Kubernetes fields: `node_name` turns the watch on; the others need it.
+    fn apply_kube(&self, base: &mut AgentConfig) -> Result<(), String> {
+        let Some(node_name) = &self.node_name else {
+            let stray = [("kubeconfig", self.kubeconfig.is_some()), ("agent_namespace", self.agent_namespace.is_some()), ("revision", self.revision.is_some()), ("pod_wait_ms", self.pod_wait_ms.is_some())];
+            if let Some((field, _)) = stray.iter().find(|(_, set)| *set) {
+                return Err(format!("{field}: needs node_name (the Kubernetes node this agent runs on)"));
+            }
+            return Ok(());
+        };
+        let name_ok = |s: &str| !s.is_empty() && s.len() <= 253 && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if !name_ok(node_name) {
+            return Err(format!("node_name: {node_name:?} is not a Kubernetes node name"));
+        }
+        let agent_namespace = self.agent_namespace.clone().unwrap_or_else(|| "weft-system".into());
+        if !name_ok(&agent_namespace) {
+            return Err(format!("agent_namespace: {agent_namespace:?} is not a Kubernetes namespace name"));
+        }
+        let pod_wait = millis("pod_wait_ms", self.pod_wait_ms.unwrap_or(5000), 1)?;
+        base.kube = Some(KubeSettings {
+            kubeconfig: self.kubeconfig.clone(),
+            node_name: node_name.clone(),
+            agent_namespace,
+            revision: self.revision.clone().unwrap_or_else(|| "default".into()),
+            pod_wait,
+        });
+        Ok(())
     }
 
     /// The identity fields, taken together from this layer (`weft-agent run` merges the file and the flags
@@ -387,6 +445,11 @@ impl ConfigFile {
             istiod_token_file: self.istiod_token_file.or(under.istiod_token_file),
             istiod_server_name: self.istiod_server_name.or(under.istiod_server_name),
             xds_tls: self.xds_tls.or(under.xds_tls),
+            node_name: self.node_name.or(under.node_name),
+            kubeconfig: self.kubeconfig.or(under.kubeconfig),
+            agent_namespace: self.agent_namespace.or(under.agent_namespace),
+            revision: self.revision.or(under.revision),
+            pod_wait_ms: self.pod_wait_ms.or(under.pod_wait_ms),
         }
     }
 }
