@@ -162,7 +162,7 @@ impl Checker {
                 let seen = weft_count(&path);
                 let g2 = generation.load(Ordering::SeqCst);
                 r.fetch_add(1, Ordering::Relaxed);
-                let stable = g1 == g2 && g1 % 2 == 0;
+                let stable = g1 == g2 && g1 & 1 == 0;
                 let fault = match seen {
                     Err(e) => Some(format!("invalid config: {e}")),
                     Ok(n) if n > 1 => Some(format!("{n} weft-cni entries")),
