@@ -99,6 +99,36 @@ impl PodLimits {
         PodLimits { max_connections: u64::MAX, max_requests: u64::MAX, max_connection_rate: u64::MAX, max_bandwidth: None };
 }
 
+/// The CNI installer (`weft-agent install-cni`, and `weft-agent run` with `install_cni`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CniInstallSettings {
+    /// Install at `weft-agent run` start-up and keep weft's entry in place while the agent runs.
+    pub enabled: bool,
+    /// The host's CNI network configuration directory (as mounted in the agent's container).
+    pub conf_dir: PathBuf,
+    /// The host's CNI plugin directory.
+    pub bin_dir: PathBuf,
+    /// The weft-cni binary to copy; `None`: beside weft-agent, then `/usr/lib/weft/weft-cni`.
+    pub binary: Option<PathBuf>,
+    /// weft-cni's `exclude_namespaces`.
+    pub exclude_namespaces: Vec<String>,
+    /// weft-cni's `log_file` (a path on the host); `None`: the plugin logs to the runtime's log only.
+    pub log_file: Option<PathBuf>,
+}
+
+impl Default for CniInstallSettings {
+    fn default() -> Self {
+        CniInstallSettings {
+            enabled: false,
+            conf_dir: "/etc/cni/net.d".into(),
+            bin_dir: "/opt/cni/bin".into(),
+            binary: None,
+            exclude_namespaces: weft_cni::cni::DEFAULT_EXCLUDED_NAMESPACES.iter().map(|n| (*n).to_owned()).collect(),
+            log_file: None,
+        }
+    }
+}
+
 /// Validated agent settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentConfig {
@@ -126,6 +156,7 @@ pub struct AgentConfig {
     pub identity: IdentitySettings,
     /// The Kubernetes API the agent watches its node's pods in; none: every pod weft-cni hands over is captured.
     pub kube: Option<KubeSettings>,
+    pub cni_install: CniInstallSettings,
 }
 
 /// How the agent reaches the Kubernetes API and which pods are its own.
@@ -162,6 +193,7 @@ impl Default for AgentConfig {
             node_max_requests: 65536,
             identity: IdentitySettings::default(),
             kube: None,
+            cni_install: CniInstallSettings::default(),
         }
     }
 }
@@ -221,6 +253,14 @@ pub struct ConfigFile {
     pub revision: Option<String>,
     /// How long a CNI ADD waits for the API to show the pod, ms [5000].
     pub pod_wait_ms: Option<u64>,
+    /// Install weft-cni at start-up and keep its entry in place.
+    pub install_cni: Option<bool>,
+    pub cni_conf_dir: Option<PathBuf>,
+    pub cni_bin_dir: Option<PathBuf>,
+    /// The weft-cni binary to install.
+    pub cni_binary: Option<PathBuf>,
+    pub cni_exclude_namespaces: Option<Vec<String>>,
+    pub cni_log_file: Option<PathBuf>,
 }
 
 impl ConfigFile {
@@ -309,6 +349,7 @@ impl ConfigFile {
         }
         identity.apply_identity(&mut base)?;
         identity.apply_kube(&mut base)?;
+        identity.apply_cni_install(&mut base.cni_install)?;
         Ok(base)
     }
 
@@ -398,6 +439,28 @@ impl ConfigFile {
         Ok(())
     }
 
+    fn apply_cni_install(&self, cni: &mut CniInstallSettings) -> Result<(), String> {
+        set(&mut cni.enabled, self.install_cni);
+        set(&mut cni.conf_dir, self.cni_conf_dir.clone());
+        set(&mut cni.bin_dir, self.cni_bin_dir.clone());
+        if self.cni_binary.is_some() {
+            cni.binary = self.cni_binary.clone();
+        }
+        if let Some(namespaces) = &self.cni_exclude_namespaces {
+            if let Some(bad) = namespaces.iter().find(|n| n.is_empty() || n.contains(|c: char| c.is_whitespace() || c == ',')) {
+                return Err(format!("cni_exclude_namespaces: {bad:?} is not a namespace name"));
+            }
+            cni.exclude_namespaces = namespaces.clone();
+        }
+        if let Some(log) = &self.cni_log_file {
+            if !log.is_absolute() {
+                return Err(format!("cni_log_file: {} must be an absolute path on the host", log.display()));
+            }
+            cni.log_file = Some(log.clone());
+        }
+        Ok(())
+    }
+
     /// istiod's secured-port settings, when a root certificate is given.
     fn istiod_connection(&self) -> Result<Option<IstiodConnection>, String> {
         let Some(root_cert) = self.istiod_root_cert.clone() else {
@@ -450,6 +513,12 @@ impl ConfigFile {
             agent_namespace: self.agent_namespace.or(under.agent_namespace),
             revision: self.revision.or(under.revision),
             pod_wait_ms: self.pod_wait_ms.or(under.pod_wait_ms),
+            install_cni: self.install_cni.or(under.install_cni),
+            cni_conf_dir: self.cni_conf_dir.or(under.cni_conf_dir),
+            cni_bin_dir: self.cni_bin_dir.or(under.cni_bin_dir),
+            cni_binary: self.cni_binary.or(under.cni_binary),
+            cni_exclude_namespaces: self.cni_exclude_namespaces.or(under.cni_exclude_namespaces),
+            cni_log_file: self.cni_log_file.or(under.cni_log_file),
         }
     }
 }
@@ -561,6 +630,26 @@ mod tests {
             let e = file(json).unwrap_err();
             assert!(e.contains(field), "{json}: {e}");
         }
+    }
+
+    #[test]
+    fn cni_install_fields() {
+        let cfg = file("{}").unwrap();
+        assert_eq!(cfg.cni_install, CniInstallSettings::default());
+        assert!(!cfg.cni_install.enabled);
+        assert_eq!(cfg.cni_install.conf_dir, PathBuf::from("/etc/cni/net.d"));
+        assert_eq!(cfg.cni_install.bin_dir, PathBuf::from("/opt/cni/bin"));
+        let cfg = file(
+            r#"{"install_cni":true,"cni_conf_dir":"/host/etc/cni/net.d","cni_bin_dir":"/host/opt/cni/bin",
+                "cni_exclude_namespaces":[],"cni_log_file":"/var/log/weft-cni.log"}"#,
+        )
+        .unwrap();
+        assert!(cfg.cni_install.enabled);
+        assert_eq!(cfg.cni_install.conf_dir, PathBuf::from("/host/etc/cni/net.d"));
+        assert!(cfg.cni_install.exclude_namespaces.is_empty());
+        assert_eq!(cfg.cni_install.log_file, Some(PathBuf::from("/var/log/weft-cni.log")));
+        assert!(file(r#"{"cni_log_file":"weft.log"}"#).unwrap_err().contains("cni_log_file"));
+        assert!(file(r#"{"cni_exclude_namespaces":["a b"]}"#).unwrap_err().contains("cni_exclude_namespaces"));
     }
 
     #[test]
