@@ -186,6 +186,10 @@ struct RunArgs {
     /// Worker threads of each captured pod's own share of the proxy [default: 2].
     #[arg(long)]
     pod_workers: Option<usize>,
+    /// Kubelet probe exemption: the link-local IPv4 source address the node's connections to captured pods'
+    /// probe ports get, let through in the pod; or `off` [default: 169.254.7.127].
+    #[arg(long)]
+    probe_snat: Option<String>,
 }
 
 impl RunArgs {
@@ -216,6 +220,7 @@ impl RunArgs {
             node_max_requests: None,
             trust_domain: self.trust_domain.clone(),
             xds_tls: self.xds_tls,
+            probe_snat: self.probe_snat.clone(),
             ..self.ca.layer()
         };
         // One layer, so settings that belong together (a CA's) may come partly from each.
@@ -370,7 +375,8 @@ async fn serve(cfg: AgentConfig) -> Result<(), String> {
     // First, so a CA that cannot be set up fails start-up before anything is installed on the node. The pods'
     // TLS subscribes to it per pod (namespace, service account).
     let identity = weft_agent::identity::manager(&cfg.identity)?;
-    let redirector = capture::redirector(cfg.redirect, cfg.iptables_variant, &cfg.ebpf).map_err(|e| e.to_string())?;
+    let redirector =
+        capture::redirector(cfg.redirect, cfg.iptables_variant, &cfg.ebpf, cfg.probe_source).map_err(|e| e.to_string())?;
     let registry = RegistryFile::new(&cfg.state_dir)
         .map_err(|e| format!("state dir {}: {e}", cfg.state_dir.display()))?;
     let settings = ProxySettings {
@@ -382,7 +388,13 @@ async fn serve(cfg: AgentConfig) -> Result<(), String> {
         node_max_requests: cfg.node_max_requests,
     };
     let xds = cfg.xds.clone().map(weft_agent::xds::pod::PodXds::new).transpose().map_err(|e| format!("xds_address: {e}"))?;
-    let node = Arc::new(Node::new(Arc::from(redirector), registry, settings, xds));
+    let mut node = Node::new(Arc::from(redirector), registry, settings, xds);
+    if let Some(source) = cfg.probe_source {
+        let probes = capture::probes::HostProbes::new(cfg.redirect, cfg.iptables_variant, source, None)
+            .map_err(|e| format!("probe_snat: {e}"))?;
+        node = node.with_host_probes(probes);
+    }
+    let node = Arc::new(node);
     let admin = Arc::new(Admin { node: Arc::clone(&node), ready: false.into(), started: std::time::SystemTime::now(), identity });
     let admin_listener = admin::bind(cfg.admin_address).map_err(|e| e.to_string())?;
     tokio::spawn(admin::serve(admin_listener, Arc::clone(&admin) as Arc<dyn admin::Routes>));

@@ -124,6 +124,9 @@ pub struct AgentConfig {
     /// HTTP requests in flight of all pods together; at it, requests are shed from the pods over their share.
     pub node_max_requests: u64,
     pub identity: IdentitySettings,
+    /// Source address kubelet's probes of captured pods' probe ports are SNATed to on the node and let
+    /// through in the pod (see `capture::probes`); `None`: probes are captured like other connections.
+    pub probe_source: Option<std::net::Ipv4Addr>,
 }
 
 impl Default for AgentConfig {
@@ -144,6 +147,7 @@ impl Default for AgentConfig {
             node_max_connections: 65536,
             node_max_requests: 65536,
             identity: IdentitySettings::default(),
+            probe_source: Some(crate::capture::DEFAULT_PROBE_SOURCE),
         }
     }
 }
@@ -192,6 +196,8 @@ pub struct ConfigFile {
     pub istiod_server_name: Option<String>,
     /// xDS over istiod's secured port (TLS + token) rather than plaintext.
     pub xds_tls: Option<bool>,
+    /// Kubelet probe exemption: the IPv4 source address probes get on the node, or `off` [169.254.7.127].
+    pub probe_snat: Option<String>,
 }
 
 impl ConfigFile {
@@ -277,6 +283,9 @@ impl ConfigFile {
             set(&mut xds.istio_version, self.istio_version);
         } else if mesh_fields.iter().any(|f| f.is_some()) {
             return Err("xds_api, cluster_id (without ca istiod), mesh_id and istio_version need xds_address".into());
+        }
+        if let Some(text) = self.probe_snat {
+            base.probe_source = parse_probe_snat(&text)?;
         }
         identity.apply_identity(&mut base)?;
         Ok(base)
@@ -387,8 +396,23 @@ impl ConfigFile {
             istiod_token_file: self.istiod_token_file.or(under.istiod_token_file),
             istiod_server_name: self.istiod_server_name.or(under.istiod_server_name),
             xds_tls: self.xds_tls.or(under.xds_tls),
+            probe_snat: self.probe_snat.or(under.probe_snat),
         }
     }
+}
+
+/// `off`, or a link-local IPv4 address: no pod or remote host may have it, or its connections would skip
+/// capture on the probe ports.
+fn parse_probe_snat(text: &str) -> Result<Option<std::net::Ipv4Addr>, String> {
+    if text == "off" {
+        return Ok(None);
+    }
+    let ip: std::net::Ipv4Addr =
+        text.parse().map_err(|_| format!("probe_snat: {text:?} is not an IPv4 address or `off`"))?;
+    if !ip.is_link_local() {
+        return Err(format!("probe_snat: {ip} is not link-local (169.254.0.0/16); use e.g. 169.254.7.127, or `off`"));
+    }
+    Ok(Some(ip))
 }
 
 /// `host:port` with a non-zero port.
@@ -443,6 +467,15 @@ mod tests {
         assert!(file(r#"{"stat_dir":"/x"}"#).unwrap_err().contains("stat_dir"));
         assert!(file(r#"{"log_level":"loud"}"#).unwrap_err().contains("log_level"));
         assert!(file(r#"{"connect_timeout_ms":0}"#).unwrap_err().contains("connect_timeout_ms"));
+    }
+
+    #[test]
+    fn probe_snat_defaults_to_ambients_address_and_can_be_turned_off() {
+        assert_eq!(file("{}").unwrap().probe_source, Some(crate::capture::DEFAULT_PROBE_SOURCE));
+        assert_eq!(file(r#"{"probe_snat":"off"}"#).unwrap().probe_source, None);
+        assert_eq!(file(r#"{"probe_snat":"169.254.9.9"}"#).unwrap().probe_source, Some([169, 254, 9, 9].into()));
+        assert!(file(r#"{"probe_snat":"10.0.0.1"}"#).unwrap_err().contains("probe_snat: 10.0.0.1 is not link-local"));
+        assert!(file(r#"{"probe_snat":"none"}"#).unwrap_err().contains("probe_snat"));
     }
 
     #[test]
