@@ -74,6 +74,12 @@ impl LocalAgent {
         }
     }
 
+    /// Re-adopts the pods of the persisted registry, as `weft-agent run` does at start; returns how many
+    /// were adopted and dropped.
+    pub fn adopt(&self) -> Result<(usize, usize), HarnessError> {
+        self.block_on(self.node.adopt()).map_err(HarnessError)
+    }
+
     /// Applies `plan` to `pod`, as the pod watcher does when the pod's annotations change.
     pub fn recapture(&self, pod: &Pod, plan: PodCapture) -> Result<String, HarnessError> {
         self.block_on(self.node.recapture(PodRef::Uid(&pod.uid), plan)).map_err(|e| HarnessError(format!("{}: {}", e.msg, e.details)))

@@ -64,6 +64,26 @@ fn excluded_outbound_range_bypasses_the_proxy(mode: &str) {
     agent.wait_pod(&a, "the connection to C counted once the exclusion is gone", |s| counter(s, "outbound", "accepted") == 2);
 }
 
+/// A pod's plan is persisted: a restarted node re-adopts the pod with the same rules (CNI CHECK verifies
+/// them against the plan) and the excluded destination still bypasses the proxy.
+fn plan_survives_a_restart(mode: &str) {
+    let Some((cluster, agent)) = node(&format!("prst-{mode}"), mode, None) else { return };
+    let a = cluster.add_pod("default", "client").unwrap();
+    let b = cluster.add_pod("default", "server").unwrap();
+    let c = cluster.add_pod("default", "external").unwrap();
+    let (_sb, _sc) = (EchoServer::start(&b.netns, 8080).unwrap(), EchoServer::start(&c.netns, 8080).unwrap());
+    agent.recapture(&a, annotations(&[(plan::EXCLUDE_OUTBOUND_IP_RANGES, format!("{}/32", c.ip))])).unwrap();
+
+    drop(agent);
+    let agent = LocalAgent::start(&cluster, mode, None).unwrap();
+    assert_eq!(agent.adopt().unwrap(), (3, 0));
+    cluster.check_pod(&a).expect("the re-adopted pod has its plan's rules");
+    echo_ok(&a.netns, c.addr(8080));
+    echo_ok(&a.netns, b.addr(8080));
+    let s = agent.wait_pod(&a, "client outbound counters", |s| counter(s, "outbound", "accepted") == 1 && counter(s, "outbound", "active") == 0);
+    assert_eq!(counter(&s, "outbound", "accepted"), 1, "{s}");
+}
+
 /// includeInboundPorts: only the listed port reaches the app through the inbound listener; the other port
 /// is not captured inbound (the app sees the peer itself, not 127.0.0.6).
 fn include_inbound_ports_captures_only_those(mode: &str) {
@@ -126,6 +146,10 @@ macro_rules! plan_suite {
             #[test]
             fn excluded_outbound_range_bypasses_the_proxy() {
                 super::excluded_outbound_range_bypasses_the_proxy(stringify!($mode));
+            }
+            #[test]
+            fn plan_survives_a_restart() {
+                super::plan_survives_a_restart(stringify!($mode));
             }
             #[test]
             fn include_inbound_ports_captures_only_those() {
