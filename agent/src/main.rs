@@ -280,6 +280,10 @@ struct RunArgs {
     cni_dirs: CniDirArgs,
     #[command(flatten)]
     cni_entry: CniEntryArgs,
+    /// Kubelet probe exemption: the link-local IPv4 source address the node's connections to captured pods'
+    /// probe ports get, let through in the pod; or `off` [default: 169.254.7.127].
+    #[arg(long)]
+    probe_snat: Option<String>,
 }
 
 impl RunArgs {
@@ -313,6 +317,7 @@ impl RunArgs {
             node_name: self.node_name.clone(),
             kubeconfig: self.kubeconfig.clone(),
             install_cni: self.install_cni,
+            probe_snat: self.probe_snat.clone(),
             ..self.cni_dirs.fill(self.cni_entry.fill(self.ca.layer()))
         };
         // One layer, so settings that belong together (a CA's) may come partly from each.
@@ -513,7 +518,8 @@ async fn serve(cfg: AgentConfig) -> Result<(), String> {
     // First, so a CA that cannot be set up fails start-up before anything is installed on the node. The pods'
     // TLS subscribes to it per pod (namespace, service account).
     let identity = weft_agent::identity::manager(&cfg.identity)?;
-    let redirector = capture::redirector(cfg.redirect, cfg.iptables_variant, &cfg.ebpf).map_err(|e| e.to_string())?;
+    let redirector =
+        capture::redirector(cfg.redirect, cfg.iptables_variant, &cfg.ebpf, cfg.probe_source).map_err(|e| e.to_string())?;
     let registry = RegistryFile::new(&cfg.state_dir)
         .map_err(|e| format!("state dir {}: {e}", cfg.state_dir.display()))?;
     let settings = ProxySettings {
@@ -529,6 +535,11 @@ async fn serve(cfg: AgentConfig) -> Result<(), String> {
     if let Some(kube) = cfg.kube.clone() {
         tracing::info!(node = %kube.node_name, "watching the node's pods in the Kubernetes API");
         node = node.with_kube(weft_agent::k8s::KubeView::start(kube).await?, identity.clone());
+    }
+    if let Some(source) = cfg.probe_source {
+        let probes = capture::probes::HostProbes::new(cfg.redirect, cfg.iptables_variant, source, None)
+            .map_err(|e| format!("probe_snat: {e}"))?;
+        node = node.with_host_probes(probes);
     }
     let node = Arc::new(node);
     let admin = Arc::new(Admin { node: Arc::clone(&node), ready: false.into(), started: std::time::SystemTime::now(), identity });

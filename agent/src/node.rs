@@ -10,7 +10,8 @@ use tokio::sync::Mutex;
 use weft_cni::protocol::{Attachment, PodSandbox};
 
 use crate::capture::netns::{self, Netns, NetnsPath};
-use crate::capture::{CaptureError, RedirectMode, Redirector};
+use crate::capture::probes::{HostProbes, ProbeTarget};
+use crate::capture::{CaptureError, PodCapture, RedirectMode, Redirector};
 use crate::cni_server::registry::{PodRecord, RegistryFile};
 use crate::identity::manager::{IdentityManager, Subscription};
 use crate::k8s::{self, KubeView, PodMeta};
@@ -93,11 +94,39 @@ pub struct Node {
     /// Pods shown to the agent (by CNI ADD or repair) that their labels keep out of the mesh, kept so that a label
     /// change captures them live. Locked after `pods`.
     declined: Mutex<BTreeMap<Attachment, PodRecord>>,
+    /// The node half of the kubelet probe exemption, and the targets it was last given.
+    probes: Option<Arc<HostProbes>>,
+    probe_targets: std::sync::Mutex<Option<Vec<ProbeTarget>>>,
+}
+
+/// A captured pod, by its Kubernetes UID (all its attachments) or by one CNI attachment.
+#[derive(Debug, Clone, Copy)]
+pub enum PodRef<'a> {
+    Uid(&'a str),
+    Attachment(&'a Attachment),
+}
+
+impl PodRef<'_> {
+    fn matches(&self, attachment: &Attachment, record: &PodRecord) -> bool {
+        match self {
+            PodRef::Uid(uid) => record.uid == *uid,
+            PodRef::Attachment(a) => *a == attachment,
+        }
+    }
+}
+
+impl std::fmt::Display for PodRef<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PodRef::Uid(uid) => write!(f, "pod uid {uid}"),
+            PodRef::Attachment(a) => write!(f, "container {} ({})", a.container_id, a.ifname),
+        }
+    }
 }
 
 /// Whether a new pod is captured, as the Kubernetes API says (every pod, without it).
 enum Admission {
-    Capture { meta: Option<PodMeta>, reason: String },
+    Capture { meta: Option<PodMeta>, plan: Option<PodCapture>, reason: String },
     Decline(String),
 }
 
@@ -140,6 +169,8 @@ impl Node {
             kube: None,
             identities: None,
             declined: Mutex::new(BTreeMap::new()),
+            probes: None,
+            probe_targets: std::sync::Mutex::new(None),
         }
     }
 
@@ -147,6 +178,12 @@ impl Node {
     pub fn with_kube(mut self, kube: Arc<KubeView>, identities: Option<Arc<IdentityManager>>) -> Node {
         self.kube = Some(kube);
         self.identities = identities;
+        self
+    }
+
+    /// Exempts kubelet's probes of captured pods from inbound capture (see `capture::probes`).
+    pub fn with_host_probes(mut self, probes: HostProbes) -> Node {
+        self.probes = Some(Arc::new(probes));
         self
     }
 
@@ -193,11 +230,14 @@ impl Node {
             }
         }
         self.persist(&pods).map_err(|e| e.details)?;
+        self.sync_probes(&pods).await;
         Ok((adopted, dropped))
     }
 
-    /// CNI ADD: capture the pod; returns once its listeners and rules are in place.
-    pub async fn add(&self, sandbox: PodSandbox) -> Result<String, NodeError> {
+    /// CNI ADD: capture the pod with `capture`; returns once its listeners and rules are in place. A plan the
+    /// backend cannot honour is refused before anything is touched.
+    pub async fn add(&self, sandbox: PodSandbox, capture: PodCapture) -> Result<String, NodeError> {
+        self.redirector.check(&capture).map_err(|e| NodeError::new(format!("cannot capture {}/{}", sandbox.namespace, sandbox.name), e))?;
         let path = NetnsPath::try_from(sandbox.netns.clone()).map_err(|e| NodeError::new("invalid CNI_NETNS", e))?;
         let ns = Netns::open(&path).map_err(|e| NodeError::new(format!("cannot open netns {path}"), e))?;
         let attachment = Attachment { container_id: sandbox.container_id.clone(), ifname: sandbox.ifname.clone() };
@@ -207,7 +247,7 @@ impl Node {
         self.declined.lock().await.remove(&attachment);
         if let Some(existing) = pods.get(&attachment) {
             if existing.record.netns_id == ns.id() && existing.listeners.healthy() {
-                self.verify_rules(&existing.netns).await?;
+                self.verify_rules(&existing.netns, &existing.record.capture).await?;
                 return Ok(format!("{} already captured", existing.label()));
             }
         }
@@ -227,6 +267,7 @@ impl Node {
             redirect: self.redirector.mode(),
             added_at_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             meta: None,
+            capture,
         };
         let reason = match admission {
             Admission::Decline(reason) => {
@@ -237,8 +278,9 @@ impl Node {
                 self.persist(&pods)?;
                 return Ok(format!("{label} not captured: {reason}"));
             }
-            Admission::Capture { meta, reason } => {
+            Admission::Capture { meta, plan, reason } => {
                 record.meta = meta;
+                record.capture = plan.unwrap_or(record.capture);
                 reason
             }
         };
@@ -252,6 +294,7 @@ impl Node {
             }
             return Err(e);
         }
+        self.sync_probes(&pods).await;
         tracing::info!(pod = %label, mode = %self.redirector.mode(), "captured pod: {reason}");
         if let Some(pod) = pods.get(&attachment) {
             self.annotate(&pod.record, format!("captured ({}): {reason}", self.redirector.mode()));
@@ -269,6 +312,7 @@ impl Node {
         let label = pod.label();
         self.release(pod).await;
         self.persist(&pods)?;
+        self.sync_probes(&pods).await;
         tracing::info!(pod = %label, "released pod");
         Ok(format!("{label} released"))
     }
@@ -291,7 +335,7 @@ impl Node {
         if !pod.listeners.healthy() {
             return Err(NodeError::new(format!("{}: in-pod listeners stopped", pod.label()), "see the agent log"));
         }
-        self.verify_rules(&pod.netns).await?;
+        self.verify_rules(&pod.netns, &pod.record.capture).await?;
         Ok(format!("{} captured", pod.label()))
     }
 
@@ -309,7 +353,84 @@ impl Node {
             }
         }
         self.persist(&pods)?;
+        self.sync_probes(&pods).await;
         Ok(format!("released {} stale attachment(s)", stale.len()))
+    }
+
+    /// Applies a changed capture plan to a running pod: its rules are replaced in one batch (per IP family
+    /// with iptables; one nftables transaction; one map update plus one transaction in eBPF mode), its
+    /// listeners and established connections stay. A plan the backend cannot honour is refused before
+    /// anything changes; if installing or persisting fails, the pod keeps its previous rules and plan.
+    /// To stop capturing a pod live and resume later, apply [`PodCapture::nothing`] and then its plan again.
+    pub async fn recapture(&self, pod: PodRef<'_>, capture: PodCapture) -> Result<String, NodeError> {
+        self.redirector.check(&capture).map_err(|e| NodeError::new(format!("{pod}: capture plan refused"), e))?;
+        let mut pods = self.pods.lock().await;
+        let keys: Vec<Attachment> = pods.iter().filter(|(a, p)| pod.matches(a, &p.record)).map(|(a, _)| a.clone()).collect();
+        if keys.is_empty() {
+            return Err(NodeError::new(format!("{pod} is not captured"), "the agent has no record of it"));
+        }
+        let mut previous = Vec::new();
+        for key in keys {
+            let Some((label, ns)) =
+                pods.get(&key).filter(|p| p.record.capture != capture).map(|p| (p.label(), p.netns.clone()))
+            else {
+                continue;
+            };
+            if let Err(e) = self.install_rules(&ns, &capture).await {
+                self.restore_plans(&mut pods, previous).await;
+                return Err(NodeError::new(format!("{label}: cannot apply the new capture plan"), e));
+            }
+            if let Some(p) = pods.get_mut(&key) {
+                previous.push((key, std::mem::replace(&mut p.record.capture, capture.clone())));
+            }
+        }
+        if previous.is_empty() {
+            return Ok(format!("{pod}: capture plan unchanged"));
+        }
+        if let Err(e) = self.persist(&pods) {
+            self.restore_plans(&mut pods, previous).await;
+            return Err(e);
+        }
+        self.sync_probes(&pods).await;
+        tracing::info!(pod = %pod, attachments = previous.len(), "applied a new capture plan");
+        Ok(format!("{pod}: new capture plan applied"))
+    }
+
+    /// Puts back the plans (and their rules) of pods whose new plan could not be applied in full.
+    async fn restore_plans(&self, pods: &mut BTreeMap<Attachment, CapturedPod>, previous: Vec<(Attachment, PodCapture)>) {
+        for (key, plan) in previous {
+            let Some(p) = pods.get_mut(&key) else { continue };
+            if let Err(e) = self.install_rules(&p.netns, &plan).await {
+                tracing::error!(pod = %p.label(), "cannot restore the previous capture plan: {e}");
+            }
+            p.record.capture = plan;
+        }
+    }
+
+    async fn install_rules(&self, ns: &Netns, plan: &PodCapture) -> Result<(), CaptureError> {
+        let (redirector, ns, plan) = (Arc::clone(&self.redirector), ns.clone(), plan.clone());
+        blocking(move || redirector.install(&ns, &plan)).await
+    }
+
+    /// Gives the node's probe rules the probe ports of the pods captured now (skipped when unchanged). A
+    /// failure is logged: probes then go through capture like other connections, nothing is let through.
+    async fn sync_probes(&self, pods: &BTreeMap<Attachment, CapturedPod>) {
+        let Some(probes) = self.probes.clone() else { return };
+        let mut targets: Vec<ProbeTarget> =
+            pods.values().flat_map(|p| ProbeTarget::of_pod(&p.record.ips, &p.record.capture.probe_ports)).collect();
+        targets.sort();
+        targets.dedup();
+        {
+            let last = self.probe_targets.lock().unwrap_or_else(|e| e.into_inner());
+            if last.as_ref() == Some(&targets) {
+                return;
+            }
+        }
+        let synced = targets.clone();
+        match blocking(move || probes.sync(&synced)).await {
+            Ok(()) => *self.probe_targets.lock().unwrap_or_else(|e| e.into_inner()) = Some(targets),
+            Err(e) => tracing::warn!("kubelet probe exemption not updated, probes of captured pods may be refused: {e}"),
+        }
     }
 
     /// Closes every pod's listeners (shutdown); the records and rules stay for the next agent.
@@ -329,14 +450,18 @@ impl Node {
     /// leaving it out could leave a meshed pod unprotected.
     async fn admit(&self, namespace: &str, name: &str, uid: &str) -> Result<Admission, NodeError> {
         let Some(kube) = &self.kube else {
-            return Ok(Admission::Capture { meta: None, reason: "no Kubernetes API configured: every pod weft-cni hands over".into() });
+            return Ok(Admission::Capture { meta: None, plan: None, reason: "no Kubernetes API configured: every pod weft-cni hands over".into() });
         };
         let pod = kube.wait_pod(namespace, name, uid).await.map_err(|e| NodeError::new("cannot decide whether to capture the pod", e))?;
         let verdict = kube.verdict(&pod);
-        Ok(match verdict.capture {
-            true => Admission::Capture { meta: Some(k8s::pod_meta(&pod)), reason: verdict.reason },
-            false => Admission::Decline(verdict.reason),
-        })
+        if !verdict.capture {
+            return Ok(Admission::Decline(verdict.reason));
+        }
+        // A plan that cannot be honoured fails the ADD, as istio-cni does: capturing with other rules than the
+        // pod asks for is worse than the pod waiting for a fixed annotation.
+        let plan = k8s::capture_plan(&pod).map_err(|e| NodeError::new("cannot capture the pod as its annotations ask", e))?;
+        self.redirector.check(&plan).map_err(|e| NodeError::new(format!("{namespace}/{name}: capture plan refused"), e))?;
+        Ok(Admission::Capture { meta: Some(k8s::pod_meta(&pod)), plan: Some(plan), reason: verdict.reason })
     }
 
     /// Writes the pod's status annotation in the background (the CNI caller does not wait for the API).
@@ -397,6 +522,7 @@ impl Node {
                 changed = true;
                 continue;
             }
+            changed |= self.follow_plan(pod, &current).await;
             let meta = k8s::pod_meta(&current);
             if pod.record.meta.as_ref() != Some(&meta) {
                 tracing::info!(pod = %pod.label(), "labels or service account changed; renewing its xDS stream and identity");
@@ -412,6 +538,15 @@ impl Node {
                 _ if !netns::still_same(&record.netns, record.netns_id) => changed = true,
                 Some((verdict, meta)) if verdict.capture => {
                     record.meta = Some(meta);
+                    match current.as_ref().map(|p| k8s::capture_plan(p)) {
+                        Some(Ok(plan)) => record.capture = plan,
+                        Some(Err(e)) => {
+                            tracing::error!("{e}; not capturing it until fixed");
+                            declined.insert(attachment, record);
+                            continue;
+                        }
+                        None => {}
+                    }
                     if let Some(pod) = self.capture_declined(record, &verdict.reason).await {
                         pods.insert(attachment, pod);
                         changed = true;
@@ -423,6 +558,7 @@ impl Node {
             }
         }
         changed |= self.repair(kube, &mut pods, &mut declined).await;
+        self.sync_probes(&pods).await;
         if changed {
             if let Err(e) = self.persist(&pods) {
                 tracing::error!("{}: {}", e.msg, e.details);
@@ -474,6 +610,7 @@ impl Node {
                 redirect: self.mode(),
                 added_at_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
                 meta: None,
+                capture: PodCapture::default(),
             };
             let attachment = record.attachment();
             let verdict = kube.verdict(&current);
@@ -483,13 +620,49 @@ impl Node {
                 declined.insert(attachment, record);
                 continue;
             }
-            let record = PodRecord { meta: Some(k8s::pod_meta(&current)), ..record };
+            let capture = match k8s::capture_plan(&current) {
+                Ok(plan) => plan,
+                Err(e) => {
+                    tracing::error!("{e}; not capturing it until fixed");
+                    declined.insert(attachment, record);
+                    continue;
+                }
+            };
+            let record = PodRecord { meta: Some(k8s::pod_meta(&current)), capture, ..record };
             if let Some(pod) = self.capture_declined(record, &format!("{} (repaired)", verdict.reason)).await {
                 pods.insert(attachment, pod);
                 changed = true;
             }
         }
         changed
+    }
+
+    /// Applies a changed capture plan (annotations, probe ports) to a captured pod; a plan that cannot be
+    /// applied is logged and the pod keeps its last good rules.
+    async fn follow_plan(&self, pod: &mut CapturedPod, current: &k8s_openapi::api::core::v1::Pod) -> bool {
+        let plan = match k8s::capture_plan(current) {
+            Ok(plan) if plan != pod.record.capture => plan,
+            Ok(_) => return false,
+            Err(e) => {
+                tracing::error!("{e}; keeping its current capture");
+                return false;
+            }
+        };
+        let applied = match self.redirector.check(&plan) {
+            Ok(()) => self.install_rules(&pod.netns, &plan).await,
+            Err(e) => Err(e),
+        };
+        match applied {
+            Ok(()) => {
+                tracing::info!(pod = %pod.label(), "applied its new capture annotations");
+                pod.record.capture = plan;
+                true
+            }
+            Err(e) => {
+                tracing::error!(pod = %pod.label(), "cannot apply its new capture annotations ({e}); keeping its current capture");
+                false
+            }
+        }
     }
 
     /// A new xDS stream and identity for a pod whose metadata changed; its listeners and connections stay.
@@ -545,10 +718,10 @@ impl Node {
             .map_err(|e| NodeError::new(format!("{label}: cannot create in-pod listeners"), e))?;
         let listening = started.elapsed();
         let redirector = Arc::clone(&self.redirector);
-        let rules_ns = ns.clone();
+        let (rules_ns, plan) = (ns.clone(), record.capture.clone());
         blocking(move || match rules {
-            Rules::Install => redirector.install(&rules_ns),
-            Rules::Ensure => redirector.ensure(&rules_ns),
+            Rules::Install => redirector.install(&rules_ns, &plan),
+            Rules::Ensure => redirector.ensure(&rules_ns, &plan),
         })
         .await
         .map_err(|e| NodeError::new(format!("{label}: cannot install {} redirection", self.mode()), e))?;
@@ -607,10 +780,10 @@ impl Node {
         share.retire(self.settings.drain_timeout);
     }
 
-    async fn verify_rules(&self, ns: &Netns) -> Result<(), NodeError> {
+    async fn verify_rules(&self, ns: &Netns, plan: &PodCapture) -> Result<(), NodeError> {
         let redirector = Arc::clone(&self.redirector);
-        let ns = ns.clone();
-        blocking(move || redirector.verify(&ns))
+        let (ns, plan) = (ns.clone(), plan.clone());
+        blocking(move || redirector.verify(&ns, &plan))
             .await
             .map_err(|e| NodeError::new(format!("{} redirection is not in place", self.mode()), e))
     }
@@ -683,13 +856,18 @@ pub fn cleanup(cfg: &crate::config::agent::AgentConfig) -> Result<String, String
             continue;
         }
         let removed = match record.redirect {
-            RedirectMode::Iptables => Iptables::detect(cfg.iptables_variant).and_then(|b| b.remove(&ns)),
+            RedirectMode::Iptables => Iptables::detect(cfg.iptables_variant, None).and_then(|b| b.remove(&ns)),
             // eBPF enrolment goes with the pins below; its inbound rule is the nftables table.
-            RedirectMode::Nftables | RedirectMode::Ebpf => Nftables::detect().and_then(|b| b.remove(&ns)),
+            RedirectMode::Nftables | RedirectMode::Ebpf => Nftables::detect(None).and_then(|b| b.remove(&ns)),
         };
         match removed {
             Ok(()) => cleaned += 1,
             Err(e) => tracing::warn!(pod = %record.name, "cannot remove rules: {e}"),
+        }
+    }
+    if let Some(source) = cfg.probe_source {
+        if let Err(e) = HostProbes::new(cfg.redirect, cfg.iptables_variant, source, None).and_then(|p| p.remove()) {
+            tracing::warn!("cannot remove the node's kubelet probe rules: {e}");
         }
     }
     let _ = std::fs::remove_file(registry.path());

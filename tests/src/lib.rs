@@ -23,6 +23,7 @@ pub mod netns;
 pub mod pki;
 pub mod tools;
 pub mod load;
+pub mod local_agent;
 pub mod share;
 pub mod tls_client;
 pub mod traffic;

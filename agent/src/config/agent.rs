@@ -157,6 +157,9 @@ pub struct AgentConfig {
     /// The Kubernetes API the agent watches its node's pods in; none: every pod weft-cni hands over is captured.
     pub kube: Option<KubeSettings>,
     pub cni_install: CniInstallSettings,
+    /// Source address kubelet's probes of captured pods' probe ports are SNATed to on the node and let
+    /// through in the pod (see `capture::probes`); `None`: probes are captured like other connections.
+    pub probe_source: Option<std::net::Ipv4Addr>,
 }
 
 /// How the agent reaches the Kubernetes API and which pods are its own.
@@ -194,6 +197,7 @@ impl Default for AgentConfig {
             identity: IdentitySettings::default(),
             kube: None,
             cni_install: CniInstallSettings::default(),
+            probe_source: Some(crate::capture::DEFAULT_PROBE_SOURCE),
         }
     }
 }
@@ -261,6 +265,8 @@ pub struct ConfigFile {
     pub cni_binary: Option<PathBuf>,
     pub cni_exclude_namespaces: Option<Vec<String>>,
     pub cni_log_file: Option<PathBuf>,
+    /// Kubelet probe exemption: the IPv4 source address probes get on the node, or `off` [169.254.7.127].
+    pub probe_snat: Option<String>,
 }
 
 impl ConfigFile {
@@ -346,6 +352,9 @@ impl ConfigFile {
             set(&mut xds.istio_version, self.istio_version);
         } else if mesh_fields.iter().any(|f| f.is_some()) {
             return Err("xds_api, cluster_id (without ca istiod), mesh_id and istio_version need xds_address".into());
+        }
+        if let Some(text) = self.probe_snat {
+            base.probe_source = parse_probe_snat(&text)?;
         }
         identity.apply_identity(&mut base)?;
         identity.apply_kube(&mut base)?;
@@ -519,8 +528,23 @@ impl ConfigFile {
             cni_binary: self.cni_binary.or(under.cni_binary),
             cni_exclude_namespaces: self.cni_exclude_namespaces.or(under.cni_exclude_namespaces),
             cni_log_file: self.cni_log_file.or(under.cni_log_file),
+            probe_snat: self.probe_snat.or(under.probe_snat),
         }
     }
+}
+
+/// `off`, or a link-local IPv4 address: no pod or remote host may have it, or its connections would skip
+/// capture on the probe ports.
+fn parse_probe_snat(text: &str) -> Result<Option<std::net::Ipv4Addr>, String> {
+    if text == "off" {
+        return Ok(None);
+    }
+    let ip: std::net::Ipv4Addr =
+        text.parse().map_err(|_| format!("probe_snat: {text:?} is not an IPv4 address or `off`"))?;
+    if !ip.is_link_local() {
+        return Err(format!("probe_snat: {ip} is not link-local (169.254.0.0/16); use e.g. 169.254.7.127, or `off`"));
+    }
+    Ok(Some(ip))
 }
 
 /// `host:port` with a non-zero port.
@@ -575,6 +599,15 @@ mod tests {
         assert!(file(r#"{"stat_dir":"/x"}"#).unwrap_err().contains("stat_dir"));
         assert!(file(r#"{"log_level":"loud"}"#).unwrap_err().contains("log_level"));
         assert!(file(r#"{"connect_timeout_ms":0}"#).unwrap_err().contains("connect_timeout_ms"));
+    }
+
+    #[test]
+    fn probe_snat_defaults_to_ambients_address_and_can_be_turned_off() {
+        assert_eq!(file("{}").unwrap().probe_source, Some(crate::capture::DEFAULT_PROBE_SOURCE));
+        assert_eq!(file(r#"{"probe_snat":"off"}"#).unwrap().probe_source, None);
+        assert_eq!(file(r#"{"probe_snat":"169.254.9.9"}"#).unwrap().probe_source, Some([169, 254, 9, 9].into()));
+        assert!(file(r#"{"probe_snat":"10.0.0.1"}"#).unwrap_err().contains("probe_snat: 10.0.0.1 is not link-local"));
+        assert!(file(r#"{"probe_snat":"none"}"#).unwrap_err().contains("probe_snat"));
     }
 
     #[test]

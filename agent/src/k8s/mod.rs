@@ -18,6 +18,7 @@ use kube::{Api, Client};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::capture::PodCapture;
 use crate::config::agent::KubeSettings;
 use policy::{PodFacts, Policy, Verdict};
 
@@ -151,6 +152,42 @@ impl KubeView {
 
 fn ready<K: kube::Resource<DynamicType = ()> + Clone + 'static>(store: &Store<K>) -> bool {
     store.wait_until_ready().now_or_never().is_some_and(|r| r.is_ok())
+}
+
+/// The pod's capture plan: Istio's traffic annotations, plus the ports of its kubelet probes (exempt from
+/// inbound capture when the agent's probe exemption is on). Settings weft leaves out are logged with the pod.
+pub fn capture_plan(pod: &Pod) -> Result<PodCapture, String> {
+    let empty = BTreeMap::new();
+    let parsed = PodCapture::parse(pod.metadata.annotations.as_ref().unwrap_or(&empty)).map_err(|e| format!("pod {}: {e}", label(pod)))?;
+    for ignored in &parsed.ignored {
+        tracing::warn!(pod = %label(pod), "annotation {} not applied: {}", ignored.annotation, ignored.reason);
+    }
+    Ok(parsed.capture.with_probe_ports(probe_ports(pod)))
+}
+
+/// The ports kubelet probes (HTTP, TCP and gRPC liveness, readiness and startup probes), named ports
+/// resolved against the container's ports.
+fn probe_ports(pod: &Pod) -> Vec<u16> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let Some(spec) = &pod.spec else { return Vec::new() };
+    let mut ports = Vec::new();
+    for container in spec.containers.iter().chain(spec.init_containers.iter().flatten()) {
+        let resolve = |port: &IntOrString| match port {
+            IntOrString::Int(n) => u16::try_from(*n).ok(),
+            IntOrString::String(name) => container
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(name.as_str()))
+                .and_then(|p| u16::try_from(p.container_port).ok()),
+        };
+        for probe in [&container.liveness_probe, &container.readiness_probe, &container.startup_probe].into_iter().flatten() {
+            ports.extend(probe.http_get.as_ref().and_then(|h| resolve(&h.port)));
+            ports.extend(probe.tcp_socket.as_ref().and_then(|t| resolve(&t.port)));
+            ports.extend(probe.grpc.as_ref().and_then(|g| u16::try_from(g.port).ok()));
+        }
+    }
+    ports
 }
 
 /// `namespace/name` of a pod, for logs.
