@@ -595,7 +595,16 @@ impl Node {
         for current in kube.pods() {
             let Some(found) = repair_candidate(&current, &known) else { continue };
             let ip = found.ips[0];
-            let Ok(Some(path)) = tokio::task::spawn_blocking(move || netns::find_by_ip(ip)).await else { continue };
+            let Ok(mut holders) = tokio::task::spawn_blocking(move || netns::find_by_ip(ip)).await else { continue };
+            let path = match holders.len() {
+                1 => holders.remove(0),
+                0 => continue,
+                _ => {
+                    let names: Vec<String> = holders.iter().map(ToString::to_string).collect();
+                    tracing::error!(pod = %k8s::label(&current), "not repaired: its address {ip} is held by several network namespaces ({})", names.join(", "));
+                    continue;
+                }
+            };
             let Ok(ns) = Netns::open(&path) else { continue };
             let record = PodRecord {
                 container_id: format!("{REPAIRED}{}", found.uid),

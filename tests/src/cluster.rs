@@ -113,6 +113,8 @@ pub struct PodOptions {
     /// `{"portMappings":[{"hostPort":8080,"containerPort":80,"protocol":"tcp"}]}`.
     /// `None` passes `{"portMappings":[]}` as containerd does.
     pub capability_args: Option<Value>,
+    /// The pod's uid (`K8S_POD_UID`), as the API server gave it; `None`: a random one.
+    pub uid: Option<String>,
 }
 
 /// A pod sandbox: its netns and the ids a runtime would pass to CNI.
@@ -552,6 +554,7 @@ impl Cluster {
             (u.1 >> 48) & 0x3fff | 0x8000,
             u.1 & 0xffff_ffff_ffff
         );
+        let uid = opts.uid.clone().unwrap_or(uid);
         let mut pod = Pod {
             namespace: namespace.to_string(),
             name: name.to_string(),

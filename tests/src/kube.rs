@@ -14,6 +14,7 @@ use std::time::Duration;
 use rcgen::{CertificateParams, KeyPair, SanType};
 use serde_json::{json, Value};
 
+use crate::cluster::{Cluster, Pod, PodOptions};
 use crate::netns::NetNs;
 use crate::tools::harness_dir;
 use crate::util::{self, ChildGuard, HarnessError};
@@ -189,6 +190,16 @@ impl KubeApi {
         merge(&mut pod["spec"], spec);
         let created = self.ok("POST", &format!("/api/v1/namespaces/{namespace}/pods"), Some(&pod))?;
         created["metadata"]["uid"].as_str().map(str::to_string).ok_or_else(|| HarnessError(format!("created pod without uid: {created}")))
+    }
+
+    /// Plays kubelet for a new pod: the Pod object bound to the cluster's node, its sandbox made by libcni
+    /// (weft-cni's ADD included) with the API's uid, then its status with the sandbox's address.
+    pub fn run_pod(&self, cluster: &Cluster, namespace: &str, name: &str, metadata: Value, spec: Value) -> Result<Pod, HarnessError> {
+        let uid = self.create_pod(namespace, name, cluster.id(), metadata, spec)?;
+        let opts = PodOptions { uid: Some(uid), ..PodOptions::default() };
+        let (pod, _) = cluster.add_pod_with(namespace, name, &opts).map_err(|e| HarnessError(format!("CNI ADD of {namespace}/{name}: {}", e.message())))?;
+        self.set_pod_running(namespace, name, pod.ip.into())?;
+        Ok(pod)
     }
 
     /// Writes the pod's status as kubelet does once its sandbox has an address.

@@ -73,6 +73,8 @@ pub struct Recorded {
     pub error: Option<String>,
     pub initial_resource_versions: HashMap<String, String>,
     pub node_id: Option<String>,
+    /// The node's metadata (the first request of a stream carries it), as JSON.
+    pub node_metadata: Option<serde_json::Value>,
     /// SotW `resource_names`, or delta `resource_names_subscribe`.
     pub names: Vec<String>,
 }
@@ -310,6 +312,7 @@ impl AggregatedDiscoveryService for Service {
                             error: req.error_detail.as_ref().map(|s| s.message.clone()),
                             initial_resource_versions: HashMap::new(),
                             node_id: req.node.as_ref().map(|n| n.id.clone()),
+                            node_metadata: req.node.as_ref().and_then(|n| n.metadata.as_ref()).map(struct_json),
                             names: req.resource_names.clone(),
                         });
                         if subscribed.get(&req.type_url) != Some(&req.resource_names) {
@@ -377,6 +380,7 @@ impl AggregatedDiscoveryService for Service {
                             error: req.error_detail.as_ref().map(|s| s.message.clone()),
                             initial_resource_versions: req.initial_resource_versions.clone(),
                             node_id: req.node.as_ref().map(|n| n.id.clone()),
+                            node_metadata: req.node.as_ref().and_then(|n| n.metadata.as_ref()).map(struct_json),
                             names: req.resource_names_subscribe.clone(),
                         });
                         let known = client.entry(req.type_url.clone()).or_insert_with(|| req.initial_resource_versions.clone());
@@ -431,5 +435,22 @@ impl AggregatedDiscoveryService for Service {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// A protobuf Struct as JSON.
+fn struct_json(s: &xds_api::pb::google::protobuf::Struct) -> serde_json::Value {
+    serde_json::Value::Object(s.fields.iter().map(|(k, v)| (k.clone(), value_json(v))).collect())
+}
+
+fn value_json(v: &xds_api::pb::google::protobuf::Value) -> serde_json::Value {
+    use xds_api::pb::google::protobuf::value::Kind;
+    match &v.kind {
+        Some(Kind::StringValue(s)) => serde_json::Value::String(s.clone()),
+        Some(Kind::NumberValue(n)) => serde_json::json!(n),
+        Some(Kind::BoolValue(b)) => serde_json::Value::Bool(*b),
+        Some(Kind::StructValue(s)) => struct_json(s),
+        Some(Kind::ListValue(l)) => serde_json::Value::Array(l.values.iter().map(value_json).collect()),
+        Some(Kind::NullValue(_)) | None => serde_json::Value::Null,
     }
 }

@@ -230,12 +230,14 @@ mod tests {
     }
 }
 
-/// Finds the network namespace that holds `ip` on one of its interfaces, among the named ones
-/// (`/var/run/netns`, `/run/netns`, where runtimes pin pod namespaces): how a pod that started before the agent
-/// (no CNI ADD reached it) is found again. Blocking; run it off the async runtime.
-pub fn find_by_ip(ip: std::net::IpAddr) -> Option<NetnsPath> {
+/// The network namespaces that hold `ip` on one of their interfaces, among the named ones (`/var/run/netns`,
+/// `/run/netns`, where runtimes pin pod namespaces): how a pod that started before the agent (no CNI ADD reached
+/// it) is found again. On a node a pod address is in one namespace; the caller refuses anything else. Blocking;
+/// run it off the async runtime.
+pub fn find_by_ip(ip: std::net::IpAddr) -> Vec<NetnsPath> {
     let host = std::fs::metadata("/proc/self/ns/net").ok().map(|m| (m.dev(), m.ino()));
     let mut seen = std::collections::HashSet::new();
+    let mut found = Vec::new();
     for path in candidates() {
         let Ok(path) = NetnsPath::try_from(path.to_string_lossy().into_owned()) else { continue };
         let Ok(ns) = Netns::open(&path) else { continue };
@@ -251,10 +253,10 @@ pub fn find_by_ip(ip: std::net::IpAddr) -> Option<NetnsPath> {
             }))
         });
         if holds.unwrap_or(false) {
-            return Some(path);
+            found.push(path);
         }
     }
-    None
+    found
 }
 
 fn candidates() -> Vec<PathBuf> {

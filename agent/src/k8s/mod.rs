@@ -95,7 +95,13 @@ impl KubeView {
             }
         })
         .await;
-        found.ok().flatten().ok_or_else(|| {
+        if let Some(pod) = found.ok().flatten() {
+            return Ok(pod);
+        }
+        // The watch may be behind (re-listing after the API server came back): ask once directly.
+        let api = Api::<Pod>::namespaced(self.client.clone(), namespace);
+        let direct = api.get_opt(name).await.ok().flatten().filter(|p| uid.is_empty() || p.metadata.uid.as_deref() == Some(uid));
+        direct.map(Arc::new).ok_or_else(|| {
             format!(
                 "pod {namespace}/{name} (uid {uid}) is not in the API server's view of node {} after {:?}: the agent cannot decide its capture (is the API server reachable? see the agent log)",
                 self.settings.node_name, self.settings.pod_wait
@@ -237,6 +243,37 @@ async fn client(settings: &KubeSettings) -> Result<Client, String> {
     Client::try_from(config).map_err(|e| format!("Kubernetes client: {e}"))
 }
 
+/// Retries of a failed watch: 250 ms doubling to 5 s, reset by success, so a restarted API server is followed
+/// within seconds (a CNI ADD waits on the watch) without hammering one that stays away.
+struct WatchBackoff {
+    next: std::time::Duration,
+}
+
+const WATCH_RETRY_MIN: std::time::Duration = std::time::Duration::from_millis(250);
+const WATCH_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        WatchBackoff { next: WATCH_RETRY_MIN }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = std::time::Duration;
+
+    fn next(&mut self) -> Option<std::time::Duration> {
+        let delay = self.next;
+        self.next = (delay * 2).min(WATCH_RETRY_MAX);
+        Some(delay)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = WATCH_RETRY_MIN;
+    }
+}
+
 /// A reflector on `api` whose store the caller reads; every event bumps `changes`. Errors (the API server
 /// away, refusing, a watch expired) are logged and retried with backoff; the store keeps its last state.
 fn reflect<K>(api: Api<K>, config: watcher::Config, what: &'static str, changes: Arc<watch::Sender<u64>>) -> Store<K>
@@ -244,7 +281,7 @@ where
     K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+    let stream = reflector::reflector(writer, watcher(api, config).backoff(WatchBackoff::default()));
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         let mut failing = false;
