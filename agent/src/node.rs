@@ -14,6 +14,7 @@ use crate::capture::probes::{HostProbes, ProbeTarget};
 use crate::capture::{CaptureError, PodCapture, RedirectMode, Redirector};
 use crate::cni_server::registry::{PodRecord, RegistryFile};
 use crate::identity::manager::{IdentityManager, Subscription};
+use crate::config::agent::PodLimits;
 use crate::k8s::{self, KubeView, PodMeta};
 use crate::proxy::listener::{self, PodListeners};
 use crate::proxy::passthrough;
@@ -126,7 +127,7 @@ impl std::fmt::Display for PodRef<'_> {
 
 /// Whether a new pod is captured, as the Kubernetes API says (every pod, without it).
 enum Admission {
-    Capture { meta: Option<PodMeta>, plan: Option<PodCapture>, reason: String },
+    Capture { meta: Option<PodMeta>, plan: Option<PodCapture>, limits: Option<PodLimits>, reason: String },
     Decline(String),
 }
 
@@ -267,6 +268,7 @@ impl Node {
             redirect: self.redirector.mode(),
             added_at_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             meta: None,
+            limits: None,
             capture,
         };
         let reason = match admission {
@@ -278,8 +280,9 @@ impl Node {
                 self.persist(&pods)?;
                 return Ok(format!("{label} not captured: {reason}"));
             }
-            Admission::Capture { meta, plan, reason } => {
+            Admission::Capture { meta, plan, limits, reason } => {
                 record.meta = meta;
+                record.limits = limits;
                 record.capture = plan.unwrap_or(record.capture);
                 reason
             }
@@ -450,7 +453,7 @@ impl Node {
     /// leaving it out could leave a meshed pod unprotected.
     async fn admit(&self, namespace: &str, name: &str, uid: &str) -> Result<Admission, NodeError> {
         let Some(kube) = &self.kube else {
-            return Ok(Admission::Capture { meta: None, plan: None, reason: "no Kubernetes API configured: every pod weft-cni hands over".into() });
+            return Ok(Admission::Capture { meta: None, plan: None, limits: None, reason: "no Kubernetes API configured: every pod weft-cni hands over".into() });
         };
         let pod = kube.wait_pod(namespace, name, uid).await.map_err(|e| NodeError::new("cannot decide whether to capture the pod", e))?;
         let verdict = kube.verdict(&pod);
@@ -461,7 +464,8 @@ impl Node {
         // pod asks for is worse than the pod waiting for a fixed annotation.
         let plan = k8s::capture_plan(&pod).map_err(|e| NodeError::new("cannot capture the pod as its annotations ask", e))?;
         self.redirector.check(&plan).map_err(|e| NodeError::new(format!("{namespace}/{name}: capture plan refused"), e))?;
-        Ok(Admission::Capture { meta: Some(k8s::pod_meta(&pod)), plan: Some(plan), reason: verdict.reason })
+        let limits = k8s::pod_limits(&pod, self.settings.pod_limits).map_err(|e| NodeError::new("cannot capture the pod with the limits its annotations ask", e))?;
+        Ok(Admission::Capture { meta: Some(k8s::pod_meta(&pod)), plan: Some(plan), limits: Some(limits), reason: verdict.reason })
     }
 
     /// Writes the pod's status annotation in the background (the CNI caller does not wait for the API).
@@ -538,6 +542,7 @@ impl Node {
                 _ if !netns::still_same(&record.netns, record.netns_id) => changed = true,
                 Some((verdict, meta)) if verdict.capture => {
                     record.meta = Some(meta);
+                    record.limits = current.as_ref().and_then(|p| self.limits_or_log(p));
                     match current.as_ref().map(|p| k8s::capture_plan(p)) {
                         Some(Ok(plan)) => record.capture = plan,
                         Some(Err(e)) => {
@@ -619,6 +624,7 @@ impl Node {
                 redirect: self.mode(),
                 added_at_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
                 meta: None,
+                limits: None,
                 capture: PodCapture::default(),
             };
             let attachment = record.attachment();
@@ -637,7 +643,7 @@ impl Node {
                     continue;
                 }
             };
-            let record = PodRecord { meta: Some(k8s::pod_meta(&current)), capture, ..record };
+            let record = PodRecord { meta: Some(k8s::pod_meta(&current)), capture, limits: self.limits_or_log(&current), ..record };
             if let Some(pod) = self.capture_declined(record, &format!("{} (repaired)", verdict.reason)).await {
                 pods.insert(attachment, pod);
                 changed = true;
@@ -670,6 +676,17 @@ impl Node {
             Err(e) => {
                 tracing::error!(pod = %pod.label(), "cannot apply its new capture annotations ({e}); keeping its current capture");
                 false
+            }
+        }
+    }
+
+    /// The pod's limits; on a bad annotation, logged and the agent's defaults.
+    fn limits_or_log(&self, pod: &k8s_openapi::api::core::v1::Pod) -> Option<PodLimits> {
+        match k8s::pod_limits(pod, self.settings.pod_limits) {
+            Ok(limits) => Some(limits),
+            Err(e) => {
+                tracing::error!("{e}; the agent's pod_limits apply");
+                None
             }
         }
     }
@@ -720,7 +737,8 @@ impl Node {
             None => Some(Arc::new(passthrough::snapshot(self.settings.connect_timeout))),
         };
         let (snapshot, config) = tokio::sync::watch::channel(initial);
-        let share = PodShare::new(self.settings.pod_workers, self.settings.pod_limits, Some(Arc::clone(&self.load)))
+        let limits = record.limits.unwrap_or(self.settings.pod_limits);
+        let share = PodShare::new(self.settings.pod_workers, limits, Some(Arc::clone(&self.load)))
             .map_err(|e| NodeError::new(format!("{label}: cannot start the pod's worker threads"), e))?;
         let listeners = listener::start(label.clone(), ns.clone(), self.settings, config, &share)
             .await

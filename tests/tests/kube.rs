@@ -134,6 +134,19 @@ fn capture_follows_istio_labels_live() {
     .unwrap();
     assert!(agent.pod_status("plain", "b").unwrap().is_some());
 
+    // Per-pod limits by annotation: one downstream connection at a time for this pod.
+    let lim = api.run_pod(&cluster, "mesh", "lim", json!({"annotations": {"weft.dev/max-connections": "1"}}), json!({})).unwrap();
+    captured(&agent, "mesh", "lim", true);
+    let held = lim.netns.tcp_connect(c.addr(PORT), Duration::from_secs(5)).unwrap();
+    wait_for("lim's first connection held", WAIT, || {
+        let status = agent.pod_status("mesh", "lim").map_err(|e| e.to_string())?.unwrap_or_default();
+        (status["load"]["connections"].as_u64() == Some(1)).then_some(()).ok_or_else(|| format!("{status}"))
+    })
+    .unwrap();
+    assert!(echo(&lim.netns, c.addr(PORT), b"ping").is_err(), "a second connection of lim must be refused at its limit");
+    drop(held);
+    wait_for("lim's limit freed", WAIT, || echo(&lim.netns, c.addr(PORT), b"ping").map(drop).map_err(|e| e.to_string())).unwrap();
+
     // weft's own switch takes a pod out, live; its traffic no longer meets the proxy.
     api.patch_pod("mesh", "a", json!({"labels": {"weft.dev/capture": "disabled"}})).unwrap();
     captured(&agent, "mesh", "a", false);

@@ -12,6 +12,7 @@ use weft_cni::protocol::Attachment;
 
 use crate::capture::netns::{NetnsId, NetnsPath};
 use crate::capture::{PodCapture, RedirectMode};
+use crate::config::agent::PodLimits;
 use crate::k8s::PodMeta;
 
 const FILE_NAME: &str = "pods.json";
@@ -36,6 +37,9 @@ pub struct PodRecord {
     /// What the Kubernetes API says of the pod (service account, labels, workload), when the agent watches it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub meta: Option<PodMeta>,
+    /// The pod's own limits (its annotations over the agent's `pod_limits`), when it has any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<PodLimits>,
     /// The pod's capture plan, re-installed as it is on restart; registries written before plans existed
     /// load with the default plan, which is what those pods were captured with.
     #[serde(default)]
@@ -130,6 +134,7 @@ mod tests {
             redirect: RedirectMode::Iptables,
             added_at_unix: 1,
             meta: None,
+            limits: None,
             capture: PodCapture::default(),
         }
     }

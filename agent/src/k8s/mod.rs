@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::capture::PodCapture;
-use crate::config::agent::KubeSettings;
+use crate::config::agent::{KubeSettings, PodLimits};
 use policy::{PodFacts, Policy, Verdict};
 
 /// The pod annotation where the agent says whether and how it captures the pod.
@@ -196,6 +196,39 @@ fn probe_ports(pod: &Pod) -> Vec<u16> {
     ports
 }
 
+/// Per-pod limits by annotation, over the agent's `pod_limits`: `weft.dev/max-connections`,
+/// `weft.dev/max-requests`, `weft.dev/max-connection-rate` (per second) and `weft.dev/max-bandwidth` (bytes per
+/// second each way), each a positive integer.
+pub fn pod_limits(pod: &Pod, defaults: PodLimits) -> Result<PodLimits, String> {
+    let Some(annotations) = &pod.metadata.annotations else { return Ok(defaults) };
+    let read = |key: &str| -> Result<Option<u64>, String> {
+        let Some(value) = annotations.get(key) else { return Ok(None) };
+        match value.trim().parse::<u64>() {
+            Ok(n) if n > 0 => Ok(Some(n)),
+            _ => Err(format!("pod {}: annotation {key}={value:?}: use a positive integer", label(pod))),
+        }
+    };
+    let mut limits = defaults;
+    if let Some(n) = read(MAX_CONNECTIONS)? {
+        limits.max_connections = n;
+    }
+    if let Some(n) = read(MAX_REQUESTS)? {
+        limits.max_requests = n;
+    }
+    if let Some(n) = read(MAX_CONNECTION_RATE)? {
+        limits.max_connection_rate = n;
+    }
+    if let Some(n) = read(MAX_BANDWIDTH)? {
+        limits.max_bandwidth = Some(n);
+    }
+    Ok(limits)
+}
+
+pub const MAX_CONNECTIONS: &str = "weft.dev/max-connections";
+pub const MAX_REQUESTS: &str = "weft.dev/max-requests";
+pub const MAX_CONNECTION_RATE: &str = "weft.dev/max-connection-rate";
+pub const MAX_BANDWIDTH: &str = "weft.dev/max-bandwidth";
+
 /// `namespace/name` of a pod, for logs.
 pub fn label(pod: &Pod) -> String {
     format!("{}/{}", pod.metadata.namespace.as_deref().unwrap_or_default(), pod.metadata.name.as_deref().unwrap_or_default())
@@ -302,4 +335,55 @@ where
         }
     });
     reader
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(value: serde_json::Value) -> Pod {
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn workload_and_service_account_as_istio_names_them() {
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "web-7d9f8c-x1", "namespace": "shop", "labels": {"pod-template-hash": "7d9f8c"},
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-7d9f8c", "uid": "u", "controller": true}]},
+            "spec": {"containers": [], "serviceAccountName": "web"}
+        }));
+        let meta = pod_meta(&p);
+        assert_eq!(meta.service_account, "web");
+        assert_eq!(meta.workload, Workload { kind: "Deployment".into(), name: "web".into(), api_version: "apps/v1".into() });
+        let job = pod(serde_json::json!({
+            "metadata": {"name": "j-1", "ownerReferences": [{"apiVersion": "batch/v1", "kind": "Job", "name": "j", "uid": "u", "controller": true}]},
+            "spec": {"containers": []}
+        }));
+        let meta = pod_meta(&job);
+        assert_eq!((meta.service_account.as_str(), meta.workload.kind.as_str(), meta.workload.name.as_str()), ("default", "Job", "j"));
+        let bare = pod_meta(&pod(serde_json::json!({"metadata": {"name": "solo"}})));
+        assert_eq!((bare.workload.kind.as_str(), bare.workload.name.as_str()), ("Pod", "solo"));
+    }
+
+    #[test]
+    fn probe_ports_resolve_named_ports() {
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "p"},
+            "spec": {"containers": [{"name": "app", "ports": [{"name": "health", "containerPort": 8081}],
+                "livenessProbe": {"httpGet": {"port": "health"}}, "readinessProbe": {"tcpSocket": {"port": 8080}},
+                "startupProbe": {"grpc": {"port": 9090}}}]}
+        }));
+        let plan = capture_plan(&p).unwrap();
+        assert_eq!(plan.probe_ports, [8080, 8081, 9090]);
+    }
+
+    #[test]
+    fn limits_by_annotation_name_the_bad_one() {
+        let defaults = PodLimits::default();
+        let p = pod(serde_json::json!({"metadata": {"name": "p", "namespace": "n", "annotations": {MAX_CONNECTIONS: "10", MAX_BANDWIDTH: "1000"}}}));
+        let limits = pod_limits(&p, defaults).unwrap();
+        assert_eq!((limits.max_connections, limits.max_bandwidth, limits.max_requests), (10, Some(1000), defaults.max_requests));
+        let bad = pod(serde_json::json!({"metadata": {"name": "p", "namespace": "n", "annotations": {MAX_REQUESTS: "0"}}}));
+        assert_eq!(pod_limits(&bad, defaults).unwrap_err(), "pod n/p: annotation weft.dev/max-requests=\"0\": use a positive integer");
+    }
 }
