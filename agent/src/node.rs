@@ -199,6 +199,11 @@ impl Node {
         self.redirector.mode()
     }
 
+    /// The Kubernetes watch, when there is one, for the status endpoint.
+    pub fn kube_status(&self) -> Option<k8s::KubeStatus> {
+        self.kube.as_ref().map(|k| k.status())
+    }
+
     /// Backend details (eBPF pins, adopted links) for the status endpoint.
     pub fn capture_status(&self) -> serde_json::Value {
         self.redirector.status()

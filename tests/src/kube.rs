@@ -195,11 +195,16 @@ impl KubeApi {
     /// Plays kubelet for a new pod: the Pod object bound to the cluster's node, its sandbox made by libcni
     /// (weft-cni's ADD included) with the API's uid, then its status with the sandbox's address.
     pub fn run_pod(&self, cluster: &Cluster, namespace: &str, name: &str, metadata: Value, spec: Value) -> Result<Pod, HarnessError> {
+        self.run_pod_timed(cluster, namespace, name, metadata, spec).map(|(pod, _)| pod)
+    }
+
+    /// [`KubeApi::run_pod`], also returning the time libcni's ADD took, in microseconds.
+    pub fn run_pod_timed(&self, cluster: &Cluster, namespace: &str, name: &str, metadata: Value, spec: Value) -> Result<(Pod, u64), HarnessError> {
         let uid = self.create_pod(namespace, name, cluster.id(), metadata, spec)?;
         let opts = PodOptions { uid: Some(uid), ..PodOptions::default() };
-        let (pod, _) = cluster.add_pod_with(namespace, name, &opts).map_err(|e| HarnessError(format!("CNI ADD of {namespace}/{name}: {}", e.message())))?;
+        let (pod, out) = cluster.add_pod_with(namespace, name, &opts).map_err(|e| HarnessError(format!("CNI ADD of {namespace}/{name}: {}", e.message())))?;
         self.set_pod_running(namespace, name, pod.ip.into())?;
-        Ok(pod)
+        Ok((pod, out.elapsed_us))
     }
 
     /// Writes the pod's status as kubelet does once its sandbox has an address.

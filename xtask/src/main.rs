@@ -11,6 +11,7 @@
 
 mod bench;
 mod bench_http;
+mod bench_kube;
 mod bench_mtls;
 mod bench_neighbour;
 mod demo;
@@ -35,6 +36,7 @@ fn main() -> ExitCode {
         ["bench", "http", rest @ ..] => bench_http::run(rest),
         ["bench", "neighbour", rest @ ..] => bench_neighbour::run(rest),
         ["bench", "mtls", rest @ ..] => bench_mtls::run(rest),
+        ["bench", "kube", rest @ ..] => bench_kube::run(rest),
         // The upstream `bench http` runs inside its network namespace (not in the usage).
         ["bench-upstream", rest @ ..] => bench_http::upstream(rest),
         _ => Err(USAGE.to_string()),
@@ -49,7 +51,7 @@ fn main() -> ExitCode {
 }
 
 const USAGE: &str =
-    "usage: cargo xtask (setup | build-ebpf | test [-- CARGO TEST ARGS] | demo | bench cni [--pods N] | bench capture | bench xds [--clusters N] | bench pods | bench http [--duration S] [--connections N] | bench neighbour [--duration S])";
+    "usage: cargo xtask (setup | build-ebpf | test [-- CARGO TEST ARGS] | demo | bench cni [--pods N] | bench capture | bench xds [--clusters N] | bench pods | bench http [--duration S] [--connections N] | bench neighbour [--duration S] | bench kube [--objects N --pods M])";
 
 /// Runs a command, failing with its name when it does not succeed.
 pub fn run(cmd: &mut Command) -> Result<(), String> {

@@ -29,6 +29,9 @@ struct Status<'a> {
     /// Workload identities held: serial, expiry, last error.
     #[serde(skip_serializing_if = "Option::is_none")]
     identities: Option<Vec<crate::identity::manager::IdentityStatus>>,
+    /// The Kubernetes watch: node, synced, pods and namespaces held.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kube: Option<crate::k8s::KubeStatus>,
 }
 
 impl Admin {
@@ -60,6 +63,7 @@ impl Routes for Admin {
                     version: env!("CARGO_PKG_VERSION"),
                     pods: self.node.status().await,
                     identities: self.identity.as_ref().map(|m| m.status()),
+                    kube: self.node.kube_status(),
                 }),
                 ("GET", "/stats/prometheus") => Reply::ok("text/plain; version=0.0.4", prometheus(&self.node.status().await)),
                 (method, "/logging") => super::logging(method, &request),

@@ -44,6 +44,15 @@ pub struct Workload {
     pub api_version: String,
 }
 
+/// What the watch holds: the node's pods and all namespaces, once both were listed.
+#[derive(Debug, Clone, Serialize)]
+pub struct KubeStatus {
+    pub node: String,
+    pub synced: bool,
+    pub pods: usize,
+    pub namespaces: usize,
+}
+
 /// The cached view of the node's pods and all namespaces.
 pub struct KubeView {
     client: Client,
@@ -112,6 +121,11 @@ impl KubeView {
     /// The cached pod `namespace/name`, if any.
     pub fn pod(&self, namespace: &str, name: &str) -> Option<Arc<Pod>> {
         self.pods.get(&ObjectRef::new(name).within(namespace))
+    }
+
+    /// The watch, for the status endpoint.
+    pub fn status(&self) -> KubeStatus {
+        KubeStatus { node: self.settings.node_name.clone(), synced: self.synced(), pods: self.pods.len(), namespaces: self.namespaces.len() }
     }
 
     /// Every cached pod of the node.
