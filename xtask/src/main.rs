@@ -1,19 +1,23 @@
 //! `cargo xtask`: the project's commands. Each installs what it needs first, idempotently and quietly when
 //! everything is already there.
 //!
-//! - `cargo xtask setup`: install the Debian packages the tests, demo and benchmarks use.
+//! - `cargo xtask setup`: install the Debian packages the tests, demo and benchmarks use, and build helm from its
+//!   Go module into the cache.
 //! - `cargo xtask test`: setup, build, run every test (unit, libcni-driven capture suites for each backend).
 //! - `cargo xtask demo`: setup, build, run a two-pod netns cluster and show captured traffic, then clean up.
 //! - `cargo xtask bench cni`: setup, release build, measure CNI ADD latency with and without weft-cni.
 //! - `cargo xtask bench http`: setup, release build, HTTP/1.1, HTTP/2 and gRPC throughput, latency, CPU and
 //!   memory of weft's proxy against the real Envoy (same bootstrap, `--concurrency 1`) and against no proxy.
+//! - `cargo xtask e2e-kind`: a kind cluster with istiod and weft's chart, the shared scenarios (tests/scenarios.yaml).
 
 mod bench;
 mod bench_http;
 mod bench_mtls;
 mod bench_neighbour;
 mod demo;
+mod e2e_kind;
 mod ebpf;
+mod gobuild;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -34,6 +38,7 @@ fn main() -> ExitCode {
         ["bench", "neighbour", rest @ ..] => bench_neighbour::run(rest),
         ["bench", "mtls", rest @ ..] => bench_mtls::run(rest),
         // The upstream `bench http` runs inside its network namespace (not in the usage).
+        ["e2e-kind"] => e2e_kind::run_e2e(),
         ["bench-upstream", rest @ ..] => bench_http::upstream(rest),
         _ => Err(USAGE.to_string()),
     };
@@ -47,7 +52,7 @@ fn main() -> ExitCode {
 }
 
 const USAGE: &str =
-    "usage: cargo xtask (setup | build-ebpf | test [-- CARGO TEST ARGS] | demo | bench cni [--pods N] | bench capture | bench xds [--clusters N] | bench pods | bench http [--duration S] [--connections N] | bench neighbour [--duration S])";
+    "usage: cargo xtask (setup | build-ebpf | test [-- CARGO TEST ARGS] | demo | e2e-kind | bench cni [--pods N] | bench capture | bench xds [--clusters N] | bench pods | bench http [--duration S] [--connections N] | bench neighbour [--duration S])";
 
 /// Runs a command, failing with its name when it does not succeed.
 pub fn run(cmd: &mut Command) -> Result<(), String> {
