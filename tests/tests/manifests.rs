@@ -237,7 +237,9 @@ fn all_manifests() -> Vec<(String, Value)> {
             all.push((format!("{origin} document {n}"), doc));
         }
     };
-    add("deploy/weft.yaml".into(), &std::fs::read_to_string(workspace_root().join("deploy/weft.yaml")).unwrap());
+    let plain = std::fs::read_to_string(workspace_root().join("deploy/weft.yaml"))
+        .unwrap_or_else(|e| panic!("deploy/weft.yaml: {e}; generate it with `{REGENERATE}`"));
+    add("deploy/weft.yaml".into(), &plain);
     for sets in VARIANTS {
         add(format!("helm template --set {}", sets.join(",")), &render(sets).unwrap());
     }
