@@ -1,6 +1,6 @@
 //! Go programs of the ecosystem that the project builds from their Go modules by name (never copied into the
 //! repository): what each is, at which version, and where its build is cached. `cargo xtask setup` builds them
-//! (`xtask/src/gobuild.rs`); the tests find them here and fail with the command to run when one is missing.
+//! (`xtask/src/goinstall.rs`); the tests find them here and fail with the command to run when one is missing.
 
 use std::path::PathBuf;
 
@@ -36,13 +36,13 @@ pub const KIND: GoTool = GoTool {
     why: "creates the cluster of cargo xtask e2e-kind",
 };
 
-/// `$XDG_CACHE_HOME/weft/bin`, else `$HOME/.cache/weft/bin`.
+/// `$XDG_CACHE_HOME/weft/go-bin`, else `$HOME/.cache/weft/go-bin` (beside the other Go builds).
 pub fn cache_dir() -> PathBuf {
     let base = match std::env::var_os("XDG_CACHE_HOME").filter(|d| !d.is_empty()) {
         Some(dir) => PathBuf::from(dir),
         None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache"),
     };
-    base.join("weft/bin")
+    base.join("weft/go-bin")
 }
 
 impl GoTool {

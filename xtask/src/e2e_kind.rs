@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use weft_tests::gotools::{HELM, KIND};
 use weft_tests::scenarios::{Expect, Scenario, Scenarios};
 
-use crate::{gobuild, run, workspace_root};
+use crate::{goinstall, run, workspace_root};
 
 const CLUSTER: &str = "weft-e2e";
 const IMAGE: &str = "weft:e2e";
@@ -46,8 +46,8 @@ pub fn run_e2e() -> Result<(), String> {
     let engine = container_engine()?;
     which("kubectl").ok_or("cargo xtask e2e-kind needs kubectl on PATH (it deploys the workloads and runs the scenarios)")?;
     let scenarios = Scenarios::load(&weft_tests::scenarios::default_path())?;
-    let kind = which("kind").map_or_else(|| gobuild::ensure(&KIND), Ok)?;
-    let helm = gobuild::ensure(&HELM)?;
+    let kind = which("kind").map_or_else(|| goinstall::ensure(&KIND), Ok)?;
+    let helm = goinstall::ensure(&HELM)?;
     let dir = crate::target_dir().join("e2e-kind");
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     let cluster = Cluster { kind, helm, engine, kubeconfig: dir.join("kubeconfig") };

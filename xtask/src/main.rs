@@ -17,7 +17,7 @@ mod bench_neighbour;
 mod demo;
 mod e2e_kind;
 mod ebpf;
-mod gobuild;
+mod goinstall;
 mod setup;
 
 use std::process::{Command, ExitCode};

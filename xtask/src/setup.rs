@@ -74,7 +74,7 @@ pub const EBPF_TOOLCHAIN: &str = "nightly-2026-05-19";
 /// separately so that only the eBPF suites skip.
 pub fn run_all() -> Result<Result<String, String>, String> {
     debian_packages()?;
-    crate::gobuild::ensure(&weft_tests::gotools::HELM)?;
+    crate::goinstall::ensure(&weft_tests::gotools::HELM)?;
     envoy()?;
     grpc_python()?;
     Ok(ebpf_toolchain())

@@ -1,5 +1,5 @@
 //! Builds Go programs of the ecosystem from their modules, by name and version, into the cache
-//! (`$XDG_CACHE_HOME/weft/bin`, else `~/.cache/weft/bin`): `go install <package>@<version>` once, then nothing.
+//! (`$XDG_CACHE_HOME/weft/go-bin`, else `~/.cache/weft/go-bin`): `go install <package>@<version>` once, then nothing.
 //! Which programs, at which versions, is in `tests/src/gotools.rs`, where the tests look them up too.
 
 use std::path::{Path, PathBuf};
