@@ -3,10 +3,12 @@
 
 pub mod admin;
 pub mod capture;
+pub mod cni_install;
 pub mod cni_server;
 pub mod config;
 pub mod counters;
 pub mod identity;
+pub mod k8s;
 pub mod logging;
 pub mod node;
 pub mod proxy;

@@ -32,6 +32,85 @@ enum Command {
     /// Remove everything weft installed on this node: pods' rules, eBPF pins (which detaches the programs),
     /// the pod registry. Captured pods stop being captured.
     Cleanup(CleanupArgs),
+    /// Install weft-cni into the node's CNI configuration: copy the binary into the CNI bin dir, insert weft's
+    /// entry as the last plugin of the runtime's network config, and keep it there (until stopped, or --once).
+    InstallCni(InstallCniArgs),
+    /// Remove weft's entry from the node's CNI configuration and weft-cni from the CNI bin dir.
+    UninstallCni(UninstallCniArgs),
+}
+
+/// Where the host's CNI directories are (shared by `run`, `install-cni` and `uninstall-cni`).
+#[derive(clap::Args)]
+struct CniDirArgs {
+    /// The host's CNI network config directory [default: /etc/cni/net.d].
+    #[arg(long)]
+    cni_conf_dir: Option<PathBuf>,
+    /// The host's CNI plugin directory [default: /opt/cni/bin].
+    #[arg(long)]
+    cni_bin_dir: Option<PathBuf>,
+}
+
+/// What goes into weft's conflist entry, and which binary is copied.
+#[derive(clap::Args)]
+struct CniEntryArgs {
+    /// The weft-cni binary to install [default: weft-cni beside this binary, then /usr/lib/weft/weft-cni].
+    #[arg(long)]
+    cni_binary: Option<PathBuf>,
+    /// Namespaces weft-cni lets through without asking the agent, comma-separated ('' for none)
+    /// [default: kube-system].
+    #[arg(long, value_delimiter = ',')]
+    cni_exclude_namespaces: Option<Vec<String>>,
+    /// weft-cni's log file on the host [default: none, the runtime's log only].
+    #[arg(long)]
+    cni_log_file: Option<PathBuf>,
+}
+
+impl CniDirArgs {
+    fn fill(&self, layer: ConfigFile) -> ConfigFile {
+        ConfigFile { cni_conf_dir: self.cni_conf_dir.clone(), cni_bin_dir: self.cni_bin_dir.clone(), ..layer }
+    }
+}
+
+impl CniEntryArgs {
+    fn fill(&self, layer: ConfigFile) -> ConfigFile {
+        // `--cni-exclude-namespaces ''` asks for an empty list.
+        let namespaces = self.cni_exclude_namespaces.as_ref().map(|ns| ns.iter().filter(|n| !n.is_empty()).cloned().collect());
+        ConfigFile {
+            cni_binary: self.cni_binary.clone(),
+            cni_exclude_namespaces: namespaces,
+            cni_log_file: self.cni_log_file.clone(),
+            ..layer
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct InstallCniArgs {
+    /// JSON config file (the same as for `run`); flags override its fields.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The agent's CNI socket as weft-cni reaches it [default: /var/run/weft/cni.sock].
+    #[arg(long)]
+    cni_socket: Option<PathBuf>,
+    #[command(flatten)]
+    dirs: CniDirArgs,
+    #[command(flatten)]
+    entry: CniEntryArgs,
+    /// Install once and exit instead of watching the directories.
+    #[arg(long)]
+    once: bool,
+    /// error, warn, info, debug or trace [default: info].
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct UninstallCniArgs {
+    /// JSON config file (the same as for `run`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    dirs: CniDirArgs,
 }
 
 #[derive(clap::Args)]
@@ -186,6 +265,25 @@ struct RunArgs {
     /// Worker threads of each captured pod's own share of the proxy [default: 2].
     #[arg(long)]
     pod_workers: Option<usize>,
+    /// The Kubernetes node this agent runs on (the DaemonSet passes spec.nodeName): turns on the pod watch, so
+    /// capture follows Istio's labels and each pod gets its own identity and metadata.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// kubeconfig file for the Kubernetes API [default: in-cluster credentials].
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Install weft-cni at start-up and keep its entry in the node's CNI config (as `install-cni` does)
+    /// [default: false].
+    #[arg(long)]
+    install_cni: Option<bool>,
+    #[command(flatten)]
+    cni_dirs: CniDirArgs,
+    #[command(flatten)]
+    cni_entry: CniEntryArgs,
+    /// Kubelet probe exemption: the link-local IPv4 source address the node's connections to captured pods'
+    /// probe ports get, let through in the pod; or `off` [default: 169.254.7.127].
+    #[arg(long)]
+    probe_snat: Option<String>,
 }
 
 impl RunArgs {
@@ -216,7 +314,11 @@ impl RunArgs {
             node_max_requests: None,
             trust_domain: self.trust_domain.clone(),
             xds_tls: self.xds_tls,
-            ..self.ca.layer()
+            node_name: self.node_name.clone(),
+            kubeconfig: self.kubeconfig.clone(),
+            install_cni: self.install_cni,
+            probe_snat: self.probe_snat.clone(),
+            ..self.cni_dirs.fill(self.cni_entry.fill(self.ca.layer()))
         };
         // One layer, so settings that belong together (a CA's) may come partly from each.
         let mut cfg = flags.or(file).apply(AgentConfig::default())?;
@@ -245,6 +347,8 @@ fn main() -> ExitCode {
         Command::Run(args) => run(*args),
         Command::Cleanup(args) => cleanup(args),
         Command::Proxy(args) => proxy(args),
+        Command::InstallCni(args) => install_cni(args),
+        Command::UninstallCni(args) => uninstall_cni(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -348,6 +452,50 @@ fn cleanup(args: CleanupArgs) -> Result<(), String> {
     Ok(())
 }
 
+fn read_config(path: &Option<PathBuf>) -> Result<ConfigFile, String> {
+    match path {
+        Some(path) => ConfigFile::read(path),
+        None => Ok(ConfigFile::default()),
+    }
+}
+
+fn install_cni(args: InstallCniArgs) -> Result<(), String> {
+    let flags = ConfigFile { cni_socket: args.cni_socket.clone(), ..args.dirs.fill(args.entry.fill(ConfigFile::default())) };
+    let cfg = flags.or(read_config(&args.config)?).apply(AgentConfig::default())?;
+    let level = match &args.log_level {
+        Some(l) => agent_config::parse_level(l).map_err(|e| format!("--log-level: {e}"))?,
+        None => cfg.log_level,
+    };
+    init_logging(level);
+    let installer = weft_agent::cni_install::Installer::new(&cfg.cni_install, &cfg.cni_socket)?;
+    installer.prepare()?;
+    if args.once {
+        let applied = installer.ensure_config()?.ok_or_else(|| {
+            format!("no CNI network config in {} to chain weft-cni into (the primary CNI writes one)", installer.conf_dir().display())
+        })?;
+        println!("weft-cni is the last plugin of {} ({:?})", applied.file.display(), applied.change);
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+    runtime.block_on(async move {
+        tokio::select! {
+            watched = weft_agent::cni_install::watch::run(installer) => watched,
+            // Stopping leaves weft's entry and binary in place: only uninstall-cni removes them.
+            _ = shutdown_signal() => Ok(()),
+        }
+    })
+}
+
+fn uninstall_cni(args: UninstallCniArgs) -> Result<(), String> {
+    let cfg = args.dirs.fill(ConfigFile::default()).or(read_config(&args.config)?).apply(AgentConfig::default())?;
+    let installer = weft_agent::cni_install::Installer::new(&cfg.cni_install, &cfg.cni_socket)?;
+    println!("{}", installer.uninstall()?);
+    Ok(())
+}
+
 /// Also installs the `log` bridge, through which the eBPF programs' aya-log records arrive.
 fn init_logging(level: tracing::Level) {
     weft_agent::logging::init(level);
@@ -370,7 +518,8 @@ async fn serve(cfg: AgentConfig) -> Result<(), String> {
     // First, so a CA that cannot be set up fails start-up before anything is installed on the node. The pods'
     // TLS subscribes to it per pod (namespace, service account).
     let identity = weft_agent::identity::manager(&cfg.identity)?;
-    let redirector = capture::redirector(cfg.redirect, cfg.iptables_variant, &cfg.ebpf).map_err(|e| e.to_string())?;
+    let redirector =
+        capture::redirector(cfg.redirect, cfg.iptables_variant, &cfg.ebpf, cfg.probe_source).map_err(|e| e.to_string())?;
     let registry = RegistryFile::new(&cfg.state_dir)
         .map_err(|e| format!("state dir {}: {e}", cfg.state_dir.display()))?;
     let settings = ProxySettings {
@@ -382,7 +531,17 @@ async fn serve(cfg: AgentConfig) -> Result<(), String> {
         node_max_requests: cfg.node_max_requests,
     };
     let xds = cfg.xds.clone().map(weft_agent::xds::pod::PodXds::new).transpose().map_err(|e| format!("xds_address: {e}"))?;
-    let node = Arc::new(Node::new(Arc::from(redirector), registry, settings, xds));
+    let mut node = Node::new(Arc::from(redirector), registry, settings, xds);
+    if let Some(kube) = cfg.kube.clone() {
+        tracing::info!(node = %kube.node_name, "watching the node's pods in the Kubernetes API");
+        node = node.with_kube(weft_agent::k8s::KubeView::start(kube).await?, identity.clone());
+    }
+    if let Some(source) = cfg.probe_source {
+        let probes = capture::probes::HostProbes::new(cfg.redirect, cfg.iptables_variant, source, None)
+            .map_err(|e| format!("probe_snat: {e}"))?;
+        node = node.with_host_probes(probes);
+    }
+    let node = Arc::new(node);
     let admin = Arc::new(Admin { node: Arc::clone(&node), ready: false.into(), started: std::time::SystemTime::now(), identity });
     let admin_listener = admin::bind(cfg.admin_address).map_err(|e| e.to_string())?;
     tokio::spawn(admin::serve(admin_listener, Arc::clone(&admin) as Arc<dyn admin::Routes>));
@@ -390,9 +549,27 @@ async fn serve(cfg: AgentConfig) -> Result<(), String> {
 
     let (adopted, dropped) = node.adopt().await?;
     tracing::info!(adopted, dropped, "pod registry reconciled");
+    tokio::spawn(Arc::clone(&node).follow_kube());
+    // The binary goes in first (harmless without an entry naming it); a failure stops start-up here.
+    let cni_installer = match cfg.cni_install.enabled {
+        true => {
+            let installer = weft_agent::cni_install::Installer::new(&cfg.cni_install, &cfg.cni_socket)?;
+            installer.prepare()?;
+            Some(installer)
+        }
+        false => None,
+    };
     let socket = CniSocket::bind(&cfg.cni_socket).map_err(|e| format!("CNI socket {}: {e}", cfg.cni_socket.display()))?;
     let socket = Arc::new(socket);
     let server = tokio::spawn(Arc::clone(&socket).serve(Arc::clone(&node)));
+    // Once the socket answers, so the pods the runtime sends through weft-cni find the agent.
+    if let Some(installer) = cni_installer {
+        tokio::spawn(async move {
+            if let Err(e) = weft_agent::cni_install::watch::run(installer).await {
+                tracing::error!("the CNI installer stopped: {e}");
+            }
+        });
+    }
     admin.ready.store(true, Ordering::Release);
     tracing::info!(socket = %cfg.cni_socket.display(), "ready");
     shutdown_signal().await;

@@ -10,8 +10,11 @@ use tokio::sync::Mutex;
 use weft_cni::protocol::{Attachment, PodSandbox};
 
 use crate::capture::netns::{self, Netns, NetnsPath};
-use crate::capture::{CaptureError, RedirectMode, Redirector};
+use crate::capture::probes::{HostProbes, ProbeTarget};
+use crate::capture::{CaptureError, PodCapture, RedirectMode, Redirector};
 use crate::cni_server::registry::{PodRecord, RegistryFile};
+use crate::identity::manager::{IdentityManager, Subscription};
+use crate::k8s::{self, KubeView, PodMeta};
 use crate::proxy::listener::{self, PodListeners};
 use crate::proxy::passthrough;
 use crate::proxy::pod_share::{LoadSnapshot, NodeLoad, PodShare};
@@ -40,6 +43,20 @@ struct CapturedPod {
     xds: Option<PodStream>,
     /// The pod's own worker threads, where its connections and its xDS stream run.
     share: PodShare,
+    /// Its workload certificate, pushed to its TLS as `default`/`ROOTCA` while held.
+    identity: Option<PodIdentity>,
+}
+
+/// A pod's subscription to its service account's certificate and the task that serves it to the pod's TLS.
+struct PodIdentity {
+    subscription: Subscription,
+    follow: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PodIdentity {
+    fn drop(&mut self) {
+        self.follow.abort();
+    }
 }
 
 /// A pod's xDS stream; dropping it ends the stream.
@@ -70,7 +87,53 @@ pub struct Node {
     pods: Mutex<BTreeMap<Attachment, CapturedPod>>,
     /// Connections and requests of all pods together, against `node_max_connections` and `node_max_requests`.
     load: Arc<NodeLoad>,
+    /// The Kubernetes API's view of the node's pods: who is captured, and each pod's identity.
+    kube: Option<Arc<KubeView>>,
+    /// Where pods' workload certificates come from (needs `kube` for their service accounts).
+    identities: Option<Arc<IdentityManager>>,
+    /// Pods shown to the agent (by CNI ADD or repair) that their labels keep out of the mesh, kept so that a label
+    /// change captures them live. Locked after `pods`.
+    declined: Mutex<BTreeMap<Attachment, PodRecord>>,
+    /// The node half of the kubelet probe exemption, and the targets it was last given.
+    probes: Option<Arc<HostProbes>>,
+    probe_targets: std::sync::Mutex<Option<Vec<ProbeTarget>>>,
 }
+
+/// A captured pod, by its Kubernetes UID (all its attachments) or by one CNI attachment.
+#[derive(Debug, Clone, Copy)]
+pub enum PodRef<'a> {
+    Uid(&'a str),
+    Attachment(&'a Attachment),
+}
+
+impl PodRef<'_> {
+    fn matches(&self, attachment: &Attachment, record: &PodRecord) -> bool {
+        match self {
+            PodRef::Uid(uid) => record.uid == *uid,
+            PodRef::Attachment(a) => *a == attachment,
+        }
+    }
+}
+
+impl std::fmt::Display for PodRef<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PodRef::Uid(uid) => write!(f, "pod uid {uid}"),
+            PodRef::Attachment(a) => write!(f, "container {} ({})", a.container_id, a.ifname),
+        }
+    }
+}
+
+/// Whether a new pod is captured, as the Kubernetes API says (every pod, without it).
+enum Admission {
+    Capture { meta: Option<PodMeta>, plan: Option<PodCapture>, reason: String },
+    Decline(String),
+}
+
+/// The container id of a pod the agent found itself (it started before the agent or before weft-cni was
+/// installed): no runtime attachment names it, so CNI DEL and GC never release it; its netns going or the pod
+/// leaving the API does.
+const REPAIRED: &str = "repaired-";
 
 /// One pod in the status endpoint.
 #[derive(Debug, Serialize)]
@@ -96,7 +159,32 @@ pub struct PodStatus {
 impl Node {
     pub fn new(redirector: Arc<dyn Redirector>, registry: RegistryFile, settings: ProxySettings, xds: Option<PodXds>) -> Node {
         let load = NodeLoad::new(settings.node_max_connections, settings.node_max_requests);
-        Node { redirector, registry, settings, xds, pods: Mutex::new(BTreeMap::new()), load }
+        Node {
+            redirector,
+            registry,
+            settings,
+            xds,
+            pods: Mutex::new(BTreeMap::new()),
+            load,
+            kube: None,
+            identities: None,
+            declined: Mutex::new(BTreeMap::new()),
+            probes: None,
+            probe_targets: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Decides capture from the Kubernetes API and gives each pod its service account's identity.
+    pub fn with_kube(mut self, kube: Arc<KubeView>, identities: Option<Arc<IdentityManager>>) -> Node {
+        self.kube = Some(kube);
+        self.identities = identities;
+        self
+    }
+
+    /// Exempts kubelet's probes of captured pods from inbound capture (see `capture::probes`).
+    pub fn with_host_probes(mut self, probes: HostProbes) -> Node {
+        self.probes = Some(Arc::new(probes));
+        self
     }
 
     /// The xDS state of pod `namespace/name`, when the agent has a control plane.
@@ -142,25 +230,31 @@ impl Node {
             }
         }
         self.persist(&pods).map_err(|e| e.details)?;
+        self.sync_probes(&pods).await;
         Ok((adopted, dropped))
     }
 
-    /// CNI ADD: capture the pod; returns once its listeners and rules are in place.
-    pub async fn add(&self, sandbox: PodSandbox) -> Result<String, NodeError> {
+    /// CNI ADD: capture the pod with `capture`; returns once its listeners and rules are in place. A plan the
+    /// backend cannot honour is refused before anything is touched.
+    pub async fn add(&self, sandbox: PodSandbox, capture: PodCapture) -> Result<String, NodeError> {
+        self.redirector.check(&capture).map_err(|e| NodeError::new(format!("cannot capture {}/{}", sandbox.namespace, sandbox.name), e))?;
         let path = NetnsPath::try_from(sandbox.netns.clone()).map_err(|e| NodeError::new("invalid CNI_NETNS", e))?;
         let ns = Netns::open(&path).map_err(|e| NodeError::new(format!("cannot open netns {path}"), e))?;
         let attachment = Attachment { container_id: sandbox.container_id.clone(), ifname: sandbox.ifname.clone() };
+        // Before taking the lock: the API may take a moment to show a new pod.
+        let admission = self.admit(&sandbox.namespace, &sandbox.name, &sandbox.uid).await?;
         let mut pods = self.pods.lock().await;
+        self.declined.lock().await.remove(&attachment);
         if let Some(existing) = pods.get(&attachment) {
             if existing.record.netns_id == ns.id() && existing.listeners.healthy() {
-                self.verify_rules(&existing.netns).await?;
+                self.verify_rules(&existing.netns, &existing.record.capture).await?;
                 return Ok(format!("{} already captured", existing.label()));
             }
         }
         if let Some(stale) = pods.remove(&attachment) {
             self.release(stale).await;
         }
-        let record = PodRecord {
+        let mut record = PodRecord {
             namespace: sandbox.namespace,
             name: sandbox.name,
             uid: sandbox.uid,
@@ -172,6 +266,23 @@ impl Node {
             ips: sandbox.ips,
             redirect: self.redirector.mode(),
             added_at_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            meta: None,
+            capture,
+        };
+        let reason = match admission {
+            Admission::Decline(reason) => {
+                let label = format!("{}/{}", record.namespace, record.name);
+                tracing::info!(pod = %label, "not captured: {reason}");
+                self.annotate(&record, format!("not captured: {reason}"));
+                self.declined.lock().await.insert(attachment, record);
+                self.persist(&pods)?;
+                return Ok(format!("{label} not captured: {reason}"));
+            }
+            Admission::Capture { meta, plan, reason } => {
+                record.meta = meta;
+                record.capture = plan.unwrap_or(record.capture);
+                reason
+            }
         };
         let pod = self.capture_in(record, ns, Rules::Install).await?;
         let label = pod.label();
@@ -183,19 +294,25 @@ impl Node {
             }
             return Err(e);
         }
-        tracing::info!(pod = %label, mode = %self.redirector.mode(), "captured pod");
+        self.sync_probes(&pods).await;
+        tracing::info!(pod = %label, mode = %self.redirector.mode(), "captured pod: {reason}");
+        if let Some(pod) = pods.get(&attachment) {
+            self.annotate(&pod.record, format!("captured ({}): {reason}", self.redirector.mode()));
+        }
         Ok(format!("{label} captured ({})", self.redirector.mode()))
     }
 
     /// CNI DEL: stop capturing. Unknown attachments succeed.
     pub async fn del(&self, attachment: &Attachment) -> Result<String, NodeError> {
         let mut pods = self.pods.lock().await;
+        self.declined.lock().await.remove(attachment);
         let Some(pod) = pods.remove(attachment) else {
             return Ok(format!("{} not captured", attachment.container_id));
         };
         let label = pod.label();
         self.release(pod).await;
         self.persist(&pods)?;
+        self.sync_probes(&pods).await;
         tracing::info!(pod = %label, "released pod");
         Ok(format!("{label} released"))
     }
@@ -203,6 +320,9 @@ impl Node {
     /// CNI CHECK: registered, listeners running, rules exactly in place.
     pub async fn check(&self, attachment: &Attachment) -> Result<String, NodeError> {
         let pods = self.pods.lock().await;
+        if let Some(record) = self.declined.lock().await.get(attachment) {
+            return Ok(format!("{}/{} not captured (its labels keep it out of the mesh)", record.namespace, record.name));
+        }
         let pod = pods.get(attachment).ok_or_else(|| {
             NodeError::new(
                 format!("container {} ({}) is not captured", attachment.container_id, attachment.ifname),
@@ -215,7 +335,7 @@ impl Node {
         if !pod.listeners.healthy() {
             return Err(NodeError::new(format!("{}: in-pod listeners stopped", pod.label()), "see the agent log"));
         }
-        self.verify_rules(&pod.netns).await?;
+        self.verify_rules(&pod.netns, &pod.record.capture).await?;
         Ok(format!("{} captured", pod.label()))
     }
 
@@ -223,7 +343,9 @@ impl Node {
     pub async fn gc(&self, valid: &[Attachment]) -> Result<String, NodeError> {
         let valid: HashSet<&Attachment> = valid.iter().collect();
         let mut pods = self.pods.lock().await;
-        let stale: Vec<Attachment> = pods.keys().filter(|a| !valid.contains(a)).cloned().collect();
+        self.declined.lock().await.retain(|a, _| valid.contains(a));
+        let stale: Vec<Attachment> =
+            pods.keys().filter(|a| !valid.contains(a) && !a.container_id.starts_with(REPAIRED)).cloned().collect();
         for attachment in &stale {
             if let Some(pod) = pods.remove(attachment) {
                 tracing::info!(pod = %pod.label(), "garbage-collected pod");
@@ -231,7 +353,84 @@ impl Node {
             }
         }
         self.persist(&pods)?;
+        self.sync_probes(&pods).await;
         Ok(format!("released {} stale attachment(s)", stale.len()))
+    }
+
+    /// Applies a changed capture plan to a running pod: its rules are replaced in one batch (per IP family
+    /// with iptables; one nftables transaction; one map update plus one transaction in eBPF mode), its
+    /// listeners and established connections stay. A plan the backend cannot honour is refused before
+    /// anything changes; if installing or persisting fails, the pod keeps its previous rules and plan.
+    /// To stop capturing a pod live and resume later, apply [`PodCapture::nothing`] and then its plan again.
+    pub async fn recapture(&self, pod: PodRef<'_>, capture: PodCapture) -> Result<String, NodeError> {
+        self.redirector.check(&capture).map_err(|e| NodeError::new(format!("{pod}: capture plan refused"), e))?;
+        let mut pods = self.pods.lock().await;
+        let keys: Vec<Attachment> = pods.iter().filter(|(a, p)| pod.matches(a, &p.record)).map(|(a, _)| a.clone()).collect();
+        if keys.is_empty() {
+            return Err(NodeError::new(format!("{pod} is not captured"), "the agent has no record of it"));
+        }
+        let mut previous = Vec::new();
+        for key in keys {
+            let Some((label, ns)) =
+                pods.get(&key).filter(|p| p.record.capture != capture).map(|p| (p.label(), p.netns.clone()))
+            else {
+                continue;
+            };
+            if let Err(e) = self.install_rules(&ns, &capture).await {
+                self.restore_plans(&mut pods, previous).await;
+                return Err(NodeError::new(format!("{label}: cannot apply the new capture plan"), e));
+            }
+            if let Some(p) = pods.get_mut(&key) {
+                previous.push((key, std::mem::replace(&mut p.record.capture, capture.clone())));
+            }
+        }
+        if previous.is_empty() {
+            return Ok(format!("{pod}: capture plan unchanged"));
+        }
+        if let Err(e) = self.persist(&pods) {
+            self.restore_plans(&mut pods, previous).await;
+            return Err(e);
+        }
+        self.sync_probes(&pods).await;
+        tracing::info!(pod = %pod, attachments = previous.len(), "applied a new capture plan");
+        Ok(format!("{pod}: new capture plan applied"))
+    }
+
+    /// Puts back the plans (and their rules) of pods whose new plan could not be applied in full.
+    async fn restore_plans(&self, pods: &mut BTreeMap<Attachment, CapturedPod>, previous: Vec<(Attachment, PodCapture)>) {
+        for (key, plan) in previous {
+            let Some(p) = pods.get_mut(&key) else { continue };
+            if let Err(e) = self.install_rules(&p.netns, &plan).await {
+                tracing::error!(pod = %p.label(), "cannot restore the previous capture plan: {e}");
+            }
+            p.record.capture = plan;
+        }
+    }
+
+    async fn install_rules(&self, ns: &Netns, plan: &PodCapture) -> Result<(), CaptureError> {
+        let (redirector, ns, plan) = (Arc::clone(&self.redirector), ns.clone(), plan.clone());
+        blocking(move || redirector.install(&ns, &plan)).await
+    }
+
+    /// Gives the node's probe rules the probe ports of the pods captured now (skipped when unchanged). A
+    /// failure is logged: probes then go through capture like other connections, nothing is let through.
+    async fn sync_probes(&self, pods: &BTreeMap<Attachment, CapturedPod>) {
+        let Some(probes) = self.probes.clone() else { return };
+        let mut targets: Vec<ProbeTarget> =
+            pods.values().flat_map(|p| ProbeTarget::of_pod(&p.record.ips, &p.record.capture.probe_ports)).collect();
+        targets.sort();
+        targets.dedup();
+        {
+            let last = self.probe_targets.lock().unwrap_or_else(|e| e.into_inner());
+            if last.as_ref() == Some(&targets) {
+                return;
+            }
+        }
+        let synced = targets.clone();
+        match blocking(move || probes.sync(&synced)).await {
+            Ok(()) => *self.probe_targets.lock().unwrap_or_else(|e| e.into_inner()) = Some(targets),
+            Err(e) => tracing::warn!("kubelet probe exemption not updated, probes of captured pods may be refused: {e}"),
+        }
     }
 
     /// Closes every pod's listeners (shutdown); the records and rules stay for the next agent.
@@ -244,6 +443,234 @@ impl Node {
     /// Established proxied connections across all pods.
     pub async fn active_connections(&self) -> u64 {
         self.pods.lock().await.values().map(|p| p.listeners.active()).sum()
+    }
+
+    /// Whether a pod the CNI plugin hands over is captured. With the Kubernetes API, an ADD for a pod the API does
+    /// not show in time fails (kubelet retries it): capturing it blind could give it the wrong identity, and
+    /// leaving it out could leave a meshed pod unprotected.
+    async fn admit(&self, namespace: &str, name: &str, uid: &str) -> Result<Admission, NodeError> {
+        let Some(kube) = &self.kube else {
+            return Ok(Admission::Capture { meta: None, plan: None, reason: "no Kubernetes API configured: every pod weft-cni hands over".into() });
+        };
+        let pod = kube.wait_pod(namespace, name, uid).await.map_err(|e| NodeError::new("cannot decide whether to capture the pod", e))?;
+        let verdict = kube.verdict(&pod);
+        if !verdict.capture {
+            return Ok(Admission::Decline(verdict.reason));
+        }
+        // A plan that cannot be honoured fails the ADD, as istio-cni does: capturing with other rules than the
+        // pod asks for is worse than the pod waiting for a fixed annotation.
+        let plan = k8s::capture_plan(&pod).map_err(|e| NodeError::new("cannot capture the pod as its annotations ask", e))?;
+        self.redirector.check(&plan).map_err(|e| NodeError::new(format!("{namespace}/{name}: capture plan refused"), e))?;
+        Ok(Admission::Capture { meta: Some(k8s::pod_meta(&pod)), plan: Some(plan), reason: verdict.reason })
+    }
+
+    /// Writes the pod's status annotation in the background (the CNI caller does not wait for the API).
+    fn annotate(&self, record: &PodRecord, status: String) {
+        if let Some(kube) = &self.kube {
+            let (kube, namespace, name) = (Arc::clone(kube), record.namespace.clone(), record.name.clone());
+            tokio::spawn(async move { kube.annotate(&namespace, &name, &status).await });
+        }
+    }
+
+    /// Follows the Kubernetes API for as long as the agent runs: every change of a pod of the node or of a
+    /// namespace re-decides capture (see [`Node::reconcile`]).
+    pub async fn follow_kube(self: Arc<Self>) {
+        let Some(kube) = self.kube.clone() else { return };
+        let mut changes = kube.changes();
+        loop {
+            if kube.synced() {
+                self.reconcile().await;
+            }
+            if changes.changed().await.is_err() {
+                return;
+            }
+            // Coalesce a burst (a namespace relabel touches every pod) into one pass.
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            changes.borrow_and_update();
+        }
+    }
+
+    /// Brings capture in line with the API, without restarting any pod: captured pods whose labels now keep them
+    /// out are released, declined pods whose labels now select them are captured, a pod whose labels or service
+    /// account changed gets a new xDS stream and identity, and running pods the agent was never shown (they
+    /// started before it, or while it was down) are found by their address and decided (repair).
+    pub async fn reconcile(&self) {
+        let Some(kube) = &self.kube else { return };
+        let mut pods = self.pods.lock().await;
+        let mut declined = self.declined.lock().await;
+        let mut changed = false;
+        for attachment in pods.keys().cloned().collect::<Vec<_>>() {
+            let Some(pod) = pods.get_mut(&attachment) else { continue };
+            let Some(current) = api_pod(kube, &pod.record) else {
+                if attachment.container_id.starts_with(REPAIRED) && !netns::still_same(&pod.record.netns, pod.record.netns_id) {
+                    if let Some(gone) = pods.remove(&attachment) {
+                        self.release(gone).await;
+                        changed = true;
+                    }
+                }
+                continue;
+            };
+            let verdict = kube.verdict(&current);
+            if !verdict.capture {
+                let Some(pod) = pods.remove(&attachment) else { continue };
+                tracing::info!(pod = %pod.label(), "no longer captured: {}", verdict.reason);
+                let mut record = pod.record.clone();
+                self.release(pod).await;
+                record.meta = None;
+                self.annotate(&record, format!("not captured: {}", verdict.reason));
+                declined.insert(attachment, record);
+                changed = true;
+                continue;
+            }
+            changed |= self.follow_plan(pod, &current).await;
+            let meta = k8s::pod_meta(&current);
+            if pod.record.meta.as_ref() != Some(&meta) {
+                tracing::info!(pod = %pod.label(), "labels or service account changed; renewing its xDS stream and identity");
+                pod.record.meta = Some(meta);
+                self.renew_control(pod);
+                changed = true;
+            }
+        }
+        for (attachment, mut record) in std::mem::take(&mut *declined) {
+            let current = api_pod(kube, &record);
+            let verdict = current.as_ref().map(|p| (kube.verdict(p), k8s::pod_meta(p)));
+            match verdict {
+                _ if !netns::still_same(&record.netns, record.netns_id) => changed = true,
+                Some((verdict, meta)) if verdict.capture => {
+                    record.meta = Some(meta);
+                    match current.as_ref().map(|p| k8s::capture_plan(p)) {
+                        Some(Ok(plan)) => record.capture = plan,
+                        Some(Err(e)) => {
+                            tracing::error!("{e}; not capturing it until fixed");
+                            declined.insert(attachment, record);
+                            continue;
+                        }
+                        None => {}
+                    }
+                    if let Some(pod) = self.capture_declined(record, &verdict.reason).await {
+                        pods.insert(attachment, pod);
+                        changed = true;
+                    }
+                }
+                _ => {
+                    declined.insert(attachment, record);
+                }
+            }
+        }
+        changed |= self.repair(kube, &mut pods, &mut declined).await;
+        self.sync_probes(&pods).await;
+        if changed {
+            if let Err(e) = self.persist(&pods) {
+                tracing::error!("{}: {}", e.msg, e.details);
+            }
+        }
+    }
+
+    async fn capture_declined(&self, record: PodRecord, reason: &str) -> Option<CapturedPod> {
+        let label = format!("{}/{}", record.namespace, record.name);
+        match self.capture(record.clone()).await {
+            Ok(pod) => {
+                tracing::info!(pod = %label, mode = %self.mode(), "captured pod: {reason}");
+                self.annotate(&pod.record, format!("captured ({}): {reason}", self.mode()));
+                Some(pod)
+            }
+            Err(e) => {
+                tracing::error!(pod = %label, "cannot capture: {}: {}", e.msg, e.details);
+                self.annotate(&record, format!("capture failed: {}", e.msg));
+                None
+            }
+        }
+    }
+
+    /// Pods of the node that are running with an address but were never shown to the agent: found by the network
+    /// namespace that holds their address, then decided as a new pod is.
+    async fn repair(&self, kube: &KubeView, pods: &mut BTreeMap<Attachment, CapturedPod>, declined: &mut BTreeMap<Attachment, PodRecord>) -> bool {
+        let known: HashSet<(String, String)> = pods
+            .values()
+            .map(|p| &p.record)
+            .chain(declined.values())
+            .map(|r| (r.namespace.clone(), r.name.clone()))
+            .collect();
+        let mut changed = false;
+        for current in kube.pods() {
+            let Some(found) = repair_candidate(&current, &known) else { continue };
+            let ip = found.ips[0];
+            let Ok(Some(path)) = tokio::task::spawn_blocking(move || netns::find_by_ip(ip)).await else { continue };
+            let Ok(ns) = Netns::open(&path) else { continue };
+            let record = PodRecord {
+                container_id: format!("{REPAIRED}{}", found.uid),
+                infra_container_id: format!("{REPAIRED}{}", found.uid),
+                namespace: found.namespace,
+                name: found.name,
+                uid: found.uid,
+                ifname: "eth0".into(),
+                netns: path,
+                netns_id: ns.id(),
+                ips: found.ips,
+                redirect: self.mode(),
+                added_at_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+                meta: None,
+                capture: PodCapture::default(),
+            };
+            let attachment = record.attachment();
+            let verdict = kube.verdict(&current);
+            tracing::info!(pod = %k8s::label(&current), netns = %record.netns, "found a running pod the agent was not shown");
+            if !verdict.capture {
+                self.annotate(&record, format!("not captured: {}", verdict.reason));
+                declined.insert(attachment, record);
+                continue;
+            }
+            let capture = match k8s::capture_plan(&current) {
+                Ok(plan) => plan,
+                Err(e) => {
+                    tracing::error!("{e}; not capturing it until fixed");
+                    declined.insert(attachment, record);
+                    continue;
+                }
+            };
+            let record = PodRecord { meta: Some(k8s::pod_meta(&current)), capture, ..record };
+            if let Some(pod) = self.capture_declined(record, &format!("{} (repaired)", verdict.reason)).await {
+                pods.insert(attachment, pod);
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// Applies a changed capture plan (annotations, probe ports) to a captured pod; a plan that cannot be
+    /// applied is logged and the pod keeps its last good rules.
+    async fn follow_plan(&self, pod: &mut CapturedPod, current: &k8s_openapi::api::core::v1::Pod) -> bool {
+        let plan = match k8s::capture_plan(current) {
+            Ok(plan) if plan != pod.record.capture => plan,
+            Ok(_) => return false,
+            Err(e) => {
+                tracing::error!("{e}; keeping its current capture");
+                return false;
+            }
+        };
+        let applied = match self.redirector.check(&plan) {
+            Ok(()) => self.install_rules(&pod.netns, &plan).await,
+            Err(e) => Err(e),
+        };
+        match applied {
+            Ok(()) => {
+                tracing::info!(pod = %pod.label(), "applied its new capture annotations");
+                pod.record.capture = plan;
+                true
+            }
+            Err(e) => {
+                tracing::error!(pod = %pod.label(), "cannot apply its new capture annotations ({e}); keeping its current capture");
+                false
+            }
+        }
+    }
+
+    /// A new xDS stream and identity for a pod whose metadata changed; its listeners and connections stay.
+    fn renew_control(&self, pod: &mut CapturedPod) {
+        pod.identity = self.pod_identity(&pod.record, &pod.listeners, &pod.share);
+        if let Some(snapshot) = pod.xds.take().and_then(|stream| stream.state.snapshot_sender()) {
+            pod.xds = self.start_xds(&pod.record, snapshot, pod.identity.as_ref(), &pod.share);
+        }
     }
 
     pub async fn status(&self) -> Vec<PodStatus> {
@@ -291,22 +718,51 @@ impl Node {
             .map_err(|e| NodeError::new(format!("{label}: cannot create in-pod listeners"), e))?;
         let listening = started.elapsed();
         let redirector = Arc::clone(&self.redirector);
-        let rules_ns = ns.clone();
+        let (rules_ns, plan) = (ns.clone(), record.capture.clone());
         blocking(move || match rules {
-            Rules::Install => redirector.install(&rules_ns),
-            Rules::Ensure => redirector.ensure(&rules_ns),
+            Rules::Install => redirector.install(&rules_ns, &plan),
+            Rules::Ensure => redirector.ensure(&rules_ns, &plan),
         })
         .await
         .map_err(|e| NodeError::new(format!("{label}: cannot install {} redirection", self.mode()), e))?;
         tracing::debug!(pod = %label, ?listening, total = ?started.elapsed(), "listeners and rules in place");
         record.redirect = self.redirector.mode();
-        let xds = self.xds.as_ref().map(|x| {
-            // One pod's configuration churn is translated on its own threads.
-            let _on_pod_threads = share.handle().enter();
-            let (state, task) = x.start(&record, snapshot);
-            PodStream { state, task }
-        });
-        Ok(CapturedPod { record, netns: ns, listeners, xds, share })
+        let identity = self.pod_identity(&record, &listeners, &share);
+        let xds = self.start_xds(&record, snapshot, identity.as_ref(), &share);
+        Ok(CapturedPod { record, netns: ns, listeners, xds, share, identity })
+    }
+
+    /// The pod's xDS stream, on the pod's own threads (one pod's configuration churn is translated there),
+    /// presenting its workload certificate where the connection is TLS.
+    fn start_xds(
+        &self,
+        record: &PodRecord,
+        snapshot: tokio::sync::watch::Sender<Option<Arc<crate::proxy::snapshot::Snapshot>>>,
+        identity: Option<&PodIdentity>,
+        share: &PodShare,
+    ) -> Option<PodStream> {
+        let xds = self.xds.as_ref()?;
+        let _on_pod_threads = share.handle().enter();
+        let (state, task) = xds.start_as(record, snapshot, identity.map(|i| i.subscription.receiver()));
+        Some(PodStream { state, task })
+    }
+
+    /// Subscribes the pod to its service account's certificate and serves it to the pod's TLS.
+    fn pod_identity(&self, record: &PodRecord, listeners: &PodListeners, share: &PodShare) -> Option<PodIdentity> {
+        let (manager, meta) = (self.identities.as_ref()?, record.meta.as_ref()?);
+        match manager.pod_certificate(&record.namespace, &meta.service_account) {
+            Ok(subscription) => {
+                let pools = Arc::clone(&listeners.pools);
+                let receiver = subscription.receiver();
+                let follow = share.handle().spawn(async move { pools.tls().follow(receiver).await });
+                Some(PodIdentity { subscription, follow })
+            }
+            Err(e) => {
+                // Its TLS has no certificate: mTLS handshakes fail closed.
+                tracing::error!(pod = %format!("{}/{}", record.namespace, record.name), "no workload identity: {e}");
+                None
+            }
+        }
     }
 
     /// Removes the pod's rules (when its netns still exists) and stops its listeners.
@@ -319,15 +775,15 @@ impl Node {
             }
         }
         // Its listeners stop now; its established connections finish on its threads.
-        let CapturedPod { listeners, xds, share, .. } = pod;
-        drop((listeners, xds));
+        let CapturedPod { listeners, xds, share, identity, .. } = pod;
+        drop((listeners, xds, identity));
         share.retire(self.settings.drain_timeout);
     }
 
-    async fn verify_rules(&self, ns: &Netns) -> Result<(), NodeError> {
+    async fn verify_rules(&self, ns: &Netns, plan: &PodCapture) -> Result<(), NodeError> {
         let redirector = Arc::clone(&self.redirector);
-        let ns = ns.clone();
-        blocking(move || redirector.verify(&ns))
+        let (ns, plan) = (ns.clone(), plan.clone());
+        blocking(move || redirector.verify(&ns, &plan))
             .await
             .map_err(|e| NodeError::new(format!("{} redirection is not in place", self.mode()), e))
     }
@@ -338,6 +794,37 @@ impl Node {
             NodeError::new("cannot persist the pod registry", format!("{}: {e}", self.registry.path().display()))
         })
     }
+}
+
+/// The API's pod for a record, when it is the same pod (same uid; repaired records carry the API's uid).
+fn api_pod(kube: &KubeView, record: &PodRecord) -> Option<Arc<k8s_openapi::api::core::v1::Pod>> {
+    kube.pod(&record.namespace, &record.name).filter(|p| record.uid.is_empty() || p.metadata.uid.as_deref() == Some(&record.uid))
+}
+
+/// A running pod of the API the agent does not know.
+struct Unknown {
+    namespace: String,
+    name: String,
+    uid: String,
+    /// Never empty.
+    ips: Vec<std::net::IpAddr>,
+}
+
+/// A pod of the API the agent was never shown whose sandbox is up (it has an address).
+fn repair_candidate(pod: &k8s_openapi::api::core::v1::Pod, known: &HashSet<(String, String)>) -> Option<Unknown> {
+    let (namespace, name) = (pod.metadata.namespace.clone()?, pod.metadata.name.clone()?);
+    if known.contains(&(namespace.clone(), name.clone())) || pod.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let (spec, status) = (pod.spec.as_ref()?, pod.status.as_ref()?);
+    if spec.host_network == Some(true) || !matches!(status.phase.as_deref(), Some("Running" | "Pending")) {
+        return None;
+    }
+    let ips: Vec<std::net::IpAddr> = status.pod_ips.iter().flatten().filter_map(|p| p.ip.parse().ok()).collect();
+    if ips.is_empty() {
+        return None;
+    }
+    Some(Unknown { namespace, name, uid: pod.metadata.uid.clone().unwrap_or_default(), ips })
 }
 
 /// Whether rules are put in place unconditionally (a new pod) or only where they differ (re-adoption).
@@ -369,13 +856,18 @@ pub fn cleanup(cfg: &crate::config::agent::AgentConfig) -> Result<String, String
             continue;
         }
         let removed = match record.redirect {
-            RedirectMode::Iptables => Iptables::detect(cfg.iptables_variant).and_then(|b| b.remove(&ns)),
+            RedirectMode::Iptables => Iptables::detect(cfg.iptables_variant, None).and_then(|b| b.remove(&ns)),
             // eBPF enrolment goes with the pins below; its inbound rule is the nftables table.
-            RedirectMode::Nftables | RedirectMode::Ebpf => Nftables::detect().and_then(|b| b.remove(&ns)),
+            RedirectMode::Nftables | RedirectMode::Ebpf => Nftables::detect(None).and_then(|b| b.remove(&ns)),
         };
         match removed {
             Ok(()) => cleaned += 1,
             Err(e) => tracing::warn!(pod = %record.name, "cannot remove rules: {e}"),
+        }
+    }
+    if let Some(source) = cfg.probe_source {
+        if let Err(e) = HostProbes::new(cfg.redirect, cfg.iptables_variant, source, None).and_then(|p| p.remove()) {
+            tracing::warn!("cannot remove the node's kubelet probe rules: {e}");
         }
     }
     let _ = std::fs::remove_file(registry.path());

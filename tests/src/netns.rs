@@ -91,22 +91,7 @@ impl NetNs {
 
     /// Makes any `Command` enter this namespace in the child before exec.
     pub fn enter_on_spawn(&self, cmd: &mut Command) {
-        let fd: Result<Arc<OwnedFd>, (i32, String)> = File::open(&self.path)
-            .map(|f| Arc::new(OwnedFd::from(f)))
-            .map_err(|e| (e.raw_os_error().unwrap_or(libc::EIO), e.to_string()));
-        // SAFETY: the closure only calls setns(2), which is async-signal-safe,
-        // on an fd owned by the closure (kept open until the Command drops).
-        unsafe {
-            cmd.pre_exec(move || match &fd {
-                Ok(fd) => {
-                    if libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                    Ok(())
-                }
-                Err((errno, _)) => Err(io::Error::from_raw_os_error(*errno)),
-            });
-        }
+        enter_path_on_spawn(&self.path, cmd);
     }
 
     /// Runs `f` on a fresh thread that has entered this namespace with
@@ -203,4 +188,24 @@ pub(crate) fn delete_netns(name: &str) -> Result<(), HarnessError> {
         return Ok(());
     }
     util::run_ok(Command::new("ip").args(["netns", "del", name])).map(|_| ())
+}
+
+/// Makes `cmd` enter the network namespace at `path` in the child before exec.
+pub fn enter_path_on_spawn(path: &Path, cmd: &mut Command) {
+    let fd: Result<Arc<OwnedFd>, (i32, String)> = File::open(path)
+        .map(|f| Arc::new(OwnedFd::from(f)))
+        .map_err(|e| (e.raw_os_error().unwrap_or(libc::EIO), e.to_string()));
+    // SAFETY: the closure only calls setns(2), which is async-signal-safe,
+    // on an fd owned by the closure (kept open until the Command drops).
+    unsafe {
+        cmd.pre_exec(move || match &fd {
+            Ok(fd) => {
+                if libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            }
+            Err((errno, _)) => Err(io::Error::from_raw_os_error(*errno)),
+        });
+    }
 }

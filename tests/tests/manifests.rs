@@ -39,11 +39,6 @@ const VARIANTS: &[&[&str]] = &[
     &["cni.distribution=microk8s", "criticalPodQuota=true", "cni.install=false", "agentConfig.pod_workers=4"],
 ];
 
-/// agent.json keys of the CNI installer (`weft-agent install-cni`), which lands from another branch: until the
-/// agent's config reader knows them they are set aside before it reads the file. A key it already knows fails
-/// this test, so the list empties itself as the installer lands.
-const PENDING_AGENT_KEYS: &[&str] = &["install_cni", "cni_bin_dir", "cni_conf_dir"];
-
 fn chart() -> PathBuf {
     workspace_root().join("deploy/helm/weft")
 }
@@ -264,7 +259,8 @@ fn strict_reading_names_a_misspelt_field() {
     assert_eq!(err, "spec.template.spec.containers[0].securityContxt: unknown field (not in the Kubernetes API: misspelt?)");
 }
 
-/// agent.json of every rendering, read by the agent's own config reader (unknown fields refused).
+/// agent.json of every rendering, read by the agent's own config reader (unknown fields refused), with the node
+/// name the DaemonSet adds.
 #[test]
 fn the_configmaps_agent_config_is_accepted_by_the_agent() {
     use weft_agent::config::agent::{AgentConfig, ConfigFile};
@@ -274,14 +270,8 @@ fn the_configmaps_agent_config_is_accepted_by_the_agent() {
         let cm = docs.iter().find(|d| d["kind"] == "ConfigMap").expect("no ConfigMap rendered");
         let text = cm["data"]["agent.json"].as_str().expect("ConfigMap has no agent.json");
         let mut json: serde_json::Map<String, Value> = serde_json::from_str(text).unwrap();
-        for key in PENDING_AGENT_KEYS {
-            let Some(value) = json.remove(*key) else { continue };
-            let alone = serde_json::json!({ *key: value });
-            assert!(
-                serde_json::from_value::<ConfigFile>(alone).is_err(),
-                "the agent now knows `{key}`: remove it from PENDING_AGENT_KEYS in tests/tests/manifests.rs"
-            );
-        }
+        // The DaemonSet gives the node's name through the downward API (NODE_NAME, the agent's --node-name).
+        json.insert("node_name".into(), Value::from("node-1"));
         let file: ConfigFile =
             serde_json::from_value(Value::Object(json)).unwrap_or_else(|e| panic!("--set {}: agent.json: {e}", sets.join(",")));
         file.apply(AgentConfig::default()).unwrap_or_else(|e| panic!("--set {}: agent.json: {e}", sets.join(",")));
@@ -326,7 +316,7 @@ fn cni_paths_follow_the_distribution_preset() {
 }
 
 /// The e2e workloads are the scenario file's: a Deployment per workload in the namespace its capture says, with
-/// its service account, and a Service on its port per server.
+/// its service account and weft's capture label when captured, and a Service on its port per server.
 #[test]
 fn the_e2e_workloads_are_the_scenarios_workloads() {
     use weft_tests::scenarios::{default_path, Scenarios};
@@ -339,6 +329,8 @@ fn the_e2e_workloads_are_the_scenarios_workloads() {
         let deployment = find("Deployment", name).unwrap_or_else(|| panic!("tests/e2e/workloads.yaml: no Deployment {name}"));
         assert_eq!(deployment["metadata"]["namespace"], ns, "Deployment {name}");
         assert_eq!(deployment["spec"]["template"]["spec"]["serviceAccountName"], w.service_account.as_str(), "Deployment {name}");
+        let capture = &deployment["spec"]["template"]["metadata"]["labels"]["weft.dev/capture"];
+        assert_eq!(capture == "enabled", w.captured, "Deployment {name}: pod label weft.dev/capture={capture}");
         if let Some(port) = w.port {
             let service = find("Service", name).unwrap_or_else(|| panic!("tests/e2e/workloads.yaml: no Service {name}"));
             assert_eq!(service["spec"]["ports"][0]["port"], port, "Service {name}");
@@ -360,4 +352,55 @@ fn the_containerfile_pins_setups_ebpf_toolchain() {
         containerfile.lines().any(|l| l.trim() == format!("ARG EBPF_TOOLCHAIN={pinned}")),
         "deploy/Containerfile: set `ARG EBPF_TOOLCHAIN={pinned}` (xtask/src/setup.rs pins it)"
     );
+}
+
+/// Every manifest, sent to a real API server (etcd and kube-apiserver built from their Go modules,
+/// tests/src/kube.rs) with server-side dry run and strict field validation, so a manifest the API refuses —
+/// a bad value, a rule the types cannot express — fails here. Namespaces are created for real first, so the
+/// objects in them can be checked; objects the harness created already (the agent's namespace, account and
+/// RBAC) are checked as a dry-run update.
+#[test]
+fn every_manifest_is_accepted_by_the_api_server() {
+    if let Err(why) = weft_tests::require_root() {
+        eprintln!("skipping: {why}");
+        return;
+    }
+    let node = weft_tests::NetNs::create_with_lo("kmanifest").unwrap();
+    let api = weft_tests::kube::KubeApi::start(&node).unwrap();
+    let manifests = all_manifests();
+    for (origin, doc) in manifests.iter().filter(|(_, d)| d["kind"] == "Namespace") {
+        let (code, body) = api.request("POST", "/api/v1/namespaces", Some(doc)).unwrap();
+        assert!(matches!(code, 200..=299 | 409), "{origin}: creating the namespace: {code}: {body}");
+    }
+    let failures: Vec<String> = manifests
+        .iter()
+        .filter_map(|(origin, doc)| dry_run(&api, doc).err().map(|e| format!("{origin}: {e}")))
+        .collect();
+    assert!(failures.is_empty(), "the API server refused:\n{}\n(its log: {})", failures.join("\n"), api.log_path().display());
+
+    // The check can fail: the API refuses what the types accept (privileged without privilege escalation).
+    let mut ds = documents(&render(DEFAULT_SETS).unwrap()).unwrap().into_iter().find(|d| d["kind"] == "DaemonSet").unwrap();
+    let security = &mut ds["spec"]["template"]["spec"]["containers"][0]["securityContext"];
+    security["privileged"] = Value::Bool(true);
+    security["allowPrivilegeEscalation"] = Value::Bool(false);
+    let err = dry_run(&api, &ds).unwrap_err();
+    assert!(err.contains("allowPrivilegeEscalation"), "{err}");
+}
+
+/// A dry-run create, or a dry-run update where the object exists; the API's answer when it refuses.
+fn dry_run(api: &weft_tests::kube::KubeApi, doc: &Value) -> Result<(), String> {
+    const CHECK: &str = "dryRun=All&fieldValidation=Strict";
+    let path = check_document(doc)?;
+    let (code, body) = api.request("POST", &format!("{path}?{CHECK}"), Some(doc)).map_err(|e| e.to_string())?;
+    let (code, body) = match code {
+        409 => {
+            let name = doc["metadata"]["name"].as_str().unwrap_or_default();
+            api.request("PUT", &format!("{path}/{name}?{CHECK}"), Some(doc)).map_err(|e| e.to_string())?
+        }
+        _ => (code, body),
+    };
+    match code {
+        200..=299 => Ok(()),
+        _ => Err(format!("{code}: {}", body["message"].as_str().map_or_else(|| body.to_string(), str::to_string))),
+    }
 }

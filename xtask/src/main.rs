@@ -1,8 +1,9 @@
 //! `cargo xtask`: the project's commands. Each installs what it needs first, idempotently and quietly when
 //! everything is already there.
 //!
-//! - `cargo xtask setup`: install the Debian packages the tests, demo and benchmarks use, and build helm from its
-//!   Go module into the cache.
+//! - `cargo xtask setup`: install the Debian packages the tests, demo and benchmarks use, and build the tests'
+//!   Kubernetes control plane (etcd, kube-apiserver) from their Go modules and helm (deploy/'s
+//!   manifest tests).
 //! - `cargo xtask test`: setup, build, run every test (unit, libcni-driven capture suites for each backend).
 //! - `cargo xtask demo`: setup, build, run a two-pod netns cluster and show captured traffic, then clean up.
 //! - `cargo xtask bench cni`: setup, release build, measure CNI ADD latency with and without weft-cni.
@@ -17,6 +18,7 @@ mod bench_neighbour;
 mod demo;
 mod e2e_kind;
 mod ebpf;
+mod gobuild;
 mod goinstall;
 mod setup;
 
@@ -26,7 +28,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
     let result = match words.as_slice() {
-        ["setup"] => setup::run(),
+        ["setup"] => setup::everything(),
         ["build-ebpf"] => setup::run().and_then(|()| ebpf::build()),
         ["test", rest @ ..] => test(rest),
         ["demo"] => demo::run(),

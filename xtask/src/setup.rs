@@ -18,8 +18,14 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("nghttp2-client", "h2load, the HTTP/2 and gRPC load generator of `bench http`"),
 ];
 
-/// Everything, the eBPF toolchain included (for the commands that cannot do without it).
+/// What the demo and the benchmarks need, the eBPF toolchain included.
 pub fn run() -> Result<(), String> {
+    base()?;
+    ebpf_toolchain().map(|_| ())
+}
+
+/// `cargo xtask setup`: everything, the tests' Kubernetes control plane included.
+pub fn everything() -> Result<(), String> {
     run_all()?.map(|_| ())
 }
 
@@ -73,11 +79,17 @@ pub const EBPF_TOOLCHAIN: &str = "nightly-2026-05-19";
 /// (the pinned nightly comes from the Rust distribution server, not a registry): its failure is returned
 /// separately so that only the eBPF suites skip.
 pub fn run_all() -> Result<Result<String, String>, String> {
-    debian_packages()?;
+    base()?;
+    crate::gobuild::ensure(crate::gobuild::KUBE)?;
+    // The manifest tests render deploy/helm/weft with it.
     crate::goinstall::ensure(&weft_tests::gotools::HELM)?;
-    envoy()?;
-    grpc_python()?;
     Ok(ebpf_toolchain())
+}
+
+fn base() -> Result<(), String> {
+    debian_packages()?;
+    envoy()?;
+    grpc_python()
 }
 
 /// The pinned nightly (by name, or as the machine's `nightly` when that is the same build) with `rust-src`

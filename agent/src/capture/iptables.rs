@@ -1,7 +1,12 @@
 //! The `iptables` backend: one `iptables-restore --noflush` batch per family, same rule shape as istio-cni's
 //! sidecar mode with a socket mark in place of the proxy UID.
 
+use std::net::Ipv4Addr;
+
+use ipnet::IpNet;
+
 use super::netns::Netns;
+use super::plan::{PodCapture, Selection};
 use super::{
     find_binary, ipv6_enabled, run_in, CaptureError, Redirector, RedirectMode, EXCLUDED_INBOUND_PORTS, INBOUND_PORT,
     OUTBOUND_PORT, PROXY_MARK, PROXY_MARK_MASK,
@@ -57,29 +62,96 @@ impl Family {
     }
 }
 
-/// The rules weft puts in a pod's `nat` table, in `iptables-save`'s canonical spelling so that the saved state
-/// can be compared line by line.
-pub fn rules(family: Family) -> Vec<String> {
-    let ports: Vec<String> = EXCLUDED_INBOUND_PORTS.iter().map(u16::to_string).collect();
+/// The rules weft puts in a pod's `nat` table for `plan`, in `iptables-save`'s canonical spelling so that the
+/// saved state can be compared line by line. The order within each chain is istio-iptables' (see
+/// `capture::plan`); without annotations the rules are exactly those of the default golden files.
+pub fn rules(family: Family, plan: &PodCapture, probe_source: Option<Ipv4Addr>) -> Vec<String> {
+    let mut r: Vec<String> =
+        vec!["-A PREROUTING -p tcp -j WEFT_INBOUND".into(), "-A OUTPUT -p tcp -j WEFT_OUTPUT".into()];
+    inbound_rules(&mut r, family, plan, probe_source);
+    r.push(format!("-A WEFT_IN_REDIRECT -p tcp -j REDIRECT --to-ports {INBOUND_PORT}"));
+    outbound_rules(&mut r, family, plan);
+    r.push(format!("-A WEFT_REDIRECT -p tcp -j REDIRECT --to-ports {OUTBOUND_PORT}"));
+    r
+}
+
+fn inbound_rules(r: &mut Vec<String>, family: Family, plan: &PodCapture, probe_source: Option<Ipv4Addr>) {
+    if let (Family::V4, Some(source)) = (family, probe_source) {
+        // kubelet's probes, SNATed to `source` on the node (see `capture::probes`), reach the app directly.
+        for port in &plan.probe_ports {
+            r.push(format!("-A WEFT_INBOUND -s {source}/32 -p tcp -m tcp --dport {port} -j RETURN"));
+        }
+    }
+    // A VM's traffic entering on a virtual interface is the pod's outbound traffic.
+    for vif in &plan.virtual_interfaces {
+        match &plan.outbound_ranges {
+            Selection::All => r.push(format!("-A WEFT_INBOUND -i {vif} -j WEFT_REDIRECT")),
+            Selection::Only(ranges) => {
+                for net in of_family(ranges, family) {
+                    r.push(format!("-A WEFT_INBOUND -d {net} -i {vif} -j WEFT_REDIRECT"));
+                }
+            }
+        }
+        r.push(format!("-A WEFT_INBOUND -i {vif} -j RETURN"));
+    }
+    for iface in &plan.excluded_interfaces {
+        r.push(format!("-A WEFT_INBOUND -i {iface} -j RETURN"));
+    }
+    let fixed: Vec<String> = EXCLUDED_INBOUND_PORTS.iter().map(u16::to_string).collect();
+    r.push(format!("-A WEFT_INBOUND -p tcp -m multiport --dports {} -j RETURN", fixed.join(",")));
+    match &plan.inbound_ports {
+        Selection::All => {
+            for port in &plan.inbound_excluded_ports {
+                r.push(format!("-A WEFT_INBOUND -p tcp -m tcp --dport {port} -j RETURN"));
+            }
+            r.push("-A WEFT_INBOUND -p tcp -j WEFT_IN_REDIRECT".into());
+        }
+        Selection::Only(ports) => {
+            for port in ports {
+                r.push(format!("-A WEFT_INBOUND -p tcp -m tcp --dport {port} -j WEFT_IN_REDIRECT"));
+            }
+        }
+    }
+}
+
+fn outbound_rules(r: &mut Vec<String>, family: Family, plan: &PodCapture) {
     let mark = format!("0x{PROXY_MARK:x}/0x{PROXY_MARK_MASK:x}");
     let (lo, pass) = (family.loopback(), family.passthrough());
-    vec![
-        "-A PREROUTING -p tcp -j WEFT_INBOUND".into(),
-        "-A OUTPUT -p tcp -j WEFT_OUTPUT".into(),
-        format!("-A WEFT_INBOUND -p tcp -m multiport --dports {} -j RETURN", ports.join(",")),
-        "-A WEFT_INBOUND -p tcp -j WEFT_IN_REDIRECT".into(),
-        format!("-A WEFT_IN_REDIRECT -p tcp -j REDIRECT --to-ports {INBOUND_PORT}"),
-        // The proxy's connections to the local app: already proxied inbound.
-        format!("-A WEFT_OUTPUT -s {pass} -o lo -j RETURN"),
-        // The proxy dialling its own pod over lo: run it through the pod's inbound side, as Istio does.
-        format!("-A WEFT_OUTPUT ! -d {lo} -o lo -p tcp -m mark --mark {mark} -j WEFT_IN_REDIRECT"),
-        // The app talking to itself over lo is not mesh traffic.
-        "-A WEFT_OUTPUT -o lo -j RETURN".into(),
-        format!("-A WEFT_OUTPUT -m mark --mark {mark} -j RETURN"),
-        format!("-A WEFT_OUTPUT -d {lo} -j RETURN"),
-        "-A WEFT_OUTPUT -j WEFT_REDIRECT".into(),
-        format!("-A WEFT_REDIRECT -p tcp -j REDIRECT --to-ports {OUTBOUND_PORT}"),
-    ]
+    for iface in &plan.excluded_interfaces {
+        r.push(format!("-A WEFT_OUTPUT -o {iface} -j RETURN"));
+    }
+    for port in &plan.outbound_excluded_ports {
+        r.push(format!("-A WEFT_OUTPUT -p tcp -m tcp --dport {port} -j RETURN"));
+    }
+    // The proxy's connections to the local app: already proxied inbound.
+    r.push(format!("-A WEFT_OUTPUT -s {pass} -o lo -j RETURN"));
+    // The proxy dialling its own pod over lo: run it through the pod's inbound side, as Istio does.
+    r.push(format!("-A WEFT_OUTPUT ! -d {lo} -o lo -p tcp -m mark --mark {mark} -j WEFT_IN_REDIRECT"));
+    // The app talking to itself over lo is not mesh traffic, unless loopback is explicitly included.
+    if !plan.includes_loopback() {
+        r.push("-A WEFT_OUTPUT -o lo -j RETURN".into());
+    }
+    r.push(format!("-A WEFT_OUTPUT -m mark --mark {mark} -j RETURN"));
+    r.push(format!("-A WEFT_OUTPUT -d {lo} -j RETURN"));
+    for net in of_family(&plan.outbound_excluded_ranges, family) {
+        r.push(format!("-A WEFT_OUTPUT -d {net} -j RETURN"));
+    }
+    for port in &plan.outbound_ports {
+        r.push(format!("-A WEFT_OUTPUT -p tcp -m tcp --dport {port} -j WEFT_REDIRECT"));
+    }
+    match &plan.outbound_ranges {
+        Selection::All => r.push("-A WEFT_OUTPUT -j WEFT_REDIRECT".into()),
+        Selection::Only(ranges) => {
+            for net in of_family(ranges, family) {
+                r.push(format!("-A WEFT_OUTPUT -d {net} -j WEFT_REDIRECT"));
+            }
+        }
+    }
+}
+
+/// The ranges of one family (each family has its own table).
+fn of_family(ranges: &[IpNet], family: Family) -> impl Iterator<Item = &IpNet> {
+    ranges.iter().filter(move |n| matches!((n, family), (IpNet::V4(_), Family::V4) | (IpNet::V6(_), Family::V6)))
 }
 
 /// Jumps from built-in chains into ours found in `saved` (an `iptables-save -t nat` dump).
@@ -99,11 +171,11 @@ fn chain_declarations() -> impl Iterator<Item = String> {
 }
 
 /// The batch that replaces whatever weft rules `saved` holds with the current ones.
-pub fn install_batch(family: Family, saved: &str) -> String {
+pub fn install_batch(family: Family, saved: &str, plan: &PodCapture, probe_source: Option<Ipv4Addr>) -> String {
     let mut lines = vec!["*nat".to_string()];
     lines.extend(chain_declarations());
     lines.extend(existing_jumps(saved).into_iter().map(|j| j.replacen("-A ", "-D ", 1)));
-    lines.extend(rules(family));
+    lines.extend(rules(family, plan, probe_source));
     lines.push("COMMIT".into());
     lines.join("\n") + "\n"
 }
@@ -123,10 +195,10 @@ pub fn remove_batch(saved: &str) -> Option<String> {
 }
 
 /// Compares a saved table with the rules weft wants; the error lists what is missing and what is extra.
-pub fn compare(family: Family, saved: &str) -> Result<(), CaptureError> {
+pub fn compare(family: Family, saved: &str, plan: &PodCapture, probe_source: Option<Ipv4Addr>) -> Result<(), CaptureError> {
     let ours = |l: &&str| l.starts_with("-A WEFT_") || existing_jumps(l).len() == 1;
     let mut actual: Vec<&str> = saved.lines().filter(ours).collect();
-    let wanted = rules(family);
+    let wanted = rules(family, plan, probe_source);
     let mut missing = Vec::new();
     for rule in &wanted {
         match actual.iter().position(|a| a == rule) {
@@ -149,13 +221,13 @@ pub fn compare(family: Family, saved: &str) -> Result<(), CaptureError> {
 
 /// Paths of the save/restore tools of one iptables variant.
 #[derive(Debug, Clone)]
-struct Tools {
-    save: String,
-    restore: String,
+pub(crate) struct Tools {
+    pub(crate) save: String,
+    pub(crate) restore: String,
 }
 
 impl Tools {
-    fn find(prefix: &str, variant: &str) -> Option<Tools> {
+    pub(crate) fn find(prefix: &str, variant: &str) -> Option<Tools> {
         let name = |verb: &str| {
             find_binary(&format!("{prefix}-{variant}-{verb}")).or_else(|| find_binary(&format!("{prefix}-{verb}")))
         };
@@ -168,22 +240,14 @@ pub struct Iptables {
     v4: Tools,
     v6: Option<Tools>,
     variant: Variant,
+    probe_source: Option<Ipv4Addr>,
 }
 
 impl Iptables {
     /// Finds the tools of `variant` (resolving `Auto` on the node's current rules).
-    pub fn detect(variant: Variant) -> Result<Iptables, CaptureError> {
-        let variant = match variant {
-            Variant::Auto => detect_variant(),
-            fixed => fixed,
-        };
-        let name = if variant == Variant::Legacy { "legacy" } else { "nft" };
-        let v4 = Tools::find("iptables", name).ok_or_else(|| {
-            CaptureError(format!(
-                "iptables-{name}-restore/iptables-restore not found: install the iptables package or use --redirect nftables"
-            ))
-        })?;
-        Ok(Iptables { v4, v6: Tools::find("ip6tables", name), variant })
+    pub fn detect(variant: Variant, probe_source: Option<Ipv4Addr>) -> Result<Iptables, CaptureError> {
+        let variant = resolve(variant);
+        Ok(Iptables { v4: v4_tools(variant)?, v6: Tools::find("ip6tables", variant_name(variant)), variant, probe_source })
     }
 
     pub fn variant(&self) -> Variant {
@@ -211,6 +275,31 @@ impl Iptables {
     }
 }
 
+/// `Auto` resolved on the node's current rules.
+pub(crate) fn resolve(variant: Variant) -> Variant {
+    match variant {
+        Variant::Auto => detect_variant(),
+        fixed => fixed,
+    }
+}
+
+fn variant_name(variant: Variant) -> &'static str {
+    if variant == Variant::Legacy {
+        "legacy"
+    } else {
+        "nft"
+    }
+}
+
+pub(crate) fn v4_tools(variant: Variant) -> Result<Tools, CaptureError> {
+    let name = variant_name(variant);
+    Tools::find("iptables", name).ok_or_else(|| {
+        CaptureError(format!(
+            "iptables-{name}-restore/iptables-restore not found: install the iptables package or use --redirect nftables"
+        ))
+    })
+}
+
 fn save(ns: &Netns, tools: &Tools) -> Result<String, CaptureError> {
     run_in(ns, &tools.save, &["-t", "nat"], "")
 }
@@ -220,15 +309,15 @@ impl Redirector for Iptables {
         RedirectMode::Iptables
     }
 
-    fn install(&self, ns: &Netns) -> Result<(), CaptureError> {
+    fn install(&self, ns: &Netns, plan: &PodCapture) -> Result<(), CaptureError> {
         self.per_family(ns, |family, tools| {
             let saved = save(ns, tools)?;
-            run_in(ns, &tools.restore, &["--noflush"], &install_batch(family, &saved)).map(drop)
+            run_in(ns, &tools.restore, &["--noflush"], &install_batch(family, &saved, plan, self.probe_source)).map(drop)
         })
     }
 
-    fn verify(&self, ns: &Netns) -> Result<(), CaptureError> {
-        self.per_family(ns, |family, tools| compare(family, &save(ns, tools)?))
+    fn verify(&self, ns: &Netns, plan: &PodCapture) -> Result<(), CaptureError> {
+        self.per_family(ns, |family, tools| compare(family, &save(ns, tools)?, plan, self.probe_source))
     }
 
     fn remove(&self, ns: &Netns) -> Result<(), CaptureError> {
@@ -260,17 +349,40 @@ fn detect_variant() -> Variant {
 mod tests {
     use super::*;
     use crate::capture::check_golden;
+    use crate::capture::plan::tests_support::golden_plans;
+
+    fn default_rules(family: Family) -> Vec<String> {
+        rules(family, &PodCapture::default(), None)
+    }
 
     #[test]
     fn fresh_install_batches_match_golden_files() {
-        check_golden("iptables-v4.golden", &install_batch(Family::V4, ""));
-        check_golden("iptables-v6.golden", &install_batch(Family::V6, ""));
+        check_golden("iptables-v4.golden", &install_batch(Family::V4, "", &PodCapture::default(), None));
+        check_golden("iptables-v6.golden", &install_batch(Family::V6, "", &PodCapture::default(), None));
+    }
+
+    /// One golden file per annotation combination and family (`plan-<name>.iptables-v{4,6}.golden`).
+    #[test]
+    fn plans_match_golden_files() {
+        for (name, plan, probes) in golden_plans() {
+            check_golden(&format!("plan-{name}.iptables-v4.golden"), &install_batch(Family::V4, "", &plan, probes));
+            check_golden(&format!("plan-{name}.iptables-v6.golden"), &install_batch(Family::V6, "", &plan, probes));
+        }
+    }
+
+    #[test]
+    fn a_changed_plan_is_compared_against_its_own_rules() {
+        let (_, plan, probes) = golden_plans().into_iter().find(|(n, ..)| *n == "outbound-ranges").unwrap();
+        let installed = rules(Family::V4, &plan, probes).join("\n");
+        assert!(compare(Family::V4, &installed, &plan, probes).is_ok());
+        let err = compare(Family::V4, &installed, &PodCapture::default(), None).unwrap_err().to_string();
+        assert!(err.contains("missing [-A WEFT_OUTPUT -j WEFT_REDIRECT]"), "{err}");
     }
 
     #[test]
     fn reinstall_deletes_old_jumps_in_the_same_batch() {
         let saved = "*nat\n:PREROUTING ACCEPT [0:0]\n:WEFT_INBOUND - [0:0]\n-A PREROUTING -p tcp -j WEFT_INBOUND\n-A PREROUTING -p udp -j OTHER\nCOMMIT\n";
-        let batch = install_batch(Family::V4, saved);
+        let batch = install_batch(Family::V4, saved, &PodCapture::default(), None);
         assert!(batch.contains("\n-D PREROUTING -p tcp -j WEFT_INBOUND\n"), "{batch}");
         assert!(!batch.contains("OTHER"), "rules of others are left alone: {batch}");
     }
@@ -279,7 +391,7 @@ mod tests {
     fn remove_batch_matches_golden_file_and_is_empty_when_nothing_is_installed() {
         let installed: String = std::iter::once("*nat".to_string())
             .chain(chain_declarations())
-            .chain(rules(Family::V4))
+            .chain(default_rules(Family::V4))
             .collect::<Vec<_>>()
             .join("\n");
         check_golden("iptables-remove.golden", &remove_batch(&installed).unwrap());
@@ -288,12 +400,13 @@ mod tests {
 
     #[test]
     fn compare_names_missing_and_extra_rules() {
-        let mut saved = rules(Family::V4);
+        let plan = PodCapture::default();
+        let mut saved = default_rules(Family::V4);
         saved.retain(|r| !r.contains("--to-ports 15001"));
         saved.push("-A WEFT_OUTPUT -j ACCEPT".into());
-        let err = compare(Family::V4, &saved.join("\n")).unwrap_err().to_string();
+        let err = compare(Family::V4, &saved.join("\n"), &plan, None).unwrap_err().to_string();
         assert!(err.contains("missing [-A WEFT_REDIRECT -p tcp -j REDIRECT --to-ports 15001]"), "{err}");
         assert!(err.contains("unexpected [-A WEFT_OUTPUT -j ACCEPT]"), "{err}");
-        assert!(compare(Family::V4, &rules(Family::V4).join("\n")).is_ok());
+        assert!(compare(Family::V4, &default_rules(Family::V4).join("\n"), &plan, None).is_ok());
     }
 }

@@ -15,6 +15,8 @@ pub mod ebpf;
 pub mod iptables;
 pub mod netns;
 pub mod nftables;
+pub mod plan;
+pub mod probes;
 
 use std::fmt;
 use std::io::Write;
@@ -25,6 +27,7 @@ use std::process::{Command, Stdio};
 pub use weft_ebpf_common::{PROXY_MARK, PROXY_MARK_MASK};
 
 use netns::Netns;
+pub use plan::PodCapture;
 
 /// The in-pod outbound listener port (Istio's 15001).
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -35,6 +38,9 @@ pub const EXCLUDED_INBOUND_PORTS: [u16; 6] = [15001, 15006, 15008, 15020, 15021,
 /// Source address of the proxy's connections to the local app (Istio's inbound passthrough address).
 pub const INBOUND_PASSTHROUGH_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 pub const INBOUND_PASSTHROUGH_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+/// Source address kubelet's probes get on the node when the probe exemption is on (Istio ambient's choice,
+/// link-local so that no pod or remote host has it).
+pub const DEFAULT_PROBE_SOURCE: Ipv4Addr = Ipv4Addr::new(169, 254, 7, 127);
 
 /// How pod traffic is redirected to the proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -88,20 +94,28 @@ impl From<std::io::Error> for CaptureError {
 }
 
 /// A redirection backend. All methods block (they run external tools); call them off the async runtime.
+/// Every method that installs or checks rules takes the pod's [`PodCapture`] plan.
 pub trait Redirector: Send + Sync {
     fn mode(&self) -> RedirectMode;
-    /// Puts the full rule set in place in one atomic step, replacing any earlier weft rules. Fast path for a
-    /// new pod: it does not read the rules back (the batch is applied whole or not at all).
-    fn install(&self, ns: &Netns) -> Result<(), CaptureError>;
+    /// Whether this backend can honour `plan`; the error names the annotation it cannot. Install, ensure and
+    /// verify refuse such a plan too; this lets a caller check a plan before touching a pod.
+    fn check(&self, plan: &PodCapture) -> Result<(), CaptureError> {
+        let _ = plan;
+        Ok(())
+    }
+    /// Puts the full rule set of `plan` in place in one atomic step, replacing any earlier weft rules (a
+    /// changed plan is applied the same way). Fast path for a new pod: it does not read the rules back (the
+    /// batch is applied whole or not at all).
+    fn install(&self, ns: &Netns, plan: &PodCapture) -> Result<(), CaptureError>;
     /// Leaves correct rules alone and re-installs anything else (re-adoption, repeated ADD).
-    fn ensure(&self, ns: &Netns) -> Result<(), CaptureError> {
-        match self.verify(ns) {
+    fn ensure(&self, ns: &Netns, plan: &PodCapture) -> Result<(), CaptureError> {
+        match self.verify(ns, plan) {
             Ok(()) => Ok(()),
-            Err(_) => self.install(ns),
+            Err(_) => self.install(ns, plan),
         }
     }
-    /// Checks the rules in the namespace are exactly the ones `install` puts there.
-    fn verify(&self, ns: &Netns) -> Result<(), CaptureError>;
+    /// Checks the rules in the namespace are exactly the ones `install` puts there for `plan`.
+    fn verify(&self, ns: &Netns, plan: &PodCapture) -> Result<(), CaptureError>;
     /// Removes weft's rules, leaving everything else. Succeeds when there is nothing to remove.
     fn remove(&self, ns: &Netns) -> Result<(), CaptureError>;
     /// Backend details for the status endpoint.
@@ -111,16 +125,19 @@ pub trait Redirector: Send + Sync {
 }
 
 /// Builds the backend for `mode`, probing the node for the tools (or kernel features) it needs.
+/// `probe_source`: kubelet's probes arrive from this address (see [`probes`]) and are not redirected to
+/// the pod's probe ports; `None` redirects them like any other connection.
 pub fn redirector(
     mode: RedirectMode,
     variant: iptables::Variant,
     ebpf: &ebpf::EbpfSettings,
+    probe_source: Option<Ipv4Addr>,
 ) -> Result<Box<dyn Redirector>, CaptureError> {
     Ok(match mode {
-        RedirectMode::Iptables => Box::new(iptables::Iptables::detect(variant)?),
-        RedirectMode::Nftables => Box::new(nftables::Nftables::detect()?),
+        RedirectMode::Iptables => Box::new(iptables::Iptables::detect(variant, probe_source)?),
+        RedirectMode::Nftables => Box::new(nftables::Nftables::detect(probe_source)?),
         RedirectMode::Ebpf => {
-            let backend = ebpf::Ebpf::start(ebpf)?;
+            let backend = ebpf::Ebpf::start(ebpf, probe_source)?;
             tracing::info!(adopted = ?backend.adopted, pins = %ebpf.pin_path.display(), "eBPF programs in place");
             Box::new(backend)
         }

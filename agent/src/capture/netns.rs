@@ -229,3 +229,38 @@ mod tests {
         assert!(err.to_string().contains("not a network namespace"));
     }
 }
+
+/// Finds the network namespace that holds `ip` on one of its interfaces, among the named ones
+/// (`/var/run/netns`, `/run/netns`, where runtimes pin pod namespaces): how a pod that started before the agent
+/// (no CNI ADD reached it) is found again. Blocking; run it off the async runtime.
+pub fn find_by_ip(ip: std::net::IpAddr) -> Option<NetnsPath> {
+    let host = std::fs::metadata("/proc/self/ns/net").ok().map(|m| (m.dev(), m.ino()));
+    let mut seen = std::collections::HashSet::new();
+    for path in candidates() {
+        let Ok(path) = NetnsPath::try_from(path.to_string_lossy().into_owned()) else { continue };
+        let Ok(ns) = Netns::open(&path) else { continue };
+        let id = (ns.id.dev, ns.id.ino);
+        if Some(id) == host || !seen.insert(id) {
+            continue;
+        }
+        let holds = ns.run_on_new_thread(move || {
+            let addrs = nix::ifaddrs::getifaddrs().map_err(io::Error::from)?;
+            Ok(addrs.filter_map(|a| a.address).any(|a| {
+                a.as_sockaddr_in().map(|s| std::net::IpAddr::V4(s.ip())) == Some(ip)
+                    || a.as_sockaddr_in6().map(|s| std::net::IpAddr::V6(s.ip())) == Some(ip)
+            }))
+        });
+        if holds.unwrap_or(false) {
+            return Some(path);
+        }
+    }
+    None
+}
+
+fn candidates() -> Vec<PathBuf> {
+    ALLOWED_PREFIXES
+        .iter()
+        .filter_map(|dir| std::fs::read_dir(dir).ok())
+        .flat_map(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path()))
+        .collect()
+}

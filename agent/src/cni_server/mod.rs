@@ -90,7 +90,8 @@ async fn read_request(read: tokio::net::unix::OwnedReadHalf) -> Result<Request, 
 
 async fn dispatch(request: Request, node: &Node) -> Response {
     let result = match request {
-        Request::Add { pod } => node.add(pod).await,
+        // The pod watcher will pass each pod's plan; until then, every pod gets the default one.
+        Request::Add { pod } => node.add(pod, crate::capture::PodCapture::default()).await,
         Request::Del { attachment } => node.del(&attachment).await,
         Request::Check { attachment } => node.check(&attachment).await,
         Request::Gc { valid } => node.gc(&valid).await,

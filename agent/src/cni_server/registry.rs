@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use weft_cni::protocol::Attachment;
 
 use crate::capture::netns::{NetnsId, NetnsPath};
-use crate::capture::RedirectMode;
+use crate::capture::{PodCapture, RedirectMode};
+use crate::k8s::PodMeta;
 
 const FILE_NAME: &str = "pods.json";
 const FORMAT_VERSION: u32 = 1;
@@ -32,6 +33,13 @@ pub struct PodRecord {
     pub ips: Vec<IpAddr>,
     pub redirect: RedirectMode,
     pub added_at_unix: u64,
+    /// What the Kubernetes API says of the pod (service account, labels, workload), when the agent watches it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta: Option<PodMeta>,
+    /// The pod's capture plan, re-installed as it is on restart; registries written before plans existed
+    /// load with the default plan, which is what those pods were captured with.
+    #[serde(default)]
+    pub capture: PodCapture,
 }
 
 impl PodRecord {
@@ -121,6 +129,8 @@ mod tests {
             ips: vec!["10.0.0.2".parse().unwrap()],
             redirect: RedirectMode::Iptables,
             added_at_unix: 1,
+            meta: None,
+            capture: PodCapture::default(),
         }
     }
 
@@ -139,6 +149,22 @@ mod tests {
         assert_eq!(file.load().unwrap(), vec![record("a"), record("b")]);
         let mode = fs::metadata(file.path()).unwrap().permissions();
         assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn plans_persist_and_records_without_one_load_with_the_default() {
+        let dir = temp_dir("plan");
+        let file = RegistryFile::new(&dir).unwrap();
+        let mut with_plan = record("p");
+        with_plan.capture = PodCapture::nothing().with_probe_ports(vec![8080]);
+        file.store(&[with_plan.clone()]).unwrap();
+        assert_eq!(file.load().unwrap(), vec![with_plan]);
+        // A registry from before plans existed.
+        let mut old = serde_json::to_value(OnDisk { version: FORMAT_VERSION, pods: vec![record("o")] }).unwrap();
+        old["pods"][0].as_object_mut().unwrap().remove("capture");
+        fs::write(file.path(), old.to_string()).unwrap();
+        assert_eq!(file.load().unwrap(), vec![record("o")]);
         fs::remove_dir_all(dir).unwrap();
     }
 

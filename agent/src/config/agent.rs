@@ -99,6 +99,36 @@ impl PodLimits {
         PodLimits { max_connections: u64::MAX, max_requests: u64::MAX, max_connection_rate: u64::MAX, max_bandwidth: None };
 }
 
+/// The CNI installer (`weft-agent install-cni`, and `weft-agent run` with `install_cni`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CniInstallSettings {
+    /// Install at `weft-agent run` start-up and keep weft's entry in place while the agent runs.
+    pub enabled: bool,
+    /// The host's CNI network configuration directory (as mounted in the agent's container).
+    pub conf_dir: PathBuf,
+    /// The host's CNI plugin directory.
+    pub bin_dir: PathBuf,
+    /// The weft-cni binary to copy; `None`: beside weft-agent, then `/usr/lib/weft/weft-cni`.
+    pub binary: Option<PathBuf>,
+    /// weft-cni's `exclude_namespaces`.
+    pub exclude_namespaces: Vec<String>,
+    /// weft-cni's `log_file` (a path on the host); `None`: the plugin logs to the runtime's log only.
+    pub log_file: Option<PathBuf>,
+}
+
+impl Default for CniInstallSettings {
+    fn default() -> Self {
+        CniInstallSettings {
+            enabled: false,
+            conf_dir: "/etc/cni/net.d".into(),
+            bin_dir: "/opt/cni/bin".into(),
+            binary: None,
+            exclude_namespaces: weft_cni::cni::DEFAULT_EXCLUDED_NAMESPACES.iter().map(|n| (*n).to_owned()).collect(),
+            log_file: None,
+        }
+    }
+}
+
 /// Validated agent settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentConfig {
@@ -124,6 +154,27 @@ pub struct AgentConfig {
     /// HTTP requests in flight of all pods together; at it, requests are shed from the pods over their share.
     pub node_max_requests: u64,
     pub identity: IdentitySettings,
+    /// The Kubernetes API the agent watches its node's pods in; none: every pod weft-cni hands over is captured.
+    pub kube: Option<KubeSettings>,
+    pub cni_install: CniInstallSettings,
+    /// Source address kubelet's probes of captured pods' probe ports are SNATed to on the node and let
+    /// through in the pod (see `capture::probes`); `None`: probes are captured like other connections.
+    pub probe_source: Option<std::net::Ipv4Addr>,
+}
+
+/// How the agent reaches the Kubernetes API and which pods are its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubeSettings {
+    /// A kubeconfig file; `None` is the in-cluster service account.
+    pub kubeconfig: Option<PathBuf>,
+    /// The node whose pods this agent captures (`spec.nodeName`).
+    pub node_name: String,
+    /// The agent's own namespace, never captured.
+    pub agent_namespace: String,
+    /// The Istio revision served.
+    pub revision: String,
+    /// How long a CNI ADD waits for a pod the API has not shown yet.
+    pub pod_wait: Duration,
 }
 
 impl Default for AgentConfig {
@@ -144,6 +195,9 @@ impl Default for AgentConfig {
             node_max_connections: 65536,
             node_max_requests: 65536,
             identity: IdentitySettings::default(),
+            kube: None,
+            cni_install: CniInstallSettings::default(),
+            probe_source: Some(crate::capture::DEFAULT_PROBE_SOURCE),
         }
     }
 }
@@ -192,6 +246,27 @@ pub struct ConfigFile {
     pub istiod_server_name: Option<String>,
     /// xDS over istiod's secured port (TLS + token) rather than plaintext.
     pub xds_tls: Option<bool>,
+    /// The node this agent runs on: turns on the Kubernetes pod watch (capture by Istio's labels, per-pod
+    /// identities and metadata).
+    pub node_name: Option<String>,
+    /// kubeconfig file [in-cluster credentials].
+    pub kubeconfig: Option<PathBuf>,
+    /// The agent's own namespace, never captured [weft-system].
+    pub agent_namespace: Option<String>,
+    /// The Istio revision whose injection labels select pods [default].
+    pub revision: Option<String>,
+    /// How long a CNI ADD waits for the API to show the pod, ms [5000].
+    pub pod_wait_ms: Option<u64>,
+    /// Install weft-cni at start-up and keep its entry in place.
+    pub install_cni: Option<bool>,
+    pub cni_conf_dir: Option<PathBuf>,
+    pub cni_bin_dir: Option<PathBuf>,
+    /// The weft-cni binary to install.
+    pub cni_binary: Option<PathBuf>,
+    pub cni_exclude_namespaces: Option<Vec<String>>,
+    pub cni_log_file: Option<PathBuf>,
+    /// Kubelet probe exemption: the IPv4 source address probes get on the node, or `off` [169.254.7.127].
+    pub probe_snat: Option<String>,
 }
 
 impl ConfigFile {
@@ -278,8 +353,41 @@ impl ConfigFile {
         } else if mesh_fields.iter().any(|f| f.is_some()) {
             return Err("xds_api, cluster_id (without ca istiod), mesh_id and istio_version need xds_address".into());
         }
+        if let Some(text) = self.probe_snat {
+            base.probe_source = parse_probe_snat(&text)?;
+        }
         identity.apply_identity(&mut base)?;
+        identity.apply_kube(&mut base)?;
+        identity.apply_cni_install(&mut base.cni_install)?;
         Ok(base)
+    }
+
+    /// The Kubernetes fields: `node_name` turns the watch on; the others need it.
+    fn apply_kube(&self, base: &mut AgentConfig) -> Result<(), String> {
+        let Some(node_name) = &self.node_name else {
+            let stray = [("kubeconfig", self.kubeconfig.is_some()), ("agent_namespace", self.agent_namespace.is_some()), ("revision", self.revision.is_some()), ("pod_wait_ms", self.pod_wait_ms.is_some())];
+            if let Some((field, _)) = stray.iter().find(|(_, set)| *set) {
+                return Err(format!("{field}: needs node_name (the Kubernetes node this agent runs on)"));
+            }
+            return Ok(());
+        };
+        let name_ok = |s: &str| !s.is_empty() && s.len() <= 253 && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+        if !name_ok(node_name) {
+            return Err(format!("node_name: {node_name:?} is not a Kubernetes node name"));
+        }
+        let agent_namespace = self.agent_namespace.clone().unwrap_or_else(|| "weft-system".into());
+        if !name_ok(&agent_namespace) {
+            return Err(format!("agent_namespace: {agent_namespace:?} is not a Kubernetes namespace name"));
+        }
+        let pod_wait = millis("pod_wait_ms", self.pod_wait_ms.unwrap_or(5000), 1)?;
+        base.kube = Some(KubeSettings {
+            kubeconfig: self.kubeconfig.clone(),
+            node_name: node_name.clone(),
+            agent_namespace,
+            revision: self.revision.clone().unwrap_or_else(|| "default".into()),
+            pod_wait,
+        });
+        Ok(())
     }
 
     /// The identity fields, taken together from this layer (`weft-agent run` merges the file and the flags
@@ -340,6 +448,28 @@ impl ConfigFile {
         Ok(())
     }
 
+    fn apply_cni_install(&self, cni: &mut CniInstallSettings) -> Result<(), String> {
+        set(&mut cni.enabled, self.install_cni);
+        set(&mut cni.conf_dir, self.cni_conf_dir.clone());
+        set(&mut cni.bin_dir, self.cni_bin_dir.clone());
+        if self.cni_binary.is_some() {
+            cni.binary = self.cni_binary.clone();
+        }
+        if let Some(namespaces) = &self.cni_exclude_namespaces {
+            if let Some(bad) = namespaces.iter().find(|n| n.is_empty() || n.contains(|c: char| c.is_whitespace() || c == ',')) {
+                return Err(format!("cni_exclude_namespaces: {bad:?} is not a namespace name"));
+            }
+            cni.exclude_namespaces = namespaces.clone();
+        }
+        if let Some(log) = &self.cni_log_file {
+            if !log.is_absolute() {
+                return Err(format!("cni_log_file: {} must be an absolute path on the host", log.display()));
+            }
+            cni.log_file = Some(log.clone());
+        }
+        Ok(())
+    }
+
     /// istiod's secured-port settings, when a root certificate is given.
     fn istiod_connection(&self) -> Result<Option<IstiodConnection>, String> {
         let Some(root_cert) = self.istiod_root_cert.clone() else {
@@ -387,8 +517,34 @@ impl ConfigFile {
             istiod_token_file: self.istiod_token_file.or(under.istiod_token_file),
             istiod_server_name: self.istiod_server_name.or(under.istiod_server_name),
             xds_tls: self.xds_tls.or(under.xds_tls),
+            node_name: self.node_name.or(under.node_name),
+            kubeconfig: self.kubeconfig.or(under.kubeconfig),
+            agent_namespace: self.agent_namespace.or(under.agent_namespace),
+            revision: self.revision.or(under.revision),
+            pod_wait_ms: self.pod_wait_ms.or(under.pod_wait_ms),
+            install_cni: self.install_cni.or(under.install_cni),
+            cni_conf_dir: self.cni_conf_dir.or(under.cni_conf_dir),
+            cni_bin_dir: self.cni_bin_dir.or(under.cni_bin_dir),
+            cni_binary: self.cni_binary.or(under.cni_binary),
+            cni_exclude_namespaces: self.cni_exclude_namespaces.or(under.cni_exclude_namespaces),
+            cni_log_file: self.cni_log_file.or(under.cni_log_file),
+            probe_snat: self.probe_snat.or(under.probe_snat),
         }
     }
+}
+
+/// `off`, or a link-local IPv4 address: no pod or remote host may have it, or its connections would skip
+/// capture on the probe ports.
+fn parse_probe_snat(text: &str) -> Result<Option<std::net::Ipv4Addr>, String> {
+    if text == "off" {
+        return Ok(None);
+    }
+    let ip: std::net::Ipv4Addr =
+        text.parse().map_err(|_| format!("probe_snat: {text:?} is not an IPv4 address or `off`"))?;
+    if !ip.is_link_local() {
+        return Err(format!("probe_snat: {ip} is not link-local (169.254.0.0/16); use e.g. 169.254.7.127, or `off`"));
+    }
+    Ok(Some(ip))
 }
 
 /// `host:port` with a non-zero port.
@@ -446,6 +602,15 @@ mod tests {
     }
 
     #[test]
+    fn probe_snat_defaults_to_ambients_address_and_can_be_turned_off() {
+        assert_eq!(file("{}").unwrap().probe_source, Some(crate::capture::DEFAULT_PROBE_SOURCE));
+        assert_eq!(file(r#"{"probe_snat":"off"}"#).unwrap().probe_source, None);
+        assert_eq!(file(r#"{"probe_snat":"169.254.9.9"}"#).unwrap().probe_source, Some([169, 254, 9, 9].into()));
+        assert!(file(r#"{"probe_snat":"10.0.0.1"}"#).unwrap_err().contains("probe_snat: 10.0.0.1 is not link-local"));
+        assert!(file(r#"{"probe_snat":"none"}"#).unwrap_err().contains("probe_snat"));
+    }
+
+    #[test]
     fn identity_defaults_to_cluster_local_without_a_ca() {
         let cfg = file("{}").unwrap();
         assert_eq!(cfg.identity, IdentitySettings::default());
@@ -498,6 +663,26 @@ mod tests {
             let e = file(json).unwrap_err();
             assert!(e.contains(field), "{json}: {e}");
         }
+    }
+
+    #[test]
+    fn cni_install_fields() {
+        let cfg = file("{}").unwrap();
+        assert_eq!(cfg.cni_install, CniInstallSettings::default());
+        assert!(!cfg.cni_install.enabled);
+        assert_eq!(cfg.cni_install.conf_dir, PathBuf::from("/etc/cni/net.d"));
+        assert_eq!(cfg.cni_install.bin_dir, PathBuf::from("/opt/cni/bin"));
+        let cfg = file(
+            r#"{"install_cni":true,"cni_conf_dir":"/host/etc/cni/net.d","cni_bin_dir":"/host/opt/cni/bin",
+                "cni_exclude_namespaces":[],"cni_log_file":"/var/log/weft-cni.log"}"#,
+        )
+        .unwrap();
+        assert!(cfg.cni_install.enabled);
+        assert_eq!(cfg.cni_install.conf_dir, PathBuf::from("/host/etc/cni/net.d"));
+        assert!(cfg.cni_install.exclude_namespaces.is_empty());
+        assert_eq!(cfg.cni_install.log_file, Some(PathBuf::from("/var/log/weft-cni.log")));
+        assert!(file(r#"{"cni_log_file":"weft.log"}"#).unwrap_err().contains("cni_log_file"));
+        assert!(file(r#"{"cni_exclude_namespaces":["a b"]}"#).unwrap_err().contains("cni_exclude_namespaces"));
     }
 
     #[test]

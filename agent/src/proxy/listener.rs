@@ -42,6 +42,8 @@ pub struct PodListeners {
     pub addresses: Vec<SocketAddr>,
     pub outbound: Arc<ListenerStats>,
     pub inbound: Arc<ListenerStats>,
+    /// The pod's upstream pools and TLS state (where its workload certificate is pushed).
+    pub pools: Arc<Pools>,
 }
 
 impl PodListeners {
@@ -114,8 +116,8 @@ pub async fn start(pod: String, ns: Netns, settings: ProxySettings, config: Snap
 
     let outbound = Arc::new(ListenerStats::default());
     let inbound = Arc::new(ListenerStats::default());
-    let mut listeners = PodListeners { tasks: Vec::new(), addresses: Vec::new(), outbound, inbound };
     let pools = Pools::new(SocketFactory::Pod(ns));
+    let mut listeners = PodListeners { tasks: Vec::new(), addresses: Vec::new(), outbound, inbound, pools: Arc::clone(&pools) };
     for (direction, addr, socket) in sockets {
         let stats = match direction {
             Direction::Outbound => Arc::clone(&listeners.outbound),

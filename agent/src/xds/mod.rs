@@ -135,6 +135,15 @@ pub struct XdsState {
 }
 
 impl XdsState {
+    /// A pod's snapshot channel, for a new stream that takes over the pod's listeners (which keep the last
+    /// accepted configuration until the new stream's first is accepted).
+    pub fn snapshot_sender(&self) -> Option<tokio::sync::watch::Sender<Option<Arc<Snapshot>>>> {
+        match &self.sink {
+            Sink::Pod(sender) => Some(sender.clone()),
+            Sink::Proxy(_) => None,
+        }
+    }
+
     pub fn new(bootstrap: Bootstrap, sink: Sink) -> Arc<XdsState> {
         let static_listeners = bootstrap.listeners.iter().map(|l| Resource::fixed(&l.name, l.clone())).collect();
         let static_clusters = bootstrap.clusters.iter().map(|c| Resource::fixed(&c.name, c.clone())).collect();

@@ -76,24 +76,30 @@ impl PodXds {
 }
 
 /// The identity an Istio sidecar of this pod presents: `sidecar~<ip>~<pod>.<ns>~<ns>.svc.cluster.local` and
-/// the metadata istiod reads. Labels and the service account come from the Kubernetes API, which the agent
-/// does not watch yet; they are left out rather than guessed.
+/// the metadata istiod reads. Labels, the service account and the workload come from the Kubernetes API
+/// (`pod.meta`); without it (no API configured) they are left out rather than guessed.
 pub fn sidecar_node(pod: &PodRecord, settings: &XdsSettings) -> Node {
     let ip = pod.ips.iter().find(|ip| matches!(ip, IpAddr::V4(_))).or(pod.ips.first());
     let ip = ip.map_or_else(|| "0.0.0.0".to_string(), IpAddr::to_string);
     let ips: Vec<String> = pod.ips.iter().map(IpAddr::to_string).collect();
-    Node {
-        id: format!("sidecar~{ip}~{}.{}~{}.svc.cluster.local", pod.name, pod.namespace, pod.namespace),
-        cluster: format!("{}.{}", pod.name, pod.namespace),
-        metadata: json!({
-            "NAMESPACE": pod.namespace,
-            "NAME": pod.name,
-            "INSTANCE_IPS": ips.join(","),
-            "INTERCEPTION_MODE": "REDIRECT",
-            "ISTIO_VERSION": settings.istio_version,
-            "WORKLOAD_NAME": pod.name,
-            "CLUSTER_ID": settings.cluster_id,
-            "MESH_ID": settings.mesh_id,
-        }),
+    let workload = pod.meta.as_ref().map_or(pod.name.as_str(), |m| m.workload.name.as_str());
+    let mut metadata = json!({
+        "NAMESPACE": pod.namespace,
+        "NAME": pod.name,
+        "INSTANCE_IPS": ips.join(","),
+        "INTERCEPTION_MODE": "REDIRECT",
+        "ISTIO_VERSION": settings.istio_version,
+        "WORKLOAD_NAME": workload,
+        "CLUSTER_ID": settings.cluster_id,
+        "MESH_ID": settings.mesh_id,
+    });
+    if let Some(meta) = &pod.meta {
+        metadata["SERVICE_ACCOUNT"] = json!(meta.service_account);
+        metadata["LABELS"] = json!(meta.labels);
+        // As istio-agent: kubernetes://apis/<group/version>/namespaces/<ns>/<plural kind>/<name>.
+        let w = &meta.workload;
+        let api = if w.api_version.contains('/') { format!("apis/{}", w.api_version) } else { format!("api/{}", w.api_version) };
+        metadata["OWNER"] = json!(format!("kubernetes://{api}/namespaces/{}/{}s/{}", pod.namespace, w.kind.to_ascii_lowercase(), w.name));
     }
+    Node { id: format!("sidecar~{ip}~{}.{}~{}.svc.cluster.local", pod.name, pod.namespace, pod.namespace), cluster: format!("{workload}.{}", pod.namespace), metadata }
 }

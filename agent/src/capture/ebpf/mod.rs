@@ -19,11 +19,15 @@ use std::sync::Mutex;
 use aya::maps::{HashMap as BpfHashMap, MapData, SockHash};
 use aya::programs::SkMsg;
 use aya::{Ebpf as Loaded, EbpfLoader};
-use weft_ebpf_common::{PodPolicy, SockKey, MAP_POLICIES, MAP_SOCKS, PIN_VERSION, POLICY_SOCKMAP};
+use ipnet::IpNet;
+use weft_ebpf_common::{
+    Cidr, PodPolicy, SockKey, MAP_POLICIES, MAP_SOCKS, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, PIN_VERSION, POLICY_SOCKMAP,
+};
 
 use self::bpf_sys::AttachType;
 use super::netns::Netns;
 use super::nftables::Nftables;
+use super::plan::{self, PodCapture, Selection};
 use super::{CaptureError, Redirector, RedirectMode, OUTBOUND_PORT};
 
 /// Where the eBPF backend finds its object and keeps its pins.
@@ -62,6 +66,7 @@ pub struct Ebpf {
     policies: Mutex<BpfHashMap<MapData, u64, PodPolicy>>,
     socks: Mutex<SockHash<MapData, SockKey>>,
     inbound: Nftables,
+    /// The enrolment of a pod with the default plan; a plan's exclusions are added to a copy of it.
     policy: PodPolicy,
     /// Hooks whose pinned link was found and reused, for the start-up log and the status endpoint.
     pub adopted: Vec<&'static str>,
@@ -71,7 +76,7 @@ pub struct Ebpf {
 impl Ebpf {
     /// Checks the kernel, mounts bpffs and cgroup2 where missing, loads the programs, and attaches them to
     /// the cgroup v2 root — or adopts the links a previous agent pinned.
-    pub fn start(settings: &EbpfSettings) -> Result<Ebpf, CaptureError> {
+    pub fn start(settings: &EbpfSettings, probe_source: Option<std::net::Ipv4Addr>) -> Result<Ebpf, CaptureError> {
         preflight()?;
         let object = find_object(settings.object.as_deref())?;
         let cgroup = cgroup2_root()?;
@@ -108,7 +113,7 @@ impl Ebpf {
             _loaded: Mutex::new(loaded),
             policies: Mutex::new(policies),
             socks: Mutex::new(socks),
-            inbound: Nftables::detect_inbound_only()?,
+            inbound: Nftables::detect_inbound_only(probe_source)?,
             policy,
             adopted,
             pins,
@@ -125,21 +130,28 @@ impl Redirector for Ebpf {
         RedirectMode::Ebpf
     }
 
-    /// Enrols the pod's netns (connects are redirected from now on), then installs the inbound rule.
-    fn install(&self, ns: &Netns) -> Result<(), CaptureError> {
-        let cookie = netns_cookie(ns)?;
-        self.policies().insert(cookie, self.policy, 0).map_err(|e| err("enrolling the pod".into(), e))?;
-        self.inbound.install(ns)
+    fn check(&self, plan: &PodCapture) -> Result<(), CaptureError> {
+        policy_for(self.policy, plan).map(drop)
     }
 
-    fn verify(&self, ns: &Netns) -> Result<(), CaptureError> {
+    /// Enrols the pod's netns (connects are redirected from now on), then installs the inbound rule. A
+    /// changed plan replaces the enrolment in one map update.
+    fn install(&self, ns: &Netns, plan: &PodCapture) -> Result<(), CaptureError> {
+        let policy = policy_for(self.policy, plan)?;
+        let cookie = netns_cookie(ns)?;
+        self.policies().insert(cookie, policy, 0).map_err(|e| err("enrolling the pod".into(), e))?;
+        self.inbound.install_plan(ns, plan)
+    }
+
+    fn verify(&self, ns: &Netns, plan: &PodCapture) -> Result<(), CaptureError> {
+        let policy = policy_for(self.policy, plan)?;
         let cookie = netns_cookie(ns)?;
         match self.policies().get(&cookie, 0) {
-            Ok(p) if p == self.policy => {}
-            Ok(_) => return Err(CaptureError("the pod's eBPF enrolment differs from this agent's policy".into())),
+            Ok(p) if p == policy => {}
+            Ok(_) => return Err(CaptureError("the pod's eBPF enrolment differs from its capture plan".into())),
             Err(_) => return Err(CaptureError("the pod is not enrolled in the eBPF capture map".into())),
         }
-        self.inbound.verify(ns)
+        self.inbound.verify(ns, plan)
     }
 
     fn status(&self) -> serde_json::Value {
@@ -156,6 +168,63 @@ impl Redirector for Ebpf {
         let _ = self.policies().remove(&cookie);
         self.inbound.remove(ns)
     }
+}
+
+/// The enrolment of a pod with `plan`. The connect hooks skip destinations by port and address range, up to
+/// [`MAX_EXCLUDED_PORTS`] and [`MAX_EXCLUDED_CIDRS`] of each; what they cannot express is refused, naming the
+/// annotation (the pod can use the iptables or nftables mode). The inbound part of the plan is the nftables
+/// table's.
+pub fn policy_for(base: PodPolicy, plan: &PodCapture) -> Result<PodPolicy, CaptureError> {
+    let refuse = |annotation: &str, why: &str| {
+        CaptureError(format!("eBPF mode cannot honour annotation {annotation}: {why}; capture this pod with --redirect iptables or nftables"))
+    };
+    if !plan.excluded_interfaces.is_empty() {
+        return Err(refuse(plan::EXCLUDE_INTERFACES, "a connect() has no outgoing interface yet"));
+    }
+    let mut ranges = plan.outbound_excluded_ranges.clone();
+    match &plan.outbound_ranges {
+        Selection::All => {}
+        // Nothing included: every destination is excluded (::/0 also covers IPv4, which the programs see mapped).
+        Selection::Only(included) if included.is_empty() => {
+            if !plan.outbound_ports.is_empty() {
+                return Err(refuse(plan::INCLUDE_OUTBOUND_PORTS, "only `*` (all) outbound address ranges can be combined with it"));
+            }
+            ranges = vec![IpNet::V6(ipnet::Ipv6Net::default())];
+        }
+        Selection::Only(_) => {
+            return Err(refuse(plan::INCLUDE_OUTBOUND_IP_RANGES, "the connect hooks only skip ranges; use `*` with excludeOutboundIPRanges, or an empty value"));
+        }
+    }
+    if plan.outbound_excluded_ports.len() > MAX_EXCLUDED_PORTS {
+        return Err(refuse(plan::EXCLUDE_OUTBOUND_PORTS, &format!("at most {MAX_EXCLUDED_PORTS} ports")));
+    }
+    if ranges.len() > MAX_EXCLUDED_CIDRS {
+        return Err(refuse(plan::EXCLUDE_OUTBOUND_IP_RANGES, &format!("at most {MAX_EXCLUDED_CIDRS} ranges (after merging overlaps)")));
+    }
+    let mut policy = base;
+    for (slot, port) in policy.excluded_ports.iter_mut().zip(&plan.outbound_excluded_ports) {
+        *slot = u32::from(*port);
+    }
+    policy.n_excluded_ports = plan.outbound_excluded_ports.len() as u32;
+    for (slot, net) in policy.excluded_cidrs.iter_mut().zip(&ranges) {
+        *slot = cidr(net);
+    }
+    policy.n_excluded_cidrs = ranges.len() as u32;
+    Ok(policy)
+}
+
+/// A range as the programs compare it: 4 native words of network-order bytes, IPv4 mapped into IPv6.
+fn cidr(net: &IpNet) -> Cidr {
+    let (addr, mask): ([u8; 16], [u8; 16]) = match net {
+        IpNet::V4(n) => (n.network().to_ipv6_mapped().octets(), {
+            let mut m = [0xff; 16];
+            m[12..].copy_from_slice(&n.netmask().octets());
+            m
+        }),
+        IpNet::V6(n) => (n.network().octets(), n.netmask().octets()),
+    };
+    let words = |b: [u8; 16]| std::array::from_fn(|i| u32::from_ne_bytes([b[i * 4], b[i * 4 + 1], b[i * 4 + 2], b[i * 4 + 3]]));
+    Cidr { addr: words(addr), mask: words(mask) }
 }
 
 fn err(what: String, e: impl std::fmt::Display) -> CaptureError {
@@ -320,5 +389,68 @@ pub fn remove_pins(pin_path: &Path) -> io::Result<()> {
     match fs::remove_dir_all(pin_path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::capture::plan::*;
+    use weft_ebpf_common::mapped_v4;
+
+    fn plan(pairs: &[(&str, &str)]) -> PodCapture {
+        PodCapture::from_annotations(&pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()).unwrap()
+    }
+
+    fn ip4(s: &str) -> [u32; 4] {
+        mapped_v4(u32::from_ne_bytes(s.parse::<std::net::Ipv4Addr>().unwrap().octets()))
+    }
+
+    fn ip6(s: &str) -> [u32; 4] {
+        let b = s.parse::<std::net::Ipv6Addr>().unwrap().octets();
+        std::array::from_fn(|i| u32::from_ne_bytes([b[i * 4], b[i * 4 + 1], b[i * 4 + 2], b[i * 4 + 3]]))
+    }
+
+    #[test]
+    fn the_default_plan_is_the_base_enrolment() {
+        let base = PodPolicy { outbound_port: 15001, ..PodPolicy::default() };
+        assert_eq!(policy_for(base, &PodCapture::default()).unwrap(), base);
+    }
+
+    #[test]
+    fn exclusions_become_ports_and_mapped_ranges() {
+        let p = policy_for(PodPolicy::default(), &plan(&[
+            (EXCLUDE_OUTBOUND_PORTS, "5432,3306"),
+            (EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/8,fd00::/8"),
+        ]))
+        .unwrap();
+        assert_eq!((p.n_excluded_ports, &p.excluded_ports[..2]), (2, &[3306, 5432][..]));
+        assert_eq!(p.n_excluded_cidrs, 2);
+        let (v4, v6) = (p.excluded_cidrs[0], p.excluded_cidrs[1]);
+        assert!(v4.contains(&ip4("10.1.2.3")) && !v4.contains(&ip4("11.0.0.1")) && !v4.contains(&ip6("fd00::1")));
+        assert!(v6.contains(&ip6("fd00::1")) && !v6.contains(&ip6("fe80::1")) && !v6.contains(&ip4("10.1.2.3")));
+    }
+
+    #[test]
+    fn nothing_included_excludes_every_destination() {
+        let p = policy_for(PodPolicy::default(), &plan(&[(INCLUDE_OUTBOUND_IP_RANGES, "")])).unwrap();
+        assert_eq!(p.n_excluded_cidrs, 1);
+        assert!(p.excluded_cidrs[0].contains(&ip4("1.2.3.4")) && p.excluded_cidrs[0].contains(&ip6("2001:db8::1")));
+    }
+
+    #[test]
+    fn what_the_hooks_cannot_express_is_refused_naming_the_annotation() {
+        for (pairs, annotation) in [
+            (vec![(INCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/8")], INCLUDE_OUTBOUND_IP_RANGES),
+            (vec![(INCLUDE_OUTBOUND_IP_RANGES, ""), (INCLUDE_OUTBOUND_PORTS, "443")], INCLUDE_OUTBOUND_PORTS),
+            (vec![(EXCLUDE_INTERFACES, "eth1")], EXCLUDE_INTERFACES),
+            (vec![(EXCLUDE_OUTBOUND_PORTS, "1,2,3,4,5,6,7,8,9")], EXCLUDE_OUTBOUND_PORTS),
+            (vec![(EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/32,10.0.0.2/32,10.0.0.4/32,10.0.0.6/32,10.0.0.8/32,10.0.0.10/32,10.0.0.12/32,10.0.0.14/32,10.0.0.16/32")], EXCLUDE_OUTBOUND_IP_RANGES),
+        ] {
+            let e = policy_for(PodPolicy::default(), &plan(&pairs)).unwrap_err().to_string();
+            assert!(e.contains(annotation) && e.contains("iptables or nftables"), "{pairs:?}: {e}");
+        }
+        // Inbound settings are the nftables table's, and virtual interfaces are prerouting rules: accepted.
+        assert!(policy_for(PodPolicy::default(), &plan(&[(INCLUDE_INBOUND_PORTS, "8080"), (KUBEVIRT_INTERFACES, "net1")])).is_ok());
     }
 }

@@ -29,6 +29,8 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
   "log_level" .Values.logLevel
   "drain_timeout_ms" .Values.drainTimeoutMs
   "trust_domain" .Values.trustDomain
+  "agent_namespace" .Release.Namespace
+  "revision" .Values.istioRevision
   "install_cni" .Values.cni.install
   "cni_bin_dir" "/host/opt/cni/bin"
   "cni_conf_dir" "/host/etc/cni/net.d"
