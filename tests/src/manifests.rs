@@ -5,9 +5,9 @@ use serde_json::Value;
 use crate::tools::workspace_root;
 use crate::util::HarnessError;
 
-/// The plain manifests' file.
+/// The plain manifests' file (the Helm chart's default rendering).
 pub fn path() -> std::path::PathBuf {
-    workspace_root().join("deploy/weft-agent.yaml")
+    workspace_root().join("deploy/weft.yaml")
 }
 
 /// Every document of the plain manifests, in order.

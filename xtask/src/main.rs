@@ -2,12 +2,14 @@
 //! everything is already there.
 //!
 //! - `cargo xtask setup`: install the Debian packages the tests, demo and benchmarks use, and build the tests'
-//!   Kubernetes control plane (etcd, kube-apiserver) from their Go modules.
+//!   Kubernetes control plane (etcd, kube-apiserver) from their Go modules and helm (deploy/'s
+//!   manifest tests).
 //! - `cargo xtask test`: setup, build, run every test (unit, libcni-driven capture suites for each backend).
 //! - `cargo xtask demo`: setup, build, run a two-pod netns cluster and show captured traffic, then clean up.
 //! - `cargo xtask bench cni`: setup, release build, measure CNI ADD latency with and without weft-cni.
 //! - `cargo xtask bench http`: setup, release build, HTTP/1.1, HTTP/2 and gRPC throughput, latency, CPU and
 //!   memory of weft's proxy against the real Envoy (same bootstrap, `--concurrency 1`) and against no proxy.
+//! - `cargo xtask e2e-kind`: a kind cluster with istiod and weft's chart, the shared scenarios (tests/scenarios.yaml).
 
 mod bench;
 mod bench_http;
@@ -15,8 +17,10 @@ mod bench_kube;
 mod bench_mtls;
 mod bench_neighbour;
 mod demo;
+mod e2e_kind;
 mod ebpf;
 mod gobuild;
+mod goinstall;
 mod setup;
 
 use std::process::{Command, ExitCode};
@@ -37,6 +41,7 @@ fn main() -> ExitCode {
         ["bench", "neighbour", rest @ ..] => bench_neighbour::run(rest),
         ["bench", "mtls", rest @ ..] => bench_mtls::run(rest),
         ["bench", "kube", rest @ ..] => bench_kube::run(rest),
+        ["e2e-kind"] => e2e_kind::run_e2e(),
         // The upstream `bench http` runs inside its network namespace (not in the usage).
         ["bench-upstream", rest @ ..] => bench_http::upstream(rest),
         _ => Err(USAGE.to_string()),
@@ -51,7 +56,7 @@ fn main() -> ExitCode {
 }
 
 const USAGE: &str =
-    "usage: cargo xtask (setup | build-ebpf | test [-- CARGO TEST ARGS] | demo | bench cni [--pods N] | bench capture | bench xds [--clusters N] | bench pods | bench http [--duration S] [--connections N] | bench neighbour [--duration S] | bench kube [--objects N --pods M])";
+    "usage: cargo xtask (setup | build-ebpf | test [-- CARGO TEST ARGS] | demo | e2e-kind | bench cni [--pods N] | bench capture | bench xds [--clusters N] | bench pods | bench http [--duration S] [--connections N] | bench neighbour [--duration S] | bench kube [--objects N --pods M])";
 
 /// Runs a command, failing with its name when it does not succeed.
 pub fn run(cmd: &mut Command) -> Result<(), String> {

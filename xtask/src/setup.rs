@@ -81,6 +81,8 @@ pub const EBPF_TOOLCHAIN: &str = "nightly-2026-05-19";
 pub fn run_all() -> Result<Result<String, String>, String> {
     base()?;
     crate::gobuild::ensure(crate::gobuild::KUBE)?;
+    // The manifest tests render deploy/helm/weft with it.
+    crate::goinstall::ensure(&weft_tests::gotools::HELM)?;
     Ok(ebpf_toolchain())
 }
 
