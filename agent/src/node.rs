@@ -467,7 +467,10 @@ impl Node {
         }
         // A plan that cannot be honoured fails the ADD, as istio-cni does: capturing with other rules than the
         // pod asks for is worse than the pod waiting for a fixed annotation.
-        let plan = k8s::capture_plan(&pod).map_err(|e| NodeError::new("cannot capture the pod as its annotations ask", e))?;
+        let plan = k8s::capture_plan(&pod).map_err(|e| {
+            kube.warn(&pod, "InvalidCaptureAnnotation", format!("{e}; the pod is not started until it is fixed"));
+            NodeError::new("cannot capture the pod as its annotations ask", e)
+        })?;
         self.redirector.check(&plan).map_err(|e| NodeError::new(format!("{namespace}/{name}: capture plan refused"), e))?;
         let limits = k8s::pod_limits(&pod, self.settings.pod_limits).map_err(|e| NodeError::new("cannot capture the pod with the limits its annotations ask", e))?;
         Ok(Admission::Capture { meta: Some(k8s::pod_meta(&pod)), plan: Some(plan), limits: Some(limits), reason: verdict.reason })
@@ -551,7 +554,9 @@ impl Node {
                     match current.as_ref().map(|p| k8s::capture_plan(p)) {
                         Some(Ok(plan)) => record.capture = plan,
                         Some(Err(e)) => {
-                            tracing::error!("{e}; not capturing it until fixed");
+                            if let Some(p) = &current {
+                                self.warn(p, "InvalidCaptureAnnotation", format!("{e}; not capturing it until fixed"));
+                            }
                             declined.insert(attachment, record);
                             continue;
                         }
@@ -643,7 +648,7 @@ impl Node {
             let capture = match k8s::capture_plan(&current) {
                 Ok(plan) => plan,
                 Err(e) => {
-                    tracing::error!("{e}; not capturing it until fixed");
+                    self.warn(&current, "InvalidCaptureAnnotation", format!("{e}; not capturing it until fixed"));
                     declined.insert(attachment, record);
                     continue;
                 }
@@ -664,7 +669,7 @@ impl Node {
             Ok(plan) if plan != pod.record.capture => plan,
             Ok(_) => return false,
             Err(e) => {
-                tracing::error!("{e}; keeping its current capture");
+                self.warn(current, "InvalidCaptureAnnotation", format!("{e}; keeping its current capture"));
                 return false;
             }
         };
@@ -679,9 +684,16 @@ impl Node {
                 true
             }
             Err(e) => {
-                tracing::error!(pod = %pod.label(), "cannot apply its new capture annotations ({e}); keeping its current capture");
+                self.warn(current, "InvalidCaptureAnnotation", format!("cannot apply its new capture annotations ({e}); keeping its current capture"));
                 false
             }
+        }
+    }
+
+    /// [`KubeView::warn`], when the agent watches the API.
+    fn warn(&self, pod: &k8s_openapi::api::core::v1::Pod, reason: &'static str, note: String) {
+        if let Some(kube) = &self.kube {
+            kube.warn(pod, reason, note);
         }
     }
 
@@ -690,7 +702,7 @@ impl Node {
         match k8s::pod_limits(pod, self.settings.pod_limits) {
             Ok(limits) => Some(limits),
             Err(e) => {
-                tracing::error!("{e}; the agent's pod_limits apply");
+                self.warn(pod, "InvalidLimitAnnotation", format!("{e}; the agent's pod_limits apply"));
                 None
             }
         }

@@ -133,6 +133,14 @@ fn capture_follows_istio_labels_live() {
     })
     .unwrap();
     assert!(agent.pod_status("plain", "b").unwrap().is_some());
+    wait_for("a Warning event on plain/b naming the annotation", WAIT, || {
+        let events = api.ok("GET", "/apis/events.k8s.io/v1/namespaces/plain/events", None).map_err(|e| e.to_string())?;
+        let found = events["items"].as_array().into_iter().flatten().any(|e| {
+            e["regarding"]["name"] == "b" && e["type"] == "Warning" && e["note"].as_str().is_some_and(|n| n.contains("excludeOutboundIPRanges"))
+        });
+        found.then_some(()).ok_or_else(|| format!("{events}"))
+    })
+    .unwrap();
 
     // Per-pod limits by annotation: one downstream connection at a time for this pod.
     let lim = api.run_pod(&cluster, "mesh", "lim", json!({"annotations": {"weft.dev/max-connections": "1"}}), json!({})).unwrap();

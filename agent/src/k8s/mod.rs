@@ -12,9 +12,10 @@ use std::sync::Arc;
 use futures_util::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
-use kube::{Api, Client};
+use kube::{Api, Client, Resource};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -62,6 +63,9 @@ pub struct KubeView {
     settings: KubeSettings,
     /// Bumped on every change either watch sees.
     changes: watch::Receiver<u64>,
+    events: Recorder,
+    /// (pod uid, message) of the warnings already given, so a reconcile pass repeats none.
+    warned: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
 }
 
 impl KubeView {
@@ -74,7 +78,9 @@ impl KubeView {
         let pods = reflect(Api::<Pod>::all(client.clone()), pods_config, "pods", Arc::clone(&changes_tx));
         let namespaces = reflect(Api::<Namespace>::all(client.clone()), watcher::Config::default(), "namespaces", changes_tx);
         let policy = Policy { agent_namespace: settings.agent_namespace.clone(), revision: settings.revision.clone() };
-        Ok(Arc::new(KubeView { client, pods, namespaces, policy, settings, changes }))
+        let reporter = Reporter { controller: "weft-agent".into(), instance: Some(settings.node_name.clone()) };
+        let events = Recorder::new(client.clone(), reporter);
+        Ok(Arc::new(KubeView { client, pods, namespaces, policy, settings, changes, events, warned: Default::default() }))
     }
 
     /// A receiver that changes whenever a pod of the node or a namespace changes.
@@ -150,9 +156,31 @@ impl KubeView {
         };
         let verdict = self.policy.decide(&facts, ns.as_ref().and_then(|n| n.metadata.labels.as_ref()));
         for warning in &verdict.warnings {
-            tracing::warn!(pod = %label(pod), "{warning}");
+            self.warn(pod, "CaptureLabelIgnored", warning.clone());
         }
         verdict
+    }
+
+    /// Something in a pod's metadata the agent cannot honour: logged and published as a Warning event on the pod
+    /// (`kubectl describe pod`), once per pod and message.
+    pub fn warn(&self, pod: &Pod, reason: &'static str, note: String) {
+        {
+            let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+            if warned.len() > 10_000 {
+                warned.clear();
+            }
+            if !warned.insert((pod.metadata.uid.clone().unwrap_or_default(), note.clone())) {
+                return;
+            }
+        }
+        tracing::warn!(pod = %label(pod), "{note}");
+        let event = Event { type_: EventType::Warning, reason: reason.into(), note: Some(note), action: "Capture".into(), secondary: None };
+        let (events, reference) = (self.events.clone(), pod.object_ref(&()));
+        tokio::spawn(async move {
+            if let Err(e) = events.publish(&event, &reference).await {
+                tracing::debug!("cannot publish an event: {e}");
+            }
+        });
     }
 
     /// Writes the status annotation when it differs from what the pod carries.
