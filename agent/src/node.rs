@@ -127,7 +127,7 @@ impl std::fmt::Display for PodRef<'_> {
 
 /// Whether a new pod is captured, as the Kubernetes API says (every pod, without it).
 enum Admission {
-    Capture { meta: Option<PodMeta>, plan: Option<PodCapture>, limits: Option<PodLimits>, reason: String },
+    Capture { meta: Option<PodMeta>, plan: Option<PodCapture>, limits: Option<PodLimits>, workers: Option<usize>, reason: String },
     Decline(String),
 }
 
@@ -274,6 +274,7 @@ impl Node {
             added_at_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
             meta: None,
             limits: None,
+            workers: None,
             capture,
         };
         let reason = match admission {
@@ -285,9 +286,10 @@ impl Node {
                 self.persist(&pods)?;
                 return Ok(format!("{label} not captured: {reason}"));
             }
-            Admission::Capture { meta, plan, limits, reason } => {
+            Admission::Capture { meta, plan, limits, workers, reason } => {
                 record.meta = meta;
                 record.limits = limits;
+                record.workers = workers;
                 record.capture = plan.unwrap_or(record.capture);
                 reason
             }
@@ -458,7 +460,7 @@ impl Node {
     /// leaving it out could leave a meshed pod unprotected.
     async fn admit(&self, namespace: &str, name: &str, uid: &str) -> Result<Admission, NodeError> {
         let Some(kube) = &self.kube else {
-            return Ok(Admission::Capture { meta: None, plan: None, limits: None, reason: "no Kubernetes API configured: every pod weft-cni hands over".into() });
+            return Ok(Admission::Capture { meta: None, plan: None, limits: None, workers: None, reason: "no Kubernetes API configured: every pod weft-cni hands over".into() });
         };
         let pod = kube.wait_pod(namespace, name, uid).await.map_err(|e| NodeError::new("cannot decide whether to capture the pod", e))?;
         let verdict = kube.verdict(&pod);
@@ -473,7 +475,8 @@ impl Node {
         })?;
         self.redirector.check(&plan).map_err(|e| NodeError::new(format!("{namespace}/{name}: capture plan refused"), e))?;
         let limits = k8s::pod_limits(&pod, self.settings.pod_limits).map_err(|e| NodeError::new("cannot capture the pod with the limits its annotations ask", e))?;
-        Ok(Admission::Capture { meta: Some(k8s::pod_meta(&pod)), plan: Some(plan), limits: Some(limits), reason: verdict.reason })
+        let workers = k8s::pod_workers(&pod, self.settings.pod_workers).map_err(|e| NodeError::new("cannot capture the pod with the workers its annotation asks", e))?;
+        Ok(Admission::Capture { meta: Some(k8s::pod_meta(&pod)), plan: Some(plan), limits: Some(limits), workers: Some(workers), reason: verdict.reason })
     }
 
     /// Writes the pod's status annotation in the background (the CNI caller does not wait for the API).
@@ -551,6 +554,7 @@ impl Node {
                 Some((verdict, meta)) if verdict.capture => {
                     record.meta = Some(meta);
                     record.limits = current.as_ref().and_then(|p| self.limits_or_log(p));
+                    record.workers = current.as_ref().and_then(|p| self.workers_or_log(p));
                     match current.as_ref().map(|p| k8s::capture_plan(p)) {
                         Some(Ok(plan)) => record.capture = plan,
                         Some(Err(e)) => {
@@ -635,6 +639,7 @@ impl Node {
                 added_at_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
                 meta: None,
                 limits: None,
+                workers: None,
                 capture: PodCapture::default(),
             };
             let attachment = record.attachment();
@@ -653,7 +658,7 @@ impl Node {
                     continue;
                 }
             };
-            let record = PodRecord { meta: Some(k8s::pod_meta(&current)), capture, limits: self.limits_or_log(&current), ..record };
+            let record = PodRecord { meta: Some(k8s::pod_meta(&current)), capture, limits: self.limits_or_log(&current), workers: self.workers_or_log(&current), ..record };
             if let Some(pod) = self.capture_declined(record, &format!("{} (repaired)", verdict.reason)).await {
                 pods.insert(attachment, pod);
                 changed = true;
@@ -695,6 +700,13 @@ impl Node {
         if let Some(kube) = &self.kube {
             kube.warn(pod, reason, note);
         }
+    }
+
+    /// The pod's worker threads; on a bad annotation, warned and the agent's default.
+    fn workers_or_log(&self, pod: &k8s_openapi::api::core::v1::Pod) -> Option<usize> {
+        k8s::pod_workers(pod, self.settings.pod_workers)
+            .map_err(|e| self.warn(pod, "InvalidWorkersAnnotation", format!("{e}; the agent's pod_workers apply")))
+            .ok()
     }
 
     /// The pod's limits; on a bad annotation, logged and the agent's defaults.
@@ -755,7 +767,8 @@ impl Node {
         };
         let (snapshot, config) = tokio::sync::watch::channel(initial);
         let limits = record.limits.unwrap_or(self.settings.pod_limits);
-        let share = PodShare::new(self.settings.pod_workers, limits, Some(Arc::clone(&self.load)))
+        let workers = record.workers.unwrap_or(self.settings.pod_workers);
+        let share = PodShare::new(workers, limits, Some(Arc::clone(&self.load)))
             .map_err(|e| NodeError::new(format!("{label}: cannot start the pod's worker threads"), e))?;
         let listeners = listener::start(label.clone(), ns.clone(), self.settings, config, &share)
             .await

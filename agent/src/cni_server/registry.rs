@@ -40,6 +40,9 @@ pub struct PodRecord {
     /// The pod's own limits (its annotations over the agent's `pod_limits`), when it has any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limits: Option<PodLimits>,
+    /// The pod's own worker threads (its weight, by annotation), when it has a number of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
     /// The pod's capture plan, re-installed as it is on restart; registries written before plans existed
     /// load with the default plan, which is what those pods were captured with.
     #[serde(default)]
@@ -135,6 +138,7 @@ mod tests {
             added_at_unix: 1,
             meta: None,
             limits: None,
+            workers: None,
             capture: PodCapture::default(),
         }
     }

@@ -266,6 +266,18 @@ pub fn pod_limits(pod: &Pod, defaults: PodLimits) -> Result<PodLimits, String> {
     Ok(limits)
 }
 
+/// The pod's weight: worker threads of its own share of the proxy (`weft.dev/workers`, 1-64), over the
+/// agent's `pod_workers`. The kernel's scheduler shares the CPUs between runnable threads, so under contention
+/// a pod's share grows with its threads.
+pub fn pod_workers(pod: &Pod, default: usize) -> Result<usize, String> {
+    let Some(value) = pod.metadata.annotations.as_ref().and_then(|a| a.get(WORKERS)) else { return Ok(default) };
+    match value.trim().parse::<usize>() {
+        Ok(n) if (1..=64).contains(&n) => Ok(n),
+        _ => Err(format!("pod {}: annotation {WORKERS}={value:?}: use a number of threads from 1 to 64", label(pod))),
+    }
+}
+
+pub const WORKERS: &str = "weft.dev/workers";
 pub const MAX_CONNECTIONS: &str = "weft.dev/max-connections";
 pub const MAX_REQUESTS: &str = "weft.dev/max-requests";
 pub const MAX_CONNECTION_RATE: &str = "weft.dev/max-connection-rate";
@@ -425,6 +437,10 @@ mod tests {
         let p = pod(serde_json::json!({"metadata": {"name": "p", "namespace": "n", "annotations": {MAX_CONNECTIONS: "10", MAX_BANDWIDTH: "1000"}}}));
         let limits = pod_limits(&p, defaults).unwrap();
         assert_eq!((limits.max_connections, limits.max_bandwidth, limits.max_requests), (10, Some(1000), defaults.max_requests));
+        let weighted = pod(serde_json::json!({"metadata": {"name": "p", "namespace": "n", "annotations": {WORKERS: "4"}}}));
+        assert_eq!(pod_workers(&weighted, 2), Ok(4));
+        let bad = pod(serde_json::json!({"metadata": {"name": "p", "namespace": "n", "annotations": {WORKERS: "65"}}}));
+        assert!(pod_workers(&bad, 2).unwrap_err().contains("weft.dev/workers=\"65\""));
         let bad = pod(serde_json::json!({"metadata": {"name": "p", "namespace": "n", "annotations": {MAX_REQUESTS: "0"}}}));
         assert_eq!(pod_limits(&bad, defaults).unwrap_err(), "pod n/p: annotation weft.dev/max-requests=\"0\": use a positive integer");
     }
