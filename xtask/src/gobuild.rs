@@ -58,11 +58,12 @@ pub fn ensure(programs: &[GoProgram]) -> Result<(), String> {
 }
 
 fn build(program: &GoProgram, module: &Path, out: &Path) -> Result<(), String> {
-    check_go()?;
+    let go = crate::goinstall::go_binary()?;
+    check_go(&go)?;
     eprintln!("xtask: building {}", program.why);
     let tmp = out.with_extension(format!("tmp{}", std::process::id()));
     crate::run(
-        Command::new("go")
+        Command::new(&go)
             .current_dir(module)
             .args(["build", "-trimpath", "-ldflags", &format!("-s -w {}", program.ldflags), "-o"])
             .arg(&tmp)
@@ -72,8 +73,8 @@ fn build(program: &GoProgram, module: &Path, out: &Path) -> Result<(), String> {
 }
 
 /// The modules need Go 1.26 (kube-apiserver 1.36's `go` line); Debian's older Go cannot build them.
-fn check_go() -> Result<(), String> {
-    let out = Command::new("go")
+fn check_go(go: &Path) -> Result<(), String> {
+    let out = Command::new(go)
         .arg("version")
         .output()
         .map_err(|e| format!("`go` is needed to build the Kubernetes control plane for the tests and cannot run: {e}; install Go 1.26 or newer"))?;
@@ -89,12 +90,9 @@ fn check_go() -> Result<(), String> {
     }
 }
 
+/// The cache `go install`ed tools share (see `goinstall`).
 fn cache_dir() -> Result<PathBuf, String> {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .ok_or("neither XDG_CACHE_HOME nor HOME is set: no place to cache the Go builds")?;
-    let dir = base.join("weft/go-bin");
+    let dir = weft_tests::gotools::cache_dir();
     std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
     Ok(dir)
 }

@@ -57,7 +57,7 @@ fn binary_name(package: &str) -> &str {
 }
 
 /// The machine's Go: `go` on PATH, else the official install location.
-fn go_binary() -> Result<PathBuf, String> {
+pub(crate) fn go_binary() -> Result<PathBuf, String> {
     let on_path = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).map(|d| d.join("go")).find(|g| g.is_file()))
         .unwrap_or_default();
