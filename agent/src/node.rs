@@ -127,8 +127,26 @@ impl std::fmt::Display for PodRef<'_> {
 
 /// Whether a new pod is captured, as the Kubernetes API says (every pod, without it).
 enum Admission {
-    Capture { meta: Option<PodMeta>, plan: Option<PodCapture>, limits: Option<PodLimits>, workers: Option<usize>, reason: String },
+    Capture { asked: Option<Asked>, reason: String },
     Decline(String),
+}
+
+/// What the API asks of a pod the agent captures: the metadata istiod and its identity need, its capture plan,
+/// its limits and its weight.
+struct Asked {
+    meta: PodMeta,
+    plan: PodCapture,
+    limits: PodLimits,
+    workers: usize,
+}
+
+impl Asked {
+    fn apply(self, record: &mut PodRecord) {
+        record.meta = Some(self.meta);
+        record.capture = self.plan;
+        record.limits = Some(self.limits);
+        record.workers = Some(self.workers);
+    }
 }
 
 /// The container id of a pod the agent found itself (it started before the agent or before weft-cni was
@@ -286,11 +304,10 @@ impl Node {
                 self.persist(&pods)?;
                 return Ok(format!("{label} not captured: {reason}"));
             }
-            Admission::Capture { meta, plan, limits, workers, reason } => {
-                record.meta = meta;
-                record.limits = limits;
-                record.workers = workers;
-                record.capture = plan.unwrap_or(record.capture);
+            Admission::Capture { asked, reason } => {
+                if let Some(asked) = asked {
+                    asked.apply(&mut record);
+                }
                 reason
             }
         };
@@ -460,23 +477,33 @@ impl Node {
     /// leaving it out could leave a meshed pod unprotected.
     async fn admit(&self, namespace: &str, name: &str, uid: &str) -> Result<Admission, NodeError> {
         let Some(kube) = &self.kube else {
-            return Ok(Admission::Capture { meta: None, plan: None, limits: None, workers: None, reason: "no Kubernetes API configured: every pod weft-cni hands over".into() });
+            return Ok(Admission::Capture { asked: None, reason: "no Kubernetes API configured: every pod weft-cni hands over".into() });
         };
         let pod = kube.wait_pod(namespace, name, uid).await.map_err(|e| NodeError::new("cannot decide whether to capture the pod", e))?;
         let verdict = kube.verdict(&pod);
         if !verdict.capture {
             return Ok(Admission::Decline(verdict.reason));
         }
-        // A plan that cannot be honoured fails the ADD, as istio-cni does: capturing with other rules than the
-        // pod asks for is worse than the pod waiting for a fixed annotation.
-        let plan = k8s::capture_plan(&pod).map_err(|e| {
-            kube.warn(&pod, "InvalidCaptureAnnotation", format!("{e}; the pod is not started until it is fixed"));
-            NodeError::new("cannot capture the pod as its annotations ask", e)
-        })?;
-        self.redirector.check(&plan).map_err(|e| NodeError::new(format!("{namespace}/{name}: capture plan refused"), e))?;
-        let limits = k8s::pod_limits(&pod, self.settings.pod_limits).map_err(|e| NodeError::new("cannot capture the pod with the limits its annotations ask", e))?;
-        let workers = k8s::pod_workers(&pod, self.settings.pod_workers).map_err(|e| NodeError::new("cannot capture the pod with the workers its annotation asks", e))?;
-        Ok(Admission::Capture { meta: Some(k8s::pod_meta(&pod)), plan: Some(plan), limits: Some(limits), workers: Some(workers), reason: verdict.reason })
+        // Annotations that cannot be honoured fail the ADD, as istio-cni does: capturing with other rules or
+        // limits than the pod asks for is worse than the pod waiting for a fixed annotation.
+        let asked = self.asked(kube, &pod).map_err(|e| NodeError::new("cannot capture the pod as its annotations ask", e))?;
+        Ok(Admission::Capture { asked: Some(asked), reason: verdict.reason })
+    }
+
+    /// What `pod`'s metadata asks of its capture; an annotation weft cannot honour is a Warning event and
+    /// keeps the pod out until it is fixed.
+    fn asked(&self, kube: &KubeView, pod: &k8s_openapi::api::core::v1::Pod) -> Result<Asked, String> {
+        let asked = (|| {
+            let plan = k8s::capture_plan(pod)?;
+            self.redirector.check(&plan).map_err(|e| format!("pod {}: capture plan refused: {e}", k8s::label(pod)))?;
+            let limits = k8s::pod_limits(pod, self.settings.pod_limits)?;
+            let workers = k8s::pod_workers(pod, self.settings.pod_workers)?;
+            Ok(Asked { meta: k8s::pod_meta(pod), plan, limits, workers })
+        })();
+        if let Err(e) = &asked {
+            kube.warn(pod, "InvalidAnnotation", format!("{e}; not captured until it is fixed"));
+        }
+        asked
     }
 
     /// Writes the pod's status annotation in the background (the CNI caller does not wait for the API).
@@ -547,33 +574,22 @@ impl Node {
             }
         }
         for (attachment, mut record) in std::mem::take(&mut *declined) {
-            let current = api_pod(kube, &record);
-            let verdict = current.as_ref().map(|p| (kube.verdict(p), k8s::pod_meta(p)));
-            match verdict {
-                _ if !netns::still_same(&record.netns, record.netns_id) => changed = true,
-                Some((verdict, meta)) if verdict.capture => {
-                    record.meta = Some(meta);
-                    record.limits = current.as_ref().and_then(|p| self.limits_or_log(p));
-                    record.workers = current.as_ref().and_then(|p| self.workers_or_log(p));
-                    match current.as_ref().map(|p| k8s::capture_plan(p)) {
-                        Some(Ok(plan)) => record.capture = plan,
-                        Some(Err(e)) => {
-                            if let Some(p) = &current {
-                                self.warn(p, "InvalidCaptureAnnotation", format!("{e}; not capturing it until fixed"));
-                            }
-                            declined.insert(attachment, record);
-                            continue;
-                        }
-                        None => {}
-                    }
-                    if let Some(pod) = self.capture_declined(record, &verdict.reason).await {
-                        pods.insert(attachment, pod);
-                        changed = true;
-                    }
-                }
-                _ => {
-                    declined.insert(attachment, record);
-                }
+            if !netns::still_same(&record.netns, record.netns_id) {
+                changed = true;
+                continue;
+            }
+            let selected = api_pod(kube, &record).and_then(|p| {
+                let verdict = kube.verdict(&p);
+                verdict.capture.then(|| self.asked(kube, &p).ok().map(|asked| (asked, verdict.reason))).flatten()
+            });
+            let Some((asked, reason)) = selected else {
+                declined.insert(attachment, record);
+                continue;
+            };
+            asked.apply(&mut record);
+            if let Some(pod) = self.capture_declined(record, &reason).await {
+                pods.insert(attachment, pod);
+                changed = true;
             }
         }
         changed |= self.repair(kube, &mut pods, &mut declined).await;
@@ -625,7 +641,7 @@ impl Node {
                 }
             };
             let Ok(ns) = Netns::open(&path) else { continue };
-            let record = PodRecord {
+            let mut record = PodRecord {
                 container_id: format!("{REPAIRED}{}", found.uid),
                 infra_container_id: format!("{REPAIRED}{}", found.uid),
                 namespace: found.namespace,
@@ -650,15 +666,11 @@ impl Node {
                 declined.insert(attachment, record);
                 continue;
             }
-            let capture = match k8s::capture_plan(&current) {
-                Ok(plan) => plan,
-                Err(e) => {
-                    self.warn(&current, "InvalidCaptureAnnotation", format!("{e}; not capturing it until fixed"));
-                    declined.insert(attachment, record);
-                    continue;
-                }
+            let Ok(asked) = self.asked(kube, &current) else {
+                declined.insert(attachment, record);
+                continue;
             };
-            let record = PodRecord { meta: Some(k8s::pod_meta(&current)), capture, limits: self.limits_or_log(&current), workers: self.workers_or_log(&current), ..record };
+            asked.apply(&mut record);
             if let Some(pod) = self.capture_declined(record, &format!("{} (repaired)", verdict.reason)).await {
                 pods.insert(attachment, pod);
                 changed = true;
@@ -674,7 +686,7 @@ impl Node {
             Ok(plan) if plan != pod.record.capture => plan,
             Ok(_) => return false,
             Err(e) => {
-                self.warn(current, "InvalidCaptureAnnotation", format!("{e}; keeping its current capture"));
+                self.warn(current, "InvalidAnnotation", format!("{e}; keeping its current capture"));
                 return false;
             }
         };
@@ -689,7 +701,7 @@ impl Node {
                 true
             }
             Err(e) => {
-                self.warn(current, "InvalidCaptureAnnotation", format!("cannot apply its new capture annotations ({e}); keeping its current capture"));
+                self.warn(current, "InvalidAnnotation", format!("cannot apply its new capture annotations ({e}); keeping its current capture"));
                 false
             }
         }
@@ -699,24 +711,6 @@ impl Node {
     fn warn(&self, pod: &k8s_openapi::api::core::v1::Pod, reason: &'static str, note: String) {
         if let Some(kube) = &self.kube {
             kube.warn(pod, reason, note);
-        }
-    }
-
-    /// The pod's worker threads; on a bad annotation, warned and the agent's default.
-    fn workers_or_log(&self, pod: &k8s_openapi::api::core::v1::Pod) -> Option<usize> {
-        k8s::pod_workers(pod, self.settings.pod_workers)
-            .map_err(|e| self.warn(pod, "InvalidWorkersAnnotation", format!("{e}; the agent's pod_workers apply")))
-            .ok()
-    }
-
-    /// The pod's limits; on a bad annotation, logged and the agent's defaults.
-    fn limits_or_log(&self, pod: &k8s_openapi::api::core::v1::Pod) -> Option<PodLimits> {
-        match k8s::pod_limits(pod, self.settings.pod_limits) {
-            Ok(limits) => Some(limits),
-            Err(e) => {
-                self.warn(pod, "InvalidLimitAnnotation", format!("{e}; the agent's pod_limits apply"));
-                None
-            }
         }
     }
 
