@@ -2,7 +2,7 @@
 //! reflectors), the capture decision for each pod ([`policy`]), what istiod needs of a pod ([`PodMeta`]), and the
 //! status annotation that tells users how each pod is captured. The caches keep the last good view while the
 //! API server is unreachable; the watchers reconnect with backoff. Control path only: nothing here is on the
-//! data path, and nothing here knows about capture or the proxy (the node drives them).
+//! data path; it reads what a pod asks for (its capture plan, limits, weight) and the node acts on it.
 
 pub mod policy;
 
