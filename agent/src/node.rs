@@ -95,6 +95,9 @@ pub struct Node {
     /// Pods shown to the agent (by CNI ADD or repair) that their labels keep out of the mesh, kept so that a label
     /// change captures them live. Locked after `pods`.
     declined: Mutex<BTreeMap<Attachment, PodRecord>>,
+    /// When repair last looked for each unknown pod's netns (by uid) and found none it could take: a scan enters
+    /// every namespace of the node, so a pod is looked for at most every `REPAIR_RETRY`.
+    repair_tried: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
     /// The node half of the kubelet probe exemption, and the targets it was last given.
     probes: Option<Arc<HostProbes>>,
     probe_targets: std::sync::Mutex<Option<Vec<ProbeTarget>>>,
@@ -154,6 +157,9 @@ impl Asked {
 /// leaving the API does.
 const REPAIRED: &str = "repaired-";
 
+/// How often repair looks again for the netns of a pod it could not find (or found ambiguous).
+const REPAIR_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// One pod in the status endpoint.
 #[derive(Debug, Serialize)]
 pub struct PodStatus {
@@ -188,6 +194,7 @@ impl Node {
             kube: None,
             identities: None,
             declined: Mutex::new(BTreeMap::new()),
+            repair_tried: std::sync::Mutex::default(),
             probes: None,
             probe_targets: std::sync::Mutex::new(None),
         }
@@ -629,6 +636,9 @@ impl Node {
         let mut changed = false;
         for current in kube.pods() {
             let Some(found) = repair_candidate(&current, &known) else { continue };
+            if !self.repair_due(&found.uid) {
+                continue;
+            }
             let ip = found.ips[0];
             let Ok(mut holders) = tokio::task::spawn_blocking(move || netns::find_by_ip(ip)).await else { continue };
             let path = match holders.len() {
@@ -641,6 +651,7 @@ impl Node {
                 }
             };
             let Ok(ns) = Netns::open(&path) else { continue };
+            self.repair_tried().remove(&found.uid);
             let mut record = PodRecord {
                 container_id: format!("{REPAIRED}{}", found.uid),
                 infra_container_id: format!("{REPAIRED}{}", found.uid),
@@ -677,6 +688,24 @@ impl Node {
             }
         }
         changed
+    }
+
+    /// Whether repair may look for pod `uid`'s netns now; records the attempt.
+    fn repair_due(&self, uid: &str) -> bool {
+        let now = Instant::now();
+        let mut tried = self.repair_tried();
+        tried.retain(|_, at| now.duration_since(*at) < REPAIR_RETRY);
+        match tried.get(uid) {
+            Some(_) => false,
+            None => {
+                tried.insert(uid.to_string(), now);
+                true
+            }
+        }
+    }
+
+    fn repair_tried(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Instant>> {
+        self.repair_tried.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Applies a changed capture plan (annotations, probe ports) to a captured pod; a plan that cannot be

@@ -255,7 +255,8 @@ pub struct ConfigFile {
     pub agent_namespace: Option<String>,
     /// The Istio revision whose injection labels select pods [default].
     pub revision: Option<String>,
-    /// How long a CNI ADD waits for the API to show the pod, ms [5000].
+    /// How long a CNI ADD waits for the watch to show the pod, ms [3000]; with the direct lookup after it (at
+    /// most 1 s) it must stay below weft-cni's `timeout_ms` (5000 by default).
     pub pod_wait_ms: Option<u64>,
     /// Install weft-cni at start-up and keep its entry in place.
     pub install_cni: Option<bool>,
@@ -379,7 +380,7 @@ impl ConfigFile {
         if !name_ok(&agent_namespace) {
             return Err(format!("agent_namespace: {agent_namespace:?} is not a Kubernetes namespace name"));
         }
-        let pod_wait = millis("pod_wait_ms", self.pod_wait_ms.unwrap_or(5000), 1)?;
+        let pod_wait = millis("pod_wait_ms", self.pod_wait_ms.unwrap_or(3000), 1)?;
         base.kube = Some(KubeSettings {
             kubeconfig: self.kubeconfig.clone(),
             node_name: node_name.clone(),

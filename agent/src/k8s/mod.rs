@@ -115,7 +115,9 @@ impl KubeView {
         }
         // The watch may be behind (re-listing after the API server came back): ask once directly.
         let api = Api::<Pod>::namespaced(self.client.clone(), namespace);
-        let direct = api.get_opt(name).await.ok().flatten().filter(|p| uid.is_empty() || p.metadata.uid.as_deref() == Some(uid));
+        // Bounded: with `pod_wait` it must end before weft-cni's deadline, so the plugin reports this error.
+        let asked = tokio::time::timeout(std::time::Duration::from_secs(1), api.get_opt(name)).await;
+        let direct = asked.ok().and_then(Result::ok).flatten().filter(|p| uid.is_empty() || p.metadata.uid.as_deref() == Some(uid));
         direct.map(Arc::new).ok_or_else(|| {
             format!(
                 "pod {namespace}/{name} (uid {uid}) is not in the API server's view of node {} after {:?}: the agent cannot decide its capture (is the API server reachable? see the agent log)",
