@@ -126,7 +126,12 @@ fn start_upstreams(ns: &NetNs) {
                         .unwrap_or_default()
                 };
                 let body = format!("path={path} host={} proto={}", header("host"), header("x-forwarded-proto"));
-                let reply = format!("HTTP/1.1 200 OK\r\ncontent-type: text/x-test\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+                // It answers one request per connection, so it says so: a proxy that pooled the
+                // connection would otherwise race the close (Envoy answered 503 once on it).
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/x-test\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
                 let _ = c.write_all(reply.as_bytes());
             });
         }
