@@ -27,6 +27,27 @@ pub const HELM: GoTool = GoTool {
     why: "renders deploy/helm/weft (manifest tests, cargo xtask e2e-kind)",
 };
 
+/// istiod (`pilot-discovery`), which drives the agent in the live-istiod suite (tests/tests/istiod.rs) and
+/// `cargo xtask demo`. Istio tags are not semver, so the module proxy serves a commit by pseudo-version:
+/// this one is master of 2026-08-27 (VERSION 1.31-dev), the newest `go install` accepts with Go 1.26.
+pub const ISTIOD: GoTool = GoTool {
+    name: "pilot-discovery",
+    package: "istio.io/istio/pilot/cmd/pilot-discovery",
+    version: "v0.0.0-20260827124520-eed52ebb66ad",
+    ldflags: "-s -w -X istio.io/istio/pkg/version.buildVersion=1.31-dev-eed52ebb66ad",
+    why: "the real istiod of the live-istiod suite and the demo",
+};
+
+/// Istio's CustomResourceDefinitions of the [`ISTIOD`] build (its module's
+/// `manifests/charts/base/files/crd-all.gen.yaml`), which setup keeps beside the binary.
+pub fn istio_crds() -> Result<PathBuf, String> {
+    let path = cache_dir().join(format!("{}-{}-crds.yaml", ISTIOD.name, ISTIOD.version));
+    match path.is_file() {
+        true => Ok(path),
+        false => Err(format!("{} is missing: run `cargo xtask setup`, which copies it from the istio.io/istio module", path.display())),
+    }
+}
+
 /// kind, for `cargo xtask e2e-kind` where it is not installed (built only there, not by setup).
 pub const KIND: GoTool = GoTool {
     name: "kind",

@@ -117,16 +117,48 @@ impl KubeApi {
 
     /// The agent's kubeconfig: the API server's address in the node's namespace, its CA, the agent's token.
     pub fn agent_kubeconfig(&self) -> Result<PathBuf, HarnessError> {
-        let path = self.dir.join("agent.kubeconfig");
+        self.kubeconfig("agent", AGENT_TOKEN)
+    }
+
+    /// A cluster admin's kubeconfig (for istiod, which runs as its own cluster-wide controller).
+    pub fn admin_kubeconfig(&self) -> Result<PathBuf, HarnessError> {
+        self.kubeconfig("admin", ADMIN_TOKEN)
+    }
+
+    fn kubeconfig(&self, user: &str, token: &str) -> Result<PathBuf, HarnessError> {
+        let path = self.dir.join(format!("{user}.kubeconfig"));
         let config = json!({
             "apiVersion": "v1", "kind": "Config",
             "clusters": [{"name": "test", "cluster": {"server": format!("https://127.0.0.1:{API_PORT}"), "certificate-authority": self.dir.join("pki/ca.pem")}}],
-            "users": [{"name": "weft-agent", "user": {"token": AGENT_TOKEN}}],
-            "contexts": [{"name": "test", "context": {"cluster": "test", "user": "weft-agent"}}],
+            "users": [{"name": user, "user": {"token": token}}],
+            "contexts": [{"name": "test", "context": {"cluster": "test", "user": user}}],
             "current-context": "test",
         });
         std::fs::write(&path, serde_json::to_vec_pretty(&config).map_err(|e| HarnessError(e.to_string()))?)?;
         Ok(path)
+    }
+
+    /// Creates `object` (any kind the API serves, CRD-defined ones included), or replaces it when it
+    /// exists: what `kubectl apply` does for a test that changes a policy.
+    pub fn apply(&self, object: &Value) -> Result<(), HarnessError> {
+        let collection = collection_path(object)?;
+        let name = object["metadata"]["name"].as_str().ok_or_else(|| HarnessError(format!("object without metadata.name: {object}")))?;
+        match self.request("POST", &collection, Some(object))? {
+            (200..=299, _) => Ok(()),
+            (409, _) => {
+                let current = self.ok("GET", &format!("{collection}/{name}"), None)?;
+                let mut replaced = object.clone();
+                replaced["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"].clone();
+                self.ok("PUT", &format!("{collection}/{name}"), Some(&replaced)).map(drop)
+            }
+            (code, v) => Err(HarnessError(format!("creating {} {name}: {code}: {v}", object["kind"]))),
+        }
+    }
+
+    /// Deletes `object` (by kind, namespace and name).
+    pub fn delete(&self, object: &Value) -> Result<(), HarnessError> {
+        let name = object["metadata"]["name"].as_str().unwrap_or_default();
+        self.ok("DELETE", &format!("{}/{name}", collection_path(object)?), None).map(drop)
     }
 
     /// A request as cluster admin; returns the status code and the JSON body (Null when empty).
@@ -255,6 +287,27 @@ impl Drop for KubeApi {
         drop(self.apiserver.take());
         drop(self.etcd.take());
     }
+}
+
+/// The API path of the collection `object` belongs to: core kinds under `/api/v1`, others under
+/// `/apis/<group>/<version>`; the plural is the lower-cased kind plus `s` (or `es`), which holds for every kind
+/// the tests create.
+fn collection_path(object: &Value) -> Result<String, HarnessError> {
+    let api_version = object["apiVersion"].as_str().ok_or_else(|| HarnessError(format!("object without apiVersion: {object}")))?;
+    let kind = object["kind"].as_str().ok_or_else(|| HarnessError(format!("object without kind: {object}")))?.to_ascii_lowercase();
+    let plural = match kind.ends_with('s') || kind.ends_with("ch") {
+        true => format!("{kind}es"),
+        false if kind.ends_with('y') && !kind.ends_with("ay") => format!("{}ies", &kind[..kind.len() - 1]),
+        false => format!("{kind}s"),
+    };
+    let root = match api_version.contains('/') {
+        true => format!("/apis/{api_version}"),
+        false => format!("/api/{api_version}"),
+    };
+    Ok(match object["metadata"]["namespace"].as_str() {
+        Some(ns) => format!("{root}/namespaces/{ns}/{plural}"),
+        None => format!("{root}/{plural}"),
+    })
 }
 
 /// Merges the keys of `patch` into `target` (objects recursively).

@@ -18,6 +18,7 @@ pub mod ca_server;
 pub mod cluster;
 pub mod conformance;
 pub mod gotools;
+pub mod istiod;
 pub mod kube;
 pub mod manifests;
 pub mod netns;

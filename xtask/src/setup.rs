@@ -83,7 +83,29 @@ pub fn run_all() -> Result<Result<String, String>, String> {
     crate::gobuild::ensure(crate::gobuild::KUBE)?;
     // The manifest tests render deploy/helm/weft with it.
     crate::goinstall::ensure(&weft_tests::gotools::HELM)?;
+    istiod()?;
     Ok(ebpf_toolchain())
+}
+
+/// istiod and, beside it, the CRDs of the same Istio module (the API server of the tests must serve them
+/// before istiod starts).
+fn istiod() -> Result<(), String> {
+    use weft_tests::gotools::{cache_dir, ISTIOD};
+    crate::goinstall::ensure(&ISTIOD)?;
+    if weft_tests::gotools::istio_crds().is_ok() {
+        return Ok(());
+    }
+    let module = ISTIOD.package.trim_end_matches("/pilot/cmd/pilot-discovery");
+    let mut cmd = Command::new(crate::goinstall::go_binary()?);
+    cmd.args(["mod", "download", "-json"]).arg(format!("{module}@{}", ISTIOD.version));
+    let out = cmd.output().map_err(|e| format!("go mod download {module}: {e}"))?;
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("go mod download {module}: {e}"))?;
+    let dir = info["Dir"].as_str().ok_or_else(|| format!("go mod download {module}: no Dir in {info}"))?;
+    let crds = std::path::Path::new(dir).join("manifests/charts/base/files/crd-all.gen.yaml");
+    let target = cache_dir().join(format!("{}-{}-crds.yaml", ISTIOD.name, ISTIOD.version));
+    let staging = target.with_extension(format!("{}.tmp", std::process::id()));
+    std::fs::copy(&crds, &staging).map_err(|e| format!("copying {}: {e}", crds.display()))?;
+    std::fs::rename(&staging, &target).map_err(|e| format!("moving {}: {e}", staging.display()))
 }
 
 fn base() -> Result<(), String> {

@@ -64,6 +64,7 @@ pub fn load(path: &Path) -> Result<Bootstrap> {
 }
 
 pub fn translate(raw: Value) -> Result<Bootstrap> {
+    let raw = super::typed_struct::expand(raw);
     let mut b = Obj::new(&raw, "")?;
     let node = match b.object("node")? {
         Some(mut n) => {

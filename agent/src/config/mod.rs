@@ -19,6 +19,7 @@ pub mod secret;
 pub mod tls;
 pub mod store;
 pub mod tree;
+pub mod typed_struct;
 
 pub use tree::ConfigError;
 

@@ -79,6 +79,7 @@ fn shared<M>(
     let same = |e: &Resource<M>| *e.bytes == *r.bytes && e.version == r.version;
     interner.get_or_decode(r.bytes, same, || {
         let raw = codec::any_to_json(r.type_url, r.bytes).map_err(|e| (r.name.map(str::to_string), e))?;
+        let raw = crate::config::typed_struct::expand(raw);
         let name = raw.get(name_field).and_then(Value::as_str).or(r.name).unwrap_or_default().to_string();
         let fail = |e: String| (Some(name.clone()), format!("{kind} '{name}': {e}"));
         let obj = Obj::new(&raw, "").map_err(|e| fail(e.to_string()))?;
