@@ -186,11 +186,18 @@ impl KubeApi {
             "PATCH" => "application/merge-patch+json",
             _ => "application/json",
         };
-        if let Some(body) = body {
-            cmd.args(["-H", &format!("Content-Type: {content_type}"), "--data-binary", &body.to_string()]);
+        if body.is_some() {
+            // On stdin: a CRD is larger than an argument may be.
+            cmd.args(["-H", &format!("Content-Type: {content_type}"), "--data-binary", "@-"]);
         }
         cmd.arg(format!("https://127.0.0.1:{API_PORT}{path}"));
-        let out = cmd.output()?;
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn()?;
+        if let (Some(body), Some(mut stdin)) = (body, child.stdin.take()) {
+            use std::io::Write;
+            stdin.write_all(body.to_string().as_bytes())?;
+        }
+        let out = child.wait_with_output()?;
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
         match code.trim().parse::<u16>() {

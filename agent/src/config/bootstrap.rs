@@ -140,11 +140,7 @@ fn dynamic_resources(mut d: Obj<'_>) -> Result<Ads> {
     service.finish()?;
     ads.finish()?;
     for source in ["lds_config", "cds_config"] {
-        let mut config = d.required_object(source)?;
-        v3_only(&mut config, "resource_api_version")?;
-        let over_ads = config.required_object("ads").map_err(|e| ConfigError::new(e.path, "is required: weft takes LDS and CDS over ADS only"))?;
-        over_ads.finish()?;
-        config.finish()?;
+        super::ads_source(d.required_object(source)?, "LDS and CDS")?;
     }
     d.finish()?;
     Ok(Ads { api, cluster })

@@ -289,14 +289,7 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
             }
             let mut eds = c.required_object("eds_cluster_config")?;
             let service_name = eds.string("service_name")?.unwrap_or(&name).to_string();
-            let mut source = eds.required_object("eds_config")?;
-            match source.string("resource_api_version")? {
-                None | Some("V3") => {}
-                Some(other) => return Err(ConfigError::new(source.at("resource_api_version"), format!("{other} is not supported; only V3"))),
-            }
-            let ads = source.required_object("ads").map_err(|e| ConfigError::new(e.path, "is required: weft takes EDS over ADS only"))?;
-            ads.finish()?;
-            source.finish()?;
+            super::ads_source(eds.required_object("eds_config")?, "EDS")?;
             eds.finish()?;
             Discovery::Eds { service_name }
         }

@@ -487,14 +487,7 @@ fn routes(h: &mut Obj<'_>) -> Result<Routes> {
         (Some(rc), None) => Ok(Routes::Inline(Arc::new(route::translate(rc)?))),
         (None, Some(mut rds)) => {
             let name = rds.required_string("route_config_name")?.to_string();
-            let mut source = rds.required_object("config_source")?;
-            match source.string("resource_api_version")? {
-                None | Some("V3") => {}
-                Some(other) => return Err(ConfigError::new(source.at("resource_api_version"), format!("{other} is not supported; only V3"))),
-            }
-            let ads = source.required_object("ads").map_err(|e| ConfigError::new(e.path, "is required: weft takes RDS over ADS only"))?;
-            ads.finish()?;
-            source.finish()?;
+            super::ads_source(rds.required_object("config_source")?, "RDS")?;
             rds.finish()?;
             Ok(Routes::Rds(name))
         }

@@ -51,6 +51,24 @@ pub(crate) fn bare_socket_address(mut sa: Obj<'_>) -> tree::Result<SocketAddr> {
     Ok(SocketAddr::new(ip, port))
 }
 
+/// A `ConfigSource` that must be ADS (`what` names the resource type in the error): `resource_api_version`
+/// V3, and `initial_fetch_timeout` 0s (istiod's value: wait for the resource however long it takes, which is
+/// what weft does; another timeout would start serving without it, and is refused).
+pub(crate) fn ads_source(mut source: Obj<'_>, what: &str) -> tree::Result<()> {
+    match source.string("resource_api_version")? {
+        None | Some("V3") => {}
+        Some(other) => return Err(ConfigError::new(source.at("resource_api_version"), format!("{other} is not supported; only V3"))),
+    }
+    if let Some(timeout) = source.duration("initial_fetch_timeout")? {
+        if !timeout.is_zero() {
+            return Err(ConfigError::new(source.at("initial_fetch_timeout"), "only 0s (wait until the resource arrives) is supported"));
+        }
+    }
+    let ads = source.required_object("ads").map_err(|e| ConfigError::new(e.path, format!("is required: weft takes {what} over ADS only")))?;
+    ads.finish()?;
+    source.finish()
+}
+
 /// Reads the `@type` of a `typed_config` and checks it is the one expected.
 pub(crate) fn expect_type(config: &mut Obj<'_>, expected: &str) -> tree::Result<()> {
     let type_url = config.required_string("@type")?;
