@@ -1,5 +1,6 @@
 //! `envoy.config.cluster.v3.Cluster`: where upstream connections go.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -36,9 +37,29 @@ pub struct Cluster {
     pub locality_weighted: bool,
     /// The active health check (`health_checks`, one).
     pub health_check: Option<HealthCheck>,
-    /// TLS originated on every upstream connection, or plaintext.
+    /// TLS originated on every upstream connection, or plaintext: the socket of endpoints no
+    /// `transport_socket_matches` entry selects.
     pub transport_socket: TransportSocket<UpstreamTls>,
+    /// `transport_socket_matches`: per endpoint, the first entry whose criteria its metadata
+    /// (`envoy.transport_socket_match`) carries (Istio's auto mTLS: `tlsMode: istio` endpoints get mTLS).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub transport_socket_matches: Vec<TransportSocketMatch>,
 }
+
+/// `envoy.config.cluster.v3.Cluster.TransportSocketMatch`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct TransportSocketMatch {
+    pub name: String,
+    /// Key/value pairs an endpoint's `envoy.transport_socket_match` metadata must all have (none: every endpoint).
+    pub criteria: SocketMatchLabels,
+    pub socket: TransportSocket<UpstreamTls>,
+}
+
+/// The `envoy.transport_socket_match` metadata of an endpoint, or the criteria of a match.
+pub type SocketMatchLabels = BTreeMap<String, serde_json::Value>;
+
+/// The endpoint metadata namespace `transport_socket_matches` read.
+pub const SOCKET_MATCH_NAMESPACE: &str = "envoy.transport_socket_match";
 
 /// `envoy.config.core.v3.HealthCheck`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -191,6 +212,9 @@ pub struct Assignment {
     /// Each priority level's localities (for `locality_weighted_lb_config`), in Envoy's order.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub localities: Vec<Vec<Locality>>,
+    /// Endpoints' `envoy.transport_socket_match` metadata (which of the cluster's sockets they get).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub socket_labels: BTreeMap<SocketAddr, SocketMatchLabels>,
 }
 
 /// The endpoints of one locality of a priority level.
@@ -208,6 +232,11 @@ pub struct Locality {
 pub const MAX_WEIGHT_SLOTS: u64 = 10_000;
 
 impl Assignment {
+    /// An endpoint's `envoy.transport_socket_match` metadata.
+    pub fn socket_labels(&self, endpoint: SocketAddr) -> Option<&SocketMatchLabels> {
+        self.socket_labels.get(&endpoint)
+    }
+
     /// Every distinct endpoint, in order.
     pub fn hosts(&self) -> Vec<SocketAddr> {
         let mut out: Vec<SocketAddr> = Vec::new();
@@ -228,12 +257,19 @@ impl Assignment {
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Cluster {
-    /// Its TLS context, when it originates TLS.
-    pub fn tls_context(&self) -> Option<&super::tls::CommonTls> {
-        match &self.transport_socket {
+    /// The TLS contexts it may originate with (the default socket's and every match's).
+    pub fn tls_contexts(&self) -> impl Iterator<Item = &super::tls::CommonTls> {
+        std::iter::once(&self.transport_socket).chain(self.transport_socket_matches.iter().map(|m| &m.socket)).filter_map(|s| match s {
             TransportSocket::Tls(t) => Some(&t.common),
             TransportSocket::RawBuffer => None,
-        }
+        })
+    }
+
+    /// The socket for an endpoint with `labels` (its `envoy.transport_socket_match` metadata), as Envoy
+    /// chooses it: the first match all of whose criteria the endpoint has, else the cluster's own.
+    pub fn transport_socket_for(&self, labels: Option<&SocketMatchLabels>) -> &TransportSocket<UpstreamTls> {
+        let has = |criteria: &SocketMatchLabels| criteria.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v));
+        self.transport_socket_matches.iter().find(|m| has(&m.criteria)).map_or(&self.transport_socket, |m| &m.socket)
     }
 }
 
@@ -267,12 +303,14 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
     let HttpOptions { http2, follow_downstream_protocol, idle_timeout, max_requests_per_connection, http2_settings } = protocol;
     let source_address = c.object("upstream_bind_config")?.map(bind_config).transpose()?;
     let transport_socket = super::tls::upstream(c.object("transport_socket")?)?;
+    let transport_socket_matches = c.objects("transport_socket_matches")?.into_iter().map(socket_match).collect::<Result<Vec<_>>>()?;
     let mut checks = c.objects("health_checks")?;
     if checks.len() > 1 {
         return Err(ConfigError::new(c.at("health_checks"), "weft supports one health check per cluster"));
     }
     let health_check = checks.pop().map(super::health_check::translate).transpose()?;
-    if health_check.is_some() && transport_socket != TransportSocket::RawBuffer {
+    let any_tls = transport_socket != TransportSocket::RawBuffer || transport_socket_matches.iter().any(|m| m.socket != TransportSocket::RawBuffer);
+    if health_check.is_some() && any_tls {
         return Err(ConfigError::new(c.at("health_checks"), "health checks of a TLS cluster are not supported yet (they would check in plaintext)"));
     }
     let discovery = match kind {
@@ -331,7 +369,20 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
         locality_weighted,
         health_check,
         transport_socket,
+        transport_socket_matches,
     })
+}
+
+fn socket_match(mut m: Obj<'_>) -> Result<TransportSocketMatch> {
+    let name = m.string("name")?.unwrap_or_default().to_string();
+    let criteria = match m.take("match") {
+        None => SocketMatchLabels::new(),
+        Some(serde_json::Value::Object(map)) => map.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        Some(_) => return Err(ConfigError::new(m.at("match"), "expected an object of key/value criteria")),
+    };
+    let socket = super::tls::upstream(m.object("transport_socket")?)?;
+    m.finish()?;
+    Ok(TransportSocketMatch { name, criteria, socket })
 }
 
 /// Whether `locality_weighted_lb_config` can be honoured: the hash balancers fold locality weights into
@@ -366,6 +417,7 @@ pub fn assignment(la: Obj<'_>) -> Result<(String, Assignment)> {
 fn read_assignment(mut la: Obj<'_>, mut hostnames: Option<&mut Vec<(SocketAddr, String)>>) -> Result<(String, Assignment)> {
     let name = la.string("cluster_name")?.unwrap_or_default().to_string();
     let mut levels: Vec<Vec<(SocketAddr, u64)>> = Vec::new();
+    let mut socket_labels = BTreeMap::new();
     let mut localities: Vec<Vec<(LocalityKey, Locality)>> = Vec::new();
     for mut locality in la.objects("endpoints")? {
         let priority = locality.u64("priority")?.unwrap_or(0);
@@ -392,6 +444,9 @@ fn read_assignment(mut la: Obj<'_>, mut hostnames: Option<&mut Vec<(SocketAddr, 
                 }
             }
             endpoint.finish()?;
+            if let Some(labels) = lb.object("metadata")?.map(endpoint_metadata).transpose()?.flatten() {
+                socket_labels.insert(address, labels);
+            }
             let weight = lb.u64("load_balancing_weight")?.unwrap_or(1);
             if weight == 0 {
                 return Err(ConfigError::new(lb.at("load_balancing_weight"), "must be greater than 0"));
@@ -423,7 +478,25 @@ fn read_assignment(mut la: Obj<'_>, mut hostnames: Option<&mut Vec<(SocketAddr, 
     la.finish()?;
     let priorities = levels.into_iter().map(weighted_slots).collect();
     let localities = localities.into_iter().map(|level| level.into_iter().map(|(_, l)| l).collect()).collect();
-    Ok((name, Assignment { priorities, localities }))
+    Ok((name, Assignment { priorities, localities, socket_labels }))
+}
+
+/// An endpoint's `metadata`: its `envoy.transport_socket_match` labels. Other namespaces (Istio's
+/// `istio.workload` telemetry key) change nothing weft does and are accepted as Envoy accepts metadata no
+/// filter reads.
+fn endpoint_metadata(mut m: Obj<'_>) -> Result<Option<SocketMatchLabels>> {
+    let path = m.at("filter_metadata");
+    let labels = match m.take("filter_metadata") {
+        None => None,
+        Some(serde_json::Value::Object(namespaces)) => match namespaces.get(SOCKET_MATCH_NAMESPACE) {
+            None => None,
+            Some(serde_json::Value::Object(map)) => Some(map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()),
+            Some(_) => return Err(ConfigError::new(format!("{path}.{SOCKET_MATCH_NAMESPACE}"), "expected an object")),
+        },
+        Some(_) => return Err(ConfigError::new(path, "expected an object of metadata namespaces")),
+    };
+    m.finish()?;
+    Ok(labels)
 }
 
 /// A locality's `region`, `zone`, `sub_zone`: Envoy orders a level's localities by them.
@@ -768,6 +841,26 @@ mod tests {
 
     fn at(port: u16) -> serde_json::Value {
         json!({"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}})
+    }
+
+    /// Istio's auto mTLS: endpoints labelled `tlsMode: istio` get the TLS socket, the others plaintext.
+    #[test]
+    fn transport_socket_matches_choose_by_endpoint_metadata() {
+        let tls = json!({"name": "tls", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", "sni": "x"}});
+        let raw = json!({"name": "raw", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"}});
+        let c = cluster(json!({"name": "c", "type": "EDS", "eds_cluster_config": {"eds_config": {"ads": {}, "initial_fetch_timeout": "0s"}},
+            "transport_socket_matches": [{"name": "tlsMode-istio", "match": {"tlsMode": "istio"}, "transport_socket": tls}, {"name": "tlsMode-disabled", "match": {}, "transport_socket": raw}]}))
+        .unwrap();
+        let mut meshed = at(1);
+        meshed["metadata"] = json!({"filter_metadata": {"envoy.transport_socket_match": {"tlsMode": "istio"}, "istio": {"workload": "w;ns;svc;v1;Kubernetes"}}});
+        let la = json!({"cluster_name": "c", "endpoints": [{"lb_endpoints": [meshed, at(2)]}]});
+        let (_, a) = assignment(Obj::new(&la, "la").unwrap()).unwrap();
+        let addr = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        assert!(matches!(c.transport_socket_for(a.socket_labels(addr(1))), TransportSocket::Tls(_)), "tlsMode istio → mTLS");
+        assert_eq!(c.transport_socket_for(a.socket_labels(addr(2))), &TransportSocket::RawBuffer, "no label → the empty match");
+        assert_eq!(c.tls_contexts().count(), 1);
+        let e = cluster(json!({"name": "c", "transport_socket_matches": [{"name": "m", "match": "istio"}]})).unwrap_err();
+        assert!(e.to_string().contains("transport_socket_matches[0].match"), "{e}");
     }
 
     #[test]

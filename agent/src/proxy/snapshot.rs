@@ -87,7 +87,7 @@ impl Snapshot {
     pub fn cluster(&self, name: &str) -> Option<ClusterRef<'_>> {
         let entry = self.clusters.get(name)?;
         let config = entry.model();
-        static NONE: Assignment = Assignment { priorities: Vec::new(), localities: Vec::new() };
+        static NONE: Assignment = Assignment { priorities: Vec::new(), localities: Vec::new(), socket_labels: std::collections::BTreeMap::new() };
         let endpoints = match &config.discovery {
             Discovery::Static { endpoints, .. } => Endpoints::Config(endpoints),
             Discovery::Eds { service_name } => Endpoints::Config(self.assignments.get(service_name).map_or(&NONE, |a| a.model())),

@@ -194,7 +194,7 @@ impl XdsState {
         } else if type_url == SECRET_TYPE {
             let listeners = self.bootstrap.listeners.iter().chain(store.listeners.values().map(|e| e.model()));
             let clusters = self.bootstrap.clusters.iter().chain(store.clusters.values().map(|e| e.model()));
-            let contexts = listeners.flat_map(Listener::tls_contexts).chain(clusters.filter_map(Cluster::tls_context));
+            let contexts = listeners.flat_map(Listener::tls_contexts).chain(clusters.flat_map(Cluster::tls_contexts));
             contexts.flat_map(|c| c.sds_secrets().filter(|s| s.over_ads).map(|s| s.name.clone())).collect()
         } else {
             self.bootstrap

@@ -52,7 +52,7 @@ impl Upstream {
         let c = self.snapshot.cluster(cluster).ok_or_else(|| ConnectError::UnknownCluster(cluster.to_string()))?;
         let runtime = self.pools.runtime(cluster);
         let endpoint = cluster::pick(&c, &runtime, self.original_dst, &[], None).map_err(|_| ConnectError::NoHealthyUpstream)?;
-        let result = self.pools.connect(&pool::Key::of(endpoint, c.config, &self.snapshot), c.config.connect_timeout).await;
+        let result = self.pools.connect(&pool::Key::of(endpoint, &c, &self.snapshot), c.config.connect_timeout).await;
         c.state.upstream_cx_total.fetch_add(1, Relaxed);
         if result.is_err() {
             c.state.upstream_cx_connect_fail.fetch_add(1, Relaxed);

@@ -26,7 +26,7 @@ use crate::config::cluster::{CircuitBreakers, Cluster, Http2Settings};
 use crate::config::secret::Secret;
 use crate::config::store::ByName;
 use crate::config::tls::{TransportSocket, UpstreamTls};
-use super::super::snapshot::Snapshot;
+use super::super::snapshot::{ClusterRef, Snapshot};
 
 /// An upstream connection, TLS or not.
 pub type UpstreamIo = MaybeTls<tokio::net::TcpStream, tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
@@ -42,13 +42,14 @@ pub struct Key {
 }
 
 impl Key {
-    /// Connections of `cluster` to `endpoint`, with the secrets of `snapshot`.
-    pub fn of(endpoint: SocketAddr, cluster: &Cluster, snapshot: &Snapshot) -> Key {
-        let tls = match &cluster.transport_socket {
+    /// Connections of `cluster` to `endpoint` (with the transport socket its metadata selects), with the
+    /// secrets of `snapshot`.
+    pub fn of(endpoint: SocketAddr, cluster: &ClusterRef<'_>, snapshot: &Snapshot) -> Key {
+        let tls = match cluster.config.transport_socket_for(cluster.endpoints.socket_labels(endpoint)) {
             TransportSocket::RawBuffer => None,
             TransportSocket::Tls(context) => Some(TlsKey(Arc::clone(context), Arc::clone(&snapshot.secrets))),
         };
-        Key { endpoint, source: cluster.source_address, tls }
+        Key { endpoint, source: cluster.config.source_address, tls }
     }
 }
 

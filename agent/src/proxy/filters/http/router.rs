@@ -586,7 +586,7 @@ impl Attempts {
         runtime: &Arc<ClusterRuntime>,
     ) -> Result<Response<Body>, Failure> {
         cluster.state.upstream_rq_total.fetch_add(1, Relaxed);
-        let key = Key::of(endpoint, cluster.config, &upstream.snapshot);
+        let key = Key::of(endpoint, cluster, &upstream.snapshot);
         let send = upstream.pools.send(key, protocol, Reuse::of(cluster.config), runtime, request);
         let (result, new_connection) = match self.per_try_timeout {
             None => send.await,
@@ -731,7 +731,7 @@ async fn mirror(template: &Template, body: Body, mirrors: &[MirrorPolicy], upstr
             };
         }
         let request = copy.request(body::full(bytes.clone()), None, None, Some(endpoint));
-        let (pools, key, config) = (Arc::clone(&upstream.pools), Key::of(endpoint, cluster.config, &upstream.snapshot), cluster.config.clone());
+        let (pools, key, config) = (Arc::clone(&upstream.pools), Key::of(endpoint, &cluster, &upstream.snapshot), cluster.config.clone());
         cluster.state.upstream_rq_total.fetch_add(1, Relaxed);
         tokio::spawn(async move {
             let (result, _) = pools.send(key, copy.protocol, Reuse::of(&config), &runtime, request).await;
@@ -757,7 +757,7 @@ async fn upgrade_once(
     let Ok(endpoint) = pick_endpoint(cluster, &runtime, upstream.original_dst, &[], 1, template.hash) else {
         return (local_reply::reply(StatusCode::SERVICE_UNAVAILABLE, Some("no healthy upstream"), false), None);
     };
-    let key = Key::of(endpoint, cluster.config, &upstream.snapshot);
+    let key = Key::of(endpoint, cluster, &upstream.snapshot);
     cluster.state.upstream_rq_total.fetch_add(1, Relaxed);
     cluster.state.upstream_cx_total.fetch_add(1, Relaxed);
     let request = template.request(body, None, None, Some(endpoint));
