@@ -241,6 +241,10 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
         other => return Err(ConfigError::new(h.at("codec_type"), format!("{other} is not supported; use AUTO, HTTP1 or HTTP2"))),
     };
     let routes = routes(&mut h)?;
+    // weft answers `Expect: 100-continue` once the request body starts to go upstream, and forwards the header:
+    // istiod's `proxy_100_continue: true` (the upstream decides), and close to Envoy's default.
+    let _ = h.bool("proxy_100_continue")?;
+    tracing(&mut h)?;
     let http_filters = http_filters(&mut h, &stat_prefix)?;
     let use_remote_address = h.bool("use_remote_address")?.unwrap_or(false);
     let xff_num_trusted_hops = h.u64("xff_num_trusted_hops")?.unwrap_or(0).min(u64::from(u32::MAX)) as u32;
@@ -480,6 +484,20 @@ fn body_format(mut b: Obj<'_>) -> Result<BodyFormat> {
     }
     b.finish()?;
     Ok(format)
+}
+
+/// `tracing` without a `provider` (what istiod sends when no Telemetry names a tracer): sampling and tags with
+/// no tracer to report to, which Envoy turns into no spans and no headers. A provider is refused: weft exports
+/// no traces yet.
+fn tracing(h: &mut Obj<'_>) -> Result<()> {
+    let Some(mut t) = h.object("tracing")? else { return Ok(()) };
+    if t.has("provider") {
+        return Err(ConfigError::new(t.at("provider"), "is not supported by weft yet (it exports no traces)"));
+    }
+    for key in ["client_sampling", "random_sampling", "overall_sampling", "custom_tags", "verbose", "max_path_tag_length", "spawn_upstream_span"] {
+        t.take(key);
+    }
+    t.finish()
 }
 
 fn routes(h: &mut Obj<'_>) -> Result<Routes> {

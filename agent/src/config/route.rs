@@ -244,14 +244,27 @@ pub struct RetryOn {
     pub server_error: bool,
     pub gateway_error: bool,
     pub reset: bool,
+    /// `reset-before-request`: the stream failed before any of the request went upstream (Istio's default).
+    pub reset_before_request: bool,
     pub connect_failure: bool,
     pub retriable_4xx: bool,
     pub refused_stream: bool,
     pub retriable_status_codes: bool,
     pub retriable_headers: bool,
+    /// gRPC conditions (`cancelled`, `deadline-exceeded`, `internal`, `resource-exhausted`, `unavailable`): the
+    /// response's `grpc-status` (a trailers-only response carries it in its headers), as a bit per code.
+    pub grpc_statuses: u32,
 }
 
+/// The gRPC retry conditions and the status codes they name.
+const GRPC_CONDITIONS: [(&str, u32); 5] = [("cancelled", 1), ("deadline-exceeded", 4), ("resource-exhausted", 8), ("internal", 13), ("unavailable", 14)];
+
 impl RetryOn {
+    /// Whether a response with gRPC status `code` is to be retried.
+    pub fn grpc_status(&self, code: u32) -> bool {
+        code < 32 && self.grpc_statuses & (1 << code) != 0
+    }
+
     /// Parses a comma list as Envoy does: unknown conditions are ignored (Envoy ignores them in headers;
     /// in configuration `strict` rejects them).
     pub fn parse(list: &str, strict: bool) -> std::result::Result<RetryOn, String> {
@@ -261,11 +274,16 @@ impl RetryOn {
                 "5xx" => on.server_error = true,
                 "gateway-error" => on.gateway_error = true,
                 "reset" => on.reset = true,
+                "reset-before-request" => on.reset_before_request = true,
                 "connect-failure" => on.connect_failure = true,
                 "retriable-4xx" => on.retriable_4xx = true,
                 "refused-stream" => on.refused_stream = true,
                 "retriable-status-codes" => on.retriable_status_codes = true,
                 "retriable-headers" => on.retriable_headers = true,
+                grpc if GRPC_CONDITIONS.iter().any(|(name, _)| *name == grpc) => {
+                    let code = GRPC_CONDITIONS.iter().find(|(name, _)| *name == grpc).map_or(0, |(_, c)| *c);
+                    on.grpc_statuses |= 1 << code;
+                }
                 other if strict => return Err(format!("retry condition {other:?} is not supported by weft")),
                 _ => {}
             }
@@ -278,11 +296,13 @@ impl RetryOn {
             server_error: self.server_error || other.server_error,
             gateway_error: self.gateway_error || other.gateway_error,
             reset: self.reset || other.reset,
+            reset_before_request: self.reset_before_request || other.reset_before_request,
             connect_failure: self.connect_failure || other.connect_failure,
             retriable_4xx: self.retriable_4xx || other.retriable_4xx,
             refused_stream: self.refused_stream || other.refused_stream,
             retriable_status_codes: self.retriable_status_codes || other.retriable_status_codes,
             retriable_headers: self.retriable_headers || other.retriable_headers,
+            grpc_statuses: self.grpc_statuses | other.grpc_statuses,
         }
     }
 }
@@ -756,6 +776,17 @@ pub fn upgrade_configs(o: &mut Obj<'_>, route: bool) -> Result<(Vec<(String, boo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Istio's default retry policy: `connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes`
+    /// outbound, `reset-before-request` inbound.
+    #[test]
+    fn istios_retry_conditions_parse() {
+        let on = RetryOn::parse("connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes", true).unwrap();
+        assert!(on.connect_failure && on.refused_stream && on.retriable_status_codes);
+        assert!(on.grpc_status(14) && on.grpc_status(1) && !on.grpc_status(4) && !on.grpc_status(0) && !on.grpc_status(99));
+        assert!(RetryOn::parse("reset-before-request", true).unwrap().reset_before_request);
+        assert!(RetryOn::parse("bogus", true).unwrap_err().contains("bogus"));
+    }
     use serde_json::json;
 
     fn rc(v: serde_json::Value) -> RouteConfiguration {

@@ -455,14 +455,18 @@ impl Attempts {
             || (on.retriable_4xx && code == 409)
             || (on.retriable_status_codes && self.retriable_status_codes.contains(&code))
             || (on.retriable_headers && self.retriable_headers.iter().any(|h| h.matches_in(response.headers())))
+            || grpc_status(response).is_some_and(|c| on.grpc_status(c))
     }
 
     fn retriable_failure(&self, error: &Failure) -> bool {
         let on = &self.retry_on;
         match error {
-            Failure::Pool(PoolError::Connect(_)) => on.server_error || on.gateway_error || on.connect_failure || on.reset,
+            // No connection: nothing of the request went upstream.
+            Failure::Pool(PoolError::Connect(_)) => on.server_error || on.gateway_error || on.connect_failure || on.reset || on.reset_before_request,
             Failure::Pool(PoolError::Reset(e)) => {
-                on.server_error || on.gateway_error || on.reset || (on.refused_stream && is_refused_stream(e))
+                // hyper cancels a request its connection closed before dispatching it (a pooled connection the
+                // upstream had just closed): it was never sent.
+                on.server_error || on.gateway_error || on.reset || (on.refused_stream && is_refused_stream(e)) || (on.reset_before_request && e.is_canceled())
             }
             Failure::PerTryTimeout => on.server_error || on.gateway_error,
             Failure::Pool(PoolError::Overflow) => false,
@@ -798,4 +802,9 @@ fn finish_response(response: &mut Response<Body>, version: Version, started: Ins
         let elapsed = HeaderValue::from(started.elapsed().as_millis() as u64);
         response.headers_mut().insert("x-envoy-upstream-service-time", elapsed);
     }
+}
+
+/// The `grpc-status` of a response's headers (a trailers-only gRPC response), if any.
+fn grpc_status(response: &Response<Body>) -> Option<u32> {
+    response.headers().get("grpc-status")?.to_str().ok()?.trim().parse().ok()
 }
