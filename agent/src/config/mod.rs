@@ -13,6 +13,7 @@ pub mod http_connection_manager;
 pub mod http_filters;
 pub mod listener;
 pub mod matcher;
+pub mod metadata;
 pub mod rbac;
 pub mod route;
 pub mod secret;

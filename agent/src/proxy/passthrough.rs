@@ -75,6 +75,7 @@ fn cluster(name: &str, source: Option<IpAddr>, connect_timeout: Duration) -> Clu
         locality_weighted: false,
         health_check: None,
         transport_socket: Default::default(),
+        metadata: Default::default(),
     }
 }
 
