@@ -3,6 +3,7 @@
 //! rejected by path (see [`fields`] for the tables and `docs/envoy-config.md`).
 
 pub mod agent;
+pub mod alpn;
 pub mod bootstrap;
 pub mod cidr;
 pub mod cluster;
