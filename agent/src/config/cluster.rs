@@ -4,6 +4,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use super::metadata::Metadata;
 use super::tls::{TransportSocket, UpstreamTls};
 use super::tree::{ConfigError, Obj, Result};
 use super::socket_address;
@@ -44,6 +45,8 @@ pub struct Cluster {
     /// (`envoy.transport_socket_match`) carries (Istio's auto mTLS: `tlsMode: istio` endpoints get mTLS).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub transport_socket_matches: Vec<TransportSocketMatch>,
+    /// `metadata`: every namespace kept, Istio's read (`istio.alpn_override`, `external`, `disable_mx`...).
+    pub metadata: Metadata,
 }
 
 /// `envoy.config.cluster.v3.Cluster.TransportSocketMatch`.
@@ -170,7 +173,12 @@ pub struct FailurePercentage {
 pub enum Discovery {
     /// Fixed endpoints from `load_assignment`, with the hostnames some of them have.
     Static { endpoints: Assignment, hostnames: Vec<(SocketAddr, String)> },
-    /// Connect to the downstream connection's original destination.
+    /// Connect to the downstream connection's original destination. `cleanup_interval` (Envoy's default 5s)
+    /// is accepted and changes nothing: Envoy drops a destination's host, and with it the host's pooled
+    /// connections, once it has gone unused for an interval. weft keeps no host list to clean up: every
+    /// request or connection goes to the destination it names, pooled connections to a destination close
+    /// after the cluster's idle timeout (as for every cluster), and the small per-destination counters
+    /// (requests in flight, outlier state) live as long as the cluster does.
     OriginalDst,
     /// Endpoints from EDS (over ADS), for `service_name`.
     Eds { service_name: String },
@@ -309,6 +317,11 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
         return Err(ConfigError::new(c.at("health_checks"), "weft supports one health check per cluster"));
     }
     let health_check = checks.pop().map(super::health_check::translate).transpose()?;
+    let metadata = c.object("metadata")?.map(super::metadata::translate).transpose()?.unwrap_or_default();
+    // Used by ORIGINAL_DST clusters only (see `Discovery::OriginalDst`); Envoy accepts it on any cluster.
+    if c.duration("cleanup_interval")?.is_some_and(|d| d.is_zero()) {
+        return Err(ConfigError::new(c.at("cleanup_interval"), "must be greater than 0s"));
+    }
     let any_tls = transport_socket != TransportSocket::RawBuffer || transport_socket_matches.iter().any(|m| m.socket != TransportSocket::RawBuffer);
     if health_check.is_some() && any_tls {
         return Err(ConfigError::new(c.at("health_checks"), "health checks of a TLS cluster are not supported yet (they would check in plaintext)"));
@@ -370,6 +383,7 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
         health_check,
         transport_socket,
         transport_socket_matches,
+        metadata,
     })
 }
 
@@ -904,6 +918,17 @@ mod tests {
         assert!(err(json!({"name": "c", "http2_protocol_options": {"initial_stream_window_size": 100}})).contains("c.http2_protocol_options.initial_stream_window_size"));
         assert!(err(json!({"name": "c", "http2_protocol_options": {"max_concurrent_streams": 0}})).contains("max_concurrent_streams"));
         assert!(err(json!({"name": "c", "http2_protocol_options": {"hpack_table_size": 0}})).contains("c.http2_protocol_options.hpack_table_size"));
+    }
+
+    #[test]
+    fn istio_metadata_and_cleanup_interval_are_read() {
+        let c = cluster(json!({"name": "PassthroughCluster", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED", "cleanup_interval": "5s",
+            "metadata": {"filter_metadata": {"istio": {"alpn_override": "false", "external": true}}}}))
+        .unwrap();
+        assert!(!c.metadata.istio.alpn_override && c.metadata.istio.external && !c.metadata.istio.disable_mx);
+        let err = cluster(json!({"name": "c", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED", "cleanup_interval": "0s"})).unwrap_err();
+        assert_eq!(err.path, "c.cleanup_interval");
+        assert!(cluster(json!({"name": "c"})).unwrap().metadata.istio.alpn_override, "no metadata: the override applies");
     }
 
     #[test]

@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::http_filters::{self, Fault, LocalRateLimit, CORS, FAULT, LOCAL_RATELIMIT};
+use super::alpn::{self, AlpnOverrides, ALPN_FILTER};
+use super::http_filters::{self, Fault, GrpcStats, LocalRateLimit, CORS, FAULT, GRPC_STATS, LOCAL_RATELIMIT};
 use super::headers::{HeaderOps, Part};
 use super::cidr::{self, CidrRange};
 use super::matcher::HeaderMatcher;
@@ -57,6 +58,8 @@ pub struct HttpConnectionManager {
     pub generate_request_id: bool,
     /// Keep an edge request's own `x-request-id` instead of replacing it.
     pub preserve_external_request_id: bool,
+    /// `request_id_extension` (UUID, Envoy's default): how `x-request-id` is made and used.
+    pub request_id: RequestId,
     pub strip_trailing_host_dot: bool,
     pub escaped_slashes: EscapedSlashes,
     /// `http_protocol_options.accept_http_10`: HTTP/1.0 requests are served (else 426).
@@ -67,6 +70,55 @@ pub struct HttpConnectionManager {
     /// `forward_client_cert_details` and `set_current_client_cert_details`: what becomes of
     /// `x-forwarded-client-cert`.
     pub client_cert: ClientCert,
+}
+
+/// `request_id_extension`: `envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig`, the only one (and the
+/// default). Ids are random UUIDs, generated when a request has none and kept when it has one (see
+/// `generate_request_id`, `preserve_external_request_id`). The two switches concern tracing, which weft
+/// does not do: without a trace decision there is no reason to pack into the id and no sampling to base
+/// on it, so both are kept for what they say and change nothing yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct RequestId {
+    /// `pack_trace_reason` (default true): the trace decision is written into the id's variant nibble.
+    pub pack_trace_reason: bool,
+    /// `use_request_id_for_trace_sampling` (default true): sampling is decided from the id.
+    pub use_request_id_for_trace_sampling: bool,
+}
+
+impl Default for RequestId {
+    fn default() -> Self {
+        RequestId { pack_trace_reason: true, use_request_id_for_trace_sampling: true }
+    }
+}
+
+const UUID_REQUEST_ID: &str = "envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig";
+
+fn request_id_extension(h: &mut Obj<'_>) -> Result<RequestId> {
+    let Some(mut extension) = h.object("request_id_extension")? else { return Ok(RequestId::default()) };
+    let mut out = RequestId::default();
+    if let Some(mut typed) = extension.object("typed_config")? {
+        super::expect_type(&mut typed, UUID_REQUEST_ID)?;
+        out.pack_trace_reason = bool_value(&mut typed, "pack_trace_reason")?.unwrap_or(true);
+        out.use_request_id_for_trace_sampling = bool_value(&mut typed, "use_request_id_for_trace_sampling")?.unwrap_or(true);
+        typed.finish()?;
+    }
+    extension.finish()?;
+    Ok(out)
+}
+
+/// A `google.protobuf.BoolValue`: a bare bool in proto3 JSON (or `{value: ...}` as some tools write it).
+pub(crate) fn bool_value(o: &mut Obj<'_>, key: &str) -> Result<Option<bool>> {
+    let path = o.at(key);
+    match o.take(key) {
+        None => Ok(None),
+        Some(serde_json::Value::Bool(b)) => Ok(Some(*b)),
+        Some(serde_json::Value::Object(m)) if m.len() <= 1 => match m.get("value") {
+            None => Ok(Some(false)),
+            Some(serde_json::Value::Bool(b)) => Ok(Some(*b)),
+            Some(_) => Err(ConfigError::new(format!("{path}.value"), "expected a boolean")),
+        },
+        Some(_) => Err(ConfigError::new(path, "expected a boolean")),
+    }
 }
 
 /// `x-forwarded-client-cert` handling, as Envoy's connection manager does it.
@@ -226,6 +278,10 @@ pub enum HttpFilterKind {
     Cors,
     LocalRateLimit(Arc<LocalRateLimit>),
     Rbac(Arc<HttpRbac>),
+    /// `istio.alpn`: the ALPN list the routed cluster's TLS connection offers, by upstream HTTP protocol.
+    Alpn(Arc<AlpnOverrides>),
+    /// `envoy.filters.http.grpc_stats`: telemetry only (gRPC message counts); it changes no traffic.
+    GrpcStats(GrpcStats),
     Router,
 }
 
@@ -278,6 +334,7 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
     let always_set_request_id_in_response = h.bool("always_set_request_id_in_response")?.unwrap_or(false);
     let generate_request_id = h.bool("generate_request_id")?.unwrap_or(true);
     let preserve_external_request_id = h.bool("preserve_external_request_id")?.unwrap_or(false);
+    let request_id = request_id_extension(&mut h)?;
     let strip_trailing_host_dot = h.bool("strip_trailing_host_dot")?.unwrap_or(false);
     let mut accept_http_10 = false;
     if let Some(mut http1) = h.object("http_protocol_options")? {
@@ -350,6 +407,7 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
         always_set_request_id_in_response,
         generate_request_id,
         preserve_external_request_id,
+        request_id,
         strip_trailing_host_dot,
         escaped_slashes,
         accept_http_10,
@@ -539,6 +597,8 @@ fn http_filters(h: &mut Obj<'_>, stat_prefix: &str) -> Result<Vec<HttpFilter>> {
             }
             LOCAL_RATELIMIT => Some(HttpFilterKind::LocalRateLimit(Arc::new(http_filters::local_ratelimit(typed)?))),
             HTTP_RBAC => Some(HttpFilterKind::Rbac(Arc::new(rbac::http(typed, stat_prefix)?))),
+            ALPN_FILTER => Some(HttpFilterKind::Alpn(Arc::new(alpn::translate(typed)?))),
+            GRPC_STATS => Some(HttpFilterKind::GrpcStats(http_filters::grpc_stats(typed)?)),
             _ if optional => None,
             _ => {
                 return Err(ConfigError::new(
@@ -554,5 +614,50 @@ fn http_filters(h: &mut Obj<'_>, stat_prefix: &str) -> Result<Vec<HttpFilter>> {
         Some(i) if i + 1 == filters.len() => Ok(filters),
         Some(_) => Err(ConfigError::new(path, "the router filter must be the last HTTP filter")),
         None => Err(ConfigError::new(path, "needs the router filter (envoy.filters.http.router)")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn hcm(extra: serde_json::Value) -> Result<HttpConnectionManager> {
+        let mut v = json!({"route_config": {}, "http_filters": [{"name": "router", "typed_config": {"@type": format!("type.googleapis.com/{ROUTER}")}}]});
+        if let (Some(base), Some(extra)) = (v.as_object_mut(), extra.as_object()) {
+            base.extend(extra.clone());
+        }
+        translate(Obj::new(&v, "h")?)
+    }
+
+    #[test]
+    fn istiods_uuid_request_id_extension_is_accepted_and_others_refused() {
+        let h = hcm(json!({"request_id_extension": {"typed_config": {"@type": "type.googleapis.com/envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig",
+            "use_request_id_for_trace_sampling": true, "pack_trace_reason": false}}}))
+        .unwrap();
+        assert_eq!(h.request_id, RequestId { pack_trace_reason: false, use_request_id_for_trace_sampling: true });
+        assert!(h.generate_request_id);
+        assert_eq!(hcm(json!({})).unwrap().request_id, RequestId::default());
+        let err = hcm(json!({"request_id_extension": {"typed_config": {"@type": "type.googleapis.com/example.OtherRequestId"}}})).unwrap_err();
+        assert_eq!(err.path, "h.request_id_extension.typed_config.@type");
+    }
+
+    #[test]
+    fn grpc_stats_and_istio_alpn_are_filters_before_the_router() {
+        let h = hcm(json!({"http_filters": [
+            {"name": "envoy.filters.http.grpc_stats", "typed_config": {"@type": format!("type.googleapis.com/{GRPC_STATS}"), "emit_filter_state": true, "stats_for_all_methods": false,
+                "individual_method_stats_allowlist": {"services": [{"name": "pkg.Svc", "method_names": ["Get"]}]}}},
+            {"name": "istio.alpn", "typed_config": {"@type": format!("type.googleapis.com/{ALPN_FILTER}"), "alpn_override": [{"upstream_protocol": "HTTP2", "alpn_override": ["istio-h2"]}]}},
+            {"name": "router", "typed_config": {"@type": format!("type.googleapis.com/{ROUTER}")}}]}))
+        .unwrap();
+        let HttpFilterKind::GrpcStats(stats) = &h.http_filters[0].kind else { panic!("{:?}", h.http_filters[0]) };
+        assert!(stats.emit_filter_state && !stats.stats_for_all_methods);
+        assert_eq!(stats.method_allowlist, ["pkg.Svc/Get"]);
+        let HttpFilterKind::Alpn(alpn) = &h.http_filters[1].kind else { panic!("{:?}", h.http_filters[1]) };
+        assert_eq!(alpn.http2.as_deref(), Some(&["istio-h2".to_string()][..]));
+        let err = hcm(json!({"http_filters": [{"name": "g", "typed_config": {"@type": format!("type.googleapis.com/{GRPC_STATS}"), "bogus": 1}},
+            {"name": "router", "typed_config": {"@type": format!("type.googleapis.com/{ROUTER}")}}]}))
+        .unwrap_err();
+        assert_eq!(err.path, "h.http_filters[0].typed_config.bogus");
     }
 }

@@ -17,6 +17,7 @@ pub const FAULT: &str = "envoy.extensions.filters.http.fault.v3.HTTPFault";
 pub const CORS: &str = "envoy.extensions.filters.http.cors.v3.Cors";
 pub const CORS_POLICY: &str = "envoy.extensions.filters.http.cors.v3.CorsPolicy";
 pub const LOCAL_RATELIMIT: &str = "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit";
+pub const GRPC_STATS: &str = "envoy.extensions.filters.http.grpc_stats.v3.FilterConfig";
 const FILTER_CONFIG: &str = "envoy.config.route.v3.FilterConfig";
 
 /// A fraction of requests, as `FractionalPercent` or a runtime's default value.
@@ -311,4 +312,39 @@ fn filter_override(mut typed: Obj<'_>) -> Result<FilterOverride> {
         _ => return Err(ConfigError::new(typed.at("@type"), format!("per-route configuration of type {type_url} is not supported by weft"))),
     };
     Ok(parsed)
+}
+
+/// `envoy.filters.http.grpc_stats` (`envoy.extensions.filters.http.grpc_stats.v3.FilterConfig`), which istiod
+/// puts on every connection manager: Envoy counts gRPC messages per cluster (and per method) and, with
+/// `emit_filter_state`, leaves the counts for `istio.stats`. It is telemetry only: weft accepts every field
+/// and keeps them (for config dumps and a future stats implementation); no request or response changes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GrpcStats {
+    pub emit_filter_state: bool,
+    /// `stats_for_all_methods` (default false): per-method stats for every method.
+    pub stats_for_all_methods: bool,
+    /// `individual_method_stats_allowlist`: the `service/method`s with stats of their own.
+    pub method_allowlist: Vec<String>,
+    pub enable_upstream_stats: bool,
+    pub replace_dots_in_grpc_service_name: bool,
+}
+
+pub fn grpc_stats(mut c: Obj<'_>) -> Result<GrpcStats> {
+    let mut out = GrpcStats {
+        emit_filter_state: c.bool("emit_filter_state")?.unwrap_or(false),
+        stats_for_all_methods: super::http_connection_manager::bool_value(&mut c, "stats_for_all_methods")?.unwrap_or(false),
+        enable_upstream_stats: c.bool("enable_upstream_stats")?.unwrap_or(false),
+        replace_dots_in_grpc_service_name: c.bool("replace_dots_in_grpc_service_name")?.unwrap_or(false),
+        method_allowlist: Vec::new(),
+    };
+    if let Some(mut list) = c.object("individual_method_stats_allowlist")? {
+        for mut service in list.objects("services")? {
+            let name = service.required_string("name")?;
+            out.method_allowlist.extend(service.strings("method_names")?.into_iter().map(|m| format!("{name}/{m}")));
+            service.finish()?;
+        }
+        list.finish()?;
+    }
+    c.finish()?;
+    Ok(out)
 }

@@ -49,6 +49,9 @@ pub struct FilterChain {
     pub matcher: FilterChainMatch,
     /// TLS terminated before the filters, or plaintext.
     pub transport_socket: TransportSocket<DownstreamTls>,
+    /// `transport_socket_connect_timeout`: a TLS handshake not finished this long after the chain was chosen
+    /// closes the connection (`None`, Envoy's default: no limit).
+    pub transport_socket_connect_timeout: Option<Duration>,
     /// The network RBAC filters before the terminal filter, in order (the only non-terminal network filter
     /// weft has).
     pub rbac: Vec<Arc<NetworkRbac>>,
@@ -180,6 +183,11 @@ pub fn translate(mut l: Obj<'_>) -> Result<Listener> {
             ));
         }
     }
+    // Envoy's accept batching (connections accepted per wakeup): weft's accept loop has no such knob, so it
+    // changes nothing; Envoy's range is checked.
+    if l.u64("max_connections_to_accept_per_socket_event")? == Some(0) {
+        return Err(ConfigError::new(l.at("max_connections_to_accept_per_socket_event"), "must be greater than 0"));
+    }
     if default_filter_chain.as_ref().is_some_and(|d| d.matcher != FilterChainMatch::default()) {
         return Err(ConfigError::new(l.at("default_filter_chain.filter_chain_match"), "must be empty: the default chain serves what no chain matches"));
     }
@@ -221,9 +229,10 @@ fn filter_chain(mut chain: Obj<'_>) -> Result<FilterChain> {
     let name = chain.string("name")?.unwrap_or_default().to_string();
     let matcher = chain.object("filter_chain_match")?.map(filter_chain_match).transpose()?.unwrap_or_default();
     let transport_socket = tls::downstream(chain.object("transport_socket")?)?;
+    let transport_socket_connect_timeout = chain.timeout("transport_socket_connect_timeout", None)?;
     let (rbac, filter) = network_filters(&mut chain)?;
     chain.finish()?;
-    Ok(FilterChain { name, matcher, transport_socket, rbac, filter })
+    Ok(FilterChain { name, matcher, transport_socket, transport_socket_connect_timeout, rbac, filter })
 }
 
 fn filter_chain_match(mut m: Obj<'_>) -> Result<FilterChainMatch> {
@@ -384,5 +393,18 @@ mod tests {
         assert_eq!(e.path, "listeners[0].filter_chains[0].filter_chain_match.prefix_ranges[0].prefix_len");
         let e = listener(json!({"filter_chains": [tcp("a")], "listener_filters": [{"name": "pp", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.proxy_protocol.v3.ProxyProtocol"}}]})).unwrap_err();
         assert_eq!(e.path, "listeners[0].listener_filters[0].typed_config.@type");
+    }
+
+    #[test]
+    fn istiods_listener_settings_are_accepted() {
+        let mut chain = tcp("a");
+        chain["transport_socket_connect_timeout"] = json!("15s");
+        let l = listener(json!({"filter_chains": [chain, {"filter_chain_match": {"destination_port": 1}, "transport_socket_connect_timeout": "0s", "filters": tcp("b")["filters"]}],
+            "max_connections_to_accept_per_socket_event": 1}))
+        .unwrap();
+        assert_eq!(l.filter_chains[0].transport_socket_connect_timeout, Some(Duration::from_secs(15)));
+        assert_eq!(l.filter_chains[1].transport_socket_connect_timeout, None, "0s: no limit");
+        let e = listener(json!({"filter_chains": [tcp("a")], "max_connections_to_accept_per_socket_event": 0})).unwrap_err();
+        assert_eq!(e.path, "listeners[0].max_connections_to_accept_per_socket_event");
     }
 }

@@ -3,6 +3,7 @@
 //! rejected by path (see [`fields`] for the tables and `docs/envoy-config.md`).
 
 pub mod agent;
+pub mod alpn;
 pub mod bootstrap;
 pub mod cidr;
 pub mod cluster;
@@ -13,6 +14,7 @@ pub mod http_connection_manager;
 pub mod http_filters;
 pub mod listener;
 pub mod matcher;
+pub mod metadata;
 pub mod rbac;
 pub mod route;
 pub mod secret;

@@ -15,7 +15,7 @@ use super::filters::network::http_connection_manager::{self, HttpContext};
 use super::filters::network::rbac;
 use super::filters::network::tcp_proxy::{self, Relayed};
 use super::listener_filter::{self, InspectError, Rewind};
-use super::tls::MaybeTls;
+use super::tls::{MaybeTls, TlsError};
 use super::pod_share::{Metered, PodLoad};
 use super::snapshot::Snapshot;
 use super::upstream::pool::Pools;
@@ -130,7 +130,7 @@ pub async fn serve(accepted: Accepted, entry: &Listener, snapshot: &Arc<Snapshot
         let io = Metered::new(io, Arc::clone(&pod.load));
         let (io, tls) = match &chain.transport_socket {
             TransportSocket::RawBuffer => (MaybeTls::Plain(io), None),
-            TransportSocket::Tls(context) => match pools.tls().accept(io, context, &snapshot.secrets).await {
+            TransportSocket::Tls(context) => match handshake(pools.tls().accept(io, context, &snapshot.secrets), chain.transport_socket_connect_timeout).await {
                 Ok((stream, info)) => (MaybeTls::Tls(Box::new(stream)), Some(Arc::new(info))),
                 Err(e) => {
                     tracing::debug!(listener = %listener.name, %peer, "{e}");
@@ -148,6 +148,17 @@ pub async fn serve(accepted: Accepted, entry: &Listener, snapshot: &Arc<Snapshot
     tokio::select! {
         outcome = served => outcome,
         () = drain.of(listener) => Outcome::Drained,
+    }
+}
+
+/// A TLS handshake within the chain's `transport_socket_connect_timeout`: a client that does not finish it
+/// in time has its connection closed (dropping the handshake closes the socket), as Envoy does.
+async fn handshake<T>(accept: impl std::future::Future<Output = Result<T, TlsError>>, timeout: Option<Duration>) -> Result<T, TlsError> {
+    match timeout {
+        None => accept.await,
+        Some(limit) => tokio::time::timeout(limit, accept)
+            .await
+            .unwrap_or_else(|_| Err(TlsError(format!("TLS handshake not finished within transport_socket_connect_timeout ({limit:?})")))),
     }
 }
 
@@ -292,6 +303,66 @@ mod tests {
         let mut back = Vec::new();
         let read = tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut back)).await.unwrap();
         assert!(read.is_err() || back.is_empty(), "nothing echoed: {back:?}");
+    }
+
+    /// A TLS listener whose chain (tcp_proxy to `echo`) gives handshakes `timeout`.
+    fn tls_listener(echo: SocketAddr, timeout: &str) -> (Arc<Snapshot>, Listener) {
+        let (base, _) = snapshot(echo);
+        let (chain, key) = crate::proxy::testing::self_signed("server.test");
+        let listener = json!({"name": "l", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},
+            "filter_chains": [{"transport_socket_connect_timeout": timeout,
+                "transport_socket": {"name": "tls", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                    "common_tls_context": {"tls_certificates": [{"certificate_chain": {"inline_string": chain}, "private_key": {"inline_string": key}}]}}},
+                "filters": [{"name": "tcp", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", "cluster": "echo"}}]}]});
+        let listener = crate::config::listener::translate(Obj::new(&listener, "l").unwrap()).unwrap();
+        let listeners = Arc::new([Resource::fixed("l", listener.clone())].into_iter().collect());
+        (Arc::new(Snapshot { listeners, clusters: Arc::clone(&base.clusters), ..Snapshot::default() }), listener)
+    }
+
+    /// Serves one connection of `listener`; the handler's outcome comes back on the handle.
+    async fn serve_one(snapshot: Arc<Snapshot>, listener: Listener) -> (SocketAddr, tokio::task::JoinHandle<Outcome>) {
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let served = tokio::spawn(async move {
+            let (stream, peer) = front.accept().await.unwrap();
+            let (_tx, updates) = watch::channel(Some(Arc::clone(&snapshot)));
+            let drain = Drain { updates, timeout: Duration::from_secs(3600) };
+            let pod = Pod { pools: Pools::new(SocketFactory::Host), load: PodLoad::new(PodLimits::UNLIMITED) };
+            serve(Accepted { stream, peer, original_dst: None }, &listener, &snapshot, &pod, drain).await
+        });
+        (addr, served)
+    }
+
+    #[tokio::test]
+    async fn a_tls_client_silent_past_transport_socket_connect_timeout_is_closed() {
+        let echo = crate::proxy::testing::echo_server().await;
+        let (snapshot, listener) = tls_listener(echo, "0.2s");
+        assert_eq!(listener.filter_chains[0].transport_socket_connect_timeout, Some(Duration::from_millis(200)));
+        let (addr, served) = serve_one(snapshot, listener).await;
+        // Connects and never sends a ClientHello.
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(5), served).await.expect("closed before the test's deadline").unwrap();
+        assert!(matches!(outcome, Outcome::TlsFailed), "{outcome:?}");
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut rest)).await.unwrap();
+        assert!(read.is_err() || rest.is_empty(), "the client sees the connection end");
+    }
+
+    #[tokio::test]
+    async fn a_handshake_within_transport_socket_connect_timeout_is_served() {
+        let echo = crate::proxy::testing::echo_server().await;
+        let (snapshot, listener) = tls_listener(echo, "5s");
+        let (addr, _served) = serve_one(snapshot, listener).await;
+        // No roots: the server's certificate is not checked (Envoy's rule), so a self-signed one does.
+        let v = json!({"name": "tls", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext", "sni": "server.test"}});
+        let TransportSocket::Tls(context) = crate::config::tls::upstream(Some(Obj::new(&v, "ts").unwrap())).unwrap() else { panic!("TLS") };
+        let tcp = TcpStream::connect(addr).await.unwrap();
+        let tls = crate::proxy::tls::Tls::default();
+        let mut stream = tls.connect(tcp, &context, &Default::default(), addr.ip(), None).await.unwrap();
+        stream.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut buf)).await.unwrap().unwrap();
+        assert_eq!(&buf, b"ping");
     }
 
     #[tokio::test]

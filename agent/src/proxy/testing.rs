@@ -18,3 +18,10 @@ pub async fn echo_server() -> SocketAddr {
     });
     addr
 }
+
+/// A self-signed certificate for `dns_name`: (chain PEM, key PEM).
+pub fn self_signed(dns_name: &str) -> (String, String) {
+    let key = rcgen::KeyPair::generate().expect("key pair");
+    let cert = rcgen::CertificateParams::new(vec![dns_name.to_string()]).expect("params").self_signed(&key).expect("self-signed");
+    (cert.pem(), key.serialize_pem())
+}

@@ -125,9 +125,23 @@ impl Tls {
         Ok((stream, info))
     }
 
-    /// Originates TLS on an upstream connection to `ip`.
-    pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(&self, io: S, context: &Arc<UpstreamTls>, secrets: &ByName<Secret>, ip: IpAddr) -> Result<tokio_rustls::client::TlsStream<S>, TlsError> {
-        let config = self.client_config(context, secrets)?;
+    /// Originates TLS on an upstream connection to `ip`, offering `alpn` (the `istio.alpn` filter's list for
+    /// the request) instead of the context's `alpn_protocols` when given.
+    pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        io: S,
+        context: &Arc<UpstreamTls>,
+        secrets: &ByName<Secret>,
+        ip: IpAddr,
+        alpn: Option<&[String]>,
+    ) -> Result<tokio_rustls::client::TlsStream<S>, TlsError> {
+        let mut config = self.client_config(context, secrets)?;
+        if let Some(protocols) = alpn {
+            // The same configuration (certificates, verifier, session cache) with another list.
+            let mut overridden = (*config).clone();
+            overridden.alpn_protocols = protocols.iter().map(|p| p.as_bytes().to_vec()).collect();
+            config = Arc::new(overridden);
+        }
         // Without `sni` Envoy sends none; rustls sends none for an IP address.
         let name = match &context.sni {
             Some(sni) => ServerName::try_from(sni.clone()).map_err(|e| TlsError(format!("sni {sni:?}: {e}")))?,
@@ -734,7 +748,7 @@ mod tests {
             Ok(info)
         };
         let connecting = async {
-            let Ok(mut stream) = client.connect(b, up, &ByName::default(), "10.0.0.2".parse().unwrap()).await else { return false };
+            let Ok(mut stream) = client.connect(b, up, &ByName::default(), "10.0.0.2".parse().unwrap(), None).await else { return false };
             let mut byte = [0u8; 1];
             stream.write_all(b"x").await.is_ok() && stream.flush().await.is_ok() && stream.read_exact(&mut byte).await.is_ok()
         };

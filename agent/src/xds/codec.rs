@@ -18,7 +18,7 @@ macro_rules! proto {
 
 /// Extension messages the `xds-api` descriptors lack, under `agent/proto/` (see its README), and the newer
 /// core files they need (which replace the older copies in the set).
-const EXTRA_PROTOS: [(&str, &str); 23] = [
+const EXTRA_PROTOS: [(&str, &str); 25] = [
     proto!("envoy/config/core/v3/proxy_protocol.proto"),
     proto!("envoy/extensions/filters/network/tcp_proxy/v3/tcp_proxy.proto"),
     proto!("envoy/extensions/upstreams/http/v3/http_protocol_options.proto"),
@@ -35,6 +35,8 @@ const EXTRA_PROTOS: [(&str, &str); 23] = [
     proto!("envoy/extensions/transport_sockets/tls/v3/tls.proto"),
     proto!("envoy/extensions/transport_sockets/raw_buffer/v3/raw_buffer.proto"),
     proto!("envoy/extensions/filters/http/rbac/v3/rbac.proto"),
+    proto!("envoy/extensions/filters/http/grpc_stats/v3/config.proto"),
+    proto!("envoy/extensions/request_id/uuid/v3/uuid.proto"),
     proto!("envoy/extensions/filters/network/rbac/v3/rbac.proto"),
     proto!("udpa/type/v1/typed_struct.proto"),
     proto!("xds/type/v3/typed_struct.proto"),

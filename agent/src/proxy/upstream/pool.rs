@@ -39,6 +39,9 @@ pub struct Key {
     pub source: Option<SocketAddr>,
     /// The cluster's TLS context: connections are shared only between clusters with the same one.
     pub tls: Option<TlsKey>,
+    /// The ALPN list the TLS connection offers instead of the context's (`istio.alpn`): connections offering
+    /// different lists are not shared.
+    pub alpn: Option<Arc<[String]>>,
 }
 
 impl Key {
@@ -49,7 +52,13 @@ impl Key {
             TransportSocket::RawBuffer => None,
             TransportSocket::Tls(context) => Some(TlsKey(Arc::clone(context), Arc::clone(&snapshot.secrets))),
         };
-        Key { endpoint, source: cluster.config.source_address, tls }
+        Key { endpoint, source: cluster.config.source_address, tls, alpn: None }
+    }
+
+    /// The same connections, offering `alpn` on TLS (a plaintext connection offers nothing).
+    pub fn with_alpn(self, alpn: Option<Arc<[String]>>) -> Key {
+        let alpn = alpn.filter(|_| self.tls.is_some());
+        Key { alpn, ..self }
     }
 }
 
@@ -218,7 +227,7 @@ impl Pools {
         match &key.tls {
             None => Ok(MaybeTls::Plain(stream)),
             Some(TlsKey(context, secrets)) => {
-                let tls = self.tls.connect(stream, context, secrets, key.endpoint.ip()).await.map_err(|e| PoolError::Connect(std::io::Error::other(e.0)))?;
+                let tls = self.tls.connect(stream, context, secrets, key.endpoint.ip(), key.alpn.as_deref()).await.map_err(|e| PoolError::Connect(std::io::Error::other(e.0)))?;
                 Ok(MaybeTls::Tls(Box::new(tls)))
             }
         }
@@ -287,6 +296,12 @@ impl Pools {
             self.recycle(key, sender, 1, reuse, runtime);
         }
         (result, true)
+    }
+
+    /// HTTP/1.1 connections waiting in the pool, for tests.
+    #[cfg(test)]
+    pub fn idle_http1(&self) -> usize {
+        self.idle_http1.lock().unwrap_or_else(|e| e.into_inner()).values().map(Vec::len).sum()
     }
 
     fn idle(&self, key: &Key) -> Option<Pooled> {
@@ -456,7 +471,7 @@ mod tests {
         let (endpoint, connections) = upstream().await;
         let pools = Pools::new(SocketFactory::Host);
         let runtime = pools.runtime("c");
-        let key = Key { endpoint, source: None, tls: None };
+        let key = Key { endpoint, source: None, tls: None, alpn: None };
         let limited = cluster(serde_json::json!({"max_concurrent_streams": 1, "initial_stream_window_size": 65535, "initial_connection_window_size": 1048576}));
         let first = get(&pools, key.clone(), &limited, &runtime).await;
         let second = get(&pools, key.clone(), &limited, &runtime).await;
@@ -472,7 +487,7 @@ mod tests {
         let (endpoint, connections) = upstream().await;
         let pools = Pools::new(SocketFactory::Host);
         let runtime = pools.runtime("c");
-        let key = Key { endpoint, source: None, tls: None };
+        let key = Key { endpoint, source: None, tls: None, alpn: None };
         let unlimited = cluster(serde_json::json!({}));
         // Three responses held open at once, all on the first connection.
         let mut open = Vec::new();
@@ -487,7 +502,7 @@ mod tests {
         let (endpoint, connections) = upstream().await;
         let pools = Pools::new(SocketFactory::Host);
         let runtime = pools.runtime("c");
-        let key = Key { endpoint, source: None, tls: None };
+        let key = Key { endpoint, source: None, tls: None, alpn: None };
         let mut short = cluster(serde_json::json!({}));
         short.idle_timeout = Some(Duration::from_millis(100));
         let first = get(&pools, key.clone(), &short, &runtime).await;

@@ -1,5 +1,6 @@
 //! HTTP filters, in the order the connection manager lists them; the router is always last.
 
+pub mod alpn;
 pub mod cors;
 pub mod fault;
 pub mod local_ratelimit;

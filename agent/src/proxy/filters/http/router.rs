@@ -18,12 +18,13 @@ use hyper_util::rt::TokioIo;
 use super::super::super::body::{self, Body};
 use crate::random::{random, weighted};
 use super::super::super::route::{self, Downstream, Vars};
-use super::super::super::snapshot::ClusterRef;
+use super::super::super::snapshot::{ClusterRef, Snapshot};
 use super::super::super::upstream::cluster::{self, PickError};
 use super::super::super::upstream::{dns, health, lb};
 use super::super::super::upstream::runtime::{ClusterRuntime, Result as AttemptResult};
 use super::super::super::upstream::pool::{Key, PoolError, Protocol, Reuse};
 use super::super::super::upstream::{ConnectError, Upstream};
+use super::alpn::AlpnFilter;
 use super::local_reply;
 use crate::config::cluster::{Cluster, Discovery};
 use crate::config::headers::HeaderOps;
@@ -184,6 +185,8 @@ struct Template {
     /// `auto_host_rewrite` with the cluster's endpoint hostnames.
     host_rewrite: Option<HostRewrite>,
     hostnames: Vec<(SocketAddr, String)>,
+    /// What the `istio.alpn` filter left for the router.
+    alpn: Option<AlpnFilter>,
 }
 
 fn prepare(mut parts: Parts, matched: &Matched<'_>, cluster: &ClusterRef<'_>, downstream: &Downstream) -> Template {
@@ -237,6 +240,7 @@ fn prepare(mut parts: Parts, matched: &Matched<'_>, cluster: &ClusterRef<'_>, do
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     headers.remove(header::HOST);
+    let alpn = parts.extensions.remove::<AlpnFilter>();
     let (hash, set_cookie) = request_hash(&action.hash_policy, &parts, downstream);
     Template {
         method: parts.method,
@@ -252,6 +256,7 @@ fn prepare(mut parts: Parts, matched: &Matched<'_>, cluster: &ClusterRef<'_>, do
             Discovery::Static { hostnames, .. } => hostnames.clone(),
             _ => Vec::new(),
         },
+        alpn,
     }
 }
 
@@ -323,6 +328,13 @@ fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
 }
 
 impl Template {
+    /// The pooled connections of `cluster` to `endpoint` this request may use: those offering the ALPN list
+    /// the `istio.alpn` filter gives for the protocol it goes upstream in.
+    fn key(&self, endpoint: SocketAddr, cluster: &ClusterRef<'_>, snapshot: &Snapshot) -> Key {
+        let alpn = self.alpn.as_ref().and_then(|f| f.offer(cluster.config, self.protocol, self.downstream_version));
+        Key::of(endpoint, cluster, snapshot).with_alpn(alpn)
+    }
+
     fn request(&self, body: Body, expected_timeout: Option<Duration>, attempt: Option<u32>, endpoint: Option<SocketAddr>) -> Request<Body> {
         let mut headers = self.headers.clone();
         if let Some(n) = attempt {
@@ -551,7 +563,7 @@ impl Attempts {
             let result = {
                 let _retry = (n > 0).then(|| Counted::new(&runtime.active_retries));
                 let _in_flight = runtime.start(endpoint);
-                self.send_one(request, endpoint, template.protocol, cluster, upstream, &runtime).await
+                self.send_one(request, template.key(endpoint, cluster, &upstream.snapshot), template.protocol, cluster, upstream, &runtime).await
             };
             let outcome = match &result {
                 Ok(r) => AttemptResult::Status(r.status().as_u16()),
@@ -583,14 +595,14 @@ impl Attempts {
     async fn send_one(
         &self,
         request: Request<Body>,
-        endpoint: SocketAddr,
+        key: Key,
         protocol: Protocol,
         cluster: &ClusterRef<'_>,
         upstream: &Upstream,
         runtime: &Arc<ClusterRuntime>,
     ) -> Result<Response<Body>, Failure> {
         cluster.state.upstream_rq_total.fetch_add(1, Relaxed);
-        let key = Key::of(endpoint, cluster, &upstream.snapshot);
+        let endpoint = key.endpoint;
         let send = upstream.pools.send(key, protocol, Reuse::of(cluster.config), runtime, request);
         let (result, new_connection) = match self.per_try_timeout {
             None => send.await,
@@ -735,7 +747,7 @@ async fn mirror(template: &Template, body: Body, mirrors: &[MirrorPolicy], upstr
             };
         }
         let request = copy.request(body::full(bytes.clone()), None, None, Some(endpoint));
-        let (pools, key, config) = (Arc::clone(&upstream.pools), Key::of(endpoint, &cluster, &upstream.snapshot), cluster.config.clone());
+        let (pools, key, config) = (Arc::clone(&upstream.pools), copy.key(endpoint, &cluster, &upstream.snapshot), cluster.config.clone());
         cluster.state.upstream_rq_total.fetch_add(1, Relaxed);
         tokio::spawn(async move {
             let (result, _) = pools.send(key, copy.protocol, Reuse::of(&config), &runtime, request).await;
@@ -761,7 +773,7 @@ async fn upgrade_once(
     let Ok(endpoint) = pick_endpoint(cluster, &runtime, upstream.original_dst, &[], 1, template.hash) else {
         return (local_reply::reply(StatusCode::SERVICE_UNAVAILABLE, Some("no healthy upstream"), false), None);
     };
-    let key = Key::of(endpoint, cluster, &upstream.snapshot);
+    let key = template.key(endpoint, cluster, &upstream.snapshot);
     cluster.state.upstream_rq_total.fetch_add(1, Relaxed);
     cluster.state.upstream_cx_total.fetch_add(1, Relaxed);
     let request = template.request(body, None, None, Some(endpoint));

@@ -20,6 +20,7 @@ use super::super::super::body::{self, Body};
 use super::super::super::route::{self, Downstream, Vars};
 use super::super::super::snapshot::Snapshot;
 use super::super::super::upstream::Upstream;
+use super::super::http::alpn::AlpnFilter;
 use super::super::http::cors::{self, Cors};
 use super::super::http::router::{self, Matched};
 use super::super::http::{fault, local_ratelimit, local_reply, rbac};
@@ -493,7 +494,7 @@ impl HttpContext {
     /// The HTTP filters, then the action of the route `selected` for the request.
     async fn filters_and_route(
         &self,
-        parts: Parts,
+        mut parts: Parts,
         body: Body,
         selected: Option<Selected<'_>>,
         host: &str,
@@ -531,6 +532,11 @@ impl HttpContext {
                     };
                     rbac::decode(filter, route_engines, &self.facts(&parts, downstream), grpc)
                 }
+                (HttpFilterKind::Alpn(overrides), _) => {
+                    parts.extensions.insert(AlpnFilter(Arc::clone(overrides)));
+                    None
+                }
+                (HttpFilterKind::GrpcStats(_), _) => None,
                 (HttpFilterKind::Router, _) => break,
             };
             if let Some(reply) = reply {
