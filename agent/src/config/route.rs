@@ -363,6 +363,7 @@ pub fn translate(mut rc: Obj<'_>) -> Result<RouteConfiguration> {
     let validate_clusters = rc.bool("validate_clusters")?.unwrap_or(true);
     let most_specific_header_mutations_wins = rc.bool("most_specific_header_mutations_wins")?.unwrap_or(false);
     let ignore_port_in_host_matching = rc.bool("ignore_port_in_host_matching")?.unwrap_or(false);
+    let max_direct_body = rc.u64("max_direct_response_body_size_bytes")?.unwrap_or(DEFAULT_MAX_DIRECT_BODY);
     let mut virtual_hosts = Vec::new();
     let mut seen_domains = HashSet::new();
     for mut vh in rc.objects("virtual_hosts")? {
@@ -380,6 +381,7 @@ pub fn translate(mut rc: Obj<'_>) -> Result<RouteConfiguration> {
             }
         }
         let routes = vh.objects("routes")?.into_iter().map(route).collect::<Result<Vec<_>>>()?;
+        check_direct_bodies(&vh, &routes, max_direct_body)?;
         let headers = headers::ops(&mut vh)?;
         let retry_policy = vh.object("retry_policy")?.map(retry_policy).transpose()?;
         let per_filter = http_filters::per_filter_config(&mut vh)?;
@@ -679,6 +681,22 @@ fn redirect(mut r: Obj<'_>) -> Result<Redirect> {
     Ok(Redirect { scheme, host, port, path, prefix_rewrite, regex_rewrite, status, strip_query })
 }
 
+/// Envoy's default `max_direct_response_body_size_bytes`.
+const DEFAULT_MAX_DIRECT_BODY: u64 = 4096;
+
+/// Direct response bodies larger than the route configuration allows are refused, as Envoy refuses them.
+fn check_direct_bodies(vh: &Obj<'_>, routes: &[Route], max: u64) -> Result<()> {
+    for (i, r) in routes.iter().enumerate() {
+        if let Action::DirectResponse { body: Some(body), .. } = &r.action {
+            if body.len() as u64 > max {
+                let path = format!("{}.direct_response.body", vh.at(&format!("routes[{i}]")));
+                return Err(ConfigError::new(path, format!("response body size is {} bytes; maximum is {max} (max_direct_response_body_size_bytes)", body.len())));
+            }
+        }
+    }
+    Ok(())
+}
+
 fn direct_response(mut dr: Obj<'_>) -> Result<Action> {
     let status = dr.u64("status")?.unwrap_or(0);
     if !(200..600).contains(&status) {
@@ -779,6 +797,20 @@ mod tests {
 
     /// Istio's default retry policy: `connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes`
     /// outbound, `reset-before-request` inbound.
+    #[test]
+    fn direct_response_bodies_are_bounded() {
+        let rc = |max: serde_json::Value| {
+            let mut v = json!({"virtual_hosts": [{"name": "a", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "0123456789"}}}]}]});
+            if !max.is_null() {
+                v["max_direct_response_body_size_bytes"] = max;
+            }
+            translate(Obj::new(&v, "rc").unwrap())
+        };
+        assert!(rc(json!(null)).is_ok() && rc(json!(10)).is_ok());
+        let e = rc(json!(9)).unwrap_err();
+        assert_eq!(e.path, "rc.virtual_hosts[0].routes[0].direct_response.body", "{e}");
+    }
+
     #[test]
     fn istios_retry_conditions_parse() {
         let on = RetryOn::parse("connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes", true).unwrap();
