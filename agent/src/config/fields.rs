@@ -15,7 +15,7 @@ pub const SUPPORTED: &[(&str, &str)] = &[
     ("static_resources.listeners[].default_filter_chain", "serves connections no chain matches"),
     ("static_resources.listeners[].use_original_dst", "hand-off to the listener of the original destination (exact address, then wildcard with the port)"),
     ("static_resources.listeners[].bind_to_port", "false: no socket, served through use_original_dst hand-off"),
-    ("static_resources.listeners[].listener_filters[]", "original_dst, tls_inspector (SNI, ALPN), http_inspector (http/1.0, http/1.1, h2c); no fields"),
+    ("static_resources.listeners[].listener_filters[]", "original_dst, tls_inspector (SNI, ALPN), http_inspector (http/1.0, http/1.1, h2c); filter_disabled on the two inspectors (or_match, and_match, not_match, any_match, destination_port_range on the restored destination port)"),
     ("static_resources.listeners[].listener_filters_timeout", "default 15s, 0s disables"),
     ("static_resources.listeners[].continue_on_listener_filters_timeout", "default false (close on timeout)"),
     ("static_resources.listeners[].filter_chains[].transport_socket", "envoy.transport_sockets.tls with DownstreamTlsContext (rustls): require_client_certificate, common_tls_context (below); raw_buffer; session resumption fields accepted"),

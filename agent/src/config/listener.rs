@@ -41,6 +41,36 @@ pub struct ListenerFilters {
     pub timeout: Duration,
     /// `continue_on_listener_filters_timeout`: on timeout, go on with what was detected instead of closing.
     pub continue_on_timeout: bool,
+    /// The inspectors' `filter_disabled`: connections it matches skip that inspector (istiod turns the TLS
+    /// inspector off for 15006 itself, and the HTTP inspector for ports it knows to be HTTP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_inspector_disabled: Option<PortPredicate>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_inspector_disabled: Option<PortPredicate>,
+}
+
+/// `ListenerFilterChainMatchPredicate`: what can be decided from the connection's destination port.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PortPredicate {
+    Any,
+    /// `destination_port_range`: `start` inclusive, `end` exclusive.
+    DestinationPortRange { start: u16, end: u16 },
+    Or(Vec<PortPredicate>),
+    And(Vec<PortPredicate>),
+    Not(Box<PortPredicate>),
+}
+
+impl PortPredicate {
+    pub fn matches(&self, port: u16) -> bool {
+        match self {
+            PortPredicate::Any => true,
+            PortPredicate::DestinationPortRange { start, end } => (*start..*end).contains(&port),
+            PortPredicate::Or(rules) => rules.iter().any(|r| r.matches(port)),
+            PortPredicate::And(rules) => rules.iter().all(|r| r.matches(port)),
+            PortPredicate::Not(rule) => !rule.matches(port),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -105,7 +135,33 @@ impl TcpProxy {
 impl ListenerFilters {
     /// Only `original_dst`, nothing to inspect (so no timeout): what capture listeners need.
     pub fn original_dst_only() -> ListenerFilters {
-        ListenerFilters { original_dst: true, tls_inspector: false, http_inspector: false, timeout: Duration::ZERO, continue_on_timeout: false }
+        ListenerFilters { original_dst: true, ..ListenerFilters::none() }
+    }
+
+    /// No listener filter.
+    pub fn none() -> ListenerFilters {
+        ListenerFilters {
+            original_dst: false,
+            tls_inspector: false,
+            http_inspector: false,
+            timeout: Duration::ZERO,
+            continue_on_timeout: false,
+            tls_inspector_disabled: None,
+            http_inspector_disabled: None,
+        }
+    }
+
+    /// The filters that run for a connection to `port`: an inspector its `filter_disabled` matches is skipped.
+    pub fn for_port(&self, port: u16) -> std::borrow::Cow<'_, ListenerFilters> {
+        let off = |p: &Option<PortPredicate>| p.as_ref().is_some_and(|p| p.matches(port));
+        let (tls_off, http_off) = (self.tls_inspector && off(&self.tls_inspector_disabled), self.http_inspector && off(&self.http_inspector_disabled));
+        if !tls_off && !http_off {
+            return std::borrow::Cow::Borrowed(self);
+        }
+        let mut active = self.clone();
+        active.tls_inspector &= !tls_off;
+        active.http_inspector &= !http_off;
+        std::borrow::Cow::Owned(active)
     }
 }
 
@@ -197,20 +253,19 @@ pub fn translate(mut l: Obj<'_>) -> Result<Listener> {
 
 fn listener_filters(l: &mut Obj<'_>) -> Result<ListenerFilters> {
     let mut out = ListenerFilters {
-        original_dst: false,
-        tls_inspector: false,
-        http_inspector: false,
         timeout: l.duration("listener_filters_timeout")?.unwrap_or(LISTENER_FILTERS_TIMEOUT),
         continue_on_timeout: l.bool("continue_on_listener_filters_timeout")?.unwrap_or(false),
+        ..ListenerFilters::none()
     };
     for mut f in l.objects("listener_filters")? {
         let filter_name = f.string("name")?.unwrap_or_default().to_string();
         let mut typed = f.required_object("typed_config")?;
         let type_url = typed.required_string("@type")?;
-        let flag = match type_url.rsplit('/').next().unwrap_or(type_url) {
-            ORIGINAL_DST => &mut out.original_dst,
-            TLS_INSPECTOR => &mut out.tls_inspector,
-            HTTP_INSPECTOR => &mut out.http_inspector,
+        let disabled = f.object("filter_disabled")?.map(port_predicate).transpose()?;
+        let (flag, disabled_slot) = match type_url.rsplit('/').next().unwrap_or(type_url) {
+            ORIGINAL_DST => (&mut out.original_dst, None),
+            TLS_INSPECTOR => (&mut out.tls_inspector, Some(&mut out.tls_inspector_disabled)),
+            HTTP_INSPECTOR => (&mut out.http_inspector, Some(&mut out.http_inspector_disabled)),
             _ => {
                 return Err(ConfigError::new(
                     typed.at("@type"),
@@ -219,10 +274,57 @@ fn listener_filters(l: &mut Obj<'_>) -> Result<ListenerFilters> {
             }
         };
         *flag = true;
+        match (disabled_slot, disabled) {
+            (Some(slot), disabled) => *slot = disabled,
+            (None, Some(_)) => return Err(ConfigError::new(f.at("filter_disabled"), "is only supported on the TLS and HTTP inspectors")),
+            (None, None) => {}
+        }
         typed.finish()?;
         f.finish()?;
     }
     Ok(out)
+}
+
+/// `envoy.config.listener.v3.ListenerFilterChainMatchPredicate`, exactly one rule.
+fn port_predicate(mut p: Obj<'_>) -> Result<PortPredicate> {
+    let rules = |p: &mut Obj<'_>, key: &str| -> Result<Option<Vec<PortPredicate>>> {
+        match p.object(key)? {
+            Some(mut set) => {
+                let rules = set.objects("rules")?.into_iter().map(port_predicate).collect::<Result<Vec<_>>>()?;
+                set.finish()?;
+                Ok(Some(rules))
+            }
+            None => Ok(None),
+        }
+    };
+    let mut found = Vec::new();
+    if let Some(r) = rules(&mut p, "or_match")? {
+        found.push(PortPredicate::Or(r));
+    }
+    if let Some(r) = rules(&mut p, "and_match")? {
+        found.push(PortPredicate::And(r));
+    }
+    if let Some(not) = p.object("not_match")? {
+        found.push(PortPredicate::Not(Box::new(port_predicate(not)?)));
+    }
+    if p.bool("any_match")? == Some(true) {
+        found.push(PortPredicate::Any);
+    }
+    if let Some(mut range) = p.object("destination_port_range")? {
+        let bound = |range: &mut Obj<'_>, key: &str| -> Result<u16> {
+            let v = range.u64(key)?.unwrap_or(0);
+            u16::try_from(v).map_err(|_| ConfigError::new(range.at(key), format!("{v} is not a port")))
+        };
+        let (start, end) = (bound(&mut range, "start")?, bound(&mut range, "end")?);
+        range.finish()?;
+        found.push(PortPredicate::DestinationPortRange { start, end });
+    }
+    let path = p.path().to_string();
+    p.finish()?;
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        _ => Err(ConfigError::new(path, "needs exactly one of or_match, and_match, not_match, any_match or destination_port_range")),
+    }
 }
 
 fn filter_chain(mut chain: Obj<'_>) -> Result<FilterChain> {
@@ -346,6 +448,24 @@ fn tcp_proxy(mut t: Obj<'_>) -> Result<NetworkFilter> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// istiod's virtualInbound: the TLS inspector is off for connections to 15006 itself.
+    #[test]
+    fn filter_disabled_turns_an_inspector_off_by_destination_port() {
+        let l = listener(json!({"filter_chains": [{"filters": [{"name": "tcp", "typed_config": {"@type": format!("type.googleapis.com/{TCP_PROXY}"), "cluster": "c"}}]}],
+            "listener_filters": [
+                {"name": "tls", "filter_disabled": {"destination_port_range": {"start": 15006, "end": 15007}}, "typed_config": {"@type": format!("type.googleapis.com/{TLS_INSPECTOR}")}},
+                {"name": "http", "filter_disabled": {"or_match": {"rules": [{"destination_port_range": {"start": 80, "end": 81}}, {"not_match": {"any_match": true}}]}}, "typed_config": {"@type": format!("type.googleapis.com/{HTTP_INSPECTOR}")}}]}))
+        .unwrap();
+        let f = &l.listener_filters;
+        assert!(!f.for_port(15006).tls_inspector && f.for_port(15006).http_inspector);
+        assert!(f.for_port(8080).tls_inspector && f.for_port(8080).http_inspector);
+        assert!(!f.for_port(80).http_inspector && f.for_port(80).tls_inspector);
+        let e = listener(json!({"filter_chains": [], "listener_filters": [{"name": "o", "filter_disabled": {"any_match": true}, "typed_config": {"@type": format!("type.googleapis.com/{ORIGINAL_DST}")}}]})).unwrap_err();
+        assert!(e.path.ends_with("listener_filters[0].filter_disabled"), "{e}");
+        let e = listener(json!({"filter_chains": [], "listener_filters": [{"name": "t", "filter_disabled": {"any_match": true, "destination_port_range": {"start": 1, "end": 2}}, "typed_config": {"@type": format!("type.googleapis.com/{TLS_INSPECTOR}")}}]})).unwrap_err();
+        assert!(e.to_string().contains("exactly one"), "{e}");
+    }
 
     fn listener(extra: serde_json::Value) -> Result<Listener> {
         let mut v = json!({"name": "l", "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15001}}});

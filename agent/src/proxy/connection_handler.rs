@@ -104,7 +104,7 @@ pub async fn serve(accepted: Accepted, entry: &Listener, snapshot: &Arc<Snapshot
         Some(dst) if entry.use_original_dst => snapshot.listener_for(dst).unwrap_or(entry),
         _ => entry,
     };
-    let (io, detected) = match listener_filter::inspect(stream, &listener.listener_filters).await {
+    let (io, detected) = match listener_filter::inspect(stream, &listener.listener_filters.for_port(local.port())).await {
         Ok(inspected) => inspected,
         Err(InspectError::Timeout | InspectError::PeerClosed) => return Outcome::ListenerFilter,
         Err(InspectError::Io(e)) => {

@@ -301,10 +301,9 @@ pub fn client_hello_record(sni: &str, alpn: &[&str]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn both() -> ListenerFilters {
-        ListenerFilters { original_dst: false, tls_inspector: true, http_inspector: true, timeout: Duration::ZERO, continue_on_timeout: false }
+        ListenerFilters { tls_inspector: true, http_inspector: true, ..ListenerFilters::none() }
     }
 
     #[test]
