@@ -1,8 +1,10 @@
 //! `envoy.config.cluster.v3.Cluster`: where upstream connections go.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use super::metadata_exchange::{self, MetadataExchange, METADATA_EXCHANGE};
 use super::tls::{TransportSocket, UpstreamTls};
 use super::tree::{ConfigError, Obj, Result};
 use super::socket_address;
@@ -38,6 +40,21 @@ pub struct Cluster {
     pub health_check: Option<HealthCheck>,
     /// TLS originated on every upstream connection, or plaintext.
     pub transport_socket: TransportSocket<UpstreamTls>,
+    /// `filters`: Istio's TCP metadata exchange on every connection (the only upstream network filter weft
+    /// has).
+    pub metadata_exchange: Option<Arc<MetadataExchange>>,
+    /// What weft reads of `metadata.filter_metadata.istio`.
+    pub istio: IstioMetadata,
+}
+
+/// The keys of a cluster's `filter_metadata.istio` that change what weft does; the rest of the metadata (a
+/// free-form Struct Envoy never validates) is accepted and unread.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct IstioMetadata {
+    /// `external: true`: outside the mesh (peer metadata headers skip it when asked to).
+    pub external: bool,
+    /// `disable_mx: true`: never send peer metadata headers to it.
+    pub disable_mx: bool,
 }
 
 /// `envoy.config.core.v3.HealthCheck`.
@@ -267,6 +284,8 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
     let HttpOptions { http2, follow_downstream_protocol, idle_timeout, max_requests_per_connection, http2_settings } = protocol;
     let source_address = c.object("upstream_bind_config")?.map(bind_config).transpose()?;
     let transport_socket = super::tls::upstream(c.object("transport_socket")?)?;
+    let metadata_exchange = upstream_filters(&mut c)?;
+    let istio = c.object("metadata")?.map(istio_metadata).transpose()?.unwrap_or_default();
     let mut checks = c.objects("health_checks")?;
     if checks.len() > 1 {
         return Err(ConfigError::new(c.at("health_checks"), "weft supports one health check per cluster"));
@@ -331,7 +350,42 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
         locality_weighted,
         health_check,
         transport_socket,
+        metadata_exchange,
+        istio,
     })
+}
+
+/// `filters` (upstream network filters): Istio's metadata exchange, at most once; other types are refused.
+fn upstream_filters(c: &mut Obj<'_>) -> Result<Option<Arc<MetadataExchange>>> {
+    let mut exchange = None;
+    for mut f in c.objects("filters")? {
+        let _ = f.string("name")?;
+        let mut typed = f.required_object("typed_config")?;
+        let type_url = typed.required_string("@type")?;
+        if type_url.rsplit('/').next() != Some(METADATA_EXCHANGE) {
+            return Err(ConfigError::new(typed.at("@type"), format!("upstream network filter {type_url} is not supported; weft has {METADATA_EXCHANGE}")));
+        }
+        if exchange.is_some() {
+            return Err(ConfigError::new(f.path(), "weft runs one metadata exchange per cluster; remove the second"));
+        }
+        exchange = Some(Arc::new(metadata_exchange::translate(typed)?));
+        f.finish()?;
+    }
+    Ok(exchange)
+}
+
+/// `metadata`: `filter_metadata.istio.{external, disable_mx}` are read (booleans, as istio-proxy reads them:
+/// anything else counts as false); every other key is opaque, as in Envoy.
+fn istio_metadata(mut m: Obj<'_>) -> Result<IstioMetadata> {
+    let _ = m.take("typed_filter_metadata");
+    let mut out = IstioMetadata::default();
+    // Not finished: the other namespaces are other filters' business.
+    if let Some(istio) = m.object("filter_metadata")?.and_then(|mut f| f.take("istio")) {
+        let flag = |key: &str| istio.get(key).and_then(serde_json::Value::as_bool).unwrap_or(false);
+        out = IstioMetadata { external: flag("external"), disable_mx: flag("disable_mx") };
+    }
+    m.finish()?;
+    Ok(out)
 }
 
 /// Whether `locality_weighted_lb_config` can be honoured: the hash balancers fold locality weights into

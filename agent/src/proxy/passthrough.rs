@@ -54,7 +54,7 @@ fn listener(name: &str, port: u16, filter_chains: Vec<FilterChain>) -> Listener 
 /// A chain for destinations of one address family (`None`: any).
 fn chain(family: Option<IpAddr>, cluster: &str) -> FilterChain {
     let matcher = FilterChainMatch { prefix_ranges: family.map(|prefix| CidrRange { prefix, len: 0 }).into_iter().collect(), ..Default::default() };
-    FilterChain { name: cluster.to_string(), matcher, transport_socket: Default::default(), rbac: Vec::new(), filter: TcpProxy::to(cluster) }
+    FilterChain { name: cluster.to_string(), matcher, transport_socket: Default::default(), metadata_exchange: None, rbac: Vec::new(), filter: TcpProxy::to(cluster) }
 }
 
 fn cluster(name: &str, source: Option<IpAddr>, connect_timeout: Duration) -> Cluster {
@@ -75,6 +75,8 @@ fn cluster(name: &str, source: Option<IpAddr>, connect_timeout: Duration) -> Clu
         locality_weighted: false,
         health_check: None,
         transport_socket: Default::default(),
+        metadata_exchange: None,
+        istio: Default::default(),
     }
 }
 
