@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::http_filters::{self, Fault, LocalRateLimit, CORS, FAULT, LOCAL_RATELIMIT};
+use super::http_filters::{self, Fault, LocalRateLimit, PeerMetadata, CORS, FAULT, LOCAL_RATELIMIT, PEER_METADATA};
 use super::headers::{HeaderOps, Part};
 use super::cidr::{self, CidrRange};
 use super::matcher::HeaderMatcher;
@@ -226,6 +226,8 @@ pub enum HttpFilterKind {
     Cors,
     LocalRateLimit(Arc<LocalRateLimit>),
     Rbac(Arc<HttpRbac>),
+    /// Istio's peer metadata headers.
+    PeerMetadata(Arc<PeerMetadata>),
     Router,
 }
 
@@ -521,6 +523,7 @@ fn http_filters(h: &mut Obj<'_>, stat_prefix: &str) -> Result<Vec<HttpFilter>> {
             }
             LOCAL_RATELIMIT => Some(HttpFilterKind::LocalRateLimit(Arc::new(http_filters::local_ratelimit(typed)?))),
             HTTP_RBAC => Some(HttpFilterKind::Rbac(Arc::new(rbac::http(typed, stat_prefix)?))),
+            PEER_METADATA => Some(HttpFilterKind::PeerMetadata(Arc::new(http_filters::peer_metadata(typed)?))),
             _ if optional => None,
             _ => {
                 return Err(ConfigError::new(
