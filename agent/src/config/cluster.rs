@@ -2,9 +2,11 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::metadata::Metadata;
+use super::metadata_exchange::{self, MetadataExchange, METADATA_EXCHANGE};
 use super::tls::{TransportSocket, UpstreamTls};
 use super::tree::{ConfigError, Obj, Result};
 use super::socket_address;
@@ -47,6 +49,9 @@ pub struct Cluster {
     pub transport_socket_matches: Vec<TransportSocketMatch>,
     /// `metadata`: every namespace kept, Istio's read (`istio.alpn_override`, `external`, `disable_mx`...).
     pub metadata: Metadata,
+    /// `filters`: Istio's TCP metadata exchange on every connection (the only upstream network filter weft
+    /// has).
+    pub metadata_exchange: Option<Arc<MetadataExchange>>,
 }
 
 /// `envoy.config.cluster.v3.Cluster.TransportSocketMatch`.
@@ -312,6 +317,7 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
     let source_address = c.object("upstream_bind_config")?.map(bind_config).transpose()?;
     let transport_socket = super::tls::upstream(c.object("transport_socket")?)?;
     let transport_socket_matches = c.objects("transport_socket_matches")?.into_iter().map(socket_match).collect::<Result<Vec<_>>>()?;
+    let metadata_exchange = upstream_filters(&mut c)?;
     let mut checks = c.objects("health_checks")?;
     if checks.len() > 1 {
         return Err(ConfigError::new(c.at("health_checks"), "weft supports one health check per cluster"));
@@ -384,6 +390,7 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
         transport_socket,
         transport_socket_matches,
         metadata,
+        metadata_exchange,
     })
 }
 
@@ -397,6 +404,25 @@ fn socket_match(mut m: Obj<'_>) -> Result<TransportSocketMatch> {
     let socket = super::tls::upstream(m.object("transport_socket")?)?;
     m.finish()?;
     Ok(TransportSocketMatch { name, criteria, socket })
+}
+
+/// `filters` (upstream network filters): Istio's metadata exchange, at most once; other types are refused.
+fn upstream_filters(c: &mut Obj<'_>) -> Result<Option<Arc<MetadataExchange>>> {
+    let mut exchange = None;
+    for mut f in c.objects("filters")? {
+        let _ = f.string("name")?;
+        let mut typed = f.required_object("typed_config")?;
+        let type_url = typed.required_string("@type")?;
+        if type_url.rsplit('/').next() != Some(METADATA_EXCHANGE) {
+            return Err(ConfigError::new(typed.at("@type"), format!("upstream network filter {type_url} is not supported; weft has {METADATA_EXCHANGE}")));
+        }
+        if exchange.is_some() {
+            return Err(ConfigError::new(f.path(), "weft runs one metadata exchange per cluster; remove the second"));
+        }
+        exchange = Some(Arc::new(metadata_exchange::translate(typed)?));
+        f.finish()?;
+    }
+    Ok(exchange)
 }
 
 /// Whether `locality_weighted_lb_config` can be honoured: the hash balancers fold locality weights into

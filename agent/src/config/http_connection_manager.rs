@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::alpn::{self, AlpnOverrides, ALPN_FILTER};
-use super::http_filters::{self, Fault, GrpcStats, LocalRateLimit, CORS, FAULT, GRPC_STATS, LOCAL_RATELIMIT};
+use super::http_filters::{self, Fault, GrpcStats, LocalRateLimit, PeerMetadata, CORS, FAULT, GRPC_STATS, LOCAL_RATELIMIT, PEER_METADATA};
 use super::headers::{HeaderOps, Part};
 use super::cidr::{self, CidrRange};
 use super::matcher::HeaderMatcher;
@@ -282,6 +282,8 @@ pub enum HttpFilterKind {
     Alpn(Arc<AlpnOverrides>),
     /// `envoy.filters.http.grpc_stats`: telemetry only (gRPC message counts); it changes no traffic.
     GrpcStats(GrpcStats),
+    /// Istio's peer metadata headers.
+    PeerMetadata(Arc<PeerMetadata>),
     Router,
 }
 
@@ -599,6 +601,7 @@ fn http_filters(h: &mut Obj<'_>, stat_prefix: &str) -> Result<Vec<HttpFilter>> {
             HTTP_RBAC => Some(HttpFilterKind::Rbac(Arc::new(rbac::http(typed, stat_prefix)?))),
             ALPN_FILTER => Some(HttpFilterKind::Alpn(Arc::new(alpn::translate(typed)?))),
             GRPC_STATS => Some(HttpFilterKind::GrpcStats(http_filters::grpc_stats(typed)?)),
+            PEER_METADATA => Some(HttpFilterKind::PeerMetadata(Arc::new(http_filters::peer_metadata(typed)?))),
             _ if optional => None,
             _ => {
                 return Err(ConfigError::new(

@@ -348,3 +348,123 @@ pub fn grpc_stats(mut c: Obj<'_>) -> Result<GrpcStats> {
     c.finish()?;
     Ok(out)
 }
+
+pub const PEER_METADATA: &str = "io.istio.http.peer_metadata.Config";
+
+/// `io.istio.http.peer_metadata.Config` (istiod's HTTP `istio.metadata_exchange`): Istio's peer metadata in
+/// the `x-envoy-peer-metadata` and `x-envoy-peer-metadata-id` headers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PeerMetadata {
+    /// How the downstream peer is found on the request, in order (the first that finds it wins).
+    pub downstream_discovery: Vec<Discovery>,
+    /// How the upstream peer is found on the response.
+    pub upstream_discovery: Vec<Discovery>,
+    /// Answer a request that carried the headers with this side's.
+    pub downstream_propagation: Vec<IstioHeaders>,
+    /// Send this side's headers with the request upstream.
+    pub upstream_propagation: Vec<IstioHeaders>,
+    /// Peer labels kept besides the canonical service ones.
+    pub additional_labels: Vec<String>,
+}
+
+/// A discovery method of the peer metadata filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Discovery {
+    /// The `x-envoy-peer-metadata*` headers: read, then removed.
+    IstioHeaders,
+    /// Workload discovery (WDS) by the peer's address: weft has no WDS, so it finds nothing.
+    WorkloadDiscovery,
+    /// Deprecated; istio-proxy builds nothing for it either.
+    Baggage,
+}
+
+/// The `istio_headers` propagation method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct IstioHeaders {
+    /// Not to `PassthroughCluster` nor to clusters with metadata `istio.external: true`.
+    pub skip_external_clusters: bool,
+}
+
+impl PeerMetadata {
+    pub fn discovers_by_headers(&self, downstream: bool) -> bool {
+        let methods = if downstream { &self.downstream_discovery } else { &self.upstream_discovery };
+        methods.contains(&Discovery::IstioHeaders)
+    }
+}
+
+/// The filter's `typed_config` (its `@type` already read). `shared_with_upstream` (filter state shared with
+/// upstream connections) is accepted: weft keeps no filter state to share.
+pub fn peer_metadata(mut c: Obj<'_>) -> Result<PeerMetadata> {
+    let downstream_discovery = c.objects("downstream_discovery")?.into_iter().map(discovery).collect::<Result<_>>()?;
+    let upstream_discovery = c.objects("upstream_discovery")?.into_iter().map(discovery).collect::<Result<_>>()?;
+    let downstream_propagation = c.objects("downstream_propagation")?.into_iter().map(propagation).collect::<Result<_>>()?;
+    let upstream_propagation = c.objects("upstream_propagation")?.into_iter().map(propagation).collect::<Result<_>>()?;
+    let _ = c.bool("shared_with_upstream")?;
+    let additional_labels = c.strings("additional_labels")?.into_iter().map(str::to_string).collect();
+    c.finish()?;
+    Ok(PeerMetadata { downstream_discovery, upstream_discovery, downstream_propagation, upstream_propagation, additional_labels })
+}
+
+/// `DiscoveryMethod`: exactly one of `istio_headers`, `workload_discovery`, `baggage`.
+fn discovery(mut m: Obj<'_>) -> Result<Discovery> {
+    let mut found = Vec::new();
+    if let Some(h) = m.object("istio_headers")? {
+        istio_headers(h)?;
+        found.push(Discovery::IstioHeaders);
+    }
+    for (key, kind) in [("workload_discovery", Discovery::WorkloadDiscovery), ("baggage", Discovery::Baggage)] {
+        if let Some(o) = m.object(key)? {
+            o.finish()?;
+            found.push(kind);
+        }
+    }
+    let path = m.path().to_string();
+    m.finish()?;
+    match found[..] {
+        [one] => Ok(one),
+        _ => Err(ConfigError::new(path, "needs exactly one of istio_headers, workload_discovery or baggage")),
+    }
+}
+
+/// `PropagationMethod`: `istio_headers`.
+fn propagation(mut m: Obj<'_>) -> Result<IstioHeaders> {
+    let path = m.at("istio_headers");
+    let headers = m.object("istio_headers")?.map(istio_headers).transpose()?;
+    m.finish()?;
+    headers.ok_or_else(|| ConfigError::new(path, "is required (the only propagation method)"))
+}
+
+fn istio_headers(mut h: Obj<'_>) -> Result<IstioHeaders> {
+    let skip_external_clusters = h.bool("skip_external_clusters")?.unwrap_or(false);
+    h.finish()?;
+    Ok(IstioHeaders { skip_external_clusters })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn istiods_peer_metadata_configs_translate() {
+        let inbound = json!({"downstream_discovery": [{"istio_headers": {}}, {"workload_discovery": {}}], "downstream_propagation": [{"istio_headers": {}}]});
+        let p = peer_metadata(Obj::new(&inbound, "f").unwrap()).unwrap();
+        assert_eq!(p.downstream_discovery, [Discovery::IstioHeaders, Discovery::WorkloadDiscovery]);
+        assert_eq!(p.downstream_propagation, [IstioHeaders { skip_external_clusters: false }]);
+        assert!(p.discovers_by_headers(true) && !p.discovers_by_headers(false) && p.upstream_propagation.is_empty());
+        let outbound = json!({"upstream_discovery": [{"istio_headers": {}}], "upstream_propagation": [{"istio_headers": {"skip_external_clusters": true}}], "shared_with_upstream": true});
+        let p = peer_metadata(Obj::new(&outbound, "f").unwrap()).unwrap();
+        assert_eq!(p.upstream_propagation, [IstioHeaders { skip_external_clusters: true }]);
+    }
+
+    #[test]
+    fn malformed_methods_are_refused_by_path() {
+        let two = json!({"downstream_discovery": [{"istio_headers": {}, "baggage": {}}]});
+        assert_eq!(peer_metadata(Obj::new(&two, "f").unwrap()).unwrap_err().path, "f.downstream_discovery[0]");
+        let none = json!({"upstream_propagation": [{}]});
+        assert_eq!(peer_metadata(Obj::new(&none, "f").unwrap()).unwrap_err().path, "f.upstream_propagation[0].istio_headers");
+        let unknown = json!({"upstream_propagation": [{"istio_headers": {"bogus": 1}}]});
+        assert_eq!(peer_metadata(Obj::new(&unknown, "f").unwrap()).unwrap_err().path, "f.upstream_propagation[0].istio_headers.bogus");
+    }
+}

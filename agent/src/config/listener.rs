@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::http_connection_manager::{self as hcm, HttpConnectionManager, Routes};
+use super::metadata_exchange::{self, MetadataExchange, METADATA_EXCHANGE};
 use super::rbac::{self, NetworkRbac, NETWORK_RBAC};
 use super::route::RouteConfiguration;
 use super::tls::{self, DownstreamTls, TransportSocket};
@@ -82,8 +83,10 @@ pub struct FilterChain {
     /// `transport_socket_connect_timeout`: a TLS handshake not finished this long after the chain was chosen
     /// closes the connection (`None`, Envoy's default: no limit).
     pub transport_socket_connect_timeout: Option<Duration>,
-    /// The network RBAC filters before the terminal filter, in order (the only non-terminal network filter
-    /// weft has).
+    /// Istio's TCP metadata exchange, run on the byte stream right after the transport socket (istiod puts it
+    /// first, before RBAC).
+    pub metadata_exchange: Option<Arc<MetadataExchange>>,
+    /// The network RBAC filters before the terminal filter, in order.
     pub rbac: Vec<Arc<NetworkRbac>>,
     pub filter: NetworkFilter,
 }
@@ -332,9 +335,9 @@ fn filter_chain(mut chain: Obj<'_>) -> Result<FilterChain> {
     let matcher = chain.object("filter_chain_match")?.map(filter_chain_match).transpose()?.unwrap_or_default();
     let transport_socket = tls::downstream(chain.object("transport_socket")?)?;
     let transport_socket_connect_timeout = chain.timeout("transport_socket_connect_timeout", None)?;
-    let (rbac, filter) = network_filters(&mut chain)?;
+    let NetworkFilters { metadata_exchange, rbac, terminal: filter } = network_filters(&mut chain)?;
     chain.finish()?;
-    Ok(FilterChain { name, matcher, transport_socket, transport_socket_connect_timeout, rbac, filter })
+    Ok(FilterChain { name, matcher, transport_socket, transport_socket_connect_timeout, metadata_exchange, rbac, filter })
 }
 
 fn filter_chain_match(mut m: Obj<'_>) -> Result<FilterChainMatch> {
@@ -381,13 +384,21 @@ fn cidr_ranges(m: &mut Obj<'_>, key: &str) -> Result<Vec<CidrRange>> {
     m.objects(key)?.into_iter().map(cidr_range).collect()
 }
 
-/// The chain's filters: RBAC filters, then the terminal filter, last; optional filters of unknown types are
-/// skipped, as Envoy does.
-fn network_filters(chain: &mut Obj<'_>) -> Result<(Vec<Arc<NetworkRbac>>, NetworkFilter)> {
+/// A chain's network filters, by kind.
+struct NetworkFilters {
+    metadata_exchange: Option<Arc<MetadataExchange>>,
+    rbac: Vec<Arc<NetworkRbac>>,
+    terminal: NetworkFilter,
+}
+
+/// The chain's filters: at most one metadata exchange and RBAC filters, then the terminal filter, last;
+/// optional filters of unknown types are skipped, as Envoy does.
+fn network_filters(chain: &mut Obj<'_>) -> Result<NetworkFilters> {
     let filters: Vec<Obj<'_>> = chain.objects("filters")?;
     let count = filters.len();
     let mut terminal = None;
     let mut rbac_filters = Vec::new();
+    let mut exchange = None;
     for (i, mut f) in filters.into_iter().enumerate() {
         let filter_name = f.string("name")?.unwrap_or_default().to_string();
         let optional = f.bool("is_optional")?.unwrap_or(false);
@@ -398,6 +409,13 @@ fn network_filters(chain: &mut Obj<'_>) -> Result<(Vec<Arc<NetworkRbac>>, Networ
             HCM => Some(NetworkFilter::HttpConnectionManager(Arc::new(hcm::translate(typed)?))),
             NETWORK_RBAC => {
                 rbac_filters.push(Arc::new(rbac::network(typed)?));
+                None
+            }
+            METADATA_EXCHANGE => {
+                if exchange.is_some() {
+                    return Err(ConfigError::new(f.path(), "weft runs one metadata exchange per filter chain; remove the second"));
+                }
+                exchange = Some(Arc::new(metadata_exchange::translate(typed)?));
                 None
             }
             _ if optional => None,
@@ -415,7 +433,7 @@ fn network_filters(chain: &mut Obj<'_>) -> Result<(Vec<Arc<NetworkRbac>>, Networ
         terminal = terminal.or(filter);
     }
     let terminal = terminal.ok_or_else(|| ConfigError::new(chain.at("filters"), "the filter chain has no terminal filter"))?;
-    Ok((rbac_filters, terminal))
+    Ok(NetworkFilters { metadata_exchange: exchange, rbac: rbac_filters, terminal })
 }
 
 fn tcp_proxy(mut t: Obj<'_>) -> Result<NetworkFilter> {

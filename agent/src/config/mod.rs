@@ -15,6 +15,7 @@ pub mod http_filters;
 pub mod listener;
 pub mod matcher;
 pub mod metadata;
+pub mod metadata_exchange;
 pub mod rbac;
 pub mod route;
 pub mod secret;
@@ -22,6 +23,7 @@ pub mod tls;
 pub mod store;
 pub mod tree;
 pub mod typed_struct;
+pub mod workload_metadata;
 
 pub use tree::ConfigError;
 

@@ -12,16 +12,18 @@ use tokio::sync::watch;
 
 use super::filter_chain::{self, ConnectionInfo};
 use super::filters::network::http_connection_manager::{self, HttpContext};
+use super::filters::network::metadata_exchange::{self, ExchangeStream};
 use super::filters::network::rbac;
 use super::filters::network::tcp_proxy::{self, Relayed};
 use super::listener_filter::{self, InspectError, Rewind};
 use super::tls::{MaybeTls, TlsError};
 use super::pod_share::{Metered, PodLoad};
 use super::snapshot::Snapshot;
+use super::tls_info::TlsInfo;
 use super::upstream::pool::Pools;
 use super::upstream::{ConnectError, Upstream};
 use crate::config::http_connection_manager::Routes;
-use crate::config::listener::{Listener, NetworkFilter};
+use crate::config::listener::{FilterChain, Listener, NetworkFilter};
 use crate::config::tls::TransportSocket;
 
 /// The configuration a pod's (or the proxy's) connections are served by: the latest snapshot, `None` until
@@ -46,6 +48,8 @@ pub enum Outcome {
     Drained,
     /// The chain's TLS handshake failed (or its secrets are missing): closed, as Envoy does.
     TlsFailed,
+    /// The metadata exchange frame could not be written: the peer went away.
+    ExchangeFailed,
     /// A configuration update's network RBAC policy for its chain denies it: closed at once.
     Denied,
 }
@@ -128,17 +132,15 @@ pub async fn serve(accepted: Accepted, entry: &Listener, snapshot: &Arc<Snapshot
     let served = async {
         // Bytes are metered on the wire, under TLS: a pod's bandwidth includes its handshakes.
         let io = Metered::new(io, Arc::clone(&pod.load));
-        let (io, tls) = match &chain.transport_socket {
-            TransportSocket::RawBuffer => (MaybeTls::Plain(io), None),
-            TransportSocket::Tls(context) => match handshake(pools.tls().accept(io, context, &snapshot.secrets), chain.transport_socket_connect_timeout).await {
-                Ok((stream, info)) => (MaybeTls::Tls(Box::new(stream)), Some(Arc::new(info))),
-                Err(e) => {
-                    tracing::debug!(listener = %listener.name, %peer, "{e}");
-                    return Outcome::TlsFailed;
-                }
-            },
+        let (io, tls) = match transport(io, chain, snapshot, pools).await {
+            Ok(transported) => transported,
+            Err((outcome, e)) => {
+                tracing::debug!(listener = %listener.name, %peer, "{e}");
+                return outcome;
+            }
         };
-        let connection = Arc::new(rbac::Connection { peer, local, server_name: info.server_name.clone(), tls });
+        let peer_metadata = Arc::clone(io.peer());
+        let connection = Arc::new(rbac::Connection { peer, local, server_name: info.server_name.clone(), tls, peer_metadata });
         let io = rbac::Gated::new(io, chain.rbac.clone(), Arc::clone(&connection));
         tokio::select! {
             outcome = run_filter(io, &chain.filter, upstream, updates, &connection, &pod.load) => outcome,
@@ -162,8 +164,31 @@ async fn handshake<T>(accept: impl std::future::Future<Output = Result<T, TlsErr
     }
 }
 
-/// A downstream connection after its transport socket: TLS terminated or plaintext, metered either way.
-pub type DownstreamIo = MaybeTls<Metered<Rewind>, tokio_rustls::server::TlsStream<Metered<Rewind>>>;
+/// A downstream connection after its transport socket (TLS terminated or plaintext, metered either way) and
+/// the chain's metadata exchange.
+pub type DownstreamIo = Transported<Metered<Rewind>>;
+
+/// A connection `S` after a chain's transport socket and metadata exchange.
+pub type Transported<S> = ExchangeStream<MaybeTls<S, tokio_rustls::server::TlsStream<S>>>;
+
+/// The chain's transport socket, then its metadata exchange, under the ALPN the handshake agreed on.
+pub async fn transport<S>(io: S, chain: &FilterChain, snapshot: &Snapshot, pools: &Pools) -> Result<(Transported<S>, Option<Arc<TlsInfo>>), (Outcome, String)>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (io, tls) = match &chain.transport_socket {
+        TransportSocket::RawBuffer => (MaybeTls::Plain(io), None),
+        TransportSocket::Tls(context) => match handshake(pools.tls().accept(io, context, &snapshot.secrets), chain.transport_socket_connect_timeout).await {
+            Ok((stream, info)) => (MaybeTls::Tls(Box::new(stream)), Some(Arc::new(info))),
+            Err(e) => return Err((Outcome::TlsFailed, e.to_string())),
+        },
+    };
+    let alpn = tls.as_ref().and_then(|t| t.alpn.as_deref());
+    match metadata_exchange::start(io, chain.metadata_exchange.as_ref(), &snapshot.local, alpn).await {
+        Ok(io) => Ok((io, tls)),
+        Err(e) => Err((Outcome::ExchangeFailed, format!("metadata exchange: {e}"))),
+    }
+}
 
 /// The chain's terminal network filter, behind its RBAC filters.
 async fn run_filter(io: rbac::Gated<DownstreamIo>, filter: &NetworkFilter, upstream: Upstream, updates: SnapshotWatch, connection: &rbac::Connection, load: &Arc<PodLoad>) -> Outcome {
@@ -372,4 +397,156 @@ mod tests {
         assert!(text.starts_with("HTTP/1.1 200") && text.ends_with("from the HTTP chain"), "{text}");
         assert_eq!(exchange(b"raw bytes, not HTTP\r\n").await, b"raw bytes, not HTTP\r\n", "tcp_proxy echoed them");
     }
+
+    /// Two weft sides with the configuration istiod gives sidecars: a client cluster with the upstream metadata
+    /// exchange and TLS offering `istio-peer-exchange`, a listener chain with the exchange filter and TLS
+    /// accepting it.
+    mod metadata_exchange {
+        use super::*;
+        use crate::config::bootstrap::Node;
+        use crate::config::workload_metadata::LocalWorkload;
+        use crate::proxy::upstream::pool::Key;
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+
+        const MX: &str = "type.googleapis.com/envoy.tcp.metadataexchange.config.MetadataExchange";
+
+        fn local(pod: &str) -> Arc<LocalWorkload> {
+            Arc::new(LocalWorkload::from_node(&Node {
+                id: format!("sidecar~127.0.0.1~{pod}.shop~shop.svc.cluster.local"),
+                cluster: String::new(),
+                metadata: json!({"NAME": pod, "NAMESPACE": "shop", "WORKLOAD_NAME": pod, "LABELS": {"app": pod}}),
+            }))
+        }
+
+        /// (root PEM, [(chain PEM, key PEM)] for each SPIFFE id).
+        fn certificates(ids: &[&str]) -> (String, Vec<(String, String)>) {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let ca_key = KeyPair::generate().unwrap();
+            let ca = params.self_signed(&ca_key).unwrap();
+            let leaves = ids
+                .iter()
+                .map(|id| {
+                    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+                    params.subject_alt_names = vec![SanType::URI((*id).try_into().unwrap())];
+                    let key = KeyPair::generate().unwrap();
+                    (params.signed_by(&key, &ca, &ca_key).unwrap().pem(), key.serialize_pem())
+                })
+                .collect();
+            (ca.pem(), leaves)
+        }
+
+        fn common(root: &str, (chain, key): &(String, String), alpn: &[&str]) -> serde_json::Value {
+            json!({"tls_certificates": [{"certificate_chain": {"inline_string": chain}, "private_key": {"inline_string": key}}],
+                "alpn_protocols": alpn, "validation_context": {"trusted_ca": {"inline_string": root}}})
+        }
+
+        /// A server-first application: it greets, then echoes.
+        async fn greeting_echo() -> SocketAddr {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move {
+                while let Ok((mut s, _)) = listener.accept().await {
+                    tokio::spawn(async move {
+                        s.write_all(b"220 hello\r\n").await.unwrap();
+                        let (mut r, mut w) = s.split();
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                    });
+                }
+            });
+            addr
+        }
+
+        /// The server side: its listener (MX, then tcp_proxy to `app`) in a snapshot of pod `server-1`.
+        fn server(root: &str, leaf: &(String, String), app: SocketAddr) -> (Arc<Snapshot>, Listener) {
+            let listener = json!({"name": "virtualInbound", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},
+                "filter_chains": [{
+                    "transport_socket": {"name": "tls", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                        "require_client_certificate": true, "common_tls_context": common(root, leaf, &["istio-peer-exchange", "h2", "http/1.1"])}},
+                    "filters": [
+                        {"name": "istio.metadata_exchange", "typed_config": {"@type": MX, "protocol": "istio-peer-exchange", "enable_discovery": true}},
+                        {"name": "tcp", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", "cluster": "app"}}]}]});
+            let listener = crate::config::listener::translate(Obj::new(&listener, "l").unwrap()).unwrap();
+            let cluster = json!({"name": "app", "load_assignment": {"endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": app.port()}}}}]}]}});
+            let cluster = crate::config::cluster::translate(Obj::new(&cluster, "c").unwrap()).unwrap();
+            let snapshot = Snapshot {
+                listeners: Arc::new([Resource::fixed("virtualInbound", listener.clone())].into_iter().collect()),
+                clusters: Arc::new([Resource::fixed("app", cluster)].into_iter().collect()),
+                local: local("server-1"),
+                ..Snapshot::default()
+            };
+            (Arc::new(snapshot), listener)
+        }
+
+        /// The client side: an outbound cluster to `server` (with the exchange as its upstream filter) in a
+        /// snapshot of pod `client-1`, and the pool key of a connection to it.
+        fn client(root: &str, leaf: &(String, String), server: SocketAddr) -> (Arc<Snapshot>, Key) {
+            let cluster = json!({"name": "outbound|80||server.shop.svc.cluster.local",
+                "transport_socket": {"name": "tls", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                    "common_tls_context": common(root, leaf, &["istio-peer-exchange", "istio"])}},
+                "filters": [{"name": "istio.metadata_exchange", "typed_config": {"@type": MX, "protocol": "istio-peer-exchange"}}],
+                "metadata": {"filter_metadata": {"istio": {"services": [{"host": "server.shop.svc.cluster.local"}]}}}});
+            let cluster = crate::config::cluster::translate(Obj::new(&cluster, "c").unwrap()).unwrap();
+            let snapshot = Snapshot { local: local("client-1"), clusters: Arc::new([Resource::fixed(&cluster.name, cluster.clone())].into_iter().collect()), ..Snapshot::default() };
+            let key = Key::of(server, &snapshot.cluster(&cluster.name).unwrap(), &snapshot);
+            (Arc::new(snapshot), key)
+        }
+
+        async fn read_exactly<IO: tokio::io::AsyncRead + Unpin>(io: &mut IO, n: usize) -> Vec<u8> {
+            let mut buf = vec![0u8; n];
+            tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut buf)).await.expect("bytes before the deadline").unwrap();
+            buf
+        }
+
+        #[tokio::test]
+        async fn application_bytes_cross_intact_both_ways_through_the_listener() {
+            let (root, leaves) = certificates(&["spiffe://cluster.local/ns/shop/sa/server", "spiffe://cluster.local/ns/shop/sa/client"]);
+            let (snapshot, listener) = server(&root, &leaves[0], greeting_echo().await);
+            let addr = front(snapshot, listener).await;
+            let (_client_snapshot, key) = client(&root, &leaves[1], addr);
+            let pools = Pools::new(SocketFactory::Host);
+            let mut upstream = pools.connect(&key, Duration::from_secs(5)).await.unwrap();
+            assert_eq!(read_exactly(&mut upstream, 11).await, b"220 hello\r\n", "the app spoke first; the frame before it was stripped");
+            let peer = upstream.peer().get().flatten().cloned().expect("the server's metadata");
+            assert_eq!((peer.id.as_str(), peer.metadata.name.as_str()), ("sidecar~127.0.0.1~server-1.shop~shop.svc.cluster.local", "server-1"));
+            // Bytes that look like a frame are payload once the exchange is over.
+            let mut payload = MAGIC_BYTES.to_vec();
+            payload.extend_from_slice(b"\0\0\0\x02hi and more");
+            upstream.write_all(&payload).await.unwrap();
+            assert_eq!(read_exactly(&mut upstream, payload.len()).await, payload, "echoed intact through both exchanges");
+        }
+
+        const MAGIC_BYTES: [u8; 4] = crate::proxy::filters::network::metadata_exchange::MAGIC.to_be_bytes();
+
+        #[tokio::test]
+        async fn each_side_sees_the_others_metadata() {
+            let (root, leaves) = certificates(&["spiffe://cluster.local/ns/shop/sa/server", "spiffe://cluster.local/ns/shop/sa/client"]);
+            let (snapshot, listener) = server(&root, &leaves[0], greeting_echo().await);
+            let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let (_client_snapshot, key) = client(&root, &leaves[1], front.local_addr().unwrap());
+            let accepting = async {
+                let (stream, _) = front.accept().await.unwrap();
+                let pools = Pools::new(SocketFactory::Host);
+                let (mut io, tls) = transport(stream, &listener.filter_chains[0], &snapshot, &pools).await.map_err(|(_, e)| e).unwrap();
+                assert_eq!(tls.and_then(|t| t.alpn.clone()).as_deref(), Some("istio-peer-exchange"));
+                // Server first, then an echo of what the client says.
+                io.write_all(b"ready").await.unwrap();
+                let said = read_exactly(&mut io, 4).await;
+                io.write_all(&said).await.unwrap();
+                io.peer().get().flatten().cloned()
+            };
+            let pools = Pools::new(SocketFactory::Host);
+            let connecting = async {
+                let mut io = pools.connect(&key, Duration::from_secs(5)).await.unwrap();
+                assert_eq!(read_exactly(&mut io, 5).await, b"ready");
+                io.write_all(b"ping").await.unwrap();
+                assert_eq!(read_exactly(&mut io, 4).await, b"ping");
+                io.peer().get().flatten().cloned()
+            };
+            let (seen_by_server, seen_by_client) = tokio::join!(accepting, connecting);
+            assert_eq!(seen_by_server.map(|p| p.metadata.name.clone()), Some("client-1".to_string()));
+            assert_eq!(seen_by_client.map(|p| p.metadata.labels.clone()), Some([("app".to_string(), "server-1".to_string())].into()));
+        }
+    }
+
 }

@@ -207,7 +207,7 @@ async fn from_config(accepted: Accepted, ctx: &ListenerContext) -> (u64, u64) {
     let drain = Drain { updates, timeout: ctx.settings.drain_timeout };
     match connection_handler::serve(accepted, entry, &config, &ctx.served, drain).await {
         Outcome::Relayed { from_downstream, to_downstream } => (from_downstream, to_downstream),
-        Outcome::Http | Outcome::Drained | Outcome::Denied => (0, 0),
+        Outcome::Http | Outcome::Drained | Outcome::Denied | Outcome::ExchangeFailed => (0, 0),
         Outcome::UpstreamFailed(e) => {
             ctx.stats.upstream_connect_failed();
             tracing::debug!(pod = %ctx.pod, %peer, "upstream: {e}");

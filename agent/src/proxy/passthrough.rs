@@ -54,7 +54,7 @@ fn listener(name: &str, port: u16, filter_chains: Vec<FilterChain>) -> Listener 
 /// A chain for destinations of one address family (`None`: any).
 fn chain(family: Option<IpAddr>, cluster: &str) -> FilterChain {
     let matcher = FilterChainMatch { prefix_ranges: family.map(|prefix| CidrRange { prefix, len: 0 }).into_iter().collect(), ..Default::default() };
-    FilterChain { name: cluster.to_string(), matcher, transport_socket: Default::default(), transport_socket_connect_timeout: None, rbac: Vec::new(), filter: TcpProxy::to(cluster) }
+    FilterChain { name: cluster.to_string(), matcher, transport_socket: Default::default(), transport_socket_connect_timeout: None, metadata_exchange: None, rbac: Vec::new(), filter: TcpProxy::to(cluster) }
 }
 
 fn cluster(name: &str, source: Option<IpAddr>, connect_timeout: Duration) -> Cluster {
@@ -77,6 +77,7 @@ fn cluster(name: &str, source: Option<IpAddr>, connect_timeout: Duration) -> Clu
         transport_socket: Default::default(),
         transport_socket_matches: Vec::new(),
         metadata: Default::default(),
+        metadata_exchange: None,
     }
 }
 

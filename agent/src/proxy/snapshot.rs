@@ -13,6 +13,7 @@ use crate::config::listener::Listener;
 use crate::config::route::RouteConfiguration;
 use crate::config::secret::Secret;
 use crate::config::store::{ByName, ClusterState};
+use crate::config::workload_metadata::LocalWorkload;
 
 #[derive(Default)]
 pub struct Snapshot {
@@ -24,6 +25,8 @@ pub struct Snapshot {
     pub assignments: Arc<ByName<Assignment>>,
     /// Secrets TLS contexts name: the bootstrap's static ones and those received over ADS (SDS).
     pub secrets: Arc<ByName<Secret>>,
+    /// Who this proxy serves (its node id and workload metadata), for Istio's metadata exchanges.
+    pub local: Arc<LocalWorkload>,
 }
 
 /// One cluster as the data path sees it.

@@ -21,6 +21,7 @@ use crate::config::route::{self, RouteConfiguration};
 use crate::config::secret::{self, Secret};
 use crate::config::store::{ByName, ClusterState, Entry, Resource};
 use crate::config::tree::Obj;
+use crate::config::workload_metadata::LocalWorkload;
 use crate::proxy::server::Proxy;
 use crate::proxy::snapshot::Snapshot;
 
@@ -131,6 +132,8 @@ pub struct XdsState {
     static_listeners: Vec<Entry<Listener>>,
     static_clusters: Vec<Entry<Cluster>>,
     static_secrets: Vec<Entry<Secret>>,
+    /// The node's workload metadata, made once, in every snapshot.
+    local: Arc<LocalWorkload>,
     sink: Sink,
     pub store: Mutex<Store>,
 }
@@ -149,7 +152,8 @@ impl XdsState {
         let static_listeners = bootstrap.listeners.iter().map(|l| Resource::fixed(&l.name, l.clone())).collect();
         let static_clusters = bootstrap.clusters.iter().map(|c| Resource::fixed(&c.name, c.clone())).collect();
         let static_secrets = bootstrap.secrets.iter().map(|s| Resource::fixed(&s.name, s.clone())).collect();
-        Arc::new(XdsState { bootstrap, static_listeners, static_clusters, static_secrets, sink, store: Mutex::default() })
+        let local = Arc::new(LocalWorkload::from_node(&bootstrap.node));
+        Arc::new(XdsState { bootstrap, static_listeners, static_clusters, static_secrets, local, sink, store: Mutex::default() })
     }
 
     /// Serves the bootstrap's static resources (standalone proxy); returns the listeners that cannot bind.
@@ -331,6 +335,7 @@ impl XdsState {
                     clusters: Arc::clone(&store.clusters),
                     assignments: Arc::clone(&store.assignments),
                     secrets: Arc::clone(&store.secrets),
+                    local: Arc::clone(&self.local),
                 })));
                 return Vec::new();
             }
@@ -341,6 +346,7 @@ impl XdsState {
             routes: Arc::clone(&store.routes),
             assignments: Arc::clone(&store.assignments),
             secrets: Arc::new(self.static_secrets.iter().cloned().chain(store.secrets.values().cloned()).collect()),
+            local: Arc::clone(&self.local),
         };
         proxy
             .apply(snapshot)

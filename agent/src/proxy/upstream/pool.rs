@@ -19,17 +19,21 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use super::super::activity::{Activity, Counted, InFlight};
 use super::super::body::Body;
+use super::super::filters::network::metadata_exchange::{self, ExchangeStream};
 use super::super::socket::SocketFactory;
 use super::super::tls::{MaybeTls, Tls};
 use super::runtime::ClusterRuntime;
 use crate::config::cluster::{CircuitBreakers, Cluster, Http2Settings};
+use crate::config::metadata_exchange::MetadataExchange;
+use crate::config::workload_metadata::LocalWorkload;
 use crate::config::secret::Secret;
 use crate::config::store::ByName;
 use crate::config::tls::{TransportSocket, UpstreamTls};
 use super::super::snapshot::{ClusterRef, Snapshot};
 
-/// An upstream connection, TLS or not.
-pub type UpstreamIo = MaybeTls<tokio::net::TcpStream, tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+/// An upstream connection, TLS or not, under the cluster's metadata exchange (which passes everything through
+/// when the cluster has none or it was not negotiated).
+pub type UpstreamIo = ExchangeStream<MaybeTls<tokio::net::TcpStream, tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>;
 
 /// Which connections of a pool can serve a request.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -42,6 +46,8 @@ pub struct Key {
     /// The ALPN list the TLS connection offers instead of the context's (`istio.alpn`): connections offering
     /// different lists are not shared.
     pub alpn: Option<Arc<[String]>>,
+    /// The cluster's metadata exchange, with what this side sends.
+    pub exchange: Option<ExchangeKey>,
 }
 
 impl Key {
@@ -52,13 +58,33 @@ impl Key {
             TransportSocket::RawBuffer => None,
             TransportSocket::Tls(context) => Some(TlsKey(Arc::clone(context), Arc::clone(&snapshot.secrets))),
         };
-        Key { endpoint, source: cluster.config.source_address, tls, alpn: None }
+        let exchange = cluster.config.metadata_exchange.as_ref().map(|m| ExchangeKey(Arc::clone(m), Arc::clone(&snapshot.local)));
+        Key { endpoint, source: cluster.config.source_address, tls, alpn: None, exchange }
     }
 
     /// The same connections, offering `alpn` on TLS (a plaintext connection offers nothing).
     pub fn with_alpn(self, alpn: Option<Arc<[String]>>) -> Key {
         let alpn = alpn.filter(|_| self.tls.is_some());
         Key { alpn, ..self }
+    }
+}
+
+/// A metadata exchange configuration with the local workload it sends, equal only to itself.
+#[derive(Debug, Clone)]
+pub struct ExchangeKey(pub Arc<MetadataExchange>, pub Arc<LocalWorkload>);
+
+impl PartialEq for ExchangeKey {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) && Arc::ptr_eq(&self.1, &other.1)
+    }
+}
+
+impl Eq for ExchangeKey {}
+
+impl std::hash::Hash for ExchangeKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        std::ptr::hash(Arc::as_ptr(&self.0), state);
+        std::ptr::hash(Arc::as_ptr(&self.1), state)
     }
 }
 
@@ -221,15 +247,21 @@ impl Pools {
         &self.tls
     }
 
-    /// A new connection for `key`, with TLS originated on it when the cluster has a TLS context.
+    /// A new connection for `key`, with TLS originated on it when the cluster has a TLS context, and the
+    /// cluster's metadata exchange started when the negotiated ALPN asks for it.
     pub async fn connect(&self, key: &Key, timeout: Duration) -> Result<UpstreamIo, PoolError> {
         let stream = self.sockets.connect(key.endpoint, key.source, timeout).await.map_err(PoolError::Connect)?;
-        match &key.tls {
-            None => Ok(MaybeTls::Plain(stream)),
+        let (io, alpn) = match &key.tls {
+            None => (MaybeTls::Plain(stream), None),
             Some(TlsKey(context, secrets)) => {
                 let tls = self.tls.connect(stream, context, secrets, key.endpoint.ip(), key.alpn.as_deref()).await.map_err(|e| PoolError::Connect(std::io::Error::other(e.0)))?;
-                Ok(MaybeTls::Tls(Box::new(tls)))
+                let alpn = tls.get_ref().1.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned());
+                (MaybeTls::Tls(Box::new(tls)), alpn)
             }
+        };
+        match &key.exchange {
+            None => Ok(ExchangeStream::through(io)),
+            Some(ExchangeKey(config, local)) => metadata_exchange::start(io, Some(config), local, alpn.as_deref()).await.map_err(PoolError::Connect),
         }
     }
 
@@ -471,7 +503,7 @@ mod tests {
         let (endpoint, connections) = upstream().await;
         let pools = Pools::new(SocketFactory::Host);
         let runtime = pools.runtime("c");
-        let key = Key { endpoint, source: None, tls: None, alpn: None };
+        let key = Key { endpoint, source: None, tls: None, alpn: None, exchange: None };
         let limited = cluster(serde_json::json!({"max_concurrent_streams": 1, "initial_stream_window_size": 65535, "initial_connection_window_size": 1048576}));
         let first = get(&pools, key.clone(), &limited, &runtime).await;
         let second = get(&pools, key.clone(), &limited, &runtime).await;
@@ -487,7 +519,7 @@ mod tests {
         let (endpoint, connections) = upstream().await;
         let pools = Pools::new(SocketFactory::Host);
         let runtime = pools.runtime("c");
-        let key = Key { endpoint, source: None, tls: None, alpn: None };
+        let key = Key { endpoint, source: None, tls: None, alpn: None, exchange: None };
         let unlimited = cluster(serde_json::json!({}));
         // Three responses held open at once, all on the first connection.
         let mut open = Vec::new();
@@ -502,7 +534,7 @@ mod tests {
         let (endpoint, connections) = upstream().await;
         let pools = Pools::new(SocketFactory::Host);
         let runtime = pools.runtime("c");
-        let key = Key { endpoint, source: None, tls: None, alpn: None };
+        let key = Key { endpoint, source: None, tls: None, alpn: None, exchange: None };
         let mut short = cluster(serde_json::json!({}));
         short.idle_timeout = Some(Duration::from_millis(100));
         let first = get(&pools, key.clone(), &short, &runtime).await;

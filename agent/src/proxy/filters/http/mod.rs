@@ -5,5 +5,6 @@ pub mod cors;
 pub mod fault;
 pub mod local_ratelimit;
 pub mod local_reply;
+pub mod peer_metadata;
 pub mod rbac;
 pub mod router;

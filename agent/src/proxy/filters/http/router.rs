@@ -68,21 +68,42 @@ impl Matched<'_> {
     }
 }
 
-/// The cluster a request goes to (by name, by header or by weight) and the weighted cluster's header changes.
-fn choose_cluster<'a>(action: &'a RouteAction, headers: &HeaderMap) -> (String, Option<&'a HeaderOps>) {
+/// The cluster a request goes to (by name, by header or by weight), chosen once when its route is resolved:
+/// filters before the router see the same cluster the router uses (Envoy's `clusterInfo()`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutedCluster {
+    pub name: String,
+    /// Which of the route's weighted clusters, for its header changes.
+    weighted: Option<usize>,
+}
+
+/// Chooses the route's cluster for a request.
+pub fn route_cluster(action: &RouteAction, headers: &HeaderMap) -> RoutedCluster {
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
     match &action.cluster {
-        ClusterSpecifier::Cluster(c) => (c.clone(), None),
-        ClusterSpecifier::Header(h) => (header(h), None),
+        ClusterSpecifier::Cluster(c) => RoutedCluster { name: c.clone(), weighted: None },
+        ClusterSpecifier::Header(h) => RoutedCluster { name: header(h), weighted: None },
         ClusterSpecifier::Weighted(w) => {
             // `header_name`: the header's value (an unsigned integer) stands in for the random number.
             let point = w.header_name.as_deref().and_then(|h| header(h).trim().parse::<u64>().ok()).unwrap_or_else(|| random() as u64);
-            match w.clusters.get(weighted(w.clusters.iter().map(|c| u64::from(c.weight)), point)) {
-                Some(c) => (c.name.clone(), Some(&c.headers)),
-                None => (String::new(), None),
+            let i = weighted(w.clusters.iter().map(|c| u64::from(c.weight)), point);
+            match w.clusters.get(i) {
+                Some(c) => RoutedCluster { name: c.name.clone(), weighted: Some(i) },
+                None => RoutedCluster { name: String::new(), weighted: None },
             }
         }
     }
+}
+
+/// The cluster a filter chose for the request (kept in its extensions), or the route's choice now; with the
+/// weighted cluster's header changes.
+fn choose_cluster<'a>(action: &'a RouteAction, parts: &mut Parts) -> (String, Option<&'a HeaderOps>) {
+    let chosen = parts.extensions.remove::<RoutedCluster>().unwrap_or_else(|| route_cluster(action, &parts.headers));
+    let ops = match (&action.cluster, chosen.weighted) {
+        (ClusterSpecifier::Weighted(w), Some(i)) => w.clusters.get(i).map(|c| &c.headers),
+        _ => None,
+    };
+    (chosen.name, ops)
 }
 
 /// Forwards the request by the route. `upgrade` is set for an allowed upgrade request (WebSocket): it goes on a
@@ -90,7 +111,7 @@ fn choose_cluster<'a>(action: &'a RouteAction, headers: &HeaderMap) -> (String, 
 pub async fn forward(mut parts: Parts, body: Body, matched: Matched<'_>, downstream: &Downstream, upstream: &Upstream, upgrade: bool) -> Response<Body> {
     let grpc = route::is_grpc(&parts.headers);
     let action = matched.action;
-    let (cluster_name, weighted_ops) = choose_cluster(action, &parts.headers);
+    let (cluster_name, weighted_ops) = choose_cluster(action, &mut parts);
     dns::refresh(&upstream.snapshot, &cluster_name).await;
     health::ensure(&upstream.snapshot, &cluster_name, upstream.pools.sockets()).await;
     let Some(cluster) = upstream.snapshot.cluster(&cluster_name) else {
@@ -697,7 +718,7 @@ async fn buffer(body: Body) -> Result<Bytes, String> {
 /// Terminates a CONNECT request (the route's `connect_config`): a TCP connection to the route's cluster, then
 /// 200 and the tunnel's bytes both ways, as Envoy does.
 pub async fn tunnel(mut parts: Parts, matched: Matched<'_>, upstream: &Upstream) -> Response<Body> {
-    let (cluster_name, _) = choose_cluster(matched.action, &parts.headers);
+    let (cluster_name, _) = choose_cluster(matched.action, &mut parts);
     let Some(on_downstream) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
         return local_reply::reply(StatusCode::BAD_REQUEST, None, false);
     };

@@ -23,6 +23,7 @@ use super::super::super::upstream::Upstream;
 use super::super::http::alpn::AlpnFilter;
 use super::super::http::cors::{self, Cors};
 use super::super::http::router::{self, Matched};
+use super::super::http::peer_metadata::{self, Routed};
 use super::super::http::{fault, local_ratelimit, local_reply, rbac};
 use super::super::rbac::Facts;
 use super::super::super::tls_info::TlsInfo;
@@ -491,7 +492,8 @@ impl HttpContext {
         }
     }
 
-    /// The HTTP filters, then the action of the route `selected` for the request.
+    /// The HTTP filters, then the action of the route `selected` for the request; the response goes back
+    /// through the filters that keep state for it (peer metadata).
     async fn filters_and_route(
         &self,
         mut parts: Parts,
@@ -508,46 +510,59 @@ impl HttpContext {
         };
         // Headers the filters add to the response (CORS).
         let mut added = HeaderMap::new();
-        for filter in &self.hcm.http_filters {
-            let chosen = overrides(&filter.name);
-            let reply = match (&filter.kind, chosen) {
-                (_, Some(FilterOverride::Disabled)) => None,
-                (HttpFilterKind::Fault(_), Some(FilterOverride::Fault(f))) | (HttpFilterKind::Fault(f), _) => fault::decode(f, &parts).await,
-                (HttpFilterKind::Cors, Some(FilterOverride::Cors(policy))) => match cors::decode(policy, &parts) {
-                    Cors::Pass => None,
-                    Cors::Preflight(reply) => Some(reply),
-                    Cors::Allowed(headers) => {
-                        added.extend(headers);
+        let mut exchanges = Vec::new();
+        let mut routed = None;
+        let mut response = 'filters: {
+            for filter in &self.hcm.http_filters {
+                let chosen = overrides(&filter.name);
+                let reply = match (&filter.kind, chosen) {
+                    (_, Some(FilterOverride::Disabled)) => None,
+                    (HttpFilterKind::Fault(_), Some(FilterOverride::Fault(f))) | (HttpFilterKind::Fault(f), _) => fault::decode(f, &parts).await,
+                    (HttpFilterKind::Cors, Some(FilterOverride::Cors(policy))) => match cors::decode(policy, &parts) {
+                        Cors::Pass => None,
+                        Cors::Preflight(reply) => Some(reply),
+                        Cors::Allowed(headers) => {
+                            added.extend(headers);
+                            None
+                        }
+                    },
+                    (HttpFilterKind::Cors, _) => None,
+                    (HttpFilterKind::LocalRateLimit(_), Some(FilterOverride::LocalRateLimit(l))) | (HttpFilterKind::LocalRateLimit(l), _) => {
+                        local_ratelimit::decode(l, grpc, &Vars::of(&parts, downstream))
+                    }
+                    (HttpFilterKind::Rbac(filter), chosen) => {
+                        let route_engines = match chosen {
+                            Some(FilterOverride::Rbac(engines)) => Some(&**engines),
+                            _ => None,
+                        };
+                        rbac::decode(filter, route_engines, &self.facts(&parts, downstream), grpc)
+                    }
+                    (HttpFilterKind::Alpn(overrides), _) => {
+                        parts.extensions.insert(AlpnFilter(Arc::clone(overrides)));
                         None
                     }
-                },
-                (HttpFilterKind::Cors, _) => None,
-                (HttpFilterKind::LocalRateLimit(_), Some(FilterOverride::LocalRateLimit(l))) | (HttpFilterKind::LocalRateLimit(l), _) => {
-                    local_ratelimit::decode(l, grpc, &Vars::of(&parts, downstream))
+                    (HttpFilterKind::GrpcStats(_), _) => None,
+                    (HttpFilterKind::PeerMetadata(config), _) => {
+                        let routed = *routed.get_or_insert_with(|| routed_cluster(&mut parts, selected, upstream));
+                        exchanges.push(peer_metadata::decode(config, &upstream.snapshot.local, routed, &mut parts.headers));
+                        None
+                    }
+                    (HttpFilterKind::Router, _) => break,
+                };
+                if let Some(reply) = reply {
+                    break 'filters reply;
                 }
-                (HttpFilterKind::Rbac(filter), chosen) => {
-                    let route_engines = match chosen {
-                        Some(FilterOverride::Rbac(engines)) => Some(&**engines),
-                        _ => None,
-                    };
-                    rbac::decode(filter, route_engines, &self.facts(&parts, downstream), grpc)
-                }
-                (HttpFilterKind::Alpn(overrides), _) => {
-                    parts.extensions.insert(AlpnFilter(Arc::clone(overrides)));
-                    None
-                }
-                (HttpFilterKind::GrpcStats(_), _) => None,
-                (HttpFilterKind::Router, _) => break,
-            };
-            if let Some(reply) = reply {
-                return reply;
             }
-        }
-        let mut response = match selected {
-            None => local_reply::reply(StatusCode::NOT_FOUND, None, grpc),
-            Some((config, (virtual_host, matched))) => self.answer(parts, body, config, virtual_host, matched, host, downstream, upstream).await,
+            let mut response = match selected {
+                None => local_reply::reply(StatusCode::NOT_FOUND, None, grpc),
+                Some((config, (virtual_host, matched))) => self.answer(parts, body, config, virtual_host, matched, host, downstream, upstream).await,
+            };
+            response.headers_mut().extend(added);
+            response
         };
-        response.headers_mut().extend(added);
+        for exchange in exchanges.iter_mut().rev() {
+            peer_metadata::encode(exchange, response.headers_mut());
+        }
         response
     }
 
@@ -643,6 +658,16 @@ impl HttpContext {
             append_via(headers, via);
         }
     }
+}
+
+/// The cluster the selected route sends the request to, chosen now and kept in the request for the router
+/// (so a weighted choice is made once).
+fn routed_cluster(parts: &mut Parts, selected: Option<Selected<'_>>, upstream: &Upstream) -> Routed {
+    let Some((_, (_, Route { action: Action::Route(action), .. }))) = selected else { return Routed::default() };
+    let chosen = router::route_cluster(action, &parts.headers);
+    let routed = Routed::to(&chosen.name, upstream.snapshot.cluster(&chosen.name).map(|c| c.config));
+    parts.extensions.insert(chosen);
+    routed
 }
 
 fn protocol_name(version: Version) -> &'static str {
@@ -1134,5 +1159,93 @@ mod in_memory {
         let answers = requests(proxy(dead, false, json!({"match": {"prefix": "/"}, "route": {"cluster": "web"}})), false, &["/"]).await;
         assert_eq!(answers[0].0, 503);
         assert_eq!(answers[0].1, "upstream connect error or disconnect/reset before headers. reset reason: remote connection failure");
+    }
+
+    /// Istio's peer metadata filter in the connection manager: what the upstream app and the downstream
+    /// client see of the `x-envoy-peer-metadata*` headers.
+    mod peer_metadata_headers {
+        use super::*;
+        use crate::config::bootstrap::Node;
+        use crate::config::workload_metadata::LocalWorkload;
+        use hyper::header::HeaderName;
+
+        const PEER: [&str; 2] = ["x-envoy-peer-metadata", "x-envoy-peer-metadata-id"];
+
+        /// An app that answers which peer headers it got (`id=<id or -> metadata=<yes|no>`) and, as an
+        /// istio-proxy in front of it would, adds peer headers to the response.
+        async fn app() -> SocketAddr {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        let id = req.headers().get(PEER[1]).and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
+                        let text = format!("id={id} metadata={}", if req.headers().contains_key(PEER[0]) { "yes" } else { "no" });
+                        Response::builder().header(PEER[0], "e30=").header(PEER[1], "far-side").body(Full::new(Bytes::from(text)))
+                    });
+                    tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+                }
+            });
+            addr
+        }
+
+        /// A connection manager with the peer metadata filter `config` of pod `client-1`, routing `/ext` to
+        /// `PassthroughCluster` and everything else to `web` (both the app).
+        fn context(app: SocketAddr, config: serde_json::Value) -> HttpContext {
+            let routes = json!([{"match": {"prefix": "/ext"}, "route": {"cluster": "PassthroughCluster"}}, {"match": {"prefix": "/"}, "route": {"cluster": "web"}}]);
+            let mut filter = config;
+            filter["@type"] = json!("type.googleapis.com/io.istio.http.peer_metadata.Config");
+            let hcm = json!({"route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]},
+                "http_filters": [{"name": "istio.metadata_exchange", "typed_config": filter},
+                    {"name": "router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]});
+            let hcm = crate::config::http_connection_manager::translate(Obj::new(&hcm, "h").unwrap()).unwrap();
+            let clusters = [Resource::fixed("web", cluster("web", app, false)), Resource::fixed("PassthroughCluster", cluster("PassthroughCluster", app, false))];
+            let local = LocalWorkload::from_node(&Node { id: "sidecar~10.0.0.1~client-1.shop~shop.svc.cluster.local".into(), cluster: String::new(), metadata: json!({"NAME": "client-1"}) });
+            let snapshot = Arc::new(Snapshot { clusters: Arc::new(clusters.into_iter().collect()), local: Arc::new(local), ..Snapshot::default() });
+            let (_, updates) = watch::channel(Some(Arc::clone(&snapshot)));
+            let upstream = Upstream { snapshot, pools: Pools::new(SocketFactory::Host), original_dst: "127.0.0.1:1".parse().unwrap() };
+            HttpContext { hcm: Arc::new(hcm), updates, upstream, peer: "127.0.0.1:40000".parse().unwrap(), local: "127.0.0.1:10000".parse().unwrap(), load: PodLoad::new(PodLimits::default()), tls: None, server_name: None }
+        }
+
+        /// One request with `headers`: (body, the peer headers of the response).
+        async fn exchange(context: HttpContext, path: &str, headers: &[(&str, &str)]) -> (String, Vec<String>) {
+            let (client, server) = tokio::io::duplex(64 * 1024);
+            tokio::spawn(serve(server, context));
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(client)).await.unwrap();
+            tokio::spawn(conn);
+            let mut req = Request::builder().uri(path).header("host", "example.com");
+            for (k, v) in headers {
+                req = req.header(HeaderName::from_bytes(k.as_bytes()).unwrap(), *v);
+            }
+            let r = sender.send_request(req.body(Full::new(Bytes::new())).unwrap()).await.unwrap();
+            let returned = PEER.iter().filter_map(|h| r.headers().get(*h).map(|v| format!("{h}: {}", v.to_str().unwrap()))).collect();
+            (String::from_utf8_lossy(&r.into_body().collect().await.unwrap().to_bytes()).into_owned(), returned)
+        }
+
+        #[tokio::test]
+        async fn outbound_requests_carry_the_pods_headers_and_responses_lose_the_peers() {
+            let outbound = json!({"upstream_discovery": [{"istio_headers": {}}, {"workload_discovery": {}}], "upstream_propagation": [{"istio_headers": {"skip_external_clusters": true}}]});
+            let app = app().await;
+            let (body, returned) = exchange(context(app, outbound.clone()), "/", &[]).await;
+            assert_eq!(body, "id=sidecar~10.0.0.1~client-1.shop~shop.svc.cluster.local metadata=yes");
+            assert!(returned.is_empty(), "the client never sees the far side's: {returned:?}");
+            let (body, _) = exchange(context(app, outbound), "/ext", &[]).await;
+            assert_eq!(body, "id=- metadata=no", "nothing leaks to PassthroughCluster");
+        }
+
+        #[tokio::test]
+        async fn inbound_requests_lose_the_peers_headers_and_are_answered_with_the_pods() {
+            let inbound = json!({"downstream_discovery": [{"istio_headers": {}}, {"workload_discovery": {}}], "downstream_propagation": [{"istio_headers": {}}]});
+            let app = app().await;
+            let sent = [("x-envoy-peer-metadata", "e30="), ("x-envoy-peer-metadata-id", "sidecar~10.0.0.9~caller")];
+            let (body, returned) = exchange(context(app, inbound.clone()), "/", &sent).await;
+            assert_eq!(body, "id=- metadata=no", "the app never sees them");
+            let ours = LocalWorkload::from_node(&Node { id: String::new(), cluster: String::new(), metadata: json!({"NAME": "client-1"}) }).header;
+            assert_eq!(returned, [format!("x-envoy-peer-metadata: {ours}"), "x-envoy-peer-metadata-id: sidecar~10.0.0.1~client-1.shop~shop.svc.cluster.local".to_string()]);
+            // A request without them gets none of ours; the app's own pass (without upstream discovery they are
+            // not the filter's business, as in istio-proxy).
+            let (_, returned) = exchange(context(app, inbound), "/", &[]).await;
+            assert_eq!(returned, ["x-envoy-peer-metadata: e30=", "x-envoy-peer-metadata-id: far-side"]);
+        }
     }
 }

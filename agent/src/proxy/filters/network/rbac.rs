@@ -26,6 +26,8 @@ pub struct Connection {
     pub local: SocketAddr,
     pub server_name: Option<String>,
     pub tls: Option<Arc<TlsInfo>>,
+    /// What Istio's metadata exchange learnt of the peer (for telemetry).
+    pub peer_metadata: Arc<super::metadata_exchange::PeerSlot>,
 }
 
 impl Connection {
@@ -157,7 +159,7 @@ mod tests {
     }
 
     fn connection(peer: &str) -> Arc<Connection> {
-        Arc::new(Connection { peer: peer.parse().unwrap(), local: "10.0.0.1:9000".parse().unwrap(), server_name: None, tls: None })
+        Arc::new(Connection { peer: peer.parse().unwrap(), local: "10.0.0.1:9000".parse().unwrap(), server_name: None, tls: None, peer_metadata: Default::default() })
     }
 
     fn only_from(prefix: &str) -> serde_json::Value {
