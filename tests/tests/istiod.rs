@@ -96,6 +96,12 @@ fn istiod_drives_the_agent() {
     serve_http(&pods["server-v1"], 8080, "server v1".into());
     serve_http(&pods["server-v2"], 8080, "server v2".into());
     let ip = service(&api, "server", 80, 8080, "http", &[&pods["server-v1"], &pods["server-v2"]]);
+    let to: SocketAddr = format!("{ip}:80").parse().unwrap();
+    let answer = wait_for("client → server through istiod's configuration", Duration::from_secs(60), || {
+        http(&pods["client"].netns, to, "GET", "server", "/").map_err(|e| e.to_string()).and_then(|r| if r.status == 200 { Ok(r.body) } else { Err(r.head) })
+    });
+    let status = agent.status().map(|s| s.to_string()).unwrap_or_default();
+    let log = std::fs::read_to_string(cluster.work_dir().join("weft-agent.log")).unwrap_or_default();
     for pod in pods.values() {
         let id = format!("{}.{}", pod.name, pod.namespace);
         let dump = wait_for(&format!("istiod's config_dump of {id}"), Duration::from_secs(60), || istiod.debug(&format!("/debug/config_dump?proxyID={id}")).map_err(|e| e.to_string())).unwrap();
@@ -105,11 +111,5 @@ fn istiod_drives_the_agent() {
             std::fs::write(path, serde_json::to_string_pretty(&dump).unwrap()).unwrap();
         }
     }
-    let to: SocketAddr = format!("{ip}:80").parse().unwrap();
-    let answer = wait_for("client → server through istiod's configuration", Duration::from_secs(60), || {
-        http(&pods["client"].netns, to, "GET", "server", "/").map_err(|e| e.to_string()).and_then(|r| if r.status == 200 { Ok(r.body) } else { Err(r.head) })
-    });
-    let status = agent.status().map(|s| s.to_string()).unwrap_or_default();
-    let log = std::fs::read_to_string(cluster.work_dir().join("weft-agent.log")).unwrap_or_default();
     assert!(answer.is_ok(), "{answer:?}\nstatus: {status}\nagent log:\n{log}\nistiod log: {}", istiod.log_path().display());
 }

@@ -25,6 +25,8 @@ use policy::{PodFacts, Policy, Verdict};
 
 /// The pod annotation where the agent says whether and how it captures the pod.
 pub const STATUS_ANNOTATION: &str = "weft.dev/status";
+/// Istio's label for a pod whose proxy speaks Istio's mTLS (istiod's endpoint metadata `tlsMode`).
+pub const TLS_MODE_LABEL: &str = "security.istio.io/tlsMode";
 
 /// What istiod needs to know of a pod beyond its name and addresses, read from the API and kept in the pod
 /// registry so a restarted agent presents the same identity before the API answers.
@@ -188,14 +190,29 @@ impl KubeView {
     /// Writes the status annotation when it differs from what the pod carries.
     pub async fn annotate(&self, namespace: &str, name: &str, status: &str) {
         let current = self.pod(namespace, name);
-        let carried = current.as_ref().and_then(|p| p.metadata.annotations.as_ref()).and_then(|a| a.get(STATUS_ANNOTATION));
-        if carried.is_some_and(|c| c == status) {
+        let annotations = current.as_ref().and_then(|p| p.metadata.annotations.as_ref());
+        let carried = annotations.and_then(|a| a.get(STATUS_ANNOTATION));
+        let labels = current.as_ref().and_then(|p| p.metadata.labels.as_ref());
+        let tls_mode = labels.and_then(|l| l.get(TLS_MODE_LABEL)).map(String::as_str);
+        let captured = status.starts_with("captured");
+        // The label istiod marks the pod's endpoints with (auto mTLS: peers send it Istio's mTLS), as the
+        // sidecar injector sets it; removed again only where weft set it.
+        let label = match (captured, tls_mode) {
+            (true, Some("istio")) => None,
+            (true, _) => Some(serde_json::json!("istio")),
+            (false, Some("istio")) if carried.is_some_and(|c| c.starts_with("captured")) => Some(serde_json::Value::Null),
+            (false, _) => None,
+        };
+        if carried.is_some_and(|c| c == status) && label.is_none() {
             return;
         }
-        let patch = serde_json::json!({"metadata": {"annotations": {STATUS_ANNOTATION: status}}});
+        let mut patch = serde_json::json!({"metadata": {"annotations": {STATUS_ANNOTATION: status}}});
+        if let Some(value) = label {
+            patch["metadata"]["labels"] = serde_json::json!({TLS_MODE_LABEL: value});
+        }
         let api = Api::<Pod>::namespaced(self.client.clone(), namespace);
         if let Err(e) = api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
-            tracing::warn!(pod = %format!("{namespace}/{name}"), "cannot write the {STATUS_ANNOTATION} annotation: {e}");
+            tracing::warn!(pod = %format!("{namespace}/{name}"), "cannot write the {STATUS_ANNOTATION} annotation and {TLS_MODE_LABEL} label: {e}");
         }
     }
 }
