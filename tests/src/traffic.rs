@@ -166,9 +166,15 @@ pub struct HttpResponse {
 }
 
 /// One HTTP/1.1 request (`connection: close`) on `stream`, and everything the server answered.
-pub fn http_request(mut stream: TcpStream, method: &str, host: &str, path: &str) -> io::Result<HttpResponse> {
+pub fn http_request(stream: TcpStream, method: &str, host: &str, path: &str) -> io::Result<HttpResponse> {
+    http_request_with(stream, method, host, path, &[])
+}
+
+/// [`http_request`] with more request headers.
+pub fn http_request_with(mut stream: TcpStream, method: &str, host: &str, path: &str, headers: &[(&str, &str)]) -> io::Result<HttpResponse> {
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(stream, "{method} {path} HTTP/1.1\r\nhost: {host}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")?;
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
+    write!(stream, "{method} {path} HTTP/1.1\r\nhost: {host}\r\n{extra}content-length: 0\r\nconnection: close\r\n\r\n")?;
     let mut text = String::new();
     stream.read_to_string(&mut text)?;
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));

@@ -1,11 +1,15 @@
 //! The live-istiod suite: a real istiod (built from the `istio.io/istio` Go module by `cargo xtask setup`) runs
 //! against the tests' real API server and drives `weft-agent run` in the netns cluster. It is configured only
-//! with Kubernetes objects (Namespaces labelled for injection, Pods, Services, EndpointSlices) and Istio
-//! resources as users write them (`tests/istio/*.yaml`); every behaviour is observed as traffic between pods.
-//! The agent gets its pods' certificates from istiod's CA (as ztunnel does) and opens each pod's xDS stream on
-//! istiod's secured port with that pod's certificate.
+//! with Kubernetes objects (a Namespace labelled `istio-injection=enabled`, Pods, a Service and its
+//! EndpointSlice) and Istio resources as users write them (`tests/istio/*.yaml`); every behaviour is observed as
+//! traffic between pods. The agent gets its pods' certificates from istiod's CA (as ztunnel does) and opens each
+//! pod's xDS stream on istiod's secured port with that pod's certificate. Every response of istiod is ACKed
+//! (the suite fails on a NACK), and istiod's own `/debug/syncz` lists every captured pod as synced.
+//!
+//! `UPDATE_GOLDEN=1` also saves istiod's `/debug/config_dump` of each pod as the regression corpus
+//! (`tests/istio/corpus/`, which `cargo test -p weft-agent --lib istiod_corpus` must accept whole).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -14,17 +18,17 @@ use serde_json::{json, Value};
 use weft_tests::agent::{Agent, ADMIN};
 use weft_tests::istiod::{self, Istiod, XDS_SECURED};
 use weft_tests::kube::KubeApi;
-use weft_tests::traffic::http;
+use weft_tests::traffic::{http_request_with, HttpResponse};
 use weft_tests::{bin_path, wait_for, Cluster, ClusterOptions, Pod, WeftEntry};
 
 const NS: &str = "shop";
+const OUTSIDE: &str = "outside";
 
-/// An HTTP/1.1 server in `pod` answering every request with 200 and `body`.
-fn serve_http(pod: &Pod, port: u16, body: String) {
+/// An HTTP/1.1 server in `pod` answering every request with 200 and `<name> <path>`.
+fn serve_http(pod: &Pod, port: u16, name: &'static str) {
     let listener = pod.netns.tcp_listen(("0.0.0.0", port)).unwrap();
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
-            let body = body.clone();
             std::thread::spawn(move || {
                 let mut stream = stream;
                 let mut seen = Vec::new();
@@ -35,6 +39,9 @@ fn serve_http(pod: &Pod, port: u16, body: String) {
                         Ok(n) => seen.extend_from_slice(&buf[..n]),
                     }
                 }
+                let head = String::from_utf8_lossy(&seen);
+                let path = head.split_whitespace().nth(1).unwrap_or("?");
+                let body = format!("{name} {path}");
                 let _ = write!(stream, "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
             });
         }
@@ -43,73 +50,201 @@ fn serve_http(pod: &Pod, port: u16, body: String) {
 
 /// A Service of `port` → `target_port` over `pods`, with the EndpointSlice the endpoint controller would
 /// write (no controller manager runs here). Returns its cluster IP.
-fn service(api: &KubeApi, name: &str, port: u16, target_port: u16, protocol: &str, pods: &[&Pod]) -> String {
+fn service(api: &KubeApi, name: &str, port: u16, target_port: u16, pods: &[&Pod]) -> String {
     let svc = json!({
         "apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": NS},
-        "spec": {"selector": {"app": name}, "ports": [{"name": format!("{protocol}-{port}"), "port": port, "targetPort": target_port}]},
+        "spec": {"selector": {"app": name}, "ports": [{"name": format!("http-{port}"), "port": port, "targetPort": target_port}]},
     });
     api.apply(&svc).unwrap();
     let created = api.ok("GET", &format!("/api/v1/namespaces/{NS}/services/{name}"), None).unwrap();
     let endpoints: Vec<Value> = pods
         .iter()
-        .map(|p| json!({"addresses": [p.ip.to_string()], "conditions": {"ready": true}, "nodeName": "node", "targetRef": {"kind": "Pod", "name": p.name, "namespace": NS, "uid": p.uid}}))
+        .map(|p| json!({"addresses": [p.ip.to_string()], "conditions": {"ready": true}, "targetRef": {"kind": "Pod", "name": p.name, "namespace": NS, "uid": p.uid}}))
         .collect();
     let slice = json!({
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"name": format!("{name}-1"), "namespace": NS, "labels": {"kubernetes.io/service-name": name, "endpointslice.kubernetes.io/managed-by": "weft-tests"}},
         "addressType": "IPv4", "endpoints": endpoints,
-        "ports": [{"name": format!("{protocol}-{port}"), "port": target_port, "protocol": "TCP"}],
+        "ports": [{"name": format!("http-{port}"), "port": target_port, "protocol": "TCP"}],
     });
     api.apply(&slice).unwrap();
     created["spec"]["clusterIP"].as_str().unwrap().to_string()
 }
 
-#[test]
-fn istiod_drives_the_agent() {
-    let cluster = Cluster::with_options("kist", ClusterOptions::with_weft(WeftEntry::new(bin_path("weft-cni").unwrap(), "run/cni.sock"))).unwrap();
-    let api = KubeApi::start(cluster.node()).unwrap();
-    let istiod = Istiod::start(cluster.node(), &api).unwrap();
-    let token = istiod.agent_token(&api, cluster.id()).unwrap().display().to_string();
-    let root = istiod.root_cert().display().to_string();
-    api.create_namespace(NS, json!({"istio-injection": "enabled"})).unwrap();
-    for doc in istiod::resources("strict.yaml").unwrap() {
-        api.apply(&doc).unwrap();
-    }
-    let kubeconfig = api.agent_kubeconfig().unwrap().display().to_string();
-    let agent = Agent::start_with_args(
-        &cluster,
-        "iptables",
-        ADMIN,
-        &[
+/// The test's world: the cluster, its API server, istiod, the agent and the pods.
+struct Mesh {
+    cluster: Cluster,
+    api: KubeApi,
+    istiod: Istiod,
+    agent: Agent,
+    pods: BTreeMap<&'static str, Pod>,
+    /// The server Service's cluster IP and port.
+    server: SocketAddr,
+}
+
+impl Mesh {
+    fn start() -> Mesh {
+        let cluster = Cluster::with_options("kist", ClusterOptions::with_weft(WeftEntry::new(bin_path("weft-cni").unwrap(), "run/cni.sock"))).unwrap();
+        let api = KubeApi::start(cluster.node()).unwrap();
+        let istiod = Istiod::start(cluster.node(), &api).unwrap();
+        let token = istiod.agent_token(&api, cluster.id()).unwrap().display().to_string();
+        let root = istiod.root_cert().display().to_string();
+        api.create_namespace(NS, json!({"istio-injection": "enabled"})).unwrap();
+        api.create_namespace(OUTSIDE, json!({})).unwrap();
+        apply(&api, "strict.yaml");
+        let kubeconfig = api.agent_kubeconfig().unwrap().display().to_string();
+        let args = [
             "--node-name", cluster.id(), "--kubeconfig", &kubeconfig,
             "--ca", "istiod", "--ca-address", XDS_SECURED, "--istiod-root-cert", &root, "--istiod-token-file", &token,
             "--xds-address", XDS_SECURED, "--xds-tls", "true",
-        ],
-    )
-    .unwrap();
-
-    let mut pods = BTreeMap::new();
-    for (name, app, sa, version) in [("client", "client", "client", "v1"), ("server-v1", "server", "server", "v1"), ("server-v2", "server", "server", "v2")] {
-        let pod = api.run_pod(&cluster, NS, name, json!({"labels": {"app": app, "version": version}}), json!({"serviceAccountName": sa})).unwrap();
-        pods.insert(name, pod);
+        ];
+        let agent = Agent::start_with_args(&cluster, "iptables", ADMIN, &args).unwrap();
+        let mut pods = BTreeMap::new();
+        let workloads: [(&'static str, &str, &str, &str, &str); 5] = [
+            ("client", NS, "client", "client", "v1"),
+            ("other", NS, "other", "other", "v1"),
+            ("server-v1", NS, "server", "server", "v1"),
+            ("server-v2", NS, "server", "server", "v2"),
+            ("outsider", OUTSIDE, "outsider", "default", "v1"),
+        ];
+        for (name, ns, app, sa, version) in workloads {
+            let pod = api.run_pod(&cluster, ns, name, json!({"labels": {"app": app, "version": version}}), json!({"serviceAccountName": sa})).unwrap();
+            pods.insert(name, pod);
+        }
+        serve_http(&pods["server-v1"], 8080, "server-v1");
+        serve_http(&pods["server-v2"], 8080, "server-v2");
+        let ip = service(&api, "server", 80, 8080, &[&pods["server-v1"], &pods["server-v2"]]);
+        let server = format!("{ip}:80").parse().unwrap();
+        Mesh { cluster, api, istiod, agent, pods, server }
     }
-    serve_http(&pods["server-v1"], 8080, "server v1".into());
-    serve_http(&pods["server-v2"], 8080, "server v2".into());
-    let ip = service(&api, "server", 80, 8080, "http", &[&pods["server-v1"], &pods["server-v2"]]);
-    let to: SocketAddr = format!("{ip}:80").parse().unwrap();
-    let answer = wait_for("client → server through istiod's configuration", Duration::from_secs(60), || {
-        http(&pods["client"].netns, to, "GET", "server", "/").map_err(|e| e.to_string()).and_then(|r| if r.status == 200 { Ok(r.body) } else { Err(r.head) })
-    });
-    let status = agent.status().map(|s| s.to_string()).unwrap_or_default();
-    let log = std::fs::read_to_string(cluster.work_dir().join("weft-agent.log")).unwrap_or_default();
-    for pod in pods.values() {
+
+    /// A GET from pod `from` to `to` with `headers`: the response, or why there was none.
+    fn get_to(&self, from: &str, to: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<HttpResponse, String> {
+        let netns = &self.pods[from].netns;
+        let stream = netns.tcp_connect(to, Duration::from_secs(5)).map_err(|e| format!("connect: {e}"))?;
+        http_request_with(stream, "GET", "server", path, headers).map_err(|e| e.to_string())
+    }
+
+    /// A GET from `from` to the server Service.
+    fn get(&self, from: &str, path: &str, headers: &[(&str, &str)]) -> Result<HttpResponse, String> {
+        self.get_to(from, self.server, path, headers)
+    }
+
+    /// Waits until a GET from `from` answers as `expected` says (istiod pushes asynchronously).
+    fn eventually(&self, what: &str, from: &str, path: &str, headers: &[(&str, &str)], expected: impl Fn(&HttpResponse) -> bool) -> HttpResponse {
+        let outcome = wait_for(what, Duration::from_secs(60), || match self.get(from, path, headers) {
+            Ok(r) if expected(&r) => Ok(r),
+            Ok(r) => Err(format!("{} {}", r.status, r.body)),
+            Err(e) => Err(e),
+        });
+        outcome.unwrap_or_else(|e| panic!("{e}\n{}", self.diagnostics()))
+    }
+
+    /// Bodies of `n` GETs from `from` (failures as `error …`).
+    fn bodies(&self, from: &str, path: &str, headers: &[(&str, &str)], n: usize) -> BTreeSet<String> {
+        (0..n).map(|_| self.get(from, path, headers).map_or_else(|e| format!("error {e}"), |r| format!("{} {}", r.status, r.body))).collect()
+    }
+
+    fn diagnostics(&self) -> String {
+        let status = self.agent.status().map(|s| s.to_string()).unwrap_or_default();
+        let log = std::fs::read_to_string(self.cluster.work_dir().join("weft-agent.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(60).collect();
+        format!("status: {status}\nagent log (last lines, newest first):\n{}\nistiod log: {}", tail.join("\n"), self.istiod.log_path().display())
+    }
+
+    /// Every xDS response the agent got was accepted, and every captured pod is synced.
+    fn assert_no_nack(&self) {
+        let log = std::fs::read_to_string(self.cluster.work_dir().join("weft-agent.log")).unwrap_or_default();
+        let nacks: Vec<&str> = log.lines().filter(|l| l.contains("NACK")).collect();
+        assert!(nacks.is_empty(), "the agent refused istiod's configuration:\n{}", nacks.join("\n"));
+        let status = self.agent.status().unwrap();
+        for pod in status["pods"].as_array().into_iter().flatten() {
+            for (kind, state) in pod["xds"].as_object().into_iter().flatten() {
+                assert!(state == "SYNCED" || (kind == "SDS" && state == "NOT SENT"), "{}/{}: {kind} {state}", pod["namespace"], pod["name"]);
+            }
+        }
+    }
+}
+
+fn apply(api: &KubeApi, file: &str) {
+    for doc in istiod::resources(file).unwrap() {
+        api.apply(&doc).unwrap();
+    }
+}
+
+fn delete(api: &KubeApi, file: &str) {
+    for doc in istiod::resources(file).unwrap() {
+        api.delete(&doc).unwrap();
+    }
+}
+
+#[test]
+fn istiod_drives_the_agent() {
+    let mesh = Mesh::start();
+    let ok = |r: &HttpResponse| r.status == 200;
+
+    // Mesh-wide STRICT mTLS: the client reaches the servers (over Istio's mTLS: plaintext is refused, below).
+    let first = mesh.eventually("client → server through istiod's configuration", "client", "/", &[], ok);
+    assert!(first.body.starts_with("server-v"), "{first:?}");
+    let spread = mesh.bodies("client", "/", &[], 20);
+    assert_eq!(spread, BTreeSet::from(["200 server-v1 /".to_string(), "200 server-v2 /".to_string()]), "both endpoints serve");
+
+    // STRICT: a pod outside the mesh (plaintext) is refused at the server's inbound.
+    let direct: SocketAddr = format!("{}:8080", mesh.pods["server-v1"].ip).parse().unwrap();
+    let plaintext = mesh.get_to("outsider", direct, "/", &[]);
+    assert!(plaintext.as_ref().map_or(true, |r| r.status == 0), "STRICT lets plaintext in: {plaintext:?}");
+
+    // PERMISSIVE in the namespace: plaintext is let in too, without restarting anything.
+    apply(&mesh.api, "permissive.yaml");
+    wait_for("PERMISSIVE to let plaintext in", Duration::from_secs(60), || match mesh.get_to("outsider", direct, "/", &[]) {
+        Ok(r) if r.status == 200 => Ok(()),
+        other => Err(format!("{other:?}")),
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.diagnostics()));
+    delete(&mesh.api, "permissive.yaml");
+
+    // VirtualService and DestinationRule: default route to v2, a header to v1, a rewrite, a fault.
+    apply(&mesh.api, "routing.yaml");
+    let only = |body: &str| BTreeSet::from([format!("200 {body}")]);
+    wait_for("the VirtualService to send everything to v2", Duration::from_secs(60), || match mesh.bodies("client", "/", &[], 10) {
+        b if b == only("server-v2 /") => Ok(()),
+        other => Err(format!("{other:?}")),
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.diagnostics()));
+    assert_eq!(mesh.bodies("client", "/", &[("end-user", "jason")], 10), only("server-v1 /"), "header match to v1");
+    assert_eq!(mesh.bodies("client", "/old/page", &[], 3), only("server-v1 /new/page"), "prefix rewrite");
+    let teapot = mesh.get("client", "/teapot", &[]).unwrap();
+    assert_eq!(teapot.status, 418, "fault abort: {teapot:?}");
+
+    // AuthorizationPolicy DENY on a path: 403 from the server's sidecar, other paths still served.
+    apply(&mesh.api, "deny-admin.yaml");
+    let denied = mesh.eventually("the DENY policy on /admin", "client", "/admin", &[], |r| r.status == 403);
+    assert!(denied.body.contains("RBAC: access denied"), "{denied:?}");
+    assert_eq!(mesh.get("client", "/", &[]).unwrap().status, 200);
+
+    // ALLOW by principal: the client's mTLS identity is allowed, another workload's is not.
+    apply(&mesh.api, "allow-client.yaml");
+    mesh.eventually("the ALLOW policy to shut out other", "other", "/", &[], |r| r.status == 403);
+    assert_eq!(mesh.get("client", "/", &[]).unwrap().status, 200, "the client's principal is allowed");
+    delete(&mesh.api, "allow-client.yaml");
+    mesh.eventually("other allowed again once the policy is gone", "other", "/", &[], ok);
+
+    // istiod's view: every captured pod is a connected proxy whose configuration is ACKed.
+    let syncz = mesh.istiod.debug("/debug/syncz").unwrap();
+    let synced: BTreeSet<String> = syncz.as_array().into_iter().flatten().filter_map(|p| p["proxy"].as_str().map(str::to_string)).collect();
+    for name in ["client", "other", "server-v1", "server-v2"] {
+        let pod = &mesh.pods[name];
         let id = format!("{}.{}", pod.name, pod.namespace);
-        let dump = wait_for(&format!("istiod's config_dump of {id}"), Duration::from_secs(60), || istiod.debug(&format!("/debug/config_dump?proxyID={id}")).map_err(|e| e.to_string())).unwrap();
-        if std::env::var_os("UPDATE_GOLDEN").is_some() {
-            let path = weft_tests::workspace_root().join(format!("tests/istio/corpus/{}.json", pod.name));
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        assert!(synced.contains(&id), "istiod's /debug/syncz lacks {id}: {syncz}");
+    }
+    mesh.assert_no_nack();
+
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        for name in ["client", "server-v1"] {
+            let pod = &mesh.pods[name];
+            let dump = mesh.istiod.debug(&format!("/debug/config_dump?proxyID={}.{}", pod.name, pod.namespace)).unwrap();
+            let path = weft_tests::workspace_root().join(format!("tests/istio/corpus/{name}.json"));
             std::fs::write(path, serde_json::to_string_pretty(&dump).unwrap()).unwrap();
         }
     }
-    assert!(answer.is_ok(), "{answer:?}\nstatus: {status}\nagent log:\n{log}\nistiod log: {}", istiod.log_path().display());
 }

@@ -417,6 +417,8 @@ fn route(mut r: Obj<'_>) -> Result<Route> {
     let (Some(action), None) = (found.next(), found.next()) else {
         return Err(ConfigError::new(r.path(), "needs exactly one of route, redirect or direct_response"));
     };
+    // Route metadata (istiod names the VirtualService there) is read by no filter weft has.
+    let _ = r.object("metadata")?.map(super::metadata::translate).transpose()?;
     let headers = headers::ops(&mut r)?;
     let per_filter = http_filters::per_filter_config(&mut r)?;
     r.finish()?;

@@ -14,7 +14,7 @@ use xds_api::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, Discover
 use xds_api::pb::google::rpc::Status;
 
 use crate::identity::grpc::{AuthChannel, BearerToken};
-use super::{codec, is_wildcard, Received, XdsState, NAMED_TYPES, TYPES};
+use super::{codec, is_wildcard, Received, XdsState, CLUSTER_TYPE, LISTENER_TYPE, NAMED_TYPES, TYPES};
 use crate::config::bootstrap::AdsApi;
 use crate::config::cluster::Discovery;
 
@@ -124,7 +124,10 @@ async fn sotw(state: &Arc<XdsState>, channel: AuthChannel, failures: &mut u32) -
             .iter()
             .map(|any| Received { name: None, version: &response.version_info, type_url: &any.type_url, bytes: &any.value })
             .collect();
-        let errors = state.apply(type_url, &response.version_info, &received, &[], true);
+        // State of the world: only LDS and CDS responses carry every resource; an EDS, RDS or SDS response may
+        // carry just the changed ones (istiod's incremental EDS pushes), the others stay.
+        let complete = matches!(type_url, LISTENER_TYPE | CLUSTER_TYPE);
+        let errors = state.apply(type_url, &response.version_info, &received, &[], complete);
         log_outcome(type_url, &response.version_info, &errors);
         let subscription = named.iter_mut().find(|s| s.type_url == type_url);
         // A state-of-the-world ACK repeats the names it subscribes to.

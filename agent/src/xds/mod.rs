@@ -183,8 +183,11 @@ impl XdsState {
 
     /// The names a named type needs now: EDS services of the EDS clusters, RDS names of the listeners.
     pub fn names_for(&self, type_url: &str) -> Vec<String> {
+        self.referenced(&self.store(), type_url)
+    }
+
+    fn referenced(&self, store: &Store, type_url: &str) -> Vec<String> {
         use crate::config::cluster::Discovery;
-        let store = self.store();
         let mut names: Vec<String> = if type_url == ENDPOINT_TYPE {
             self.bootstrap
                 .clusters
@@ -259,6 +262,15 @@ impl XdsState {
             ROUTE_TYPE => Arc::make_mut(&mut store.routes).retain(|e| !gone(&e.name)),
             SECRET_TYPE => Arc::make_mut(&mut store.secrets).retain(|e| !gone(&e.name)),
             _ => Arc::make_mut(&mut store.clusters).retain(|e| !gone(&e.name)),
+        }
+        // Endpoints and routes no cluster or listener names any more leave with their subscription.
+        if complete && type_url == CLUSTER_TYPE {
+            let wanted = self.referenced(&store, ENDPOINT_TYPE);
+            Arc::make_mut(&mut store.assignments).retain(|e| wanted.iter().any(|w| **w == *e.name));
+        }
+        if complete && type_url == LISTENER_TYPE {
+            let wanted = self.referenced(&store, ROUTE_TYPE);
+            Arc::make_mut(&mut store.routes).retain(|e| wanted.iter().any(|w| **w == *e.name));
         }
         errors.extend(self.push(&mut store));
         if errors.is_empty() {
