@@ -27,8 +27,6 @@ pub const ISTIO_NAMESPACE: &str = "istio-system";
 pub const XDS_PLAINTEXT: &str = "127.0.0.1:15010";
 pub const XDS_SECURED: &str = "127.0.0.1:15012";
 const HTTP_PORT: u16 = 8080;
-/// The Istio version this istiod is (its VERSION file): what the agent declares as `ISTIO_VERSION`.
-pub const ISTIO_VERSION: &str = "1.31.0";
 
 /// A running istiod; stops when dropped.
 pub struct Istiod {

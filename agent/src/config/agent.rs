@@ -202,6 +202,10 @@ impl Default for AgentConfig {
     }
 }
 
+/// The `ISTIO_VERSION` pods declare to istiod, which picks its encodings by it: the newest Istio weft is tested
+/// against (tests/tests/istiod.rs), so istiod sends the encodings weft decodes.
+pub const DEFAULT_ISTIO_VERSION: &str = "1.31.0";
+
 /// The config file: every field optional, unknown fields refused so a typo never goes unnoticed.
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -332,7 +336,7 @@ impl ConfigFile {
                         api: AdsApi::Sotw,
                         cluster_id: "Kubernetes".into(),
                         mesh_id: "cluster.local".into(),
-                        istio_version: "1.24.0".into(),
+                        istio_version: DEFAULT_ISTIO_VERSION.into(),
                     })
                 }
             }
