@@ -16,6 +16,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("libpolly-22-dev", "needed to link bpf-linker against LLVM 22"),
     ("wrk", "the HTTP/1.1 keep-alive load generator of `bench http`"),
     ("nghttp2-client", "h2load, the HTTP/2 and gRPC load generator of `bench http`"),
+    ("openssl", "`cargo xtask demo` shows the certificate a meshed pod presents on the wire"),
 ];
 
 /// What the demo and the benchmarks need, the eBPF toolchain included.
