@@ -756,9 +756,15 @@ async fn mirror(template: &Template, body: Body, mirrors: &[MirrorPolicy], upstr
     }
     let Ok(bytes) = buffer(body).await else { return body::empty() };
     for m in chosen {
-        let Some(cluster) = upstream.snapshot.cluster(&m.cluster) else { continue };
+        let Some(cluster) = upstream.snapshot.cluster(&m.cluster) else {
+            tracing::debug!(cluster = %m.cluster, "mirror: no such cluster");
+            continue;
+        };
         let runtime = upstream.pools.runtime(&m.cluster);
-        let Ok(endpoint) = pick_endpoint(&cluster, &runtime, upstream.original_dst, &[], 1, template.hash) else { continue };
+        let Ok(endpoint) = pick_endpoint(&cluster, &runtime, upstream.original_dst, &[], 1, template.hash) else {
+            tracing::debug!(cluster = %m.cluster, "mirror: no healthy endpoint");
+            continue;
+        };
         let mut copy = Template { protocol: protocol_for(cluster.config, template.downstream_version), ..template.clone() };
         if m.shadow_suffix {
             let (host, port) = route::split_port(&template.authority);
@@ -772,9 +778,10 @@ async fn mirror(template: &Template, body: Body, mirrors: &[MirrorPolicy], upstr
         cluster.state.upstream_rq_total.fetch_add(1, Relaxed);
         tokio::spawn(async move {
             let (result, _) = pools.send(key, copy.protocol, Reuse::of(&config), &runtime, request).await;
-            if let Ok(response) = result {
+            match result {
                 // Read to the end so the pooled connection can serve again.
-                let _ = response.into_body().collect().await;
+                Ok(response) => drop(response.into_body().collect().await),
+                Err(e) => tracing::debug!(cluster = %config.name, "mirror: {e}"),
             }
         });
     }
