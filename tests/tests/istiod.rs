@@ -363,6 +363,7 @@ fn istiod_traffic_policies_and_egress() {
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", mesh.diagnostics()));
     mesh.assert_no_nack();
+    mesh.save_corpus("policies-");
 }
 
 /// A suffix that makes each request's path its own.
