@@ -284,6 +284,10 @@ struct RunArgs {
     /// probe ports get, let through in the pod; or `off` [default: 169.254.7.127].
     #[arg(long)]
     probe_snat: Option<String>,
+    /// Each captured pod answers on 15021 (/healthz/ready) and 15020 (/healthz/ready, /stats/prometheus) as its
+    /// Istio sidecar did [default: true].
+    #[arg(long)]
+    pod_health_ports: Option<bool>,
 }
 
 impl RunArgs {
@@ -318,6 +322,7 @@ impl RunArgs {
             kubeconfig: self.kubeconfig.clone(),
             install_cni: self.install_cni,
             probe_snat: self.probe_snat.clone(),
+            pod_health_ports: self.pod_health_ports,
             ..self.cni_dirs.fill(self.cni_entry.fill(self.ca.layer()))
         };
         // One layer, so settings that belong together (a CA's) may come partly from each.
@@ -529,6 +534,7 @@ async fn serve(cfg: AgentConfig) -> Result<(), String> {
         pod_limits: cfg.pod_limits,
         node_max_connections: cfg.node_max_connections,
         node_max_requests: cfg.node_max_requests,
+        pod_health_ports: cfg.pod_health_ports,
     };
     let xds = cfg.xds.clone().map(weft_agent::xds::pod::PodXds::new).transpose().map_err(|e| format!("xds_address: {e}"))?;
     let mut node = Node::new(Arc::from(redirector), registry, settings, xds);

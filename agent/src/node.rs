@@ -9,12 +9,13 @@ use serde::Serialize;
 use tokio::sync::Mutex;
 use weft_cni::protocol::{Attachment, PodSandbox};
 
+use crate::admin::pod_ports::{self, PodMetrics, PodPorts, Readiness};
 use crate::capture::netns::{self, Netns, NetnsPath};
 use crate::capture::probes::{HostProbes, ProbeTarget};
 use crate::capture::{CaptureError, PodCapture, RedirectMode, Redirector};
 use crate::cni_server::registry::{PodRecord, RegistryFile};
 use crate::identity::manager::{IdentityManager, Subscription};
-use crate::config::agent::PodLimits;
+use crate::config::agent::{PodLimits, DEFAULT_ISTIO_VERSION};
 use crate::k8s::{self, KubeView, PodMeta};
 use crate::proxy::listener::{self, PodListeners};
 use crate::proxy::passthrough;
@@ -46,6 +47,8 @@ struct CapturedPod {
     share: PodShare,
     /// Its workload certificate, pushed to its TLS as `default`/`ROOTCA` while held.
     identity: Option<PodIdentity>,
+    /// Its sidecar's health and metrics ports (15020, 15021), unless `pod_health_ports` is off.
+    ports: Option<PodPorts>,
 }
 
 /// A pod's subscription to its service account's certificate and the task that serves it to the pod's TLS.
@@ -75,6 +78,18 @@ impl Drop for PodStream {
 impl CapturedPod {
     fn label(&self) -> String {
         format!("{}/{}", self.record.namespace, self.record.name)
+    }
+
+    /// Whether every accept loop of the pod (data path, health ports) still runs.
+    fn serving(&self) -> bool {
+        self.listeners.healthy() && self.ports.as_ref().is_none_or(PodPorts::healthy)
+    }
+
+    /// Points the pod's readiness at its current xDS stream.
+    fn follow_stream(&self) {
+        if let (Some(ports), Some(stream)) = (&self.ports, &self.xds) {
+            ports.readiness.follow(Arc::clone(&stream.state));
+        }
     }
 }
 
@@ -172,6 +187,9 @@ pub struct PodStatus {
     pub redirect: RedirectMode,
     pub listeners: Vec<std::net::SocketAddr>,
     pub listening: bool,
+    /// Where the pod answers `/healthz/ready` and `/stats/prometheus` (15020, 15021), unless turned off.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub health_ports: Vec<std::net::SocketAddr>,
     pub outbound: ListenerSnapshot,
     pub inbound: ListenerSnapshot,
     /// The pod's share of the proxy: connections, requests in flight, bytes and CPU time of its threads.
@@ -277,7 +295,7 @@ impl Node {
         let mut pods = self.pods.lock().await;
         self.declined.lock().await.remove(&attachment);
         if let Some(existing) = pods.get(&attachment) {
-            if existing.record.netns_id == ns.id() && existing.listeners.healthy() {
+            if existing.record.netns_id == ns.id() && existing.serving() {
                 self.verify_rules(&existing.netns, &existing.record.capture).await?;
                 return Ok(format!("{} already captured", existing.label()));
             }
@@ -366,7 +384,7 @@ impl Node {
         if !netns::still_same(&pod.record.netns, pod.record.netns_id) {
             return Err(NodeError::new(format!("{}: netns {} is gone", pod.label(), pod.record.netns), ""));
         }
-        if !pod.listeners.healthy() {
+        if !pod.serving() {
             return Err(NodeError::new(format!("{}: in-pod listeners stopped", pod.label()), "see the agent log"));
         }
         self.verify_rules(&pod.netns, &pod.record.capture).await?;
@@ -471,6 +489,9 @@ impl Node {
     pub async fn stop_listening(&self) {
         for pod in self.pods.lock().await.values() {
             pod.listeners.close();
+            if let Some(ports) = &pod.ports {
+                ports.close();
+            }
         }
     }
 
@@ -748,6 +769,7 @@ impl Node {
         pod.identity = self.pod_identity(&pod.record, &pod.listeners, &pod.share);
         if let Some(snapshot) = pod.xds.take().and_then(|stream| stream.state.snapshot_sender()) {
             pod.xds = self.start_xds(&pod.record, snapshot, pod.identity.as_ref(), &pod.share);
+            pod.follow_stream();
         }
     }
 
@@ -763,7 +785,8 @@ impl Node {
                 ips: p.record.ips.clone(),
                 redirect: p.record.redirect,
                 listeners: p.listeners.addresses.clone(),
-                listening: p.listeners.healthy(),
+                listening: p.serving(),
+                health_ports: p.ports.as_ref().map(|ports| ports.addresses.clone()).unwrap_or_default(),
                 outbound: p.listeners.outbound.snapshot(),
                 inbound: p.listeners.inbound.snapshot(),
                 load: p.share.load.snapshot(),
@@ -796,6 +819,7 @@ impl Node {
         let listeners = listener::start(label.clone(), ns.clone(), self.settings, config, &share)
             .await
             .map_err(|e| NodeError::new(format!("{label}: cannot create in-pod listeners"), e))?;
+        let ports = self.start_ports(&label, &ns, &listeners, &share).await?;
         let listening = started.elapsed();
         let redirector = Arc::clone(&self.redirector);
         let (rules_ns, plan) = (ns.clone(), record.capture.clone());
@@ -809,7 +833,33 @@ impl Node {
         record.redirect = self.redirector.mode();
         let identity = self.pod_identity(&record, &listeners, &share);
         let xds = self.start_xds(&record, snapshot, identity.as_ref(), &share);
-        Ok(CapturedPod { record, netns: ns, listeners, xds, share, identity })
+        let pod = CapturedPod { record, netns: ns, listeners, xds, share, identity, ports };
+        pod.follow_stream();
+        Ok(pod)
+    }
+
+    /// The pod's 15020 and 15021, when `pod_health_ports` is on: ready at once without a control plane,
+    /// otherwise once its stream has accepted clusters and listeners.
+    async fn start_ports(&self, label: &str, ns: &Netns, listeners: &PodListeners, share: &PodShare) -> Result<Option<PodPorts>, NodeError> {
+        if !self.settings.pod_health_ports {
+            return Ok(None);
+        }
+        let readiness = match self.xds {
+            Some(_) => Readiness::xds(),
+            None => Readiness::Local,
+        };
+        let metrics = PodMetrics {
+            outbound: Arc::clone(&listeners.outbound),
+            inbound: Arc::clone(&listeners.inbound),
+            load: Arc::clone(&share.load),
+            istio_version: self.xds.as_ref().map_or(DEFAULT_ISTIO_VERSION, PodXds::istio_version).to_string(),
+        };
+        pod_ports::start(label.to_string(), ns.clone(), Arc::new(readiness), metrics, share.handle()).await.map(Some).map_err(|e| {
+            NodeError::new(
+                format!("{label}: cannot serve the pod's health ports ({} and {})", pod_ports::STATUS_PORT, pod_ports::READINESS_PORT),
+                format!("{e}; Istio reserves these ports: move the app off them, or set pod_health_ports to false"),
+            )
+        })
     }
 
     /// The pod's xDS stream, on the pod's own threads (one pod's configuration churn is translated there),
@@ -855,8 +905,8 @@ impl Node {
             }
         }
         // Its listeners stop now; its established connections finish on its threads.
-        let CapturedPod { listeners, xds, share, identity, .. } = pod;
-        drop((listeners, xds, identity));
+        let CapturedPod { listeners, xds, share, identity, ports, .. } = pod;
+        drop((listeners, xds, identity, ports));
         share.retire(self.settings.drain_timeout);
     }
 

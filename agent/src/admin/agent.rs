@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::{AdminRequest, Reply, ReplyFuture, Routes};
 use crate::node::{Node, PodStatus};
+use crate::proxy::pod_share::LoadSnapshot;
 
 /// Shared state the agent's admin endpoint reports on.
 pub struct Admin {
@@ -77,25 +78,33 @@ impl Routes for Admin {
     }
 }
 
+/// One metric of a pod's share of the proxy: name, type, help and its value.
+pub(crate) type LoadMetric = (&'static str, &'static str, &'static str, fn(&LoadSnapshot) -> f64);
+
+/// A pod's share of the proxy as metrics: on this endpoint labelled `pod="namespace/name"`, on each pod's
+/// own status port (15020) as they are.
+pub(crate) const LOAD_METRICS: &[LoadMetric] = &[
+    ("weft_pod_connections", "gauge", "Downstream connections open.", |l| l.connections as f64),
+    ("weft_pod_connections_total", "counter", "Downstream connections accepted.", |l| l.connections_total as f64),
+    ("weft_pod_connections_refused_total", "counter", "Connections closed over max_connections.", |l| l.connections_refused as f64),
+    ("weft_pod_requests", "gauge", "HTTP requests in flight.", |l| l.requests as f64),
+    ("weft_pod_requests_total", "counter", "HTTP requests admitted.", |l| l.requests_total as f64),
+    ("weft_pod_requests_refused_total", "counter", "Requests answered 503 over max_requests.", |l| l.requests_refused as f64),
+    ("weft_pod_received_bytes_total", "counter", "Bytes read from downstream.", |l| l.bytes_in as f64),
+    ("weft_pod_sent_bytes_total", "counter", "Bytes written to downstream.", |l| l.bytes_out as f64),
+    ("weft_pod_cpu_seconds_total", "counter", "CPU time of the pod's worker threads.", |l| l.cpu_us as f64 / 1e6),
+];
+
 /// Each pod's share of the proxy, labelled `pod="namespace/name"`, and the node's connections counted by
 /// the listeners (which the pods' connections add up to).
 fn prometheus(pods: &[PodStatus]) -> String {
     let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, value: &dyn Fn(&PodStatus) -> f64| {
+    for (name, kind, help, value) in LOAD_METRICS {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
         for p in pods {
-            out.push_str(&format!("{name}{{pod=\"{}/{}\"}} {}\n", p.namespace, p.name, value(p)));
+            out.push_str(&format!("{name}{{pod=\"{}/{}\"}} {}\n", p.namespace, p.name, value(&p.load)));
         }
-    };
-    metric("weft_pod_connections", "gauge", "Downstream connections open.", &|p| p.load.connections as f64);
-    metric("weft_pod_connections_total", "counter", "Downstream connections accepted.", &|p| p.load.connections_total as f64);
-    metric("weft_pod_connections_refused_total", "counter", "Connections closed over max_connections.", &|p| p.load.connections_refused as f64);
-    metric("weft_pod_requests", "gauge", "HTTP requests in flight.", &|p| p.load.requests as f64);
-    metric("weft_pod_requests_total", "counter", "HTTP requests admitted.", &|p| p.load.requests_total as f64);
-    metric("weft_pod_requests_refused_total", "counter", "Requests answered 503 over max_requests.", &|p| p.load.requests_refused as f64);
-    metric("weft_pod_received_bytes_total", "counter", "Bytes read from downstream.", &|p| p.load.bytes_in as f64);
-    metric("weft_pod_sent_bytes_total", "counter", "Bytes written to downstream.", &|p| p.load.bytes_out as f64);
-    metric("weft_pod_cpu_seconds_total", "counter", "CPU time of the pod's worker threads.", &|p| p.load.cpu_us as f64 / 1e6);
+    }
     let listened: u64 = pods.iter().map(|p| p.outbound.active + p.inbound.active).sum();
     out.push_str(&format!("# HELP weft_node_connections Connections open on every pod's listeners.\n# TYPE weft_node_connections gauge\nweft_node_connections {listened}\n"));
     out

@@ -1,9 +1,10 @@
 //! Admin endpoints: a small HTTP/1.1 server (one request per connection, loopback by default) and the two
 //! sets of routes it serves: the node agent's (`agent`) and the standalone proxy's Envoy-compatible one
-//! (`envoy`).
+//! (`envoy`); and each captured pod's own health and metrics ports (`pod_ports`, 15020 and 15021).
 
 pub mod agent;
 pub mod envoy;
+pub mod pod_ports;
 
 use std::future::Future;
 use std::net::SocketAddr;

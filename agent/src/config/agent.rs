@@ -160,6 +160,9 @@ pub struct AgentConfig {
     /// Source address kubelet's probes of captured pods' probe ports are SNATed to on the node and let
     /// through in the pod (see `capture::probes`); `None`: probes are captured like other connections.
     pub probe_source: Option<std::net::Ipv4Addr>,
+    /// Each captured pod answers on 15021 (`/healthz/ready`) and 15020 (`/healthz/ready`, `/stats/prometheus`),
+    /// as its Istio sidecar did.
+    pub pod_health_ports: bool,
 }
 
 /// How the agent reaches the Kubernetes API and which pods are its own.
@@ -198,6 +201,7 @@ impl Default for AgentConfig {
             kube: None,
             cni_install: CniInstallSettings::default(),
             probe_source: Some(crate::capture::DEFAULT_PROBE_SOURCE),
+            pod_health_ports: true,
         }
     }
 }
@@ -272,6 +276,8 @@ pub struct ConfigFile {
     pub cni_log_file: Option<PathBuf>,
     /// Kubelet probe exemption: the IPv4 source address probes get on the node, or `off` [169.254.7.127].
     pub probe_snat: Option<String>,
+    /// Serve each captured pod's 15020 and 15021 [true].
+    pub pod_health_ports: Option<bool>,
 }
 
 impl ConfigFile {
@@ -358,6 +364,7 @@ impl ConfigFile {
         } else if mesh_fields.iter().any(|f| f.is_some()) {
             return Err("xds_api, cluster_id (without ca istiod), mesh_id and istio_version need xds_address".into());
         }
+        set(&mut base.pod_health_ports, self.pod_health_ports);
         if let Some(text) = self.probe_snat {
             base.probe_source = parse_probe_snat(&text)?;
         }
@@ -534,6 +541,7 @@ impl ConfigFile {
             cni_exclude_namespaces: self.cni_exclude_namespaces.or(under.cni_exclude_namespaces),
             cni_log_file: self.cni_log_file.or(under.cni_log_file),
             probe_snat: self.probe_snat.or(under.probe_snat),
+            pod_health_ports: self.pod_health_ports.or(under.pod_health_ports),
         }
     }
 }
@@ -613,6 +621,16 @@ mod tests {
         assert_eq!(file(r#"{"probe_snat":"169.254.9.9"}"#).unwrap().probe_source, Some([169, 254, 9, 9].into()));
         assert!(file(r#"{"probe_snat":"10.0.0.1"}"#).unwrap_err().contains("probe_snat: 10.0.0.1 is not link-local"));
         assert!(file(r#"{"probe_snat":"none"}"#).unwrap_err().contains("probe_snat"));
+    }
+
+    #[test]
+    fn pod_health_ports_are_on_unless_turned_off() {
+        assert!(file("{}").unwrap().pod_health_ports);
+        assert!(!file(r#"{"pod_health_ports":false}"#).unwrap().pod_health_ports);
+        let flag = ConfigFile { pod_health_ports: Some(true), ..ConfigFile::default() };
+        let under = serde_json::from_str::<ConfigFile>(r#"{"pod_health_ports":false}"#).unwrap();
+        assert!(flag.or(under).apply(AgentConfig::default()).unwrap().pod_health_ports, "the flag wins over the file");
+        assert!(file(r#"{"pod_health_ports":"no"}"#).unwrap_err().contains("expected a boolean"));
     }
 
     #[test]

@@ -85,7 +85,8 @@ fn addresses(ipv6: bool) -> Vec<(Direction, SocketAddr)> {
     out
 }
 
-fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+/// A listening socket for the agent's runtime; called on a thread inside the pod's netns.
+pub(crate) fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM.cloexec(), Some(Protocol::TCP))?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;

@@ -51,6 +51,9 @@ pub struct ProxySettings {
     pub node_max_connections: u64,
     /// Requests in flight of all pods together; at it, only pods under their equal share get new ones.
     pub node_max_requests: u64,
+    /// Whether each captured pod answers on 15021 (`/healthz/ready`) and 15020 (`/healthz/ready`,
+    /// `/stats/prometheus`) as its Istio sidecar did.
+    pub pod_health_ports: bool,
 }
 
 impl Default for ProxySettings {
@@ -62,6 +65,7 @@ impl Default for ProxySettings {
             pod_limits: pod_share::PodLimits::default(),
             node_max_connections: 65536,
             node_max_requests: 65536,
+            pod_health_ports: true,
         }
     }
 }

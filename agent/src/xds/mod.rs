@@ -232,6 +232,12 @@ impl XdsState {
             .collect()
     }
 
+    /// Whether a response of `type_url` was ever accepted in full on this stream (Envoy's `update_success`
+    /// above zero), which Istio's readiness asks of listeners and clusters.
+    pub fn has_accepted(&self, type_url: &str) -> bool {
+        self.store().versions.contains_key(type_url)
+    }
+
     /// The version of the last accepted response of `type_url` (SotW `version_info`).
     pub fn accepted_version(&self, type_url: &str) -> String {
         self.store().versions.get(type_url).cloned().unwrap_or_default()

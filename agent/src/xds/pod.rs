@@ -31,6 +31,11 @@ impl PodXds {
         Ok(xds)
     }
 
+    /// The `ISTIO_VERSION` pods declare.
+    pub fn istio_version(&self) -> &str {
+        &self.settings.istio_version
+    }
+
     /// A new lazily connected channel, as the settings say; over TLS presenting `identity`'s certificate.
     fn channel(&self, identity: Option<CertificateWatch>) -> Result<AuthChannel, String> {
         let address = self.settings.address.to_string();
