@@ -28,6 +28,19 @@ pub const XDS_PLAINTEXT: &str = "127.0.0.1:15010";
 pub const XDS_SECURED: &str = "127.0.0.1:15012";
 const HTTP_PORT: u16 = 8080;
 
+/// The MeshConfig istiod's Helm chart renders with its default values (`helm template` of the module's
+/// `manifests/charts/istio-control/istio-discovery`): what a default install's sidecars are configured by.
+const MESH_CONFIG: &str = "\
+defaultConfig:
+  discoveryAddress: istiod.istio-system.svc:15012
+defaultProviders:
+  metrics:
+  - prometheus
+enablePrometheusMerge: true
+rootNamespace: istio-system
+trustDomain: cluster.local
+";
+
 /// A running istiod; stops when dropped.
 pub struct Istiod {
     netns: PathBuf,
@@ -46,7 +59,7 @@ impl Istiod {
         let _ = std::fs::remove_dir_all(&dir);
         // istiod reads its MeshConfig from ./etc/istio/config/mesh and writes ./var/run/secrets/… under its cwd.
         std::fs::create_dir_all(dir.join("etc/istio/config"))?;
-        std::fs::write(dir.join("etc/istio/config/mesh"), "trustDomain: cluster.local\n")?;
+        std::fs::write(dir.join("etc/istio/config/mesh"), MESH_CONFIG)?;
         let log = std::fs::File::create(dir.join("istiod.log"))?;
         let mut cmd = node.command(binary);
         cmd.current_dir(&dir);
