@@ -10,73 +10,20 @@
 //! (`tests/istio/corpus/`, which `cargo test -p weft-agent --lib istiod_corpus` must accept whole).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use serde_json::{json, Value};
-use weft_tests::agent::{Agent, ADMIN};
-use weft_tests::istiod::{self, Istiod, XDS_SECURED};
-use weft_tests::kube::KubeApi;
-use weft_tests::traffic::{http_request_with, HttpResponse};
-use weft_tests::{bin_path, wait_for, Cluster, ClusterOptions, Pod, WeftEntry};
+use serde_json::json;
+use weft_tests::istiod::{self, World};
+use weft_tests::traffic::HttpResponse;
+use weft_tests::{wait_for, Pod};
 
 const NS: &str = "shop";
 const OUTSIDE: &str = "outside";
 
-/// An HTTP/1.1 server in `pod` answering every request with 200 and `<name> <path>`.
-fn serve_http(pod: &Pod, port: u16, name: &'static str) {
-    let listener = pod.netns.tcp_listen(("0.0.0.0", port)).unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut stream = stream;
-                let mut seen = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let head = String::from_utf8_lossy(&seen);
-                let path = head.split_whitespace().nth(1).unwrap_or("?");
-                let body = format!("{name} {path}");
-                let _ = write!(stream, "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
-            });
-        }
-    });
-}
-
-/// A Service of `port` → `target_port` over `pods`, with the EndpointSlice the endpoint controller would
-/// write (no controller manager runs here). Returns its cluster IP.
-fn service(api: &KubeApi, name: &str, port: u16, target_port: u16, pods: &[&Pod]) -> String {
-    let svc = json!({
-        "apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": NS},
-        "spec": {"selector": {"app": name}, "ports": [{"name": format!("http-{port}"), "port": port, "targetPort": target_port}]},
-    });
-    api.apply(&svc).unwrap();
-    let created = api.ok("GET", &format!("/api/v1/namespaces/{NS}/services/{name}"), None).unwrap();
-    let endpoints: Vec<Value> = pods
-        .iter()
-        .map(|p| json!({"addresses": [p.ip.to_string()], "conditions": {"ready": true}, "targetRef": {"kind": "Pod", "name": p.name, "namespace": NS, "uid": p.uid}}))
-        .collect();
-    let slice = json!({
-        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": format!("{name}-1"), "namespace": NS, "labels": {"kubernetes.io/service-name": name, "endpointslice.kubernetes.io/managed-by": "weft-tests"}},
-        "addressType": "IPv4", "endpoints": endpoints,
-        "ports": [{"name": format!("http-{port}"), "port": target_port, "protocol": "TCP"}],
-    });
-    api.apply(&slice).unwrap();
-    created["spec"]["clusterIP"].as_str().unwrap().to_string()
-}
-
-/// The test's world: the cluster, its API server, istiod, the agent and the pods.
+/// The test's world and its pods.
 struct Mesh {
-    cluster: Cluster,
-    api: KubeApi,
-    istiod: Istiod,
-    agent: Agent,
+    world: World,
     pods: BTreeMap<&'static str, Pod>,
     /// The server Service's cluster IP and port.
     server: SocketAddr,
@@ -84,21 +31,9 @@ struct Mesh {
 
 impl Mesh {
     fn start() -> Mesh {
-        let cluster = Cluster::with_options("kist", ClusterOptions::with_weft(WeftEntry::new(bin_path("weft-cni").unwrap(), "run/cni.sock"))).unwrap();
-        let api = KubeApi::start(cluster.node()).unwrap();
-        let istiod = Istiod::start(cluster.node(), &api).unwrap();
-        let token = istiod.agent_token(&api, cluster.id()).unwrap().display().to_string();
-        let root = istiod.root_cert().display().to_string();
-        api.create_namespace(NS, json!({"istio-injection": "enabled"})).unwrap();
-        api.create_namespace(OUTSIDE, json!({})).unwrap();
-        apply(&api, "strict.yaml");
-        let kubeconfig = api.agent_kubeconfig().unwrap().display().to_string();
-        let args = [
-            "--node-name", cluster.id(), "--kubeconfig", &kubeconfig,
-            "--ca", "istiod", "--ca-address", XDS_SECURED, "--istiod-root-cert", &root, "--istiod-token-file", &token,
-            "--xds-address", XDS_SECURED, "--xds-tls", "true",
-        ];
-        let agent = Agent::start_with_args(&cluster, "iptables", ADMIN, &args).unwrap();
+        let world = World::start("kist", &[NS]).unwrap();
+        world.api.create_namespace(OUTSIDE, json!({})).unwrap();
+        world.apply("strict.yaml").unwrap();
         let mut pods = BTreeMap::new();
         let workloads: [(&'static str, &str, &str, &str, &str); 5] = [
             ("client", NS, "client", "client", "v1"),
@@ -108,21 +43,20 @@ impl Mesh {
             ("outsider", OUTSIDE, "outsider", "default", "v1"),
         ];
         for (name, ns, app, sa, version) in workloads {
-            let pod = api.run_pod(&cluster, ns, name, json!({"labels": {"app": app, "version": version}}), json!({"serviceAccountName": sa})).unwrap();
+            let labels = json!({"labels": {"app": app, "version": version}});
+            let pod = world.api.run_pod(&world.cluster, ns, name, labels, json!({"serviceAccountName": sa})).unwrap();
             pods.insert(name, pod);
         }
-        serve_http(&pods["server-v1"], 8080, "server-v1");
-        serve_http(&pods["server-v2"], 8080, "server-v2");
-        let ip = service(&api, "server", 80, 8080, &[&pods["server-v1"], &pods["server-v2"]]);
+        istiod::serve_http(&pods["server-v1"], 8080, "server-v1").unwrap();
+        istiod::serve_http(&pods["server-v2"], 8080, "server-v2").unwrap();
+        let ip = istiod::service(&world.api, NS, "server", 80, 8080, &[&pods["server-v1"], &pods["server-v2"]]).unwrap();
         let server = format!("{ip}:80").parse().unwrap();
-        Mesh { cluster, api, istiod, agent, pods, server }
+        Mesh { world, pods, server }
     }
 
     /// A GET from pod `from` to `to` with `headers`: the response, or why there was none.
     fn get_to(&self, from: &str, to: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<HttpResponse, String> {
-        let netns = &self.pods[from].netns;
-        let stream = netns.tcp_connect(to, Duration::from_secs(5)).map_err(|e| format!("connect: {e}"))?;
-        http_request_with(stream, "GET", "server", path, headers).map_err(|e| e.to_string())
+        istiod::get(&self.pods[from], to, "server", path, headers)
     }
 
     /// A GET from `from` to the server Service.
@@ -137,45 +71,21 @@ impl Mesh {
             Ok(r) => Err(format!("{} {}", r.status, r.body)),
             Err(e) => Err(e),
         });
-        outcome.unwrap_or_else(|e| panic!("{e}\n{}", self.diagnostics()))
+        outcome.unwrap_or_else(|e| panic!("{e}\n{}", self.world.diagnostics()))
     }
 
     /// Bodies of `n` GETs from `from` (failures as `error …`).
     fn bodies(&self, from: &str, path: &str, headers: &[(&str, &str)], n: usize) -> BTreeSet<String> {
         (0..n).map(|_| self.get(from, path, headers).map_or_else(|e| format!("error {e}"), |r| format!("{} {}", r.status, r.body))).collect()
     }
-
-    fn diagnostics(&self) -> String {
-        let status = self.agent.status().map(|s| s.to_string()).unwrap_or_default();
-        let log = std::fs::read_to_string(self.cluster.work_dir().join("weft-agent.log")).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(60).collect();
-        format!("status: {status}\nagent log (last lines, newest first):\n{}\nistiod log: {}", tail.join("\n"), self.istiod.log_path().display())
-    }
-
-    /// Every xDS response the agent got was accepted, and every captured pod is synced.
-    fn assert_no_nack(&self) {
-        let log = std::fs::read_to_string(self.cluster.work_dir().join("weft-agent.log")).unwrap_or_default();
-        let nacks: Vec<&str> = log.lines().filter(|l| l.contains("NACK")).collect();
-        assert!(nacks.is_empty(), "the agent refused istiod's configuration:\n{}", nacks.join("\n"));
-        let status = self.agent.status().unwrap();
-        for pod in status["pods"].as_array().into_iter().flatten() {
-            for (kind, state) in pod["xds"].as_object().into_iter().flatten() {
-                assert!(state == "SYNCED" || (kind == "SDS" && state == "NOT SENT"), "{}/{}: {kind} {state}", pod["namespace"], pod["name"]);
-            }
-        }
-    }
 }
 
-fn apply(api: &KubeApi, file: &str) {
-    for doc in istiod::resources(file).unwrap() {
-        api.apply(&doc).unwrap();
-    }
+fn apply(mesh: &Mesh, file: &str) {
+    mesh.world.apply(file).unwrap();
 }
 
-fn delete(api: &KubeApi, file: &str) {
-    for doc in istiod::resources(file).unwrap() {
-        api.delete(&doc).unwrap();
-    }
+fn delete(mesh: &Mesh, file: &str) {
+    mesh.world.delete(file).unwrap();
 }
 
 #[test]
@@ -195,54 +105,53 @@ fn istiod_drives_the_agent() {
     assert!(plaintext.as_ref().map_or(true, |r| r.status == 0), "STRICT lets plaintext in: {plaintext:?}");
 
     // PERMISSIVE in the namespace: plaintext is let in too, without restarting anything.
-    apply(&mesh.api, "permissive.yaml");
+    apply(&mesh, "permissive.yaml");
     wait_for("PERMISSIVE to let plaintext in", Duration::from_secs(60), || match mesh.get_to("outsider", direct, "/", &[]) {
         Ok(r) if r.status == 200 => Ok(()),
         other => Err(format!("{other:?}")),
     })
-    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.diagnostics()));
-    delete(&mesh.api, "permissive.yaml");
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.world.diagnostics()));
+    delete(&mesh, "permissive.yaml");
 
     // VirtualService and DestinationRule: default route to v2, a header to v1, a rewrite, a fault.
-    apply(&mesh.api, "routing.yaml");
+    apply(&mesh, "routing.yaml");
     let only = |body: &str| BTreeSet::from([format!("200 {body}")]);
     wait_for("the VirtualService to send everything to v2", Duration::from_secs(60), || match mesh.bodies("client", "/", &[], 10) {
         b if b == only("server-v2 /") => Ok(()),
         other => Err(format!("{other:?}")),
     })
-    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.diagnostics()));
+    .unwrap_or_else(|e| panic!("{e}\n{}", mesh.world.diagnostics()));
     assert_eq!(mesh.bodies("client", "/", &[("end-user", "jason")], 10), only("server-v1 /"), "header match to v1");
     assert_eq!(mesh.bodies("client", "/old/page", &[], 3), only("server-v1 /new/page"), "prefix rewrite");
     let teapot = mesh.get("client", "/teapot", &[]).unwrap();
     assert_eq!(teapot.status, 418, "fault abort: {teapot:?}");
 
     // AuthorizationPolicy DENY on a path: 403 from the server's sidecar, other paths still served.
-    apply(&mesh.api, "deny-admin.yaml");
+    apply(&mesh, "deny-admin.yaml");
     let denied = mesh.eventually("the DENY policy on /admin", "client", "/admin", &[], |r| r.status == 403);
     assert!(denied.body.contains("RBAC: access denied"), "{denied:?}");
     assert_eq!(mesh.get("client", "/", &[]).unwrap().status, 200);
 
     // ALLOW by principal: the client's mTLS identity is allowed, another workload's is not.
-    apply(&mesh.api, "allow-client.yaml");
+    apply(&mesh, "allow-client.yaml");
     mesh.eventually("the ALLOW policy to shut out other", "other", "/", &[], |r| r.status == 403);
     assert_eq!(mesh.get("client", "/", &[]).unwrap().status, 200, "the client's principal is allowed");
-    delete(&mesh.api, "allow-client.yaml");
+    delete(&mesh, "allow-client.yaml");
     mesh.eventually("other allowed again once the policy is gone", "other", "/", &[], ok);
 
     // istiod's view: every captured pod is a connected proxy whose configuration is ACKed.
-    let syncz = mesh.istiod.debug("/debug/syncz").unwrap();
-    let synced: BTreeSet<String> = syncz.as_array().into_iter().flatten().filter_map(|p| p["proxy"].as_str().map(str::to_string)).collect();
+    let synced = mesh.world.synced_proxies().unwrap();
     for name in ["client", "other", "server-v1", "server-v2"] {
         let pod = &mesh.pods[name];
         let id = format!("{}.{}", pod.name, pod.namespace);
-        assert!(synced.contains(&id), "istiod's /debug/syncz lacks {id}: {syncz}");
+        assert!(synced.contains(&id), "istiod's /debug/syncz lacks {id}: {synced:?}");
     }
-    mesh.assert_no_nack();
+    mesh.world.check_synced().unwrap_or_else(|e| panic!("{e}"));
 
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         for name in ["client", "server-v1"] {
             let pod = &mesh.pods[name];
-            let dump = mesh.istiod.debug(&format!("/debug/config_dump?proxyID={}.{}", pod.name, pod.namespace)).unwrap();
+            let dump = mesh.world.istiod.debug(&format!("/debug/config_dump?proxyID={}.{}", pod.name, pod.namespace)).unwrap();
             let path = weft_tests::workspace_root().join(format!("tests/istio/corpus/{name}.json"));
             std::fs::write(path, serde_json::to_string_pretty(&dump).unwrap()).unwrap();
         }
