@@ -9,17 +9,25 @@
 //! The agent authenticates to istiod's CA as ztunnel does: a token of its ServiceAccount bound to its Pod
 //! ([`Istiod::agent_token`]), trusted by `CA_TRUSTED_NODE_ACCOUNTS`, so it may ask for the identities of the pods
 //! on its node.
+//!
+//! [`World`] is what the live-istiod suites share: the cluster, its API server, istiod and `weft-agent run`
+//! driven by it; [`serve_http`] and [`service`] give them apps and Services.
 
+use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::agent::{Agent, ADMIN};
+use crate::cluster::{Cluster, ClusterOptions, Pod, WeftEntry};
 use crate::gotools::{istio_crds, ISTIOD};
 use crate::kube::{KubeApi, AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT};
 use crate::netns::NetNs;
-use crate::tools::harness_dir;
+use crate::tools::{bin_path, harness_dir};
+use crate::traffic::{http_request_with, HttpResponse};
 use crate::util::{self, ChildGuard, HarnessError};
 
 pub const ISTIO_NAMESPACE: &str = "istio-system";
@@ -206,4 +214,184 @@ pub fn resources(file: &str) -> Result<Vec<Value>, HarnessError> {
         }
     }
     Ok(out)
+}
+
+/// The header [`serve_http`] answers with the request's `x-forwarded-client-cert` in: what the app behind a
+/// sidecar was told about its caller.
+pub const ECHO_XFCC: &str = "x-echo-xfcc";
+
+/// What the servers saw: `<server> <host> <path>` per request.
+pub type Seen = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// An HTTP/1.1 server in `pod` answering every request with 200 and the body `<name> <path>`; a request's
+/// `x-forwarded-client-cert` comes back in the response header [`ECHO_XFCC`]. Two paths behave otherwise, for
+/// the tests of timeouts and retries: `/slow…` is answered after 3 s, `/flaky…` with 503 and 200 in turn.
+/// Every request is recorded in `seen`.
+pub fn serve_http(pod: &Pod, port: u16, name: &'static str, seen: &Seen) -> Result<(), HarnessError> {
+    let listener = pod.netns.tcp_listen(("0.0.0.0", port)).map_err(|e| HarnessError(format!("{}: listening on {port}: {e}", pod.name)))?;
+    let (seen, flaky) = (std::sync::Arc::clone(seen), std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)));
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let (seen, flaky) = (std::sync::Arc::clone(&seen), std::sync::Arc::clone(&flaky));
+            std::thread::spawn(move || answer(stream, name, &seen, &flaky));
+        }
+    });
+    Ok(())
+}
+
+fn answer(mut stream: std::net::TcpStream, name: &str, seen: &Seen, flaky: &std::sync::atomic::AtomicU64) {
+    let mut received = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !received.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => received.extend_from_slice(&buf[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(&received);
+    let path = head.split_whitespace().nth(1).unwrap_or("?");
+    let field = |name: &str| head.lines().find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim()));
+    seen.lock().unwrap_or_else(|e| e.into_inner()).push(format!("{name} {} {path}", field("host").unwrap_or("?")));
+    if path.starts_with("/slow") {
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    let status = match path.starts_with("/flaky") && flaky.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % 2 == 0 {
+        true => "503 Service Unavailable",
+        false => "200 OK",
+    };
+    let echo = field("x-forwarded-client-cert").map(|v| format!("{ECHO_XFCC}: {v}\r\n")).unwrap_or_default();
+    let body = format!("{name} {path}");
+    let _ = write!(stream, "HTTP/1.1 {status}\r\ncontent-length: {}\r\n{echo}connection: close\r\n\r\n{body}", body.len());
+}
+
+/// The value of `header` in a response's head, if present.
+pub fn header<'a>(response: &'a HttpResponse, header: &str) -> Option<&'a str> {
+    response.head.lines().find_map(|l| l.split_once(':').filter(|(k, _)| k.trim().eq_ignore_ascii_case(header)).map(|(_, v)| v.trim()))
+}
+
+/// A Service `namespace/name` of `port` → `target_port` over `pods` (selector `app: <name>`), with the
+/// EndpointSlice the endpoint controller would write (no controller manager runs here). Returns its cluster IP.
+pub fn service(api: &KubeApi, namespace: &str, name: &str, port: u16, target_port: u16, pods: &[&Pod]) -> Result<String, HarnessError> {
+    service_ports(api, namespace, name, &[(&format!("http-{port}"), port, target_port)], pods)
+}
+
+/// [`service`] with several `(name, port, target port)`s (Istio reads each port's protocol from its name).
+pub fn service_ports(api: &KubeApi, namespace: &str, name: &str, ports: &[(&str, u16, u16)], pods: &[&Pod]) -> Result<String, HarnessError> {
+    let svc_ports: Vec<Value> = ports.iter().map(|(n, p, t)| json!({"name": n, "port": p, "targetPort": t})).collect();
+    let svc = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace}, "spec": {"selector": {"app": name}, "ports": svc_ports}});
+    api.apply(&svc)?;
+    let created = api.ok("GET", &format!("/api/v1/namespaces/{namespace}/services/{name}"), None)?;
+    let endpoints: Vec<Value> = pods
+        .iter()
+        .map(|p| json!({"addresses": [p.ip.to_string()], "conditions": {"ready": true}, "targetRef": {"kind": "Pod", "name": p.name, "namespace": namespace, "uid": p.uid}}))
+        .collect();
+    let slice_ports: Vec<Value> = ports.iter().map(|(n, _, t)| json!({"name": n, "port": t, "protocol": "TCP"})).collect();
+    let slice = json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{name}-1"), "namespace": namespace, "labels": {"kubernetes.io/service-name": name, "endpointslice.kubernetes.io/managed-by": "weft-tests"}},
+        "addressType": "IPv4", "endpoints": endpoints, "ports": slice_ports,
+    });
+    api.apply(&slice)?;
+    created["spec"]["clusterIP"].as_str().map(str::to_string).ok_or_else(|| HarnessError(format!("Service {namespace}/{name} without a clusterIP: {created}")))
+}
+
+/// A GET from `from` to `to` (HTTP/1.1, `host: <host>`) with `headers`: the response, or why there was none.
+pub fn get(from: &Pod, to: SocketAddr, host: &str, path: &str, headers: &[(&str, &str)]) -> Result<HttpResponse, String> {
+    let stream = from.netns.tcp_connect(to, Duration::from_secs(5)).map_err(|e| format!("connect: {e}"))?;
+    http_request_with(stream, "GET", host, path, headers).map_err(|e| e.to_string())
+}
+
+/// The live-istiod world: the netns cluster with weft-cni, its API server, istiod and `weft-agent run` taking
+/// its pods' certificates from istiod's CA and their configuration from istiod's secured xDS.
+pub struct World {
+    pub cluster: Cluster,
+    pub api: KubeApi,
+    pub istiod: Istiod,
+    pub agent: Agent,
+}
+
+impl World {
+    /// Starts everything; `mesh_namespaces` are created labelled `istio-injection=enabled` before the agent
+    /// starts.
+    pub fn start(name_prefix: &str, mesh_namespaces: &[&str]) -> Result<World, HarnessError> {
+        let weft_cni = bin_path("weft-cni")?;
+        let cluster = Cluster::with_options(name_prefix, ClusterOptions::with_weft(WeftEntry::new(weft_cni, "run/cni.sock")))?;
+        let api = KubeApi::start(cluster.node())?;
+        let istiod = Istiod::start(cluster.node(), &api)?;
+        let token = istiod.agent_token(&api, cluster.id())?.display().to_string();
+        let root = istiod.root_cert().display().to_string();
+        for ns in mesh_namespaces {
+            api.create_namespace(ns, json!({"istio-injection": "enabled"}))?;
+        }
+        let kubeconfig = api.agent_kubeconfig()?.display().to_string();
+        let args = [
+            "--node-name", cluster.id(), "--kubeconfig", &kubeconfig,
+            "--ca", "istiod", "--ca-address", XDS_SECURED, "--istiod-root-cert", &root, "--istiod-token-file", &token,
+            "--xds-address", XDS_SECURED, "--xds-tls", "true",
+        ];
+        let agent = Agent::start_with_args(&cluster, "iptables", ADMIN, &args)?;
+        Ok(World { cluster, api, istiod, agent })
+    }
+
+    /// Applies every document of `tests/istio/<file>`.
+    pub fn apply(&self, file: &str) -> Result<(), HarnessError> {
+        resources(file)?.iter().try_for_each(|doc| self.api.apply(doc))
+    }
+
+    /// Deletes every document of `tests/istio/<file>`.
+    pub fn delete(&self, file: &str) -> Result<(), HarnessError> {
+        resources(file)?.iter().try_for_each(|doc| self.api.delete(doc))
+    }
+
+    /// The agent's status, the end of its log and where istiod's log is: for failure messages.
+    pub fn diagnostics(&self) -> String {
+        let status = self.agent.status().map(|s| s.to_string()).unwrap_or_default();
+        let log = std::fs::read_to_string(self.cluster.work_dir().join("weft-agent.log")).unwrap_or_default();
+        let notable: Vec<&str> = log.lines().filter(|l| [" WARN ", " ERROR ", "failed", "mirror", "refused"].iter().any(|w| l.contains(w))).take(40).collect();
+        let tail: Vec<&str> = log.lines().rev().filter(|l| !l.contains("frame=")).take(40).collect();
+        format!(
+            "status: {status}\nagent log, notable lines:\n{}\nagent log (last lines, newest first):\n{}\nistiod log: {}",
+            notable.join("\n"),
+            tail.join("\n"),
+            self.istiod.log_path().display()
+        )
+    }
+
+    /// With `UPDATE_GOLDEN`, istiod's configuration of `pods` as the regression corpus
+    /// (`tests/istio/corpus/<prefix><pod>.json`).
+    pub fn save_corpus(&self, prefix: &str, pods: &[&Pod]) -> Result<(), HarnessError> {
+        if std::env::var_os("UPDATE_GOLDEN").is_none() {
+            return Ok(());
+        }
+        for pod in pods {
+            let dump = self.istiod.debug(&format!("/debug/config_dump?proxyID={}.{}", pod.name, pod.namespace))?;
+            let path = crate::workspace_root().join(format!("tests/istio/corpus/{prefix}{}.json", pod.name));
+            std::fs::write(path, serde_json::to_string_pretty(&dump).map_err(|e| HarnessError(e.to_string()))?)?;
+        }
+        Ok(())
+    }
+
+    /// Every xDS response the agent got was accepted, and every captured pod is synced.
+    pub fn check_synced(&self) -> Result<(), String> {
+        let log = std::fs::read_to_string(self.cluster.work_dir().join("weft-agent.log")).unwrap_or_default();
+        let nacks: Vec<&str> = log.lines().filter(|l| l.contains("NACK")).collect();
+        if !nacks.is_empty() {
+            return Err(format!("the agent refused istiod's configuration:\n{}", nacks.join("\n")));
+        }
+        let status = self.agent.status().map_err(|e| e.to_string())?;
+        for pod in status["pods"].as_array().into_iter().flatten() {
+            for (kind, state) in pod["xds"].as_object().into_iter().flatten() {
+                if !(state == "SYNCED" || (kind == "SDS" && state == "NOT SENT")) {
+                    return Err(format!("{}/{}: {kind} {state}", pod["namespace"], pod["name"]));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The proxy ids (`<pod>.<namespace>`) istiod's `/debug/syncz` lists as connected.
+    pub fn synced_proxies(&self) -> Result<std::collections::BTreeSet<String>, HarnessError> {
+        let syncz = self.istiod.debug("/debug/syncz")?;
+        Ok(syncz.as_array().into_iter().flatten().filter_map(|p| p["proxy"].as_str().map(str::to_string)).collect())
+    }
 }

@@ -17,6 +17,7 @@ pub mod agent;
 pub mod ca_server;
 pub mod cluster;
 pub mod conformance;
+pub mod envoy_sidecar;
 pub mod gotools;
 pub mod istiod;
 pub mod kube;

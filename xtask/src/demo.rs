@@ -4,16 +4,13 @@
 //! VirtualService, an AuthorizationPolicy denying one call; then fail-closed capture and a restart.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::json;
-use weft_tests::agent::{Agent, ADMIN};
-use weft_tests::istiod::{Istiod, XDS_SECURED};
+use weft_tests::istiod::{self, World};
 use weft_tests::kube::KubeApi;
-use weft_tests::traffic::http_request_with;
-use weft_tests::{bin_path, wait_for, Cluster, ClusterOptions, Pod, WeftEntry};
+use weft_tests::{wait_for, Cluster, Pod};
 
 use crate::{cargo, run as run_cmd, setup, workspace_root};
 
@@ -26,22 +23,10 @@ pub fn run() -> Result<(), String> {
     let e = |e: &dyn std::fmt::Display| e.to_string();
 
     step("a node (network namespace) with libcni + weft-cni, a kube-apiserver and istiod");
-    let entry = WeftEntry::new(bin_path("weft-cni").map_err(|x| e(&x))?, "run/cni.sock");
-    let cluster = Cluster::with_options("demo", ClusterOptions::with_weft(entry)).map_err(|x| e(&x))?;
-    let api = KubeApi::start(cluster.node()).map_err(|x| e(&x))?;
-    let istiod = Istiod::start(cluster.node(), &api).map_err(|x| e(&x))?;
-    let token = istiod.agent_token(&api, cluster.id()).map_err(|x| e(&x))?.display().to_string();
-    let root = istiod.root_cert().display().to_string();
-    let kubeconfig = api.agent_kubeconfig().map_err(|x| e(&x))?.display().to_string();
-    let args = [
-        "--node-name", cluster.id(), "--kubeconfig", &kubeconfig, "--ca", "istiod", "--ca-address", XDS_SECURED,
-        "--istiod-root-cert", &root, "--istiod-token-file", &token, "--xds-address", XDS_SECURED, "--xds-tls", "true",
-    ];
-    let mut agent = Agent::start_with_args(&cluster, "iptables", ADMIN, &args).map_err(|x| e(&x))?;
+    let World { cluster, api, istiod, mut agent } = World::start("demo", &[NS]).map_err(|x| e(&x))?;
     println!("istiod ready (log: {}); weft-agent ready (log: {})", istiod.log_path().display(), agent.log_path().display());
 
     step("namespace `demo` labelled istio-injection=enabled, mesh-wide STRICT mTLS, two services");
-    api.create_namespace(NS, json!({"istio-injection": "enabled"})).map_err(|x| e(&x))?;
     apply(&api, "strict.yaml")?;
     let mut pods = BTreeMap::new();
     for (name, app, version) in [("frontend", "frontend", "v1"), ("backend-v1", "backend", "v1"), ("backend-v2", "backend", "v2")] {
@@ -49,9 +34,11 @@ pub fn run() -> Result<(), String> {
         println!("  pod {name} {} ({})", pod.ip, api.get_pod(NS, name).map_err(|x| e(&x))?["metadata"]["annotations"]["weft.dev/status"].as_str().unwrap_or("status pending"));
         pods.insert(name, pod);
     }
-    serve(&pods["backend-v1"], "backend v1")?;
-    serve(&pods["backend-v2"], "backend v2")?;
-    let backend = service(&api, "backend", &[&pods["backend-v1"], &pods["backend-v2"]])?;
+    let seen = istiod::Seen::default();
+    istiod::serve_http(&pods["backend-v1"], 8080, "backend v1", &seen).map_err(|x| e(&x))?;
+    istiod::serve_http(&pods["backend-v2"], 8080, "backend v2", &seen).map_err(|x| e(&x))?;
+    let ip = istiod::service(&api, NS, "backend", 80, 8080, &[&pods["backend-v1"], &pods["backend-v2"]]).map_err(|x| e(&x))?;
+    let backend: SocketAddr = format!("{ip}:80").parse().map_err(|x| e(&x))?;
     println!("  service backend {backend} -> pods :8080");
 
     step("frontend -> backend: istiod's configuration, mTLS between the pods");
@@ -109,58 +96,16 @@ pub fn run() -> Result<(), String> {
 }
 
 fn apply(api: &KubeApi, file: &str) -> Result<(), String> {
-    for doc in weft_tests::istiod::resources(file).map_err(|e| e.to_string())? {
+    for doc in istiod::resources(file).map_err(|e| e.to_string())? {
         api.apply(&doc).map_err(|e| e.to_string())?;
         println!("  applied {} {}/{} (tests/istio/{file})", doc["kind"].as_str().unwrap_or("?"), doc["metadata"]["namespace"].as_str().unwrap_or("-"), doc["metadata"]["name"].as_str().unwrap_or("?"));
     }
     Ok(())
 }
 
-/// A Service over `pods` (port 80 to 8080) and the EndpointSlice the endpoint controller would write.
-fn service(api: &KubeApi, name: &str, pods: &[&Pod]) -> Result<SocketAddr, String> {
-    let e = |x: weft_tests::util::HarnessError| x.to_string();
-    let svc = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": NS},
-        "spec": {"selector": {"app": name}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]}});
-    api.apply(&svc).map_err(e)?;
-    let endpoints: Vec<serde_json::Value> = pods
-        .iter()
-        .map(|p| json!({"addresses": [p.ip.to_string()], "conditions": {"ready": true}, "targetRef": {"kind": "Pod", "name": p.name, "namespace": NS, "uid": p.uid}}))
-        .collect();
-    let slice = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-        "metadata": {"name": format!("{name}-1"), "namespace": NS, "labels": {"kubernetes.io/service-name": name}},
-        "addressType": "IPv4", "endpoints": endpoints, "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}]});
-    api.apply(&slice).map_err(e)?;
-    let created = api.ok("GET", &format!("/api/v1/namespaces/{NS}/services/{name}"), None).map_err(e)?;
-    let ip = created["spec"]["clusterIP"].as_str().ok_or("the Service got no cluster IP")?;
-    format!("{ip}:80").parse().map_err(|x| format!("{ip}: {x}"))
-}
-
-/// An HTTP server in `pod` on 8080 answering `<name> <path>`.
-fn serve(pod: &Pod, name: &'static str) -> Result<(), String> {
-    let listener = pod.netns.tcp_listen(("0.0.0.0", 8080)).map_err(|e| e.to_string())?;
-    std::thread::spawn(move || {
-        for mut stream in listener.incoming().flatten() {
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match stream.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
-            }
-            let text = String::from_utf8_lossy(&head);
-            let body = format!("{name} {}", text.split_whitespace().nth(1).unwrap_or("?"));
-            let _ = write!(stream, "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
-        }
-    });
-    Ok(())
-}
-
 /// `GET path` from `pod` to `to`: `<status> <body>`.
 fn get(pod: &Pod, to: SocketAddr, path: &str) -> Result<String, String> {
-    let stream = pod.netns.tcp_connect(to, Duration::from_secs(5)).map_err(|e| format!("connect: {e}"))?;
-    let r = http_request_with(stream, "GET", "backend", path, &[]).map_err(|e| e.to_string())?;
-    Ok(format!("{} {}", r.status, r.body))
+    istiod::get(pod, to, "backend", path, &[]).map(|r| format!("{} {}", r.status, r.body))
 }
 
 fn ok(answer: String) -> Result<String, String> {
