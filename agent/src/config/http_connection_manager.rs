@@ -601,6 +601,11 @@ fn http_filters(h: &mut Obj<'_>, stat_prefix: &str) -> Result<Vec<HttpFilter>> {
             HTTP_RBAC => Some(HttpFilterKind::Rbac(Arc::new(rbac::http(typed, stat_prefix)?))),
             ALPN_FILTER => Some(HttpFilterKind::Alpn(Arc::new(alpn::translate(typed)?))),
             GRPC_STATS => Some(HttpFilterKind::GrpcStats(http_filters::grpc_stats(typed)?)),
+            // Telemetry only (Istio's standard metrics), validated; nothing to run per request.
+            super::istio_stats::ISTIO_STATS => {
+                super::istio_stats::translate(typed)?;
+                None
+            }
             PEER_METADATA => Some(HttpFilterKind::PeerMetadata(Arc::new(http_filters::peer_metadata(typed)?))),
             _ if optional => None,
             _ => {

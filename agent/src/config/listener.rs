@@ -411,6 +411,11 @@ fn network_filters(chain: &mut Obj<'_>) -> Result<NetworkFilters> {
                 rbac_filters.push(Arc::new(rbac::network(typed)?));
                 None
             }
+            // Telemetry only (Istio's standard metrics), validated.
+            super::istio_stats::ISTIO_STATS => {
+                super::istio_stats::translate(typed)?;
+                None
+            }
             METADATA_EXCHANGE => {
                 if exchange.is_some() {
                     return Err(ConfigError::new(f.path(), "weft runs one metadata exchange per filter chain; remove the second"));

@@ -12,6 +12,7 @@ pub mod headers;
 pub mod health_check;
 pub mod http_connection_manager;
 pub mod http_filters;
+pub mod istio_stats;
 pub mod listener;
 pub mod matcher;
 pub mod metadata;
