@@ -225,7 +225,8 @@ pub type Seen = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
 /// An HTTP/1.1 server in `pod` answering every request with 200 and the body `<name> <path>`; a request's
 /// `x-forwarded-client-cert` comes back in the response header [`ECHO_XFCC`]. Two paths behave otherwise, for
-/// the tests of timeouts and retries: `/slow…` is answered after 3 s, `/flaky…` with 503 and 200 in turn.
+/// the tests of timeouts, retries and outlier detection: `/slow…` is answered after 3 s, `/flaky…` with 503 and
+/// 200 in turn, `/fail-<name>…` with 503 by the server called `<name>` only.
 /// Every request is recorded in `seen`.
 pub fn serve_http(pod: &Pod, port: u16, name: &'static str, seen: &Seen) -> Result<(), HarnessError> {
     let listener = pod.netns.tcp_listen(("0.0.0.0", port)).map_err(|e| HarnessError(format!("{}: listening on {port}: {e}", pod.name)))?;
@@ -255,7 +256,8 @@ fn answer(mut stream: std::net::TcpStream, name: &str, seen: &Seen, flaky: &std:
     if path.starts_with("/slow") {
         std::thread::sleep(Duration::from_secs(3));
     }
-    let status = match path.starts_with("/flaky") && flaky.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % 2 == 0 {
+    let failing = path.starts_with(&format!("/fail-{name}"));
+    let status = match failing || (path.starts_with("/flaky") && flaky.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % 2 == 0) {
         true => "503 Service Unavailable",
         false => "200 OK",
     };

@@ -177,7 +177,8 @@ fn istiod_drives_the_agent() {
     mesh.save_corpus("");
 }
 
-/// DestinationRule traffic policies, VirtualService retries, timeouts and mirroring, AuthorizationPolicy on
+/// DestinationRule traffic policies (outlier detection ejecting a failing server, a connection pool refusing
+/// what is over it), VirtualService retries, timeouts and mirroring, AuthorizationPolicy on
 /// namespaces, methods, ports and headers (403 over HTTP, a closed connection over TCP), port-level
 /// PeerAuthentication, and egress: REGISTRY_ONLY and a ServiceEntry.
 #[test]
@@ -216,6 +217,39 @@ fn istiod_traffic_policies_and_egress() {
     let tcp = echo(&mesh.pods["client"].netns, mesh.server_tcp, b"tcp after");
     assert!(tcp.as_ref().map_or(true, |b| b.is_empty()), "the DENY policy closes TCP connections: {tcp:?}");
     delete(&mesh, "authz-rules.yaml");
+
+    // Outlier detection: the server that keeps answering 503 is ejected, the other serves everything.
+    delete(&mesh, "policies.yaml");
+    mesh.until("both servers to serve again once the policies are gone", || match mesh.bodies("client", "/", &[], 10) {
+        b if b == BTreeSet::from(["200 server-v1 /".to_string(), "200 server-v2 /".to_string()]) => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+    apply(&mesh, "outlier.yaml");
+    let all_from_v2 = BTreeSet::from(["200 server-v2 /fail-server-v1".to_string()]);
+    mesh.until("server-v1 to be ejected after its 5xx", || match mesh.bodies("client", "/fail-server-v1", &[], 6) {
+        b if b == all_from_v2 => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+    delete(&mesh, "outlier.yaml");
+    // The connection pool: one connection and one pending request; concurrent slow requests beyond that are
+    // refused with Envoy's overflow reply.
+    apply(&mesh, "pool.yaml");
+    let burst = || -> Vec<Result<HttpResponse, String>> {
+        std::thread::scope(|s| {
+            let calls: Vec<_> = (0..6).map(|_| s.spawn(|| mesh.get("client", "/slow", &[]))).collect();
+            calls.into_iter().map(|c| c.join().unwrap_or_else(|_| Err("panicked".into()))).collect()
+        })
+    };
+    mesh.until("the pool to refuse what is over its limit", || {
+        let answers = burst();
+        let served = answers.iter().filter(|r| r.as_ref().is_ok_and(|r| r.status == 200)).count();
+        let overflow = answers.iter().filter(|r| r.as_ref().is_ok_and(|r| r.status == 503 && r.body.contains("overflow"))).count();
+        match served >= 1 && overflow >= 1 {
+            true => Ok(()),
+            false => Err(format!("{served} served, {overflow} refused: {answers:?}")),
+        }
+    });
+    delete(&mesh, "pool.yaml");
 
     // Port-level DISABLE: plaintext from outside the mesh reaches 8080, while STRICT still holds elsewhere.
     let direct: SocketAddr = format!("{}:8080", mesh.pods["server-v1"].ip).parse().unwrap();

@@ -168,6 +168,8 @@ struct Pooled {
     sender: http1::SendRequest<Body>,
     used: u64,
     parked: u64,
+    /// The cluster (by name) whose `max_connections` it counts against.
+    runtime: Weak<ClusterRuntime>,
 }
 
 /// How a cluster's connections are reused.
@@ -310,6 +312,9 @@ impl Pools {
             if runtime.connections.load(Relaxed) < limits.max_connections {
                 break;
             }
+            // Idle connections of an earlier version of the cluster (another TLS context, secrets or ALPN: another
+            // key) can never serve it again but still count: closed, as Envoy drains a replaced cluster's pools.
+            self.close_stale(&key, runtime);
             // At max_connections: wait for a connection to come back, if there is room to wait.
             if runtime.pending.fetch_add(1, Relaxed) >= limits.max_pending_requests {
                 runtime.pending.fetch_sub(1, Relaxed);
@@ -336,6 +341,15 @@ impl Pools {
         self.idle_http1.lock().unwrap_or_else(|e| e.into_inner()).values().map(Vec::len).sum()
     }
 
+    /// Closes the idle connections that count against `runtime`'s limits under another key than `key`.
+    fn close_stale(&self, key: &Key, runtime: &Arc<ClusterRuntime>) {
+        let this = Arc::downgrade(runtime);
+        let mut idle = self.idle_http1.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, list) in idle.iter_mut().filter(|(k, _)| *k != key) {
+            list.retain(|p| !p.runtime.ptr_eq(&this));
+        }
+    }
+
     fn idle(&self, key: &Key) -> Option<Pooled> {
         let mut idle = self.idle_http1.lock().unwrap_or_else(|e| e.into_inner());
         let list = idle.get_mut(key)?;
@@ -359,7 +373,8 @@ impl Pools {
             let back = !spent && sender.ready().await.is_ok();
             if back {
                 let Some(p) = pools.upgrade() else { return };
-                p.idle_list(&key, |list| list.push(Pooled { sender, used, parked }));
+                let runtime = Arc::downgrade(&runtime);
+                p.idle_list(&key, |list| list.push(Pooled { sender, used, parked, runtime }));
             }
             runtime.freed.notify_one();
             if let (true, Some(idle)) = (back, idle_timeout) {

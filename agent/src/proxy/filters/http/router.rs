@@ -587,11 +587,16 @@ impl Attempts {
                 self.send_one(request, template.key(endpoint, cluster, &upstream.snapshot), template.protocol, cluster, upstream, &runtime).await
             };
             let outcome = match &result {
-                Ok(r) => AttemptResult::Status(r.status().as_u16()),
-                Err(_) => AttemptResult::LocalFailure,
+                Ok(r) => Some(AttemptResult::Status(r.status().as_u16())),
+                // The circuit breaker refused it before any host was tried: nothing to hold against one, as in
+                // Envoy (an overflow is not an outlier event).
+                Err(Failure::Pool(PoolError::Overflow)) => None,
+                Err(_) => Some(AttemptResult::LocalFailure),
             };
-            let hosts = cluster.endpoints.hosts().len();
-            runtime.record(endpoint, outcome, cluster.config.outlier_detection.as_ref(), hosts, cluster.state);
+            if let Some(outcome) = outcome {
+                let hosts = cluster.endpoints.hosts().len();
+                runtime.record(endpoint, outcome, cluster.config.outlier_detection.as_ref(), hosts, cluster.state);
+            }
             let retriable = match &result {
                 Ok(response) => self.retriable_response(response),
                 Err(failure) => self.retriable_failure(failure),
