@@ -98,27 +98,12 @@ fn request_id_extension(h: &mut Obj<'_>) -> Result<RequestId> {
     let mut out = RequestId::default();
     if let Some(mut typed) = extension.object("typed_config")? {
         super::expect_type(&mut typed, UUID_REQUEST_ID)?;
-        out.pack_trace_reason = bool_value(&mut typed, "pack_trace_reason")?.unwrap_or(true);
-        out.use_request_id_for_trace_sampling = bool_value(&mut typed, "use_request_id_for_trace_sampling")?.unwrap_or(true);
+        out.pack_trace_reason = typed.bool_value("pack_trace_reason")?.unwrap_or(true);
+        out.use_request_id_for_trace_sampling = typed.bool_value("use_request_id_for_trace_sampling")?.unwrap_or(true);
         typed.finish()?;
     }
     extension.finish()?;
     Ok(out)
-}
-
-/// A `google.protobuf.BoolValue`: a bare bool in proto3 JSON (or `{value: ...}` as some tools write it).
-pub(crate) fn bool_value(o: &mut Obj<'_>, key: &str) -> Result<Option<bool>> {
-    let path = o.at(key);
-    match o.take(key) {
-        None => Ok(None),
-        Some(serde_json::Value::Bool(b)) => Ok(Some(*b)),
-        Some(serde_json::Value::Object(m)) if m.len() <= 1 => match m.get("value") {
-            None => Ok(Some(false)),
-            Some(serde_json::Value::Bool(b)) => Ok(Some(*b)),
-            Some(_) => Err(ConfigError::new(format!("{path}.value"), "expected a boolean")),
-        },
-        Some(_) => Err(ConfigError::new(path, "expected a boolean")),
-    }
 }
 
 /// `x-forwarded-client-cert` handling, as Envoy's connection manager does it.

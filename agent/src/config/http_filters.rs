@@ -332,7 +332,7 @@ pub struct GrpcStats {
 pub fn grpc_stats(mut c: Obj<'_>) -> Result<GrpcStats> {
     let mut out = GrpcStats {
         emit_filter_state: c.bool("emit_filter_state")?.unwrap_or(false),
-        stats_for_all_methods: super::http_connection_manager::bool_value(&mut c, "stats_for_all_methods")?.unwrap_or(false),
+        stats_for_all_methods: c.bool_value("stats_for_all_methods")?.unwrap_or(false),
         enable_upstream_stats: c.bool("enable_upstream_stats")?.unwrap_or(false),
         replace_dots_in_grpc_service_name: c.bool("replace_dots_in_grpc_service_name")?.unwrap_or(false),
         method_allowlist: Vec::new(),

@@ -563,7 +563,7 @@ fn mirror_policy(mut m: Obj<'_>) -> Result<MirrorPolicy> {
     let cluster = m.required_string("cluster")?.to_string();
     let fraction = m.object("runtime_fraction")?.map(http_filters::runtime_percent).transpose()?.unwrap_or(Percent::ALL);
     // Tracing decisions do not change what is sent.
-    let _ = m.bool("trace_sampled")?;
+    let _ = m.bool_value("trace_sampled")?;
     let shadow_suffix = !m.bool("disable_shadow_host_suffix_append")?.unwrap_or(false);
     m.finish()?;
     Ok(MirrorPolicy { cluster, fraction, shadow_suffix })

@@ -130,6 +130,21 @@ impl<'a> Obj<'a> {
         }
     }
 
+    /// A `google.protobuf.BoolValue`: a bare bool in proto3 JSON (or `{value: ...}` as some tools write it).
+    pub fn bool_value(&mut self, key: &str) -> Result<Option<bool>> {
+        let path = self.at(key);
+        match self.take(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(Value::Object(m)) if m.len() <= 1 => match m.get("value") {
+                None => Ok(Some(false)),
+                Some(Value::Bool(b)) => Ok(Some(*b)),
+                Some(_) => Err(ConfigError::new(format!("{path}.value"), "expected a boolean")),
+            },
+            Some(_) => Err(ConfigError::new(path, "expected a boolean")),
+        }
+    }
+
     /// An unsigned integer; proto3 JSON also allows it as a string.
     pub fn u64(&mut self, key: &str) -> Result<Option<u64>> {
         let path = self.at(key);
