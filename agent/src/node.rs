@@ -773,6 +773,12 @@ impl Node {
         }
     }
 
+    /// Every captured pod's Istio standard metrics, by `namespace/name`.
+    pub async fn istio_metrics(&self) -> Vec<(String, Arc<crate::proxy::istio_metrics::IstioMetrics>)> {
+        let pods = self.pods.lock().await;
+        pods.values().map(|p| (format!("{}/{}", p.record.namespace, p.record.name), Arc::clone(&p.listeners.metrics))).collect()
+    }
+
     pub async fn status(&self) -> Vec<PodStatus> {
         let pods = self.pods.lock().await;
         pods.values()
@@ -849,6 +855,7 @@ impl Node {
             None => Readiness::Local,
         };
         let metrics = PodMetrics {
+            istio: Arc::clone(&listeners.metrics),
             outbound: Arc::clone(&listeners.outbound),
             inbound: Arc::clone(&listeners.inbound),
             load: Arc::clone(&share.load),

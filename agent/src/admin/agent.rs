@@ -66,7 +66,13 @@ impl Routes for Admin {
                     identities: self.identity.as_ref().map(|m| m.status()),
                     kube: self.node.kube_status(),
                 }),
-                ("GET", "/stats/prometheus") => Reply::ok("text/plain; version=0.0.4", prometheus(&self.node.status().await)),
+                ("GET", "/stats/prometheus") => {
+                    let mut text = prometheus(&self.node.status().await);
+                    let pods = self.node.istio_metrics().await;
+                    let sources: Vec<_> = pods.iter().map(|(pod, m)| (vec![("pod", pod.as_str())], &**m)).collect();
+                    text.push_str(&crate::proxy::istio_metrics::render(&sources));
+                    Reply::ok("text/plain; version=0.0.4", text)
+                }
                 (method, "/logging") => super::logging(method, &request),
                 ("GET", path) if path.starts_with("/pods/") && path.ends_with("/config_dump") => self.pod_config_dump(&request).await,
                 ("GET", _) => {

@@ -124,6 +124,7 @@ impl EnvoyAdmin {
             }
             out.push_str(&format!("{series} {v}\n"));
         }
+        out.push_str(&crate::proxy::istio_metrics::render(&[(Vec::new(), self.proxy.istio_metrics())]));
         out
     }
 }

@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 
 use super::agent::LOAD_METRICS;
 use crate::capture::netns::{self, Netns};
+use crate::proxy::istio_metrics::{self, label_value, IstioMetrics};
 use crate::proxy::pod_share::PodLoad;
 use crate::proxy::stats::{ListenerSnapshot, ListenerStats};
 use crate::xds::{XdsState, CLUSTER_TYPE, LISTENER_TYPE};
@@ -106,6 +107,8 @@ impl Readiness {
 
 /// The pod's own counters, as its 15020 shows them.
 pub struct PodMetrics {
+    /// Istio's standard metrics of the pod's traffic, as its sidecar's Envoy showed them.
+    pub istio: Arc<IstioMetrics>,
     pub outbound: Arc<ListenerStats>,
     pub inbound: Arc<ListenerStats>,
     pub load: Arc<PodLoad>,
@@ -140,13 +143,9 @@ impl PodMetrics {
         }
         out.push_str("# HELP istio_build Istio component build info\n# TYPE istio_build gauge\n");
         out.push_str(&format!("istio_build{{component=\"proxy\",tag=\"{}\"}} 1\n", label_value(&self.istio_version)));
+        out.push_str(&istio_metrics::render(&[(Vec::new(), &self.istio)]));
         out
     }
-}
-
-/// A Prometheus label value: backslash, double quote and newline escaped.
-fn label_value(text: &str) -> String {
-    text.replace('\\', r"\\").replace('"', "\\\"").replace('\n', r"\n")
 }
 
 /// The answer to one request on `port`.
@@ -294,6 +293,7 @@ mod tests {
 
     fn metrics() -> PodMetrics {
         PodMetrics {
+            istio: Arc::default(),
             outbound: Arc::default(),
             inbound: Arc::default(),
             load: PodLoad::new(PodLimits::default()),

@@ -269,6 +269,8 @@ pub enum HttpFilterKind {
     GrpcStats(GrpcStats),
     /// Istio's peer metadata headers.
     PeerMetadata(Arc<PeerMetadata>),
+    /// `istio.stats`: Istio's standard HTTP metrics, recorded when the stream ends.
+    IstioStats(Arc<super::istio_stats::IstioStats>),
     Router,
 }
 
@@ -586,11 +588,7 @@ fn http_filters(h: &mut Obj<'_>, stat_prefix: &str) -> Result<Vec<HttpFilter>> {
             HTTP_RBAC => Some(HttpFilterKind::Rbac(Arc::new(rbac::http(typed, stat_prefix)?))),
             ALPN_FILTER => Some(HttpFilterKind::Alpn(Arc::new(alpn::translate(typed)?))),
             GRPC_STATS => Some(HttpFilterKind::GrpcStats(http_filters::grpc_stats(typed)?)),
-            // Telemetry only (Istio's standard metrics), validated; nothing to run per request.
-            super::istio_stats::ISTIO_STATS => {
-                super::istio_stats::translate(typed)?;
-                None
-            }
+            super::istio_stats::ISTIO_STATS => Some(HttpFilterKind::IstioStats(Arc::new(super::istio_stats::translate(typed)?))),
             PEER_METADATA => Some(HttpFilterKind::PeerMetadata(Arc::new(http_filters::peer_metadata(typed)?))),
             _ if optional => None,
             _ => {

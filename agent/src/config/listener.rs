@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::http_connection_manager::{self as hcm, HttpConnectionManager, Routes};
+use super::istio_stats::{self, IstioStats, ISTIO_STATS};
 use super::metadata_exchange::{self, MetadataExchange, METADATA_EXCHANGE};
 use super::rbac::{self, NetworkRbac, NETWORK_RBAC};
 use super::route::RouteConfiguration;
@@ -27,6 +28,18 @@ pub struct Listener {
     /// `false`: no socket; the listener only serves connections handed over by a `use_original_dst` one.
     pub bind_to_port: bool,
     pub listener_filters: ListenerFilters,
+    /// `traffic_direction`: which side of the workload the listener serves (Istio's telemetry reads it).
+    pub direction: TrafficDirection,
+}
+
+/// `envoy.config.core.v3.TrafficDirection`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TrafficDirection {
+    #[default]
+    Unspecified,
+    Inbound,
+    Outbound,
 }
 
 /// The listener filters weft runs before choosing a filter chain.
@@ -88,6 +101,8 @@ pub struct FilterChain {
     pub metadata_exchange: Option<Arc<MetadataExchange>>,
     /// The network RBAC filters before the terminal filter, in order.
     pub rbac: Vec<Arc<NetworkRbac>>,
+    /// Istio's standard TCP metrics (`istio.stats` as a network filter).
+    pub istio_stats: Option<Arc<IstioStats>>,
     pub filter: NetworkFilter,
 }
 
@@ -227,6 +242,12 @@ pub fn translate(mut l: Obj<'_>) -> Result<Listener> {
     let address = socket_address(l.required_object("address")?)?;
     let use_original_dst = l.bool("use_original_dst")?.unwrap_or(false);
     let bind_to_port = l.bool("bind_to_port")?.unwrap_or(true);
+    let direction = match l.string("traffic_direction")?.unwrap_or("UNSPECIFIED") {
+        "UNSPECIFIED" => TrafficDirection::Unspecified,
+        "INBOUND" => TrafficDirection::Inbound,
+        "OUTBOUND" => TrafficDirection::Outbound,
+        other => return Err(ConfigError::new(l.at("traffic_direction"), format!("{other} is not a direction; use UNSPECIFIED, INBOUND or OUTBOUND"))),
+    };
     let mut listener_filters = listener_filters(&mut l)?;
     listener_filters.original_dst |= use_original_dst;
     let filter_chains = l.objects("filter_chains")?.into_iter().map(filter_chain).collect::<Result<Vec<_>>>()?;
@@ -251,7 +272,7 @@ pub fn translate(mut l: Obj<'_>) -> Result<Listener> {
         return Err(ConfigError::new(l.at("default_filter_chain.filter_chain_match"), "must be empty: the default chain serves what no chain matches"));
     }
     l.finish()?;
-    Ok(Listener { name, address, filter_chains, default_filter_chain, use_original_dst, bind_to_port, listener_filters })
+    Ok(Listener { name, address, filter_chains, default_filter_chain, use_original_dst, bind_to_port, listener_filters, direction })
 }
 
 fn listener_filters(l: &mut Obj<'_>) -> Result<ListenerFilters> {
@@ -335,9 +356,9 @@ fn filter_chain(mut chain: Obj<'_>) -> Result<FilterChain> {
     let matcher = chain.object("filter_chain_match")?.map(filter_chain_match).transpose()?.unwrap_or_default();
     let transport_socket = tls::downstream(chain.object("transport_socket")?)?;
     let transport_socket_connect_timeout = chain.timeout("transport_socket_connect_timeout", None)?;
-    let NetworkFilters { metadata_exchange, rbac, terminal: filter } = network_filters(&mut chain)?;
+    let NetworkFilters { metadata_exchange, rbac, istio_stats, terminal: filter } = network_filters(&mut chain)?;
     chain.finish()?;
-    Ok(FilterChain { name, matcher, transport_socket, transport_socket_connect_timeout, metadata_exchange, rbac, filter })
+    Ok(FilterChain { name, matcher, transport_socket, transport_socket_connect_timeout, metadata_exchange, rbac, istio_stats, filter })
 }
 
 fn filter_chain_match(mut m: Obj<'_>) -> Result<FilterChainMatch> {
@@ -388,6 +409,7 @@ fn cidr_ranges(m: &mut Obj<'_>, key: &str) -> Result<Vec<CidrRange>> {
 struct NetworkFilters {
     metadata_exchange: Option<Arc<MetadataExchange>>,
     rbac: Vec<Arc<NetworkRbac>>,
+    istio_stats: Option<Arc<IstioStats>>,
     terminal: NetworkFilter,
 }
 
@@ -399,6 +421,7 @@ fn network_filters(chain: &mut Obj<'_>) -> Result<NetworkFilters> {
     let mut terminal = None;
     let mut rbac_filters = Vec::new();
     let mut exchange = None;
+    let mut stats = None;
     for (i, mut f) in filters.into_iter().enumerate() {
         let filter_name = f.string("name")?.unwrap_or_default().to_string();
         let optional = f.bool("is_optional")?.unwrap_or(false);
@@ -411,9 +434,9 @@ fn network_filters(chain: &mut Obj<'_>) -> Result<NetworkFilters> {
                 rbac_filters.push(Arc::new(rbac::network(typed)?));
                 None
             }
-            // Telemetry only (Istio's standard metrics), validated.
-            super::istio_stats::ISTIO_STATS => {
-                super::istio_stats::translate(typed)?;
+            // Telemetry only: Istio's standard TCP metrics.
+            ISTIO_STATS => {
+                stats = Some(Arc::new(istio_stats::translate(typed)?));
                 None
             }
             METADATA_EXCHANGE => {
@@ -438,7 +461,7 @@ fn network_filters(chain: &mut Obj<'_>) -> Result<NetworkFilters> {
         terminal = terminal.or(filter);
     }
     let terminal = terminal.ok_or_else(|| ConfigError::new(chain.at("filters"), "the filter chain has no terminal filter"))?;
-    Ok(NetworkFilters { metadata_exchange: exchange, rbac: rbac_filters, terminal })
+    Ok(NetworkFilters { metadata_exchange: exchange, rbac: rbac_filters, istio_stats: stats, terminal })
 }
 
 fn tcp_proxy(mut t: Obj<'_>) -> Result<NetworkFilter> {

@@ -17,13 +17,16 @@ use super::filters::network::rbac;
 use super::filters::network::tcp_proxy::{self, Relayed};
 use super::listener_filter::{self, InspectError, Rewind};
 use super::tls::{MaybeTls, TlsError};
-use super::pod_share::{Metered, PodLoad};
+use super::filters::istio_stats::{Reporter, StatsFilter, TcpReport};
+use super::istio_metrics::IstioMetrics;
+use super::pod_share::{Metered, PodLoad, WireBytes};
 use super::snapshot::Snapshot;
 use super::tls_info::TlsInfo;
 use super::upstream::pool::Pools;
 use super::upstream::{ConnectError, Upstream};
 use crate::config::http_connection_manager::Routes;
-use crate::config::listener::{FilterChain, Listener, NetworkFilter};
+use crate::config::istio_stats::IstioStats;
+use crate::config::listener::{FilterChain, Listener, NetworkFilter, TrafficDirection};
 use crate::config::tls::TransportSocket;
 
 /// The configuration a pod's (or the proxy's) connections are served by: the latest snapshot, `None` until
@@ -91,6 +94,15 @@ pub struct Accepted {
 pub struct Pod {
     pub pools: Arc<Pools>,
     pub load: Arc<PodLoad>,
+    /// Istio's standard metrics of its streams.
+    pub metrics: Arc<IstioMetrics>,
+}
+
+impl Pod {
+    /// A pod of its own (the standalone proxy, tests): its pools on `sockets`, no limits.
+    pub fn unlimited(sockets: super::socket::SocketFactory) -> Pod {
+        Pod { pools: Pools::new(sockets), load: PodLoad::new(super::pod_share::PodLimits::UNLIMITED), metrics: Arc::default() }
+    }
 }
 
 /// Serves a connection accepted by `entry` until it ends or its listener has been drained; upstream
@@ -132,6 +144,7 @@ pub async fn serve(accepted: Accepted, entry: &Listener, snapshot: &Arc<Snapshot
     let served = async {
         // Bytes are metered on the wire, under TLS: a pod's bandwidth includes its handshakes.
         let io = Metered::new(io, Arc::clone(&pod.load));
+        let wire = io.wire();
         let (io, tls) = match transport(io, chain, snapshot, pools).await {
             Ok(transported) => transported,
             Err((outcome, e)) => {
@@ -142,8 +155,9 @@ pub async fn serve(accepted: Accepted, entry: &Listener, snapshot: &Arc<Snapshot
         let peer_metadata = Arc::clone(io.peer());
         let connection = Arc::new(rbac::Connection { peer, local, server_name: info.server_name.clone(), tls, peer_metadata });
         let io = rbac::Gated::new(io, chain.rbac.clone(), Arc::clone(&connection));
+        let telemetry = Telemetry { direction: listener.direction, stats: chain.istio_stats.clone(), metrics: Arc::clone(&pod.metrics), wire };
         tokio::select! {
-            outcome = run_filter(io, &chain.filter, upstream, updates, &connection, &pod.load) => outcome,
+            outcome = run_filter(io, chain, upstream, updates, &connection, (&pod.load, telemetry)) => outcome,
             () = rbac::guard(guarded, &listener.name, &info, &connection) => Outcome::Denied,
         }
     };
@@ -190,18 +204,37 @@ where
     }
 }
 
+/// What Istio's telemetry of a connection needs: its listener's direction, the chain's `istio.stats`
+/// filter, the pod's metrics and the connection's wire bytes.
+struct Telemetry {
+    direction: TrafficDirection,
+    stats: Option<Arc<IstioStats>>,
+    metrics: Arc<IstioMetrics>,
+    wire: Arc<WireBytes>,
+}
+
 /// The chain's terminal network filter, behind its RBAC filters.
-async fn run_filter(io: rbac::Gated<DownstreamIo>, filter: &NetworkFilter, upstream: Upstream, updates: SnapshotWatch, connection: &rbac::Connection, load: &Arc<PodLoad>) -> Outcome {
+async fn run_filter(io: rbac::Gated<DownstreamIo>, chain: &FilterChain, upstream: Upstream, updates: SnapshotWatch, connection: &rbac::Connection, (load, telemetry): (&Arc<PodLoad>, Telemetry)) -> Outcome {
     let (peer, local) = (connection.peer, connection.local);
-    match filter {
-        NetworkFilter::TcpProxy(config) => match tcp_proxy::serve(io, config, &upstream).await {
-            Relayed::Done(from_downstream, to_downstream) => Outcome::Relayed { from_downstream, to_downstream },
-            Relayed::NoUpstream(e) => Outcome::UpstreamFailed(e),
-            Relayed::Failed(e) => {
-                tracing::debug!(%peer, "tcp_proxy connection ended: {e}");
-                Outcome::Relayed { from_downstream: 0, to_downstream: 0 }
+    match &chain.filter {
+        NetworkFilter::TcpProxy(config) => {
+            let mut report = telemetry.stats.map(|config| {
+                let filter = StatsFilter { config, reporter: Reporter::of(telemetry.direction), metrics: telemetry.metrics, local: Arc::clone(&upstream.snapshot.local) };
+                TcpReport::new(filter, connection.tls.clone(), Arc::clone(&connection.peer_metadata), Arc::clone(&upstream.snapshot), telemetry.wire)
+            });
+            let relayed = tcp_proxy::serve(io, config, &upstream, report.as_mut()).await;
+            if let Some(r) = &mut report {
+                r.report(true);
             }
-        },
+            match relayed {
+                Relayed::Done(from_downstream, to_downstream) => Outcome::Relayed { from_downstream, to_downstream },
+                Relayed::NoUpstream(e) => Outcome::UpstreamFailed(e),
+                Relayed::Failed(e) => {
+                    tracing::debug!(%peer, "tcp_proxy connection ended: {e}");
+                    Outcome::Relayed { from_downstream: 0, to_downstream: 0 }
+                }
+            }
+        }
         NetworkFilter::HttpConnectionManager(hcm) => {
             if let Routes::Rds(name) = &hcm.routes {
                 if upstream.snapshot.route_config(name).is_none() {
@@ -209,7 +242,17 @@ async fn run_filter(io: rbac::Gated<DownstreamIo>, filter: &NetworkFilter, upstr
                 }
             }
             let (tls, server_name) = (connection.tls.clone(), connection.server_name.clone());
-            let context = HttpContext { hcm: Arc::clone(hcm), updates, upstream, peer, local, load: Arc::clone(load), tls, server_name };
+            let context = HttpContext {
+                hcm: Arc::clone(hcm),
+                updates,
+                upstream,
+                peer,
+                local,
+                load: Arc::clone(load),
+                tls,
+                server_name,
+                telemetry: http_connection_manager::Telemetry { direction: telemetry.direction, metrics: telemetry.metrics, connection_peer: Arc::clone(&connection.peer_metadata) },
+            };
             http_connection_manager::serve(io, context).await;
             Outcome::Http
         }
@@ -223,7 +266,6 @@ mod tests {
     use super::*;
     use crate::config::store::Resource;
     use crate::config::tree::Obj;
-    use crate::proxy::pod_share::PodLimits;
     use crate::proxy::socket::SocketFactory;
     use serde_json::json;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -256,7 +298,7 @@ mod tests {
             let (stream, peer) = front.accept().await.unwrap();
             let (_tx, updates) = watch::channel(Some(Arc::clone(&snapshot)));
             let drain = Drain { updates, timeout: Duration::from_secs(1) };
-            let pod = Pod { pools: Pools::new(SocketFactory::Host), load: PodLoad::new(PodLimits::UNLIMITED) };
+            let pod = Pod::unlimited(SocketFactory::Host);
             serve(Accepted { stream, peer, original_dst: None }, &listener, &snapshot, &pod, drain).await
         });
         addr
@@ -302,7 +344,7 @@ mod tests {
             let (stream, peer) = front.accept().await.unwrap();
             // A drain time far longer than the test: only the guard can close the connection.
             let drain = Drain { updates, timeout: Duration::from_secs(3600) };
-            let pod = Pod { pools: Pools::new(SocketFactory::Host), load: PodLoad::new(PodLimits::UNLIMITED) };
+            let pod = Pod::unlimited(SocketFactory::Host);
             serve(Accepted { stream, peer, original_dst: None }, &listener, &first, &pod, drain).await
         });
         let mut client = TcpStream::connect(addr).await.unwrap();
@@ -352,7 +394,7 @@ mod tests {
             let (stream, peer) = front.accept().await.unwrap();
             let (_tx, updates) = watch::channel(Some(Arc::clone(&snapshot)));
             let drain = Drain { updates, timeout: Duration::from_secs(3600) };
-            let pod = Pod { pools: Pools::new(SocketFactory::Host), load: PodLoad::new(PodLimits::UNLIMITED) };
+            let pod = Pod::unlimited(SocketFactory::Host);
             serve(Accepted { stream, peer, original_dst: None }, &listener, &snapshot, &pod, drain).await
         });
         (addr, served)
@@ -383,11 +425,47 @@ mod tests {
         let TransportSocket::Tls(context) = crate::config::tls::upstream(Some(Obj::new(&v, "ts").unwrap())).unwrap() else { panic!("TLS") };
         let tcp = TcpStream::connect(addr).await.unwrap();
         let tls = crate::proxy::tls::Tls::default();
-        let mut stream = tls.connect(tcp, &context, &Default::default(), addr.ip(), None).await.unwrap();
+        let (mut stream, _) = tls.connect(tcp, &context, &Default::default(), addr.ip(), None).await.unwrap();
         stream.write_all(b"ping").await.unwrap();
         let mut buf = [0u8; 4];
         tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut buf)).await.unwrap().unwrap();
         assert_eq!(&buf, b"ping");
+    }
+
+    #[tokio::test]
+    async fn istio_stats_reports_a_tcp_connection_with_its_wire_bytes() {
+        let echo = crate::proxy::testing::echo_server().await;
+        let (base, _) = snapshot(echo);
+        let listener = json!({"name": "virtualInbound", "traffic_direction": "INBOUND", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},
+            "filter_chains": [{"filters": [
+                {"name": "istio.stats", "typed_config": {"@type": "type.googleapis.com/stats.PluginConfig"}},
+                {"name": "tcp", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", "cluster": "echo"}}]}]});
+        let listener = crate::config::listener::translate(Obj::new(&listener, "l").unwrap()).unwrap();
+        let snapshot = Arc::new(Snapshot { listeners: Arc::new([Resource::fixed("l", listener.clone())].into_iter().collect()), clusters: Arc::clone(&base.clusters), ..Snapshot::default() });
+        let pod = Pod::unlimited(SocketFactory::Host);
+        let metrics = Arc::clone(&pod.metrics);
+        let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = front.local_addr().unwrap();
+        let served = tokio::spawn(async move {
+            let (stream, peer) = front.accept().await.unwrap();
+            let (_tx, updates) = watch::channel(Some(Arc::clone(&snapshot)));
+            serve(Accepted { stream, peer, original_dst: None }, &listener, &snapshot, &pod, Drain { updates, timeout: Duration::from_secs(1) }).await
+        });
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        client.write_all(b"twelve bytes").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut back)).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), served).await.unwrap().unwrap();
+        let text = crate::proxy::istio_metrics::render(&[(Vec::new(), &metrics)]);
+        let line = |metric: &str| text.lines().find(|l| l.starts_with(&format!("{metric}{{"))).unwrap_or_default().to_string();
+        for (metric, value) in [("istio_tcp_connections_opened_total", 1), ("istio_tcp_connections_closed_total", 1), ("istio_tcp_received_bytes_total", 12), ("istio_tcp_sent_bytes_total", 12)] {
+            let l = line(metric);
+            assert!(l.ends_with(&format!(" {value}")), "{metric}: {text}");
+            for label in ["reporter=\"destination\"", "request_protocol=\"tcp\"", "connection_security_policy=\"none\"", "response_flags=\"-\""] {
+                assert!(l.contains(label), "{label} in {l}");
+            }
+        }
     }
 
     #[tokio::test]
@@ -505,7 +583,7 @@ mod tests {
             let addr = front(snapshot, listener).await;
             let (_client_snapshot, key) = client(&root, &leaves[1], addr);
             let pools = Pools::new(SocketFactory::Host);
-            let mut upstream = pools.connect(&key, Duration::from_secs(5)).await.unwrap();
+            let (mut upstream, _) = pools.connect(&key, Duration::from_secs(5)).await.unwrap();
             assert_eq!(read_exactly(&mut upstream, 11).await, b"220 hello\r\n", "the app spoke first; the frame before it was stripped");
             let peer = upstream.peer().get().flatten().cloned().expect("the server's metadata");
             assert_eq!((peer.id.as_str(), peer.metadata.name.as_str()), ("sidecar~127.0.0.1~server-1.shop~shop.svc.cluster.local", "server-1"));
@@ -537,7 +615,7 @@ mod tests {
             };
             let pools = Pools::new(SocketFactory::Host);
             let connecting = async {
-                let mut io = pools.connect(&key, Duration::from_secs(5)).await.unwrap();
+                let (mut io, _) = pools.connect(&key, Duration::from_secs(5)).await.unwrap();
                 assert_eq!(read_exactly(&mut io, 5).await, b"ready");
                 io.write_all(b"ping").await.unwrap();
                 assert_eq!(read_exactly(&mut io, 4).await, b"ping");

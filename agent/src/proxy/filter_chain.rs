@@ -123,7 +123,7 @@ mod tests {
     use crate::config::listener::{FilterChainMatch, ListenerFilters};
 
     fn chain(name: &str, matcher: FilterChainMatch) -> FilterChain {
-        FilterChain { name: name.into(), matcher, transport_socket: Default::default(), transport_socket_connect_timeout: None, metadata_exchange: None, rbac: Vec::new(), filter: crate::config::listener::TcpProxy::to(name) }
+        FilterChain { name: name.into(), matcher, transport_socket: Default::default(), transport_socket_connect_timeout: None, metadata_exchange: None, rbac: Vec::new(), istio_stats: None, filter: crate::config::listener::TcpProxy::to(name) }
     }
 
     fn listener(chains: Vec<FilterChain>, default: bool) -> Listener {
@@ -135,6 +135,7 @@ mod tests {
             use_original_dst: false,
             bind_to_port: true,
             listener_filters: ListenerFilters::original_dst_only(),
+            direction: Default::default(),
         }
     }
 

@@ -14,6 +14,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 
 use super::connection_handler::{self, Accepted, Drain, Outcome, Pod, SnapshotWatch};
+use super::istio_metrics::IstioMetrics;
 use super::pod_share::{Admitted, PodShare};
 use super::socket::{self, SocketFactory};
 use super::stats::ListenerStats;
@@ -44,6 +45,8 @@ pub struct PodListeners {
     pub inbound: Arc<ListenerStats>,
     /// The pod's upstream pools and TLS state (where its workload certificate is pushed).
     pub pools: Arc<Pools>,
+    /// Istio's standard metrics of the pod's traffic (its 15020 and the agent show them).
+    pub metrics: Arc<IstioMetrics>,
 }
 
 impl PodListeners {
@@ -118,7 +121,7 @@ pub async fn start(pod: String, ns: Netns, settings: ProxySettings, config: Snap
     let outbound = Arc::new(ListenerStats::default());
     let inbound = Arc::new(ListenerStats::default());
     let pools = Pools::new(SocketFactory::Pod(ns));
-    let mut listeners = PodListeners { tasks: Vec::new(), addresses: Vec::new(), outbound, inbound, pools: Arc::clone(&pools) };
+    let mut listeners = PodListeners { tasks: Vec::new(), addresses: Vec::new(), outbound, inbound, pools: Arc::clone(&pools), metrics: Arc::default() };
     for (direction, addr, socket) in sockets {
         let stats = match direction {
             Direction::Outbound => Arc::clone(&listeners.outbound),
@@ -131,7 +134,7 @@ pub async fn start(pod: String, ns: Netns, settings: ProxySettings, config: Snap
             stats,
             settings,
             config: config.clone(),
-            served: Pod { pools: Arc::clone(&pools), load: Arc::clone(&share.load) },
+            served: Pod { pools: Arc::clone(&pools), load: Arc::clone(&share.load), metrics: Arc::clone(&listeners.metrics) },
         });
         let runtime = share.handle();
         let listener = {

@@ -10,6 +10,7 @@ pub mod body;
 pub mod connection_handler;
 pub mod filter_chain;
 pub mod filters;
+pub mod istio_metrics;
 pub mod listener;
 pub mod listener_filter;
 pub mod passthrough;

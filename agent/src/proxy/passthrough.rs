@@ -48,13 +48,14 @@ fn listener(name: &str, port: u16, filter_chains: Vec<FilterChain>) -> Listener 
         use_original_dst: false,
         bind_to_port: true,
         listener_filters: ListenerFilters::original_dst_only(),
+        direction: Default::default(),
     }
 }
 
 /// A chain for destinations of one address family (`None`: any).
 fn chain(family: Option<IpAddr>, cluster: &str) -> FilterChain {
     let matcher = FilterChainMatch { prefix_ranges: family.map(|prefix| CidrRange { prefix, len: 0 }).into_iter().collect(), ..Default::default() };
-    FilterChain { name: cluster.to_string(), matcher, transport_socket: Default::default(), transport_socket_connect_timeout: None, metadata_exchange: None, rbac: Vec::new(), filter: TcpProxy::to(cluster) }
+    FilterChain { name: cluster.to_string(), matcher, transport_socket: Default::default(), transport_socket_connect_timeout: None, metadata_exchange: None, rbac: Vec::new(), istio_stats: None, filter: TcpProxy::to(cluster) }
 }
 
 fn cluster(name: &str, source: Option<IpAddr>, connect_timeout: Duration) -> Cluster {

@@ -251,10 +251,26 @@ impl PodLoad {
     }
 }
 
+/// One connection's bytes on the wire: read from it and written to it.
+#[derive(Debug, Default)]
+pub struct WireBytes([AtomicU64; 2]);
+
+impl WireBytes {
+    pub fn received(&self) -> u64 {
+        self.0[READ].load(Relaxed)
+    }
+
+    pub fn sent(&self) -> u64 {
+        self.0[WRITE].load(Relaxed)
+    }
+}
+
 /// A downstream byte stream whose bytes count toward its pod's load, and wait for its bandwidth.
 pub struct Metered<IO> {
     io: IO,
     load: Arc<PodLoad>,
+    /// This connection's own bytes (Istio's TCP metrics).
+    wire: Arc<WireBytes>,
     /// Waiting for bandwidth, per direction (read, write).
     waits: [Option<Pin<Box<tokio::time::Sleep>>>; 2],
 }
@@ -264,7 +280,12 @@ const WRITE: usize = 1;
 
 impl<IO> Metered<IO> {
     pub fn new(io: IO, load: Arc<PodLoad>) -> Self {
-        Metered { io, load, waits: [None, None] }
+        Metered { io, load, wire: Arc::default(), waits: [None, None] }
+    }
+
+    /// The connection's wire bytes so far, as they go on.
+    pub fn wire(&self) -> Arc<WireBytes> {
+        Arc::clone(&self.wire)
     }
 
     /// How many bytes the pod's bandwidth in `direction` allows now (any number when unlimited); pending
@@ -290,6 +311,7 @@ impl<IO> Metered<IO> {
     fn moved(&self, direction: usize, n: usize) {
         let counter = if direction == READ { &self.load.bytes_in } else { &self.load.bytes_out };
         counter.fetch_add(n as u64, Relaxed);
+        self.wire.0[direction].fetch_add(n as u64, Relaxed);
         if let Some(buckets) = &self.load.bandwidth {
             buckets[direction].lock().unwrap_or_else(PoisonError::into_inner).take(n as f64);
         }

@@ -14,10 +14,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::connection_handler::{self, Accepted, Drain, Outcome, Pod};
-use super::pod_share::{PodLimits, PodLoad};
 use super::snapshot::Snapshot;
 use super::socket::SocketFactory;
-use super::upstream::pool::Pools;
 use crate::config::listener::Listener;
 
 /// Counters of one listener, named as Envoy names them.
@@ -63,7 +61,7 @@ impl Proxy {
         Arc::new(Proxy {
             config: watch::Sender::new(Some(Arc::new(Snapshot::default()))),
             // The standalone proxy is one pod without a netns, and without per-pod limits.
-            pod: Arc::new(Pod { pools: Pools::new(SocketFactory::Host), load: PodLoad::new(PodLimits::UNLIMITED) }),
+            pod: Arc::new(Pod::unlimited(SocketFactory::Host)),
             bound: Mutex::default(),
             drain_timeout,
         })
@@ -72,6 +70,11 @@ impl Proxy {
     /// The proxy's secrets and TLS configurations.
     pub fn tls(&self) -> &crate::proxy::tls::Tls {
         self.pod.pools.tls()
+    }
+
+    /// Istio's standard metrics of the proxy's traffic (its `istio.stats` filters).
+    pub fn istio_metrics(&self) -> &crate::proxy::istio_metrics::IstioMetrics {
+        &self.pod.metrics
     }
 
     /// The configuration new connections are served by.

@@ -58,7 +58,7 @@ pub enum Pushed {
 pub struct Tls {
     pushed: ArcSwap<HashMap<String, Arc<Pushed>>>,
     servers: Mutex<Vec<Cached<DownstreamTls, ServerSide>>>,
-    clients: Mutex<Vec<Cached<UpstreamTls, ClientConfig>>>,
+    clients: Mutex<Vec<Cached<UpstreamTls, ClientSide>>>,
 }
 
 /// A configuration built from `context`, valid while the secrets' `stamp` is unchanged.
@@ -134,8 +134,9 @@ impl Tls {
         secrets: &ByName<Secret>,
         ip: IpAddr,
         alpn: Option<&[String]>,
-    ) -> Result<tokio_rustls::client::TlsStream<S>, TlsError> {
-        let mut config = self.client_config(context, secrets)?;
+    ) -> Result<(tokio_rustls::client::TlsStream<S>, Arc<[String]>), TlsError> {
+        let side = self.client_config(context, secrets)?;
+        let mut config = Arc::clone(&side.config);
         if let Some(protocols) = alpn {
             // The same configuration (certificates, verifier, session cache) with another list.
             let mut overridden = (*config).clone();
@@ -147,14 +148,15 @@ impl Tls {
             Some(sni) => ServerName::try_from(sni.clone()).map_err(|e| TlsError(format!("sni {sni:?}: {e}")))?,
             None => ServerName::IpAddress(ip.into()),
         };
-        TlsConnector::from(config).connect(name, io).await.map_err(|e| TlsError(format!("upstream TLS handshake: {e}")))
+        let stream = TlsConnector::from(config).connect(name, io).await.map_err(|e| TlsError(format!("upstream TLS handshake: {e}")))?;
+        Ok((stream, Arc::clone(&side.local_uri_sans)))
     }
 
     fn server_config(&self, context: &Arc<DownstreamTls>, secrets: &ByName<Secret>) -> Result<Arc<ServerSide>, TlsError> {
         self.cached(&self.servers, context, &context.common, secrets, |material| build_server(context, material))
     }
 
-    fn client_config(&self, context: &Arc<UpstreamTls>, secrets: &ByName<Secret>) -> Result<Arc<ClientConfig>, TlsError> {
+    fn client_config(&self, context: &Arc<UpstreamTls>, secrets: &ByName<Secret>) -> Result<Arc<ClientSide>, TlsError> {
         self.cached(&self.clients, context, &context.common, secrets, |material| build_client(&context.common, material))
     }
 
@@ -413,14 +415,21 @@ fn build_server(context: &DownstreamTls, material: Material) -> Result<ServerSid
         }
     };
     let certificate = material.certificate.ok_or_else(|| TlsError("a server needs a certificate".into()))?;
-    let local_uri_sans = certificate.cert.first().map(|leaf| sans(leaf).into_iter().filter(|(k, _)| *k == SanKind::Uri).map(|(_, v)| v).collect()).unwrap_or_default();
+    let local_uri_sans = certificate.cert.first().map(uri_sans).unwrap_or_default();
     let mut config = builder.with_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certificate)));
     let without_alpn = Arc::new(config.clone());
     config.alpn_protocols = common.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     Ok(ServerSide { config: Arc::new(config), without_alpn, local_uri_sans })
 }
 
-fn build_client(common: &CommonTls, material: Material) -> Result<ClientConfig, TlsError> {
+/// A client context built: its configuration and the URI SANs of the certificate it presents (Istio's
+/// telemetry reports the client side's own identity as `source_principal`).
+struct ClientSide {
+    config: Arc<ClientConfig>,
+    local_uri_sans: Arc<[String]>,
+}
+
+fn build_client(common: &CommonTls, material: Material) -> Result<ClientSide, TlsError> {
     let provider = Arc::new(provider_for(common));
     let builder = ClientConfig::builder_with_provider(Arc::clone(&provider)).with_protocol_versions(&versions(common.versions)).map_err(|e| TlsError(e.to_string()))?;
     let inner = match &material.roots {
@@ -430,12 +439,18 @@ fn build_client(common: &CommonTls, material: Material) -> Result<ClientConfig, 
     let sans = common.validation.as_ref().map(|v| v.san_matchers.clone()).unwrap_or_default();
     let verifier = Arc::new(ServerSans { inner, sans, algorithms: provider.signature_verification_algorithms });
     let builder = builder.dangerous().with_custom_certificate_verifier(verifier);
+    let local_uri_sans = material.certificate.as_ref().and_then(|c| c.cert.first()).map(uri_sans).unwrap_or_default();
     let mut config = match material.certificate {
         Some(certificate) => builder.with_client_cert_resolver(Arc::new(rustls::sign::SingleCertAndKey::from(certificate))),
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = common.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
-    Ok(config)
+    Ok(ClientSide { config: Arc::new(config), local_uri_sans })
+}
+
+/// A certificate's URI SANs.
+fn uri_sans(der: &CertificateDer<'_>) -> Arc<[String]> {
+    sans(der).into_iter().filter(|(k, _)| *k == SanKind::Uri).map(|(_, v)| v).collect()
 }
 
 /// A presented chain's leaf as RBAC, SAN matchers, `x-forwarded-client-cert` and access logs see it;
@@ -748,7 +763,7 @@ mod tests {
             Ok(info)
         };
         let connecting = async {
-            let Ok(mut stream) = client.connect(b, up, &ByName::default(), "10.0.0.2".parse().unwrap(), None).await else { return false };
+            let Ok((mut stream, _)) = client.connect(b, up, &ByName::default(), "10.0.0.2".parse().unwrap(), None).await else { return false };
             let mut byte = [0u8; 1];
             stream.write_all(b"x").await.is_ok() && stream.flush().await.is_ok() && stream.read_exact(&mut byte).await.is_ok()
         };

@@ -80,6 +80,17 @@ impl PodXds {
     }
 }
 
+/// The pod's labels with Istio's canonical service labels, which the sidecar injector adds to every pod it
+/// injects (weft injects nothing): the name from `app.kubernetes.io/name`, `app` or the workload, the revision
+/// from `app.kubernetes.io/version`, `version` or `latest`. Labels the pod sets itself are kept.
+fn with_canonical_labels(labels: &std::collections::BTreeMap<String, String>, workload: &str) -> std::collections::BTreeMap<String, String> {
+    let first = |keys: [&str; 2], fallback: &str| keys.iter().find_map(|k| labels.get(*k)).map_or(fallback, String::as_str).to_string();
+    let mut out = labels.clone();
+    out.entry("service.istio.io/canonical-name".into()).or_insert_with(|| first(["app.kubernetes.io/name", "app"], workload));
+    out.entry("service.istio.io/canonical-revision".into()).or_insert_with(|| first(["app.kubernetes.io/version", "version"], "latest"));
+    out
+}
+
 /// The identity an Istio sidecar of this pod presents: `sidecar~<ip>~<pod>.<ns>~<ns>.svc.cluster.local` and
 /// the metadata istiod reads. Labels, the service account and the workload come from the Kubernetes API
 /// (`pod.meta`); without it (no API configured) they are left out rather than guessed.
@@ -100,11 +111,28 @@ pub fn sidecar_node(pod: &PodRecord, settings: &XdsSettings) -> Node {
     });
     if let Some(meta) = &pod.meta {
         metadata["SERVICE_ACCOUNT"] = json!(meta.service_account);
-        metadata["LABELS"] = json!(meta.labels);
+        metadata["LABELS"] = json!(with_canonical_labels(&meta.labels, &meta.workload.name));
         // As istio-agent: kubernetes://apis/<group/version>/namespaces/<ns>/<plural kind>/<name>.
         let w = &meta.workload;
         let api = if w.api_version.contains('/') { format!("apis/{}", w.api_version) } else { format!("api/{}", w.api_version) };
         metadata["OWNER"] = json!(format!("kubernetes://{api}/namespaces/{}/{}s/{}", pod.namespace, w.kind.to_ascii_lowercase(), w.name));
     }
     Node { id: format!("sidecar~{ip}~{}.{}~{}.svc.cluster.local", pod.name, pod.namespace, pod.namespace), cluster: format!("{workload}.{}", pod.namespace), metadata }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_labels_are_added_as_the_injector_adds_them() {
+        let labels: std::collections::BTreeMap<String, String> = [("app".to_string(), "web".to_string()), ("version".to_string(), "v2".to_string())].into();
+        let out = with_canonical_labels(&labels, "web-deploy");
+        assert_eq!(out["service.istio.io/canonical-name"], "web");
+        assert_eq!(out["service.istio.io/canonical-revision"], "v2");
+        let bare = with_canonical_labels(&Default::default(), "web-deploy");
+        assert_eq!((bare["service.istio.io/canonical-name"].as_str(), bare["service.istio.io/canonical-revision"].as_str()), ("web-deploy", "latest"));
+        let own: std::collections::BTreeMap<String, String> = [("service.istio.io/canonical-name".to_string(), "shop".to_string())].into();
+        assert_eq!(with_canonical_labels(&own, "w")["service.istio.io/canonical-name"], "shop", "the pod's own label wins");
+    }
 }

@@ -2,5 +2,6 @@
 //! can sit underneath without them knowing), and HTTP filters on each request of the HTTP connection manager.
 
 pub mod http;
+pub mod istio_stats;
 pub mod network;
 pub mod rbac;

@@ -46,7 +46,7 @@ impl std::fmt::Display for ConnectError {
 
 impl Upstream {
     /// A new connection to an endpoint of `cluster` (tcp_proxy), TLS when the cluster originates it.
-    pub async fn connect(&self, cluster: &str) -> Result<UpstreamIo, ConnectError> {
+    pub async fn connect(&self, cluster: &str) -> Result<(UpstreamIo, Arc<pool::UpstreamSession>), ConnectError> {
         dns::refresh(&self.snapshot, cluster).await;
         health::ensure(&self.snapshot, cluster, self.pools.sockets()).await;
         let c = self.snapshot.cluster(cluster).ok_or_else(|| ConnectError::UnknownCluster(cluster.to_string()))?;

@@ -19,7 +19,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 
 use super::super::activity::{Activity, Counted, InFlight};
 use super::super::body::Body;
-use super::super::filters::network::metadata_exchange::{self, ExchangeStream};
+use super::super::filters::network::metadata_exchange::{self, ExchangeStream, PeerSlot};
 use super::super::socket::SocketFactory;
 use super::super::tls::{MaybeTls, Tls};
 use super::runtime::ClusterRuntime;
@@ -34,6 +34,16 @@ use super::super::snapshot::{ClusterRef, Snapshot};
 /// An upstream connection, TLS or not, under the cluster's metadata exchange (which passes everything through
 /// when the cluster has none or it was not negotiated).
 pub type UpstreamIo = ExchangeStream<MaybeTls<tokio::net::TcpStream, tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>;
+
+/// Who is at the other end of an upstream connection, as Istio's telemetry reports it: the first URI SAN of
+/// the server's certificate and of ours (TLS only), and what its metadata exchange learnt. Responses carry it
+/// in their extensions.
+#[derive(Debug, Default)]
+pub struct UpstreamSession {
+    pub peer_uri_san: Option<String>,
+    pub local_uri_san: Option<String>,
+    pub exchange: Arc<PeerSlot>,
+}
 
 /// Which connections of a pool can serve a request.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -166,6 +176,7 @@ pub fn stream_reset(e: &hyper::Error) -> Option<h2::Reason> {
 /// timer removes it only if it is still that parking).
 struct Pooled {
     sender: http1::SendRequest<Body>,
+    session: Arc<UpstreamSession>,
     used: u64,
     parked: u64,
     /// The cluster (by name) whose `max_connections` it counts against.
@@ -203,6 +214,7 @@ static PARKINGS: AtomicU64 = AtomicU64::new(0);
 /// until its response body is dropped, as Envoy counts it until the stream completes).
 struct Http2Connection {
     sender: http2::SendRequest<Body>,
+    session: Arc<UpstreamSession>,
     used: u64,
     streams: Arc<Activity>,
 }
@@ -251,20 +263,27 @@ impl Pools {
 
     /// A new connection for `key`, with TLS originated on it when the cluster has a TLS context, and the
     /// cluster's metadata exchange started when the negotiated ALPN asks for it.
-    pub async fn connect(&self, key: &Key, timeout: Duration) -> Result<UpstreamIo, PoolError> {
+    pub async fn connect(&self, key: &Key, timeout: Duration) -> Result<(UpstreamIo, Arc<UpstreamSession>), PoolError> {
         let stream = self.sockets.connect(key.endpoint, key.source, timeout).await.map_err(PoolError::Connect)?;
+        let mut session = UpstreamSession::default();
         let (io, alpn) = match &key.tls {
             None => (MaybeTls::Plain(stream), None),
             Some(TlsKey(context, secrets)) => {
-                let tls = self.tls.connect(stream, context, secrets, key.endpoint.ip(), key.alpn.as_deref()).await.map_err(|e| PoolError::Connect(std::io::Error::other(e.0)))?;
-                let alpn = tls.get_ref().1.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned());
+                let (tls, local_sans) = self.tls.connect(stream, context, secrets, key.endpoint.ip(), key.alpn.as_deref()).await.map_err(|e| PoolError::Connect(std::io::Error::other(e.0)))?;
+                let connection = tls.get_ref().1;
+                let alpn = connection.alpn_protocol().map(|p| String::from_utf8_lossy(p).into_owned());
+                let peer = connection.peer_certificates().and_then(super::super::tls::peer_certificate);
+                session.peer_uri_san = peer.and_then(|p| p.uri_sans.into_iter().next());
+                session.local_uri_san = local_sans.first().cloned();
                 (MaybeTls::Tls(Box::new(tls)), alpn)
             }
         };
-        match &key.exchange {
-            None => Ok(ExchangeStream::through(io)),
-            Some(ExchangeKey(config, local)) => metadata_exchange::start(io, Some(config), local, alpn.as_deref()).await.map_err(PoolError::Connect),
-        }
+        let io = match &key.exchange {
+            None => ExchangeStream::through(io),
+            Some(ExchangeKey(config, local)) => metadata_exchange::start(io, Some(config), local, alpn.as_deref()).await.map_err(PoolError::Connect)?,
+        };
+        session.exchange = Arc::clone(io.peer());
+        Ok((io, Arc::new(session)))
     }
 
     /// Sends `req` on a pooled connection to `key`, making one when none is free (within the cluster's
@@ -295,11 +314,11 @@ impl Pools {
     ) -> (Result<Response<Incoming>, PoolError>, bool) {
         let limits = reuse.limits;
         loop {
-            while let Some(Pooled { mut sender, used, .. }) = self.idle(&key) {
+            while let Some(Pooled { mut sender, used, session, .. }) = self.idle(&key) {
                 match sender.try_send_request(req).await {
                     Ok(response) => {
-                        self.recycle(key.clone(), sender, used + 1, reuse, runtime);
-                        return (Ok(response), false);
+                        self.recycle(key.clone(), (sender, Arc::clone(&session)), used + 1, reuse, runtime);
+                        return (Ok(with_session(response, session)), false);
                     }
                     // The kept-alive connection was closed by the upstream before the request went out: the
                     // request comes back unsent and goes on another connection.
@@ -324,15 +343,15 @@ impl Pools {
             let _ = tokio::time::timeout(Duration::from_millis(100), freed).await;
             runtime.pending.fetch_sub(1, Relaxed);
         }
-        let mut sender = match self.connect_http1(&key, reuse.connect_timeout, runtime).await {
+        let (mut sender, session) = match self.connect_http1(&key, reuse.connect_timeout, runtime).await {
             Ok(s) => s,
             Err(e) => return (Err(e), true),
         };
         let result = sender.send_request(req).await.map_err(PoolError::Reset);
         if result.is_ok() {
-            self.recycle(key, sender, 1, reuse, runtime);
+            self.recycle(key, (sender, Arc::clone(&session)), 1, reuse, runtime);
         }
-        (result, true)
+        (result.map(|r| with_session(r, session)), true)
     }
 
     /// HTTP/1.1 connections waiting in the pool, for tests.
@@ -364,7 +383,7 @@ impl Pools {
     /// Puts the connection back once its response has been read to the end (an HTTP/1.1 connection carries
     /// one exchange at a time), unless it has carried `max_requests`; a connection that closes instead is
     /// forgotten, and one left unused for the idle timeout is closed.
-    fn recycle(self: &Arc<Self>, key: Key, mut sender: http1::SendRequest<Body>, used: u64, reuse: Reuse<'_>, runtime: &Arc<ClusterRuntime>) {
+    fn recycle(self: &Arc<Self>, key: Key, (mut sender, session): (http1::SendRequest<Body>, Arc<UpstreamSession>), used: u64, reuse: Reuse<'_>, runtime: &Arc<ClusterRuntime>) {
         let pools: Weak<Pools> = Arc::downgrade(self);
         let runtime = Arc::clone(runtime);
         let (idle_timeout, spent) = (reuse.idle_timeout, reuse.max_requests.is_some_and(|max| used >= max));
@@ -374,7 +393,7 @@ impl Pools {
             if back {
                 let Some(p) = pools.upgrade() else { return };
                 let runtime = Arc::downgrade(&runtime);
-                p.idle_list(&key, |list| list.push(Pooled { sender, used, parked, runtime }));
+                p.idle_list(&key, |list| list.push(Pooled { sender, session, used, parked, runtime }));
             }
             runtime.freed.notify_one();
             if let (true, Some(idle)) = (back, idle_timeout) {
@@ -392,8 +411,8 @@ impl Pools {
         f(idle.entry(key.clone()).or_default())
     }
 
-    async fn connect_http1(&self, key: &Key, timeout: Duration, runtime: &Arc<ClusterRuntime>) -> Result<http1::SendRequest<Body>, PoolError> {
-        let stream = self.connect(key, timeout).await?;
+    async fn connect_http1(&self, key: &Key, timeout: Duration, runtime: &Arc<ClusterRuntime>) -> Result<(http1::SendRequest<Body>, Arc<UpstreamSession>), PoolError> {
+        let (stream, session) = self.connect(key, timeout).await?;
         let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(PoolError::Reset)?;
         runtime.connections.fetch_add(1, Relaxed);
         let runtime = Arc::clone(runtime);
@@ -404,13 +423,14 @@ impl Pools {
             runtime.connections.fetch_sub(1, Relaxed);
             runtime.freed.notify_one();
         });
-        Ok(sender)
+        Ok((sender, session))
     }
 
     /// Sends an upgrade request (WebSocket) on a connection of its own: after a 101 the connection belongs to
     /// the upgraded stream, so it never returns to the pool.
     pub async fn send_upgrade(&self, key: Key, timeout: Duration, protocol: Protocol, req: Request<Body>) -> Result<Response<Incoming>, PoolError> {
-        let stream = TokioIo::new(self.connect(&key, timeout).await?);
+        let (stream, _) = self.connect(&key, timeout).await?;
+        let stream = TokioIo::new(stream);
         if protocol == Protocol::Http2 {
             let (mut sender, conn) = http2::handshake(TokioExecutor::new(), stream).await.map_err(PoolError::Reset)?;
             tokio::spawn(conn);
@@ -436,10 +456,10 @@ impl Pools {
             list.retain(|c| !c.sender.is_closed() && reuse.max_requests.is_none_or(|max| c.used < max));
             list.iter_mut().find(|c| c.has_room(&reuse)).map(|c| {
                 c.used += 1;
-                (c.sender.clone(), c.streams.request())
+                (c.sender.clone(), c.streams.request(), Arc::clone(&c.session))
             })
         };
-        let ((mut sender, stream), fresh) = match existing {
+        let ((mut sender, stream, session), fresh) = match existing {
             Some(s) => (s, false),
             None => match self.connect_http2(&key, reuse).await {
                 Ok(s) => (s, true),
@@ -448,12 +468,12 @@ impl Pools {
         };
         let result = sender.send_request(req).await.map_err(PoolError::Reset);
         // The stream stays open in the count while its response body is read.
-        (result.map(|r| r.map(|body| Counted { body, _in_flight: stream }.boxed())), fresh)
+        (result.map(|r| with_session(r.map(|body| Counted { body, _in_flight: stream }.boxed()), session)), fresh)
     }
 
     /// A new HTTP/2 connection, closed once it has carried no stream for the cluster's idle timeout.
-    async fn connect_http2(&self, key: &Key, reuse: Reuse<'_>) -> Result<(http2::SendRequest<Body>, InFlight), PoolError> {
-        let stream = self.connect(key, reuse.connect_timeout).await?;
+    async fn connect_http2(&self, key: &Key, reuse: Reuse<'_>) -> Result<(http2::SendRequest<Body>, InFlight, Arc<UpstreamSession>), PoolError> {
+        let (stream, session) = self.connect(key, reuse.connect_timeout).await?;
         let mut builder = http2::Builder::new(TokioExecutor::new());
         builder
             .initial_stream_window_size(reuse.http2.initial_stream_window_size)
@@ -472,10 +492,16 @@ impl Pools {
                 () = watched.expired(idle_timeout, None) => tracing::debug!("idle upstream HTTP/2 connection closed"),
             }
         });
-        let connection = Http2Connection { sender: sender.clone(), used: 1, streams };
+        let connection = Http2Connection { sender: sender.clone(), session: Arc::clone(&session), used: 1, streams };
         self.http2.lock().unwrap_or_else(|e| e.into_inner()).entry(key.clone()).or_default().push(connection);
-        Ok((sender, first))
+        Ok((sender, first, session))
     }
+}
+
+/// The response, with the connection it came on in its extensions.
+fn with_session<B>(mut response: Response<B>, session: Arc<UpstreamSession>) -> Response<B> {
+    response.extensions_mut().insert(session);
+    response
 }
 
 #[cfg(test)]

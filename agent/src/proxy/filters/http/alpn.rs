@@ -140,7 +140,7 @@ mod tests {
         let snapshot = Arc::new(Snapshot { clusters: Arc::new([Resource::fixed("web", cluster)].into_iter().collect()), ..Snapshot::default() });
         let (_, updates) = watch::channel(Some(Arc::clone(&snapshot)));
         let upstream = Upstream { snapshot, pools: Pools::new(SocketFactory::Host), original_dst: "127.0.0.1:1".parse().unwrap() };
-        HttpContext { hcm: Arc::new(hcm), updates, upstream, peer: "127.0.0.1:40000".parse().unwrap(), local: "127.0.0.1:10000".parse().unwrap(), load: PodLoad::new(PodLimits::default()), tls: None, server_name: None }
+        HttpContext { hcm: Arc::new(hcm), updates, upstream, peer: "127.0.0.1:40000".parse().unwrap(), local: "127.0.0.1:10000".parse().unwrap(), load: PodLoad::new(PodLimits::default()), tls: None, server_name: None, telemetry: Default::default() }
     }
 
     /// One request over a downstream connection of its own in `version`; returns the body: the list its
@@ -149,7 +149,7 @@ mod tests {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let upstream = Upstream { snapshot: Arc::clone(&context.upstream.snapshot), pools: Arc::clone(&context.upstream.pools), original_dst: context.upstream.original_dst };
         let (peer, local, load) = (context.peer, context.local, Arc::clone(&context.load));
-        tokio::spawn(serve(server, HttpContext { hcm: Arc::clone(&context.hcm), updates: context.updates.clone(), upstream, peer, local, load, tls: None, server_name: None }));
+        tokio::spawn(serve(server, HttpContext { hcm: Arc::clone(&context.hcm), updates: context.updates.clone(), upstream, peer, local, load, tls: None, server_name: None, telemetry: Default::default() }));
         let body = match version {
             Version::HTTP_2 => {
                 let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(client)).await.unwrap();

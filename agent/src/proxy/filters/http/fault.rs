@@ -43,7 +43,7 @@ pub async fn decode(fault: &Fault, parts: &Parts) -> Option<Response<Body>> {
             _ => return None,
         },
     };
-    Some(local_reply::reply(StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE), Some("fault filter abort"), grpc))
+    Some(local_reply::flagged("FI", StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE), Some("fault filter abort"), grpc))
 }
 
 fn header_u64(parts: &Parts, name: &str) -> Option<u64> {

@@ -15,7 +15,7 @@ pub fn decode(limit: &LocalRateLimit, grpc: bool, vars: &Vars<'_>) -> Option<Res
         return None;
     }
     let status = StatusCode::from_u16(limit.status).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
-    let mut reply = local_reply::reply(status, Some("local_rate_limited"), grpc);
+    let mut reply = local_reply::flagged("RL", status, Some("local_rate_limited"), grpc);
     route::apply_response(&limit.response_headers, reply.headers_mut(), vars);
     Some(reply)
 }

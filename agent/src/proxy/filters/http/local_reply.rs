@@ -24,6 +24,18 @@ pub fn reply(status: StatusCode, text: Option<&str>, grpc: bool) -> Response<Bod
     response
 }
 
+/// Envoy's response flag of a local reply (`UH`, `UF`, `UO`, `UT`, `NR`, `FI`, `RL`, ...), in the response's
+/// extensions for telemetry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponseFlag(pub &'static str);
+
+/// A local reply with its response flag.
+pub fn flagged(flag: &'static str, status: StatusCode, text: Option<&str>, grpc: bool) -> Response<Body> {
+    let mut response = reply(status, text, grpc);
+    response.extensions_mut().insert(ResponseFlag(flag));
+    response
+}
+
 pub fn is_local(response: &Response<Body>) -> bool {
     response.extensions().get::<LocalReply>().is_some()
 }

@@ -116,7 +116,7 @@ pub async fn forward(mut parts: Parts, body: Body, matched: Matched<'_>, downstr
     health::ensure(&upstream.snapshot, &cluster_name, upstream.pools.sockets()).await;
     let Some(cluster) = upstream.snapshot.cluster(&cluster_name) else {
         let status = StatusCode::from_u16(action.cluster_not_found_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        return local_reply::reply(status, None, grpc);
+        return local_reply::flagged("NC", status, None, grpc);
     };
     let levels = matched.levels(weighted_ops);
     // Header substitutions read the request as it arrived: kept only for routes that change headers.
@@ -522,7 +522,7 @@ impl Attempts {
             None => attempt.await,
             Some(at) => match tokio::time::timeout_at(at, attempt).await {
                 Ok(answered) => answered,
-                Err(_) => (local_reply::reply(StatusCode::GATEWAY_TIMEOUT, Some("upstream request timeout"), grpc), None),
+                Err(_) => (local_reply::flagged("UT", StatusCode::GATEWAY_TIMEOUT, Some("upstream request timeout"), grpc), None),
             },
         };
         let made = attempts.load(Relaxed);
@@ -568,7 +568,7 @@ impl Attempts {
             let avoid: &[SocketAddr] = if self.previous_hosts { &tried } else { &[] };
             let endpoint = match pick_endpoint(cluster, &runtime, upstream.original_dst, avoid, self.host_attempts, template.hash) {
                 Ok(e) => e,
-                Err(_) => return (local_reply::reply(StatusCode::SERVICE_UNAVAILABLE, Some("no healthy upstream"), grpc), None),
+                Err(_) => return (local_reply::flagged("UH", StatusCode::SERVICE_UNAVAILABLE, Some("no healthy upstream"), grpc), None),
             };
             tried.push(endpoint);
             let body = match (&buffered, once.take()) {
@@ -665,7 +665,7 @@ impl Drop for Counted<'_> {
 
 /// Envoy's answer when a circuit breaker refuses a request.
 fn overflow(grpc: bool) -> Response<Body> {
-    let mut reply = local_reply::reply(StatusCode::SERVICE_UNAVAILABLE, Some(&format!("{RESET_BODY}reset reason: overflow")), grpc);
+    let mut reply = local_reply::flagged("UO", StatusCode::SERVICE_UNAVAILABLE, Some(&format!("{RESET_BODY}reset reason: overflow")), grpc);
     reply.headers_mut().insert("x-envoy-overloaded", HeaderValue::from_static("true"));
     reply
 }
@@ -697,12 +697,14 @@ enum Failure {
 impl Failure {
     fn reply(&self, retried: bool, grpc: bool) -> Response<Body> {
         match self {
-            Failure::PerTryTimeout => local_reply::reply(StatusCode::GATEWAY_TIMEOUT, Some("upstream request timeout"), grpc),
+            Failure::PerTryTimeout => local_reply::flagged("UT", StatusCode::GATEWAY_TIMEOUT, Some("upstream request timeout"), grpc),
             Failure::Pool(PoolError::Overflow) => overflow(grpc),
             Failure::Pool(e) => {
                 let reason = if retried { "retried and the latest reset reason: " } else { "reset reason: " };
                 let text = format!("{RESET_BODY}{reason}{}", e.reason());
-                local_reply::reply(StatusCode::SERVICE_UNAVAILABLE, Some(&text), grpc)
+                // Envoy's flags: the connection could not be made, or it ended before the response.
+                let flag = if matches!(e, PoolError::Connect(_)) { "UF" } else { "UC" };
+                local_reply::flagged(flag, StatusCode::SERVICE_UNAVAILABLE, Some(&text), grpc)
             }
         }
     }
@@ -729,14 +731,14 @@ pub async fn tunnel(mut parts: Parts, matched: Matched<'_>, upstream: &Upstream)
     };
     match upstream.connect(&cluster_name).await {
         Err(ConnectError::UnknownCluster(_)) => {
-            local_reply::reply(StatusCode::from_u16(matched.action.cluster_not_found_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE), None, false)
+            local_reply::flagged("NC", StatusCode::from_u16(matched.action.cluster_not_found_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE), None, false)
         }
-        Err(ConnectError::NoHealthyUpstream) => local_reply::reply(StatusCode::SERVICE_UNAVAILABLE, Some("no healthy upstream"), false),
+        Err(ConnectError::NoHealthyUpstream) => local_reply::flagged("UH", StatusCode::SERVICE_UNAVAILABLE, Some("no healthy upstream"), false),
         Err(ConnectError::Connect(e)) => {
             tracing::debug!(cluster = cluster_name, "CONNECT upstream failed: {e}");
-            local_reply::reply(StatusCode::SERVICE_UNAVAILABLE, Some(&format!("{RESET_BODY}reset reason: remote connection failure")), false)
+            local_reply::flagged("UF", StatusCode::SERVICE_UNAVAILABLE, Some(&format!("{RESET_BODY}reset reason: remote connection failure")), false)
         }
-        Ok(mut stream) => {
+        Ok((mut stream, _)) => {
             tokio::spawn(async move {
                 match on_downstream.await {
                     Ok(down) => {
@@ -804,7 +806,7 @@ async fn upgrade_once(
 ) -> (Response<Body>, Option<SocketAddr>) {
     let runtime = upstream.pools.runtime(&cluster.config.name);
     let Ok(endpoint) = pick_endpoint(cluster, &runtime, upstream.original_dst, &[], 1, template.hash) else {
-        return (local_reply::reply(StatusCode::SERVICE_UNAVAILABLE, Some("no healthy upstream"), false), None);
+        return (local_reply::flagged("UH", StatusCode::SERVICE_UNAVAILABLE, Some("no healthy upstream"), false), None);
     };
     let key = template.key(endpoint, cluster, &upstream.snapshot);
     cluster.state.upstream_rq_total.fetch_add(1, Relaxed);

@@ -25,7 +25,10 @@ use super::super::http::cors::{self, Cors};
 use super::super::http::router::{self, Matched};
 use super::super::http::peer_metadata::{self, Routed};
 use super::super::http::{fault, local_ratelimit, local_reply, rbac};
+use super::super::istio_stats::{CountedRequest, HttpReport, Reporter, StatsFilter, StreamFacts};
 use super::super::rbac::Facts;
+use super::super::super::istio_metrics::IstioMetrics;
+use super::metadata_exchange::PeerSlot;
 use super::super::super::tls_info::TlsInfo;
 use super::client_cert;
 use super::http1_codec::{CodecError, HeadLimits, Http1Codec, Refusals};
@@ -34,6 +37,7 @@ use super::super::super::pod_share::PodLoad;
 use super::stream::{Expired, RequestBody, ResponseBody, StreamTimers};
 use crate::config::http_connection_manager::{Codec, EscapedSlashes, HostPort, HttpConnectionManager, HttpFilterKind, Routes, ServerHeader, UnderscoreHeaders};
 use crate::config::http_filters::FilterOverride;
+use crate::config::listener::TrafficDirection;
 use crate::config::route::{Action, InternalRedirectPolicy, Route, RouteConfiguration, VirtualHost};
 
 /// A request's route configuration, virtual host and route.
@@ -54,6 +58,18 @@ pub struct HttpContext {
     /// client asked for, for RBAC.
     pub tls: Option<Arc<TlsInfo>>,
     pub server_name: Option<String>,
+    pub telemetry: Telemetry,
+}
+
+/// What Istio's standard metrics of the connection's requests need besides the request.
+#[derive(Default)]
+pub struct Telemetry {
+    /// The listener's `traffic_direction`: inbound listeners report as the destination.
+    pub direction: TrafficDirection,
+    /// The pod's metrics.
+    pub metrics: Arc<IstioMetrics>,
+    /// The connection's TCP metadata exchange (the downstream peer when no header named it).
+    pub connection_peer: Arc<PeerSlot>,
 }
 
 /// Headers only a trusted (internal) client may send; removed from other requests, as Envoy does.
@@ -181,7 +197,14 @@ impl HttpContext {
         let hcm = &self.hcm;
         let timers = StreamTimers::new(hcm.stream_idle_timeout, hcm.request_timeout, hcm.max_stream_duration, req.body().is_end_stream());
         let (grpc, version) = (route::is_grpc(req.headers()), req.version());
-        let mut req = req.map(|body| RequestBody::new(body, Arc::clone(&timers)).boxed());
+        let (parts, body) = req.into_parts();
+        let report = self.istio_stats().map(|(filter, snapshot)| HttpReport::start(filter, &parts, self.tls.clone(), Arc::clone(&self.telemetry.connection_peer), snapshot));
+        let body = RequestBody::new(body, Arc::clone(&timers)).boxed();
+        let body = match &report {
+            Some(r) => CountedRequest { body, bytes: r.request_bytes() }.boxed(),
+            None => body,
+        };
+        let mut req = Request::from_parts(parts, body);
         if let Some(tls) = &self.tls {
             // What route matching (`tls_context`) and RBAC read of the connection's TLS session.
             req.extensions_mut().insert(Arc::clone(tls));
@@ -190,7 +213,23 @@ impl HttpContext {
             answered = self.respond(req, &timers) => answered?,
             expired = timers.expired() => self.timed_out(expired, grpc, version, &timers),
         };
+        let response = match report {
+            Some(r) => r.finish(response),
+            None => response,
+        };
         Ok(response.map(|body| ResponseBody::new(body, Some(timers))))
+    }
+
+    /// The connection manager's `istio.stats` filter, as this request's stream uses it, with the snapshot
+    /// it names clusters from.
+    fn istio_stats(&self) -> Option<(StatsFilter, Arc<Snapshot>)> {
+        let config = self.hcm.http_filters.iter().find_map(|f| match &f.kind {
+            HttpFilterKind::IstioStats(config) => Some(Arc::clone(config)),
+            _ => None,
+        })?;
+        let snapshot = self.current().0.snapshot;
+        let filter = StatsFilter { config, reporter: Reporter::of(self.telemetry.direction), metrics: Arc::clone(&self.telemetry.metrics), local: Arc::clone(&snapshot.local) };
+        Some((filter, snapshot))
     }
 
     /// Envoy's local reply to a stream whose timer expired before its response started.
@@ -512,6 +551,11 @@ impl HttpContext {
         let mut added = HeaderMap::new();
         let mut exchanges = Vec::new();
         let mut routed = None;
+        // Istio's metrics name the routed cluster's service even when a filter answers before the router.
+        let stats = self.hcm.http_filters.iter().any(|f| matches!(f.kind, HttpFilterKind::IstioStats(_)));
+        if stats {
+            routed = Some(routed_cluster(&mut parts, selected, upstream));
+        }
         let mut response = 'filters: {
             for filter in &self.hcm.http_filters {
                 let chosen = overrides(&filter.name);
@@ -543,10 +587,12 @@ impl HttpContext {
                     }
                     (HttpFilterKind::GrpcStats(_), _) => None,
                     (HttpFilterKind::PeerMetadata(config), _) => {
-                        let routed = *routed.get_or_insert_with(|| routed_cluster(&mut parts, selected, upstream));
-                        exchanges.push(peer_metadata::decode(config, &upstream.snapshot.local, routed, &mut parts.headers));
+                        let (routed, _) = routed.get_or_insert_with(|| routed_cluster(&mut parts, selected, upstream));
+                        exchanges.push(peer_metadata::decode(config, &upstream.snapshot.local, *routed, &mut parts.headers));
                         None
                     }
+                    // Recorded when the stream ends (`HttpReport`).
+                    (HttpFilterKind::IstioStats(_), _) => None,
                     (HttpFilterKind::Router, _) => break,
                 };
                 if let Some(reply) = reply {
@@ -554,7 +600,7 @@ impl HttpContext {
                 }
             }
             let mut response = match selected {
-                None => local_reply::reply(StatusCode::NOT_FOUND, None, grpc),
+                None => local_reply::flagged("NR", StatusCode::NOT_FOUND, None, grpc),
                 Some((config, (virtual_host, matched))) => self.answer(parts, body, config, virtual_host, matched, host, downstream, upstream).await,
             };
             response.headers_mut().extend(added);
@@ -562,6 +608,15 @@ impl HttpContext {
         };
         for exchange in exchanges.iter_mut().rev() {
             peer_metadata::encode(exchange, response.headers_mut());
+        }
+        if stats {
+            let facts = StreamFacts {
+                downstream_peer: exchanges.iter_mut().find_map(|e| e.downstream_peer.take()),
+                upstream_peer: exchanges.iter_mut().find_map(|e| e.upstream_peer.take()),
+                route: selected.map(|(_, (_, r))| r.name.clone()).filter(|n| !n.is_empty()),
+                cluster: routed.and_then(|(_, name)| name),
+            };
+            response.extensions_mut().insert(facts);
         }
         response
     }
@@ -660,14 +715,15 @@ impl HttpContext {
     }
 }
 
-/// The cluster the selected route sends the request to, chosen now and kept in the request for the router
-/// (so a weighted choice is made once).
-fn routed_cluster(parts: &mut Parts, selected: Option<Selected<'_>>, upstream: &Upstream) -> Routed {
-    let Some((_, (_, Route { action: Action::Route(action), .. }))) = selected else { return Routed::default() };
+/// The cluster the selected route sends the request to (with its name), chosen now and kept in the request
+/// for the router (so a weighted choice is made once).
+fn routed_cluster(parts: &mut Parts, selected: Option<Selected<'_>>, upstream: &Upstream) -> (Routed, Option<String>) {
+    let Some((_, (_, Route { action: Action::Route(action), .. }))) = selected else { return (Routed::default(), None) };
     let chosen = router::route_cluster(action, &parts.headers);
     let routed = Routed::to(&chosen.name, upstream.snapshot.cluster(&chosen.name).map(|c| c.config));
+    let name = chosen.name.clone();
     parts.extensions.insert(chosen);
-    routed
+    (routed, Some(name))
 }
 
 fn protocol_name(version: Version) -> &'static str {
@@ -940,7 +996,7 @@ mod in_memory {
         let snapshot = Arc::new(Snapshot { clusters: Arc::new([Resource::fixed("web", cluster)].into_iter().collect()), ..Snapshot::default() });
         let (_, updates) = watch::channel(Some(Arc::clone(&snapshot)));
         let upstream = Upstream { snapshot, pools: Pools::new(SocketFactory::Host), original_dst: "127.0.0.1:1".parse().unwrap() };
-        HttpContext { hcm: Arc::new(hcm), updates, upstream, peer: "127.0.0.1:40000".parse().unwrap(), local: "127.0.0.1:10000".parse().unwrap(), load: PodLoad::new(PodLimits::default()), tls: None, server_name: None }
+        HttpContext { hcm: Arc::new(hcm), updates, upstream, peer: "127.0.0.1:40000".parse().unwrap(), local: "127.0.0.1:10000".parse().unwrap(), load: PodLoad::new(PodLimits::default()), tls: None, server_name: None, telemetry: Default::default() }
     }
 
     /// Sends `paths` over one downstream connection (HTTP/2 prior knowledge when `h2`); returns status and
@@ -969,6 +1025,40 @@ mod in_memory {
             }
         }
         out
+    }
+
+    /// The series of `metric` whose labels include every one of `labels`, with its value.
+    fn series(metrics: &IstioMetrics, metric: &str, labels: &[&str]) -> Vec<String> {
+        let text = crate::proxy::istio_metrics::render(&[(Vec::new(), metrics)]);
+        text.lines().filter(|l| l.starts_with(&format!("{metric}{{")) && labels.iter().all(|want| l.contains(want))).map(str::to_string).collect()
+    }
+
+    #[tokio::test]
+    async fn istio_stats_records_each_request_when_its_response_ends() {
+        let (addr, _) = upstream(0, false).await;
+        let stats = json!({"http_filters": [
+            {"name": "istio.stats", "typed_config": {"@type": "type.googleapis.com/stats.PluginConfig"}},
+            {"name": "router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]});
+        let context = proxy_with(addr, false, json!({"match": {"prefix": "/"}, "route": {"cluster": "web"}}), stats.clone());
+        let metrics = Arc::clone(&context.telemetry.metrics);
+        assert_eq!(requests(context, false, &["/a", "/b"]).await.len(), 2);
+        let missing = proxy_with(addr, false, json!({"match": {"prefix": "/"}, "route": {"cluster": "gone"}}), stats);
+        let missing_metrics = Arc::clone(&missing.telemetry.metrics);
+        assert_eq!(requests(missing, false, &["/c"]).await[0].0, 503);
+        let served = ["reporter=\"source\"", "destination_service=\"example.com\"", "request_protocol=\"http\"", "response_code=\"200\"", "response_flags=\"-\"", "connection_security_policy=\"unknown\""];
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while series(&metrics, "istio_requests_total", &served).first().is_none_or(|l| !l.ends_with(" 2")) {
+            assert!(std::time::Instant::now() < deadline, "two requests recorded: {:?}", series(&metrics, "istio_requests_total", &[]));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let sizes = series(&metrics, "istio_response_bytes_count", &served);
+        assert!(sizes.len() == 1 && sizes[0].ends_with(" 2"), "{sizes:?}");
+        let durations = series(&metrics, "istio_request_duration_milliseconds_bucket", &["le=\"+Inf\""]);
+        assert!(durations.len() == 1 && durations[0].ends_with(" 2"), "{durations:?}");
+        while series(&missing_metrics, "istio_requests_total", &["response_code=\"503\"", "response_flags=\"NC\""]).is_empty() {
+            assert!(std::time::Instant::now() < deadline, "the unknown cluster is flagged NC: {:?}", series(&missing_metrics, "istio_requests_total", &[]));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     #[tokio::test]
@@ -1204,7 +1294,7 @@ mod in_memory {
             let snapshot = Arc::new(Snapshot { clusters: Arc::new(clusters.into_iter().collect()), local: Arc::new(local), ..Snapshot::default() });
             let (_, updates) = watch::channel(Some(Arc::clone(&snapshot)));
             let upstream = Upstream { snapshot, pools: Pools::new(SocketFactory::Host), original_dst: "127.0.0.1:1".parse().unwrap() };
-            HttpContext { hcm: Arc::new(hcm), updates, upstream, peer: "127.0.0.1:40000".parse().unwrap(), local: "127.0.0.1:10000".parse().unwrap(), load: PodLoad::new(PodLimits::default()), tls: None, server_name: None }
+            HttpContext { hcm: Arc::new(hcm), updates, upstream, peer: "127.0.0.1:40000".parse().unwrap(), local: "127.0.0.1:10000".parse().unwrap(), load: PodLoad::new(PodLimits::default()), tls: None, server_name: None, telemetry: Default::default() }
         }
 
         /// One request with `headers`: (body, the peer headers of the response).

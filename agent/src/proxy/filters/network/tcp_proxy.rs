@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use crate::random::{random, weighted};
 use super::super::super::upstream::{ConnectError, Upstream};
+use super::super::istio_stats::TcpReport;
 use crate::config::listener::TcpProxy;
 
 /// Per-direction copy buffer. tokio's default (8 KiB) caps a bulk transfer at a fraction of what loopback
@@ -31,7 +32,9 @@ pub enum Relayed {
     Failed(io::Error),
 }
 
-pub async fn serve<D>(downstream: D, config: &TcpProxy, upstream: &Upstream) -> Relayed
+/// Relays `downstream` to an upstream of the proxy's cluster; `report` (Istio's TCP metrics) learns the
+/// upstream connection and reports the connection as it goes.
+pub async fn serve<D>(downstream: D, config: &TcpProxy, upstream: &Upstream, mut report: Option<&mut TcpReport>) -> Relayed
 where
     D: AsyncRead + AsyncWrite + Unpin,
 {
@@ -39,12 +42,26 @@ where
     let mut attempt = 1;
     let up = loop {
         match upstream.connect(cluster).await {
-            Ok(up) => break up,
+            Ok((up, session)) => {
+                if let Some(r) = report.as_deref_mut() {
+                    r.connected(cluster, session);
+                }
+                break up;
+            }
             Err(ConnectError::Connect(e)) if attempt < config.max_connect_attempts => {
                 tracing::debug!(cluster, attempt, "tcp_proxy connect failed, trying again: {e}");
                 attempt += 1;
             }
-            Err(e) => return Relayed::NoUpstream(e),
+            Err(e) => {
+                if let Some(r) = report {
+                    r.failed(match e {
+                        ConnectError::UnknownCluster(_) => "NC",
+                        ConnectError::NoHealthyUpstream => "UH",
+                        ConnectError::Connect(_) => "UF",
+                    });
+                }
+                return Relayed::NoUpstream(e);
+            }
         }
     };
     let started = Instant::now();
@@ -52,15 +69,35 @@ where
     let mut down = Tracked { inner: downstream, started, last_activity: Arc::clone(&last_activity) };
     let mut up = Tracked { inner: up, started, last_activity: Arc::clone(&last_activity) };
     let copy = tokio::io::copy_bidirectional_with_sizes(&mut down, &mut up, BUFFER, BUFFER);
-    let result = match config.idle_timeout {
-        None => copy.await,
-        Some(idle) => tokio::select! {
-            result = copy => result,
-            () = idle_for(idle, started, &last_activity) => {
-                tracing::debug!(cluster, ?idle, "tcp_proxy idle timeout; closing");
+    tokio::pin!(copy);
+    let idle = async {
+        match config.idle_timeout {
+            Some(idle) => idle_for(idle, started, &last_activity).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(idle);
+    // Istio's periodic TCP reports (`tcp_reporting_duration`; zero turns them off).
+    let mut ticks = report.as_ref().map(|r| r.interval()).filter(|p| !p.is_zero()).map(|p| tokio::time::interval_at(started + p, p));
+    let result = loop {
+        let tick = async {
+            match &mut ticks {
+                Some(t) => t.tick().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            result = &mut copy => break result,
+            () = &mut idle => {
+                tracing::debug!(cluster, idle = ?config.idle_timeout, "tcp_proxy idle timeout; closing");
                 return Relayed::Done(0, 0);
             }
-        },
+            _ = tick => {
+                if let Some(r) = report.as_deref_mut() {
+                    r.report(false);
+                }
+            }
+        }
     };
     match result {
         Ok((from, to)) => Relayed::Done(from, to),
@@ -142,7 +179,7 @@ mod tests {
         let config = TcpProxy { clusters: vec![("echo".into(), 1)], idle_timeout: Some(Duration::from_millis(200)), max_connect_attempts: 1 };
         let (mut client, server) = tokio::io::duplex(1024);
         let upstream = upstream_to(addr);
-        let relay = tokio::spawn(async move { serve(server, &config, &upstream).await });
+        let relay = tokio::spawn(async move { serve(server, &config, &upstream, None).await });
         client.write_all(b"hello").await.unwrap();
         let mut back = [0u8; 5];
         client.read_exact(&mut back).await.unwrap();
