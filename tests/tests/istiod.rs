@@ -125,6 +125,10 @@ fn istiod_drives_the_agent() {
     let spread = mesh.bodies("client", "/", &[], 20);
     assert_eq!(spread, BTreeSet::from(["200 server-v1 /".to_string(), "200 server-v2 /".to_string()]), "both endpoints serve");
 
+    // Istio's standard metrics, as each sidecar reported them (HTTP above, TCP here).
+    assert_eq!(echo(&mesh.pods["client"].netns, mesh.server_tcp, b"metered").unwrap(), b"metered");
+    standard_metrics(&mesh);
+
     // STRICT: a pod outside the mesh (plaintext) is refused at the server's inbound.
     let direct: SocketAddr = format!("{}:8080", mesh.pods["server-v1"].ip).parse().unwrap();
     let plaintext = mesh.get_to("outsider", direct, "/", &[]);
@@ -175,6 +179,94 @@ fn istiod_drives_the_agent() {
     mesh.world.check_synced().unwrap_or_else(|e| panic!("{e}"));
 
     mesh.save_corpus("");
+}
+
+/// The sum of the samples of `metric` whose labels include all of `labels` in a Prometheus text.
+fn total(text: &str, metric: &str, labels: &[(&str, &str)]) -> u64 {
+    let has = |line: &str, (k, v): &(&str, &str)| line.contains(&format!("{{{k}=\"{v}\"")) || line.contains(&format!(",{k}=\"{v}\""));
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{metric}{{")) && labels.iter().all(|label| has(l, label)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Istio's standard metrics of the traffic so far, scraped where Prometheus scrapes a sidecar (each pod's
+/// 15020, from the node) and node-wide from the agent: the server side reports as the destination with
+/// both workloads, both SPIFFE principals and mutual TLS; the client side as the source, naming the
+/// service and the server workload it learnt from the metadata exchange; TCP connections with their bytes.
+fn standard_metrics(mesh: &Mesh) {
+    let node = mesh.world.cluster.node();
+    let scrape = |pod: &str| {
+        let addr: SocketAddr = format!("{}:15020", mesh.pods[pod].ip).parse().unwrap();
+        let stream = node.tcp_connect(addr, Duration::from_secs(5)).map_err(|e| format!("connect {addr}: {e}"))?;
+        weft_tests::traffic::http_request(stream, "GET", &addr.to_string(), "/stats/prometheus").map(|r| r.body).map_err(|e| e.to_string())
+    };
+    let client_id = "spiffe://cluster.local/ns/shop/sa/client";
+    let server_id = "spiffe://cluster.local/ns/shop/sa/server";
+    let service = "server.shop.svc.cluster.local";
+    let inbound = [
+        ("reporter", "destination"),
+        ("source_workload", "client"),
+        ("source_workload_namespace", NS),
+        ("source_principal", client_id),
+        ("source_app", "client"),
+        ("source_canonical_service", "client"),
+        ("destination_workload", "server-v1"),
+        ("destination_principal", server_id),
+        ("destination_app", "server"),
+        ("destination_version", "v1"),
+        ("destination_service", service),
+        ("destination_service_name", "server"),
+        ("connection_security_policy", "mutual_tls"),
+    ];
+    let outbound = [
+        ("reporter", "source"),
+        ("source_workload", "client"),
+        ("source_principal", client_id),
+        ("destination_workload", "server-v1"),
+        ("destination_principal", server_id),
+        ("destination_canonical_service", "server"),
+        ("destination_service", service),
+        ("connection_security_policy", "unknown"),
+    ];
+    let http = [("request_protocol", "http"), ("response_code", "200"), ("response_flags", "-")];
+    let tcp = [("request_protocol", "tcp"), ("response_flags", "-")];
+    let with = |side: &[(&'static str, &'static str)], more: &[(&'static str, &'static str)]| side.iter().chain(more).copied().collect::<Vec<_>>();
+    // The TCP connection went to either server: its series name whichever it was.
+    let either = |labels: &[(&'static str, &'static str)]| labels.iter().filter(|(k, _)| !matches!(*k, "destination_workload" | "destination_version")).copied().collect::<Vec<_>>();
+    let (tcp_inbound, tcp_outbound) = (either(&inbound), either(&outbound));
+    // TCP connections are reported when they close: the echo above has.
+    mesh.until("Istio's standard metrics on the pods' 15020", || {
+        let (server, client) = (scrape("server-v1")?, scrape("client")?);
+        let servers = server.clone() + &scrape("server-v2")?;
+        for (text, side, metric) in [
+            (&server, with(&inbound, &http), "istio_requests_total"),
+            (&server, with(&inbound, &http), "istio_request_duration_milliseconds_count"),
+            (&server, with(&inbound, &http), "istio_response_bytes_count"),
+            (&client, with(&outbound, &http), "istio_requests_total"),
+            (&client, with(&outbound, &http), "istio_request_bytes_count"),
+            (&servers, with(&tcp_inbound, &tcp), "istio_tcp_connections_closed_total"),
+            (&servers, with(&tcp_inbound, &tcp), "istio_tcp_received_bytes_total"),
+            (&client, with(&tcp_outbound, &tcp), "istio_tcp_connections_opened_total"),
+            (&client, with(&tcp_outbound, &tcp), "istio_tcp_sent_bytes_total"),
+        ] {
+            if total(text, metric, &side) == 0 {
+                let found: Vec<&str> = text.lines().filter(|l| l.starts_with(metric)).collect();
+                return Err(format!("{metric} with {side:?}: found {found:#?}"));
+            }
+        }
+        Ok(())
+    });
+    // Every request the client sent to v1 is one the server received: the two sides count the same.
+    let (server, client) = (scrape("server-v1").unwrap(), scrape("client").unwrap());
+    let received = total(&server, "istio_requests_total", &[("reporter", "destination"), ("source_workload", "client")]);
+    let sent = total(&client, "istio_requests_total", &[("reporter", "source"), ("destination_workload", "server-v1")]);
+    assert_eq!(received, sent, "server-v1 received what the client sent it\n{server}\n{client}");
+    // Node-wide, on the agent: the same series labelled by pod.
+    let (status, agent) = weft_tests::agent::http_get(node.path(), weft_tests::agent::ADMIN.parse().unwrap(), "/stats/prometheus").unwrap();
+    assert_eq!(status, 200);
+    let by_pod = [("pod", "shop/server-v1"), ("reporter", "destination"), ("source_workload", "client")];
+    assert_eq!(total(&agent, "istio_requests_total", &by_pod), received, "the agent shows the pod's series: {agent}");
 }
 
 /// DestinationRule traffic policies (outlier detection ejecting a failing server, a connection pool refusing
