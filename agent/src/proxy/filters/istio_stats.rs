@@ -23,7 +23,7 @@ use crate::config::istio_stats::IstioStats;
 use crate::config::listener::TrafficDirection;
 use crate::config::workload_metadata::{LocalWorkload, Peer, WorkloadMetadata};
 use crate::proxy::body::Body;
-use crate::proxy::filters::http::local_reply::ResponseFlag;
+use crate::proxy::filters::http::local_reply::{self, ResponseFlag};
 use crate::proxy::filters::network::metadata_exchange::PeerSlot;
 use crate::proxy::istio_metrics::{IstioMetrics, Labels, Metric};
 use crate::proxy::pod_share::WireBytes;
@@ -94,6 +94,16 @@ impl<'a> Observed<'a> {
         let peer_san = tls.and_then(|t| t.peer.as_ref()).and_then(|p| p.uri_sans.first()).map(String::as_str);
         let local_san = tls.and_then(|t| t.local_uri_sans.first()).map(String::as_str);
         Observed { peer_san, local_san, ..Observed::default() }
+    }
+
+    /// The upstream connection's side: its certificates and its metadata exchange.
+    pub fn upstream(session: Option<&'a UpstreamSession>) -> Observed<'a> {
+        Observed {
+            peer: session.and_then(|s| s.exchange.get().flatten()).map(|p| &p.metadata),
+            peer_san: session.and_then(|s| s.peer_uri_san.as_deref()),
+            local_san: session.and_then(|s| s.local_uri_san.as_deref()),
+            ..Observed::default()
+        }
     }
 }
 
@@ -343,12 +353,10 @@ impl HttpReport {
         let connection_peer = self.connection_peer.get().flatten().map(|p| &p.metadata);
         let mut seen = match self.filter.reporter {
             Reporter::Destination => Observed { peer: facts.downstream_peer.as_ref().map(|p| &p.metadata).or(connection_peer), ..Observed::downstream(self.tls.as_deref()) },
-            Reporter::Source => Observed {
-                peer: facts.upstream_peer.as_ref().map(|p| &p.metadata).or_else(|| session.as_ref().and_then(|s| s.exchange.get().flatten()).map(|p| &p.metadata)),
-                peer_san: session.as_ref().and_then(|s| s.peer_uri_san.as_deref()),
-                local_san: session.as_ref().and_then(|s| s.local_uri_san.as_deref()),
-                ..Observed::default()
-            },
+            Reporter::Source => {
+                let upstream = Observed::upstream(session.as_deref());
+                Observed { peer: facts.upstream_peer.as_ref().map(|p| &p.metadata).or(upstream.peer), ..upstream }
+            }
         };
         seen.host = self.host.as_deref();
         seen.route = facts.route.as_deref();
@@ -357,7 +365,7 @@ impl HttpReport {
         // A stream whose response did not reach its end was reset downstream (`DC`), unless it already failed.
         let flag = flag.unwrap_or(if complete { "" } else { "DC" });
         let (protocol, grpc) = match self.grpc {
-            true => ("grpc", grpc_status.unwrap_or_else(|| grpc_of_http(code).to_string())),
+            true => ("grpc", grpc_status.unwrap_or_else(|| grpc_of_http(code))),
             false => ("http", String::new()),
         };
         let labels = stream_labels(labels, protocol, Some((code, grpc)), flag, mutual_tls);
@@ -369,6 +377,11 @@ impl HttpReport {
     }
 }
 
+/// The gRPC status Envoy reports for an HTTP status when the response carries none.
+fn grpc_of_http(code: u16) -> String {
+    hyper::StatusCode::from_u16(code).map_or(2, local_reply::grpc_status).to_string()
+}
+
 /// What the response told when its head went out.
 struct Ended {
     code: u16,
@@ -376,18 +389,6 @@ struct Ended {
     flag: Option<&'static str>,
     facts: StreamFacts,
     session: Option<Arc<UpstreamSession>>,
-}
-
-/// Envoy's gRPC status for an HTTP status when the response carries none (`Grpc::Utility::httpToGrpcStatus`).
-fn grpc_of_http(code: u16) -> u8 {
-    match code {
-        400 => 13,
-        401 => 16,
-        403 => 7,
-        404 => 12,
-        429 | 502 | 503 | 504 => 14,
-        _ => 2,
-    }
 }
 
 /// The size of a header block as HTTP/1.1 writes it (`name: value\r\n` each, and the blank line).
@@ -535,12 +536,7 @@ impl TcpReport {
         let session = upstream.map(|(_, s)| s);
         let seen = match self.filter.reporter {
             Reporter::Destination => Observed { peer: self.connection_peer.get().flatten().map(|p| &p.metadata), ..Observed::downstream(self.tls.as_deref()) },
-            Reporter::Source => Observed {
-                peer: session.and_then(|s| s.exchange.get().flatten()).map(|p| &p.metadata),
-                peer_san: session.and_then(|s| s.peer_uri_san.as_deref()),
-                local_san: session.and_then(|s| s.local_uri_san.as_deref()),
-                ..Observed::default()
-            },
+            Reporter::Source => Observed::upstream(session.map(|s| &**s)),
         };
         let cluster = upstream.map(|(name, _)| (name.as_str(), self.snapshot.cluster(name).map(|c| c.config)));
         let (labels, mutual_tls) = self.filter.peer_labels(&Observed { cluster, ..seen });
