@@ -112,10 +112,13 @@ impl IstioMetrics {
     }
 }
 
+/// One series of one source, its source's labels first.
+type Sample<'a> = (Metric, Vec<(&'a str, String)>, Value);
+
 /// Prometheus text format (0.0.4) of several pods' metrics, each series with its source's labels first (the
 /// agent's `namespace` and `pod`; none on a pod's own 15020): one family per metric, its `# TYPE` once.
 pub fn render(sources: &[(Vec<(&str, &str)>, &IstioMetrics)]) -> String {
-    let mut all: Vec<(Metric, Vec<(&str, String)>, Value)> = Vec::new();
+    let mut all: Vec<Sample<'_>> = Vec::new();
     for (extra, metrics) in sources {
         for ((metric, labels), value) in metrics.copy() {
             let pairs = extra.iter().map(|(k, v)| (*k, v.to_string())).chain(labels).collect();
