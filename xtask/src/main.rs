@@ -10,6 +10,8 @@
 //! - `cargo xtask bench http`: setup, release build, HTTP/1.1, HTTP/2 and gRPC throughput, latency, CPU and
 //!   memory of weft's proxy against the real Envoy (same bootstrap, `--concurrency 1`) and against no proxy.
 //! - `cargo xtask e2e-kind`: a kind cluster with istiod and weft's chart, the shared scenarios (tests/scenarios.yaml).
+//! - `cargo xtask fuzz [--target T] [--time S]`: the cargo-fuzz targets of `fuzz/` under libFuzzer, with a table of
+//!   executions (not part of `test`, which replays their corpora).
 
 mod bench;
 mod bench_http;
@@ -19,6 +21,7 @@ mod bench_neighbour;
 mod demo;
 mod e2e_kind;
 mod ebpf;
+mod fuzz;
 mod gobuild;
 mod goinstall;
 mod setup;
@@ -42,6 +45,7 @@ fn main() -> ExitCode {
         ["bench", "mtls", rest @ ..] => bench_mtls::run(rest),
         ["bench", "kube", rest @ ..] => bench_kube::run(rest),
         ["e2e-kind"] => e2e_kind::run_e2e(),
+        ["fuzz", rest @ ..] => fuzz::run(rest),
         // The upstream `bench http` runs inside its network namespace (not in the usage).
         ["bench-upstream", rest @ ..] => bench_http::upstream(rest),
         _ => Err(USAGE.to_string()),
@@ -56,7 +60,7 @@ fn main() -> ExitCode {
 }
 
 const USAGE: &str =
-    "usage: cargo xtask (setup | build-ebpf | test [-- CARGO TEST ARGS] | demo | e2e-kind | bench cni [--pods N] | bench capture | bench xds [--clusters N] | bench pods | bench http [--duration S] [--connections N] | bench neighbour [--duration S] | bench kube [--objects N --pods M])";
+    "usage: cargo xtask (setup | build-ebpf | test [-- CARGO TEST ARGS] | demo | e2e-kind | bench cni [--pods N] | bench capture | bench xds [--clusters N] | bench pods | bench http [--duration S] [--connections N] | bench neighbour [--duration S] | bench kube [--objects N --pods M] | fuzz [--target T] [--time S])";
 
 /// Runs a command, failing with its name when it does not succeed.
 pub fn run(cmd: &mut Command) -> Result<(), String> {

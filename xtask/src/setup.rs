@@ -138,7 +138,8 @@ pub fn ebpf_toolchain() -> Result<String, String> {
     Ok(toolchain)
 }
 
-fn pinned_toolchain() -> Result<String, String> {
+/// The pinned nightly, installed when missing (the fuzz targets build with it too).
+pub fn pinned_toolchain() -> Result<String, String> {
     let date = EBPF_TOOLCHAIN.trim_start_matches("nightly-");
     let is_pinned = |name: &str| {
         Command::new("rustup")

@@ -85,7 +85,12 @@ async fn read_request(read: tokio::net::unix::OwnedReadHalf) -> Result<Request, 
     if line.len() as u64 >= limit {
         return Err(format!("request larger than {MAX_MESSAGE_BYTES} bytes"));
     }
-    serde_json::from_slice(&line).map_err(|e| format!("not a weft CNI request: {e}"))
+    decode_request(&line)
+}
+
+/// One request line of the socket protocol.
+pub fn decode_request(line: &[u8]) -> Result<Request, String> {
+    serde_json::from_slice(line).map_err(|e| format!("not a weft CNI request: {e}"))
 }
 
 async fn dispatch(request: Request, node: &Node) -> Response {

@@ -159,14 +159,14 @@ fn verdict(data: &[u8], filters: &ListenerFilters, done: bool) -> Option<Detecte
     }
 }
 
-enum Http {
+pub enum Http {
     NeedMore,
     Other,
     Detected(&'static str),
 }
 
 /// HTTP/2 prior knowledge (`h2c`) or an HTTP/1.x request line, as Envoy's http_inspector decides.
-fn http_protocol(data: &[u8]) -> Http {
+pub fn http_protocol(data: &[u8]) -> Http {
     let n = data.len().min(H2_PREFACE.len());
     if data[..n] == H2_PREFACE[..n] {
         return if n == H2_PREFACE.len() { Http::Detected("h2c") } else { Http::NeedMore };
@@ -230,7 +230,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn parse_hello(record: &[u8]) -> Option<Detected> {
+pub fn parse_hello(record: &[u8]) -> Option<Detected> {
     let mut r = Reader(record);
     if r.u8()? != 1 {
         return None; // not a ClientHello

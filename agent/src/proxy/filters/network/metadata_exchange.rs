@@ -114,11 +114,15 @@ where
     };
     io.write_all(&frame(local)).await?;
     io.flush().await?;
-    let reading = Reading::Frame(Vec::with_capacity(HEADER_LEN));
-    Ok(ExchangeStream { io, reading, config: Some(Arc::clone(config)), peer: Arc::default() })
+    Ok(ExchangeStream::awaiting_frame(io, Arc::clone(config)))
 }
 
 impl<IO> ExchangeStream<IO> {
+    /// A stream whose first bytes may be the peer's frame (this side's has been written).
+    pub fn awaiting_frame(io: IO, config: Arc<MetadataExchange>) -> ExchangeStream<IO> {
+        ExchangeStream { io, reading: Reading::Frame(Vec::with_capacity(HEADER_LEN)), config: Some(config), peer: Arc::default() }
+    }
+
     /// A stream without an exchange (the peer is unknown).
     pub fn through(io: IO) -> ExchangeStream<IO> {
         let peer = Arc::new(PeerSlot::default());
