@@ -159,6 +159,7 @@ fn verdict(data: &[u8], filters: &ListenerFilters, done: bool) -> Option<Detecte
     }
 }
 
+/// What the HTTP inspector makes of a connection's first bytes.
 pub enum Http {
     NeedMore,
     Other,
