@@ -53,13 +53,14 @@ fn envoy_name(level: LevelFilter) -> &'static str {
 }
 
 /// Envoy's `/logging`: without parameters, the active level; `POST ?level=L` sets it.
-pub fn admin(method: &str, level_param: Option<&str>) -> (&'static str, String) {
+pub fn admin(method: &str, level_param: Option<&str>) -> (hyper::StatusCode, String) {
+    use hyper::StatusCode;
     match (method, level_param) {
-        (_, None) => ("200 OK", format!("active loggers:\n  weft: {}\n", envoy_name(level()))),
+        (_, None) => (StatusCode::OK, format!("active loggers:\n  weft: {}\n", envoy_name(level()))),
         ("POST", Some(name)) => match set_level(name) {
-            Ok(level) => ("200 OK", format!("active loggers:\n  weft: {}\n", envoy_name(level))),
-            Err(e) => ("400 Bad Request", format!("error: {e}\n")),
+            Ok(level) => (StatusCode::OK, format!("active loggers:\n  weft: {}\n", envoy_name(level))),
+            Err(e) => (StatusCode::BAD_REQUEST, format!("error: {e}\n")),
         },
-        _ => ("405 Method Not Allowed", "This endpoint requires POST to change the level\n".to_string()),
+        _ => (StatusCode::METHOD_NOT_ALLOWED, "This endpoint requires POST to change the level\n".to_string()),
     }
 }

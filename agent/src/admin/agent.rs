@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use hyper::StatusCode;
+
 use super::{AdminRequest, Reply, ReplyFuture, Routes};
 use crate::node::{Node, PodStatus};
 use crate::proxy::pod_share::LoadSnapshot;
@@ -40,11 +42,11 @@ impl Admin {
     async fn pod_config_dump(&self, request: &AdminRequest<'_>) -> Reply {
         let parts: Vec<&str> = request.path.trim_matches('/').split('/').collect();
         let [_, namespace, name, _] = parts.as_slice() else {
-            return Reply::status("404 Not Found", "use /pods/<namespace>/<name>/config_dump\n");
+            return Reply::status(StatusCode::NOT_FOUND, "use /pods/<namespace>/<name>/config_dump\n");
         };
         match self.node.pod_xds(namespace, name).await {
             Some(xds) => super::envoy::config_dump(&xds, self.started, request),
-            None => Reply::status("404 Not Found", format!("no xDS state for pod {namespace}/{name}\n")),
+            None => Reply::status(StatusCode::NOT_FOUND, format!("no xDS state for pod {namespace}/{name}\n")),
         }
     }
 }
@@ -56,7 +58,7 @@ impl Routes for Admin {
             match (request.method, request.path) {
                 ("GET", "/healthz") => Reply::ok("text/plain", "ok\n"),
                 ("GET", "/ready" | "/healthz/ready") if ready => Reply::ok("text/plain", "LIVE\n"),
-                ("GET", "/ready" | "/healthz/ready") => Reply::status("503 Service Unavailable", "PRE_INITIALIZING\n"),
+                ("GET", "/ready" | "/healthz/ready") => Reply::status(StatusCode::SERVICE_UNAVAILABLE, "PRE_INITIALIZING\n"),
                 ("GET", "/status") => Reply::json(&Status {
                     ready,
                     redirect: self.node.mode(),
@@ -76,9 +78,9 @@ impl Routes for Admin {
                 (method, "/logging") => super::logging(method, &request),
                 ("GET", path) if path.starts_with("/pods/") && path.ends_with("/config_dump") => self.pod_config_dump(&request).await,
                 ("GET", _) => {
-                    Reply::status("404 Not Found", "paths: /healthz /ready /healthz/ready /status /stats/prometheus /pods/<ns>/<name>/config_dump /logging\n")
+                    Reply::status(StatusCode::NOT_FOUND, "paths: /healthz /ready /healthz/ready /status /stats/prometheus /pods/<ns>/<name>/config_dump /logging\n")
                 }
-                _ => Reply::status("405 Method Not Allowed", "GET only\n"),
+                _ => Reply::status(StatusCode::METHOD_NOT_ALLOWED, "GET only\n"),
             }
         })
     }

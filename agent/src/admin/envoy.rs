@@ -7,6 +7,8 @@ use std::time::SystemTime;
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 
+use hyper::StatusCode;
+
 use super::{AdminRequest, Reply, ReplyFuture, Routes};
 use crate::proxy::server::Proxy;
 use crate::xds::XdsState;
@@ -40,9 +42,9 @@ impl Routes for EnvoyAdmin {
                     self.quit.notify_one();
                     Reply::ok("text/plain", "OK\n")
                 }
-                (_, "/quitquitquit") => Reply::status("405 Method Not Allowed", "This endpoint requires POST\n"),
+                (_, "/quitquitquit") => Reply::status(StatusCode::METHOD_NOT_ALLOWED, "This endpoint requires POST\n"),
                 _ => Reply::status(
-                    "404 Not Found",
+                    StatusCode::NOT_FOUND,
                     "paths: /ready /server_info /config_dump /clusters /listeners /stats /stats/prometheus /logging /quitquitquit\n",
                 ),
             }
@@ -201,7 +203,7 @@ pub fn config_dump(xds: &XdsState, started: SystemTime, request: &AdminRequest<'
         json!({"@type": format!("{TYPE_PREFIX}SecretsConfigDump"), "static_secrets": static_secrets, "dynamic_active_secrets": dynamic_secrets}),
     ];
     drop(store);
-    let mut configs = match request.param("resource") {
+    let mut configs = match request.param("resource").as_deref() {
         None | Some("") => configs,
         Some(field) => {
             // Each item becomes an Any of its own message type, as Envoy returns them.
@@ -211,7 +213,7 @@ pub fn config_dump(xds: &XdsState, started: SystemTime, request: &AdminRequest<'
                 .flat_map(|(dump, items)| items.iter().map(move |item| typed_item(dump, field, item)))
                 .collect();
             if items.is_empty() {
-                return Reply::status("404 Not Found", format!("{field} not found in config dump\n"));
+                return Reply::status(StatusCode::NOT_FOUND, format!("{field} not found in config dump\n"));
             }
             items
         }
