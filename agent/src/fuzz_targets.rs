@@ -12,8 +12,11 @@ use tokio::io::{AsyncRead, ReadBuf};
 
 use crate::config::tree::Obj;
 
+/// A target: arbitrary bytes in, no panic.
+pub type Target = fn(&[u8]);
+
 /// Every target by name, as `fuzz/fuzz_targets/<name>.rs` calls it.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("cni_stdin", cni_stdin),
     ("agent_socket", agent_socket),
     ("bootstrap", bootstrap),
