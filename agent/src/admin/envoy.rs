@@ -33,10 +33,10 @@ impl Routes for EnvoyAdmin {
                 ("GET", "/ready") => Reply::ok("text/plain", "LIVE\n"),
                 ("GET", "/server_info") => Reply::json(&self.server_info()),
                 ("GET", "/config_dump") => config_dump(&self.xds, self.started, &request),
-                ("GET", "/clusters") => Reply::ok("text/plain", self.clusters()),
+                ("GET", "/clusters") => self.clusters(&request),
                 ("GET", "/listeners") => Reply::ok("text/plain", self.listeners()),
-                ("GET", "/stats") => Reply::ok("text/plain", self.stats(false)),
-                ("GET", "/stats/prometheus") => Reply::ok("text/plain; version=0.0.4", self.stats(true)),
+                ("GET", "/stats") => self.stats(&request),
+                ("GET", "/stats/prometheus") => Reply::ok("text/plain; version=0.0.4", self.prometheus(&self.counters())),
                 (method, "/logging") => super::logging(method, &request),
                 ("POST", "/quitquitquit") => {
                     self.quit.notify_one();
@@ -70,26 +70,65 @@ impl EnvoyAdmin {
         })
     }
 
-    fn clusters(&self) -> String {
-        let mut out = String::new();
+    /// `/clusters`: each cluster's circuit breakers and each host's requests in flight, health and priority,
+    /// as Envoy's text lines or (`?format=json`) its `ClusterStatuses`; only what weft knows, nothing made up.
+    fn clusters(&self, request: &AdminRequest<'_>) -> Reply {
         let snapshot = self.proxy.snapshot();
-        for c in snapshot.all_clusters() {
-            let name = &c.config.name;
-            out.push_str(&format!("{name}::observability_name::{name}\n"));
-            out.push_str(&format!("{name}::default_priority::max_connections::1024\n"));
-            for e in c.endpoints.hosts() {
-                out.push_str(&format!("{name}::{e}::cx_total::{}\n", c.state.upstream_cx_total.load(Relaxed)));
-                out.push_str(&format!("{name}::{e}::health_flags::healthy\n"));
-            }
+        let clusters: Vec<ClusterStatus> = snapshot.all_clusters().map(|c| self.cluster_status(&c)).collect();
+        if request.param("format").as_deref() == Some("json") {
+            return Reply::json(&json!({"cluster_statuses": clusters.iter().map(ClusterStatus::json).collect::<Vec<_>>()}));
         }
-        out
+        Reply::ok("text/plain", clusters.iter().map(ClusterStatus::text).collect::<String>())
+    }
+
+    fn cluster_status(&self, c: &crate::proxy::snapshot::ClusterRef<'_>) -> ClusterStatus {
+        let runtime = self.proxy.pools().runtime(&c.config.name);
+        let hosts = c.endpoints.priorities.iter().enumerate().flat_map(|(priority, level)| level.iter().map(move |e| (priority, *e)));
+        let mut seen = Vec::new();
+        let hosts = hosts
+            .filter(|(_, e)| {
+                let new = !seen.contains(e);
+                seen.push(*e);
+                new
+            })
+            .map(|(priority, endpoint)| HostStatus {
+                endpoint,
+                priority,
+                rq_active: runtime.active(endpoint),
+                failed_active_hc: c.state.health.started.load(Relaxed) && !c.state.health.allows(endpoint),
+                failed_outlier_check: runtime.is_ejected(endpoint),
+            })
+            .collect();
+        ClusterStatus { name: c.config.name.clone(), breakers: c.config.circuit_breakers.clone(), hosts }
     }
 
     fn listeners(&self) -> String {
         self.proxy.listeners().iter().map(|l| format!("{}::{}\n", l.name, l.local)).collect()
     }
 
-    fn stats(&self, prometheus: bool) -> String {
+    /// `/stats` with Envoy's query: `filter` (a regex the name must contain a match of), `usedonly` (counters
+    /// that moved), `format` (`json`, `prometheus`, else text).
+    fn stats(&self, request: &AdminRequest<'_>) -> Reply {
+        let mut counters = self.counters();
+        if let Some(filter) = request.param("filter") {
+            match regex::Regex::new(&filter) {
+                Ok(re) => counters.retain(|(name, _, _)| re.is_match(name)),
+                Err(e) => return Reply::status(StatusCode::BAD_REQUEST, format!("Invalid re2 regex: {e}\n")),
+            }
+        }
+        if request.param("usedonly").is_some() {
+            counters.retain(|(_, _, value)| *value > 0);
+        }
+        match request.param("format").as_deref() {
+            Some("json") => Reply::json(&json!({"stats": counters.iter().map(|(name, _, value)| json!({"name": name, "value": value})).collect::<Vec<_>>()})),
+            Some("prometheus") => Reply::ok("text/plain; version=0.0.4", self.prometheus(&counters)),
+            None | Some("text") => Reply::ok("text/plain", counters.iter().map(|(name, _, v)| format!("{name}: {v}\n")).collect::<String>()),
+            Some(other) => Reply::status(StatusCode::BAD_REQUEST, format!("usage: /stats?format=(json|prometheus|text), not {other}\n")),
+        }
+    }
+
+    /// Every counter: its Envoy name, its Prometheus series, its value.
+    fn counters(&self) -> Vec<(String, String, u64)> {
         let mut counters: Vec<(String, String, u64)> = Vec::new();
         for l in self.proxy.listeners() {
             let (addr, c) = (l.local, &l.counters);
@@ -114,12 +153,14 @@ impl EnvoyAdmin {
             let series = format!("envoy_{}", name.replace(|c: char| !c.is_ascii_alphanumeric(), "_"));
             counters.push((name, series, value));
         }
-        if !prometheus {
-            return counters.iter().map(|(name, _, v)| format!("{name}: {v}\n")).collect();
-        }
+        counters
+    }
+
+    /// The counters in Prometheus text, then Istio's standard metrics.
+    fn prometheus(&self, counters: &[(String, String, u64)]) -> String {
         let mut out = String::new();
         let mut typed = std::collections::HashSet::new();
-        for (_, series, v) in &counters {
+        for (_, series, v) in counters {
             let metric = series.split('{').next().unwrap_or(series);
             if typed.insert(metric.to_string()) {
                 out.push_str(&format!("# TYPE {metric} counter\n"));
@@ -128,6 +169,66 @@ impl EnvoyAdmin {
         }
         out.push_str(&crate::proxy::istio_metrics::render(&[(Vec::new(), self.proxy.istio_metrics())]));
         out
+    }
+}
+
+/// What `/clusters` shows of one cluster.
+struct ClusterStatus {
+    name: String,
+    breakers: crate::config::cluster::CircuitBreakers,
+    hosts: Vec<HostStatus>,
+}
+
+struct HostStatus {
+    endpoint: std::net::SocketAddr,
+    priority: usize,
+    rq_active: u64,
+    failed_active_hc: bool,
+    failed_outlier_check: bool,
+}
+
+impl HostStatus {
+    /// Envoy's `health_flags`: `healthy`, or each failure after a slash.
+    fn health_flags(&self) -> String {
+        let flags: String = [(self.failed_active_hc, "/failed_active_hc"), (self.failed_outlier_check, "/failed_outlier_check")].iter().filter(|(on, _)| *on).map(|(_, f)| *f).collect();
+        if flags.is_empty() { "healthy".into() } else { flags }
+    }
+}
+
+impl ClusterStatus {
+    fn text(&self) -> String {
+        let (n, b) = (&self.name, &self.breakers);
+        let mut out = format!("{n}::observability_name::{n}\n");
+        for (key, value) in [("max_connections", b.max_connections), ("max_pending_requests", b.max_pending_requests), ("max_requests", b.max_requests), ("max_retries", b.max_retries)] {
+            out.push_str(&format!("{n}::default_priority::{key}::{value}\n"));
+        }
+        for h in &self.hosts {
+            let e = h.endpoint;
+            out.push_str(&format!("{n}::{e}::rq_active::{}\n{n}::{e}::health_flags::{}\n{n}::{e}::priority::{}\n", h.rq_active, h.health_flags(), h.priority));
+        }
+        out
+    }
+
+    fn json(&self) -> Value {
+        let b = &self.breakers;
+        let hosts: Vec<Value> = self
+            .hosts
+            .iter()
+            .map(|h| {
+                json!({
+                    "address": {"socket_address": {"address": h.endpoint.ip().to_string(), "port_value": h.endpoint.port()}},
+                    "stats": [{"name": "rq_active", "type": "GAUGE", "value": h.rq_active.to_string()}],
+                    "health_status": {"failed_active_health_check": h.failed_active_hc, "failed_outlier_check": h.failed_outlier_check, "eds_health_status": "HEALTHY"},
+                    "priority": h.priority,
+                })
+            })
+            .collect();
+        json!({
+            "name": self.name,
+            "observability_name": self.name,
+            "circuit_breakers": {"thresholds": [{"max_connections": b.max_connections, "max_pending_requests": b.max_pending_requests, "max_requests": b.max_requests, "max_retries": b.max_retries}]},
+            "host_statuses": hosts,
+        })
     }
 }
 
@@ -298,6 +399,59 @@ fn humantime_rfc3339(t: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The admin of a proxy serving `cluster` (no listeners).
+    fn admin(cluster: Value) -> EnvoyAdmin {
+        let proxy = Proxy::new(std::time::Duration::from_secs(1));
+        let cluster = crate::config::cluster::translate(crate::config::tree::Obj::new(&cluster, "c").unwrap()).unwrap();
+        let clusters = std::sync::Arc::new([crate::config::store::Resource::fixed(&cluster.name.clone(), cluster)].into_iter().collect());
+        proxy.apply(crate::proxy::snapshot::Snapshot { clusters, ..Default::default() });
+        let bootstrap = crate::config::bootstrap::translate(json!({"node": {"id": "n"}})).unwrap();
+        let xds = XdsState::new(bootstrap, crate::xds::Sink::Proxy(Arc::clone(&proxy)));
+        EnvoyAdmin { xds, proxy, config_path: "b.yaml".into(), concurrency: 1, started: SystemTime::now(), quit: Arc::default() }
+    }
+
+    async fn get(admin: &EnvoyAdmin, path: &str) -> Reply {
+        let (path, query) = path.split_once('?').unwrap_or((path, ""));
+        admin.handle(AdminRequest { method: "GET", path, query }).await
+    }
+
+    #[tokio::test]
+    async fn clusters_show_their_circuit_breakers_and_hosts_as_text_and_json() {
+        let admin = admin(json!({"name": "web", "connect_timeout": "1s",
+            "circuit_breakers": {"thresholds": [{"max_connections": 7, "max_requests": 9}]},
+            "load_assignment": {"endpoints": [
+                {"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "10.0.0.1", "port_value": 80}}}}]},
+                {"priority": 1, "lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "10.0.0.2", "port_value": 80}}}}]}]}}));
+        let text = get(&admin, "/clusters").await.body;
+        for line in ["web::default_priority::max_connections::7", "web::default_priority::max_requests::9", "web::default_priority::max_retries::3",
+            "web::10.0.0.1:80::health_flags::healthy", "web::10.0.0.1:80::rq_active::0", "web::10.0.0.2:80::priority::1"] {
+            assert!(text.lines().any(|l| l == line), "{line} in {text}");
+        }
+        let json: Value = serde_json::from_str(&get(&admin, "/clusters?format=json").await.body).unwrap();
+        let web = &json["cluster_statuses"][0];
+        assert_eq!(web["circuit_breakers"]["thresholds"][0]["max_connections"], 7);
+        assert_eq!(web["host_statuses"][1]["address"]["socket_address"]["address"], "10.0.0.2");
+        assert_eq!(web["host_statuses"][1]["priority"], 1);
+        assert_eq!(web["host_statuses"][0]["health_status"]["failed_outlier_check"], false);
+    }
+
+    #[tokio::test]
+    async fn stats_take_envoys_filter_usedonly_and_format() {
+        let admin = admin(json!({"name": "web", "connect_timeout": "1s"}));
+        crate::counters::counter("http.admin_test.rbac.allowed").fetch_add(2, Relaxed);
+        let _ = crate::counters::counter("http.admin_test.rbac.denied");
+        let used = get(&admin, "/stats?filter=admin_test%5C.rbac&usedonly").await.body;
+        assert_eq!(used, "http.admin_test.rbac.allowed: 2\n");
+        let all = get(&admin, "/stats?filter=admin_test").await.body;
+        assert!(all.contains("http.admin_test.rbac.denied: 0\n") && all.contains("allowed: 2"), "{all}");
+        let json: Value = serde_json::from_str(&get(&admin, "/stats?format=json&filter=admin_test.rbac.allowed").await.body).unwrap();
+        assert_eq!(json, json!({"stats": [{"name": "http.admin_test.rbac.allowed", "value": 2}]}));
+        assert!(get(&admin, "/stats?format=prometheus&filter=admin_test").await.body.contains("envoy_http_admin_test_rbac_allowed 2"));
+        assert_eq!(get(&admin, "/stats?filter=(").await.status, StatusCode::BAD_REQUEST);
+        assert_eq!(get(&admin, "/stats?format=xml").await.status, StatusCode::BAD_REQUEST);
+        assert!(get(&admin, "/stats").await.body.contains("cluster.web.upstream_rq_total: 0"));
+    }
 
     #[test]
     fn timestamps_and_redaction() {

@@ -72,6 +72,11 @@ impl Proxy {
         self.pod.pools.tls()
     }
 
+    /// The proxy's upstream pools (requests in flight and outlier state per cluster).
+    pub fn pools(&self) -> &crate::proxy::upstream::pool::Pools {
+        &self.pod.pools
+    }
+
     /// Istio's standard metrics of the proxy's traffic (its `istio.stats` filters).
     pub fn istio_metrics(&self) -> &crate::proxy::istio_metrics::IstioMetrics {
         &self.pod.metrics

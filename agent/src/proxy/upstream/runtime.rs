@@ -101,6 +101,11 @@ impl ClusterRuntime {
         self.endpoints.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Whether outlier detection has `endpoint` ejected now.
+    pub fn is_ejected(&self, endpoint: SocketAddr) -> bool {
+        self.endpoints().get(&endpoint).is_some_and(|e| e.ejected.is_some())
+    }
+
     /// Requests in flight to `endpoint` from here.
     pub fn active(&self, endpoint: SocketAddr) -> u64 {
         self.endpoints().get(&endpoint).map_or(0, |e| e.active)
