@@ -14,4 +14,5 @@ pub mod logging;
 pub mod node;
 pub mod proxy;
 pub mod random;
+pub mod status;
 pub mod xds;

@@ -37,6 +37,25 @@ enum Command {
     InstallCni(InstallCniArgs),
     /// Remove weft's entry from the node's CNI configuration and weft-cni from the CNI bin dir.
     UninstallCni(UninstallCniArgs),
+    /// Show every captured pod of the running agent: capture mode, control-plane sync per type (with the
+    /// reason of a rejected push), workload identity and certificate expiry, as `istioctl proxy-status`.
+    Status(StatusArgs),
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// The agent's admin address (`weft-agent run --admin-address`).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_address: std::net::SocketAddr,
+    /// Output: a table for people, or JSON for scripts.
+    #[arg(short, long, value_enum, default_value = "table")]
+    output: StatusOutput,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum StatusOutput {
+    Table,
+    Json,
 }
 
 /// Where the host's CNI directories are (shared by `run`, `install-cni` and `uninstall-cni`).
@@ -354,6 +373,7 @@ fn main() -> ExitCode {
         Command::Proxy(args) => proxy(args),
         Command::InstallCni(args) => install_cni(args),
         Command::UninstallCni(args) => uninstall_cni(args),
+        Command::Status(args) => status(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -362,6 +382,17 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn status(args: StatusArgs) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let status = runtime.block_on(weft_agent::status::fetch(args.admin_address))?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    print!("{}", match args.output {
+        StatusOutput::Table => weft_agent::status::table(&status, now),
+        StatusOutput::Json => weft_agent::status::json(&status),
+    });
+    Ok(())
 }
 
 fn proxy(args: ProxyArgs) -> Result<(), String> {

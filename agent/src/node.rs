@@ -197,6 +197,12 @@ pub struct PodStatus {
     /// xDS sync status per type (CDS, EDS, LDS, RDS), when the agent has a control plane.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub xds: Option<std::collections::BTreeMap<&'static str, &'static str>>,
+    /// Per type, the version last accepted and why the last rejected response was rejected.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub xds_detail: Option<std::collections::BTreeMap<&'static str, crate::xds::TypeSync>>,
+    /// The workload identity (SPIFFE id) whose certificate the pod's TLS uses, when the agent has a CA.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 impl Node {
@@ -797,6 +803,8 @@ impl Node {
                 inbound: p.listeners.inbound.snapshot(),
                 load: p.share.load.snapshot(),
                 xds: p.xds.as_ref().map(|s| s.state.sync_status()),
+                xds_detail: p.xds.as_ref().map(|s| s.state.sync_detail()),
+                identity: p.identity.as_ref().map(|i| i.subscription.identity().to_string()),
             })
             .collect()
     }

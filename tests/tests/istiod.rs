@@ -177,6 +177,7 @@ fn istiod_drives_the_agent() {
         assert!(synced.contains(&id), "istiod's /debug/syncz lacks {id}: {synced:?}");
     }
     mesh.world.check_synced().unwrap_or_else(|e| panic!("{e}"));
+    weft_status(&mesh);
 
     mesh.save_corpus("");
 }
@@ -267,6 +268,27 @@ fn standard_metrics(mesh: &Mesh) {
     assert_eq!(status, 200);
     let by_pod = [("pod", "shop/server-v1"), ("reporter", "destination"), ("source_workload", "client")];
     assert_eq!(total(&agent, "istio_requests_total", &by_pod), received, "the agent shows the pod's series: {agent}");
+}
+
+/// `weft-agent status` against the running agent, from the node: every captured pod synced for clusters
+/// and listeners, with its SPIFFE identity and a certificate that has not expired; `-o json` the same.
+fn weft_status(mesh: &Mesh) {
+    let status = |args: &[&str]| {
+        let out = mesh.world.cluster.node().command(weft_tests::bin_path("weft-agent").unwrap()).arg("status").args(args).output().unwrap();
+        assert!(out.status.success(), "weft-agent status: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let table = status(&[]);
+    for (pod, sa) in [("client", "client"), ("server-v1", "server")] {
+        let row = table.lines().find(|l| l.starts_with(&format!("shop/{pod} "))).unwrap_or_else(|| panic!("{pod} in {table}"));
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert_eq!(&cells[1..4], ["iptables", "SYNCED", "SYNCED"], "capture, CDS, LDS: {row}");
+        assert!(row.contains(&format!("spiffe://cluster.local/ns/shop/sa/{sa}")) && row.contains(" in "), "identity and expiry: {row}");
+    }
+    let json: serde_json::Value = serde_json::from_str(&status(&["-o", "json"])).unwrap();
+    let client = json["pods"].as_array().unwrap().iter().find(|p| p["pod"] == "shop/client").unwrap();
+    assert!(client["xds"]["LDS"]["version"].as_str().is_some_and(|v| !v.is_empty()), "{client}");
+    assert_eq!(client["xds"]["LDS"]["rejected"], serde_json::Value::Null);
 }
 
 /// DestinationRule traffic policies (outlier detection ejecting a failing server, a connection pool refusing

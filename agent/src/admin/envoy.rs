@@ -99,7 +99,7 @@ impl EnvoyAdmin {
                 failed_outlier_check: runtime.is_ejected(endpoint),
             })
             .collect();
-        ClusterStatus { name: c.config.name.clone(), breakers: c.config.circuit_breakers.clone(), hosts }
+        ClusterStatus { name: c.config.name.clone(), breakers: c.config.circuit_breakers, hosts }
     }
 
     fn listeners(&self) -> String {

@@ -58,6 +58,17 @@ pub struct Store {
     pub versions: HashMap<&'static str, String>,
     /// Per type, whether the last response was accepted: the xDS sync status.
     pub last_response: HashMap<&'static str, bool>,
+    /// Per type, why the last rejected response was rejected (kept until a response is accepted).
+    pub rejected: HashMap<&'static str, String>,
+}
+
+/// One type's sync detail.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TypeSync {
+    /// The version last accepted (empty: none yet).
+    pub version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rejected: Option<String>,
 }
 
 /// Shared decoded resources of every stream in the process.
@@ -232,6 +243,16 @@ impl XdsState {
             .collect()
     }
 
+    /// Per type: the version last accepted and, when the last response was rejected, why
+    /// (`istioctl proxy-status`'s view of a sidecar).
+    pub fn sync_detail(&self) -> BTreeMap<&'static str, TypeSync> {
+        let store = self.store();
+        TYPES
+            .iter()
+            .map(|t| (short_name(t), TypeSync { version: store.versions.get(t).cloned().unwrap_or_default(), rejected: store.rejected.get(t).cloned() }))
+            .collect()
+    }
+
     /// Whether a response of `type_url` was ever accepted in full on this stream (Envoy's `update_success`
     /// above zero), which Istio's readiness asks of listeners and clusters.
     pub fn has_accepted(&self, type_url: &str) -> bool {
@@ -283,6 +304,10 @@ impl XdsState {
             store.versions.insert(type_url, version.to_string());
         }
         store.last_response.insert(type_url, errors.is_empty());
+        match errors.first() {
+            None => store.rejected.remove(type_url),
+            Some(first) => store.rejected.insert(type_url, format!("version {version}: {first}{}", if errors.len() > 1 { format!(" (and {} more)", errors.len() - 1) } else { String::new() })),
+        };
         errors
     }
 
