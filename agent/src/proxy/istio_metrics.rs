@@ -67,26 +67,45 @@ enum Value {
     Histogram { buckets: [u64; BUCKETS.len()], count: u64, sum: u64 },
 }
 
-/// The metrics of one pod (or of the standalone proxy).
+/// The metrics of one pod (or of the standalone proxy): by label set (a stream's metrics share one, so a
+/// stream looks it up without copying it once it exists), then by metric.
 #[derive(Debug, Default)]
 pub struct IstioMetrics {
-    series: Mutex<HashMap<(Metric, Labels), Value>>,
+    series: Mutex<HashMap<Labels, Vec<(Metric, Value)>>>,
 }
 
 impl IstioMetrics {
-    /// Adds `amount` to counter `metric` of `labels`.
-    pub fn count(&self, metric: Metric, labels: Labels, amount: u64) {
+    /// The value of `metric` of `labels`, made with `new` the first time.
+    fn with(&self, metric: Metric, labels: &Labels, new: Value, f: impl FnOnce(&mut Value)) {
         let mut series = self.series.lock().unwrap_or_else(|e| e.into_inner());
-        if let Value::Counter(c) = series.entry((metric, labels)).or_insert(Value::Counter(0)) {
-            *c += amount;
+        if !series.contains_key(labels) {
+            series.insert(labels.clone(), Vec::new());
         }
+        let Some(metrics) = series.get_mut(labels) else { return };
+        let at = match metrics.iter().position(|(m, _)| *m == metric) {
+            Some(at) => at,
+            None => {
+                metrics.push((metric, new));
+                metrics.len() - 1
+            }
+        };
+        f(&mut metrics[at].1);
+    }
+
+    /// Adds `amount` to counter `metric` of `labels`.
+    pub fn count(&self, metric: Metric, labels: &Labels, amount: u64) {
+        self.with(metric, labels, Value::Counter(0), |v| {
+            if let Value::Counter(c) = v {
+                *c += amount;
+            }
+        });
     }
 
     /// Records `value` in histogram `metric` of `labels`.
-    pub fn observe(&self, metric: Metric, labels: Labels, value: u64) {
-        let mut series = self.series.lock().unwrap_or_else(|e| e.into_inner());
+    pub fn observe(&self, metric: Metric, labels: &Labels, value: u64) {
         let empty = Value::Histogram { buckets: [0; BUCKETS.len()], count: 0, sum: 0 };
-        if let Value::Histogram { buckets, count, sum } = series.entry((metric, labels)).or_insert(empty) {
+        self.with(metric, labels, empty, |v| {
+            let Value::Histogram { buckets, count, sum } = v else { return };
             for (bucket, bound) in buckets.iter_mut().zip(BUCKETS) {
                 if value as f64 <= bound {
                     *bucket += 1;
@@ -94,21 +113,22 @@ impl IstioMetrics {
             }
             *count += 1;
             *sum += value;
-        }
+        });
     }
 
     /// The value of counter `metric` with exactly `labels` (0 when never recorded).
     pub fn counter(&self, metric: Metric, labels: &Labels) -> u64 {
         let series = self.series.lock().unwrap_or_else(|e| e.into_inner());
-        match series.get(&(metric, labels.clone())) {
-            Some(Value::Counter(c)) => *c,
+        let found = series.get(labels).and_then(|metrics| metrics.iter().find(|(m, _)| *m == metric));
+        match found {
+            Some((_, Value::Counter(c))) => *c,
             _ => 0,
         }
     }
 
     fn copy(&self) -> Vec<((Metric, Labels), Value)> {
         let series = self.series.lock().unwrap_or_else(|e| e.into_inner());
-        series.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        series.iter().flat_map(|(labels, metrics)| metrics.iter().map(|(m, v)| ((*m, labels.clone()), v.clone()))).collect()
     }
 }
 
@@ -171,10 +191,10 @@ mod tests {
     fn counters_and_histograms_render_as_istio_proxy_shows_them() {
         let m = IstioMetrics::default();
         let labels: Labels = vec![("reporter", "destination".into()), ("response_code", "200".into())];
-        m.count(Metric::RequestsTotal, labels.clone(), 1);
-        m.count(Metric::RequestsTotal, labels.clone(), 2);
-        m.observe(Metric::RequestDurationMilliseconds, labels.clone(), 7);
-        m.observe(Metric::RequestDurationMilliseconds, vec![("reporter", "a\"b\\c\nd".into())], 0);
+        m.count(Metric::RequestsTotal, &labels, 1);
+        m.count(Metric::RequestsTotal, &labels, 2);
+        m.observe(Metric::RequestDurationMilliseconds, &labels, 7);
+        m.observe(Metric::RequestDurationMilliseconds, &vec![("reporter", "a\"b\\c\nd".into())], 0);
         assert_eq!(m.counter(Metric::RequestsTotal, &labels), 3);
         let out = render(&[(vec![("pod", "web-1")], &m)]);
         assert!(out.contains("# TYPE istio_requests_total counter\nistio_requests_total{pod=\"web-1\",reporter=\"destination\",response_code=\"200\"} 3\n"), "{out}");

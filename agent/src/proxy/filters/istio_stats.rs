@@ -182,25 +182,25 @@ impl StatsFilter {
     /// Records `amount` on counter `metric`, after the configuration's overrides.
     pub fn count(&self, metric: Metric, labels: &Labels, amount: u64) {
         if let Some(labels) = self.overridden(metric, labels) {
-            self.metrics.count(metric, labels, amount);
+            self.metrics.count(metric, &labels, amount);
         }
     }
 
     /// Records `value` in histogram `metric`, after the configuration's overrides.
     pub fn observe(&self, metric: Metric, labels: &Labels, value: u64) {
         if let Some(labels) = self.overridden(metric, labels) {
-            self.metrics.observe(metric, labels, value);
+            self.metrics.observe(metric, &labels, value);
         }
     }
 
     /// The labels after Telemetry's overrides for `metric`, `None` when it is dropped: istio-proxy's order
     /// (drop, then tag changes and removals, then new tags).
-    fn overridden(&self, metric: Metric, labels: &Labels) -> Option<Labels> {
+    fn overridden<'l>(&self, metric: Metric, labels: &'l Labels) -> Option<std::borrow::Cow<'l, Labels>> {
         let applies = |o: &&crate::config::istio_stats::MetricOverride| o.metric.as_deref().is_none_or(|m| m == metric.short_name());
-        let overrides: Vec<_> = self.config.overrides.iter().filter(applies).collect();
-        if overrides.is_empty() {
-            return Some(labels.clone());
+        if !self.config.overrides.iter().any(|o| applies(&o)) {
+            return Some(std::borrow::Cow::Borrowed(labels));
         }
+        let overrides: Vec<_> = self.config.overrides.iter().filter(applies).collect();
         if overrides.iter().any(|o| o.drop && o.metric.is_some()) {
             return None;
         }
@@ -218,7 +218,7 @@ impl StatsFilter {
             }
         }
         out.extend(added);
-        Some(out)
+        Some(std::borrow::Cow::Owned(out))
     }
 }
 
