@@ -82,7 +82,7 @@ impl CapturedPod {
 
     /// Whether every accept loop of the pod (data path, health ports) still runs.
     fn serving(&self) -> bool {
-        self.listeners.healthy() && self.ports.as_ref().is_none_or(PodPorts::healthy)
+        self.listeners.tasks.healthy() && self.ports.as_ref().is_none_or(|p| p.tasks.healthy())
     }
 
     /// Points the pod's readiness at its current xDS stream.
@@ -494,9 +494,9 @@ impl Node {
     /// Closes every pod's listeners (shutdown); the records and rules stay for the next agent.
     pub async fn stop_listening(&self) {
         for pod in self.pods.lock().await.values() {
-            pod.listeners.close();
+            pod.listeners.tasks.close().await;
             if let Some(ports) = &pod.ports {
-                ports.close();
+                ports.tasks.close().await;
             }
         }
     }

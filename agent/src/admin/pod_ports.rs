@@ -19,10 +19,10 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinHandle;
 
 use super::agent::LOAD_METRICS;
 use crate::capture::netns::{self, Netns};
+use crate::proxy::listener::AcceptLoops;
 use crate::proxy::istio_metrics::{self, label_value, IstioMetrics};
 use crate::proxy::pod_share::PodLoad;
 use crate::proxy::stats::{ListenerSnapshot, ListenerStats};
@@ -176,30 +176,10 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
 
 /// The running ports of one pod. Dropping it stops them.
 pub struct PodPorts {
-    tasks: Vec<JoinHandle<()>>,
+    pub tasks: AcceptLoops,
     pub addresses: Vec<SocketAddr>,
     /// What the pod's readiness follows (its xDS stream is handed over here when it is replaced).
     pub readiness: Arc<Readiness>,
-}
-
-impl PodPorts {
-    /// Whether every accept loop is still running.
-    pub fn healthy(&self) -> bool {
-        self.tasks.iter().all(|t| !t.is_finished())
-    }
-
-    /// Stops accepting; requests in progress finish.
-    pub fn close(&self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
-}
-
-impl Drop for PodPorts {
-    fn drop(&mut self) {
-        self.close();
-    }
 }
 
 /// What every connection to one pod's ports shares.
@@ -232,7 +212,7 @@ pub async fn start(pod: String, ns: Netns, readiness: Arc<Readiness>, metrics: P
     .await
     .map_err(io::Error::other)??;
     let served = Arc::new(Served { pod, readiness: Arc::clone(&readiness), metrics, connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)) });
-    let mut ports = PodPorts { tasks: Vec::new(), addresses: Vec::new(), readiness };
+    let mut ports = PodPorts { tasks: AcceptLoops::default(), addresses: Vec::new(), readiness };
     for (port, addr, socket) in sockets {
         let listener = {
             let _entered = runtime.enter();

@@ -37,9 +37,54 @@ pub struct ListenerContext {
     pub served: Pod,
 }
 
+/// The accept loops of one pod's listening sockets. Dropping them aborts the loops; `close` also waits until
+/// each socket is closed, so a connection made after it returns is refused rather than accepted and reset.
+#[derive(Default)]
+pub struct AcceptLoops {
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl AcceptLoops {
+    pub fn push(&self, task: JoinHandle<()>) {
+        self.lock().push(task);
+    }
+
+    /// Whether every loop is still running (false once closed).
+    pub fn healthy(&self) -> bool {
+        !self.closed.load(std::sync::atomic::Ordering::Relaxed) && self.lock().iter().all(|t| !t.is_finished())
+    }
+
+    /// Stops accepting and returns once every listening socket is closed; established connections carry on.
+    pub async fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::Relaxed);
+        let tasks = std::mem::take(&mut *self.lock());
+        for task in &tasks {
+            task.abort();
+        }
+        for task in tasks {
+            // An aborted task's future, and with it the socket, is dropped before its handle resolves.
+            let _ = task.await;
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
+        // The guarded code cannot panic, but a poisoned list is still a list of handles.
+        self.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Drop for AcceptLoops {
+    fn drop(&mut self) {
+        for task in self.lock().iter() {
+            task.abort();
+        }
+    }
+}
+
 /// The running listeners of one pod. Dropping it stops accepting; established connections finish on their own.
 pub struct PodListeners {
-    tasks: Vec<JoinHandle<()>>,
+    pub tasks: AcceptLoops,
     pub addresses: Vec<SocketAddr>,
     pub outbound: Arc<ListenerStats>,
     pub inbound: Arc<ListenerStats>,
@@ -50,27 +95,9 @@ pub struct PodListeners {
 }
 
 impl PodListeners {
-    /// Whether every accept loop is still running.
-    pub fn healthy(&self) -> bool {
-        self.tasks.iter().all(|t| !t.is_finished())
-    }
-
-    /// Stops accepting: the listening sockets close, established connections carry on.
-    pub fn close(&self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
-
     /// Connections accepted and not yet finished, both directions.
     pub fn active(&self) -> u64 {
         self.outbound.snapshot().active + self.inbound.snapshot().active
-    }
-}
-
-impl Drop for PodListeners {
-    fn drop(&mut self) {
-        self.close();
     }
 }
 
@@ -121,7 +148,7 @@ pub async fn start(pod: String, ns: Netns, settings: ProxySettings, config: Snap
     let outbound = Arc::new(ListenerStats::default());
     let inbound = Arc::new(ListenerStats::default());
     let pools = Pools::new(SocketFactory::Pod(ns));
-    let mut listeners = PodListeners { tasks: Vec::new(), addresses: Vec::new(), outbound, inbound, pools: Arc::clone(&pools), metrics: Arc::default() };
+    let mut listeners = PodListeners { tasks: AcceptLoops::default(), addresses: Vec::new(), outbound, inbound, pools: Arc::clone(&pools), metrics: Arc::default() };
     for (direction, addr, socket) in sockets {
         let stats = match direction {
             Direction::Outbound => Arc::clone(&listeners.outbound),
