@@ -16,6 +16,8 @@ use super::tree::{ConfigError, Obj, Result};
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct HttpConnectionManager {
     pub codec: Codec,
+    /// `access_log`: written when each request's stream ends.
+    pub access_log: super::access_log::AccessLogs,
     pub routes: Routes,
     pub http_filters: Vec<HttpFilter>,
     /// Use the connection's peer as the client address (and append it to `x-forwarded-for`).
@@ -286,6 +288,7 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
         other => return Err(ConfigError::new(h.at("codec_type"), format!("{other} is not supported; use AUTO, HTTP1 or HTTP2"))),
     };
     let routes = routes(&mut h)?;
+    let access_log = super::access_log::translate_all(&mut h)?;
     // weft answers `Expect: 100-continue` once the request body starts to go upstream, and forwards the header:
     // istiod's `proxy_100_continue: true` (the upstream decides), and close to Envoy's default.
     let _ = h.bool("proxy_100_continue")?;
@@ -373,6 +376,7 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
     h.finish()?;
     Ok(HttpConnectionManager {
         codec,
+        access_log,
         routes,
         http_filters,
         use_remote_address,

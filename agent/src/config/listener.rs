@@ -30,6 +30,8 @@ pub struct Listener {
     pub listener_filters: ListenerFilters,
     /// `traffic_direction`: which side of the workload the listener serves (Istio's telemetry reads it).
     pub direction: TrafficDirection,
+    /// `access_log`: written for connections the listener closes before a filter chain serves them.
+    pub access_log: super::access_log::AccessLogs,
 }
 
 /// `envoy.config.core.v3.TrafficDirection`.
@@ -137,6 +139,8 @@ pub struct TcpProxy {
     pub idle_timeout: Option<Duration>,
     /// Upstream connection attempts before giving up (default 1).
     pub max_connect_attempts: u32,
+    /// `access_log`: written when each connection ends.
+    pub access_log: super::access_log::AccessLogs,
 }
 
 impl TcpProxy {
@@ -146,6 +150,7 @@ impl TcpProxy {
             clusters: vec![(cluster.to_string(), 1)],
             idle_timeout: Some(Duration::from_secs(3600)),
             max_connect_attempts: 1,
+            access_log: Default::default(),
         }))
     }
 }
@@ -250,6 +255,7 @@ pub fn translate(mut l: Obj<'_>) -> Result<Listener> {
     };
     let mut listener_filters = listener_filters(&mut l)?;
     listener_filters.original_dst |= use_original_dst;
+    let access_log = super::access_log::translate_all(&mut l)?;
     let filter_chains = l.objects("filter_chains")?.into_iter().map(filter_chain).collect::<Result<Vec<_>>>()?;
     let default_filter_chain = l.object("default_filter_chain")?.map(filter_chain).transpose()?;
     if filter_chains.is_empty() && default_filter_chain.is_none() {
@@ -272,7 +278,7 @@ pub fn translate(mut l: Obj<'_>) -> Result<Listener> {
         return Err(ConfigError::new(l.at("default_filter_chain.filter_chain_match"), "must be empty: the default chain serves what no chain matches"));
     }
     l.finish()?;
-    Ok(Listener { name, address, filter_chains, default_filter_chain, use_original_dst, bind_to_port, listener_filters, direction })
+    Ok(Listener { name, address, filter_chains, default_filter_chain, use_original_dst, bind_to_port, listener_filters, direction, access_log })
 }
 
 fn listener_filters(l: &mut Obj<'_>) -> Result<ListenerFilters> {
@@ -486,8 +492,9 @@ fn tcp_proxy(mut t: Obj<'_>) -> Result<NetworkFilter> {
     };
     let idle_timeout = t.timeout("idle_timeout", Some(Duration::from_secs(3600)))?;
     let max_connect_attempts = t.u64("max_connect_attempts")?.unwrap_or(1).clamp(1, 100) as u32;
+    let access_log = super::access_log::translate_all(&mut t)?;
     t.finish()?;
-    Ok(NetworkFilter::TcpProxy(Arc::new(TcpProxy { clusters, idle_timeout, max_connect_attempts })))
+    Ok(NetworkFilter::TcpProxy(Arc::new(TcpProxy { clusters, idle_timeout, max_connect_attempts, access_log })))
 }
 
 #[cfg(test)]

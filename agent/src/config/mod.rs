@@ -2,6 +2,7 @@
 //! bootstrap file today, from xDS next); nothing downstream sees the wire form. Unsupported fields are
 //! rejected by path (see [`fields`] for the tables and `docs/envoy-config.md`).
 
+pub mod access_log;
 pub mod agent;
 pub mod alpn;
 pub mod bootstrap;

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::net::TcpStream;
 use tokio::sync::watch;
@@ -14,7 +14,8 @@ use super::filter_chain::{self, ConnectionInfo};
 use super::filters::network::http_connection_manager::{self, HttpContext};
 use super::filters::network::metadata_exchange::{self, ExchangeStream};
 use super::filters::network::rbac;
-use super::filters::network::tcp_proxy::{self, Relayed};
+use super::access_log::{self, TcpConnection};
+use super::filters::network::tcp_proxy::{self, Relayed, TcpSeen};
 use super::listener_filter::{self, InspectError, Rewind};
 use super::tls::{MaybeTls, TlsError};
 use super::filters::istio_stats::{Reporter, StatsFilter, TcpReport};
@@ -96,12 +97,14 @@ pub struct Pod {
     pub load: Arc<PodLoad>,
     /// Istio's standard metrics of its streams.
     pub metrics: Arc<IstioMetrics>,
+    /// `namespace/name`, which its access log lines carry (none: the standalone proxy).
+    pub name: Option<Arc<str>>,
 }
 
 impl Pod {
     /// A pod of its own (the standalone proxy, tests): its pools on `sockets`, no limits.
     pub fn unlimited(sockets: super::socket::SocketFactory) -> Pod {
-        Pod { pools: Pools::new(sockets), load: PodLoad::new(super::pod_share::PodLimits::UNLIMITED), metrics: Arc::default() }
+        Pod { pools: Pools::new(sockets), load: PodLoad::new(super::pod_share::PodLimits::UNLIMITED), metrics: Arc::default(), name: None }
     }
 }
 
@@ -109,6 +112,7 @@ impl Pod {
 /// connections come from `pools` (the pod's or the proxy's).
 pub async fn serve(accepted: Accepted, entry: &Listener, snapshot: &Arc<Snapshot>, pod: &Pod, drain: Drain) -> Outcome {
     let pools = &pod.pools;
+    let accepted_at = (SystemTime::now(), Instant::now());
     let Accepted { stream, peer, original_dst } = accepted;
     let socket_local = stream.local_addr().unwrap_or(entry.address);
     let restored = match entry.listener_filters.original_dst {
@@ -137,6 +141,8 @@ pub async fn serve(accepted: Accepted, entry: &Listener, snapshot: &Arc<Snapshot
     };
     let Some(chain) = filter_chain::select(listener, &info) else {
         tracing::debug!(listener = %listener.name, %peer, %local, "no filter chain matched; closing");
+        let connection = TcpConnection { start: accepted_at.0, duration: accepted_at.1.elapsed(), peer, local, server_name: info.server_name.as_deref(), tls: None, cluster: None, upstream: None, flag: Some("NR"), bytes: (0, 0) };
+        access_log::tcp(&listener.access_log, &connection, pod.name.as_deref());
         return Outcome::NoFilterChain;
     };
     let upstream = Upstream { snapshot: Arc::clone(snapshot), pools: Arc::clone(pools), original_dst: local };
@@ -155,7 +161,7 @@ pub async fn serve(accepted: Accepted, entry: &Listener, snapshot: &Arc<Snapshot
         let peer_metadata = Arc::clone(io.peer());
         let connection = Arc::new(rbac::Connection { peer, local, server_name: info.server_name.clone(), tls, peer_metadata });
         let io = rbac::Gated::new(io, chain.rbac.clone(), Arc::clone(&connection));
-        let telemetry = Telemetry { direction: listener.direction, stats: chain.istio_stats.clone(), metrics: Arc::clone(&pod.metrics), wire };
+        let telemetry = Telemetry { direction: listener.direction, stats: chain.istio_stats.clone(), metrics: Arc::clone(&pod.metrics), wire, pod: pod.name.clone(), accepted_at };
         tokio::select! {
             outcome = run_filter(io, chain, upstream, updates, &connection, (&pod.load, telemetry)) => outcome,
             () = rbac::guard(guarded, &listener.name, &info, &connection) => Outcome::Denied,
@@ -211,6 +217,9 @@ struct Telemetry {
     stats: Option<Arc<IstioStats>>,
     metrics: Arc<IstioMetrics>,
     wire: Arc<WireBytes>,
+    /// The pod's name for access logs, and when the connection was accepted.
+    pod: Option<Arc<str>>,
+    accepted_at: (SystemTime, Instant),
 }
 
 /// The chain's terminal network filter, behind its RBAC filters.
@@ -218,14 +227,33 @@ async fn run_filter(io: rbac::Gated<DownstreamIo>, chain: &FilterChain, upstream
     let (peer, local) = (connection.peer, connection.local);
     match &chain.filter {
         NetworkFilter::TcpProxy(config) => {
-            let mut report = telemetry.stats.map(|config| {
+            let report = telemetry.stats.map(|config| {
                 let filter = StatsFilter { config, reporter: Reporter::of(telemetry.direction), metrics: telemetry.metrics, local: Arc::clone(&upstream.snapshot.local) };
                 TcpReport::new(filter, connection.tls.clone(), Arc::clone(&connection.peer_metadata), Arc::clone(&upstream.snapshot), telemetry.wire)
             });
-            let relayed = tcp_proxy::serve(io, config, &upstream, report.as_mut()).await;
-            if let Some(r) = &mut report {
+            let mut seen = TcpSeen { report, ..Default::default() };
+            let relayed = tcp_proxy::serve(io, config, &upstream, &mut seen).await;
+            if let Some(r) = &mut seen.report {
                 r.report(true);
             }
+            let bytes = match &relayed {
+                Relayed::Done(from, to) => (*from, *to),
+                _ => (0, 0),
+            };
+            let (start, started) = telemetry.accepted_at;
+            let logged = TcpConnection {
+                start,
+                duration: started.elapsed(),
+                peer,
+                local,
+                server_name: connection.server_name.as_deref(),
+                tls: connection.tls.as_deref(),
+                cluster: seen.cluster.as_deref(),
+                upstream: seen.session.as_deref(),
+                flag: seen.flag,
+                bytes,
+            };
+            access_log::tcp(&config.access_log, &logged, telemetry.pod.as_deref());
             match relayed {
                 Relayed::Done(from_downstream, to_downstream) => Outcome::Relayed { from_downstream, to_downstream },
                 Relayed::NoUpstream(e) => Outcome::UpstreamFailed(e),
@@ -251,7 +279,7 @@ async fn run_filter(io: rbac::Gated<DownstreamIo>, chain: &FilterChain, upstream
                 load: Arc::clone(load),
                 tls,
                 server_name,
-                telemetry: http_connection_manager::Telemetry { direction: telemetry.direction, metrics: telemetry.metrics, connection_peer: Arc::clone(&connection.peer_metadata) },
+                telemetry: http_connection_manager::Telemetry { direction: telemetry.direction, metrics: telemetry.metrics, connection_peer: Arc::clone(&connection.peer_metadata), pod: telemetry.pod },
             };
             http_connection_manager::serve(io, context).await;
             Outcome::Http

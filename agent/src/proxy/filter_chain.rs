@@ -136,6 +136,7 @@ mod tests {
             bind_to_port: true,
             listener_filters: ListenerFilters::original_dst_only(),
             direction: Default::default(),
+            access_log: Default::default(),
         }
     }
 

@@ -161,7 +161,7 @@ pub async fn start(pod: String, ns: Netns, settings: ProxySettings, config: Snap
             stats,
             settings,
             config: config.clone(),
-            served: Pod { pools: Arc::clone(&pools), load: Arc::clone(&share.load), metrics: Arc::clone(&listeners.metrics) },
+            served: Pod { pools: Arc::clone(&pools), load: Arc::clone(&share.load), metrics: Arc::clone(&listeners.metrics), name: Some(Arc::from(pod.as_str())) },
         });
         let runtime = share.handle();
         let listener = {

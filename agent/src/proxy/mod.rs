@@ -5,6 +5,7 @@
 //! Configuration arrives as immutable snapshots (`snapshot`, a leaf); nothing here touches the control
 //! path's locks (see shared/DESIGN.md).
 
+pub mod access_log;
 pub mod activity;
 pub mod body;
 pub mod connection_handler;

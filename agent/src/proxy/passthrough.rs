@@ -49,6 +49,7 @@ fn listener(name: &str, port: u16, filter_chains: Vec<FilterChain>) -> Listener 
         bind_to_port: true,
         listener_filters: ListenerFilters::original_dst_only(),
         direction: Default::default(),
+        access_log: Default::default(),
     }
 }
 

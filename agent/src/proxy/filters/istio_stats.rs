@@ -14,15 +14,13 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use hyper::body::{Frame, SizeHint};
-use hyper::Response;
 
 use crate::config::cluster::Cluster;
 use crate::config::istio_stats::IstioStats;
 use crate::config::listener::TrafficDirection;
 use crate::config::workload_metadata::{LocalWorkload, Peer, WorkloadMetadata};
-use crate::proxy::body::Body;
+use crate::proxy::body::{Body, StreamEnd};
 use crate::proxy::filters::http::local_reply::{self, ResponseFlag};
 use crate::proxy::filters::network::metadata_exchange::PeerSlot;
 use crate::proxy::istio_metrics::{IstioMetrics, Labels, Metric};
@@ -331,24 +329,21 @@ impl HttpReport {
         Arc::clone(&self.request_bytes)
     }
 
-    /// The response's body, reported when it ends or is dropped.
-    pub fn finish(self, response: Response<Body>) -> Response<Body> {
-        let (parts, body) = response.into_parts();
-        let head = 13 + parts.status.canonical_reason().map_or(0, str::len) + headers_size(&parts.headers);
-        let grpc_status = parts.headers.get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string);
+    /// What reports the stream when its response ends (the response head counts as sent bytes).
+    pub fn finish(self, parts: &hyper::http::response::Parts) -> Box<dyn StreamEnd> {
         let ended = Ended {
             code: parts.status.as_u16(),
-            grpc_status,
+            grpc_status: parts.headers.get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string),
             flag: parts.extensions.get::<ResponseFlag>().map(|f| f.0),
             facts: parts.extensions.get::<StreamFacts>().cloned().unwrap_or_default(),
             session: parts.extensions.get::<Arc<UpstreamSession>>().cloned(),
+            head_and_trailers: (13 + parts.status.canonical_reason().map_or(0, str::len) + headers_size(&parts.headers)) as u64,
         };
-        let body = Reported { body, state: Some((self, ended)), sent: head as u64, complete: false };
-        Response::from_parts(parts, body.boxed())
+        Box::new((self, ended))
     }
 
     fn record(self, ended: Ended, sent: u64, complete: bool) {
-        let Ended { code, grpc_status, flag, facts, session } = ended;
+        let Ended { code, grpc_status, flag, facts, session, .. } = ended;
         let cluster = facts.cluster.as_deref().map(|name| (name, self.snapshot.cluster(name).map(|c| c.config)));
         let connection_peer = self.connection_peer.get().flatten().map(|p| &p.metadata);
         let mut seen = match self.filter.reporter {
@@ -389,59 +384,27 @@ struct Ended {
     flag: Option<&'static str>,
     facts: StreamFacts,
     session: Option<Arc<UpstreamSession>>,
+    /// Bytes of the response head and trailers, counted with the body's as sent.
+    head_and_trailers: u64,
+}
+
+impl StreamEnd for (HttpReport, Ended) {
+    fn trailers(&mut self, trailers: &hyper::HeaderMap) {
+        let ended = &mut self.1;
+        ended.grpc_status = trailers.get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string).or(ended.grpc_status.take());
+        ended.head_and_trailers += headers_size(trailers) as u64;
+    }
+
+    fn ended(self: Box<Self>, body_bytes: u64, complete: bool) {
+        let (report, ended) = *self;
+        let sent = ended.head_and_trailers + body_bytes;
+        report.record(ended, sent, complete);
+    }
 }
 
 /// The size of a header block as HTTP/1.1 writes it (`name: value\r\n` each, and the blank line).
 fn headers_size(headers: &hyper::HeaderMap) -> usize {
     headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum::<usize>() + 2
-}
-
-/// A response body that counts its bytes and reports the stream when it ends or is dropped.
-struct Reported {
-    body: Body,
-    state: Option<(HttpReport, Ended)>,
-    sent: u64,
-    complete: bool,
-}
-
-impl hyper::body::Body for Reported {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        match &polled {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    self.sent += data.len() as u64;
-                }
-                if let (Some(trailers), Some((_, ended))) = (frame.trailers_ref(), &mut self.state) {
-                    ended.grpc_status = trailers.get("grpc-status").and_then(|v| v.to_str().ok()).map(str::to_string).or(ended.grpc_status.take());
-                    self.sent += headers_size(trailers) as u64;
-                }
-            }
-            Poll::Ready(None) => self.complete = true,
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-impl Drop for Reported {
-    fn drop(&mut self) {
-        let complete = self.complete || hyper::body::Body::is_end_stream(&self.body);
-        if let Some((report, ended)) = self.state.take() {
-            report.record(ended, self.sent, complete);
-        }
-    }
 }
 
 /// A request body whose bytes are counted for `istio_request_bytes`.

@@ -40,6 +40,10 @@ pub type UpstreamIo = ExchangeStream<MaybeTls<tokio::net::TcpStream, tokio_rustl
 /// in their extensions.
 #[derive(Debug, Default)]
 pub struct UpstreamSession {
+    /// The endpoint connected to, and the connection's local address (access logs' `UPSTREAM_HOST` and
+    /// `UPSTREAM_LOCAL_ADDRESS`).
+    pub host: Option<SocketAddr>,
+    pub local: Option<SocketAddr>,
     pub peer_uri_san: Option<String>,
     pub local_uri_san: Option<String>,
     pub exchange: Arc<PeerSlot>,
@@ -265,7 +269,7 @@ impl Pools {
     /// cluster's metadata exchange started when the negotiated ALPN asks for it.
     pub async fn connect(&self, key: &Key, timeout: Duration) -> Result<(UpstreamIo, Arc<UpstreamSession>), PoolError> {
         let stream = self.sockets.connect(key.endpoint, key.source, timeout).await.map_err(PoolError::Connect)?;
-        let mut session = UpstreamSession::default();
+        let mut session = UpstreamSession { host: Some(key.endpoint), local: stream.local_addr().ok(), ..Default::default() };
         let (io, alpn) = match &key.tls {
             None => (MaybeTls::Plain(stream), None),
             Some(TlsKey(context, secrets)) => {

@@ -29,6 +29,30 @@ pub fn reply(status: StatusCode, text: Option<&str>, grpc: bool) -> Response<Bod
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResponseFlag(pub &'static str);
 
+/// Envoy's response code details of a local reply that carries no flag (a route's direct response or redirect).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResponseDetails(pub &'static str);
+
+/// Envoy's response code details of a stream: what Envoy says for the local reply's flag, a route's direct
+/// response, or `via_upstream`.
+pub fn details(flag: Option<&str>, marked: Option<ResponseDetails>, from_upstream: bool) -> Option<&'static str> {
+    let by_flag = flag.and_then(|f| {
+        Some(match f {
+            "NR" => "route_not_found",
+            "NC" => "cluster_not_found",
+            "UH" => "no_healthy_upstream",
+            "UT" => "upstream_response_timeout",
+            "UO" => "upstream_reset_before_response_started{overflow}",
+            "UF" => "upstream_reset_before_response_started{remote_connection_failure}",
+            "UC" => "upstream_reset_before_response_started{connection_termination}",
+            "FI" => "fault_filter_abort",
+            "RL" => "local_rate_limited",
+            _ => return None,
+        })
+    });
+    by_flag.or(marked.map(|d| d.0)).or(from_upstream.then_some("via_upstream"))
+}
+
 /// A local reply with its response flag.
 pub fn flagged(flag: &'static str, status: StatusCode, text: Option<&str>, grpc: bool) -> Response<Body> {
     let mut response = reply(status, text, grpc);

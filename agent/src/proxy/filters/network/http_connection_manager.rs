@@ -26,6 +26,8 @@ use super::super::http::router::{self, Matched};
 use super::super::http::peer_metadata::{self, Routed};
 use super::super::http::{fault, local_ratelimit, local_reply, rbac};
 use super::super::istio_stats::{CountedRequest, HttpReport, Reporter, StatsFilter, StreamFacts};
+use crate::proxy::access_log::{ForwardedRequest, HttpConnection, HttpLog, RequestHead};
+use crate::proxy::body::StreamEnd;
 use super::super::rbac::Facts;
 use super::super::super::istio_metrics::IstioMetrics;
 use super::metadata_exchange::PeerSlot;
@@ -70,6 +72,8 @@ pub struct Telemetry {
     pub metrics: Arc<IstioMetrics>,
     /// The connection's TCP metadata exchange (the downstream peer when no header named it).
     pub connection_peer: Arc<PeerSlot>,
+    /// `namespace/name` of the pod the connection belongs to, for access logs (none: the standalone proxy).
+    pub pod: Option<Arc<str>>,
 }
 
 /// Headers only a trusted (internal) client may send; removed from other requests, as Envoy does.
@@ -199,12 +203,15 @@ impl HttpContext {
         let (grpc, version) = (route::is_grpc(req.headers()), req.version());
         let (parts, body) = req.into_parts();
         let report = self.istio_stats().map(|(filter, snapshot)| HttpReport::start(filter, &parts, self.tls.clone(), Arc::clone(&self.telemetry.connection_peer), snapshot));
-        let body = RequestBody::new(body, Arc::clone(&timers)).boxed();
-        let body = match &report {
-            Some(r) => CountedRequest { body, bytes: r.request_bytes() }.boxed(),
-            None => body,
-        };
+        let log = HttpLog::start(self.log_connection(), &parts);
+        let mut body = RequestBody::new(body, Arc::clone(&timers)).boxed();
+        for bytes in report.as_ref().map(HttpReport::request_bytes).into_iter().chain(log.as_ref().map(HttpLog::request_bytes)) {
+            body = CountedRequest { body, bytes }.boxed();
+        }
         let mut req = Request::from_parts(parts, body);
+        if let Some(log) = &log {
+            req.extensions_mut().insert(log.routed());
+        }
         if let Some(tls) = &self.tls {
             // What route matching (`tls_context`) and RBAC read of the connection's TLS session.
             req.extensions_mut().insert(Arc::clone(tls));
@@ -213,11 +220,15 @@ impl HttpContext {
             answered = self.respond(req, &timers) => answered?,
             expired = timers.expired() => self.timed_out(expired, grpc, version, &timers),
         };
-        let response = match report {
-            Some(r) => r.finish(response),
-            None => response,
-        };
+        let (head, body) = response.into_parts();
+        let observers: Vec<Box<dyn StreamEnd>> = report.map(|r| r.finish(&head)).into_iter().chain(log.map(|l| l.finish(&head))).collect();
+        let response = crate::proxy::body::observed(Response::from_parts(head, body), observers);
         Ok(response.map(|body| ResponseBody::new(body, Some(timers))))
+    }
+
+    /// The connection as its requests' access logs show it.
+    fn log_connection(&self) -> HttpConnection<'_> {
+        HttpConnection { logs: &self.hcm.access_log, pod: self.telemetry.pod.clone(), peer: self.peer, local: self.local, server_name: self.server_name.clone(), tls: self.tls.clone() }
     }
 
     /// The connection manager's `istio.stats` filter, as this request's stream uses it, with the snapshot
@@ -279,6 +290,9 @@ impl HttpContext {
                 Some(reply) => reply,
                 None => {
                     let remote = self.mutate_request(&mut parts.headers);
+                    if let Some(routed) = parts.extensions.get::<Arc<ForwardedRequest>>() {
+                        routed.set(RequestHead::of(&parts), remote);
+                    }
                     let request_id = parts.headers.get("x-request-id").cloned();
                     let connect = parts.method == hyper::Method::CONNECT;
                     let downstream = Downstream { remote, local: self.local, protocol };
@@ -666,6 +680,7 @@ impl HttpContext {
             Action::DirectResponse { status, body } => {
                 let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
                 let mut reply = local_reply::reply(status, body.as_deref(), route::is_grpc(&parts.headers));
+                reply.extensions_mut().insert(local_reply::ResponseDetails("direct_response"));
                 // Envoy points a 201 or a redirect at the request's own URL when the route names no other.
                 if status == StatusCode::CREATED || status.is_redirection() {
                     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -679,6 +694,7 @@ impl HttpContext {
                 let scheme = parts.headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()).unwrap_or("http");
                 let location = route::redirect_location(redirect, &matched.matcher.path, &parts, scheme);
                 let mut reply = local_reply::reply(StatusCode::from_u16(redirect.status).unwrap_or(StatusCode::MOVED_PERMANENTLY), None, false);
+                reply.extensions_mut().insert(local_reply::ResponseDetails("direct_response"));
                 if let Ok(v) = HeaderValue::from_str(&location) {
                     reply.headers_mut().insert(header::LOCATION, v);
                 }

@@ -16,6 +16,7 @@ use tokio::time::Instant;
 use crate::random::{random, weighted};
 use super::super::super::upstream::{ConnectError, Upstream};
 use super::super::istio_stats::TcpReport;
+use crate::proxy::upstream::pool::UpstreamSession;
 use crate::config::listener::TcpProxy;
 
 /// Per-direction copy buffer. tokio's default (8 KiB) caps a bulk transfer at a fraction of what loopback
@@ -32,20 +33,32 @@ pub enum Relayed {
     Failed(io::Error),
 }
 
-/// Relays `downstream` to an upstream of the proxy's cluster; `report` (Istio's TCP metrics) learns the
-/// upstream connection and reports the connection as it goes.
-pub async fn serve<D>(downstream: D, config: &TcpProxy, upstream: &Upstream, mut report: Option<&mut TcpReport>) -> Relayed
+/// What a connection's telemetry learns of its upstream: the cluster, the connection made (or the response
+/// flag of why none was), and Istio's TCP metrics, reported as the connection goes.
+#[derive(Default)]
+pub struct TcpSeen {
+    pub cluster: Option<String>,
+    pub session: Option<Arc<UpstreamSession>>,
+    pub flag: Option<&'static str>,
+    pub report: Option<TcpReport>,
+}
+
+/// Relays `downstream` to an upstream of the proxy's cluster; `seen` learns the upstream connection and
+/// reports the connection as it goes.
+pub async fn serve<D>(downstream: D, config: &TcpProxy, upstream: &Upstream, seen: &mut TcpSeen) -> Relayed
 where
     D: AsyncRead + AsyncWrite + Unpin,
 {
     let cluster = pick_weighted(&config.clusters);
+    seen.cluster = Some(cluster.to_string());
     let mut attempt = 1;
     let up = loop {
         match upstream.connect(cluster).await {
             Ok((up, session)) => {
-                if let Some(r) = report.as_deref_mut() {
-                    r.connected(cluster, session);
+                if let Some(r) = &mut seen.report {
+                    r.connected(cluster, Arc::clone(&session));
                 }
+                seen.session = Some(session);
                 break up;
             }
             Err(ConnectError::Connect(e)) if attempt < config.max_connect_attempts => {
@@ -53,12 +66,14 @@ where
                 attempt += 1;
             }
             Err(e) => {
-                if let Some(r) = report {
-                    r.failed(match e {
-                        ConnectError::UnknownCluster(_) => "NC",
-                        ConnectError::NoHealthyUpstream => "UH",
-                        ConnectError::Connect(_) => "UF",
-                    });
+                let flag = match e {
+                    ConnectError::UnknownCluster(_) => "NC",
+                    ConnectError::NoHealthyUpstream => "UH",
+                    ConnectError::Connect(_) => "UF",
+                };
+                seen.flag = Some(flag);
+                if let Some(r) = &mut seen.report {
+                    r.failed(flag);
                 }
                 return Relayed::NoUpstream(e);
             }
@@ -78,7 +93,7 @@ where
     };
     tokio::pin!(idle);
     // Istio's periodic TCP reports (`tcp_reporting_duration`; zero turns them off).
-    let mut ticks = report.as_ref().map(|r| r.interval()).filter(|p| !p.is_zero()).map(|p| tokio::time::interval_at(started + p, p));
+    let mut ticks = seen.report.as_ref().map(|r| r.interval()).filter(|p| !p.is_zero()).map(|p| tokio::time::interval_at(started + p, p));
     let result = loop {
         let tick = async {
             match &mut ticks {
@@ -93,7 +108,7 @@ where
                 return Relayed::Done(0, 0);
             }
             _ = tick => {
-                if let Some(r) = report.as_deref_mut() {
+                if let Some(r) = &mut seen.report {
                     r.report(false);
                 }
             }
@@ -176,10 +191,10 @@ mod tests {
     #[tokio::test]
     async fn relays_both_ways_and_closes_idle_connections() {
         let addr = crate::proxy::testing::echo_server().await;
-        let config = TcpProxy { clusters: vec![("echo".into(), 1)], idle_timeout: Some(Duration::from_millis(200)), max_connect_attempts: 1 };
+        let config = TcpProxy { clusters: vec![("echo".into(), 1)], idle_timeout: Some(Duration::from_millis(200)), max_connect_attempts: 1, access_log: Default::default() };
         let (mut client, server) = tokio::io::duplex(1024);
         let upstream = upstream_to(addr);
-        let relay = tokio::spawn(async move { serve(server, &config, &upstream, None).await });
+        let relay = tokio::spawn(async move { serve(server, &config, &upstream, &mut TcpSeen::default()).await });
         client.write_all(b"hello").await.unwrap();
         let mut back = [0u8; 5];
         client.read_exact(&mut back).await.unwrap();
