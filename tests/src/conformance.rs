@@ -61,6 +61,11 @@
 //!   `upstream_authority` (Host or :authority), `upstream_header.NAME`: what the upstream received; `-`
 //!   when the answer does not come from an upstream (local reply, direct_response) or the header is absent.
 //! - `header.NAME`: a response header (repeated ones joined with `,`), `-` when absent.
+//! - `access_log`: the lines the proxy's access logs wrote to its stdout for this request (a logger with
+//!   `path: /dev/stdout` in `hcm.access_log`), `-` when none. The request carries `x-request-id:
+//!   <file>-<request name>` (unless it sets one), and a line belongs to the request whose id it contains.
+//!   Values that differ between any two runs are normalised: times (`<time>`), ephemeral ports
+//!   (`127.0.0.1:<port>`) and JSON `duration` / `upstream_service_time` (`<ms>`).
 //! - `upstream_distribution` (with `repeat`): the fraction of answers from each upstream; Envoy and weft may
 //!   differ by `tolerance` (default 0.03) per upstream; `expect_distribution: {a: 0.9, b: 0.1}` must hold
 //!   within the tolerance for both.
@@ -92,7 +97,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -192,6 +197,9 @@ pub struct CaseRequest {
     /// Send over TLS (see [`ClientTls`]).
     #[serde(default)]
     pub tls: Option<ClientTls>,
+    /// The case file's name (set by the loader).
+    #[serde(skip)]
+    pub file: String,
 }
 
 /// The client side of a TLS request: `tls: {cert: client-a, sni: b.example.com, alpn: [h2]}`. The client
@@ -240,6 +248,13 @@ impl CaseRequest {
             fields.push("upstream_distribution".into());
         }
         fields
+    }
+
+    /// The `x-request-id` the harness adds so the request's access log lines can be found.
+    fn log_id(&self) -> Option<String> {
+        let compared = self.fields().iter().any(|f| f == "access_log");
+        let has_id = self.header_list().iter().any(|(k, _)| k.eq_ignore_ascii_case("x-request-id"));
+        (compared && !has_id).then(|| format!("{}-{}", self.file, self.name.replace(' ', "-")))
     }
 
     fn header_list(&self) -> Vec<(String, String)> {
@@ -296,6 +311,10 @@ pub fn load_cases(dir: &Path, filter: Option<&str>) -> Result<Vec<LoadedFile>, S
         let file = std::fs::read_to_string(&path)
             .map_err(|e| format!("reading {}: {e}", path.display()))
             .and_then(|text| serde_yaml::from_str::<CaseFile>(&text).map_err(|e| format!("{}: {e}", path.display())));
+        let file = file.map(|mut f| {
+            f.requests.iter_mut().for_each(|r| r.file = name.clone());
+            f
+        });
         files.push((name, file));
     }
     Ok(files)
@@ -654,6 +673,8 @@ pub struct Observed {
     pub body: Vec<u8>,
     /// The body parsed as one of the upstreams' JSON answers.
     pub upstream: Option<serde_json::Value>,
+    /// The access log lines the proxy wrote for the request (normalised), when the request compares them.
+    pub access_log: Option<String>,
 }
 
 impl Observed {
@@ -694,6 +715,7 @@ impl Observed {
             "upstream_method" => up("method"),
             "upstream_version" => up("version"),
             "upstream_authority" => up("authority"),
+            "access_log" => self.access_log.clone().unwrap_or_else(|| "-".into()),
             f => {
                 if let Some(h) = f.strip_prefix("upstream_header.") {
                     match &self.upstream {
@@ -747,6 +769,9 @@ async fn send_inner(req: &CaseRequest, port: u16) -> Result<Observed, String> {
     for (k, v) in req.header_list() {
         builder = builder.header(k, v);
     }
+    if let Some(id) = req.log_id() {
+        builder = builder.header("x-request-id", id);
+    }
     let request = builder.body(body).map_err(|e| format!("building the request: {e}"))?;
     let io = TokioIo::new(stream);
     let response = match req.protocol {
@@ -769,7 +794,7 @@ async fn send_inner(req: &CaseRequest, port: u16) -> Result<Observed, String> {
         headers.entry(k.as_str().to_string()).and_modify(|old| *old = format!("{old},{v}")).or_insert(v);
     }
     let body = body.collect().await.map_err(|e| format!("reading the body: {e}"))?.to_bytes().to_vec();
-    Ok(Observed { status: parts.status.as_u16().to_string(), error: None, headers, body, upstream: None })
+    Ok(Observed { status: parts.status.as_u16().to_string(), error: None, headers, body, upstream: None, access_log: None })
 }
 
 /// Writes `raw` and parses the HTTP/1 answer by hand (until it is complete or the connection closes).
@@ -831,7 +856,7 @@ fn parse_response(buf: &[u8], eof: bool) -> Option<Observed> {
     } else {
         return None;
     };
-    Some(Observed { status, error: None, headers, body, upstream: None })
+    Some(Observed { status, error: None, headers, body, upstream: None, access_log: None })
 }
 
 /// A complete chunked body, or `None` while it is incomplete.
@@ -885,7 +910,52 @@ impl Proxy {
             }
         };
         cmd.arg("-c").arg(config).args(["--concurrency", "1", "--log-level", "warn"]);
+        if self == Proxy::Envoy {
+            // Envoy writes access logs every 10 s by default; the harness reads them once the proxy stopped.
+            cmd.args(["--file-flush-interval-msec", "50"]);
+        }
         Ok(cmd)
+    }
+}
+
+/// Where a proxy started with `log` as its stderr writes its stdout (its `/dev/stdout` access logs).
+fn stdout_of(log: &Path) -> PathBuf {
+    log.with_extension("stdout")
+}
+
+/// An access log line with what differs between any two runs replaced: times, ephemeral ports, durations.
+fn normalize_log_line(line: &str) -> String {
+    match serde_json::from_str::<serde_json::Value>(line) {
+        Ok(serde_json::Value::Object(map)) => {
+            let normalized: serde_json::Map<String, serde_json::Value> = map
+                .into_iter()
+                .map(|(k, v)| {
+                    let v = match (&*k, v) {
+                        ("duration" | "upstream_service_time", v) if !v.is_null() => serde_json::Value::String("<ms>".into()),
+                        (_, serde_json::Value::String(s)) => serde_json::Value::String(normalize_token(&s)),
+                        (_, v) => v,
+                    };
+                    (k, v)
+                })
+                .collect();
+            serde_json::Value::Object(normalized).to_string()
+        }
+        _ => line.split(' ').map(|token| {
+            let core = token.trim_matches(|c| c == '"' || c == '[' || c == ']');
+            token.replace(core, &normalize_token(core))
+        }).collect::<Vec<_>>().join(" "),
+    }
+}
+
+fn normalize_token(s: &str) -> String {
+    let b = s.as_bytes();
+    let time = b.len() == 24 && b[4] == b'-' && b[10] == b'T' && b[19] == b'.' && b[23] == b'Z';
+    if time {
+        return "<time>".into();
+    }
+    match s.parse::<std::net::SocketAddr>() {
+        Ok(a) if a.port() >= 32768 => format!("{}:<port>", a.ip()),
+        _ => s.to_string(),
     }
 }
 
@@ -947,7 +1017,8 @@ impl Side {
     fn start(&self, config: &Path, log: &Path, xds: Option<&XdsWait>) -> Result<ChildGuard, String> {
         let mut cmd = self.proxy.command(config)?;
         let log_file = std::fs::File::create(log).map_err(|e| e.to_string())?;
-        cmd.stdout(Stdio::null()).stderr(log_file);
+        let stdout = std::fs::File::create(stdout_of(log)).map_err(|e| e.to_string())?;
+        cmd.stdout(stdout).stderr(log_file);
         self.ns.enter_on_spawn(&mut cmd);
         let mut child = ChildGuard::new(cmd.spawn().map_err(|e| format!("spawning {}: {e}", self.proxy.name()))?, self.proxy.name());
         child.set_grace(Duration::from_secs(2));
@@ -1039,7 +1110,7 @@ impl Side {
     /// Starts the proxy on `config`, sends every request in order, stops it. `Err` when it did not start.
     pub fn answers(&self, config: &Path, log: &Path, requests: &[CaseRequest]) -> Result<Vec<Vec<Observed>>, String> {
         let child = self.start(config, log, None)?;
-        Ok(self.send_all(child, requests))
+        Ok(self.send_all(child, requests, log))
     }
 
     /// [`Side::answers`] for the xDS side: serves `xds`'s resources (a new version) from the side's
@@ -1054,11 +1125,25 @@ impl Side {
             server.publish(type_url, &version, encoded);
         }
         let child = self.start(config, log, Some(&XdsWait { config: xds, version, since }))?;
-        Ok(self.send_all(child, requests))
+        Ok(self.send_all(child, requests, log))
     }
 
-    /// Sends every request in order, then stops `child`.
-    fn send_all(&self, child: ChildGuard, requests: &[CaseRequest]) -> Vec<Vec<Observed>> {
+    /// Sends every request in order, then stops `child` and reads the access log lines of the requests that
+    /// compare them from its stdout (next to `log`).
+    fn send_all(&self, child: ChildGuard, requests: &[CaseRequest], log: &Path) -> Vec<Vec<Observed>> {
+        let mut answers = self.send_each(child, requests);
+        let stdout = std::fs::read_to_string(stdout_of(log)).unwrap_or_default();
+        for (req, observed) in requests.iter().zip(&mut answers) {
+            if let Some(id) = req.log_id() {
+                let lines: Vec<String> = stdout.lines().filter(|l| l.contains(&id)).map(normalize_log_line).collect();
+                let logged = (!lines.is_empty()).then(|| lines.join("\n"));
+                observed.iter_mut().for_each(|o| o.access_log = logged.clone());
+            }
+        }
+        answers
+    }
+
+    fn send_each(&self, child: ChildGuard, requests: &[CaseRequest]) -> Vec<Vec<Observed>> {
         let requests = requests.to_vec();
         let answers = self.run(async move {
             let file_deadline = Instant::now() + FILE_DEADLINE;

@@ -205,10 +205,10 @@ impl Template {
         Ok(Template(pieces))
     }
 
-    /// The operator of a template that is one operator and nothing else (typed in JSON).
-    pub fn alone(&self) -> Option<&Operator> {
+    /// The operator (and its length limit) of a template that is one operator and nothing else (typed in JSON).
+    pub fn alone(&self) -> Option<(&Operator, Option<usize>)> {
         match &self.0[..] {
-            [Piece::Op { op, max_length: None }] => Some(op),
+            [Piece::Op { op, max_length }] => Some((op, *max_length)),
             _ => None,
         }
     }
@@ -502,8 +502,9 @@ mod tests {
             "log_format": {"json_format": {"code": "%RESPONSE_CODE%", "path": "%REQ(:PATH):5%", "n": 1, "inner": {"a": "x %PROTOCOL%"}}}}}))
         .unwrap();
         let Format::Json { fields, .. } = json.format else { panic!() };
-        assert!(matches!(&fields["code"], JsonField::Template(t) if t.alone() == Some(&Operator::ResponseCode)));
-        assert!(matches!(&fields["path"], JsonField::Template(t) if t.alone().is_none()));
+        assert!(matches!(&fields["code"], JsonField::Template(t) if t.alone() == Some((&Operator::ResponseCode, None))));
+        assert!(matches!(&fields["path"], JsonField::Template(t) if t.alone() == Some((&Operator::Request(":path".into(), None), Some(5)))));
+        assert!(matches!(&fields["inner"], JsonField::Nested(inner) if matches!(&inner["a"], JsonField::Template(t) if t.alone().is_none())));
         assert!(matches!(&fields["inner"], JsonField::Nested(_)));
         assert_eq!(json.sink, Sink::File("/tmp/x.log".into()));
     }

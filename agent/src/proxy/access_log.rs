@@ -16,7 +16,7 @@ use hyper::HeaderMap;
 use serde_json::Value;
 
 use super::body::StreamEnd;
-use super::filters::http::local_reply::{self, ResponseDetails, ResponseFlag};
+use super::filters::http::local_reply::{self, ResponseDetails, ResponseFlag, UpstreamFailure};
 use super::filters::istio_stats::{ByteCount, StreamFacts};
 use super::tls_info::TlsInfo;
 use super::upstream::pool::UpstreamSession;
@@ -56,6 +56,9 @@ pub struct Entry<'a> {
     pub bytes_sent: u64,
     pub cluster: Option<&'a str>,
     pub upstream: Option<&'a UpstreamSession>,
+    /// The endpoint chosen (connected to or not), and why no connection to it could be made.
+    pub upstream_host: Option<SocketAddr>,
+    pub transport_failure: Option<&'a str>,
     pub route: Option<&'a str>,
     /// The client address (after `x-forwarded-for` where trusted), and the connection's peer.
     pub downstream_remote: Option<SocketAddr>,
@@ -108,9 +111,11 @@ struct Responded {
     trailers: Option<HeaderMap>,
     code: u16,
     flag: Option<&'static str>,
-    details: Option<&'static str>,
+    details: Option<std::borrow::Cow<'static, str>>,
     facts: StreamFacts,
     session: Option<Arc<UpstreamSession>>,
+    /// The failed attempt's endpoint and transport failure, when there is no upstream connection.
+    failure: Option<UpstreamFailure>,
 }
 
 /// The connection an HTTP stream arrived on, as its log shows it.
@@ -166,9 +171,10 @@ impl HttpLog {
             trailers: None,
             code: parts.status.as_u16(),
             flag,
-            details: local_reply::details(flag, parts.extensions.get::<ResponseDetails>().copied(), session.is_some()),
+            details: local_reply::details(flag, parts.extensions.get::<ResponseDetails>(), session.is_some()),
             facts: parts.extensions.get::<StreamFacts>().cloned().unwrap_or_default(),
             session,
+            failure: parts.extensions.get::<UpstreamFailure>().copied(),
         });
         Box::new(self)
     }
@@ -199,11 +205,13 @@ impl StreamEnd for HttpLog {
             trailers: r.trailers.as_ref(),
             code: Some(r.code),
             flag,
-            details: r.details,
+            details: r.details.as_deref(),
             bytes_received: self.request_body.get(),
             bytes_sent: body_bytes,
             cluster: r.facts.cluster.as_deref(),
             upstream: r.session.as_deref(),
+            upstream_host: r.session.as_ref().and_then(|s| s.host).or(r.failure.map(|f| f.host)),
+            transport_failure: r.failure.and_then(|f| f.transport),
             route: r.facts.route.as_deref(),
             downstream_remote: Some(remote),
             downstream_direct_remote: Some(self.direct_remote),
@@ -264,6 +272,7 @@ pub fn tcp(logs: &AccessLogs, c: &TcpConnection<'_>, pod: Option<&str>) {
         bytes_sent: c.bytes.1,
         cluster: c.cluster,
         upstream: c.upstream,
+        upstream_host: c.upstream.and_then(|u| u.host),
         downstream_remote: Some(c.peer),
         downstream_direct_remote: Some(c.peer),
         downstream_local: Some(c.local),
@@ -331,10 +340,10 @@ fn json_object(fields: &BTreeMap<String, JsonField>, e: &Entry<'_>, omit_empty: 
             JsonField::Bool(b) => Value::Bool(*b),
             JsonField::Nested(inner) => Value::Object(json_object(inner, e, omit_empty)),
             JsonField::Template(t) => match t.alone() {
-                Some(op) => match value(op, e) {
+                Some((op, max_length)) => match value(op, e) {
                     Field::Missing => Value::Null,
                     Field::Number(n) => Value::from(n),
-                    Field::Text(s) => Value::String(s),
+                    Field::Text(s) => Value::String(truncate(&s, max_length)),
                 },
                 None => Value::String(text(t, e)),
             },
@@ -385,11 +394,12 @@ fn value(op: &Operator, e: &Entry<'_>) -> Field {
         Operator::ResponseCodeDetails => some(e.details),
         Operator::ResponseFlags => Field::Text(e.flag.filter(|f| !f.is_empty()).unwrap_or("-").to_string()),
         Operator::ResponseFlagsLong => Field::Text(e.flag.filter(|f| !f.is_empty()).map_or("-", long_flag).to_string()),
-        Operator::ConnectionTerminationDetails | Operator::UpstreamTransportFailureReason => Field::Missing,
+        Operator::ConnectionTerminationDetails => Field::Missing,
+        Operator::UpstreamTransportFailureReason => some(e.transport_failure),
         Operator::BytesReceived => Field::Number(e.bytes_received),
         Operator::BytesSent => Field::Number(e.bytes_sent),
         Operator::Duration => Field::Number(e.duration.as_millis() as u64),
-        Operator::UpstreamHost => address(upstream.and_then(|u| u.host), true),
+        Operator::UpstreamHost => address(e.upstream_host, true),
         Operator::UpstreamCluster | Operator::UpstreamClusterRaw => some(e.cluster),
         Operator::UpstreamLocalAddress => address(upstream.and_then(|u| u.local), true),
         Operator::DownstreamLocalAddress => address(e.downstream_local, true),
@@ -592,6 +602,7 @@ mod tests {
     fn envoys_default_format_fills_each_operator() {
         let (request, response) = entry_parts();
         let session = UpstreamSession { host: Some("10.0.0.2:8080".parse().unwrap()), ..Default::default() };
+        let upstream_host = session.host;
         let e = Entry {
             start: Some(UNIX_EPOCH + Duration::from_millis(1_764_540_363_123)),
             duration: Duration::from_millis(7),
@@ -602,6 +613,7 @@ mod tests {
             bytes_received: 5,
             bytes_sent: 11,
             upstream: Some(&session),
+            upstream_host,
             ..Default::default()
         };
         let t = Template::parse(DEFAULT_FORMAT).unwrap();

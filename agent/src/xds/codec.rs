@@ -18,7 +18,7 @@ macro_rules! proto {
 
 /// Extension messages the `xds-api` descriptors lack, under `agent/proto/` (see its README), and the newer
 /// core files they need (which replace the older copies in the set).
-const EXTRA_PROTOS: [(&str, &str); 25] = [
+const EXTRA_PROTOS: [(&str, &str); 27] = [
     proto!("envoy/config/core/v3/proxy_protocol.proto"),
     proto!("envoy/extensions/filters/network/tcp_proxy/v3/tcp_proxy.proto"),
     proto!("envoy/extensions/upstreams/http/v3/http_protocol_options.proto"),
@@ -44,6 +44,8 @@ const EXTRA_PROTOS: [(&str, &str); 25] = [
     proto!("istio/metadata_exchange.proto"),
     proto!("istio/alpn.proto"),
     proto!("istio/peer_metadata.proto"),
+    proto!("envoy/extensions/access_loggers/file/v3/file.proto"),
+    proto!("envoy/extensions/access_loggers/stream/v3/stream.proto"),
 ];
 
 /// The xDS API descriptors plus the vendored extensions, compiled against them.
@@ -115,7 +117,9 @@ mod tests {
                 "stat_prefix": "s", "cluster": "c"}}]}]
         });
         let bytes = json_to_bytes("envoy.config.listener.v3.Listener", &listener).unwrap();
-        assert!(pool().unwrap().get_message_by_name("envoy.extensions.upstreams.http.v3.HttpProtocolOptions").is_some());
+        for vendored in ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions", "envoy.extensions.access_loggers.file.v3.FileAccessLog", "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"] {
+            assert!(pool().unwrap().get_message_by_name(vendored).is_some(), "{vendored}");
+        }
         let back = any_to_json("type.googleapis.com/envoy.config.listener.v3.Listener", &bytes).unwrap();
         assert_eq!(back["filter_chains"][0]["filters"][0]["typed_config"]["cluster"], "c");
         assert_eq!(back["address"]["socket_address"]["port_value"], 10000);

@@ -80,6 +80,15 @@ impl Policies {
             .map(|(name, _)| name.as_str())
     }
 
+    /// What Envoy names as the policy that denied a request: the DENY policy that matched, or `none` when no
+    /// ALLOW policy did.
+    pub fn denied_by(&self, facts: &Facts<'_>) -> String {
+        match self.action {
+            Action::Deny => self.matched(facts).unwrap_or("none").to_string(),
+            Action::Allow | Action::Log => "none".to_string(),
+        }
+    }
+
     pub fn allows(&self, facts: &Facts<'_>) -> bool {
         match self.action {
             Action::Allow => self.matched(facts).is_some(),

@@ -2,6 +2,8 @@
 //! To a gRPC request they are a trailers-only gRPC response (HTTP 200, `grpc-status`, `grpc-message`), as
 //! Envoy sends them.
 
+use std::borrow::Cow;
+
 use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
 
@@ -29,13 +31,24 @@ pub fn reply(status: StatusCode, text: Option<&str>, grpc: bool) -> Response<Bod
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResponseFlag(pub &'static str);
 
-/// Envoy's response code details of a local reply that carries no flag (a route's direct response or redirect).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ResponseDetails(pub &'static str);
+/// Envoy's response code details of a local reply, where its flag does not say them (a route's direct response
+/// or redirect, an upstream reset with its reason).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseDetails(pub Cow<'static, str>);
 
-/// Envoy's response code details of a stream: what Envoy says for the local reply's flag, a route's direct
-/// response, or `via_upstream`.
-pub fn details(flag: Option<&str>, marked: Option<ResponseDetails>, from_upstream: bool) -> Option<&'static str> {
+/// The endpoint a local reply's failed attempt was sent to (`UPSTREAM_HOST` of the stream) and, when the
+/// connection could not be made, why as Envoy spells it (`UPSTREAM_TRANSPORT_FAILURE_REASON`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UpstreamFailure {
+    pub host: std::net::SocketAddr,
+    pub transport: Option<&'static str>,
+}
+
+/// Envoy's response code details of a stream: those the reply carries, those of its flag, or `via_upstream`.
+pub fn details(flag: Option<&str>, marked: Option<&ResponseDetails>, from_upstream: bool) -> Option<Cow<'static, str>> {
+    if let Some(d) = marked {
+        return Some(d.0.clone());
+    }
     let by_flag = flag.and_then(|f| {
         Some(match f {
             "NR" => "route_not_found",
@@ -50,7 +63,7 @@ pub fn details(flag: Option<&str>, marked: Option<ResponseDetails>, from_upstrea
             _ => return None,
         })
     });
-    by_flag.or(marked.map(|d| d.0)).or(from_upstream.then_some("via_upstream"))
+    by_flag.or(from_upstream.then_some("via_upstream")).map(Cow::Borrowed)
 }
 
 /// A local reply with its response flag.

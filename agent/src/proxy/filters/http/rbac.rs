@@ -14,5 +14,8 @@ pub fn decode(filter: &HttpRbac, route_engines: Option<&Engines>, facts: &Facts<
     if rbac::evaluate(engines, &filter.stats, facts) {
         return None;
     }
-    Some(local_reply::reply(StatusCode::FORBIDDEN, Some("RBAC: access denied"), grpc))
+    let mut reply = local_reply::reply(StatusCode::FORBIDDEN, Some("RBAC: access denied"), grpc);
+    let policy = engines.enforced.as_ref().map_or_else(|| "none".to_string(), |p| p.denied_by(facts));
+    reply.extensions_mut().insert(local_reply::ResponseDetails(format!("rbac_access_denied_matched_policy[{policy}]").into()));
+    Some(reply)
 }

@@ -609,7 +609,11 @@ impl Attempts {
             if !retriable || n >= self.retries || !room {
                 return match result {
                     Ok(response) => (response, Some(endpoint)),
-                    Err(failure) => (failure.reply(n > 0, grpc), None),
+                    Err(failure) => {
+                        let mut reply = failure.reply(n > 0, grpc);
+                        reply.extensions_mut().insert(local_reply::UpstreamFailure { host: endpoint, transport: failure.transport() });
+                        (reply, None)
+                    }
                 };
             }
             tokio::time::sleep(self.back_off(n)).await;
@@ -688,6 +692,25 @@ fn pick_endpoint(
     Ok(choice)
 }
 
+/// Envoy's response code details of a reset before the response: the reset reason and, for a connection
+/// that could not be made, the transport's failure (`upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_Connection_refused}`).
+fn reset_details(e: &PoolError) -> String {
+    let reason = e.reason().replace(' ', "_");
+    match transport_failure(e) {
+        Some(failure) => format!("upstream_reset_before_response_started{{{reason}|{failure}}}"),
+        None => format!("upstream_reset_before_response_started{{{reason}}}"),
+    }
+}
+
+/// Envoy's transport failure reason of a connection that could not be made (only a refusal has one weft
+/// knows to spell as Envoy does).
+fn transport_failure(e: &PoolError) -> Option<&'static str> {
+    match e {
+        PoolError::Connect(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => Some("delayed_connect_error:_Connection_refused"),
+        _ => None,
+    }
+}
+
 /// Why an attempt got no response.
 enum Failure {
     Pool(PoolError),
@@ -695,6 +718,13 @@ enum Failure {
 }
 
 impl Failure {
+    fn transport(&self) -> Option<&'static str> {
+        match self {
+            Failure::Pool(e) => transport_failure(e),
+            Failure::PerTryTimeout => None,
+        }
+    }
+
     fn reply(&self, retried: bool, grpc: bool) -> Response<Body> {
         match self {
             Failure::PerTryTimeout => local_reply::flagged("UT", StatusCode::GATEWAY_TIMEOUT, Some("upstream request timeout"), grpc),
@@ -704,7 +734,9 @@ impl Failure {
                 let text = format!("{RESET_BODY}{reason}{}", e.reason());
                 // Envoy's flags: the connection could not be made, or it ended before the response.
                 let flag = if matches!(e, PoolError::Connect(_)) { "UF" } else { "UC" };
-                local_reply::flagged(flag, StatusCode::SERVICE_UNAVAILABLE, Some(&text), grpc)
+                let mut reply = local_reply::flagged(flag, StatusCode::SERVICE_UNAVAILABLE, Some(&text), grpc);
+                reply.extensions_mut().insert(local_reply::ResponseDetails(reset_details(e).into()));
+                reply
             }
         }
     }

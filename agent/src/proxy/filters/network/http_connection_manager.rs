@@ -565,8 +565,8 @@ impl HttpContext {
         let mut added = HeaderMap::new();
         let mut exchanges = Vec::new();
         let mut routed = None;
-        // Istio's metrics name the routed cluster's service even when a filter answers before the router.
-        let stats = self.hcm.http_filters.iter().any(|f| matches!(f.kind, HttpFilterKind::IstioStats(_)));
+        // Istio's metrics and access logs name the routed cluster even when a filter answers before the router.
+        let stats = !self.hcm.access_log.is_empty() || self.hcm.http_filters.iter().any(|f| matches!(f.kind, HttpFilterKind::IstioStats(_)));
         if stats {
             routed = Some(routed_cluster(&mut parts, selected, upstream));
         }
@@ -680,7 +680,7 @@ impl HttpContext {
             Action::DirectResponse { status, body } => {
                 let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
                 let mut reply = local_reply::reply(status, body.as_deref(), route::is_grpc(&parts.headers));
-                reply.extensions_mut().insert(local_reply::ResponseDetails("direct_response"));
+                reply.extensions_mut().insert(local_reply::ResponseDetails("direct_response".into()));
                 // Envoy points a 201 or a redirect at the request's own URL when the route names no other.
                 if status == StatusCode::CREATED || status.is_redirection() {
                     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -694,7 +694,7 @@ impl HttpContext {
                 let scheme = parts.headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()).unwrap_or("http");
                 let location = route::redirect_location(redirect, &matched.matcher.path, &parts, scheme);
                 let mut reply = local_reply::reply(StatusCode::from_u16(redirect.status).unwrap_or(StatusCode::MOVED_PERMANENTLY), None, false);
-                reply.extensions_mut().insert(local_reply::ResponseDetails("direct_response"));
+                reply.extensions_mut().insert(local_reply::ResponseDetails("direct_response".into()));
                 if let Ok(v) = HeaderValue::from_str(&location) {
                     reply.headers_mut().insert(header::LOCATION, v);
                 }
