@@ -39,6 +39,7 @@ const HTTP_PORT: u16 = 8080;
 /// The MeshConfig istiod's Helm chart renders with its default values (`helm template` of the module's
 /// `manifests/charts/istio-control/istio-discovery`): what a default install's sidecars are configured by.
 const MESH_CONFIG: &str = "\
+accessLogFile: /dev/stdout
 defaultConfig:
   discoveryAddress: istiod.istio-system.svc:15012
 defaultProviders:

@@ -160,6 +160,7 @@ fn istiod_drives_the_agent() {
     apply(&mesh, "deny-admin.yaml");
     let denied = mesh.eventually("the DENY policy on /admin", "client", "/admin", &[], |r| r.status == 403);
     assert!(denied.body.contains("RBAC: access denied"), "{denied:?}");
+    access_logs(&mesh);
     assert_eq!(mesh.get("client", "/", &[]).unwrap().status, 200);
 
     // ALLOW by principal: the client's mTLS identity is allowed, another workload's is not.
@@ -180,6 +181,26 @@ fn istiod_drives_the_agent() {
     weft_status(&mesh);
 
     mesh.save_corpus("");
+}
+
+/// Istio's `accessLogFile: /dev/stdout` (this suite's MeshConfig): the agent writes each pod's lines in
+/// Istio's default format, prefixed by the pod, on its stdout. The denied request shows on both sides: the
+/// server's sidecar names the policy that denied it, the client's shows the 403 from upstream.
+fn access_logs(mesh: &Mesh) {
+    let log_path = mesh.world.agent.log_path().clone();
+    mesh.until("access log lines of the denied request on both sides", || {
+        let log = std::fs::read_to_string(&log_path).map_err(|e| e.to_string())?;
+        let line = |prefix: &str| log.lines().rev().find(|l| l.starts_with(prefix) && l.contains("\"GET /admin HTTP/1.1\" 403")).map(str::to_string);
+        let server = line("shop/server-").ok_or("no server-side line")?;
+        let client = line("shop/client [").ok_or("no client-side line")?;
+        if !server.contains("rbac_access_denied_matched_policy[ns[shop]-policy[deny-admin]-rule[0]]") || !server.contains("inbound|8080||") {
+            return Err(format!("server line: {server}"));
+        }
+        if !client.contains(" via_upstream ") || !client.contains("|server.shop.svc.cluster.local ") {
+            return Err(format!("client line: {client}"));
+        }
+        Ok(())
+    });
 }
 
 /// The sum of the samples of `metric` whose labels include all of `labels` in a Prometheus text.
