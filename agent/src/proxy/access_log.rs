@@ -101,7 +101,20 @@ pub struct ForwardedRequest(Mutex<Option<(RequestHead, SocketAddr)>>);
 
 impl ForwardedRequest {
     pub fn set(&self, head: RequestHead, remote: SocketAddr) {
-        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some((head, remote));
+        *self.lock() = Some((head, remote));
+    }
+
+    /// The router's rewrite of the path and authority, and the headers as it forwards them.
+    pub fn rewritten(&self, path: &str, authority: &str, headers: &HeaderMap) {
+        if let Some((head, _)) = self.lock().as_mut() {
+            head.path = path.to_string();
+            head.authority = Some(authority.to_string()).filter(|a| !a.is_empty());
+            head.headers = headers.clone();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<(RequestHead, SocketAddr)>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -189,7 +202,7 @@ impl StreamEnd for HttpLog {
 
     fn ended(self: Box<Self>, body_bytes: u64, complete: bool) {
         let Some(r) = &self.response else { return };
-        let routed = self.routed.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let routed = self.routed.lock().take();
         let (request, remote) = match &routed {
             Some((head, remote)) => (Some(head), *remote),
             None => (None, self.direct_remote),

@@ -26,6 +26,7 @@ use super::super::super::upstream::pool::{Key, PoolError, Protocol, Reuse};
 use super::super::super::upstream::{ConnectError, Upstream};
 use super::alpn::AlpnFilter;
 use super::local_reply;
+use crate::proxy::access_log::ForwardedRequest;
 use crate::config::cluster::{Cluster, Discovery};
 use crate::config::headers::HeaderOps;
 use crate::config::matcher::HeaderMatcher;
@@ -263,9 +264,14 @@ fn prepare(mut parts: Parts, matched: &Matched<'_>, cluster: &ClusterRef<'_>, do
     headers.remove(header::HOST);
     let alpn = parts.extensions.remove::<AlpnFilter>();
     let (hash, set_cookie) = request_hash(&action.hash_policy, &parts, downstream);
+    let path_and_query = rewritten.unwrap_or(original_path);
+    // Envoy's access logs read the request as the router rewrote it.
+    if let Some(forwarded) = parts.extensions.get::<Arc<ForwardedRequest>>() {
+        forwarded.rewritten(&path_and_query, &authority, &parts.headers);
+    }
     Template {
         method: parts.method,
-        path_and_query: rewritten.unwrap_or(original_path),
+        path_and_query,
         authority,
         headers: parts.headers,
         protocol: protocol_for(cluster.config, parts.version),
