@@ -262,11 +262,15 @@ eds_cluster_config: {eds_config: {ads: {}, resource_api_version: V3}}
 "#;
 
 fn assignment(ports: &[u16]) -> String {
+    assignment_of("svc", ports)
+}
+
+fn assignment_of(service: &str, ports: &[u16]) -> String {
     let endpoints: Vec<String> = ports
         .iter()
         .map(|p| format!("{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {p}}}}}}}}}"))
         .collect();
-    format!("{{cluster_name: svc, endpoints: [{{lb_endpoints: [{}]}}]}}", endpoints.join(", "))
+    format!("{{cluster_name: {service}, endpoints: [{{lb_endpoints: [{}]}}]}}", endpoints.join(", "))
 }
 
 fn eds_scenario(api: &str) {
@@ -298,6 +302,25 @@ fn eds_scenario(api: &str) {
     ack(&server, delta, ENDPOINT, "3", 3);
     let answer = echo(&ns, addr(19100), b"anyone?").unwrap_or_default();
     assert!(answer.is_empty(), "{answer:?}");
+
+    // A second EDS service, then a response that omits it. In state of the world only listener and cluster
+    // responses carry the full set, so the omitted assignment keeps serving; in delta only
+    // `removed_resources` removes one (the test server sends it for what is no longer published).
+    let svc2 = EDS_CLUSTER.replace("name: svc", "name: svc2");
+    server.set(CLUSTER, "2", &[EDS_CLUSTER, &svc2]).unwrap();
+    server.set(ENDPOINT, "4", &[&assignment(&[19300]), &assignment_of("svc2", &[19301])]).unwrap();
+    server.set(LISTENER, "2", &[&listener_to("l1", 19100, "svc", ""), &listener_to("l2", 19102, "svc2", "")]).unwrap();
+    let answers = |port: u16| echo(&ns, addr(port), b"ping").is_ok_and(|a| a == b"ping");
+    wait_for("both services served", Duration::from_secs(20), || if answers(19100) && answers(19102) { Ok(()) } else { Err("not yet".into()) }).unwrap();
+    let partial = server.requests().len();
+    server.set(ENDPOINT, "5", &[&assignment(&[19300])]).unwrap();
+    server.wait_request_since(partial, "ACK of the partial EDS response", |r| r.type_url == ENDPOINT && r.is_ack()).unwrap();
+    if delta {
+        wait_for("svc2 removed by removed_resources", Duration::from_secs(20), || if answers(19102) { Err("still served".into()) } else { Ok(()) }).unwrap();
+    } else {
+        assert!(answers(19102), "an EDS resource omitted from a state-of-the-world response was removed");
+    }
+    assert!(answers(19100));
     let _ = std::fs::remove_dir_all(dir);
 }
 
