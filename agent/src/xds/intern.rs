@@ -10,13 +10,22 @@ type Bucket<T> = Vec<Weak<T>>;
 
 /// Decoded resources of one type by content.
 pub struct Interner<T> {
-    buckets: Mutex<HashMap<u64, Bucket<T>>>,
+    buckets: Mutex<Buckets<T>>,
     hasher: std::collections::hash_map::RandomState,
 }
 
+/// The buckets, and how many there may be before the dead ones are swept.
+struct Buckets<T> {
+    map: HashMap<u64, Bucket<T>>,
+    sweep_at: usize,
+}
+
+/// Buckets never swept below this many.
+const MIN_SWEEP: usize = 64;
+
 impl<T> Default for Interner<T> {
     fn default() -> Self {
-        Interner { buckets: Mutex::default(), hasher: Default::default() }
+        Interner { buckets: Mutex::new(Buckets { map: HashMap::new(), sweep_at: MIN_SWEEP }), hasher: Default::default() }
     }
 }
 
@@ -31,18 +40,36 @@ impl<T> Interner<T> {
     ) -> Result<Arc<T>, E> {
         let key = self.hasher.hash_one(bytes);
         {
-            let buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-            let found = buckets.get(&key).into_iter().flatten().filter_map(Weak::upgrade).find(|v| same(v));
+            let buckets = self.lock();
+            let found = buckets.map.get(&key).into_iter().flatten().filter_map(Weak::upgrade).find(|v| same(v));
             if let Some(found) = found {
                 return Ok(found);
             }
         }
         let shared = Arc::new(decode()?);
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        let bucket = buckets.entry(key).or_default();
+        let mut buckets = self.lock();
+        let bucket = buckets.map.entry(key).or_default();
         bucket.retain(|v| v.strong_count() > 0);
         bucket.push(Arc::downgrade(&shared));
+        // Content no stream holds any more leaves an entry behind (a `Weak` keeps its allocation): swept
+        // whenever the map has doubled since the last sweep, so it stays within twice the live content.
+        if buckets.map.len() >= buckets.sweep_at {
+            buckets.map.retain(|_, bucket| {
+                bucket.retain(|v| v.strong_count() > 0);
+                !bucket.is_empty()
+            });
+            buckets.sweep_at = (buckets.map.len() * 2).max(MIN_SWEEP);
+        }
         Ok(shared)
+    }
+
+    /// Distinct contents held (live or not yet swept).
+    pub fn len(&self) -> usize {
+        self.lock().map.values().map(Vec::len).sum()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Buckets<T>> {
+        self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -62,5 +89,16 @@ mod tests {
         drop((v1, v2));
         let v3 = interner.get_or_decode(b"abc", same, || -> Result<_, ()> { Ok("again".to_string()) }).unwrap();
         assert_eq!(*v3, "again", "dropped values are decoded anew");
+    }
+
+    #[test]
+    fn content_no_one_holds_is_released() {
+        let interner = Interner::<u64>::default();
+        let kept: Vec<Arc<u64>> = (0..10u64).map(|i| interner.get_or_decode(&i.to_le_bytes(), |_| true, || -> Result<_, ()> { Ok(i) }).unwrap()).collect();
+        for i in 10..10_000u64 {
+            drop(interner.get_or_decode(&i.to_le_bytes(), |_| true, || -> Result<_, ()> { Ok(i) }).unwrap());
+        }
+        assert!(interner.len() <= MIN_SWEEP, "{} entries held for 10 live values", interner.len());
+        assert_eq!(kept.iter().map(|v| **v).sum::<u64>(), 45, "live values stay shared");
     }
 }
