@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod capture;
+pub mod civil_time;
 pub mod cni_install;
 pub mod cni_server;
 pub mod config;
@@ -12,6 +13,7 @@ pub mod identity;
 pub mod k8s;
 pub mod logging;
 pub mod node;
+pub mod pod_config;
 pub mod proxy;
 pub mod random;
 pub mod status;

@@ -40,6 +40,24 @@ enum Command {
     /// Show every captured pod of the running agent: capture mode, control-plane sync per type (with the
     /// reason of a rejected push), workload identity and certificate expiry, as `istioctl proxy-status`.
     Status(StatusArgs),
+    /// Show one captured pod's configuration as `istioctl proxy-config` does: listeners, routes, clusters,
+    /// endpoints, secrets (no key material) or bootstrap, as tables or as Envoy's JSON/YAML.
+    Config(ConfigArgs),
+}
+
+#[derive(clap::Args)]
+struct ConfigArgs {
+    /// The pod, as <namespace>/<name>.
+    pod: String,
+    /// What to show.
+    #[arg(value_enum)]
+    kind: weft_agent::pod_config::Kind,
+    /// The agent's admin address (`weft-agent run --admin-address`).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_address: std::net::SocketAddr,
+    /// Output: a table for people, or the resources as Envoy's JSON or YAML.
+    #[arg(short, long, value_enum, default_value = "table")]
+    output: weft_agent::pod_config::Output,
 }
 
 #[derive(clap::Args)]
@@ -374,6 +392,7 @@ fn main() -> ExitCode {
         Command::InstallCni(args) => install_cni(args),
         Command::UninstallCni(args) => uninstall_cni(args),
         Command::Status(args) => status(args),
+        Command::Config(args) => pod_config(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -392,6 +411,20 @@ fn status(args: StatusArgs) -> Result<(), String> {
         StatusOutput::Table => weft_agent::status::table(&status, now),
         StatusOutput::Json => weft_agent::status::json(&status),
     });
+    Ok(())
+}
+
+fn pod_config(args: ConfigArgs) -> Result<(), String> {
+    use weft_agent::pod_config::{self, Fetched};
+    let (namespace, name) = pod_config::pod_name(&args.pod)?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let fetch = |path: String| runtime.block_on(weft_agent::status::fetch_json(args.admin_address, &path));
+    let dump = fetch(format!("/pods/{namespace}/{name}/config_dump?include_eds")).map_err(|e| match e.contains("answered 404") {
+        true => format!("pod {namespace}/{name} has no configuration in this agent: it is not captured, or gets no control-plane configuration (`weft-agent status` lists the captured pods)"),
+        false => e,
+    })?;
+    let status = fetch("/status".into())?;
+    print!("{}", pod_config::render(&Fetched { dump, status }, &args.pod, args.kind, args.output)?);
     Ok(())
 }
 

@@ -15,6 +15,11 @@ const TYPES: [&str; 5] = ["CDS", "LDS", "EDS", "RDS", "SDS"];
 
 /// Fetches the agent's `/status` from its admin address.
 pub async fn fetch(admin: SocketAddr) -> Result<Value, String> {
+    fetch_json(admin, "/status").await
+}
+
+/// Fetches a JSON document from the agent's admin endpoint; the error says what to do.
+pub async fn fetch_json(admin: SocketAddr, path: &str) -> Result<Value, String> {
     let unreachable = |e: &dyn std::fmt::Display| {
         format!("cannot reach weft-agent's admin endpoint at {admin} ({e}); is `weft-agent run` running, and with this --admin-address?")
     };
@@ -22,14 +27,14 @@ pub async fn fetch(admin: SocketAddr) -> Result<Value, String> {
         let stream = tokio::net::TcpStream::connect(admin).await.map_err(|e| unreachable(&e))?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.map_err(|e| unreachable(&e))?;
         tokio::spawn(connection);
-        let request = hyper::Request::get("/status").header("host", admin.to_string()).body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
+        let request = hyper::Request::get(path).header("host", admin.to_string()).body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
         let response = sender.send_request(request).await.map_err(|e| unreachable(&e))?;
         let status = response.status();
         let body = response.into_body().collect().await.map_err(|e| unreachable(&e))?.to_bytes();
         if !status.is_success() {
-            return Err(format!("{admin}/status answered {status}: {}", String::from_utf8_lossy(&body).trim()));
+            return Err(format!("{admin}{path} answered {status}: {}", String::from_utf8_lossy(&body).trim()));
         }
-        serde_json::from_slice(&body).map_err(|e| format!("{admin}/status is not weft-agent's status JSON: {e}"))
+        serde_json::from_slice(&body).map_err(|e| format!("{admin}{path} is not the JSON weft-agent answers: {e}"))
     };
     tokio::time::timeout(Duration::from_secs(10), exchange).await.map_err(|_| unreachable(&"no answer within 10 s"))?
 }

@@ -179,8 +179,42 @@ fn istiod_drives_the_agent() {
     }
     mesh.world.check_synced().unwrap_or_else(|e| panic!("{e}"));
     weft_status(&mesh);
+    weft_config(&mesh);
 
     mesh.save_corpus("");
+}
+
+/// `weft-agent config` against the running agent: the client pod's configuration from istiod in
+/// `istioctl proxy-config`'s tables (the server's service, its route, its endpoints, the pod's certificate),
+/// as JSON, and a pod the agent does not hold named with what to do.
+fn weft_config(mesh: &Mesh) {
+    let run = |args: &[&str]| mesh.world.cluster.node().command(weft_tests::bin_path("weft-agent").unwrap()).arg("config").args(args).output().unwrap();
+    let table = |kind: &str| {
+        let out = run(&["shop/client", kind]);
+        assert!(out.status.success(), "weft-agent config {kind}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let port = mesh.server.port().to_string();
+    let service = "server.shop.svc.cluster.local";
+    let has_row = |text: &str, cells: &[&str]| text.lines().any(|l| {
+        let row: Vec<&str> = l.split_whitespace().collect();
+        cells.iter().all(|c| row.contains(c))
+    });
+    let clusters = table("clusters");
+    assert!(has_row(&clusters, &[service, &port, "outbound", "EDS"]), "{clusters}");
+    let listeners = table("listeners");
+    assert!(has_row(&listeners, &["15001"]) && has_row(&listeners, &["15006"]) && listeners.contains(&format!("Route: {port}")), "{listeners}");
+    let routes = table("routes");
+    assert!(routes.lines().any(|l| l.starts_with(&format!("{port} ")) && l.contains(service)), "{routes}");
+    let endpoints = table("endpoints");
+    let v1 = format!("{}:8080", mesh.pods["server-v1"].ip);
+    assert!(has_row(&endpoints, &[&v1, "HEALTHY", &format!("outbound|{port}||{service}")]), "{endpoints}");
+    let secrets = table("secrets");
+    assert!(secrets.lines().any(|l| l.starts_with("default ") && l.contains("Cert Chain") && l.contains("ACTIVE")), "{secrets}");
+    let json: serde_json::Value = serde_json::from_slice(&run(&["shop/client", "clusters", "-o", "json"]).stdout).unwrap();
+    assert!(json.as_array().unwrap().iter().any(|c| c["name"] == format!("outbound|{port}||{service}")), "{json}");
+    let outsider = run(&["outside/outsider", "clusters"]);
+    assert!(!outsider.status.success() && String::from_utf8_lossy(&outsider.stderr).contains("not captured"), "{outsider:?}");
 }
 
 /// Istio's `accessLogFile: /dev/stdout` (this suite's MeshConfig): the agent writes each pod's lines in
@@ -198,6 +232,11 @@ fn access_logs(mesh: &Mesh) {
         }
         if !client.contains(" via_upstream ") || !client.contains("|server.shop.svc.cluster.local ") {
             return Err(format!("client line: {client}"));
+        }
+        // The TCP echo through the server's TCP port, from the client's side: no HTTP fields, 7 bytes each way.
+        let tcp_cluster = format!("outbound|{}||server.shop.svc.cluster.local", mesh.server_tcp.port());
+        if !log.lines().any(|l| l.starts_with("shop/client [") && l.contains("\"- - -\" 0 - - - \"-\" 7 7 ") && l.contains(&tcp_cluster)) {
+            return Err(format!("no TCP line for {tcp_cluster}"));
         }
         Ok(())
     });

@@ -235,7 +235,7 @@ impl ClusterStatus {
 /// Envoy's `/config_dump` shape; `?resource=` selects one repeated field, `?mask=` keeps named fields.
 pub fn config_dump(xds: &XdsState, started: SystemTime, request: &AdminRequest<'_>) -> Reply {
     let raw = &xds.bootstrap().raw;
-    let updated = humantime_rfc3339(started);
+    let updated = crate::civil_time::rfc3339(started);
     let statics = |key: &str, item: &str, type_name: &str| -> Vec<Value> {
         raw.pointer(&format!("/static_resources/{key}"))
             .and_then(Value::as_array)
@@ -262,12 +262,12 @@ pub fn config_dump(xds: &XdsState, started: SystemTime, request: &AdminRequest<'
     let dynamic_clusters: Vec<Value> = store
         .clusters
         .values()
-        .map(|e| json!({"version_info": e.version, "cluster": typed(&e.bytes, "cluster.v3.Cluster"), "last_updated": humantime_rfc3339(e.last_updated)}))
+        .map(|e| json!({"version_info": e.version, "cluster": typed(&e.bytes, "cluster.v3.Cluster"), "last_updated": crate::civil_time::rfc3339(e.last_updated)}))
         .collect();
     let dynamic_listeners: Vec<Value> = store
         .listeners
         .iter()
-        .map(|(name, e)| json!({"name": name, "active_state": {"version_info": e.version, "listener": typed(&e.bytes, "listener.v3.Listener"), "last_updated": humantime_rfc3339(e.last_updated)}}))
+        .map(|(name, e)| json!({"name": name, "active_state": {"version_info": e.version, "listener": typed(&e.bytes, "listener.v3.Listener"), "last_updated": crate::civil_time::rfc3339(e.last_updated)}}))
         .collect();
     // SDS secrets as received, keys redacted as Envoy redacts them.
     let dynamic_secrets: Vec<Value> = store
@@ -278,9 +278,22 @@ pub fn config_dump(xds: &XdsState, started: SystemTime, request: &AdminRequest<'
             if let Some(obj) = secret.as_object_mut() {
                 obj.insert("@type".into(), json!(crate::xds::SECRET_TYPE));
             }
-            json!({"name": name, "version_info": e.version, "last_updated": humantime_rfc3339(e.last_updated), "secret": secret})
+            json!({"name": name, "version_info": e.version, "last_updated": crate::civil_time::rfc3339(e.last_updated), "secret": secret})
         })
         .collect();
+    let dynamic_routes: Vec<Value> = store
+        .routes
+        .values()
+        .map(|e| json!({"version_info": e.version, "route_config": typed(&e.bytes, "route.v3.RouteConfiguration"), "last_updated": crate::civil_time::rfc3339(e.last_updated)}))
+        .collect();
+    // Envoy shows endpoints only when asked (`?include_eds`).
+    let dynamic_endpoints: Option<Vec<Value>> = request.param("include_eds").is_some().then(|| {
+        store
+            .assignments
+            .values()
+            .map(|e| json!({"version_info": e.version, "endpoint_config": typed(&e.bytes, "endpoint.v3.ClusterLoadAssignment"), "last_updated": crate::civil_time::rfc3339(e.last_updated)}))
+            .collect()
+    });
     let version = |t: &str| store.versions.get(t).cloned().unwrap_or_default();
     let static_secrets: Vec<Value> = raw
         .pointer("/static_resources/secrets")
@@ -301,8 +314,13 @@ pub fn config_dump(xds: &XdsState, started: SystemTime, request: &AdminRequest<'
                "static_clusters": statics("clusters", "cluster", "cluster.v3.Cluster"), "dynamic_active_clusters": dynamic_clusters}),
         json!({"@type": format!("{TYPE_PREFIX}ListenersConfigDump"), "version_info": version(crate::xds::LISTENER_TYPE),
                "static_listeners": statics("listeners", "listener", "listener.v3.Listener"), "dynamic_listeners": dynamic_listeners}),
+        json!({"@type": format!("{TYPE_PREFIX}RoutesConfigDump"), "dynamic_route_configs": dynamic_routes}),
         json!({"@type": format!("{TYPE_PREFIX}SecretsConfigDump"), "static_secrets": static_secrets, "dynamic_active_secrets": dynamic_secrets}),
     ];
+    let mut configs = configs;
+    if let Some(endpoints) = dynamic_endpoints {
+        configs.push(json!({"@type": format!("{TYPE_PREFIX}EndpointsConfigDump"), "dynamic_endpoint_configs": endpoints}));
+    }
     drop(store);
     let mut configs = match request.param("resource").as_deref() {
         None | Some("") => configs,
@@ -340,6 +358,8 @@ fn typed_item(dump: &str, field: &str, item: &Value) -> Value {
         "dynamic_listeners" => "DynamicListener",
         "static_secrets" => "StaticSecret",
         "dynamic_active_secrets" => "DynamicSecret",
+        "dynamic_route_configs" => "DynamicRouteConfig",
+        "dynamic_endpoint_configs" => "DynamicEndpointConfig",
         _ => return item.clone(),
     };
     let mut item = item.clone();
@@ -380,22 +400,6 @@ fn redact_all(v: Value) -> Value {
 }
 
 /// RFC 3339 UTC timestamp with seconds, for `last_updated`.
-fn humantime_rfc3339(t: SystemTime) -> String {
-    let secs = t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()) as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -455,7 +459,7 @@ mod tests {
 
     #[test]
     fn timestamps_and_redaction() {
-        assert_eq!(humantime_rfc3339(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_795_316_517)), "2026-11-22T03:01:57Z");
+        assert_eq!(crate::civil_time::rfc3339(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_795_316_517)), "2026-11-22T03:01:57Z");
         let v = redact(json!({"tls": [{"private_key": {"inline_string": "KEY"}, "certificate_chain": {"filename": "/c"}}]}));
         assert_eq!(v, json!({"tls": [{"private_key": {"inline_string": "[redacted]"}, "certificate_chain": {"filename": "/c"}}]}));
     }

@@ -20,6 +20,7 @@ use super::filters::http::local_reply::{self, ResponseDetails, ResponseFlag, Ups
 use super::filters::istio_stats::{ByteCount, StreamFacts};
 use super::tls_info::TlsInfo;
 use super::upstream::pool::UpstreamSession;
+use crate::civil_time::{civil, days_from_civil};
 use crate::config::access_log::{AccessLog, AccessLogs, Filter, Format, JsonField, Operator, Piece, Sink, Template};
 
 /// Lines a sink's writer may have queued before new ones are dropped.
@@ -519,29 +520,6 @@ fn start_time(t: SystemTime, format: Option<&str>) -> String {
         }
     }
     out
-}
-
-/// Year, month, day of a day count since 1970-01-01 (Howard Hinnant's algorithm).
-fn civil(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
-}
-
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let mp = i64::from((m + 9) % 12);
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 /// The queue of each sink's writer thread.
