@@ -8,6 +8,7 @@ pub mod cni_install;
 pub mod cni_server;
 pub mod config;
 pub mod counters;
+pub mod explain;
 pub mod fuzz_targets;
 pub mod identity;
 pub mod k8s;

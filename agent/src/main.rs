@@ -43,6 +43,37 @@ enum Command {
     /// Show one captured pod's configuration as `istioctl proxy-config` does: listeners, routes, clusters,
     /// endpoints, secrets (no key material) or bootstrap, as tables or as Envoy's JSON/YAML.
     Config(ConfigArgs),
+    /// Explain what would happen to a connection or request a captured pod makes, step by step, from its live
+    /// configuration (capture, listener and filter chain, mTLS, RBAC decisions, route, cluster, endpoints;
+    /// into the destination pod when this agent serves it). Nothing is sent.
+    Explain(ExplainArgs),
+}
+
+#[derive(clap::Args)]
+struct ExplainArgs {
+    /// The pod, as <namespace>/<name>.
+    pod: String,
+    /// Where it connects: an address or a host its routes know, optionally with :port.
+    destination: String,
+    /// The port (when the destination has none).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Explain a plain TCP connection instead of an HTTP request.
+    #[arg(long, conflicts_with_all = ["method", "path", "header"])]
+    tcp: bool,
+    #[arg(long, default_value = "GET")]
+    method: String,
+    #[arg(long, default_value = "/")]
+    path: String,
+    /// A request header, name=value (repeatable).
+    #[arg(long)]
+    header: Vec<String>,
+    /// The agent's admin address (`weft-agent run --admin-address`).
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_address: std::net::SocketAddr,
+    /// Output: steps for people, or JSON for scripts.
+    #[arg(short, long, value_enum, default_value = "table")]
+    output: StatusOutput,
 }
 
 #[derive(clap::Args)]
@@ -393,6 +424,7 @@ fn main() -> ExitCode {
         Command::UninstallCni(args) => uninstall_cni(args),
         Command::Status(args) => status(args),
         Command::Config(args) => pod_config(args),
+        Command::Explain(args) => explain(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -411,6 +443,40 @@ fn status(args: StatusArgs) -> Result<(), String> {
         StatusOutput::Table => weft_agent::status::table(&status, now),
         StatusOutput::Json => weft_agent::status::json(&status),
     });
+    Ok(())
+}
+
+fn explain(args: ExplainArgs) -> Result<(), String> {
+    let (namespace, name) = weft_agent::pod_config::pod_name(&args.pod)?;
+    let (to, port) = match (args.destination.rsplit_once(':'), args.port) {
+        (_, Some(port)) => (args.destination.clone(), port),
+        (Some((host, port)), None) => (host.to_string(), port.parse::<u16>().map_err(|_| format!("'{}': the port after ':' is not a number", args.destination))?),
+        (None, None) => return Err(format!("'{}' has no port: write host:port or give --port", args.destination)),
+    };
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    query.append_pair("to", &to).append_pair("port", &port.to_string());
+    if args.tcp {
+        query.append_pair("tcp", "1");
+    } else {
+        query.append_pair("method", &args.method).append_pair("path", &args.path);
+        for h in &args.header {
+            let (k, v) = h.split_once('=').ok_or_else(|| format!("--header {h}: write name=value"))?;
+            query.append_pair("header", &format!("{k}:{v}"));
+        }
+    }
+    let path = format!("/pods/{namespace}/{name}/explain?{}", query.finish());
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let answer = runtime.block_on(weft_agent::status::fetch_json(args.admin_address, &path)).map_err(|e| match e.split_once(" answered ") {
+        Some((_, why)) => format!("cannot explain: {}", why.split_once(": ").map_or(why, |(_, w)| w)),
+        None => e,
+    })?;
+    match args.output {
+        StatusOutput::Json => println!("{}", serde_json::to_string_pretty(&answer).unwrap_or_default()),
+        StatusOutput::Table => {
+            let explanation: weft_agent::explain::Explanation = serde_json::from_value(answer).map_err(|e| format!("the agent's explanation: {e}"))?;
+            print!("{}", weft_agent::explain::text(&explanation));
+        }
+    }
     Ok(())
 }
 

@@ -17,6 +17,7 @@ use crate::cni_server::registry::{PodRecord, RegistryFile};
 use crate::identity::manager::{IdentityManager, Subscription};
 use crate::config::agent::{PodLimits, DEFAULT_ISTIO_VERSION};
 use crate::k8s::{self, KubeView, PodMeta};
+use crate::proxy::connection_handler::SnapshotWatch;
 use crate::proxy::listener::{self, PodListeners};
 use crate::proxy::passthrough;
 use crate::proxy::pod_share::{LoadSnapshot, NodeLoad, PodShare};
@@ -49,6 +50,8 @@ struct CapturedPod {
     identity: Option<PodIdentity>,
     /// Its sidecar's health and metrics ports (15020, 15021), unless `pod_health_ports` is off.
     ports: Option<PodPorts>,
+    /// The configuration its listeners serve (what `explain` reads).
+    config: SnapshotWatch,
 }
 
 /// A pod's subscription to its service account's certificate and the task that serves it to the pod's TLS.
@@ -238,6 +241,22 @@ impl Node {
     }
 
     /// The xDS state of pod `namespace/name`, when the agent has a control plane.
+    /// Every captured pod as `explain` sees it: addresses, capture plan, identity and the configuration its
+    /// listeners serve.
+    pub async fn pod_views(&self) -> Vec<crate::explain::PodView> {
+        let pods = self.pods.lock().await;
+        pods.values()
+            .map(|p| crate::explain::PodView {
+                name: p.label(),
+                ips: p.record.ips.clone(),
+                redirect: p.record.redirect,
+                capture: p.record.capture.clone(),
+                identity: p.identity.as_ref().map(|i| i.subscription.identity().to_string()),
+                snapshot: p.config.borrow().clone(),
+            })
+            .collect()
+    }
+
     pub async fn pod_xds(&self, namespace: &str, name: &str) -> Option<Arc<XdsState>> {
         let pods = self.pods.lock().await;
         let pod = pods.values().find(|p| p.record.namespace == namespace && p.record.name == name)?;
@@ -830,6 +849,7 @@ impl Node {
         let workers = record.workers.unwrap_or(self.settings.pod_workers);
         let share = PodShare::new(workers, limits, Some(Arc::clone(&self.load)))
             .map_err(|e| NodeError::new(format!("{label}: cannot start the pod's worker threads"), e))?;
+        let served = config.clone();
         let listeners = listener::start(label.clone(), ns.clone(), self.settings, config, &share)
             .await
             .map_err(|e| NodeError::new(format!("{label}: cannot create in-pod listeners"), e))?;
@@ -847,7 +867,7 @@ impl Node {
         record.redirect = self.redirector.mode();
         let identity = self.pod_identity(&record, &listeners, &share);
         let xds = self.start_xds(&record, snapshot, identity.as_ref(), &share);
-        let pod = CapturedPod { record, netns: ns, listeners, xds, share, identity, ports };
+        let pod = CapturedPod { record, netns: ns, listeners, xds, share, identity, ports, config: served };
         pod.follow_stream();
         Ok(pod)
     }

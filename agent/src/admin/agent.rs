@@ -51,6 +51,46 @@ impl Admin {
     }
 }
 
+impl Admin {
+    /// `/pods/<namespace>/<name>/explain?to=HOST&port=P[&tcp][&method=M][&path=P][&header=K:V...]`: what
+    /// would happen to that connection or request of the pod, from its live configuration (nothing is sent).
+    async fn pod_explain(&self, request: &AdminRequest<'_>) -> Reply {
+        let parts: Vec<&str> = request.path.trim_matches('/').split('/').collect();
+        let [_, namespace, name, _] = parts.as_slice() else {
+            return Reply::status(StatusCode::NOT_FOUND, "use /pods/<namespace>/<name>/explain?to=HOST&port=PORT\n");
+        };
+        let question = match explain_question(request) {
+            Ok(q) => q,
+            Err(e) => return Reply::status(StatusCode::BAD_REQUEST, format!("{e}\n")),
+        };
+        let pods = self.node.pod_views().await;
+        let label = format!("{namespace}/{name}");
+        let Some(client) = pods.iter().find(|p| p.name == label) else {
+            return Reply::status(StatusCode::NOT_FOUND, format!("pod {label} is not captured by this agent\n"));
+        };
+        let others: Vec<_> = pods.iter().filter(|p| p.name != label).cloned().collect();
+        Reply::json(&crate::explain::outbound(client, &question, &others))
+    }
+}
+
+/// The question of an explain request, from its query.
+fn explain_question(request: &AdminRequest<'_>) -> Result<crate::explain::Question, String> {
+    let to = request.param("to").filter(|t| !t.is_empty()).ok_or("to= is required: the destination's address or host")?;
+    let port = request.param("port").ok_or("port= is required")?.parse::<u16>().map_err(|_| "port= must be a port number")?;
+    let headers = form_urlencoded::parse(request.query.as_bytes())
+        .filter(|(k, _)| k == "header")
+        .map(|(_, v)| v.split_once(':').map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).ok_or_else(|| format!("header={v}: write name:value")))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(crate::explain::Question {
+        to,
+        port,
+        tcp: request.param("tcp").is_some(),
+        method: request.param("method").unwrap_or_else(|| "GET".into()),
+        path: request.param("path").unwrap_or_else(|| "/".into()),
+        headers,
+    })
+}
+
 impl Routes for Admin {
     fn handle<'a>(&'a self, request: AdminRequest<'a>) -> ReplyFuture<'a> {
         Box::pin(async move {
@@ -77,8 +117,9 @@ impl Routes for Admin {
                 }
                 (method, "/logging") => super::logging(method, &request),
                 ("GET", path) if path.starts_with("/pods/") && path.ends_with("/config_dump") => self.pod_config_dump(&request).await,
+                ("GET", path) if path.starts_with("/pods/") && path.ends_with("/explain") => self.pod_explain(&request).await,
                 ("GET", _) => {
-                    Reply::status(StatusCode::NOT_FOUND, "paths: /healthz /ready /healthz/ready /status /stats/prometheus /pods/<ns>/<name>/config_dump /logging\n")
+                    Reply::status(StatusCode::NOT_FOUND, "paths: /healthz /ready /healthz/ready /status /stats/prometheus /pods/<ns>/<name>/config_dump /pods/<ns>/<name>/explain /logging\n")
                 }
                 _ => Reply::status(StatusCode::METHOD_NOT_ALLOWED, "GET only\n"),
             }
