@@ -13,7 +13,7 @@ use hyper::http::request::Parts;
 use crate::capture::plan::{PodCapture, Selection};
 use crate::capture::{RedirectMode, INBOUND_PORT, OUTBOUND_PORT};
 use crate::config::alpn::{AlpnOverrides, UpstreamProtocol};
-use crate::config::cluster::Discovery;
+use crate::config::cluster::{Discovery, LbPolicy};
 use crate::config::http_connection_manager::{HttpConnectionManager, HttpFilterKind, Routes};
 use crate::config::http_filters::FilterOverride;
 use crate::config::listener::{FilterChain, FilterChainMatch, Listener, NetworkFilter};
@@ -436,8 +436,20 @@ fn cluster_step(snapshot: &Snapshot, routed: &Routed, dst: SocketAddr, trace: &m
         })
         .collect();
     let shown: Vec<String> = with_tls.iter().map(|(e, tls)| format!("{e} ({})", if tls.is_some() { "mTLS" } else { "plaintext" })).collect();
-    trace.add("cluster", format!("{name} ({kind}, {:?}): {}", cluster.config.lb_policy, shown.join(", ")));
+    trace.add("cluster", format!("{name} ({kind}, {}): {}", lb_name(cluster.config.lb_policy), shown.join(", ")));
     Ok((name.to_string(), with_tls))
+}
+
+/// A load balancing policy by Envoy's name.
+fn lb_name(policy: LbPolicy) -> &'static str {
+    match policy {
+        LbPolicy::RoundRobin => "ROUND_ROBIN",
+        LbPolicy::Random => "RANDOM",
+        LbPolicy::ClusterProvided => "CLUSTER_PROVIDED",
+        LbPolicy::LeastRequest { .. } => "LEAST_REQUEST",
+        LbPolicy::RingHash { .. } => "RING_HASH",
+        LbPolicy::Maglev { .. } => "MAGLEV",
+    }
 }
 
 /// The explanation as people read it.
@@ -518,7 +530,7 @@ mod tests {
         assert_eq!(allowed.outcome, "delivered to the app of shop/server-v1 on port 8080", "{}", text(&allowed));
         let said = text(&allowed);
         for expected in ["server.shop.svc.cluster.local is 10.96.0.7:80", "virtualOutbound (port 15001) hands the connection to 0.0.0.0_80", "route configuration 80, virtual host server, route default (prefix /)",
-            "outbound|80||server (STATIC, RoundRobin): 10.77.0.4:8080 (mTLS)", "10.77.0.4:8080 is pod shop/server-v1", "0.0.0.0_8080: matches destination port 8080, transport tls",
+            "outbound|80||server (STATIC, ROUND_ROBIN): 10.77.0.4:8080 (mTLS)", "10.77.0.4:8080 is pod shop/server-v1", "0.0.0.0_8080: matches destination port 8080, transport tls",
             "mutual TLS (a client certificate is required); the client presents spiffe://cluster.local/ns/shop/sa/client", "no DENY policy matches (of 1)"] {
             assert!(said.contains(expected), "{expected:?} in\n{said}");
         }
