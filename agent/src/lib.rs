@@ -14,6 +14,7 @@ pub mod identity;
 pub mod k8s;
 pub mod logging;
 pub mod node;
+pub mod node_metrics;
 pub mod pod_config;
 pub mod proxy;
 pub mod random;

@@ -354,6 +354,18 @@ fn standard_metrics(mesh: &Mesh) {
     assert_eq!(status, 200);
     let by_pod = [("pod", "shop/server-v1"), ("reporter", "destination"), ("source_workload", "client")];
     assert_eq!(total(&agent, "istio_requests_total", &by_pod), received, "the agent shows the pod's series: {agent}");
+    // The agent's own metrics: CNI ADDs, xDS ACKs, certificate fetches and expiry.
+    for series in ["weft_cni_requests_total{command=\"ADD\",result=\"ok\"}", "weft_xds_responses_total{type=\"LDS\",result=\"ack\"}", "weft_certificate_fetches_total{result=\"ok\"}", "weft_certificate_expiry_timestamp_seconds{identity=\"spiffe://cluster.local/ns/shop/sa/client\"}"] {
+        assert!(agent.lines().any(|l| l.starts_with(series)), "{series} in {agent}");
+    }
+    // Every metric the Grafana dashboard in deploy/ queries is one the agent exposes.
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(weft_tests::workspace_root().join("deploy/grafana/weft-dashboard.json")).unwrap()).unwrap();
+    let exprs: Vec<String> = dashboard["panels"].as_array().unwrap().iter().flat_map(|p| p["targets"].as_array().unwrap().iter().map(|t| t["expr"].as_str().unwrap().to_string())).collect();
+    let names: std::collections::BTreeSet<&str> = exprs.iter().flat_map(|e| e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))).filter(|w| w.starts_with("weft_") || w.starts_with("istio_")).collect();
+    assert!(names.len() >= 10, "{names:?}");
+    let exposed = |name: &str| agent.lines().any(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']));
+    let missing: Vec<&&str> = names.iter().filter(|n| !exposed(n)).collect();
+    assert!(missing.is_empty(), "the dashboard queries metrics the agent does not expose: {missing:?}");
 }
 
 /// `weft-agent status` against the running agent, from the node: every captured pod synced for clusters

@@ -109,7 +109,15 @@ impl Routes for Admin {
                     kube: self.node.kube_status(),
                 }),
                 ("GET", "/stats/prometheus") => {
-                    let mut text = prometheus(&self.node.status().await);
+                    let pods = self.node.status().await;
+                    let certificates = self.identity.as_ref().map(|m| m.status()).unwrap_or_default();
+                    let scrape = crate::node_metrics::Scrape {
+                        pods_captured: pods.len() as i64,
+                        certificates: certificates.into_iter().filter_map(|c| Some((c.identity, c.not_after_unix? as i64))).collect(),
+                        access_log_dropped: crate::proxy::access_log::DROPPED.load(Ordering::Relaxed),
+                    };
+                    let mut text = crate::node_metrics::render(&scrape);
+                    text.push_str(&prometheus(&pods));
                     let pods = self.node.istio_metrics().await;
                     let sources: Vec<_> = pods.iter().map(|(pod, m)| (vec![("pod", pod.as_str())], &**m)).collect();
                     text.push_str(&crate::proxy::istio_metrics::render(&sources));
@@ -151,7 +159,8 @@ fn prometheus(pods: &[PodStatus]) -> String {
     for (name, kind, help, value) in LOAD_METRICS {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
         for p in pods {
-            out.push_str(&format!("{name}{{pod=\"{}/{}\"}} {}\n", p.namespace, p.name, value(&p.load)));
+            let pod = crate::proxy::istio_metrics::label_value(&format!("{}/{}", p.namespace, p.name));
+            out.push_str(&format!("{name}{{pod=\"{pod}\"}} {}\n", value(&p.load)));
         }
     }
     let listened: u64 = pods.iter().map(|p| p.outbound.active + p.inbound.active).sum();

@@ -93,7 +93,19 @@ pub fn decode_request(line: &[u8]) -> Result<Request, String> {
     serde_json::from_slice(line).map_err(|e| format!("not a weft CNI request: {e}"))
 }
 
+/// The CNI command a request carries, for the agent's metrics.
+fn command(request: &Request) -> &'static str {
+    match request {
+        Request::Add { .. } => "ADD",
+        Request::Del { .. } => "DEL",
+        Request::Check { .. } => "CHECK",
+        Request::Gc { .. } => "GC",
+        Request::Status {} => "STATUS",
+    }
+}
+
 async fn dispatch(request: Request, node: &Node) -> Response {
+    let (command, started) = (command(&request), std::time::Instant::now());
     let result = match request {
         // The pod watcher will pass each pod's plan; until then, every pod gets the default one.
         Request::Add { pod } => node.add(pod, crate::capture::PodCapture::default()).await,
@@ -102,6 +114,7 @@ async fn dispatch(request: Request, node: &Node) -> Response {
         Request::Gc { valid } => node.gc(&valid).await,
         Request::Status {} => Ok(format!("ready ({} redirection)", node.mode())),
     };
+    crate::node_metrics::cni(command, result.is_ok(), started.elapsed());
     match result {
         Ok(detail) => Response::ok(detail),
         Err(e) => {

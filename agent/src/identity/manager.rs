@@ -218,6 +218,7 @@ impl Renewer {
     fn publish(&self, cert: WorkloadCertificate) -> Duration {
         tracing::info!(identity = %self.identity, serial = %cert.serial, "workload certificate issued");
         let renew_at = cert.not_before + cert.lifetime() * 9 / 20 + jitter(cert.lifetime() / 10);
+        crate::node_metrics::certificate_fetch(true);
         let mut status = lock(&self.status);
         status.fetches += 1;
         status.state = "valid";
@@ -236,6 +237,7 @@ impl Renewer {
     /// expires first, so it is withdrawn on time.
     fn failed(&self, error: String, failures: u32) -> Duration {
         tracing::warn!(identity = %self.identity, failures, "workload certificate: {error}");
+        crate::node_metrics::certificate_fetch(false);
         let mut status = lock(&self.status);
         status.fetches += 1;
         status.last_error = Some(error);

@@ -267,6 +267,13 @@ impl XdsState {
     /// Applies one response. `complete` is state of the world: names not received are removed. Returns the
     /// errors of rejected resources (empty: ACK).
     pub fn apply(&self, type_url: &'static str, version: &str, received: &[Received<'_>], removed: &[String], complete: bool) -> Vec<String> {
+        let started = std::time::Instant::now();
+        let errors = self.apply_response(type_url, version, received, removed, complete);
+        crate::node_metrics::xds(short_name(type_url), errors.is_empty(), started.elapsed());
+        errors
+    }
+
+    fn apply_response(&self, type_url: &'static str, version: &str, received: &[Received<'_>], removed: &[String], complete: bool) -> Vec<String> {
         let mut errors = Vec::new();
         let mut store = self.store();
         let mut seen = HashSet::new();
