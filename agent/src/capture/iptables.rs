@@ -300,6 +300,10 @@ pub(crate) fn v4_tools(variant: Variant) -> Result<Tools, CaptureError> {
     })
 }
 
+/// `iptables-restore` adds to the table, and waits up to 10 s for the xtables lock another program holds
+/// rather than failing at once.
+pub(crate) const RESTORE_ARGS: &[&str] = &["--noflush", "--wait", "10"];
+
 fn save(ns: &Netns, tools: &Tools) -> Result<String, CaptureError> {
     run_in(ns, &tools.save, &["-t", "nat"], "")
 }
@@ -312,7 +316,7 @@ impl Redirector for Iptables {
     fn install(&self, ns: &Netns, plan: &PodCapture) -> Result<(), CaptureError> {
         self.per_family(ns, |family, tools| {
             let saved = save(ns, tools)?;
-            run_in(ns, &tools.restore, &["--noflush"], &install_batch(family, &saved, plan, self.probe_source)).map(drop)
+            run_in(ns, &tools.restore, RESTORE_ARGS, &install_batch(family, &saved, plan, self.probe_source)).map(drop)
         })
     }
 
@@ -322,7 +326,7 @@ impl Redirector for Iptables {
 
     fn remove(&self, ns: &Netns) -> Result<(), CaptureError> {
         self.per_family(ns, |_, tools| match remove_batch(&save(ns, tools)?) {
-            Some(batch) => run_in(ns, &tools.restore, &["--noflush"], &batch).map(drop),
+            Some(batch) => run_in(ns, &tools.restore, RESTORE_ARGS, &batch).map(drop),
             None => Ok(()),
         })
     }

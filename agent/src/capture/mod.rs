@@ -23,6 +23,7 @@ use std::io::Write;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 pub use weft_ebpf_common::{PROXY_MARK, PROXY_MARK_MASK};
 
@@ -149,8 +150,16 @@ fn run_in(ns: &Netns, program: &str, args: &[&str], stdin: &str) -> Result<Strin
     run(Some(ns), program, args, stdin)
 }
 
+/// How long a rule program may take before it is killed: one stuck on a lock must not hold a pod's capture
+/// (and the CNI ADD waiting for it) for ever.
+const CHILD_DEADLINE: Duration = Duration::from_secs(30);
+
 /// [`run_in`], or in the calling thread's own namespace with `ns` = `None` (children inherit it).
 fn run(ns: Option<&Netns>, program: &str, args: &[&str], stdin: &str) -> Result<String, CaptureError> {
+    run_within(ns, program, args, stdin, CHILD_DEADLINE)
+}
+
+fn run_within(ns: Option<&Netns>, program: &str, args: &[&str], stdin: &str, deadline: Duration) -> Result<String, CaptureError> {
     let mut cmd = Command::new(program);
     cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
     if let Some(ns) = ns {
@@ -167,10 +176,25 @@ fn run(ns: Option<&Netns>, program: &str, args: &[&str], stdin: &str) -> Result<
         }
     }
     let mut child = cmd.spawn().map_err(|e| CaptureError(format!("cannot run {program}: {e}")))?;
-    if let Some(mut input) = child.stdin.take() {
-        input.write_all(stdin.as_bytes()).map_err(|e| CaptureError(format!("writing to {program}: {e}")))?;
-    }
-    let out = child.wait_with_output().map_err(|e| CaptureError(format!("waiting for {program}: {e}")))?;
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    // Input and output on a thread of their own, so a child that neither reads nor exits is killed in time.
+    let (done, outcome) = std::sync::mpsc::channel();
+    let input = stdin.to_string();
+    let talker = std::thread::spawn(move || {
+        let written = match child.stdin.take() {
+            Some(mut pipe) => pipe.write_all(input.as_bytes()),
+            None => Ok(()),
+        };
+        let _ = done.send(written.and_then(|()| child.wait_with_output()));
+    });
+    let out = match outcome.recv_timeout(deadline) {
+        Ok(out) => out.map_err(|e| CaptureError(format!("running {program}: {e}")))?,
+        Err(_) => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = talker.join();
+            return Err(CaptureError(format!("{program} {} did not finish within {deadline:?} and was killed", args.join(" "))));
+        }
+    };
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
@@ -209,4 +233,19 @@ fn check_golden(name: &str, actual: &str) {
     let expected = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_GOLDEN=1 to create it)", path.display()));
     assert_eq!(actual, expected, "generated rules differ from {} (UPDATE_GOLDEN=1 to accept)", path.display());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rule program that neither reads its input nor exits is killed at the deadline (the test would hang
+    /// for an hour otherwise), and the error says so.
+    #[test]
+    fn a_stuck_child_is_killed_at_its_deadline() {
+        let input = "x".repeat(1 << 20);
+        let err = run_within(None, "sleep", &["3600"], &input, Duration::from_millis(200)).unwrap_err();
+        assert!(err.0.contains("sleep 3600 did not finish within 200ms and was killed"), "{err}");
+        assert_eq!(run_within(None, "cat", &[], "rules", Duration::from_secs(30)).unwrap(), "rules");
+    }
 }

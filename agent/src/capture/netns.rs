@@ -127,17 +127,26 @@ impl Netns {
             .map_err(|_| io::Error::other("netns worker thread panicked"))?
     }
 
-    /// Runs `f` on the current thread inside this netns, then returns the thread to the agent's own netns.
+    /// Runs `f` on the current thread inside this netns, then returns the thread to the agent's own netns,
+    /// also when `f` panics (the thread may be a runtime worker that goes on serving).
     pub fn with<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
         let home = host_netns()?;
         setns(self.fd())?;
-        let out = f();
-        if let Err(e) = setns(home.as_fd()) {
+        let _back = ReturnHome(home);
+        Ok(f())
+    }
+}
+
+/// Returns the thread to the agent's own network namespace when dropped (unwinding included).
+struct ReturnHome(&'static OwnedFd);
+
+impl Drop for ReturnHome {
+    fn drop(&mut self) {
+        if let Err(e) = setns(self.0.as_fd()) {
             // See the module comment: continuing would route later connections from the wrong namespace.
             eprintln!("weft-agent: cannot return a thread to the agent's network namespace: {e}; aborting");
             std::process::abort();
         }
-        Ok(out)
     }
 }
 
@@ -221,6 +230,29 @@ mod tests {
             let err = parse(bad).unwrap_err();
             assert!(err.contains("netns path"), "{bad}: {err}");
         }
+    }
+
+    /// A panic inside a pod's namespace leaves the thread back in the agent's (needs root to make one).
+    #[test]
+    fn a_panic_inside_a_pod_namespace_returns_the_thread_home() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED a_panic_inside_a_pod_namespace_returns_the_thread_home: needs root to create a network namespace");
+            return;
+        }
+        let name = format!("weft-unit-{}", std::process::id());
+        assert!(std::process::Command::new("ip").args(["netns", "add", &name]).status().unwrap().success());
+        init_host_netns().unwrap();
+        let ns = Netns::open(&parse(&format!("/var/run/netns/{name}")).unwrap()).unwrap();
+        let here = || std::fs::metadata("/proc/thread-self/ns/net").map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap();
+        let home = here();
+        let inside = ns.with(here).unwrap();
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ns.with(|| panic!("inside the pod"))));
+        let after = here();
+        let _ = std::process::Command::new("ip").args(["netns", "delete", &name]).status();
+        assert_ne!(inside, home, "with() entered the pod's namespace");
+        assert!(panicked.is_err());
+        assert_eq!(after, home, "the thread is back in the agent's namespace after the panic");
     }
 
     #[test]

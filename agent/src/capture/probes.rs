@@ -82,7 +82,7 @@ impl HostProbes {
         match &self.tool {
             Tool::Iptables { save, restore } => {
                 let saved = self.run(save, &["-t", "nat"], "")?;
-                self.run(restore, &["--noflush"], &iptables_batch(&saved, targets, self.source)).map(drop)
+                self.run(restore, super::iptables::RESTORE_ARGS, &iptables_batch(&saved, targets, self.source)).map(drop)
             }
             Tool::Nft(nft) => self.run(nft, &["-f", "-"], &nft_batch(targets, self.source)).map(drop),
         }
@@ -94,7 +94,7 @@ impl HostProbes {
             Tool::Iptables { save, restore } => {
                 let saved = self.run(save, &["-t", "nat"], "")?;
                 match iptables_remove_batch(&saved) {
-                    Some(batch) => self.run(restore, &["--noflush"], &batch).map(drop),
+                    Some(batch) => self.run(restore, super::iptables::RESTORE_ARGS, &batch).map(drop),
                     None => Ok(()),
                 }
             }
