@@ -551,6 +551,7 @@ fn proxy(args: ProxyArgs) -> Result<(), String> {
             tokio::spawn(admin::serve(listener, Arc::new(routes) as Arc<dyn admin::Routes>));
         }
         tracing::info!("all listeners started");
+        tokio::spawn(reopen_access_logs_on_sigusr1());
         tokio::select! {
             _ = shutdown_signal() => {}
             _ = quit.notified() => {}
@@ -707,6 +708,7 @@ async fn serve(cfg: AgentConfig) -> Result<(), String> {
         });
     }
     admin.ready.store(true, Ordering::Release);
+    tokio::spawn(reopen_access_logs_on_sigusr1());
     tracing::info!(socket = %cfg.cni_socket.display(), "ready");
     shutdown_signal().await;
     tracing::info!("shutting down; redirection rules stay in place so captured pods fail closed");
@@ -731,6 +733,16 @@ async fn drain(node: &Node, timeout: std::time::Duration) {
             return;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// `SIGUSR1` reopens the access log files, as Envoy's does (log rotation renames them, then signals).
+async fn reopen_access_logs_on_sigusr1() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut usr1) = signal(SignalKind::user_defined1()) else { return };
+    while usr1.recv().await.is_some() {
+        tracing::info!("SIGUSR1: reopening access log files");
+        weft_agent::proxy::access_log::reopen();
     }
 }
 

@@ -542,27 +542,51 @@ fn write(sink: &Sink, line: Vec<u8>) {
     }
 }
 
-/// A thread writing `sink`'s lines in batches, flushing whenever its queue runs dry.
-fn start_writer(sink: &Sink) -> Option<SyncSender<Vec<u8>>> {
-    let out: Box<dyn Write + Send> = match sink {
+/// Times files were asked to be reopened (`SIGUSR1`, after a rotation renamed them).
+static REOPENS: AtomicU64 = AtomicU64::new(0);
+
+/// Reopens every access log file before its next line, as Envoy does on `SIGUSR1`: a rotation tool renames
+/// the file, then signals, and new lines go to a new file at the configured path.
+pub fn reopen() {
+    REOPENS.fetch_add(1, Relaxed);
+}
+
+fn open(sink: &Sink) -> std::io::Result<Box<dyn Write + Send>> {
+    Ok(match sink {
         Sink::Stdout => Box::new(std::io::stdout()),
         Sink::Stderr => Box::new(std::io::stderr()),
         Sink::File(path) => {
             use std::os::unix::fs::OpenOptionsExt;
-            match std::fs::OpenOptions::new().append(true).create(true).mode(0o640).open(path) {
-                Ok(f) => Box::new(f),
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), "cannot open the access log: {e}");
-                    return None;
-                }
-            }
+            Box::new(std::fs::OpenOptions::new().append(true).create(true).mode(0o640).open(path)?)
+        }
+    })
+}
+
+/// A thread writing `sink`'s lines in batches, flushing whenever its queue runs dry.
+fn start_writer(sink: &Sink) -> Option<SyncSender<Vec<u8>>> {
+    let out = match open(sink) {
+        Ok(out) => out,
+        Err(e) => {
+            tracing::warn!(sink = ?sink, "cannot open the access log: {e}");
+            return None;
         }
     };
     let (tx, rx) = sync_channel::<Vec<u8>>(QUEUE);
-    let name = format!("{sink:?}");
+    let (name, sink) = (format!("{sink:?}"), sink.clone());
     let spawned = std::thread::Builder::new().name("access-log".into()).spawn(move || {
         let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+        let mut reopened = REOPENS.load(Relaxed);
         while let Ok(first) = rx.recv() {
+            if matches!(sink, Sink::File(_)) && REOPENS.load(Relaxed) != reopened {
+                reopened = REOPENS.load(Relaxed);
+                match open(&sink) {
+                    Ok(fresh) => {
+                        let _ = out.flush();
+                        out = std::io::BufWriter::with_capacity(64 * 1024, fresh);
+                    }
+                    Err(e) => tracing::warn!(sink = %name, "cannot reopen the access log (lines go on to the old file): {e}"),
+                }
+            }
             let mut result = out.write_all(&first);
             while let (Ok(()), Ok(next)) = (&result, rx.try_recv()) {
                 result = out.write_all(&next);
@@ -625,6 +649,36 @@ mod tests {
         let e = Entry { code: Some(404), flag: Some("NR"), ..Default::default() };
         let line: Value = serde_json::from_slice(&line(&logs[0].format, &e, Some("default/client"))).unwrap();
         assert_eq!(line, serde_json::json!({"code": 404, "flags": "NR", "sni": null, "mixed": "- x", "n": 1.0, "pod": "default/client"}));
+    }
+
+    /// Lines go to the file at the path; after a rotation renamed it and `reopen`, to a new file there.
+    #[test]
+    fn files_are_reopened_after_a_rotation() {
+        let dir = std::env::temp_dir().join(format!("weft-access-log-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("access.log");
+        let sink = Sink::File(path.clone());
+        let read = |p: &std::path::Path, want: &str| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let text = std::fs::read_to_string(p).unwrap_or_default();
+                if text.contains(want) || Instant::now() > deadline {
+                    return text;
+                }
+                std::thread::yield_now();
+            }
+        };
+        write(&sink, b"first\n".to_vec());
+        assert_eq!(read(&path, "first"), "first\n");
+        let rotated = dir.join("access.log.1");
+        std::fs::rename(&path, &rotated).unwrap();
+        reopen();
+        write(&sink, b"second\n".to_vec());
+        assert_eq!(read(&path, "second"), "second\n", "the new line is in a new file at the path");
+        assert_eq!(std::fs::read_to_string(&rotated).unwrap(), "first\n");
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions()) & 0o777;
+        assert_eq!(mode & 0o007, 0, "not readable by others: {mode:o}");
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
