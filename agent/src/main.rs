@@ -724,15 +724,18 @@ async fn drain(node: &Node, timeout: std::time::Duration) {
     node.stop_listening().await;
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
+        // Registered before counting, so a close between the count and the wait is not missed.
+        let closed = weft_agent::proxy::stats::CONNECTION_CLOSED.notified();
+        tokio::pin!(closed);
+        closed.as_mut().enable();
         let active = node.active_connections().await;
         if active == 0 {
             return;
         }
-        if tokio::time::Instant::now() >= deadline {
+        if tokio::time::timeout_at(deadline, closed).await.is_err() {
             tracing::warn!(active, "drain timeout reached; closing remaining connections");
             return;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 

@@ -4,6 +4,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use serde::Serialize;
 
+/// Woken whenever a connection of any listener closes: what a drain waits on.
+pub static CONNECTION_CLOSED: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
 #[derive(Debug, Default)]
 pub struct ListenerStats {
     accepted: AtomicU64,
@@ -37,6 +40,7 @@ impl ListenerStats {
         self.bytes_from_downstream.fetch_add(from_downstream, Relaxed);
         self.bytes_to_downstream.fetch_add(to_downstream, Relaxed);
         self.closed.fetch_add(1, Relaxed);
+        CONNECTION_CLOSED.notify_waiters();
     }
 
     pub fn upstream_connect_failed(&self) {
