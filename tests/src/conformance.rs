@@ -924,7 +924,7 @@ fn stdout_of(log: &Path) -> PathBuf {
 }
 
 /// An access log line with what differs between any two runs replaced: times, ephemeral ports, durations.
-fn normalize_log_line(line: &str) -> String {
+pub fn normalize_log_line(line: &str) -> String {
     match serde_json::from_str::<serde_json::Value>(line) {
         Ok(serde_json::Value::Object(map)) => {
             let normalized: serde_json::Map<String, serde_json::Value> = map

@@ -499,3 +499,53 @@ fn logging_level_changes_at_run_time() {
     child.into_inner().stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
     assert!(stderr.contains("upstream request failed"), "no debug output after the change: {stderr}");
 }
+
+/// A tcp_proxy's access log lines (Istio's JSON keys) for a relayed connection and one whose upstream refuses
+/// it: Envoy's and weft's, field by field (times, durations and ephemeral ports masked).
+#[test]
+fn tcp_access_logs_match_envoys() {
+    let Some(ns) = proxy_ns("tcplog") else { return };
+    let dir = Workdir::new("tcplog");
+    let bootstrap = |log: &Path| {
+        format!(
+            r#"
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: 19901}}}}
+static_resources:
+  listeners:
+  - name: echo
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 19100}}}}
+    filter_chains: [{{filters: [{{name: tcp, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: echo, cluster: echo, access_log: [{log}]}}}}]}}]
+  - name: refused
+    address: {{socket_address: {{address: 127.0.0.1, port_value: 19101}}}}
+    filter_chains: [{{filters: [{{name: tcp, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: refused, cluster: nowhere, access_log: [{log}]}}}}]}}]
+  clusters:
+  - {{name: echo, type: STATIC, connect_timeout: 1s, load_assignment: {{cluster_name: echo, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 19300}}}}}}}}]}}]}}}}
+  - {{name: nowhere, type: STATIC, connect_timeout: 1s, load_assignment: {{cluster_name: nowhere, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: 19500}}}}}}}}]}}]}}}}
+"#,
+            log = format!(
+                r#"{{name: envoy.access_loggers.file, typed_config: {{"@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog, path: {}, log_format: {{json_format: {{listener: "%DOWNSTREAM_LOCAL_ADDRESS%", start_time: "%START_TIME%", protocol: "%PROTOCOL%", response_code: "%RESPONSE_CODE%", response_flags: "%RESPONSE_FLAGS%", bytes_received: "%BYTES_RECEIVED%", bytes_sent: "%BYTES_SENT%", duration: "%DURATION%", upstream_host: "%UPSTREAM_HOST%", upstream_cluster: "%UPSTREAM_CLUSTER%", upstream_local_address: "%UPSTREAM_LOCAL_ADDRESS%", downstream_remote_address: "%DOWNSTREAM_REMOTE_ADDRESS%", authority: "%REQ(:AUTHORITY)%", route_name: "%ROUTE_NAME%"}}}}}}}}"#,
+                log.display()
+            )
+        )
+    };
+    let lines = |cmd: Command, log: &Path| {
+        let child = start(&ns, cmd);
+        assert_eq!(tcp_echo(&ns, b"hello"), b"hello");
+        let refused = weft_tests::traffic::echo(&ns, "127.0.0.1:19101".parse().unwrap(), b"anyone?").unwrap_or_default();
+        assert!(refused.is_empty(), "{refused:?}");
+        quit(&ns, child);
+        let mut lines: Vec<String> = std::fs::read_to_string(log).unwrap_or_default().lines().map(weft_tests::conformance::normalize_log_line).collect();
+        lines.sort();
+        lines
+    };
+    let (envoy_log, weft_log) = (dir.0.join("envoy.log"), dir.0.join("weft.log"));
+    let mut envoy = envoy_cmd(&dir.write("envoy.yaml", &bootstrap(&envoy_log)));
+    // Envoy writes its file logs every 10 s by default; quitting flushes them too, sooner is only kinder.
+    envoy.args(["--file-flush-interval-msec", "50"]);
+    let envoy = lines(envoy, &envoy_log);
+    let weft = lines(weft_cmd(&dir.write("weft.yaml", &bootstrap(&weft_log))), &weft_log);
+    assert_eq!(envoy.len(), 2, "{envoy:#?}");
+    assert!(envoy.iter().any(|l| l.contains("\"response_flags\":\"UF,URX\"")) && envoy.iter().any(|l| l.contains("\"bytes_received\":5")), "{envoy:#?}");
+    assert_eq!(weft, envoy, "weft's tcp_proxy access log lines differ from Envoy's");
+}

@@ -268,6 +268,8 @@ pub struct TcpConnection<'a> {
     pub tls: Option<&'a TlsInfo>,
     pub cluster: Option<&'a str>,
     pub upstream: Option<&'a UpstreamSession>,
+    /// The endpoint chosen (connected to or not).
+    pub host: Option<SocketAddr>,
     pub flag: Option<&'a str>,
     /// Bytes from and to downstream.
     pub bytes: (u64, u64),
@@ -286,7 +288,7 @@ pub fn tcp(logs: &AccessLogs, c: &TcpConnection<'_>, pod: Option<&str>) {
         bytes_sent: c.bytes.1,
         cluster: c.cluster,
         upstream: c.upstream,
-        upstream_host: c.upstream.and_then(|u| u.host),
+        upstream_host: c.host,
         downstream_remote: Some(c.peer),
         downstream_direct_remote: Some(c.peer),
         downstream_local: Some(c.local),
@@ -303,7 +305,7 @@ fn passes(filter: &Filter, e: &Entry<'_>) -> bool {
         Filter::Duration(c) => c.holds(e.duration.as_millis() as u64),
         // weft answers no health check requests itself (no health_check filter), so every stream passes.
         Filter::NotHealthCheck => true,
-        Filter::ResponseFlag(flags) => e.flag.is_some_and(|f| !f.is_empty() && (flags.is_empty() || flags.iter().any(|x| x == f))),
+        Filter::ResponseFlag(flags) => e.flag.is_some_and(|set| !set.is_empty() && (flags.is_empty() || set.split(',').any(|f| flags.iter().any(|x| x == f)))),
         Filter::Runtime { numerator, denominator } => (crate::random::random() as u64) % denominator < *numerator,
         Filter::Header(m) => m.matches_in(e.request.map_or(&HeaderMap::new(), |r| &r.headers)),
         Filter::And(all) => all.iter().all(|f| passes(f, e)),
@@ -407,7 +409,7 @@ fn value(op: &Operator, e: &Entry<'_>) -> Field {
         Operator::ResponseCode => Field::Number(u64::from(e.code.unwrap_or(0))),
         Operator::ResponseCodeDetails => some(e.details),
         Operator::ResponseFlags => Field::Text(e.flag.filter(|f| !f.is_empty()).unwrap_or("-").to_string()),
-        Operator::ResponseFlagsLong => Field::Text(e.flag.filter(|f| !f.is_empty()).map_or("-", long_flag).to_string()),
+        Operator::ResponseFlagsLong => Field::Text(e.flag.filter(|f| !f.is_empty()).map_or_else(|| "-".to_string(), long_flags)),
         Operator::ConnectionTerminationDetails => Field::Missing,
         Operator::UpstreamTransportFailureReason => some(e.transport_failure),
         Operator::BytesReceived => Field::Number(e.bytes_received),
@@ -453,7 +455,11 @@ fn request_header(request: Option<&RequestHead>, name: &str, alt: Option<&str>) 
     get(name).or_else(|| alt.and_then(get))
 }
 
-/// Envoy's long names of its response flags.
+/// Envoy's long names of its response flags (comma-separated, as the short ones).
+fn long_flags(set: &str) -> String {
+    set.split(',').map(long_flag).collect::<Vec<_>>().join(",")
+}
+
 fn long_flag(short: &str) -> &'static str {
     match short {
         "NR" => "NoRouteFound",
@@ -467,6 +473,7 @@ fn long_flag(short: &str) -> &'static str {
         "RL" => "RateLimited",
         "DC" => "DownstreamConnectionTermination",
         "UAEX" => "UnauthorizedExternalService",
+        "URX" => "UpstreamRetryLimitExceeded",
         _ => "-",
     }
 }
@@ -689,6 +696,7 @@ mod tests {
         assert!(!passes(&Filter::Duration(Comparison { op: CompareOp::Ge, value: 100 }), &e));
         assert!(passes(&Filter::ResponseFlag(vec![]), &e));
         assert!(!passes(&Filter::ResponseFlag(vec!["NR".into()]), &e));
+        assert!(passes(&Filter::ResponseFlag(vec!["URX".into()]), &Entry { flag: Some("UF,URX"), ..Default::default() }));
         assert!(!passes(&Filter::ResponseFlag(vec![]), &Entry::default()));
         assert!(!passes(&Filter::Runtime { numerator: 0, denominator: 100 }, &e));
         assert!(passes(&Filter::Runtime { numerator: 100, denominator: 100 }, &e));

@@ -141,7 +141,7 @@ pub async fn serve(accepted: Accepted, entry: &Listener, snapshot: &Arc<Snapshot
     };
     let Some(chain) = filter_chain::select(listener, &info) else {
         tracing::debug!(listener = %listener.name, %peer, %local, "no filter chain matched; closing");
-        let connection = TcpConnection { start: accepted_at.0, duration: accepted_at.1.elapsed(), peer, local, server_name: info.server_name.as_deref(), tls: None, cluster: None, upstream: None, flag: Some("NR"), bytes: (0, 0) };
+        let connection = TcpConnection { start: accepted_at.0, duration: accepted_at.1.elapsed(), peer, local, server_name: info.server_name.as_deref(), tls: None, cluster: None, upstream: None, host: None, flag: Some("NR"), bytes: (0, 0) };
         access_log::tcp(&listener.access_log, &connection, pod.name.as_deref());
         return Outcome::NoFilterChain;
     };
@@ -250,6 +250,7 @@ async fn run_filter(io: rbac::Gated<DownstreamIo>, chain: &FilterChain, upstream
                 tls: connection.tls.as_deref(),
                 cluster: seen.cluster.as_deref(),
                 upstream: seen.session.as_deref(),
+                host: seen.session.as_ref().and_then(|s| s.host).or(seen.failed_host),
                 flag: seen.flag,
                 bytes,
             };

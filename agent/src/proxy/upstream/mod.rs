@@ -31,7 +31,8 @@ pub struct Upstream {
 pub enum ConnectError {
     UnknownCluster(String),
     NoHealthyUpstream,
-    Connect(io::Error),
+    /// The endpoint chosen, and why the connection to it failed.
+    Connect(SocketAddr, io::Error),
 }
 
 impl std::fmt::Display for ConnectError {
@@ -39,7 +40,7 @@ impl std::fmt::Display for ConnectError {
         match self {
             ConnectError::UnknownCluster(c) => write!(f, "unknown cluster {c:?}"),
             ConnectError::NoHealthyUpstream => f.write_str("no healthy upstream"),
-            ConnectError::Connect(e) => write!(f, "connection failure: {e}"),
+            ConnectError::Connect(endpoint, e) => write!(f, "connection failure to {endpoint}: {e}"),
         }
     }
 }
@@ -58,8 +59,8 @@ impl Upstream {
             c.state.upstream_cx_connect_fail.fetch_add(1, Relaxed);
         }
         result.map_err(|e| match e {
-            pool::PoolError::Connect(e) => ConnectError::Connect(e),
-            other => ConnectError::Connect(io::Error::other(other.reason())),
+            pool::PoolError::Connect(e) => ConnectError::Connect(endpoint, e),
+            other => ConnectError::Connect(endpoint, io::Error::other(other.reason())),
         })
     }
 }

@@ -772,7 +772,7 @@ pub async fn tunnel(mut parts: Parts, matched: Matched<'_>, upstream: &Upstream)
             local_reply::flagged("NC", StatusCode::from_u16(matched.action.cluster_not_found_status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE), None, false)
         }
         Err(ConnectError::NoHealthyUpstream) => local_reply::flagged("UH", StatusCode::SERVICE_UNAVAILABLE, Some("no healthy upstream"), false),
-        Err(ConnectError::Connect(e)) => {
+        Err(ConnectError::Connect(_, e)) => {
             tracing::debug!(cluster = cluster_name, "CONNECT upstream failed: {e}");
             local_reply::flagged("UF", StatusCode::SERVICE_UNAVAILABLE, Some(&format!("{RESET_BODY}reset reason: remote connection failure")), false)
         }

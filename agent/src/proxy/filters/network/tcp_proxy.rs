@@ -40,6 +40,8 @@ pub struct TcpSeen {
     pub cluster: Option<String>,
     pub session: Option<Arc<UpstreamSession>>,
     pub flag: Option<&'static str>,
+    /// The endpoint a failed connection was made to.
+    pub failed_host: Option<std::net::SocketAddr>,
     pub report: Option<TcpReport>,
 }
 
@@ -61,7 +63,7 @@ where
                 seen.session = Some(session);
                 break up;
             }
-            Err(ConnectError::Connect(e)) if attempt < config.max_connect_attempts => {
+            Err(ConnectError::Connect(_, e)) if attempt < config.max_connect_attempts => {
                 tracing::debug!(cluster, attempt, "tcp_proxy connect failed, trying again: {e}");
                 attempt += 1;
             }
@@ -69,9 +71,13 @@ where
                 let flag = match e {
                     ConnectError::UnknownCluster(_) => "NC",
                     ConnectError::NoHealthyUpstream => "UH",
-                    ConnectError::Connect(_) => "UF",
+                    // Envoy's: the connection failed, and so did the last of `max_connect_attempts`.
+                    ConnectError::Connect(..) => "UF,URX",
                 };
                 seen.flag = Some(flag);
+                if let ConnectError::Connect(endpoint, _) = &e {
+                    seen.failed_host = Some(*endpoint);
+                }
                 if let Some(r) = &mut seen.report {
                     r.failed(flag);
                 }
