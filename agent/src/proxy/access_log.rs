@@ -155,7 +155,7 @@ impl HttpLog {
             pod: connection.pod,
             start: SystemTime::now(),
             started: Instant::now(),
-            protocol: protocol(parts.version),
+            protocol: crate::proxy::route::protocol_name(parts.version),
             routed,
             request_body: Arc::default(),
             direct_remote: connection.peer,
@@ -249,54 +249,19 @@ impl RequestHead {
     }
 }
 
-fn protocol(version: hyper::Version) -> &'static str {
-    match version {
-        hyper::Version::HTTP_2 => "HTTP/2",
-        hyper::Version::HTTP_10 => "HTTP/1.0",
-        hyper::Version::HTTP_3 => "HTTP/3",
-        _ => "HTTP/1.1",
+impl Entry<'_> {
+    /// A TCP connection accepted at `start` from `peer` to `local` (no HTTP fields); the caller fills in what
+    /// became of it.
+    pub fn connection(start: SystemTime, started: Instant, peer: SocketAddr, local: SocketAddr) -> Self {
+        Entry {
+            start: Some(start),
+            duration: started.elapsed(),
+            downstream_remote: Some(peer),
+            downstream_direct_remote: Some(peer),
+            downstream_local: Some(local),
+            ..Default::default()
+        }
     }
-}
-
-/// A TCP connection `tcp_proxy` served, as its log shows it.
-pub struct TcpConnection<'a> {
-    pub start: SystemTime,
-    pub duration: Duration,
-    pub peer: SocketAddr,
-    pub local: SocketAddr,
-    pub server_name: Option<&'a str>,
-    pub tls: Option<&'a TlsInfo>,
-    pub cluster: Option<&'a str>,
-    pub upstream: Option<&'a UpstreamSession>,
-    /// The endpoint chosen (connected to or not).
-    pub host: Option<SocketAddr>,
-    pub flag: Option<&'a str>,
-    /// Bytes from and to downstream.
-    pub bytes: (u64, u64),
-}
-
-/// Logs a finished TCP connection.
-pub fn tcp(logs: &AccessLogs, c: &TcpConnection<'_>, pod: Option<&str>) {
-    if logs.is_empty() {
-        return;
-    }
-    let entry = Entry {
-        start: Some(c.start),
-        duration: c.duration,
-        flag: c.flag,
-        bytes_received: c.bytes.0,
-        bytes_sent: c.bytes.1,
-        cluster: c.cluster,
-        upstream: c.upstream,
-        upstream_host: c.host,
-        downstream_remote: Some(c.peer),
-        downstream_direct_remote: Some(c.peer),
-        downstream_local: Some(c.local),
-        server_name: c.server_name,
-        tls: c.tls,
-        ..Default::default()
-    };
-    emit(logs, &entry, pod);
 }
 
 fn passes(filter: &Filter, e: &Entry<'_>) -> bool {

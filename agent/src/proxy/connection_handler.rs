@@ -14,7 +14,7 @@ use super::filter_chain::{self, ConnectionInfo};
 use super::filters::network::http_connection_manager::{self, HttpContext};
 use super::filters::network::metadata_exchange::{self, ExchangeStream};
 use super::filters::network::rbac;
-use super::access_log::{self, TcpConnection};
+use super::access_log::{self, Entry};
 use super::filters::network::tcp_proxy::{self, Relayed, TcpSeen};
 use super::listener_filter::{self, InspectError, Rewind};
 use super::tls::{MaybeTls, TlsError};
@@ -141,8 +141,8 @@ pub async fn serve(accepted: Accepted, entry: &Listener, snapshot: &Arc<Snapshot
     };
     let Some(chain) = filter_chain::select(listener, &info) else {
         tracing::debug!(listener = %listener.name, %peer, %local, "no filter chain matched; closing");
-        let connection = TcpConnection { start: accepted_at.0, duration: accepted_at.1.elapsed(), peer, local, server_name: info.server_name.as_deref(), tls: None, cluster: None, upstream: None, host: None, flag: Some("NR"), bytes: (0, 0) };
-        access_log::tcp(&listener.access_log, &connection, pod.name.as_deref());
+        let unmatched = Entry { flag: Some("NR"), server_name: info.server_name.as_deref(), ..Entry::connection(accepted_at.0, accepted_at.1, peer, local) };
+        access_log::emit(&listener.access_log, &unmatched, pod.name.as_deref());
         return Outcome::NoFilterChain;
     };
     let upstream = Upstream { snapshot: Arc::clone(snapshot), pools: Arc::clone(pools), original_dst: local };
@@ -241,20 +241,18 @@ async fn run_filter(io: rbac::Gated<DownstreamIo>, chain: &FilterChain, upstream
                 _ => (0, 0),
             };
             let (start, started) = telemetry.accepted_at;
-            let logged = TcpConnection {
-                start,
-                duration: started.elapsed(),
-                peer,
-                local,
+            let logged = Entry {
                 server_name: connection.server_name.as_deref(),
                 tls: connection.tls.as_deref(),
                 cluster: seen.cluster.as_deref(),
                 upstream: seen.session.as_deref(),
-                host: seen.session.as_ref().and_then(|s| s.host).or(seen.failed_host),
+                upstream_host: seen.session.as_ref().and_then(|s| s.host).or(seen.failed_host),
                 flag: seen.flag,
-                bytes,
+                bytes_received: bytes.0,
+                bytes_sent: bytes.1,
+                ..Entry::connection(start, started, peer, local)
             };
-            access_log::tcp(&config.access_log, &logged, telemetry.pod.as_deref());
+            access_log::emit(&config.access_log, &logged, telemetry.pod.as_deref());
             match relayed {
                 Relayed::Done(from_downstream, to_downstream) => Outcome::Relayed { from_downstream, to_downstream },
                 Relayed::NoUpstream(e) => Outcome::UpstreamFailed(e),

@@ -120,6 +120,15 @@ fn query_value<'a>(path_and_query: &'a str, name: &str) -> Option<&'a str> {
     })
 }
 
+/// A request's protocol as Envoy's `%PROTOCOL%` shows it.
+pub fn protocol_name(version: hyper::Version) -> &'static str {
+    match version {
+        hyper::Version::HTTP_2 => "HTTP/2",
+        hyper::Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    }
+}
+
 pub fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(hyper::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| ct.starts_with("application/grpc"))
 }

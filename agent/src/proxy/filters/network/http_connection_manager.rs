@@ -282,7 +282,7 @@ impl HttpContext {
 
     async fn respond(&self, req: Request<Body>, timers: &StreamTimers) -> Result<Response<Body>, Reset> {
         let (upstream, routes) = self.current();
-        let protocol = protocol_name(req.version());
+        let protocol = route::protocol_name(req.version());
         let (mut parts, body) = req.into_parts();
         let mut response = match self.check(&parts)? {
             Some(reply) => reply,
@@ -740,14 +740,6 @@ fn routed_cluster(parts: &mut Parts, selected: Option<Selected<'_>>, upstream: &
     let name = chosen.name.clone();
     parts.extensions.insert(chosen);
     (routed, Some(name))
-}
-
-fn protocol_name(version: Version) -> &'static str {
-    match version {
-        Version::HTTP_2 => "HTTP/2",
-        Version::HTTP_10 => "HTTP/1.0",
-        _ => "HTTP/1.1",
-    }
 }
 
 fn append_via(headers: &mut HeaderMap, via: &str) {
