@@ -566,8 +566,8 @@ impl HttpContext {
         let mut exchanges = Vec::new();
         let mut routed = None;
         // Istio's metrics and access logs name the routed cluster even when a filter answers before the router.
-        let stats = !self.hcm.access_log.is_empty() || self.hcm.http_filters.iter().any(|f| matches!(f.kind, HttpFilterKind::IstioStats(_)));
-        if stats {
+        let observed = !self.hcm.access_log.is_empty() || self.hcm.http_filters.iter().any(|f| matches!(f.kind, HttpFilterKind::IstioStats(_)));
+        if observed {
             routed = Some(routed_cluster(&mut parts, selected, upstream));
         }
         let mut response = 'filters: {
@@ -623,7 +623,7 @@ impl HttpContext {
         for exchange in exchanges.iter_mut().rev() {
             peer_metadata::encode(exchange, response.headers_mut());
         }
-        if stats {
+        if observed {
             let facts = StreamFacts {
                 downstream_peer: exchanges.iter_mut().find_map(|e| e.downstream_peer.take()),
                 upstream_peer: exchanges.iter_mut().find_map(|e| e.upstream_peer.take()),
