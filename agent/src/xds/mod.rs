@@ -444,6 +444,33 @@ mod churn {
         assert_eq!(state.store().assignments.len(), 1);
         assert!(after.1 < 1_000, "{} assignments still held after 10,000 versions", after.1);
     }
+
+    /// An EDS update changes endpoints only: the listeners and the cluster (with its counters, outlier and
+    /// round-robin state) are the same objects before and after.
+    #[test]
+    fn an_eds_update_rebuilds_nothing_else() {
+        let (snapshot, _) = tokio::sync::watch::channel(None);
+        let bootstrap = Bootstrap { node: Default::default(), admin: None, listeners: vec![], clusters: vec![], secrets: vec![], ads: None, raw: Value::Null };
+        let state = XdsState::new(bootstrap, Sink::Pod(snapshot));
+        let push = |type_url: &'static str, message: &str, v: serde_json::Value| {
+            let bytes = codec::json_to_bytes(message, &v).unwrap();
+            let received = [Received { name: None, version: "1", type_url, bytes: &bytes }];
+            assert!(state.apply(type_url, "1", &received, &[], type_url != ENDPOINT_TYPE).is_empty());
+        };
+        let eds = |port: u32| serde_json::json!({"cluster_name": "svc", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "10.0.0.1", "port_value": port}}}}]}]});
+        push(CLUSTER_TYPE, "envoy.config.cluster.v3.Cluster", serde_json::json!({"name": "svc", "type": "EDS", "eds_cluster_config": {"eds_config": {"ads": {}}}}));
+        push(LISTENER_TYPE, "envoy.config.listener.v3.Listener", serde_json::json!({"name": "l", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 10000}},
+            "filter_chains": [{"filters": [{"name": "tcp", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy", "stat_prefix": "s", "cluster": "svc"}}]}]}));
+        push(ENDPOINT_TYPE, "envoy.config.endpoint.v3.ClusterLoadAssignment", eds(8080));
+        let (listeners, cluster) = { let s = state.store(); (Arc::clone(&s.listeners), Arc::clone(s.clusters.get("svc").unwrap())) };
+        cluster.cursor.store(7, std::sync::atomic::Ordering::Relaxed);
+        push(ENDPOINT_TYPE, "envoy.config.endpoint.v3.ClusterLoadAssignment", eds(9090));
+        let s = state.store();
+        assert!(Arc::ptr_eq(&listeners, &s.listeners), "the listeners were rebuilt");
+        assert!(Arc::ptr_eq(&cluster, s.clusters.get("svc").unwrap()), "the cluster was rebuilt");
+        assert_eq!(cluster.cursor.load(std::sync::atomic::Ordering::Relaxed), 7, "round robin carries on where it was");
+        assert_eq!(s.assignments.get("svc").map(|a| a.model().hosts()), Some(vec!["10.0.0.1:9090".parse().unwrap()]));
+    }
 }
 
 /// The regression corpus: what a real istiod sent the sidecars of `tests/istio/corpus/` (its
