@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use weft_agent::status::AdminError;
 use weft_agent::admin::{self, agent::Admin};
 use weft_agent::capture::iptables::Variant;
 use weft_agent::capture::{self, netns, RedirectMode};
@@ -466,9 +467,9 @@ fn explain(args: ExplainArgs) -> Result<(), String> {
     }
     let path = format!("/pods/{namespace}/{name}/explain?{}", query.finish());
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
-    let answer = runtime.block_on(weft_agent::status::fetch_json(args.admin_address, &path)).map_err(|e| match e.split_once(" answered ") {
-        Some((_, why)) => format!("cannot explain: {}", why.split_once(": ").map_or(why, |(_, w)| w)),
-        None => e,
+    let answer = runtime.block_on(weft_agent::status::fetch_json(args.admin_address, &path)).map_err(|e| match e {
+        AdminError::Refused { body, .. } => format!("cannot explain: {body}"),
+        other => other.to_string(),
     })?;
     match args.output {
         StatusOutput::Json => println!("{}", serde_json::to_string_pretty(&answer).unwrap_or_default()),
@@ -485,11 +486,11 @@ fn pod_config(args: ConfigArgs) -> Result<(), String> {
     let (namespace, name) = pod_config::pod_name(&args.pod)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
     let fetch = |path: String| runtime.block_on(weft_agent::status::fetch_json(args.admin_address, &path));
-    let dump = fetch(format!("/pods/{namespace}/{name}/config_dump?include_eds")).map_err(|e| match e.contains("answered 404") {
-        true => format!("pod {namespace}/{name} has no configuration in this agent: it is not captured, or gets no control-plane configuration (`weft-agent status` lists the captured pods)"),
-        false => e,
+    let dump = fetch(format!("/pods/{namespace}/{name}/config_dump?include_eds")).map_err(|e| match e {
+        AdminError::Refused { status: hyper::StatusCode::NOT_FOUND, .. } => format!("pod {namespace}/{name} has no configuration in this agent: it is not captured, or gets no control-plane configuration (`weft-agent status` lists the captured pods)"),
+        other => other.to_string(),
     })?;
-    let status = fetch("/status".into())?;
+    let status = fetch("/status".into()).map_err(|e| e.to_string())?;
     print!("{}", pod_config::render(&Fetched { dump, status }, &args.pod, args.kind, args.output)?);
     Ok(())
 }

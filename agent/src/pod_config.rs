@@ -3,9 +3,9 @@
 //! or its Envoy config-dump sections as JSON or YAML. It reads the agent's `/pods/<ns>/<name>/config_dump`
 //! (and `/status` for the pod's workload certificate); secrets never carry key material.
 
-use std::fmt::Write as _;
-
 use serde_json::{json, Value};
+
+use crate::status::columns;
 
 /// What to show.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -51,11 +51,11 @@ pub fn render(fetched: &Fetched, pod: &str, kind: Kind, output: Output) -> Resul
         Output::Yaml => serde_yaml::to_string(&data).map_err(|e| e.to_string()),
         Output::Table => Ok(match kind {
             Kind::Bootstrap => serde_json::to_string_pretty(&data).unwrap_or_default() + "\n",
-            Kind::Listeners => table(&["ADDRESSES", "PORT", "MATCH", "DESTINATION"], listener_rows(&data)),
-            Kind::Routes => table(&["NAME", "VHOST NAME", "DOMAINS", "MATCH", "VIRTUAL SERVICE"], route_rows(&data)),
-            Kind::Clusters => table(&["SERVICE FQDN", "PORT", "SUBSET", "DIRECTION", "TYPE", "DESTINATION RULE"], cluster_rows(&data)),
-            Kind::Endpoints => table(&["ENDPOINT", "STATUS", "CLUSTER"], endpoint_rows(&data)),
-            Kind::Secrets => table(&["RESOURCE NAME", "TYPE", "STATUS", "VALID CERT", "SERIAL NUMBER", "NOT AFTER", "NOT BEFORE"], secret_rows(&data)),
+            Kind::Listeners => columns(&["ADDRESSES", "PORT", "MATCH", "DESTINATION"], listener_rows(&data)),
+            Kind::Routes => columns(&["NAME", "VHOST NAME", "DOMAINS", "MATCH", "VIRTUAL SERVICE"], route_rows(&data)),
+            Kind::Clusters => columns(&["SERVICE FQDN", "PORT", "SUBSET", "DIRECTION", "TYPE", "DESTINATION RULE"], cluster_rows(&data)),
+            Kind::Endpoints => columns(&["ENDPOINT", "STATUS", "CLUSTER"], endpoint_rows(&data)),
+            Kind::Secrets => columns(&["RESOURCE NAME", "TYPE", "STATUS", "VALID CERT", "SERIAL NUMBER", "NOT AFTER", "NOT BEFORE"], secret_rows(&data)),
         }),
     }
 }
@@ -248,19 +248,6 @@ fn secret_rows(secrets: &Value) -> Vec<Vec<String>> {
             vec![text(&s["name"]), text(&s["type"]), status.into(), (state == "valid").to_string(), text(&s["serial"]), time(&s["not_after_unix"]), time(&s["not_before_unix"])]
         })
         .collect()
-}
-
-/// Columns padded to their widest cell, as `istioctl` prints them.
-fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
-    let mut all = vec![header.iter().map(|h| h.to_string()).collect::<Vec<_>>()];
-    all.extend(rows);
-    let widths: Vec<usize> = (0..header.len()).map(|c| all.iter().map(|r| r.get(c).map_or(0, String::len)).max().unwrap_or(0)).collect();
-    let mut out = String::new();
-    for row in &all {
-        let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
-        let _ = writeln!(out, "{}", cells.join("  ").trim_end());
-    }
-    out
 }
 
 #[cfg(test)]

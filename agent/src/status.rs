@@ -15,26 +15,45 @@ const TYPES: [&str; 5] = ["CDS", "LDS", "EDS", "RDS", "SDS"];
 
 /// Fetches the agent's `/status` from its admin address.
 pub async fn fetch(admin: SocketAddr) -> Result<Value, String> {
-    fetch_json(admin, "/status").await
+    fetch_json(admin, "/status").await.map_err(|e| e.to_string())
 }
 
-/// Fetches a JSON document from the agent's admin endpoint; the error says what to do.
-pub async fn fetch_json(admin: SocketAddr, path: &str) -> Result<Value, String> {
+/// Why the admin endpoint gave no JSON document.
+#[derive(Debug)]
+pub enum AdminError {
+    /// Nothing answered: the message says what to check.
+    Unreachable(String),
+    /// It answered with an error status; `body` is what it said.
+    Refused { status: hyper::StatusCode, body: String, what: String },
+    Invalid(String),
+}
+
+impl std::fmt::Display for AdminError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AdminError::Unreachable(m) | AdminError::Invalid(m) => f.write_str(m),
+            AdminError::Refused { status, body, what } => write!(f, "{what} answered {status}: {body}"),
+        }
+    }
+}
+
+/// Fetches a JSON document from the agent's admin endpoint.
+pub async fn fetch_json(admin: SocketAddr, path: &str) -> Result<Value, AdminError> {
     let unreachable = |e: &dyn std::fmt::Display| {
-        format!("cannot reach weft-agent's admin endpoint at {admin} ({e}); is `weft-agent run` running, and with this --admin-address?")
+        AdminError::Unreachable(format!("cannot reach weft-agent's admin endpoint at {admin} ({e}); is `weft-agent run` running, and with this --admin-address?"))
     };
     let exchange = async {
         let stream = tokio::net::TcpStream::connect(admin).await.map_err(|e| unreachable(&e))?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.map_err(|e| unreachable(&e))?;
         tokio::spawn(connection);
-        let request = hyper::Request::get(path).header("host", admin.to_string()).body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
+        let request = hyper::Request::get(path).header("host", admin.to_string()).body(Empty::<Bytes>::new()).map_err(|e| AdminError::Invalid(e.to_string()))?;
         let response = sender.send_request(request).await.map_err(|e| unreachable(&e))?;
         let status = response.status();
         let body = response.into_body().collect().await.map_err(|e| unreachable(&e))?.to_bytes();
         if !status.is_success() {
-            return Err(format!("{admin}{path} answered {status}: {}", String::from_utf8_lossy(&body).trim()));
+            return Err(AdminError::Refused { status, body: String::from_utf8_lossy(&body).trim().to_string(), what: format!("{admin}{path}") });
         }
-        serde_json::from_slice(&body).map_err(|e| format!("{admin}{path} is not the JSON weft-agent answers: {e}"))
+        serde_json::from_slice(&body).map_err(|e| AdminError::Invalid(format!("{admin}{path} is not the JSON weft-agent answers: {e}")))
     };
     tokio::time::timeout(Duration::from_secs(10), exchange).await.map_err(|_| unreachable(&"no answer within 10 s"))?
 }
@@ -76,7 +95,7 @@ pub fn json(status: &Value) -> String {
 /// The table, then each rejected push with its reason.
 pub fn table(status: &Value, now_unix: u64) -> String {
     let pods = pods(status);
-    let mut rows = vec![["POD", "CAPTURE", "CDS", "LDS", "EDS", "RDS", "SDS", "IDENTITY", "CERT EXPIRES"].map(String::from).to_vec()];
+    let mut rows = Vec::new();
     for p in &pods {
         let mut row = vec![p["pod"].as_str().unwrap_or_default().to_string(), p["capture"].as_str().unwrap_or("-").to_string()];
         row.extend(TYPES.iter().map(|t| p["xds"][t]["state"].as_str().unwrap_or("-").to_string()));
@@ -84,12 +103,7 @@ pub fn table(status: &Value, now_unix: u64) -> String {
         row.push(p["cert_expires_unix"].as_u64().map_or("-".into(), |at| in_words(at.saturating_sub(now_unix))));
         rows.push(row);
     }
-    let widths: Vec<usize> = (0..rows[0].len()).map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0)).collect();
-    let mut out = String::new();
-    for row in &rows {
-        let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
-        let _ = writeln!(out, "{}", cells.join("  ").trim_end());
-    }
+    let mut out = columns(&["POD", "CAPTURE", "CDS", "LDS", "EDS", "RDS", "SDS", "IDENTITY", "CERT EXPIRES"], rows);
     for p in &pods {
         for t in TYPES {
             if let Some(why) = p["xds"][t]["rejected"].as_str() {
@@ -99,6 +113,19 @@ pub fn table(status: &Value, now_unix: u64) -> String {
     }
     if pods.is_empty() {
         out.push_str("no captured pods\n");
+    }
+    out
+}
+
+/// A table with its columns padded to their widest cell, as `istioctl` prints them.
+pub fn columns(header: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut all = vec![header.iter().map(|h| h.to_string()).collect::<Vec<_>>()];
+    all.extend(rows);
+    let widths: Vec<usize> = (0..header.len()).map(|c| all.iter().map(|r| r.get(c).map_or(0, String::len)).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for row in &all {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(cell, w)| format!("{cell:<w$}")).collect();
+        let _ = writeln!(out, "{}", cells.join("  ").trim_end());
     }
     out
 }

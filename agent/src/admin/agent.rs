@@ -40,8 +40,7 @@ struct Status<'a> {
 impl Admin {
     /// `/pods/<namespace>/<name>/config_dump`: the pod's configuration from the control plane, in Envoy's shape.
     async fn pod_config_dump(&self, request: &AdminRequest<'_>) -> Reply {
-        let parts: Vec<&str> = request.path.trim_matches('/').split('/').collect();
-        let [_, namespace, name, _] = parts.as_slice() else {
+        let Some((namespace, name)) = pod_path(request) else {
             return Reply::status(StatusCode::NOT_FOUND, "use /pods/<namespace>/<name>/config_dump\n");
         };
         match self.node.pod_xds(namespace, name).await {
@@ -55,8 +54,7 @@ impl Admin {
     /// `/pods/<namespace>/<name>/explain?to=HOST&port=P[&tcp][&method=M][&path=P][&header=K:V...]`: what
     /// would happen to that connection or request of the pod, from its live configuration (nothing is sent).
     async fn pod_explain(&self, request: &AdminRequest<'_>) -> Reply {
-        let parts: Vec<&str> = request.path.trim_matches('/').split('/').collect();
-        let [_, namespace, name, _] = parts.as_slice() else {
+        let Some((namespace, name)) = pod_path(request) else {
             return Reply::status(StatusCode::NOT_FOUND, "use /pods/<namespace>/<name>/explain?to=HOST&port=PORT\n");
         };
         let question = match explain_question(request) {
@@ -70,6 +68,14 @@ impl Admin {
         };
         let others: Vec<_> = pods.iter().filter(|p| p.name != label).cloned().collect();
         Reply::json(&crate::explain::outbound(client, &question, &others))
+    }
+}
+
+/// The pod a `/pods/<namespace>/<name>/<view>` path names.
+fn pod_path<'a>(request: &AdminRequest<'a>) -> Option<(&'a str, &'a str)> {
+    match request.path.trim_matches('/').split('/').collect::<Vec<_>>()[..] {
+        ["pods", namespace, name, _] => Some((namespace, name)),
+        _ => None,
     }
 }
 

@@ -180,28 +180,7 @@ fn check_time_format(format: &str) -> std::result::Result<(), String> {
 impl Template {
     /// Parses an Envoy format string (`%OPERATOR(args):max_length%`, `%%` for a percent sign).
     pub fn parse(text: &str) -> std::result::Result<Template, String> {
-        let mut pieces = Vec::new();
-        let mut literal = String::new();
-        let mut rest = text;
-        while let Some(start) = rest.find('%') {
-            literal.push_str(&rest[..start]);
-            let after = &rest[start + 1..];
-            if let Some(tail) = after.strip_prefix('%') {
-                literal.push('%');
-                rest = tail;
-                continue;
-            }
-            let (op, tail) = operator(after)?;
-            if !literal.is_empty() {
-                pieces.push(Piece::Text(std::mem::take(&mut literal)));
-            }
-            pieces.push(op);
-            rest = tail;
-        }
-        literal.push_str(rest);
-        if !literal.is_empty() {
-            pieces.push(Piece::Text(literal));
-        }
+        let pieces = super::headers::scan_format(text, Piece::Text, |c| Ok(Piece::Op { op: Operator::parse(c.name, c.args)?, max_length: c.max_length }))?;
         Ok(Template(pieces))
     }
 
@@ -212,36 +191,6 @@ impl Template {
             _ => None,
         }
     }
-}
-
-/// One operator at the start of `text` (after its `%`), and what follows its closing `%`.
-fn operator(text: &str) -> std::result::Result<(Piece, &str), String> {
-    let name_end = text.find(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')).unwrap_or(text.len());
-    let name = &text[..name_end];
-    if name.is_empty() {
-        return Err(format!("'%' not followed by a command operator at {:?} (write %% for a percent sign)", preview(text)));
-    }
-    let mut rest = &text[name_end..];
-    let mut args = None;
-    if let Some(inner) = rest.strip_prefix('(') {
-        let close = inner.find(')').ok_or_else(|| format!("%{name}( has no closing parenthesis"))?;
-        args = Some(&inner[..close]);
-        rest = &inner[close + 1..];
-    }
-    let mut max_length = None;
-    if let Some(inner) = rest.strip_prefix(':') {
-        let digits = inner.find(|c: char| !c.is_ascii_digit()).unwrap_or(inner.len());
-        let n = inner[..digits].parse::<usize>().map_err(|_| format!("%{name}: the length after ':' must be a number"))?;
-        max_length = Some(n);
-        rest = &inner[digits..];
-    }
-    let rest = rest.strip_prefix('%').ok_or_else(|| format!("%{name} is not closed by '%'"))?;
-    Ok((Piece::Op { op: Operator::parse(name, args)?, max_length }, rest))
-}
-
-fn preview(text: &str) -> &str {
-    let end = text.char_indices().nth(20).map_or(text.len(), |(i, _)| i);
-    &text[..end]
 }
 
 /// An access log filter (`envoy.config.accesslog.v3.AccessLogFilter`).

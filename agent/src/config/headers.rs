@@ -106,61 +106,97 @@ pub fn option(mut h: Obj<'_>) -> Result<HeaderValueOption> {
     Ok(HeaderValueOption { name, value, action, keep_empty_value })
 }
 
-/// Splits Envoy's header value format into text and `%COMMAND%` parts (`%%` is a literal `%`).
-pub fn parse_format(text: &str) -> std::result::Result<Vec<Part>, String> {
-    let mut parts = Vec::new();
-    let mut literal = String::new();
-    let mut rest = text;
-    while let Some(start) = rest.find('%') {
-        literal.push_str(&rest[..start]);
-        let after = &rest[start + 1..];
-        if let Some(stripped) = after.strip_prefix('%') {
-            literal.push('%');
-            rest = stripped;
-            continue;
-        }
-        let end = after.find('%').ok_or_else(|| format!("unterminated variable expression in {text:?}"))?;
-        let command = &after[..end];
-        let part = match command {
-            "DOWNSTREAM_REMOTE_ADDRESS" => Part::DownstreamRemoteAddress { port: true },
-            "DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT" => Part::DownstreamRemoteAddress { port: false },
-            "DOWNSTREAM_LOCAL_ADDRESS" => Part::DownstreamLocalAddress { port: true },
-            "DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT" => Part::DownstreamLocalAddress { port: false },
-            "DOWNSTREAM_LOCAL_PORT" => Part::DownstreamLocalPort,
-            "PROTOCOL" => Part::Protocol,
-            "RESPONSE_CODE" => Part::ResponseCode,
-            "UPSTREAM_REMOTE_ADDRESS" => Part::UpstreamRemoteAddress,
-            "UPSTREAM_CLUSTER" => Part::UpstreamCluster,
-            "LOCAL_REPLY_BODY" => Part::LocalReplyBody,
-            _ => match (command.strip_prefix("REQ("), command.strip_prefix("RESP(")) {
-                (Some(rest), _) => Part::RequestHeader(header_argument(rest, command)?),
-                (_, Some(rest)) => Part::ResponseHeader(header_argument(rest, command)?),
-                _ => return Err(format!("%{command}% is not supported by weft in header values")),
-            },
-        };
-        if !literal.is_empty() {
-            parts.push(Part::Text(std::mem::take(&mut literal)));
-        }
-        parts.push(part);
-        rest = &after[end + 1..];
-    }
-    literal.push_str(rest);
-    if !literal.is_empty() {
-        parts.push(Part::Text(literal));
-    }
-    Ok(parts)
+/// One command operator of an Envoy format string: `%NAME(args):max_length%`.
+pub struct Command<'a> {
+    pub name: &'a str,
+    pub args: Option<&'a str>,
+    pub max_length: Option<usize>,
 }
 
-/// The header name of `REQ(name)`/`RESP(name)` (an alternative after `?` and a length after `:` are not
-/// supported).
-fn header_argument(rest: &str, command: &str) -> std::result::Result<String, String> {
-    let name = rest.strip_suffix(')').unwrap_or_default().to_ascii_lowercase();
-    let pseudo = matches!(name.as_str(), ":path" | ":method" | ":authority" | ":scheme");
-    if !name.is_empty() && (pseudo || !name.contains(['?', ':'])) {
-        Ok(name)
-    } else {
-        Err(format!("%{command}% is not supported by weft in header values"))
+/// Splits an Envoy format string (header values, local reply bodies, access logs) into literal text (`%%` is a
+/// percent sign), made into `T` by `literal`, and command operators, made into `T` by `command`.
+pub fn scan_format<T>(text: &str, literal: impl Fn(String) -> T, mut command: impl FnMut(Command<'_>) -> std::result::Result<T, String>) -> std::result::Result<Vec<T>, String> {
+    let mut out = Vec::new();
+    let mut pending = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find('%') {
+        pending.push_str(&rest[..start]);
+        let after = &rest[start + 1..];
+        if let Some(tail) = after.strip_prefix('%') {
+            pending.push('%');
+            rest = tail;
+            continue;
+        }
+        let (found, tail) = next_command(after)?;
+        if !pending.is_empty() {
+            out.push(literal(std::mem::take(&mut pending)));
+        }
+        out.push(command(found)?);
+        rest = tail;
     }
+    pending.push_str(rest);
+    if !pending.is_empty() {
+        out.push(literal(pending));
+    }
+    Ok(out)
+}
+
+/// The command operator at the start of `text` (just after its `%`), and what follows its closing `%`.
+fn next_command(text: &str) -> std::result::Result<(Command<'_>, &str), String> {
+    let name_end = text.find(|c: char| !(c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')).unwrap_or(text.len());
+    let name = &text[..name_end];
+    if name.is_empty() {
+        let preview: String = text.chars().take(20).collect();
+        return Err(format!("'%' not followed by a command operator at {preview:?} (write %% for a percent sign)"));
+    }
+    let mut rest = &text[name_end..];
+    let mut args = None;
+    if let Some(inner) = rest.strip_prefix('(') {
+        let close = inner.find(')').ok_or_else(|| format!("%{name}( has no closing parenthesis"))?;
+        args = Some(&inner[..close]);
+        rest = &inner[close + 1..];
+    }
+    let mut max_length = None;
+    if let Some(inner) = rest.strip_prefix(':') {
+        let digits = inner.find(|c: char| !c.is_ascii_digit()).unwrap_or(inner.len());
+        max_length = Some(inner[..digits].parse::<usize>().map_err(|_| format!("%{name}: the length after ':' must be a number"))?);
+        rest = &inner[digits..];
+    }
+    let rest = rest.strip_prefix('%').ok_or_else(|| format!("%{name} is not closed by '%'"))?;
+    Ok((Command { name, args, max_length }, rest))
+}
+
+/// Splits Envoy's header value format into text and `%COMMAND%` parts.
+pub fn parse_format(text: &str) -> std::result::Result<Vec<Part>, String> {
+    scan_format(text, Part::Text, |c| {
+        let unsupported = || format!("%{}{}% is not supported by weft in header values", c.name, c.args.map(|a| format!("({a})")).unwrap_or_default());
+        if c.max_length.is_some() {
+            return Err(unsupported());
+        }
+        let part = match (c.name, c.args) {
+            ("DOWNSTREAM_REMOTE_ADDRESS", None) => Part::DownstreamRemoteAddress { port: true },
+            ("DOWNSTREAM_REMOTE_ADDRESS_WITHOUT_PORT", None) => Part::DownstreamRemoteAddress { port: false },
+            ("DOWNSTREAM_LOCAL_ADDRESS", None) => Part::DownstreamLocalAddress { port: true },
+            ("DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT", None) => Part::DownstreamLocalAddress { port: false },
+            ("DOWNSTREAM_LOCAL_PORT", None) => Part::DownstreamLocalPort,
+            ("PROTOCOL", None) => Part::Protocol,
+            ("RESPONSE_CODE", None) => Part::ResponseCode,
+            ("UPSTREAM_REMOTE_ADDRESS", None) => Part::UpstreamRemoteAddress,
+            ("UPSTREAM_CLUSTER", None) => Part::UpstreamCluster,
+            ("LOCAL_REPLY_BODY", None) => Part::LocalReplyBody,
+            ("REQ", Some(args)) => Part::RequestHeader(header_argument(args).ok_or_else(unsupported)?),
+            ("RESP", Some(args)) => Part::ResponseHeader(header_argument(args).ok_or_else(unsupported)?),
+            _ => return Err(unsupported()),
+        };
+        Ok(part)
+    })
+}
+
+/// The header name of `REQ(name)`/`RESP(name)` (an alternative after `?` is not supported).
+fn header_argument(args: &str) -> Option<String> {
+    let name = args.to_ascii_lowercase();
+    let pseudo = matches!(name.as_str(), ":path" | ":method" | ":authority" | ":scheme");
+    (!name.is_empty() && (pseudo || !name.contains(['?', ':']))).then_some(name)
 }
 
 /// Standard base64 (proto3 JSON `bytes`) to UTF-8 text.
