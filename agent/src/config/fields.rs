@@ -84,7 +84,6 @@ pub const IGNORED: &[(&str, &str)] = &[
     ("node.locality", "used by zone-aware routing, which weft does not implement yet; informational here"),
     ("node.user_agent_name", "informational"),
     ("*.traffic_direction", "telemetry and tracing direction (a listener's decides Istio's reporter); routing uses the listener's own configuration"),
-    ("*.decorator", "a route's span name: weft exports no traces yet, and without a tracer Envoy adds nothing to requests either"),
     ("*.initial_read_buffer_size", "the TLS inspector's first read size: weft's inspector reads as much as the ClientHello needs"),
     ("*.max_connections_to_accept_per_socket_event", "Envoy's accept batching (0 refused, as by Envoy); weft's accept loop takes connections as they come"),
     ("*.cleanup_interval", "ORIGINAL_DST host clean-up (0s refused, as by Envoy); weft keeps no host list: pooled connections to a destination close after the cluster's idle timeout"),

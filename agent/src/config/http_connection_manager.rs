@@ -11,6 +11,7 @@ use super::cidr::{self, CidrRange};
 use super::matcher::HeaderMatcher;
 use super::rbac::{self, HttpRbac, HTTP_RBAC};
 use super::route::{self, RouteConfiguration};
+use super::tracing::Tracing;
 use super::tree::{ConfigError, Obj, Result};
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -72,13 +73,14 @@ pub struct HttpConnectionManager {
     /// `forward_client_cert_details` and `set_current_client_cert_details`: what becomes of
     /// `x-forwarded-client-cert`.
     pub client_cert: ClientCert,
+    /// `tracing`: which requests are traced and where their spans go; `None`: no tracing.
+    pub tracing: Option<Arc<Tracing>>,
 }
 
 /// `request_id_extension`: `envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig`, the only one (and the
 /// default). Ids are random UUIDs, generated when a request has none and kept when it has one (see
-/// `generate_request_id`, `preserve_external_request_id`). The two switches concern tracing, which weft
-/// does not do: without a trace decision there is no reason to pack into the id and no sampling to base
-/// on it, so both are kept for what they say and change nothing yet.
+/// `generate_request_id`, `preserve_external_request_id`). With `tracing`, the id carries the trace decision
+/// and random sampling is decided from it, as Envoy's UUID extension does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct RequestId {
     /// `pack_trace_reason` (default true): the trace decision is written into the id's variant nibble.
@@ -292,7 +294,7 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
     // weft answers `Expect: 100-continue` once the request body starts to go upstream, and forwards the header:
     // istiod's `proxy_100_continue: true` (the upstream decides), and close to Envoy's default.
     let _ = h.bool("proxy_100_continue")?;
-    tracing(&mut h)?;
+    let tracing = h.object("tracing")?.map(super::tracing::translate).transpose()?.map(Arc::new);
     let http_filters = http_filters(&mut h, &stat_prefix)?;
     let use_remote_address = h.bool("use_remote_address")?.unwrap_or(false);
     let xff_num_trusted_hops = h.u64("xff_num_trusted_hops")?.unwrap_or(0).min(u64::from(u32::MAX)) as u32;
@@ -407,6 +409,7 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
         local_reply,
         upgrades,
         client_cert,
+        tracing,
     })
 }
 
@@ -535,20 +538,6 @@ fn body_format(mut b: Obj<'_>) -> Result<BodyFormat> {
     }
     b.finish()?;
     Ok(format)
-}
-
-/// `tracing` without a `provider` (what istiod sends when no Telemetry names a tracer): sampling and tags with
-/// no tracer to report to, which Envoy turns into no spans and no headers. A provider is refused: weft exports
-/// no traces yet.
-fn tracing(h: &mut Obj<'_>) -> Result<()> {
-    let Some(mut t) = h.object("tracing")? else { return Ok(()) };
-    if t.has("provider") {
-        return Err(ConfigError::new(t.at("provider"), "is not supported by weft yet (it exports no traces)"));
-    }
-    for key in ["client_sampling", "random_sampling", "overall_sampling", "custom_tags", "verbose", "max_path_tag_length", "spawn_upstream_span"] {
-        t.take(key);
-    }
-    t.finish()
 }
 
 fn routes(h: &mut Obj<'_>) -> Result<Routes> {

@@ -22,6 +22,7 @@ pub mod rbac;
 pub mod route;
 pub mod secret;
 pub mod tls;
+pub mod tracing;
 pub mod store;
 pub mod tree;
 pub mod typed_struct;

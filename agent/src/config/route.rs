@@ -42,6 +42,15 @@ pub struct Route {
     pub action: Action,
     pub headers: HeaderOps,
     pub per_filter: PerFilterConfig,
+    /// `decorator`: the span name of the route's requests, told to the other side of the hop unless
+    /// `propagate` is false (`x-envoy-decorator-operation`) when the connection manager traces.
+    pub decorator: Option<Decorator>,
+}
+
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Decorator {
+    pub operation: String,
+    pub propagate: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -421,8 +430,16 @@ fn route(mut r: Obj<'_>) -> Result<Route> {
     let _ = r.object("metadata")?.map(super::metadata::translate).transpose()?;
     let headers = headers::ops(&mut r)?;
     let per_filter = http_filters::per_filter_config(&mut r)?;
+    let decorator = r.object("decorator")?.map(decorator).transpose()?;
     r.finish()?;
-    Ok(Route { name, matcher, action, headers, per_filter })
+    Ok(Route { name, matcher, action, headers, per_filter, decorator })
+}
+
+fn decorator(mut d: Obj<'_>) -> Result<Decorator> {
+    let operation = d.required_string("operation")?.to_string();
+    let propagate = d.bool_value("propagate")?.unwrap_or(true);
+    d.finish()?;
+    Ok(Decorator { operation, propagate })
 }
 
 fn route_match(mut m: Obj<'_>) -> Result<RouteMatch> {

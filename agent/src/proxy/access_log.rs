@@ -10,12 +10,14 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{sync_channel, SyncSender, TrySendError};
 use std::sync::{Arc, LazyLock, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use hyper::HeaderMap;
 use serde_json::Value;
 
 use super::body::StreamEnd;
+use super::stream_info::{Entry, RbacShadow, RequestHead};
+use super::tracer::SpanSlot;
 use super::filters::http::local_reply::{self, ResponseDetails, ResponseFlag, UpstreamFailure};
 use super::filters::istio_stats::{ByteCount, StreamFacts};
 use super::tls_info::TlsInfo;
@@ -28,46 +30,6 @@ const QUEUE: usize = 16 * 1024;
 
 /// Lines dropped because their sink's queue was full, process-wide.
 pub static DROPPED: AtomicU64 = AtomicU64::new(0);
-
-/// The request of an HTTP stream, as `%REQ(...)%` reads it (pseudo-headers included).
-#[derive(Debug, Clone, Default)]
-pub struct RequestHead {
-    pub method: String,
-    /// Path and query.
-    pub path: String,
-    pub authority: Option<String>,
-    pub scheme: &'static str,
-    pub headers: HeaderMap,
-}
-
-/// What a logger knows of a finished stream (Envoy's `StreamInfo` and headers).
-#[derive(Debug, Default)]
-pub struct Entry<'a> {
-    pub start: Option<SystemTime>,
-    pub duration: Duration,
-    /// `HTTP/1.1`, `HTTP/2`; none for TCP.
-    pub protocol: Option<&'static str>,
-    pub request: Option<&'a RequestHead>,
-    pub response: Option<&'a HeaderMap>,
-    pub trailers: Option<&'a HeaderMap>,
-    pub code: Option<u16>,
-    pub flag: Option<&'a str>,
-    pub details: Option<&'a str>,
-    pub bytes_received: u64,
-    pub bytes_sent: u64,
-    pub cluster: Option<&'a str>,
-    pub upstream: Option<&'a UpstreamSession>,
-    /// The endpoint chosen (connected to or not), and why no connection to it could be made.
-    pub upstream_host: Option<SocketAddr>,
-    pub transport_failure: Option<&'a str>,
-    pub route: Option<&'a str>,
-    /// The client address (after `x-forwarded-for` where trusted), and the connection's peer.
-    pub downstream_remote: Option<SocketAddr>,
-    pub downstream_direct_remote: Option<SocketAddr>,
-    pub downstream_local: Option<SocketAddr>,
-    pub server_name: Option<&'a str>,
-    pub tls: Option<&'a TlsInfo>,
-}
 
 /// Writes `entry` to every logger of `logs` whose filter passes it; `pod` names the pod the line belongs to.
 pub fn emit(logs: &[AccessLog], entry: &Entry<'_>, pod: Option<&str>) {
@@ -93,6 +55,8 @@ pub struct HttpLog {
     server_name: Option<String>,
     tls: Option<Arc<TlsInfo>>,
     response: Option<Responded>,
+    /// The request's span, finished with the same stream info as the logs.
+    span: Option<Arc<SpanSlot>>,
 }
 
 /// The request as the connection manager forwarded it, and the client address it decided on; shared between
@@ -130,6 +94,7 @@ struct Responded {
     session: Option<Arc<UpstreamSession>>,
     /// The failed attempt's endpoint and transport failure, when there is no upstream connection.
     failure: Option<UpstreamFailure>,
+    rbac_shadow: Option<RbacShadow>,
 }
 
 /// The connection an HTTP stream arrived on, as its log shows it.
@@ -143,9 +108,10 @@ pub struct HttpConnection<'a> {
 }
 
 impl HttpLog {
-    /// Starts the log of a request whose head is `parts`; `None` when the connection manager logs nothing.
-    pub fn start(connection: HttpConnection<'_>, parts: &hyper::http::request::Parts) -> Option<HttpLog> {
-        if connection.logs.is_empty() {
+    /// Starts the record of a request whose head is `parts`; `None` when the connection manager neither logs
+    /// nor reports spans.
+    pub fn start(connection: HttpConnection<'_>, parts: &hyper::http::request::Parts, span: Option<Arc<SpanSlot>>) -> Option<HttpLog> {
+        if connection.logs.is_empty() && span.is_none() {
             return None;
         }
         let routed = Arc::new(ForwardedRequest::default());
@@ -163,6 +129,7 @@ impl HttpLog {
             server_name: connection.server_name,
             tls: connection.tls,
             response: None,
+            span,
         })
     }
 
@@ -189,6 +156,7 @@ impl HttpLog {
             facts: parts.extensions.get::<StreamFacts>().cloned().unwrap_or_default(),
             session,
             failure: parts.extensions.get::<UpstreamFailure>().copied(),
+            rbac_shadow: parts.extensions.get::<RbacShadow>().cloned(),
         });
         Box::new(self)
     }
@@ -232,34 +200,11 @@ impl StreamEnd for HttpLog {
             downstream_local: Some(self.local),
             server_name: self.server_name.as_deref(),
             tls: self.tls.as_deref(),
+            rbac_shadow: r.rbac_shadow.as_ref(),
         };
         emit(&self.logs, &entry, self.pod.as_deref());
-    }
-}
-
-impl RequestHead {
-    pub fn of(parts: &hyper::http::request::Parts) -> RequestHead {
-        RequestHead {
-            method: parts.method.to_string(),
-            path: parts.uri.path_and_query().map_or_else(|| "/".to_string(), |p| p.to_string()),
-            authority: crate::proxy::route::authority(parts).map(str::to_string),
-            scheme: if parts.uri.scheme_str() == Some("https") { "https" } else { "http" },
-            headers: parts.headers.clone(),
-        }
-    }
-}
-
-impl Entry<'_> {
-    /// A TCP connection accepted at `start` from `peer` to `local` (no HTTP fields); the caller fills in what
-    /// became of it.
-    pub fn connection(start: SystemTime, started: Instant, peer: SocketAddr, local: SocketAddr) -> Self {
-        Entry {
-            start: Some(start),
-            duration: started.elapsed(),
-            downstream_remote: Some(peer),
-            downstream_direct_remote: Some(peer),
-            downstream_local: Some(local),
-            ..Default::default()
+        if let Some(span) = self.span.as_ref().and_then(|s| s.take()) {
+            span.finish(&entry);
         }
     }
 }
@@ -575,6 +520,7 @@ fn start_writer(sink: &Sink) -> Option<SyncSender<Vec<u8>>> {
 mod tests {
     use super::*;
     use crate::config::access_log::DEFAULT_FORMAT;
+    use std::time::Duration;
 
     fn entry_parts() -> (RequestHead, HeaderMap) {
         let mut headers = HeaderMap::new();

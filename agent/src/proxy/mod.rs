@@ -21,10 +21,12 @@ pub mod server;
 pub mod snapshot;
 pub mod socket;
 pub mod stats;
+pub mod stream_info;
 #[cfg(test)]
 pub mod testing;
 pub mod tls;
 pub mod tls_info;
+pub mod tracer;
 pub mod upstream;
 
 use std::time::Duration;

@@ -13,7 +13,10 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
-use super::snapshot::Snapshot;
+use hyper::{Request, Response};
+
+use super::body::Body;
+use super::snapshot::{ClusterRef, Snapshot};
 use pool::{Pools, UpstreamIo};
 
 /// What one downstream connection's upstream connections are made with.
@@ -46,13 +49,32 @@ impl std::fmt::Display for ConnectError {
 }
 
 impl Upstream {
-    /// A new connection to an endpoint of `cluster` (tcp_proxy), TLS when the cluster originates it.
-    pub async fn connect(&self, cluster: &str) -> Result<(UpstreamIo, Arc<pool::UpstreamSession>), ConnectError> {
+    /// A request the proxy makes itself (Envoy's async client, as tracers export with): to an endpoint of
+    /// `cluster`, on its pooled connections, in the cluster's protocol, counted in its statistics.
+    pub async fn request(&self, cluster: &str, req: Request<Body>) -> Result<Response<Body>, String> {
+        let (c, runtime, endpoint) = self.pick(cluster).await.map_err(|e| e.to_string())?;
+        let protocol = if c.config.http2 { pool::Protocol::Http2 } else { pool::Protocol::Http1 };
+        c.state.upstream_rq_total.fetch_add(1, Relaxed);
+        let (result, fresh) = self.pools.send(pool::Key::of(endpoint, &c, &self.snapshot), protocol, pool::Reuse::of(c.config), &runtime, req).await;
+        if fresh {
+            c.state.upstream_cx_total.fetch_add(1, Relaxed);
+        }
+        result.map_err(|e| format!("{endpoint}: {e}"))
+    }
+
+    /// `cluster`'s current configuration and runtime state, and the endpoint its load balancer picks.
+    async fn pick(&self, cluster: &str) -> Result<(ClusterRef<'_>, Arc<runtime::ClusterRuntime>, SocketAddr), ConnectError> {
         dns::refresh(&self.snapshot, cluster).await;
         health::ensure(&self.snapshot, cluster, self.pools.sockets()).await;
         let c = self.snapshot.cluster(cluster).ok_or_else(|| ConnectError::UnknownCluster(cluster.to_string()))?;
         let runtime = self.pools.runtime(cluster);
         let endpoint = cluster::pick(&c, &runtime, self.original_dst, &[], None).map_err(|_| ConnectError::NoHealthyUpstream)?;
+        Ok((c, runtime, endpoint))
+    }
+
+    /// A new connection to an endpoint of `cluster` (tcp_proxy), TLS when the cluster originates it.
+    pub async fn connect(&self, cluster: &str) -> Result<(UpstreamIo, Arc<pool::UpstreamSession>), ConnectError> {
+        let (c, _, endpoint) = self.pick(cluster).await?;
         let result = self.pools.connect(&pool::Key::of(endpoint, &c, &self.snapshot), c.config.connect_timeout).await;
         c.state.upstream_cx_total.fetch_add(1, Relaxed);
         if result.is_err() {

@@ -27,6 +27,7 @@ use super::super::super::upstream::{ConnectError, Upstream};
 use super::alpn::AlpnFilter;
 use super::local_reply;
 use crate::proxy::access_log::ForwardedRequest;
+use crate::proxy::tracer::SpanSlot;
 use crate::config::cluster::{Cluster, Discovery};
 use crate::config::headers::HeaderOps;
 use crate::config::matcher::HeaderMatcher;
@@ -265,6 +266,9 @@ fn prepare(mut parts: Parts, matched: &Matched<'_>, cluster: &ClusterRef<'_>, do
     let alpn = parts.extensions.remove::<AlpnFilter>();
     let (hash, set_cookie) = request_hash(&action.hash_policy, &parts, downstream);
     let path_and_query = rewritten.unwrap_or(original_path);
+    if let Some(span) = parts.extensions.get::<Arc<SpanSlot>>() {
+        span.inject(&mut parts.headers);
+    }
     // Envoy's access logs read the request as the router rewrote it.
     if let Some(forwarded) = parts.extensions.get::<Arc<ForwardedRequest>>() {
         forwarded.rewritten(&path_and_query, &authority, &parts.headers);

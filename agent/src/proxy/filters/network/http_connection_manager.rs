@@ -26,8 +26,10 @@ use super::super::http::router::{self, Matched};
 use super::super::http::peer_metadata::{self, Routed};
 use super::super::http::{fault, local_ratelimit, local_reply, rbac};
 use super::super::istio_stats::{CountedRequest, HttpReport, Reporter, StatsFilter, StreamFacts};
-use crate::proxy::access_log::{ForwardedRequest, HttpConnection, HttpLog, RequestHead};
+use crate::proxy::access_log::{ForwardedRequest, HttpConnection, HttpLog};
+use crate::proxy::stream_info::RequestHead;
 use crate::proxy::body::StreamEnd;
+use crate::proxy::tracer::{self, SpanSlot};
 use super::super::rbac::Facts;
 use super::super::super::istio_metrics::IstioMetrics;
 use super::metadata_exchange::PeerSlot;
@@ -203,7 +205,9 @@ impl HttpContext {
         let (grpc, version) = (route::is_grpc(req.headers()), req.version());
         let (parts, body) = req.into_parts();
         let report = self.istio_stats().map(|(filter, snapshot)| HttpReport::start(filter, &parts, self.tls.clone(), Arc::clone(&self.telemetry.connection_peer), snapshot));
-        let log = HttpLog::start(self.log_connection(), &parts);
+        // The request's span, when the connection manager reports them.
+        let span = self.hcm.tracing.as_ref().filter(|t| t.provider.is_some()).map(|_| Arc::new(SpanSlot::default()));
+        let log = HttpLog::start(self.log_connection(), &parts, span.clone());
         let mut body = RequestBody::new(body, Arc::clone(&timers)).boxed();
         for bytes in report.as_ref().map(HttpReport::request_bytes).into_iter().chain(log.as_ref().map(HttpLog::request_bytes)) {
             body = CountedRequest { body, bytes }.boxed();
@@ -211,6 +215,9 @@ impl HttpContext {
         let mut req = Request::from_parts(parts, body);
         if let Some(log) = &log {
             req.extensions_mut().insert(log.routed());
+        }
+        if let Some(span) = span {
+            req.extensions_mut().insert(span);
         }
         if let Some(tls) = &self.tls {
             // What route matching (`tls_context`) and RBAC read of the connection's TLS session.
@@ -290,6 +297,9 @@ impl HttpContext {
                 Some(reply) => reply,
                 None => {
                     let remote = self.mutate_request(&mut parts.headers);
+                    let traced = self.hcm.tracing.as_ref().map(|t| tracer::decide(t, self.hcm.request_id, &mut parts.headers));
+                    // Envoy answers a forced trace with its request id.
+                    let forced = parts.headers.contains_key("x-envoy-force-trace");
                     if let Some(routed) = parts.extensions.get::<Arc<ForwardedRequest>>() {
                         routed.set(RequestHead::of(&parts), remote);
                     }
@@ -298,8 +308,8 @@ impl HttpContext {
                     let downstream = Downstream { remote, local: self.local, protocol };
                     // The request as local reply mappers see it.
                     let request = self.hcm.local_reply.as_ref().map(|_| (parts.headers.clone(), parts.uri.clone(), parts.method.clone()));
-                    let mut response = self.route(parts, body, routes.as_deref(), (&downstream, &upstream), timers).await;
-                    if let Some(id) = request_id.filter(|_| self.hcm.always_set_request_id_in_response) {
+                    let mut response = self.route(parts, body, routes.as_deref(), (&downstream, &upstream), timers, traced).await;
+                    if let Some(id) = request_id.filter(|_| self.hcm.always_set_request_id_in_response || forced) {
                         response.headers_mut().insert("x-request-id", id);
                     }
                     // A refused CONNECT ends its HTTP/1.1 connection: what follows was meant for the tunnel.
@@ -518,12 +528,32 @@ impl HttpContext {
 
     /// Routes the request, following upstream redirects the matched route's `internal_redirect_policy`
     /// allows (the followed request has no body and carries `x-envoy-original-url`).
-    async fn route(&self, mut parts: Parts, body: Body, routes: Option<&RouteConfiguration>, (downstream, upstream): (&Downstream, &Upstream), timers: &StreamTimers) -> Response<Body> {
+    /// Routes the request (following internal redirects); `traced`: the trace decision, when the connection
+    /// manager traces.
+    async fn route(
+        &self,
+        mut parts: Parts,
+        body: Body,
+        routes: Option<&RouteConfiguration>,
+        (downstream, upstream): (&Downstream, &Upstream),
+        timers: &StreamTimers,
+        mut traced: Option<bool>,
+    ) -> Response<Body> {
         let mut body = Some(body);
         let mut followed = 0;
+        let egress = self.telemetry.direction == TrafficDirection::Outbound;
+        let span = parts.extensions.get::<Arc<SpanSlot>>().cloned();
+        let mut operation = None;
         loop {
             let host = route::authority(&parts).unwrap_or_default().to_string();
             let selected = routes.and_then(|rc| Some((rc, route::select(rc, &host, &parts)?)));
+            if let (Some(traced), Some(tracing)) = (traced.take(), &self.hcm.tracing) {
+                let op = tracer::decorate(egress, selected.and_then(|(_, (_, r))| r.decorator.as_ref()), &mut parts.headers);
+                if let Some(slot) = &span {
+                    slot.start(tracing, (&parts.headers, &host), traced, egress, &op, upstream);
+                }
+                operation = Some(op);
+            }
             if let Some(Action::Route(a)) = selected.map(|(_, (_, r))| &r.action) {
                 timers.route(a.idle_timeout, a.stream_duration.as_ref(), self.hcm.max_stream_duration, &mut parts.headers);
             }
@@ -540,7 +570,13 @@ impl HttpContext {
                     parts = redirected;
                     followed += 1;
                 }
-                None => return response,
+                None => {
+                    let mut response = response;
+                    if let Some(op) = &operation {
+                        tracer::decorate_response(egress, op, response.headers_mut(), span.as_deref());
+                    }
+                    return response;
+                }
             }
         }
     }
