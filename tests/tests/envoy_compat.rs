@@ -549,3 +549,214 @@ static_resources:
     assert!(envoy.iter().any(|l| l.contains("\"response_flags\":\"UF,URX\"")) && envoy.iter().any(|l| l.contains("\"bytes_received\":5")), "{envoy:#?}");
     assert_eq!(weft, envoy, "weft's tcp_proxy access log lines differ from Envoy's");
 }
+
+/// An OTLP trace receiver (OpenTelemetry's service definition) inside a namespace: what it was sent.
+mod otlp {
+    use std::sync::{Arc, Mutex};
+
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+    use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+
+    #[derive(Clone, Default)]
+    pub struct Receiver(pub Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
+
+    #[tonic::async_trait]
+    impl TraceService for Receiver {
+        async fn export(&self, request: tonic::Request<ExportTraceServiceRequest>) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            self.0.lock().unwrap().push(request.into_inner());
+            Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+        }
+    }
+
+    /// Serves on `listener` (bound in the namespace) from a thread of its own, for the life of the process.
+    pub fn serve(listener: std::net::TcpListener) -> Receiver {
+        let receiver = Receiver::default();
+        let service = TraceServiceServer::new(receiver.clone());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async move {
+                listener.set_nonblocking(true).unwrap();
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(tokio::net::TcpListener::from_std(listener).unwrap());
+                tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming).await.unwrap();
+            });
+        });
+        receiver
+    }
+}
+
+/// An HTTP upstream inside `ns` answering with the trace headers it received, one per line.
+fn start_header_echo(ns: &NetNs, addr: &str) {
+    let web = ns.tcp_listen(addr).unwrap();
+    std::thread::spawn(move || {
+        for mut c in web.incoming().flatten() {
+            std::thread::spawn(move || {
+                let head = read_head(&mut c);
+                let body: String = ["traceparent", "tracestate", "x-envoy-decorator-operation", "x-request-id"]
+                    .iter()
+                    .map(|name| {
+                        let value = head.lines().find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim().to_string()));
+                        format!("{name}={}\n", value.unwrap_or_else(|| "<none>".into()))
+                    })
+                    .collect();
+                let reply = format!("HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+                let _ = c.write_all(reply.as_bytes());
+            });
+        }
+    });
+}
+
+const PARENT_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+const PARENT_SPAN: &str = "b7ad6b7169203331";
+
+fn tracing_bootstrap() -> String {
+    let hcm = |name: &str, random: u32, operation: &str| {
+        format!(
+            r#"{{name: hcm, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager, stat_prefix: {name},
+        tracing: {{random_sampling: {{value: {random}}}, custom_tags: [{{tag: case, request_header: {{name: x-case}}}}, {{tag: team, literal: {{value: blue}}}}],
+          provider: {{name: envoy.tracers.opentelemetry, typed_config: {{"@type": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig, grpc_service: {{envoy_grpc: {{cluster_name: otlp}}, timeout: 2s}}, service_name: shop}}}}}},
+        route_config: {{virtual_hosts: [{{name: api, domains: ["*"], routes: [
+          {{match: {{prefix: /plain}}, route: {{cluster: web}}}},
+          {{match: {{prefix: /down}}, route: {{cluster: nowhere}}, decorator: {{operation: down-op}}}},
+          {{match: {{prefix: /}}, route: {{cluster: web}}, decorator: {{operation: {operation}}}}}]}}]}},
+        http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]}}}}"#
+        )
+    };
+    let cluster = |name: &str, port: u16, http2: bool| {
+        let options = if http2 {
+            r#", typed_extension_protocol_options: {envoy.extensions.upstreams.http.v3.HttpProtocolOptions: {"@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions, explicit_http_config: {http2_protocol_options: {}}}}"#
+        } else {
+            ""
+        };
+        format!("  - {{name: {name}, type: STATIC, connect_timeout: 1s, load_assignment: {{cluster_name: {name}, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]}}{options}}}\n")
+    };
+    format!(
+        "admin:\n  address: {{socket_address: {{address: 127.0.0.1, port_value: 19901}}}}\nnode: {{id: test-node, cluster: test}}\nstatic_resources:\n  listeners:\n  - name: out\n    traffic_direction: OUTBOUND\n    address: {{socket_address: {{address: 127.0.0.1, port_value: 19200}}}}\n    filter_chains: [{{filters: [{}]}}]\n  - name: in\n    traffic_direction: INBOUND\n    address: {{socket_address: {{address: 127.0.0.1, port_value: 19201}}}}\n    filter_chains: [{{filters: [{}]}}]\n  clusters:\n{}{}{}",
+        hcm("out", 100, "api-op"),
+        hcm("in", 0, "inbound-op"),
+        cluster("web", 19401, false),
+        cluster("nowhere", 19500, false),
+        cluster("otlp", 19600, true),
+    )
+}
+
+/// The requests of the tracing comparison: (case, listener, path, headers).
+const TRACED_REQUESTS: [(&str, &str, &str, &[(&str, &str)]); 9] = [
+    ("root", HTTP_LISTENER, "/traced", &[]),
+    ("child", HTTP_LISTENER, "/traced", &[("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"), ("tracestate", "vendor=1")]),
+    ("unsampled-parent", HTTP_LISTENER, "/traced", &[("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00")]),
+    ("bad-parent", HTTP_LISTENER, "/traced", &[("traceparent", "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01")]),
+    ("no-decorator", HTTP_LISTENER, "/plain/page?q=1", &[]),
+    ("down", HTTP_LISTENER, "/down", &[]),
+    ("unsampled", "127.0.0.1:19201", "/in", &[]),
+    ("client-forced", "127.0.0.1:19201", "/in", &[("x-client-trace-id", "client-1")]),
+    ("told-operation", "127.0.0.1:19201", "/in", &[("x-client-trace-id", "client-2"), ("x-envoy-decorator-operation", "client-op")]),
+];
+/// Of those, the ones sampled (exported).
+const EXPORTED: usize = 6;
+
+/// What one proxy did with the traced requests: per case, what the client and the upstream saw, and the span
+/// exported for it, with ids told apart only by what they relate to.
+fn traced(ns: &NetNs, cmd: Command, receiver: &otlp::Receiver) -> Vec<serde_json::Value> {
+    receiver.0.lock().unwrap().clear();
+    let child = start(ns, cmd);
+    let mut seen = Vec::new();
+    for (case, listener, path, headers) in TRACED_REQUESTS {
+        let mut headers = headers.to_vec();
+        headers.push(("x-case", case));
+        let stream = ns.tcp_connect(listener.parse().unwrap(), Duration::from_secs(5)).unwrap();
+        let response = weft_tests::traffic::http_request_with(stream, "GET", "api.example.com", path, &headers).unwrap();
+        seen.push((case, response));
+    }
+    let exports = wait_for("the spans to be exported", Duration::from_secs(30), || {
+        let exports = receiver.0.lock().unwrap().clone();
+        let spans: usize = exports.iter().flat_map(|e| &e.resource_spans).flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum();
+        if spans >= EXPORTED { Ok(exports) } else { Err(format!("{spans} spans so far")) }
+    })
+    .unwrap();
+    quit(ns, child);
+    let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let mut spans = std::collections::BTreeMap::new();
+    for rs in exports.iter().flat_map(|e| &e.resource_spans) {
+        let resource: Vec<String> = rs.resource.iter().flat_map(|r| &r.attributes).filter(|a| a.key == "service.name").map(|a| format!("{:?}", a.value)).collect();
+        for ss in &rs.scope_spans {
+            for span in &ss.spans {
+                let attribute = |key: &str| span.attributes.iter().find(|a| a.key == key).and_then(|a| a.value.as_ref()).map(|v| format!("{:?}", v.value));
+                let case = attribute("case").unwrap_or_default();
+                let attributes: std::collections::BTreeMap<String, String> = span
+                    .attributes
+                    .iter()
+                    .map(|a| {
+                        let value = format!("{:?}", a.value.as_ref().and_then(|v| v.value.as_ref()));
+                        // Request ids are random: what is compared is the trace decision they carry.
+                        let value = if a.key == "guid:x-request-id" { format!("decision {:?}", value.chars().nth(14 + value.find('"').unwrap_or(0) + 1)) } else { value };
+                        (a.key.clone(), value)
+                    })
+                    .collect();
+                spans.insert(
+                    case,
+                    (
+                        hex(&span.span_id),
+                        serde_json::json!({
+                            "name": span.name, "kind": span.kind, "resource": resource, "scope": ss.scope.as_ref().map(|s| s.name.clone()),
+                            "trace": if hex(&span.trace_id) == PARENT_TRACE { "the parent's" } else { "new" },
+                            "parent": hex(&span.parent_span_id), "trace_state": span.trace_state,
+                            "status": span.status.as_ref().map(|s| s.code), "attributes": attributes,
+                            "timed": span.end_time_unix_nano >= span.start_time_unix_nano && span.start_time_unix_nano > 0,
+                        }),
+                    ),
+                );
+            }
+        }
+    }
+    seen.into_iter()
+        .map(|(case, response)| {
+            let exported = spans.get(&format!("{:?}", Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(case.to_string()))));
+            let upstream: Vec<String> = response
+                .body
+                .lines()
+                .map(|l| {
+                    let (name, value) = l.split_once('=').unwrap_or((l, ""));
+                    let value = match name {
+                        "traceparent" => {
+                            let parts: Vec<&str> = value.split('-').collect();
+                            match parts.as_slice() {
+                                [v, trace, span, flags] => {
+                                    let trace = if *trace == PARENT_TRACE { "the parent's trace" } else { "a new trace" };
+                                    let span = match exported {
+                                        Some((id, _)) if id == span => "the exported span",
+                                        _ if *span == PARENT_SPAN => "the parent span",
+                                        _ => "an unexported span",
+                                    };
+                                    format!("{v}-{trace}-{span}-{flags}")
+                                }
+                                _ => value.to_string(),
+                            }
+                        }
+                        "x-request-id" => format!("decision {:?}", value.chars().nth(14)),
+                        _ => value.to_string(),
+                    };
+                    format!("{name}={value}")
+                })
+                .collect();
+            let decorator = response.head.lines().find(|l| l.to_ascii_lowercase().starts_with("x-envoy-decorator-operation")).map(str::to_string);
+            serde_json::json!({"case": case, "status": response.status, "response decorator": decorator, "upstream saw": upstream, "span": exported.map(|(_, s)| s)})
+        })
+        .collect()
+}
+
+#[test]
+fn traces_match_envoys() {
+    let Some(ns) = proxy_ns("trace") else { return };
+    let dir = Workdir::new("trace");
+    start_header_echo(&ns, "127.0.0.1:19401");
+    let receiver = otlp::serve(ns.tcp_listen("127.0.0.1:19600").unwrap());
+    let config = dir.write("tracing.yaml", &tracing_bootstrap());
+    let envoy = traced(&ns, envoy_cmd(&config), &receiver);
+    let weft = traced(&ns, weft_cmd(&config), &receiver);
+    // The comparison means something only if Envoy traced what the cases are about.
+    let spans = envoy.iter().filter(|c| !c["span"].is_null()).count();
+    assert_eq!(spans, EXPORTED, "{envoy:#?}");
+    for (e, w) in envoy.iter().zip(&weft) {
+        assert_eq!(w, e, "weft traced case {} differently from Envoy", e["case"]);
+    }
+}

@@ -85,15 +85,21 @@ pub struct KeyValue {
     pub value: Option<AnyValue>,
 }
 
-/// `AnyValue` with its `string_value` (Envoy's tags are strings).
+/// `AnyValue` with its `string_value` (Envoy's tags are strings; an empty one is still a value).
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct AnyValue {
+    #[prost(oneof = "Value", tags = "1")]
+    pub value: Option<Value>,
+}
+
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum Value {
     #[prost(string, tag = "1")]
-    pub string_value: String,
+    StringValue(String),
 }
 
 impl KeyValue {
     pub fn string(key: impl Into<String>, value: impl Into<String>) -> KeyValue {
-        KeyValue { key: key.into(), value: Some(AnyValue { string_value: value.into() }) }
+        KeyValue { key: key.into(), value: Some(AnyValue { value: Some(Value::StringValue(value.into())) }) }
     }
 }

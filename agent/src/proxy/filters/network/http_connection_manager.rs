@@ -601,8 +601,11 @@ impl HttpContext {
         let mut added = HeaderMap::new();
         let mut exchanges = Vec::new();
         let mut routed = None;
-        // Istio's metrics and access logs name the routed cluster even when a filter answers before the router.
-        let observed = !self.hcm.access_log.is_empty() || self.hcm.http_filters.iter().any(|f| matches!(f.kind, HttpFilterKind::IstioStats(_)));
+        // Istio's metrics, access logs and spans name the routed cluster even when a filter answers before the
+        // router.
+        let observed = !self.hcm.access_log.is_empty()
+            || self.hcm.http_filters.iter().any(|f| matches!(f.kind, HttpFilterKind::IstioStats(_)))
+            || self.hcm.tracing.as_ref().is_some_and(|t| t.provider.is_some());
         if observed {
             routed = Some(routed_cluster(&mut parts, selected, upstream));
         }
