@@ -609,16 +609,22 @@ const PARENT_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
 const PARENT_SPAN: &str = "b7ad6b7169203331";
 
 fn tracing_bootstrap() -> String {
+    // Istio's dry-run policies: shadow rules whose result spans carry as tags.
+    let dry_run = ["shadow_effective_policy_id", "shadow_engine_result"]
+        .map(|key| format!("{{tag: dry_run.{key}, metadata: {{kind: {{request: {{}}}}, metadata_key: {{key: envoy.filters.http.rbac, path: [{{key: istio_dry_run_{key}}}]}}}}}}"))
+        .join(", ");
+    let rbac = r#"{name: envoy.filters.http.rbac, typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC, shadow_rules_stat_prefix: istio_dry_run_,
+          shadow_rules: {action: DENY, policies: {"ns[shop]-policy[dry-deny]-rule[0]": {permissions: [{url_path: {path: {prefix: /traced}}}], principals: [{any: true}]}}}}}"#;
     let hcm = |name: &str, random: u32, operation: &str| {
         format!(
             r#"{{name: hcm, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager, stat_prefix: {name},
-        tracing: {{random_sampling: {{value: {random}}}, custom_tags: [{{tag: case, request_header: {{name: x-case}}}}, {{tag: team, literal: {{value: blue}}}}],
+        tracing: {{random_sampling: {{value: {random}}}, custom_tags: [{{tag: case, request_header: {{name: x-case}}}}, {{tag: team, literal: {{value: blue}}}}, {dry_run}],
           provider: {{name: envoy.tracers.opentelemetry, typed_config: {{"@type": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig, grpc_service: {{envoy_grpc: {{cluster_name: otlp}}, timeout: 2s}}, service_name: shop}}}}}},
         route_config: {{virtual_hosts: [{{name: api, domains: ["*"], routes: [
           {{match: {{prefix: /plain}}, route: {{cluster: web}}}},
           {{match: {{prefix: /down}}, route: {{cluster: nowhere}}, decorator: {{operation: down-op}}}},
           {{match: {{prefix: /}}, route: {{cluster: web}}, decorator: {{operation: {operation}}}}}]}}]}},
-        http_filters: [{{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]}}}}"#
+        http_filters: [{rbac}, {{name: envoy.filters.http.router, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}}}]}}}}"#
         )
     };
     let cluster = |name: &str, port: u16, http2: bool| {
@@ -756,6 +762,8 @@ fn traces_match_envoys() {
     // The comparison means something only if Envoy traced what the cases are about.
     let spans = envoy.iter().filter(|c| !c["span"].is_null()).count();
     assert_eq!(spans, EXPORTED, "{envoy:#?}");
+    let root = &envoy[0]["span"]["attributes"];
+    assert!(root["dry_run.shadow_engine_result"].as_str().is_some_and(|v| v.contains("denied")), "the dry-run policy's tags: {root:#?}");
     for (e, w) in envoy.iter().zip(&weft) {
         assert_eq!(w, e, "weft traced case {} differently from Envoy", e["case"]);
     }

@@ -128,6 +128,8 @@ impl serde::Serialize for Counters {
 pub struct HttpRbac {
     pub engines: Engines,
     pub stats: Counters,
+    /// `shadow_rules_stat_prefix`, which also prefixes the shadow result's dynamic metadata keys.
+    pub shadow_prefix: String,
 }
 
 /// `envoy.extensions.filters.network.rbac.v3.RBAC`.
@@ -321,7 +323,7 @@ pub fn http(mut r: Obj<'_>, stat_prefix: &str) -> Result<HttpRbac> {
         return Err(ConfigError::new(r.at("track_per_rule_stats"), "per-rule counters are not supported by weft yet"));
     }
     r.finish()?;
-    Ok(HttpRbac { engines, stats: Counters::new(stat_prefix, rules_prefix, shadow_prefix) })
+    Ok(HttpRbac { engines, stats: Counters::new(stat_prefix, rules_prefix, shadow_prefix), shadow_prefix: shadow_prefix.to_string() })
 }
 
 /// `envoy.extensions.filters.http.rbac.v3.RBACPerRoute`: without `rbac`, the filter allows everything on

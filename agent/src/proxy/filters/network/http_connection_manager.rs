@@ -603,9 +603,10 @@ impl HttpContext {
         let mut routed = None;
         // Istio's metrics, access logs and spans name the routed cluster even when a filter answers before the
         // router.
-        let observed = !self.hcm.access_log.is_empty()
-            || self.hcm.http_filters.iter().any(|f| matches!(f.kind, HttpFilterKind::IstioStats(_)))
-            || self.hcm.tracing.as_ref().is_some_and(|t| t.provider.is_some());
+        let spans = self.hcm.tracing.as_ref().is_some_and(|t| t.provider.is_some());
+        let observed = !self.hcm.access_log.is_empty() || self.hcm.http_filters.iter().any(|f| matches!(f.kind, HttpFilterKind::IstioStats(_))) || spans;
+        // The RBAC filters' shadow results, for the spans' custom tags.
+        let mut shadow = None;
         if observed {
             routed = Some(routed_cluster(&mut parts, selected, upstream));
         }
@@ -632,7 +633,11 @@ impl HttpContext {
                             Some(FilterOverride::Rbac(engines)) => Some(&**engines),
                             _ => None,
                         };
-                        rbac::decode(filter, route_engines, &self.facts(&parts, downstream), grpc)
+                        let facts = self.facts(&parts, downstream);
+                        if spans {
+                            shadow = rbac::shadow_metadata(filter, route_engines, &facts).or(shadow);
+                        }
+                        rbac::decode(filter, route_engines, &facts, grpc)
                     }
                     (HttpFilterKind::Alpn(overrides), _) => {
                         parts.extensions.insert(AlpnFilter(Arc::clone(overrides)));
@@ -670,6 +675,9 @@ impl HttpContext {
                 cluster: routed.and_then(|(_, name)| name),
             };
             response.extensions_mut().insert(facts);
+        }
+        if let Some(shadow) = shadow {
+            response.extensions_mut().insert(shadow);
         }
         response
     }
