@@ -37,9 +37,15 @@ pub const XDS_SECURED: &str = "127.0.0.1:15012";
 const HTTP_PORT: u16 = 8080;
 
 /// The MeshConfig istiod's Helm chart renders with its default values (`helm template` of the module's
-/// `manifests/charts/istio-control/istio-discovery`): what a default install's sidecars are configured by.
+/// `manifests/charts/istio-control/istio-discovery`): what a default install's sidecars are configured by; plus
+/// access logs on stdout and an OpenTelemetry tracing provider (`otel`, which a Telemetry resource turns on).
 const MESH_CONFIG: &str = "\
 accessLogFile: /dev/stdout
+extensionProviders:
+- name: otel
+  opentelemetry:
+    service: otel-collector.shop.svc.cluster.local
+    port: 4317
 defaultConfig:
   discoveryAddress: istiod.istio-system.svc:15012
 defaultProviders:

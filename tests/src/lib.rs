@@ -23,6 +23,7 @@ pub mod istiod;
 pub mod kube;
 pub mod manifests;
 pub mod netns;
+pub mod otlp;
 pub mod pki;
 pub mod scenarios;
 pub mod tools;

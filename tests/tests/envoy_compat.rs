@@ -550,40 +550,6 @@ static_resources:
     assert_eq!(weft, envoy, "weft's tcp_proxy access log lines differ from Envoy's");
 }
 
-/// An OTLP trace receiver (OpenTelemetry's service definition) inside a namespace: what it was sent.
-mod otlp {
-    use std::sync::{Arc, Mutex};
-
-    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
-    use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
-
-    #[derive(Clone, Default)]
-    pub struct Receiver(pub Arc<Mutex<Vec<ExportTraceServiceRequest>>>);
-
-    #[tonic::async_trait]
-    impl TraceService for Receiver {
-        async fn export(&self, request: tonic::Request<ExportTraceServiceRequest>) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-            self.0.lock().unwrap().push(request.into_inner());
-            Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
-        }
-    }
-
-    /// Serves on `listener` (bound in the namespace) from a thread of its own, for the life of the process.
-    pub fn serve(listener: std::net::TcpListener) -> Receiver {
-        let receiver = Receiver::default();
-        let service = TraceServiceServer::new(receiver.clone());
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            runtime.block_on(async move {
-                listener.set_nonblocking(true).unwrap();
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(tokio::net::TcpListener::from_std(listener).unwrap());
-                tonic::transport::Server::builder().add_service(service).serve_with_incoming(incoming).await.unwrap();
-            });
-        });
-        receiver
-    }
-}
-
 /// An HTTP upstream inside `ns` answering with the trace headers it received, one per line.
 fn start_header_echo(ns: &NetNs, addr: &str) {
     let web = ns.tcp_listen(addr).unwrap();
@@ -662,7 +628,7 @@ const EXPORTED: usize = 6;
 
 /// What one proxy did with the traced requests: per case, what the client and the upstream saw, and the span
 /// exported for it, with ids told apart only by what they relate to.
-fn traced(ns: &NetNs, cmd: Command, receiver: &otlp::Receiver) -> Vec<serde_json::Value> {
+fn traced(ns: &NetNs, cmd: Command, receiver: &weft_tests::otlp::Receiver) -> Vec<serde_json::Value> {
     receiver.0.lock().unwrap().clear();
     let child = start(ns, cmd);
     let mut seen = Vec::new();
@@ -755,7 +721,7 @@ fn traces_match_envoys() {
     let Some(ns) = proxy_ns("trace") else { return };
     let dir = Workdir::new("trace");
     start_header_echo(&ns, "127.0.0.1:19401");
-    let receiver = otlp::serve(ns.tcp_listen("127.0.0.1:19600").unwrap());
+    let receiver = weft_tests::otlp::serve(ns.tcp_listen("127.0.0.1:19600").unwrap());
     let config = dir.write("tracing.yaml", &tracing_bootstrap());
     let envoy = traced(&ns, envoy_cmd(&config), &receiver);
     let weft = traced(&ns, weft_cmd(&config), &receiver);

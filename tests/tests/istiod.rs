@@ -118,6 +118,8 @@ fn delete(mesh: &Mesh, file: &str) {
 fn istiod_drives_the_agent() {
     let mesh = Mesh::start();
     let ok = |r: &HttpResponse| r.status == 200;
+    // Tracing from the start, so every connection between the pods carries it (see `traces`).
+    let collector = trace_collector(&mesh);
 
     // Mesh-wide STRICT mTLS: the client reaches the servers (over Istio's mTLS: plaintext is refused, below).
     let first = mesh.eventually("client → server through istiod's configuration", "client", "/", &[], ok);
@@ -161,6 +163,7 @@ fn istiod_drives_the_agent() {
     let denied = mesh.eventually("the DENY policy on /admin", "client", "/admin", &[], |r| r.status == 403);
     assert!(denied.body.contains("RBAC: access denied"), "{denied:?}");
     access_logs(&mesh);
+    traces(&mesh, &collector);
     weft_explain(&mesh);
     assert_eq!(mesh.get("client", "/", &[]).unwrap().status, 200);
 
@@ -263,6 +266,52 @@ fn access_logs(mesh: &Mesh) {
         let tcp_cluster = format!("outbound|{}||server.shop.svc.cluster.local", mesh.server_tcp.port());
         if !log.lines().any(|l| l.starts_with("shop/client [") && l.contains("\"- - -\" 0 - - - \"-\" 7 7 ") && l.contains(&tcp_cluster)) {
             return Err(format!("no TCP line for {tcp_cluster}"));
+        }
+        Ok(())
+    });
+}
+
+/// An OTLP receiver in a collector pod behind the `otel-collector` Service, which MeshConfig's `otel` provider
+/// names, and the Telemetry resource that turns tracing on for the whole mesh.
+fn trace_collector(mesh: &Mesh) -> weft_tests::otlp::Receiver {
+    let labels = json!({"labels": {"app": "otel-collector", "version": "v1"}});
+    let collector = mesh.world.api.run_pod(&mesh.world.cluster, NS, "collector", labels, json!({"serviceAccountName": "otel-collector"})).unwrap();
+    let receiver = weft_tests::otlp::serve(collector.netns.tcp_listen(("0.0.0.0", 4317)).unwrap());
+    istiod::service_ports(&mesh.world.api, NS, "otel-collector", &[("grpc-otlp", 4317, 4317)], &[&collector]).unwrap();
+    apply(mesh, "tracing.yaml");
+    receiver
+}
+
+/// Traces as the Telemetry resource asked: the collector received, over the mesh's mTLS, the client's CLIENT
+/// span and the server's SERVER span of one request, one trace, the server's span a child of the client's, each
+/// named by its route's decorator and tagged by istiod's custom tags (`istio.namespace`; service names as istiod
+/// derives them: `client.shop`, `server-v2.shop`).
+fn traces(mesh: &Mesh, receiver: &weft_tests::otlp::Receiver) {
+    mesh.until("a trace of a client request through both pods", || {
+        let response = mesh.get("client", "/traced", &[]).map_err(|e| e.to_string())?;
+        if response.status != 200 {
+            return Err(format!("{} {}", response.status, response.body));
+        }
+        let spans = receiver.spans();
+        let tag = |span: &opentelemetry_proto::tonic::trace::v1::Span, key: &str| {
+            span.attributes.iter().find(|a| a.key == key).and_then(|a| a.value.as_ref()).map(|v| format!("{:?}", v.value)).unwrap_or_default()
+        };
+        let traced = |s: &opentelemetry_proto::tonic::trace::v1::Span| tag(s, "http.url").contains("/traced");
+        let client = spans.iter().find(|(service, s)| traced(s) && s.kind == 3 && service.contains("client.shop")).ok_or_else(|| format!("no client span yet: {} spans", spans.len()))?;
+        let server = spans
+            .iter()
+            .find(|(service, s)| traced(s) && s.kind == 2 && service.contains("server-v") && s.trace_id == client.1.trace_id)
+            .ok_or_else(|| {
+                let seen: Vec<String> = spans.iter().filter(|(_, s)| traced(s)).map(|(service, s)| format!("{service} kind {} {} trace {:02x?}", s.kind, s.name, &s.trace_id[..4])).collect();
+                format!("no server span in the client's trace {:02x?} yet: {seen:?}", &client.1.trace_id[..4])
+            })?;
+        if server.1.parent_span_id != client.1.span_id {
+            return Err(format!("the server's span is not the client's child: {server:?}, {client:?}"));
+        }
+        for (side, span) in [("client", &client.1), ("server", &server.1)] {
+            if !span.name.starts_with("server.shop.svc.cluster.local:80/") || !tag(span, "istio.namespace").contains(NS) {
+                return Err(format!("{side} span: {span:?}"));
+            }
         }
         Ok(())
     });

@@ -124,7 +124,7 @@ impl Default for CircuitBreakers {
     }
 }
 
-/// `http2_protocol_options` of an upstream HTTP/2 connection.
+/// `http2_protocol_options` of an HTTP/2 connection (upstream, or a connection manager's downstream).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Http2Settings {
     /// Streams one pooled connection carries at once; more requests open another connection.
@@ -667,7 +667,9 @@ fn http2_options(c: &mut Obj<'_>) -> Result<HttpOptions> {
 
 /// `envoy.config.core.v3.Http2ProtocolOptions`: the settings weft applies to its upstream HTTP/2 connections
 /// (ranges as Envoy validates them); any other field is refused by its path.
-fn http2_settings(mut o: Obj<'_>) -> Result<Http2Settings> {
+/// `Http2ProtocolOptions`: the settings weft applies (on upstream connections, and on downstream ones of a
+/// connection manager); others are refused by path.
+pub(crate) fn http2_settings(mut o: Obj<'_>) -> Result<Http2Settings> {
     let within = |o: &mut Obj<'_>, key: &str, min: u64, max: u64| -> Result<Option<u32>> {
         match o.u64(key)? {
             None => Ok(None),

@@ -11,6 +11,7 @@ use super::cidr::{self, CidrRange};
 use super::matcher::HeaderMatcher;
 use super::rbac::{self, HttpRbac, HTTP_RBAC};
 use super::route::{self, RouteConfiguration};
+use super::cluster::Http2Settings;
 use super::tracing::Tracing;
 use super::tree::{ConfigError, Obj, Result};
 
@@ -75,6 +76,8 @@ pub struct HttpConnectionManager {
     pub client_cert: ClientCert,
     /// `tracing`: which requests are traced and where their spans go; `None`: no tracing.
     pub tracing: Option<Arc<Tracing>>,
+    /// `http2_protocol_options` of downstream HTTP/2 connections (istiod sets it on gRPC ports).
+    pub http2: Http2Settings,
 }
 
 /// `request_id_extension`: `envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig`, the only one (and the
@@ -330,6 +333,7 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
     let preserve_external_request_id = h.bool("preserve_external_request_id")?.unwrap_or(false);
     let request_id = request_id_extension(&mut h)?;
     let strip_trailing_host_dot = h.bool("strip_trailing_host_dot")?.unwrap_or(false);
+    let http2 = h.object("http2_protocol_options")?.map(super::cluster::http2_settings).transpose()?.unwrap_or_default();
     let mut accept_http_10 = false;
     if let Some(mut http1) = h.object("http_protocol_options")? {
         accept_http_10 = http1.bool("accept_http_10")?.unwrap_or(false);
@@ -410,6 +414,7 @@ pub fn translate(mut h: Obj<'_>) -> Result<HttpConnectionManager> {
         upgrades,
         client_cert,
         tracing,
+        http2,
     })
 }
 

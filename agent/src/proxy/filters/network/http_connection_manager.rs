@@ -40,6 +40,7 @@ use super::super::super::activity::{Activity, Counted};
 use super::super::super::pod_share::PodLoad;
 use super::stream::{Expired, RequestBody, ResponseBody, StreamTimers};
 use crate::config::http_connection_manager::{Codec, EscapedSlashes, HostPort, HttpConnectionManager, HttpFilterKind, Routes, ServerHeader, UnderscoreHeaders};
+use crate::config::cluster::Http2Settings;
 use crate::config::http_filters::FilterOverride;
 use crate::config::listener::TrafficDirection;
 use crate::config::route::{Action, InternalRedirectPolicy, Route, RouteConfiguration, VirtualHost};
@@ -133,6 +134,24 @@ macro_rules! drive {
     }};
 }
 
+/// The connection manager's `http2_protocol_options` on a downstream HTTP/2 connection's builder (hyper's, or
+/// the HTTP/2 side of hyper_util's AUTO one); hyper's defaults where unset.
+macro_rules! http2_settings {
+    ($builder:expr, $settings:expr) => {{
+        #[allow(unused_mut)]
+        let (mut builder, settings): (_, &Http2Settings) = ($builder, $settings);
+        if let Some(n) = settings.max_concurrent_streams {
+            builder.max_concurrent_streams(n);
+        }
+        if let Some(n) = settings.initial_stream_window_size {
+            builder.initial_stream_window_size(n);
+        }
+        if let Some(n) = settings.initial_connection_window_size {
+            builder.initial_connection_window_size(n);
+        }
+    }};
+}
+
 /// Serves one downstream connection until it closes.
 pub async fn serve<IO>(io: IO, context: HttpContext)
 where
@@ -172,12 +191,14 @@ where
             drive!(builder.serve_connection(http1_codec(io, false), service).with_upgrades(), activity, hcm).map_err(|e| e.to_string())
         }
         Codec::Http2 => {
-            let builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            http2_settings!(&mut builder, &hcm.http2);
             drive!(builder.serve_connection(TokioIo::new(io), service), activity, hcm).map_err(|e| e.to_string())
         }
         Codec::Auto => {
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder.http1().max_buf_size(buffer).max_headers(parser_headers);
+            http2_settings!(builder.http2(), &hcm.http2);
             drive!(builder.serve_connection_with_upgrades(http1_codec(io, true), service), activity, hcm).map_err(|e| e.to_string())
         }
     };
