@@ -557,7 +557,7 @@ fn start_header_echo(ns: &NetNs, addr: &str) {
         for mut c in web.incoming().flatten() {
             std::thread::spawn(move || {
                 let head = read_head(&mut c);
-                let body: String = ["traceparent", "tracestate", "x-envoy-decorator-operation", "x-request-id"]
+                let body: String = ["traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-envoy-decorator-operation", "x-request-id"]
                     .iter()
                     .map(|name| {
                         let value = head.lines().find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim().to_string()));
@@ -574,7 +574,10 @@ fn start_header_echo(ns: &NetNs, addr: &str) {
 const PARENT_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
 const PARENT_SPAN: &str = "b7ad6b7169203331";
 
-fn tracing_bootstrap() -> String {
+/// The tracing comparison's bootstrap: an outbound listener (every request sampled) and an inbound one
+/// (none sampled at random), both traced by `provider` (a `tracing.provider` value), and an RBAC filter with
+/// Istio-style dry-run rules.
+fn tracing_bootstrap(provider: &str) -> String {
     // Istio's dry-run policies: shadow rules whose result spans carry as tags.
     let dry_run = ["shadow_effective_policy_id", "shadow_engine_result"]
         .map(|key| format!("{{tag: dry_run.{key}, metadata: {{kind: {{request: {{}}}}, metadata_key: {{key: envoy.filters.http.rbac, path: [{{key: istio_dry_run_{key}}}]}}}}}}"))
@@ -585,7 +588,7 @@ fn tracing_bootstrap() -> String {
         format!(
             r#"{{name: hcm, typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager, stat_prefix: {name},
         tracing: {{random_sampling: {{value: {random}}}, custom_tags: [{{tag: case, request_header: {{name: x-case}}}}, {{tag: team, literal: {{value: blue}}}}, {dry_run}],
-          provider: {{name: envoy.tracers.opentelemetry, typed_config: {{"@type": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig, grpc_service: {{envoy_grpc: {{cluster_name: otlp}}, timeout: 2s}}, service_name: shop}}}}}},
+          provider: {provider}}},
         route_config: {{virtual_hosts: [{{name: api, domains: ["*"], routes: [
           {{match: {{prefix: /plain}}, route: {{cluster: web}}}},
           {{match: {{prefix: /down}}, route: {{cluster: nowhere}}, decorator: {{operation: down-op}}}},
@@ -602,17 +605,24 @@ fn tracing_bootstrap() -> String {
         format!("  - {{name: {name}, type: STATIC, connect_timeout: 1s, load_assignment: {{cluster_name: {name}, endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}}}}}]}}]}}{options}}}\n")
     };
     format!(
-        "admin:\n  address: {{socket_address: {{address: 127.0.0.1, port_value: 19901}}}}\nnode: {{id: test-node, cluster: test}}\nstatic_resources:\n  listeners:\n  - name: out\n    traffic_direction: OUTBOUND\n    address: {{socket_address: {{address: 127.0.0.1, port_value: 19200}}}}\n    filter_chains: [{{filters: [{}]}}]\n  - name: in\n    traffic_direction: INBOUND\n    address: {{socket_address: {{address: 127.0.0.1, port_value: 19201}}}}\n    filter_chains: [{{filters: [{}]}}]\n  clusters:\n{}{}{}",
+        "admin:\n  address: {{socket_address: {{address: 127.0.0.1, port_value: 19901}}}}\nnode: {{id: test-node, cluster: test}}\nstatic_resources:\n  listeners:\n  - name: out\n    traffic_direction: OUTBOUND\n    address: {{socket_address: {{address: 127.0.0.1, port_value: 19200}}}}\n    filter_chains: [{{filters: [{}]}}]\n  - name: in\n    traffic_direction: INBOUND\n    address: {{socket_address: {{address: 127.0.0.1, port_value: 19201}}}}\n    filter_chains: [{{filters: [{}]}}]\n  clusters:\n{}{}{}{}",
         hcm("out", 100, "api-op"),
         hcm("in", 0, "inbound-op"),
         cluster("web", 19401, false),
         cluster("nowhere", 19500, false),
         cluster("otlp", 19600, true),
+        cluster("zipkin", 19601, false),
     )
 }
 
-/// The requests of the tracing comparison: (case, listener, path, headers).
-const TRACED_REQUESTS: [(&str, &str, &str, &[(&str, &str)]); 9] = [
+const OPENTELEMETRY: &str = r#"{name: envoy.tracers.opentelemetry, typed_config: {"@type": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig, grpc_service: {envoy_grpc: {cluster_name: otlp}, timeout: 2s}, service_name: shop}}"#;
+const ZIPKIN: &str = r#"{name: envoy.tracers.zipkin, typed_config: {"@type": type.googleapis.com/envoy.config.trace.v3.ZipkinConfig, collector_cluster: zipkin, collector_endpoint: /api/v2/spans, collector_endpoint_version: HTTP_JSON, trace_id_128bit: true, collector_hostname: zipkin.example}}"#;
+
+/// A request of the tracing comparison: its case name, listener, path and headers.
+type TracedRequest = (&'static str, &'static str, &'static str, &'static [(&'static str, &'static str)]);
+
+/// W3C trace context through the OpenTelemetry tracer; of these, 6 are sampled (exported).
+const W3C_REQUESTS: [TracedRequest; 9] = [
     ("root", HTTP_LISTENER, "/traced", &[]),
     ("child", HTTP_LISTENER, "/traced", &[("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"), ("tracestate", "vendor=1")]),
     ("unsampled-parent", HTTP_LISTENER, "/traced", &[("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00")]),
@@ -623,87 +633,216 @@ const TRACED_REQUESTS: [(&str, &str, &str, &[(&str, &str)]); 9] = [
     ("client-forced", "127.0.0.1:19201", "/in", &[("x-client-trace-id", "client-1")]),
     ("told-operation", "127.0.0.1:19201", "/in", &[("x-client-trace-id", "client-2"), ("x-envoy-decorator-operation", "client-op")]),
 ];
-/// Of those, the ones sampled (exported).
-const EXPORTED: usize = 6;
+
+/// B3 through the Zipkin tracer (shared span context on the inbound side, Envoy's default); of these, 5 are
+/// sampled.
+const B3_REQUESTS: [TracedRequest; 9] = [
+    ("root", HTTP_LISTENER, "/traced", &[]),
+    ("child", HTTP_LISTENER, "/traced", &[("x-b3-traceid", "0af7651916cd43dd8448eb211c80319c"), ("x-b3-spanid", "b7ad6b7169203331"), ("x-b3-sampled", "1")]),
+    ("64-bit", HTTP_LISTENER, "/traced", &[("x-b3-traceid", "8448eb211c80319c"), ("x-b3-spanid", "b7ad6b7169203331"), ("x-b3-parentspanid", "0af7651916cd43dd")]),
+    ("single-unsampled", HTTP_LISTENER, "/traced", &[("b3", "0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-0")]),
+    ("multi-unsampled", HTTP_LISTENER, "/traced", &[("x-b3-traceid", "0af7651916cd43dd8448eb211c80319c"), ("x-b3-spanid", "b7ad6b7169203331"), ("x-b3-sampled", "0")]),
+    ("unsampled-root", "127.0.0.1:19201", "/in", &[]),
+    ("bad-parent", HTTP_LISTENER, "/traced", &[("x-b3-traceid", "zz"), ("x-b3-spanid", "b7ad6b7169203331")]),
+    ("shared", "127.0.0.1:19201", "/in", &[("x-b3-traceid", "0af7651916cd43dd8448eb211c80319c"), ("x-b3-spanid", "b7ad6b7169203331"), ("x-b3-sampled", "1")]),
+    ("sampled-only", "127.0.0.1:19201", "/in", &[("x-b3-sampled", "1")]),
+];
+
+/// A collector of spans the proxies report: what it was sent, as (case, span id, normalized span).
+trait Collector {
+    fn clear(&self);
+    fn spans(&self) -> Vec<(String, String, serde_json::Value)>;
+}
+
+impl Collector for weft_tests::otlp::Receiver {
+    fn clear(&self) {
+        self.0.lock().unwrap().clear();
+    }
+
+    fn spans(&self) -> Vec<(String, String, serde_json::Value)> {
+        let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
+        let exports = self.0.lock().unwrap().clone();
+        let mut out = Vec::new();
+        for rs in exports.iter().flat_map(|e| &e.resource_spans) {
+            let resource: Vec<String> = rs.resource.iter().flat_map(|r| &r.attributes).filter(|a| a.key == "service.name").map(|a| format!("{:?}", a.value)).collect();
+            for ss in &rs.scope_spans {
+                for span in &ss.spans {
+                    let attributes: serde_json::Map<String, serde_json::Value> =
+                        span.attributes.iter().map(|a| (a.key.clone(), serde_json::json!(format!("{:?}", a.value.as_ref().and_then(|v| v.value.as_ref()))))).collect();
+                    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+                    let case = span.attributes.iter().find(|a| a.key == "case").and_then(|a| a.value.as_ref()?.value.as_ref()).map_or(String::new(), |v| match v {
+                        Value::StringValue(s) => s.clone(),
+                        other => format!("{other:?}"),
+                    });
+                    let normalized = serde_json::json!({
+                        "name": span.name, "kind": span.kind, "resource": resource, "scope": ss.scope.as_ref().map(|s| s.name.clone()),
+                        "trace": related(&hex(&span.trace_id)), "parent": related(&hex(&span.parent_span_id)), "trace_state": span.trace_state,
+                        "status": span.status.as_ref().map(|s| s.code), "attributes": normalize_tags(attributes),
+                        "timed": span.end_time_unix_nano >= span.start_time_unix_nano && span.start_time_unix_nano > 0,
+                    });
+                    out.push((case, hex(&span.span_id), normalized));
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A Zipkin collector (JSON v2 over HTTP, answering 202 as Zipkin does) inside a namespace.
+#[derive(Clone, Default)]
+struct ZipkinReceiver(std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>);
+
+impl ZipkinReceiver {
+    fn serve(listener: std::net::TcpListener) -> ZipkinReceiver {
+        let receiver = ZipkinReceiver::default();
+        let spans = std::sync::Arc::clone(&receiver.0);
+        std::thread::spawn(move || {
+            for mut c in listener.incoming().flatten() {
+                let spans = std::sync::Arc::clone(&spans);
+                std::thread::spawn(move || loop {
+                    let head = read_head(&mut c);
+                    let Some(body) = read_body(&mut c, &head) else { return };
+                    if let Ok(serde_json::Value::Array(received)) = serde_json::from_slice(&body) {
+                        let path_ok = head.starts_with("POST /api/v2/spans ") && head.to_ascii_lowercase().contains("host: zipkin.example");
+                        spans.lock().unwrap().extend(received.into_iter().map(|s| serde_json::json!({"span": s, "request as expected": path_ok})));
+                    }
+                    if c.write_all(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n").is_err() {
+                        return;
+                    }
+                });
+            }
+        });
+        receiver
+    }
+}
+
+impl Collector for ZipkinReceiver {
+    fn clear(&self) {
+        self.0.lock().unwrap().clear();
+    }
+
+    fn spans(&self) -> Vec<(String, String, serde_json::Value)> {
+        let received = self.0.lock().unwrap().clone();
+        received
+            .into_iter()
+            .map(|r| {
+                let mut span = r["span"].clone();
+                let tags = span["tags"].as_object().cloned().unwrap_or_default();
+                let case = tags.get("case").and_then(|c| c.as_str()).unwrap_or_default().to_string();
+                let id = span["id"].as_str().unwrap_or_default().to_string();
+                for key in ["traceId", "parentId", "id"] {
+                    if let Some(v) = span.get(key).and_then(|v| v.as_str()).map(related) {
+                        span[key] = serde_json::json!(v);
+                    }
+                }
+                let (start, duration) = (span["timestamp"].as_u64().unwrap_or(0), span["duration"].as_u64().unwrap_or(0));
+                let timed = start > 0 && span["duration"].is_u64();
+                // Annotations are told by their value and whether they mark the span's end.
+                if let Some(annotations) = span.get_mut("annotations").and_then(|a| a.as_array_mut()) {
+                    for a in annotations {
+                        // Envoy takes the end's wall-clock time apart from the monotonic duration: within 2 ms.
+                        let at_end = a["timestamp"].as_u64().is_some_and(|t| t.abs_diff(start + duration) <= 2_000);
+                        a["timestamp"] = serde_json::json!(if at_end { "the end" } else { "elsewhere" });
+                    }
+                }
+                let object = span.as_object_mut().unwrap();
+                object.remove("timestamp");
+                object.remove("duration");
+                object.insert("timed".into(), serde_json::json!(timed));
+                object.insert("tags".into(), normalize_tags(tags));
+                object.insert("request as expected".into(), r["request as expected"].clone());
+                (case, id, span)
+            })
+            .collect()
+    }
+}
+
+/// A request body after `head`: by content-length, or chunked (as Envoy sends its Zipkin reports).
+fn read_body(c: &mut TcpStream, head: &str) -> Option<Vec<u8>> {
+    let header = |name: &str| head.lines().find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.trim().to_string()));
+    if let Some(length) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+        let mut body = vec![0; length];
+        return c.read_exact(&mut body).ok().map(|()| body);
+    }
+    if header("transfer-encoding").is_none_or(|v| !v.eq_ignore_ascii_case("chunked")) {
+        return None;
+    }
+    let mut body = Vec::new();
+    loop {
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while !line.ends_with(b"\r\n") {
+            c.read_exact(&mut byte).ok()?;
+            line.push(byte[0]);
+        }
+        let size = usize::from_str_radix(String::from_utf8_lossy(&line).trim().split(';').next()?, 16).ok()?;
+        let mut chunk = vec![0; size + 2];
+        c.read_exact(&mut chunk).ok()?;
+        if size == 0 {
+            return Some(body);
+        }
+        body.extend_from_slice(&chunk[..size]);
+    }
+}
+
+/// An id told apart only by what it is: the test's parent ids, or another.
+fn related(id: &str) -> String {
+    match id {
+        "" => "none".into(),
+        PARENT_TRACE | "00000000000000008448eb211c80319c" | "8448eb211c80319c" => format!("the parent's trace ({} digits)", id.len()),
+        PARENT_SPAN => "the parent span".into(),
+        "0af7651916cd43dd" => "the parent's parent".into(),
+        other => format!("a new id ({} digits)", other.len()),
+    }
+}
+
+/// Tags with request ids reduced to the trace decision they carry.
+fn normalize_tags(mut tags: serde_json::Map<String, serde_json::Value>) -> serde_json::Value {
+    if let Some(id) = tags.get("guid:x-request-id").and_then(|v| v.as_str()).map(str::to_string) {
+        let unquoted = id.trim_start_matches("Some(StringValue(\"").to_string();
+        tags.insert("guid:x-request-id".into(), serde_json::json!(format!("decision {:?}", unquoted.chars().nth(14))));
+    }
+    serde_json::Value::Object(tags)
+}
 
 /// What one proxy did with the traced requests: per case, what the client and the upstream saw, and the span
-/// exported for it, with ids told apart only by what they relate to.
-fn traced(ns: &NetNs, cmd: Command, receiver: &weft_tests::otlp::Receiver) -> Vec<serde_json::Value> {
-    receiver.0.lock().unwrap().clear();
+/// reported for it, with ids told apart only by what they relate to.
+fn traced(ns: &NetNs, cmd: Command, collector: &dyn Collector, requests: &[TracedRequest], exported: usize) -> Vec<serde_json::Value> {
+    collector.clear();
     let child = start(ns, cmd);
     let mut seen = Vec::new();
-    for (case, listener, path, headers) in TRACED_REQUESTS {
+    for (case, listener, path, headers) in requests {
         let mut headers = headers.to_vec();
         headers.push(("x-case", case));
         let stream = ns.tcp_connect(listener.parse().unwrap(), Duration::from_secs(5)).unwrap();
         let response = weft_tests::traffic::http_request_with(stream, "GET", "api.example.com", path, &headers).unwrap();
         seen.push((case, response));
     }
-    let exports = wait_for("the spans to be exported", Duration::from_secs(30), || {
-        let exports = receiver.0.lock().unwrap().clone();
-        let spans: usize = exports.iter().flat_map(|e| &e.resource_spans).flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum();
-        if spans >= EXPORTED { Ok(exports) } else { Err(format!("{spans} spans so far")) }
+    let spans = wait_for("the spans to be reported", Duration::from_secs(30), || match collector.spans() {
+        spans if spans.len() >= exported => Ok(spans),
+        spans => Err(format!("{} spans so far", spans.len())),
     })
     .unwrap();
     quit(ns, child);
-    let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
-    let mut spans = std::collections::BTreeMap::new();
-    for rs in exports.iter().flat_map(|e| &e.resource_spans) {
-        let resource: Vec<String> = rs.resource.iter().flat_map(|r| &r.attributes).filter(|a| a.key == "service.name").map(|a| format!("{:?}", a.value)).collect();
-        for ss in &rs.scope_spans {
-            for span in &ss.spans {
-                let attribute = |key: &str| span.attributes.iter().find(|a| a.key == key).and_then(|a| a.value.as_ref()).map(|v| format!("{:?}", v.value));
-                let case = attribute("case").unwrap_or_default();
-                let attributes: std::collections::BTreeMap<String, String> = span
-                    .attributes
-                    .iter()
-                    .map(|a| {
-                        let value = format!("{:?}", a.value.as_ref().and_then(|v| v.value.as_ref()));
-                        // Request ids are random: what is compared is the trace decision they carry.
-                        let value = if a.key == "guid:x-request-id" { format!("decision {:?}", value.chars().nth(14 + value.find('"').unwrap_or(0) + 1)) } else { value };
-                        (a.key.clone(), value)
-                    })
-                    .collect();
-                spans.insert(
-                    case,
-                    (
-                        hex(&span.span_id),
-                        serde_json::json!({
-                            "name": span.name, "kind": span.kind, "resource": resource, "scope": ss.scope.as_ref().map(|s| s.name.clone()),
-                            "trace": if hex(&span.trace_id) == PARENT_TRACE { "the parent's" } else { "new" },
-                            "parent": hex(&span.parent_span_id), "trace_state": span.trace_state,
-                            "status": span.status.as_ref().map(|s| s.code), "attributes": attributes,
-                            "timed": span.end_time_unix_nano >= span.start_time_unix_nano && span.start_time_unix_nano > 0,
-                        }),
-                    ),
-                );
-            }
-        }
-    }
     seen.into_iter()
         .map(|(case, response)| {
-            let exported = spans.get(&format!("{:?}", Some(opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(case.to_string()))));
+            let reported = spans.iter().find(|(c, _, _)| c == case);
             let upstream: Vec<String> = response
                 .body
                 .lines()
                 .map(|l| {
                     let (name, value) = l.split_once('=').unwrap_or((l, ""));
+                    let id = |v: &str| match reported {
+                        Some((_, span_id, _)) if span_id == v => "the reported span".to_string(),
+                        _ => related(v),
+                    };
                     let value = match name {
-                        "traceparent" => {
-                            let parts: Vec<&str> = value.split('-').collect();
-                            match parts.as_slice() {
-                                [v, trace, span, flags] => {
-                                    let trace = if *trace == PARENT_TRACE { "the parent's trace" } else { "a new trace" };
-                                    let span = match exported {
-                                        Some((id, _)) if id == span => "the exported span",
-                                        _ if *span == PARENT_SPAN => "the parent span",
-                                        _ => "an unexported span",
-                                    };
-                                    format!("{v}-{trace}-{span}-{flags}")
-                                }
-                                _ => value.to_string(),
-                            }
-                        }
+                        "traceparent" => match value.split('-').collect::<Vec<_>>().as_slice() {
+                            [v, trace, span, flags] => format!("{v}-{}-{}-{flags}", related(trace), id(span)),
+                            _ => value.to_string(),
+                        },
+                        "x-b3-traceid" | "x-b3-spanid" | "x-b3-parentspanid" if value != "<none>" => id(value),
+                        "b3" if value != "<none>" => value.split('-').map(|part| if part.len() >= 16 { id(part) } else { part.to_string() }).collect::<Vec<_>>().join("-"),
                         "x-request-id" => format!("decision {:?}", value.chars().nth(14)),
                         _ => value.to_string(),
                     };
@@ -711,9 +850,22 @@ fn traced(ns: &NetNs, cmd: Command, receiver: &weft_tests::otlp::Receiver) -> Ve
                 })
                 .collect();
             let decorator = response.head.lines().find(|l| l.to_ascii_lowercase().starts_with("x-envoy-decorator-operation")).map(str::to_string);
-            serde_json::json!({"case": case, "status": response.status, "response decorator": decorator, "upstream saw": upstream, "span": exported.map(|(_, s)| s)})
+            serde_json::json!({"case": case, "status": response.status, "response decorator": decorator, "upstream saw": upstream, "span": reported.map(|(_, _, s)| s)})
         })
         .collect()
+}
+
+/// Runs `requests` through Envoy, then weft, with the same bootstrap; each case must come out the same.
+fn compare_traces(ns: &NetNs, dir: &Workdir, provider: &str, collector: &dyn Collector, requests: &[TracedRequest], exported: usize) -> Vec<serde_json::Value> {
+    let config = dir.write("tracing.yaml", &tracing_bootstrap(provider));
+    let envoy = traced(ns, envoy_cmd(&config), collector, requests, exported);
+    let weft = traced(ns, weft_cmd(&config), collector, requests, exported);
+    // The comparison means something only if Envoy traced what the cases are about.
+    let spans = envoy.iter().filter(|c| !c["span"].is_null()).count();
+    assert_eq!(spans, exported, "{envoy:#?}");
+    let differing: Vec<String> = envoy.iter().zip(&weft).filter(|(e, w)| e != w).map(|(e, w)| format!("case {}:\n  envoy: {e}\n  weft:  {w}", e["case"])).collect();
+    assert!(differing.is_empty(), "weft traced {} of {} cases differently from Envoy:\n{}", differing.len(), envoy.len(), differing.join("\n"));
+    envoy
 }
 
 #[test]
@@ -721,16 +873,10 @@ fn traces_match_envoys() {
     let Some(ns) = proxy_ns("trace") else { return };
     let dir = Workdir::new("trace");
     start_header_echo(&ns, "127.0.0.1:19401");
-    let receiver = weft_tests::otlp::serve(ns.tcp_listen("127.0.0.1:19600").unwrap());
-    let config = dir.write("tracing.yaml", &tracing_bootstrap());
-    let envoy = traced(&ns, envoy_cmd(&config), &receiver);
-    let weft = traced(&ns, weft_cmd(&config), &receiver);
-    // The comparison means something only if Envoy traced what the cases are about.
-    let spans = envoy.iter().filter(|c| !c["span"].is_null()).count();
-    assert_eq!(spans, EXPORTED, "{envoy:#?}");
+    let otlp = weft_tests::otlp::serve(ns.tcp_listen("127.0.0.1:19600").unwrap());
+    let envoy = compare_traces(&ns, &dir, OPENTELEMETRY, &otlp, &W3C_REQUESTS, 6);
     let root = &envoy[0]["span"]["attributes"];
     assert!(root["dry_run.shadow_engine_result"].as_str().is_some_and(|v| v.contains("denied")), "the dry-run policy's tags: {root:#?}");
-    for (e, w) in envoy.iter().zip(&weft) {
-        assert_eq!(w, e, "weft traced case {} differently from Envoy", e["case"]);
-    }
+    let zipkin = ZipkinReceiver::serve(ns.tcp_listen("127.0.0.1:19601").unwrap());
+    compare_traces(&ns, &dir, ZIPKIN, &zipkin, &B3_REQUESTS, 5);
 }

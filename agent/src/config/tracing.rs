@@ -1,12 +1,14 @@
 //! The connection manager's `tracing`: which requests are traced (client, random and overall sampling, as
-//! fractions of 10,000 the way Envoy rounds them), the tags spans carry, and the tracer they are reported to.
-//! weft's tracer is `envoy.tracers.opentelemetry` over gRPC to a cluster (W3C `traceparent`); other tracers
-//! are refused by their path.
+//! fractions of 10,000 as Envoy keeps them), the tags spans carry, and the tracer they are reported to:
+//! `envoy.tracers.opentelemetry` over gRPC to a cluster (W3C `traceparent`), or `envoy.tracers.zipkin` with
+//! JSON v2 over HTTP to a cluster (B3 headers); other tracers are refused by their path.
 
 use super::tree::{ConfigError, Obj, Result};
 
 /// `envoy.config.trace.v3.OpenTelemetryConfig`.
 pub const OPENTELEMETRY: &str = "envoy.config.trace.v3.OpenTelemetryConfig";
+/// `envoy.config.trace.v3.ZipkinConfig`.
+pub const ZIPKIN: &str = "envoy.config.trace.v3.ZipkinConfig";
 
 /// `HttpConnectionManager.tracing`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -22,7 +24,39 @@ pub struct Tracing {
     pub max_path_tag_length: usize,
     pub custom_tags: Vec<CustomTag>,
     /// `None`: sampling decides and `x-request-id` records it, but no span is made or reported.
-    pub provider: Option<OpenTelemetry>,
+    pub provider: Option<Provider>,
+}
+
+/// The tracer spans are made and reported by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+pub enum Provider {
+    OpenTelemetry(OpenTelemetry),
+    Zipkin(Zipkin),
+}
+
+impl Provider {
+    /// The cluster spans are sent to.
+    pub fn cluster(&self) -> &str {
+        match self {
+            Provider::OpenTelemetry(o) => &o.cluster,
+            Provider::Zipkin(z) => &z.cluster,
+        }
+    }
+}
+
+/// `envoy.tracers.zipkin`: B3 propagation, spans POSTed as Zipkin JSON v2 to a cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct Zipkin {
+    pub cluster: String,
+    /// `collector_endpoint`: the path spans are POSTed to (`/api/v2/spans` in Istio).
+    pub endpoint: String,
+    /// `collector_hostname` (default: the cluster name), the POST's `Host`.
+    pub hostname: String,
+    /// `trace_id_128bit`: new traces get 128-bit ids (else 64).
+    pub trace_id_128bit: bool,
+    /// `shared_span_context` (default true): an inbound span shares the client's span id instead of being its
+    /// child.
+    pub shared_span_context: bool,
 }
 
 /// A tag every span of the connection manager carries.
@@ -143,10 +177,41 @@ fn metadata_tag(mut m: Obj<'_>) -> Result<TagValue> {
     Ok(TagValue::RbacMetadata { key: name, default })
 }
 
-fn provider(mut p: Obj<'_>) -> Result<OpenTelemetry> {
+fn provider(mut p: Obj<'_>) -> Result<Provider> {
     let _ = p.string("name")?;
     let mut typed = p.required_object("typed_config")?;
-    super::expect_type(&mut typed, OPENTELEMETRY).map_err(|e| ConfigError::new(e.path, format!("{}; weft's tracer is envoy.tracers.opentelemetry", e.message)))?;
+    let type_url = typed.required_string("@type")?;
+    let provider = match type_url.rsplit('/').next().unwrap_or(type_url) {
+        OPENTELEMETRY => Provider::OpenTelemetry(opentelemetry(&mut typed)?),
+        ZIPKIN => Provider::Zipkin(zipkin(&mut typed)?),
+        _ => return Err(ConfigError::new(typed.at("@type"), format!("{type_url} is not supported; weft's tracers are {OPENTELEMETRY} and {ZIPKIN}"))),
+    };
+    typed.finish()?;
+    p.finish()?;
+    Ok(provider)
+}
+
+fn zipkin(typed: &mut Obj<'_>) -> Result<Zipkin> {
+    let cluster = typed.required_string("collector_cluster")?.to_string();
+    let endpoint = typed.required_string("collector_endpoint")?.to_string();
+    match typed.string("collector_endpoint_version")?.unwrap_or("HTTP_JSON") {
+        "HTTP_JSON" => {}
+        other => return Err(ConfigError::new(typed.at("collector_endpoint_version"), format!("{other} is not supported by weft; use HTTP_JSON"))),
+    }
+    if typed.bool("split_spans_for_request")? == Some(true) {
+        return Err(ConfigError::new(typed.at("split_spans_for_request"), "true is not supported by weft yet"));
+    }
+    let hostname = typed.string("collector_hostname")?.filter(|h| !h.is_empty()).unwrap_or(&cluster).to_string();
+    Ok(Zipkin {
+        trace_id_128bit: typed.bool("trace_id_128bit")?.unwrap_or(false),
+        shared_span_context: typed.bool_value("shared_span_context")?.unwrap_or(true),
+        cluster,
+        endpoint,
+        hostname,
+    })
+}
+
+fn opentelemetry(typed: &mut Obj<'_>) -> Result<OpenTelemetry> {
     let mut grpc = typed.object("grpc_service")?.ok_or_else(|| {
         let what = if typed.has("http_service") { "http_service is not supported by weft yet; use grpc_service" } else { "grpc_service is required" };
         ConfigError::new(typed.at("grpc_service"), what)
@@ -158,8 +223,6 @@ fn provider(mut p: Obj<'_>) -> Result<OpenTelemetry> {
     let timeout_ms = grpc.duration("timeout")?.map_or(5_000, |d| d.as_millis() as u64);
     grpc.finish()?;
     let service_name = typed.string("service_name")?.filter(|s| !s.is_empty()).unwrap_or("unknown_service:envoy").to_string();
-    typed.finish()?;
-    p.finish()?;
     Ok(OpenTelemetry { cluster, authority, timeout_ms, service_name })
 }
 
@@ -185,13 +248,21 @@ mod tests {
         .unwrap();
         assert_eq!((t.client_sampling, t.random_sampling, t.overall_sampling), (10_000, 100, 10_000));
         assert_eq!(t.custom_tags[1].value, TagValue::RbacMetadata { key: "istio_dry_run_allow_shadow_effective_policy_id".into(), default: None });
-        assert_eq!(t.provider, Some(OpenTelemetry { cluster: "outbound|4317||otel.svc".into(), authority: "outbound|4317||otel.svc".into(), timeout_ms: 250, service_name: "ratings.shop".into() }));
+        assert_eq!(t.provider, Some(Provider::OpenTelemetry(OpenTelemetry { cluster: "outbound|4317||otel.svc".into(), authority: "outbound|4317||otel.svc".into(), timeout_ms: 250, service_name: "ratings.shop".into() })));
+        // Istio's zipkin provider.
+        let z = translated(serde_json::json!({"provider": {"name": "envoy.tracers.zipkin", "typedConfig": {"@type": "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig",
+            "collectorCluster": "outbound|9411||zipkin.istio-system.svc.cluster.local", "collectorEndpoint": "/api/v2/spans", "traceId128bit": true,
+            "sharedSpanContext": false, "collectorEndpointVersion": "HTTP_JSON", "collectorHostname": "zipkin.istio-system.svc.cluster.local"}}}))
+        .unwrap();
+        let Some(Provider::Zipkin(z)) = z.provider else { panic!("{z:?}") };
+        assert_eq!((z.trace_id_128bit, z.shared_span_context, z.hostname.as_str()), (true, false, "zipkin.istio-system.svc.cluster.local"));
     }
 
     #[test]
     fn what_weft_cannot_honour_is_refused_by_path() {
         for (tracing, path) in [
-            (serde_json::json!({"provider": {"name": "z", "typedConfig": {"@type": "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig"}}}), "tracing.provider.typed_config.@type"),
+            (serde_json::json!({"provider": {"name": "d", "typedConfig": {"@type": "type.googleapis.com/envoy.config.trace.v3.DatadogConfig"}}}), "tracing.provider.typed_config.@type"),
+            (serde_json::json!({"provider": {"name": "z", "typedConfig": {"@type": "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig", "collectorCluster": "z", "collectorEndpoint": "/", "collectorEndpointVersion": "GRPC"}}}), "tracing.provider.typed_config.collector_endpoint_version"),
             (serde_json::json!({"provider": {"name": "o", "typedConfig": {"@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig", "httpService": {}}}}), "tracing.provider.typed_config.grpc_service"),
             (serde_json::json!({"spawnUpstreamSpan": true}), "tracing.spawn_upstream_span"),
             (serde_json::json!({"randomSampling": {"value": 101}}), "tracing.random_sampling.value"),

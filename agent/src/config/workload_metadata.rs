@@ -145,10 +145,12 @@ pub struct Peer {
     pub metadata: WorkloadMetadata,
 }
 
-/// This proxy's side: its node id and workload metadata, which both exchanges send.
+/// This proxy's side: its node id and workload metadata, which both exchanges send, and its cluster.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LocalWorkload {
     pub node_id: String,
+    /// `node.cluster`: the local service name tracers report.
+    pub cluster: String,
     pub metadata: WorkloadMetadata,
     /// `x-envoy-peer-metadata`: base64 of the metadata's Struct, serialized deterministically (prost writes a
     /// Struct's fields in key order).
@@ -159,7 +161,7 @@ impl LocalWorkload {
     pub fn from_node(node: &Node) -> LocalWorkload {
         let metadata = WorkloadMetadata::from_node_metadata(&node.metadata, &[]);
         let header = base64_encode(&metadata.to_struct().encode_to_vec());
-        LocalWorkload { node_id: node.id.clone(), metadata, header }
+        LocalWorkload { node_id: node.id.clone(), cluster: node.cluster.clone(), metadata, header }
     }
 }
 

@@ -8,6 +8,8 @@
 
 pub mod export;
 pub mod otlp;
+pub mod propagation;
+pub mod zipkin;
 
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -19,7 +21,8 @@ use super::stream_info::Entry;
 use super::upstream::Upstream;
 use crate::config::http_connection_manager::RequestId;
 use crate::config::route::Decorator;
-use crate::config::tracing::{TagValue, Tracing};
+use crate::config::tracing::{Provider, TagValue, Tracing};
+use propagation::{Incoming, SpanContext};
 
 /// The instrumentation scope's version in exported spans.
 pub const SCOPE_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -137,42 +140,6 @@ pub fn decorate_response(egress: bool, operation: &Operation, headers: &mut Head
     }
 }
 
-/// A span's identity, as `traceparent` and `tracestate` carry it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SpanContext {
-    pub trace_id: [u8; 16],
-    pub span_id: [u8; 8],
-    pub sampled: bool,
-    pub trace_state: String,
-}
-
-/// A W3C `traceparent` as Envoy's extractor accepts it: `<2 hex>-<32 hex>-<16 hex>-<2 hex>`, ids not zero.
-fn parse_traceparent(value: &str) -> Option<([u8; 16], [u8; 8], bool)> {
-    let parts: Vec<&str> = value.split('-').collect();
-    let [version, trace, parent, flags] = parts.as_slice() else { return None };
-    if value.len() != 55 || version.len() != 2 || !version.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    let trace_id: [u8; 16] = hex(trace)?.try_into().ok()?;
-    let span_id: [u8; 8] = hex(parent)?.try_into().ok()?;
-    let flags = hex(flags)?;
-    if trace_id == [0; 16] || span_id == [0; 8] || flags.len() != 1 {
-        return None;
-    }
-    Some((trace_id, span_id, flags[0] & 1 == 1))
-}
-
-fn hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok())).collect()
-}
-
-fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn random_bytes<const N: usize>() -> [u8; N] {
     use ring::rand::SecureRandom;
     let mut out = [0u8; N];
@@ -182,20 +149,17 @@ fn random_bytes<const N: usize>() -> [u8; N] {
     out
 }
 
-impl SpanContext {
-    pub fn traceparent(&self) -> String {
-        format!("00-{}-{}-{}", to_hex(&self.trace_id), to_hex(&self.span_id), if self.sampled { "01" } else { "00" })
-    }
-}
-
 /// A request's span while the request is served.
 pub struct ActiveSpan {
     context: SpanContext,
-    parent: Option<[u8; 8]>,
+    /// Zipkin: a server span under `shared_span_context` (which reports it as `shared`).
+    shared: bool,
+    /// The request's B3 came in the single `b3` header, and goes on in it.
+    single_b3: bool,
     name: String,
     client: bool,
-    node_id: String,
     tracing: Arc<Tracing>,
+    provider: Arc<Provider>,
     exporter: mpsc::Sender<export::Finished>,
     upstream: Upstream,
 }
@@ -210,43 +174,57 @@ impl SpanSlot {
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Starts the request's span: a child of its `traceparent` (sampled as the parent is), or the root of a
-    /// new trace (sampled as `traced` says). A `traceparent` Envoy would not accept leaves the request
-    /// untraced and its headers untouched.
+    /// Starts the request's span: a child of the client's (sampled as the client says, else as `traced`
+    /// says), or the root of a new trace. Headers Envoy's tracer would refuse leave the request untraced and
+    /// its headers untouched.
     pub fn start(&self, tracing: &Arc<Tracing>, (headers, authority): (&HeaderMap, &str), traced: bool, egress: bool, operation: &Operation, upstream: &Upstream) {
         let Some(provider) = &tracing.provider else { return };
-        let (trace_id, parent, sampled) = match headers.get("traceparent") {
-            Some(v) => match v.to_str().ok().and_then(parse_traceparent) {
-                Some((trace, parent, sampled)) => (trace, Some(parent), sampled),
-                None => return,
-            },
-            None => (random_bytes(), None, traced),
+        let (incoming, wide) = match provider {
+            Provider::OpenTelemetry(_) => (propagation::w3c(headers), true),
+            Provider::Zipkin(z) => (propagation::b3(headers), z.trace_id_128bit),
         };
-        let trace_state = parent.map(|_| headers.get_all("tracestate").iter().filter_map(|v| v.to_str().ok()).collect::<Vec<_>>().join(",")).unwrap_or_default();
+        let shares = matches!(provider, Provider::Zipkin(z) if z.shared_span_context) && !egress;
+        let single_b3 = matches!(provider, Provider::Zipkin(_)) && headers.contains_key("b3");
+        let root = |sampled: bool| {
+            let mut trace_id: [u8; 16] = random_bytes();
+            if !wide {
+                trace_id[..8].fill(0);
+            }
+            SpanContext { trace_id, wide, span_id: random_bytes(), parent_id: None, sampled, trace_state: String::new() }
+        };
+        let context = match incoming {
+            Incoming::Refused => return,
+            Incoming::Nothing => root(traced),
+            Incoming::Sampled(sampled) => root(sampled),
+            // Zipkin's shared span context: the server side reports the client's span (its id and parent).
+            Incoming::Parent { context, sampled } if shares => SpanContext { sampled: sampled.unwrap_or(traced), ..context },
+            Incoming::Parent { context, sampled } => SpanContext { span_id: random_bytes(), parent_id: Some(context.span_id), sampled: sampled.unwrap_or(traced), ..context },
+        };
         let name = operation.name.clone().unwrap_or_else(|| match egress {
             true => format!("egress {authority}"),
             false => "ingress".to_string(),
         });
+        let provider = Arc::new(provider.clone());
         *self.lock() = Some(ActiveSpan {
-            context: SpanContext { trace_id, span_id: random_bytes(), sampled, trace_state },
-            parent,
+            context,
+            shared: shares,
+            single_b3,
             name,
             client: egress,
-            node_id: upstream.snapshot.local.node_id.clone(),
             tracing: Arc::clone(tracing),
-            exporter: export::exporter(&Arc::new(provider.clone()), &upstream.pools),
+            exporter: export::exporter(&provider, &upstream.pools),
+            provider,
             upstream: upstream.clone(),
         });
     }
 
-    /// Writes the span's context into a request going upstream.
+    /// Writes the span's context into a request going upstream, in its tracer's propagation format.
     pub fn inject(&self, headers: &mut HeaderMap) {
         let Some(span) = &*self.lock() else { return };
-        if let Ok(v) = HeaderValue::from_str(&span.context.traceparent()) {
-            headers.insert("traceparent", v);
-        }
-        if let Ok(v) = HeaderValue::from_str(&span.context.trace_state) {
-            headers.insert("tracestate", v);
+        match &*span.provider {
+            Provider::OpenTelemetry(_) => span.context.inject_w3c(headers),
+            // The upstream's parent is this span.
+            Provider::Zipkin(_) => span.context.inject_b3(headers, span.single_b3),
         }
     }
 
@@ -275,7 +253,8 @@ impl ActiveSpan {
         if !self.context.sampled {
             return;
         }
-        let mut tags = Tags(vec![("node_id".into(), self.node_id.clone()), ("zone".into(), String::new())]);
+        let local = &self.upstream.snapshot.local;
+        let mut tags = Tags(vec![("node_id".into(), local.node_id.clone()), ("zone".into(), String::new())]);
         if let Some(req) = e.request {
             let header = |name: &str| req.headers.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
             tags.set_some("guid:x-request-id", header("x-request-id"));
@@ -318,24 +297,32 @@ impl ActiveSpan {
             tags.set("grpc.status_code", code.to_string());
             tags.set_some("grpc.message", message.clone());
         }
-        let failed = e.code.is_some_and(|c| c >= 500 || (self.client && (400..500).contains(&c)))
-            || grpc.as_ref().is_some_and(|(c, _)| if self.client { *c != 0 } else { grpc_server_error(*c, true) });
         let start = e.start.unwrap_or_else(SystemTime::now);
-        let nanos = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-        let span = otlp::Span {
-            trace_id: self.context.trace_id.to_vec(),
-            span_id: self.context.span_id.to_vec(),
-            trace_state: self.context.trace_state.clone(),
-            parent_span_id: self.parent.map(|p| p.to_vec()).unwrap_or_default(),
-            name: self.name,
-            kind: if self.client { otlp::SPAN_KIND_CLIENT } else { otlp::SPAN_KIND_SERVER },
-            start_time_unix_nano: nanos(start),
-            end_time_unix_nano: nanos(start + e.duration),
-            attributes: tags.0.into_iter().map(|(k, v)| otlp::KeyValue::string(k, v)).collect(),
-            status: failed.then(|| otlp::Status { message: String::new(), code: otlp::STATUS_CODE_ERROR }),
+        let report = match &*self.provider {
+            Provider::OpenTelemetry(_) => {
+                let failed = e.code.is_some_and(|c| c >= 500 || (self.client && (400..500).contains(&c)))
+                    || grpc.as_ref().is_some_and(|(c, _)| if self.client { *c != 0 } else { grpc_server_error(*c, true) });
+                let nanos = |t: SystemTime| t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+                export::Report::Otlp(otlp::Span {
+                    trace_id: self.context.trace_id.to_vec(),
+                    span_id: self.context.span_id.to_vec(),
+                    trace_state: self.context.trace_state.clone(),
+                    parent_span_id: self.context.parent_id.map(|p| p.to_vec()).unwrap_or_default(),
+                    name: self.name,
+                    kind: if self.client { otlp::SPAN_KIND_CLIENT } else { otlp::SPAN_KIND_SERVER },
+                    start_time_unix_nano: nanos(start),
+                    end_time_unix_nano: nanos(start + e.duration),
+                    attributes: tags.0.into_iter().map(|(k, v)| otlp::KeyValue::string(k, v)).collect(),
+                    status: failed.then(|| otlp::Status { message: String::new(), code: otlp::STATUS_CODE_ERROR }),
+                })
+            }
+            Provider::Zipkin(_) => {
+                let span = zipkin::Span { context: &self.context, shared: self.shared, name: &self.name, client: self.client, start, duration: e.duration, service: &local.cluster, local: e.downstream_local };
+                export::Report::Zipkin(span.json(tags.0))
+            }
         };
         // A full queue drops the span: tracing never holds a request.
-        let _ = self.exporter.try_send(export::Finished { span, upstream: self.upstream });
+        let _ = self.exporter.try_send(export::Finished { report, upstream: self.upstream });
     }
 }
 
@@ -419,22 +406,6 @@ mod tests {
         assert_eq!(decided(&tracing(0), "00000064-0000-9000-8000-000000000000", &[]).0, true);
         let none = Tracing { overall_sampling: 0, ..tracing(10_000) };
         assert_eq!(decided(&none, "00000064-0000-9000-8000-000000000000", &[]), (false, "00000064-0000-4000-8000-000000000000".into()));
-    }
-
-    #[test]
-    fn traceparent_is_read_as_envoy_reads_it() {
-        let good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-        let (trace, parent, sampled) = parse_traceparent(good).unwrap();
-        assert_eq!((to_hex(&trace).as_str(), to_hex(&parent).as_str(), sampled), ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331", true));
-        for bad in [
-            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
-            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
-            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-1",
-            "00-0af7651916cd43dd8448eb211c80319g-b7ad6b7169203331-01",
-            "0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-        ] {
-            assert_eq!(parse_traceparent(bad), None, "{bad}");
-        }
     }
 
     #[test]

@@ -51,9 +51,21 @@ impl std::fmt::Display for ConnectError {
 impl Upstream {
     /// A request the proxy makes itself (Envoy's async client, as tracers export with): to an endpoint of
     /// `cluster`, on its pooled connections, in the cluster's protocol, counted in its statistics.
-    pub async fn request(&self, cluster: &str, req: Request<Body>) -> Result<Response<Body>, String> {
+    /// `req` carries an absolute URI; over HTTP/1.1 it goes in origin form with a `Host` header.
+    pub async fn request(&self, cluster: &str, mut req: Request<Body>) -> Result<Response<Body>, String> {
         let (c, runtime, endpoint) = self.pick(cluster).await.map_err(|e| e.to_string())?;
         let protocol = if c.config.http2 { pool::Protocol::Http2 } else { pool::Protocol::Http1 };
+        if protocol == pool::Protocol::Http1 {
+            if let Some(host) = req.uri().authority().and_then(|a| hyper::header::HeaderValue::from_str(a.as_str()).ok()) {
+                req.headers_mut().entry(hyper::header::HOST).or_insert(host);
+            }
+            if let Some(origin) = req.uri().path_and_query().cloned() {
+                *req.uri_mut() = hyper::Uri::from(origin);
+            }
+            *req.version_mut() = hyper::Version::HTTP_11;
+        } else {
+            *req.version_mut() = hyper::Version::HTTP_2;
+        }
         c.state.upstream_rq_total.fetch_add(1, Relaxed);
         let (result, fresh) = self.pools.send(pool::Key::of(endpoint, &c, &self.snapshot), protocol, pool::Reuse::of(c.config), &runtime, req).await;
         if fresh {
