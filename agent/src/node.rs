@@ -277,6 +277,11 @@ impl Node {
         self.redirector.status()
     }
 
+    /// The capture backend's kernel maps: `(name, entries in use, capacity)` (eBPF mode; none otherwise).
+    pub fn capture_maps(&self) -> Vec<(&'static str, u64, u64)> {
+        self.redirector.map_occupancy()
+    }
+
     /// Re-captures every pod of the persisted registry whose netns still exists; forgets the others. Returns
     /// how many pods were adopted and dropped. Run before serving CNI requests and before reporting ready.
     pub async fn adopt(&self) -> Result<(usize, usize), String> {

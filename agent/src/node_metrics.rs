@@ -80,6 +80,8 @@ pub struct Scrape {
     pub certificates: Vec<(String, i64)>,
     /// The process-wide access log lines dropped because their writer fell behind.
     pub access_log_dropped: u64,
+    /// The eBPF capture's maps: `(name, entries in use, capacity)`; empty in other modes.
+    pub ebpf_maps: Vec<(&'static str, u64, u64)>,
 }
 
 /// The event metrics and the scrape-time ones, as Prometheus text.
@@ -96,6 +98,14 @@ pub fn render(scrape: &Scrape) -> String {
     let dropped = Counter::<u64>::default();
     dropped.inc_by(scrape.access_log_dropped);
     now.register("weft_access_log_dropped_lines", "Access log lines dropped because their destination fell behind", dropped);
+    let (entries, capacity) = (Family::<Labels, Gauge>::default(), Family::<Labels, Gauge>::default());
+    for (map, used, max) in &scrape.ebpf_maps {
+        let labels = vec![("map", map.to_string())];
+        entries.get_or_create(&labels).set(*used as i64);
+        capacity.get_or_create(&labels).set(*max as i64);
+    }
+    now.register("weft_ebpf_map_entries", "Entries in use in each of the eBPF capture's maps", entries);
+    now.register("weft_ebpf_map_capacity", "Capacity (max_entries) of each of the eBPF capture's maps", capacity);
     let mut out = String::new();
     for registry in [&METRICS.registry, &now] {
         // Without the OpenMetrics `# EOF`: the endpoint goes on with the pods' and Istio's metrics.
@@ -116,13 +126,15 @@ mod tests {
         cni("ADD", true, Duration::from_millis(3));
         cni("ADD", false, Duration::from_millis(1));
         xds("LDS", false, Duration::from_micros(300));
-        let text = render(&Scrape { pods_captured: 2, certificates: vec![("spiffe://td/ns/a\"b/sa/x".into(), 1_800_000_000)], access_log_dropped: 0 });
+        let text = render(&Scrape { pods_captured: 2, certificates: vec![("spiffe://td/ns/a\"b/sa/x".into(), 1_800_000_000)], access_log_dropped: 0, ebpf_maps: vec![("WEFT_POLICIES", 3, 16384)] });
         for expected in [
             "weft_cni_requests_total{command=\"ADD\",result=\"ok\"}",
             "weft_cni_requests_total{command=\"ADD\",result=\"error\"}",
             "weft_cni_request_duration_seconds_bucket{le=\"0.0032\",command=\"ADD\"}",
             "weft_xds_responses_total{type=\"LDS\",result=\"nack\"}",
             "weft_pods_captured 2",
+            "weft_ebpf_map_entries{map=\"WEFT_POLICIES\"} 3",
+            "weft_ebpf_map_capacity{map=\"WEFT_POLICIES\"} 16384",
             "weft_certificate_expiry_timestamp_seconds{identity=\"spiffe://td/ns/a\\\"b/sa/x\"} 1800000000",
         ] {
             assert!(text.contains(expected), "{expected} in\n{text}");

@@ -1,5 +1,6 @@
 //! What only the eBPF mode has: programs verified and attached at the right hooks on the running kernel,
-//! pinned state adopted by a restarted agent without attaching twice, and the sockmap fast path.
+//! pinned state adopted by a restarted agent without attaching twice, the sockmap fast path, and the maps'
+//! occupancy in the node metrics.
 //! (The shared capture suite in `capture.rs` also runs in eBPF mode.)
 
 use std::path::Path;
@@ -110,6 +111,16 @@ fn sockmap_fast_path_carries_data_intact() {
         if n >= 2 { Ok(()) } else { Err(format!("{n} entries")) }
     })
     .unwrap();
+    // The node metrics show the maps' occupancy: both pods enrolled, the sockets held, and each capacity.
+    let (status, metrics) = weft_tests::agent::http_get_path(&cluster, "/stats/prometheus");
+    let sample = |name: &str, map: &str| {
+        let prefix = format!("{name}{{map=\"{map}\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    assert_eq!(status, 200);
+    assert_eq!(sample("weft_ebpf_map_entries", "WEFT_POLICIES"), Some(2), "{metrics}");
+    assert!(sample("weft_ebpf_map_entries", "WEFT_SOCKS").is_some_and(|n| n >= 2), "{metrics}");
+    assert_eq!(sample("weft_ebpf_map_capacity", "WEFT_ORIG_BY_COOKIE"), Some(65536), "{metrics}");
     drop(held);
 
     for len in [0, 1, 1500, 8 << 20] {

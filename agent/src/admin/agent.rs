@@ -121,6 +121,7 @@ impl Routes for Admin {
                         pods_captured: pods.len() as i64,
                         certificates: certificates.into_iter().filter_map(|c| Some((c.identity, c.not_after_unix? as i64))).collect(),
                         access_log_dropped: crate::proxy::access_log::DROPPED.load(Ordering::Relaxed),
+                        ebpf_maps: self.node.capture_maps(),
                     };
                     let mut text = crate::node_metrics::render(&scrape);
                     text.push_str(&prometheus(&pods));

@@ -123,6 +123,10 @@ pub trait Redirector: Send + Sync {
     fn status(&self) -> serde_json::Value {
         serde_json::Value::Null
     }
+    /// The backend's kernel maps, for the node metrics: `(name, entries in use, capacity)`.
+    fn map_occupancy(&self) -> Vec<(&'static str, u64, u64)> {
+        Vec::new()
+    }
 }
 
 /// Builds the backend for `mode`, probing the node for the tools (or kernel features) it needs.

@@ -21,6 +21,10 @@ pub const MAP_ORIG_BY_COOKIE: &str = "WEFT_ORIG_BY_COOKIE";
 pub const MAP_ORIG_BY_PEER: &str = "WEFT_ORIG_BY_PEER";
 pub const MAP_SOCKS: &str = "WEFT_SOCKS";
 
+/// Capacities of the maps: pods enrolled, and connection-scoped entries (original destinations, sockets).
+pub const MAX_PODS: u32 = 16384;
+pub const MAX_CONNECTIONS: u32 = 65536;
+
 /// How many port and CIDR exclusions one pod can carry.
 pub const MAX_EXCLUDED_PORTS: usize = 8;
 pub const MAX_EXCLUDED_CIDRS: usize = 8;

@@ -22,7 +22,7 @@ use aya_ebpf::EbpfContext;
 use core::ptr::read_volatile;
 use aya_log_ebpf::debug;
 use weft_ebpf_common::{
-    is_loopback, mapped_v4, OrigDst, PeerKey, PodPolicy, SockKey, POLICY_SOCKMAP, PROXY_MARK, PROXY_MARK_MASK,
+    is_loopback, mapped_v4, OrigDst, PeerKey, PodPolicy, SockKey, MAX_CONNECTIONS, MAX_PODS, POLICY_SOCKMAP, PROXY_MARK, PROXY_MARK_MASK,
 };
 
 const AF_INET: u32 = 2;
@@ -34,10 +34,10 @@ const SOL_IPV6: i32 = 41;
 const BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: u32 = 4;
 const BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB: u32 = 5;
 /// Connection-scoped entries: LRU, so a connection that never completes cannot fill the map.
-const CONNECTIONS: u32 = 65536;
+const CONNECTIONS: u32 = MAX_CONNECTIONS;
 
 #[map(name = "WEFT_POLICIES")]
-static POLICIES: HashMap<u64, PodPolicy> = HashMap::pinned(16384, 0);
+static POLICIES: HashMap<u64, PodPolicy> = HashMap::pinned(MAX_PODS, 0);
 #[map(name = "WEFT_ORIG_BY_COOKIE")]
 static ORIG_BY_COOKIE: LruHashMap<u64, OrigDst> = LruHashMap::pinned(CONNECTIONS, 0);
 #[map(name = "WEFT_ORIG_BY_PEER")]

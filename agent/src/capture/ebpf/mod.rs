@@ -21,7 +21,8 @@ use aya::programs::SkMsg;
 use aya::{Ebpf as Loaded, EbpfLoader};
 use ipnet::IpNet;
 use weft_ebpf_common::{
-    Cidr, PodPolicy, SockKey, MAP_POLICIES, MAP_SOCKS, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, PIN_VERSION, POLICY_SOCKMAP,
+    Cidr, OrigDst, PeerKey, PodPolicy, SockKey, MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_PEER, MAP_POLICIES, MAP_SOCKS, MAX_CONNECTIONS, MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORTS, MAX_PODS,
+    PIN_VERSION, POLICY_SOCKMAP,
 };
 
 use self::bpf_sys::AttachType;
@@ -161,6 +162,25 @@ impl Redirector for Ebpf {
             "sockmap": self.policy.flags & POLICY_SOCKMAP != 0,
             "sockhash_entries": self.socks.lock().map(|m| m.keys().count()).unwrap_or(0),
         })
+    }
+
+    /// Entries are counted by walking each map's keys: at most the maps' capacities, once per scrape.
+    fn map_occupancy(&self) -> Vec<(&'static str, u64, u64)> {
+        let pods = self.policies().keys().count() as u64;
+        let socks = self.socks.lock().map(|m| m.keys().count() as u64).unwrap_or(0);
+        let loaded = self._loaded.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let connections = |name: &str| -> u64 {
+            let Some(map) = loaded.map(name) else { return 0 };
+            match name {
+                MAP_ORIG_BY_PEER => BpfHashMap::<_, PeerKey, OrigDst>::try_from(map).map_or(0, |m| m.keys().count() as u64),
+                _ => BpfHashMap::<_, u64, OrigDst>::try_from(map).map_or(0, |m| m.keys().count() as u64),
+            }
+        };
+        let connections = [MAP_ORIG_BY_COOKIE, MAP_ORIG_BY_PEER].map(|name| (name, connections(name), u64::from(MAX_CONNECTIONS)));
+        let mut out = vec![(MAP_POLICIES, pods, u64::from(MAX_PODS))];
+        out.extend(connections);
+        out.push((MAP_SOCKS, socks, u64::from(MAX_CONNECTIONS)));
+        out
     }
 
     fn remove(&self, ns: &Netns) -> Result<(), CaptureError> {
