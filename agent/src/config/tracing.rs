@@ -3,6 +3,8 @@
 //! `envoy.tracers.opentelemetry` over gRPC to a cluster (W3C `traceparent`), or `envoy.tracers.zipkin` with
 //! JSON v2 over HTTP to a cluster (B3 headers); other tracers are refused by their path.
 
+use std::sync::Arc;
+
 use super::tree::{ConfigError, Obj, Result};
 
 /// `envoy.config.trace.v3.OpenTelemetryConfig`.
@@ -24,7 +26,7 @@ pub struct Tracing {
     pub max_path_tag_length: usize,
     pub custom_tags: Vec<CustomTag>,
     /// `None`: sampling decides and `x-request-id` records it, but no span is made or reported.
-    pub provider: Option<Provider>,
+    pub provider: Option<Arc<Provider>>,
 }
 
 /// The tracer spans are made and reported by.
@@ -98,7 +100,7 @@ pub fn translate(mut t: Obj<'_>) -> Result<Tracing> {
         verbose: t.bool("verbose")?.unwrap_or(false),
         max_path_tag_length: t.u64("max_path_tag_length")?.map_or(256, |n| n as usize),
         custom_tags: t.objects("custom_tags")?.into_iter().map(custom_tag).collect::<Result<_>>()?,
-        provider: t.object("provider")?.map(provider).transpose()?,
+        provider: t.object("provider")?.map(provider).transpose()?.map(Arc::new),
     };
     if t.bool_value("spawn_upstream_span")? == Some(true) {
         return Err(ConfigError::new(t.at("spawn_upstream_span"), "true is not supported by weft yet (it makes one span per request)"));
@@ -248,13 +250,13 @@ mod tests {
         .unwrap();
         assert_eq!((t.client_sampling, t.random_sampling, t.overall_sampling), (10_000, 100, 10_000));
         assert_eq!(t.custom_tags[1].value, TagValue::RbacMetadata { key: "istio_dry_run_allow_shadow_effective_policy_id".into(), default: None });
-        assert_eq!(t.provider, Some(Provider::OpenTelemetry(OpenTelemetry { cluster: "outbound|4317||otel.svc".into(), authority: "outbound|4317||otel.svc".into(), timeout_ms: 250, service_name: "ratings.shop".into() })));
+        assert_eq!(t.provider.as_deref(), Some(&Provider::OpenTelemetry(OpenTelemetry { cluster: "outbound|4317||otel.svc".into(), authority: "outbound|4317||otel.svc".into(), timeout_ms: 250, service_name: "ratings.shop".into() })));
         // Istio's zipkin provider.
         let z = translated(serde_json::json!({"provider": {"name": "envoy.tracers.zipkin", "typedConfig": {"@type": "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig",
             "collectorCluster": "outbound|9411||zipkin.istio-system.svc.cluster.local", "collectorEndpoint": "/api/v2/spans", "traceId128bit": true,
             "sharedSpanContext": false, "collectorEndpointVersion": "HTTP_JSON", "collectorHostname": "zipkin.istio-system.svc.cluster.local"}}}))
         .unwrap();
-        let Some(Provider::Zipkin(z)) = z.provider else { panic!("{z:?}") };
+        let Some(Provider::Zipkin(z)) = z.provider.as_deref() else { panic!("{z:?}") };
         assert_eq!((z.trace_id_128bit, z.shared_span_context, z.hostname.as_str()), (true, false, "zipkin.istio-system.svc.cluster.local"));
     }
 

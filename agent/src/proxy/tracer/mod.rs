@@ -179,12 +179,12 @@ impl SpanSlot {
     /// its headers untouched.
     pub fn start(&self, tracing: &Arc<Tracing>, (headers, authority): (&HeaderMap, &str), traced: bool, egress: bool, operation: &Operation, upstream: &Upstream) {
         let Some(provider) = &tracing.provider else { return };
-        let (incoming, wide) = match provider {
+        let (incoming, wide) = match &**provider {
             Provider::OpenTelemetry(_) => (propagation::w3c(headers), true),
             Provider::Zipkin(z) => (propagation::b3(headers), z.trace_id_128bit),
         };
-        let shares = matches!(provider, Provider::Zipkin(z) if z.shared_span_context) && !egress;
-        let single_b3 = matches!(provider, Provider::Zipkin(_)) && headers.contains_key("b3");
+        let shares = matches!(&**provider, Provider::Zipkin(z) if z.shared_span_context) && !egress;
+        let single_b3 = matches!(&**provider, Provider::Zipkin(_)) && headers.contains_key("b3");
         let root = |sampled: bool| {
             let mut trace_id: [u8; 16] = random_bytes();
             if !wide {
@@ -204,7 +204,6 @@ impl SpanSlot {
             true => format!("egress {authority}"),
             false => "ingress".to_string(),
         });
-        let provider = Arc::new(provider.clone());
         *self.lock() = Some(ActiveSpan {
             context,
             shared: shares,
@@ -212,8 +211,8 @@ impl SpanSlot {
             name,
             client: egress,
             tracing: Arc::clone(tracing),
-            exporter: export::exporter(&provider, &upstream.pools),
-            provider,
+            exporter: export::exporter(provider, &upstream.pools),
+            provider: Arc::clone(provider),
             upstream: upstream.clone(),
         });
     }

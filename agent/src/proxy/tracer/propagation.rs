@@ -70,20 +70,7 @@ pub fn b3(headers: &HeaderMap) -> Incoming {
     let (Some(trace), Some(span)) = (text("x-b3-traceid"), text("x-b3-spanid")) else {
         return sampled.map_or(Incoming::Nothing, Incoming::Sampled);
     };
-    let parent = match text("x-b3-parentspanid") {
-        Some(p) => match span_id(p) {
-            Some(id) => Some(id),
-            None => return Incoming::Refused,
-        },
-        None => None,
-    };
-    match (trace_id(trace), span_id(span)) {
-        (Some((trace_id, wide)), Some(span_id)) => {
-            let context = SpanContext { trace_id, wide, span_id, parent_id: parent, sampled: sampled.unwrap_or(false), trace_state: String::new() };
-            Incoming::Parent { context, sampled }
-        }
-        _ => Incoming::Refused,
-    }
+    b3_parent(trace, span, text("x-b3-parentspanid").filter(|p| !p.is_empty()), sampled)
 }
 
 fn b3_single(value: &str) -> Incoming {
@@ -95,28 +82,24 @@ fn b3_single(value: &str) -> Incoming {
     };
     match parts.as_slice() {
         [only] => decision(only).map_or(Incoming::Refused, Incoming::Sampled),
-        [trace, span, rest @ ..] if rest.len() <= 2 => {
-            let sampled = match rest.first() {
-                Some(s) => match decision(s) {
-                    Some(d) => Some(d),
-                    None => return Incoming::Refused,
-                },
-                None => None,
-            };
-            let parent = match rest.get(1) {
-                Some(p) => match span_id(p) {
-                    Some(id) => Some(id),
-                    None => return Incoming::Refused,
-                },
-                None => None,
-            };
-            match (trace_id(trace), span_id(span)) {
-                (Some((trace_id, wide)), Some(span_id)) => {
-                    let context = SpanContext { trace_id, wide, span_id, parent_id: parent, sampled: sampled.unwrap_or(false), trace_state: String::new() };
-                    Incoming::Parent { context, sampled }
-                }
-                _ => Incoming::Refused,
-            }
+        [trace, span, rest @ ..] if rest.len() <= 2 => match rest.first().map(|s| decision(s)) {
+            Some(None) => Incoming::Refused,
+            sampled => b3_parent(trace, span, rest.get(1).copied(), sampled.flatten()),
+        },
+        _ => Incoming::Refused,
+    }
+}
+
+/// The client's span from B3's ids (any of them malformed: refused).
+fn b3_parent(trace: &str, span: &str, parent: Option<&str>, sampled: Option<bool>) -> Incoming {
+    let parent_id = match parent.map(span_id) {
+        Some(None) => return Incoming::Refused,
+        parent => parent.flatten(),
+    };
+    match (trace_id(trace), span_id(span)) {
+        (Some((trace_id, wide)), Some(span_id)) => {
+            let context = SpanContext { trace_id, wide, span_id, parent_id, sampled: sampled.unwrap_or(false), trace_state: String::new() };
+            Incoming::Parent { context, sampled }
         }
         _ => Incoming::Refused,
     }
