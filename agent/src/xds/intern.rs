@@ -64,7 +64,7 @@ impl<T> Interner<T> {
     }
 
     /// Distinct contents held (live or not yet swept).
-    pub fn len(&self) -> usize {
+    pub fn held(&self) -> usize {
         self.lock().map.values().map(Vec::len).sum()
     }
 
@@ -98,7 +98,7 @@ mod tests {
         for i in 10..10_000u64 {
             drop(interner.get_or_decode(&i.to_le_bytes(), |_| true, || -> Result<_, ()> { Ok(i) }).unwrap());
         }
-        assert!(interner.len() <= MIN_SWEEP, "{} entries held for 10 live values", interner.len());
+        assert!(interner.held() <= MIN_SWEEP, "{} entries held for 10 live values", interner.held());
         assert_eq!(kept.iter().map(|v| **v).sum::<u64>(), 45, "live values stay shared");
     }
 }

@@ -435,11 +435,11 @@ mod churn {
             assert!(state.apply(ENDPOINT_TYPE, &version.to_string(), &received, &[], false).is_empty());
         };
         push(0);
-        let before = (resident_kib(), ASSIGNMENTS.len());
+        let before = (resident_kib(), ASSIGNMENTS.held());
         for version in 1..=10_000 {
             push(version);
         }
-        let after = (resident_kib(), ASSIGNMENTS.len());
+        let after = (resident_kib(), ASSIGNMENTS.held());
         eprintln!("10,000 EDS versions: resident {} KiB before, {} KiB after; shared assignments held {} before, {} after", before.0, after.0, before.1, after.1);
         assert_eq!(state.store().assignments.len(), 1);
         assert!(after.1 < 1_000, "{} assignments still held after 10,000 versions", after.1);

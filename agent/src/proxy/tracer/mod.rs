@@ -402,7 +402,7 @@ mod tests {
         assert_eq!(decided(&tracing(0), "00000064-0000-4000-8000-000000000000", &[("x-client-trace-id", "x")]).1, "00000064-0000-b000-8000-000000000000");
         assert_eq!(decided(&tracing(0), "00000064-0000-4000-8000-000000000000", &[("x-envoy-force-trace", "1")]).1, "00000064-0000-a000-8000-000000000000");
         // An id that records a decision keeps it, and overall sampling can still refuse it.
-        assert_eq!(decided(&tracing(0), "00000064-0000-9000-8000-000000000000", &[]).0, true);
+        assert!(decided(&tracing(0), "00000064-0000-9000-8000-000000000000", &[]).0);
         let none = Tracing { overall_sampling: 0, ..tracing(10_000) };
         assert_eq!(decided(&none, "00000064-0000-9000-8000-000000000000", &[]), (false, "00000064-0000-4000-8000-000000000000".into()));
     }
