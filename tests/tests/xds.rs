@@ -428,13 +428,14 @@ fn rds_over_delta_ads() {
 fn removed_listener_drains_its_connections() {
     use std::io::{Read, Write};
     let Some(Setup { ns, dir, config, server }) = Setup::new("drain", "GRPC") else { return };
-    let _upstream = EchoServer::start(&ns, 19300).unwrap();
+    let upstream = EchoServer::start(&ns, 19300).unwrap();
     server.set(CLUSTER, "1", &[ECHO_CLUSTER]).unwrap();
     server.set(LISTENER, "1", &[&listener("l1", 19100, ""), &listener("l2", 19101, "")]).unwrap();
     // Long enough that a loaded machine still finishes the draining exchange well inside it.
     let _weft = start_weft_with(&ns, &config, &["--drain-time-s", "5"]);
     works(&ns, 19100);
     works(&ns, 19101);
+    let relayed_before = upstream.peers().len();
     let open = |port| {
         let mut c = ns.tcp_connect(addr(port), Duration::from_secs(5)).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -449,6 +450,13 @@ fn removed_listener_drains_its_connections() {
         back
     };
     let (draining, cut, kept) = (open(19100), open(19100), open(19101));
+    // Accepted by the proxy (each has its upstream connection), not still in the listener's backlog, which the
+    // listener's removal would reset.
+    wait_for("the three connections relayed upstream", Duration::from_secs(10), || match upstream.peers().len() - relayed_before {
+        n if n >= 3 => Ok(()),
+        n => Err(format!("{n} relayed")),
+    })
+    .unwrap();
 
     server.set(LISTENER, "2", &[&listener("l2", 19101, "")]).unwrap();
     ack(&server, false, LISTENER, "2", 2);
