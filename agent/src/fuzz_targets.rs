@@ -213,7 +213,7 @@ mod tests {
             tls: None,
             request: Some(&parts),
         };
-        assert!(crate::proxy::filters::http::rbac::decode(rbac, None, &facts, false).is_some(), "the policy denies it");
+        assert!(crate::proxy::filters::http::rbac::decode(rbac, None, &facts, false).0.is_some(), "the policy denies it");
         assert!(crate::proxy::route::select(routes, "api.local", &parts).is_none(), "no route for it");
         let items = request_of(b"GET /v2/items/42\nhost: api.local\nx-version: 2").unwrap();
         let (_, route) = crate::proxy::route::select(routes, "api.local", &items).expect("the regex route");

@@ -80,6 +80,13 @@ pub struct HttpConnectionManager {
     pub http2: Http2Settings,
 }
 
+impl HttpConnectionManager {
+    /// Whether requests get spans (a tracer is configured), beyond the trace decision.
+    pub fn reports_spans(&self) -> bool {
+        self.tracing.as_ref().is_some_and(|t| t.provider.is_some())
+    }
+}
+
 /// `request_id_extension`: `envoy.extensions.request_id.uuid.v3.UuidRequestIdConfig`, the only one (and the
 /// default). Ids are random UUIDs, generated when a request has none and kept when it has one (see
 /// `generate_request_id`, `preserve_external_request_id`). With `tracing`, the id carries the trace decision

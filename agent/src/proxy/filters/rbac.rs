@@ -90,22 +90,39 @@ impl Policies {
     }
 
     pub fn allows(&self, facts: &Facts<'_>) -> bool {
-        match self.action {
-            Action::Allow => self.matched(facts).is_some(),
-            Action::Deny => self.matched(facts).is_none(),
+        self.decide(facts).allowed
+    }
+
+    /// The decision, and the policy that matched (Envoy's effective policy id), from one pass over the
+    /// policies.
+    pub fn decide(&self, facts: &Facts<'_>) -> Verdict<'_> {
+        let matched = self.matched(facts);
+        let allowed = match self.action {
+            Action::Allow => matched.is_some(),
+            Action::Deny => matched.is_none(),
             Action::Log => true,
-        }
+        };
+        Verdict { allowed, matched }
     }
 }
 
+/// What one set of policies decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict<'a> {
+    pub allowed: bool,
+    pub matched: Option<&'a str>,
+}
+
 /// Runs the shadow policies (counted, never enforced), then the enforced ones (counted); `true` when the
-/// connection or request may go on. Without enforced policies everything is allowed and nothing counted.
-pub fn evaluate(engines: &Engines, counters: &Counters, facts: &Facts<'_>) -> bool {
-    if let Some(shadow) = &engines.shadow {
-        let counter = if shadow.allows(facts) { &counters.shadow_allowed } else { &counters.shadow_denied };
+/// connection or request may go on (without enforced policies everything is allowed and nothing counted),
+/// and what the shadow policies decided, for the HTTP filter's dynamic metadata.
+pub fn evaluate<'e>(engines: &'e Engines, counters: &Counters, facts: &Facts<'_>) -> (bool, Option<Verdict<'e>>) {
+    let shadow = engines.shadow.as_ref().map(|shadow| shadow.decide(facts));
+    if let Some(verdict) = shadow {
+        let counter = if verdict.allowed { &counters.shadow_allowed } else { &counters.shadow_denied };
         counter.fetch_add(1, Relaxed);
     }
-    let Some(enforced) = &engines.enforced else { return true };
+    let Some(enforced) = &engines.enforced else { return (true, shadow) };
     let allowed = enforced.allows(facts);
     if allowed {
         counters.allowed.fetch_add(1, Relaxed);
@@ -113,7 +130,7 @@ pub fn evaluate(engines: &Engines, counters: &Counters, facts: &Facts<'_>) -> bo
         tracing::debug!(peer = %facts.peer, remote = %facts.remote, local = %facts.local, "rbac: denied");
         counters.denied.fetch_add(1, Relaxed);
     }
-    allowed
+    (allowed, shadow)
 }
 
 #[cfg(test)]
@@ -224,8 +241,8 @@ mod tests {
             "rules_stat_prefix": "unit_"});
         let filter = rbac::http(Obj::new(&config, "f").unwrap(), "http.evaluation_test.").unwrap();
         let (admin, other) = (request("POST", "/admin/x", &[]), request("GET", "/public", &[]));
-        assert!(!evaluate(&filter.engines, &filter.stats, &facts(None, Some(&admin))));
-        assert!(evaluate(&filter.engines, &filter.stats, &facts(None, Some(&other))));
+        assert!(!evaluate(&filter.engines, &filter.stats, &facts(None, Some(&admin))).0);
+        assert!(evaluate(&filter.engines, &filter.stats, &facts(None, Some(&other))).0);
         let s = &filter.stats;
         let counts = [&s.allowed, &s.denied, &s.shadow_allowed, &s.shadow_denied].map(|c| c.load(Relaxed));
         assert_eq!(counts, [1, 1, 1, 1], "the shadow rules count but never decide");
@@ -234,6 +251,6 @@ mod tests {
         assert!(!empty_allow.allows(&facts(None, None)), "ALLOW without policies denies everything");
         let log = Policies { action: Action::Log, policies: Vec::new() };
         assert!(log.allows(&facts(None, None)));
-        assert!(evaluate(&Engines::default(), &filter.stats, &facts(None, None)), "no engine: allowed");
+        assert!(evaluate(&Engines::default(), &filter.stats, &facts(None, None)).0, "no engine: allowed");
     }
 }

@@ -20,6 +20,8 @@ use crate::proxy::body;
 use crate::proxy::upstream::pool::Pools;
 use crate::proxy::upstream::Upstream;
 
+/// The instrumentation scope's version in exported spans.
+const SCOPE_VERSION: &str = env!("CARGO_PKG_VERSION");
 const MIN_FLUSH_SPANS: usize = 5;
 const FLUSH_INTERVAL: Duration = Duration::from_secs(5);
 /// Spans waiting for export before new ones are dropped.
@@ -146,7 +148,7 @@ fn export_request(provider: &OpenTelemetry, spans: Vec<otlp::Span>) -> Request<b
     let message = otlp::ExportTraceServiceRequest {
         resource_spans: vec![otlp::ResourceSpans {
             resource: Some(otlp::Resource { attributes: vec![otlp::KeyValue::string("service.name", provider.service_name.clone())] }),
-            scope_spans: vec![otlp::ScopeSpans { scope: Some(otlp::InstrumentationScope { name: "envoy".into(), version: super::SCOPE_VERSION.into() }), spans }],
+            scope_spans: vec![otlp::ScopeSpans { scope: Some(otlp::InstrumentationScope { name: "envoy".into(), version: SCOPE_VERSION.into() }), spans }],
         }],
     };
     let encoded = message.encode_to_vec();

@@ -15,7 +15,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use hyper::header::{HeaderMap, HeaderValue};
-use tokio::sync::mpsc;
 
 use super::stream_info::Entry;
 use super::upstream::Upstream;
@@ -24,8 +23,6 @@ use crate::config::route::Decorator;
 use crate::config::tracing::{Provider, TagValue, Tracing};
 use propagation::{Incoming, SpanContext};
 
-/// The instrumentation scope's version in exported spans.
-pub const SCOPE_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 const DECORATOR: &str = "x-envoy-decorator-operation";
 /// Where Envoy's UUID request id packs the trace reason (the UUID's version nibble).
@@ -160,7 +157,6 @@ pub struct ActiveSpan {
     client: bool,
     tracing: Arc<Tracing>,
     provider: Arc<Provider>,
-    exporter: mpsc::Sender<export::Finished>,
     upstream: Upstream,
 }
 
@@ -211,7 +207,6 @@ impl SpanSlot {
             name,
             client: egress,
             tracing: Arc::clone(tracing),
-            exporter: export::exporter(provider, &upstream.pools),
             provider: Arc::clone(provider),
             upstream: upstream.clone(),
         });
@@ -321,7 +316,8 @@ impl ActiveSpan {
             }
         };
         // A full queue drops the span: tracing never holds a request.
-        let _ = self.exporter.try_send(export::Finished { report, upstream: self.upstream });
+        let exporter = export::exporter(&self.provider, &self.upstream.pools);
+        let _ = exporter.try_send(export::Finished { report, upstream: self.upstream });
     }
 }
 

@@ -4,34 +4,34 @@
 use hyper::{Response, StatusCode};
 
 use super::super::super::body::Body;
-use super::super::rbac::{self, Facts};
+use super::super::rbac::{self, Facts, Verdict};
 use super::local_reply;
 use crate::config::rbac::{Engines, HttpRbac};
 use crate::proxy::stream_info::RbacShadow;
 
-/// `route_engines`: the route's `RBACPerRoute`, which replaces the filter's policies (not its counters).
-pub fn decode(filter: &HttpRbac, route_engines: Option<&Engines>, facts: &Facts<'_>, grpc: bool) -> Option<Response<Body>> {
+/// `route_engines`: the route's `RBACPerRoute`, which replaces the filter's policies (not its counters). Returns
+/// the denial, and the dynamic metadata Envoy's RBAC filter writes for its shadow rules
+/// (`<prefix>shadow_engine_result`: `allowed` or `denied`; `<prefix>shadow_effective_policy_id`: the policy
+/// that matched), which spans' custom tags read (Istio's dry-run policies).
+pub fn decode(filter: &HttpRbac, route_engines: Option<&Engines>, facts: &Facts<'_>, grpc: bool) -> (Option<Response<Body>>, Option<RbacShadow>) {
     let engines = route_engines.unwrap_or(&filter.engines);
-    if rbac::evaluate(engines, &filter.stats, facts) {
-        return None;
+    let (allowed, shadow) = rbac::evaluate(engines, &filter.stats, facts);
+    let metadata = shadow.map(|verdict| shadow_metadata(&filter.shadow_prefix, verdict));
+    if allowed {
+        return (None, metadata);
     }
     let mut reply = local_reply::reply(StatusCode::FORBIDDEN, Some("RBAC: access denied"), grpc);
     let policy = engines.enforced.as_ref().map_or_else(|| "none".to_string(), |p| p.denied_by(facts));
     reply.extensions_mut().insert(local_reply::ResponseDetails(format!("rbac_access_denied_matched_policy[{policy}]").into()));
-    Some(reply)
+    (Some(reply), metadata)
 }
 
-/// The dynamic metadata Envoy's RBAC filter writes for its shadow rules (`<prefix>shadow_engine_result`:
-/// `allowed` or `denied`; `<prefix>shadow_effective_policy_id`: the policy that matched), which spans' custom
-/// tags read (Istio's dry-run policies); `None` without shadow rules.
-pub fn shadow_metadata(filter: &HttpRbac, route_engines: Option<&Engines>, facts: &Facts<'_>) -> Option<RbacShadow> {
-    let shadow = route_engines.unwrap_or(&filter.engines).shadow.as_ref()?;
-    let prefix = &filter.shadow_prefix;
+fn shadow_metadata(prefix: &str, verdict: Verdict<'_>) -> RbacShadow {
     let mut fields = Vec::new();
-    if let Some(policy) = shadow.matched(facts) {
+    if let Some(policy) = verdict.matched {
         fields.push((format!("{prefix}shadow_effective_policy_id"), policy.to_string()));
     }
-    let result = if shadow.allows(facts) { "allowed" } else { "denied" };
+    let result = if verdict.allowed { "allowed" } else { "denied" };
     fields.push((format!("{prefix}shadow_engine_result"), result.to_string()));
-    Some(RbacShadow(fields))
+    RbacShadow(fields)
 }

@@ -227,7 +227,7 @@ impl HttpContext {
         let (parts, body) = req.into_parts();
         let report = self.istio_stats().map(|(filter, snapshot)| HttpReport::start(filter, &parts, self.tls.clone(), Arc::clone(&self.telemetry.connection_peer), snapshot));
         // The request's span, when the connection manager reports them.
-        let span = self.hcm.tracing.as_ref().filter(|t| t.provider.is_some()).map(|_| Arc::new(SpanSlot::default()));
+        let span = self.hcm.reports_spans().then(|| Arc::new(SpanSlot::default()));
         let log = HttpLog::start(self.log_connection(), &parts, span.clone());
         let mut body = RequestBody::new(body, Arc::clone(&timers)).boxed();
         for bytes in report.as_ref().map(HttpReport::request_bytes).into_iter().chain(log.as_ref().map(HttpLog::request_bytes)) {
@@ -548,9 +548,8 @@ impl HttpContext {
     }
 
     /// Routes the request, following upstream redirects the matched route's `internal_redirect_policy`
-    /// allows (the followed request has no body and carries `x-envoy-original-url`).
-    /// Routes the request (following internal redirects); `traced`: the trace decision, when the connection
-    /// manager traces.
+    /// allows (the followed request has no body and carries `x-envoy-original-url`). `traced`: the trace
+    /// decision, when the connection manager traces; the span starts with the first route chosen.
     async fn route(
         &self,
         mut parts: Parts,
@@ -624,8 +623,7 @@ impl HttpContext {
         let mut routed = None;
         // Istio's metrics, access logs and spans name the routed cluster even when a filter answers before the
         // router.
-        let spans = self.hcm.tracing.as_ref().is_some_and(|t| t.provider.is_some());
-        let observed = !self.hcm.access_log.is_empty() || self.hcm.http_filters.iter().any(|f| matches!(f.kind, HttpFilterKind::IstioStats(_))) || spans;
+        let observed = self.hcm.reports_spans() || !self.hcm.access_log.is_empty() || self.hcm.http_filters.iter().any(|f| matches!(f.kind, HttpFilterKind::IstioStats(_)));
         // The RBAC filters' shadow results, for the spans' custom tags.
         let mut shadow = None;
         if observed {
@@ -654,11 +652,9 @@ impl HttpContext {
                             Some(FilterOverride::Rbac(engines)) => Some(&**engines),
                             _ => None,
                         };
-                        let facts = self.facts(&parts, downstream);
-                        if spans {
-                            shadow = rbac::shadow_metadata(filter, route_engines, &facts).or(shadow);
-                        }
-                        rbac::decode(filter, route_engines, &facts, grpc)
+                        let (reply, metadata) = rbac::decode(filter, route_engines, &self.facts(&parts, downstream), grpc);
+                        shadow = metadata.or(shadow);
+                        reply
                     }
                     (HttpFilterKind::Alpn(overrides), _) => {
                         parts.extensions.insert(AlpnFilter(Arc::clone(overrides)));

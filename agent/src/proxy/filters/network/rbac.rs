@@ -47,7 +47,7 @@ impl Connection {
 /// one-time ones keep their first answer). Stops at the first denial, as Envoy closes the connection there.
 pub fn on_data(filters: &[Arc<NetworkRbac>], connection: &Connection, first: bool) -> bool {
     let facts = connection.facts();
-    filters.iter().filter(|f| first || f.continuous).all(|f| rbac::evaluate(&f.engines, &f.stats, &facts))
+    filters.iter().filter(|f| first || f.continuous).all(|f| rbac::evaluate(&f.engines, &f.stats, &facts).0)
 }
 
 /// The enforced policies' decision, uncounted: the guard's re-check after a configuration change.
