@@ -159,6 +159,13 @@ fn captured_traffic_follows_each_pods_own_configuration() {
     let to_7000 = "{name: 0.0.0.0_7100, address: {socket_address: {address: 0.0.0.0, port_value: 7100}}, bind_to_port: false, filter_chains: [{filters: [{name: envoy.filters.network.tcp_proxy, typed_config: {\"@type\": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy, stat_prefix: s, cluster: echo7000}}]}]}".to_string();
     xds.set_for_node(&node_id(&c1), LISTENER, "c1-1", &refs(&sidecar_listeners("c1 route", std::slice::from_ref(&to_7000)))).unwrap();
 
+    // The server pod's inbound listener decides its connections below: without its configuration it refuses
+    // them (fail closed), so wait until it has arrived.
+    wait_for("the server pod's listeners", Duration::from_secs(30), || {
+        let status = agent.pod_status("default", "server").map_err(|e| e.to_string())?.ok_or("server not captured")?;
+        if status["xds"]["LDS"] == "SYNCED" && status["xds"]["CDS"] == "SYNCED" { Ok(()) } else { Err(status["xds"].to_string()) }
+    })
+    .unwrap();
     // HTTP to port 8080 (where nothing listens in the server pod) is answered by each client's own route.
     wait_http_body(&c1, &server, "c1 route");
     wait_http_body(&c2, &server, "mesh route");
