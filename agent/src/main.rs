@@ -414,6 +414,21 @@ fn cap_malloc_arenas() {
     }
 }
 
+/// Every proxied connection costs the agent two descriptors per side it crosses (downstream and upstream), for
+/// all pods of the node: the soft limit (often 1,024) would refuse connections long before the node's
+/// connection limits do, so it is raised to the hard limit the container runtime granted.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::info!(from = soft, to = hard, "open file limit raised"),
+            Err(e) => tracing::warn!(soft, hard, "cannot raise the open file limit: {e}"),
+        },
+        Ok(_) => {}
+        Err(e) => tracing::warn!("cannot read the open file limit: {e}"),
+    }
+}
+
 fn main() -> ExitCode {
     cap_malloc_arenas();
     let cli = Cli::parse();
@@ -508,6 +523,7 @@ fn proxy(args: ProxyArgs) -> Result<(), String> {
         return Ok(());
     }
     init_logging(level);
+    raise_open_file_limit();
     let concurrency = args.concurrency.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(concurrency)
@@ -641,6 +657,7 @@ fn init_logging(level: tracing::Level) {
 fn run(args: RunArgs) -> Result<(), String> {
     let cfg = args.resolve()?;
     init_logging(cfg.log_level);
+    raise_open_file_limit();
     // Before any thread exists: every thread that enters a pod netns comes back to this one.
     netns::init_host_netns().map_err(|e| format!("cannot open the agent's network namespace: {e}"))?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();

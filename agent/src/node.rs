@@ -1,7 +1,7 @@
 //! The node's captured pods: for each attachment, its netns, its in-pod listeners and its redirection rules,
 //! kept in step with the persisted registry. The CNI server and the start-up adoption drive it.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -13,7 +13,7 @@ use crate::admin::pod_ports::{self, PodMetrics, PodPorts, Readiness};
 use crate::capture::netns::{self, Netns, NetnsPath};
 use crate::capture::probes::{HostProbes, ProbeTarget};
 use crate::capture::{CaptureError, PodCapture, RedirectMode, Redirector};
-use crate::cni_server::registry::{PodRecord, RegistryFile};
+use crate::cni_server::registry::{PodRecord, Registry, RegistryFile};
 use crate::identity::manager::{IdentityManager, Subscription};
 use crate::config::agent::{PodLimits, DEFAULT_ISTIO_VERSION};
 use crate::k8s::{self, KubeView, PodMeta};
@@ -96,11 +96,12 @@ impl CapturedPod {
     }
 }
 
-/// The agent's pods. Control-path only: one lock serialises CNI operations (rare, each a few milliseconds);
-/// the data path holds its own `Arc`s and never takes it.
+/// The agent's pods. Control-path only: the data path holds its own `Arc`s and never takes the pods lock. CNI
+/// operations take turns per attachment and hold the pods lock only to read and record, never while rules are
+/// programmed or listeners started, so a burst of pods is captured side by side.
 pub struct Node {
     redirector: Arc<dyn Redirector>,
-    registry: RegistryFile,
+    registry: Registry,
     settings: ProxySettings,
     xds: Option<PodXds>,
     pods: Mutex<BTreeMap<Attachment, CapturedPod>>,
@@ -115,10 +116,18 @@ pub struct Node {
     declined: Mutex<BTreeMap<Attachment, PodRecord>>,
     /// When repair last looked for each unknown pod's netns (by uid) and found none it could take: a scan enters
     /// every namespace of the node, so a pod is looked for at most every `REPAIR_RETRY`.
-    repair_tried: std::sync::Mutex<std::collections::HashMap<String, Instant>>,
+    repair_tried: std::sync::Mutex<HashMap<String, Instant>>,
     /// The node half of the kubelet probe exemption, and the targets it was last given.
     probes: Option<Arc<HostProbes>>,
     probe_targets: std::sync::Mutex<Option<Vec<ProbeTarget>>>,
+    /// Probe rule updates one at a time, each from the pods captured when it starts (the last leaves the latest).
+    probe_sync: Mutex<()>,
+    /// One CNI operation at a time per attachment (an entry lives while an operation holds or waits for it).
+    turns: std::sync::Mutex<HashMap<Attachment, Arc<Mutex<()>>>>,
+    /// Captures and releases in progress at once (each starts threads and rule programs). A burst of 100 pods
+    /// run all at once thrashes a small node until every CNI call times out; in turns (first come, first
+    /// served) each is as quick as alone and the early ones answer early.
+    capture_slots: tokio::sync::Semaphore,
 }
 
 /// A captured pod, by its Kubernetes UID (all its attachments) or by one CNI attachment.
@@ -213,7 +222,7 @@ impl Node {
         let load = NodeLoad::new(settings.node_max_connections, settings.node_max_requests);
         Node {
             redirector,
-            registry,
+            registry: Registry::new(registry),
             settings,
             xds,
             pods: Mutex::new(BTreeMap::new()),
@@ -224,6 +233,9 @@ impl Node {
             repair_tried: std::sync::Mutex::default(),
             probes: None,
             probe_targets: std::sync::Mutex::new(None),
+            probe_sync: Mutex::new(()),
+            turns: std::sync::Mutex::default(),
+            capture_slots: tokio::sync::Semaphore::new(capture_slots()),
         }
     }
 
@@ -285,7 +297,7 @@ impl Node {
     /// Re-captures every pod of the persisted registry whose netns still exists; forgets the others. Returns
     /// how many pods were adopted and dropped. Run before serving CNI requests and before reporting ready.
     pub async fn adopt(&self) -> Result<(usize, usize), String> {
-        let records = self.registry.load()?;
+        let records = self.registry.file().load()?;
         let mut pods = self.pods.lock().await;
         let (mut adopted, mut dropped) = (0, 0);
         for record in records {
@@ -308,8 +320,9 @@ impl Node {
                 }
             }
         }
-        self.persist(&pods).map_err(|e| e.details)?;
-        self.sync_probes(&pods).await;
+        self.persist(&pods).await.map_err(|e| e.details)?;
+        drop(pods);
+        self.sync_probes().await;
         Ok((adopted, dropped))
     }
 
@@ -322,15 +335,19 @@ impl Node {
         let attachment = Attachment { container_id: sandbox.container_id.clone(), ifname: sandbox.ifname.clone() };
         // Before taking the lock: the API may take a moment to show a new pod.
         let admission = self.admit(&sandbox.namespace, &sandbox.name, &sandbox.uid).await?;
-        let mut pods = self.pods.lock().await;
-        self.declined.lock().await.remove(&attachment);
-        if let Some(existing) = pods.get(&attachment) {
-            if existing.record.netns_id == ns.id() && existing.serving() {
-                self.verify_rules(&existing.netns, &existing.record.capture).await?;
-                return Ok(format!("{} already captured", existing.label()));
+        let _turn = self.turn(&attachment).await;
+        let stale = {
+            let mut pods = self.pods.lock().await;
+            self.declined.lock().await.remove(&attachment);
+            if let Some(existing) = pods.get(&attachment).filter(|p| p.record.netns_id == ns.id() && p.serving()) {
+                let (netns, plan, label) = (existing.netns.clone(), existing.record.capture.clone(), existing.label());
+                drop(pods);
+                self.verify_rules(&netns, &plan).await?;
+                return Ok(format!("{label} already captured"));
             }
-        }
-        if let Some(stale) = pods.remove(&attachment) {
+            pods.remove(&attachment)
+        };
+        if let Some(stale) = stale {
             self.release(stale).await;
         }
         let mut record = PodRecord {
@@ -355,8 +372,9 @@ impl Node {
                 let label = format!("{}/{}", record.namespace, record.name);
                 tracing::info!(pod = %label, "not captured: {reason}");
                 self.annotate(&record, format!("not captured: {reason}"));
+                let pods = self.pods.lock().await;
                 self.declined.lock().await.insert(attachment, record);
-                self.persist(&pods)?;
+                self.persist(&pods).await?;
                 return Ok(format!("{label} not captured: {reason}"));
             }
             Admission::Capture { asked, reason } => {
@@ -367,76 +385,107 @@ impl Node {
             }
         };
         let pod = self.capture_in(record, ns, Rules::Install).await?;
-        let label = pod.label();
-        pods.insert(attachment.clone(), pod);
-        if let Err(e) = self.persist(&pods) {
-            // Undo, so that what runs and what a restarted agent would re-adopt never disagree.
-            if let Some(pod) = pods.remove(&attachment) {
+        let (label, record) = (pod.label(), pod.record.clone());
+        let (replaced, generation) = {
+            let mut pods = self.pods.lock().await;
+            let replaced = pods.insert(attachment.clone(), pod);
+            (replaced, self.offer(&pods))
+        };
+        if let Some(replaced) = replaced {
+            self.release(replaced).await;
+        }
+        if let Err(e) = self.flush(generation).await {
+            // Undone, so that what runs and what a restarted agent would re-adopt never disagree.
+            let undone = {
+                let mut pods = self.pods.lock().await;
+                let undone = pods.remove(&attachment);
+                self.offer(&pods);
+                undone
+            };
+            if let Some(pod) = undone {
                 self.release(pod).await;
             }
             return Err(e);
         }
-        self.sync_probes(&pods).await;
+        self.sync_probes().await;
         tracing::info!(pod = %label, mode = %self.redirector.mode(), "captured pod: {reason}");
-        if let Some(pod) = pods.get(&attachment) {
-            self.annotate(&pod.record, format!("captured ({}): {reason}", self.redirector.mode()));
-        }
+        self.annotate(&record, format!("captured ({}): {reason}", self.redirector.mode()));
         Ok(format!("{label} captured ({})", self.redirector.mode()))
     }
 
     /// CNI DEL: stop capturing. Unknown attachments succeed.
     pub async fn del(&self, attachment: &Attachment) -> Result<String, NodeError> {
-        let mut pods = self.pods.lock().await;
-        self.declined.lock().await.remove(attachment);
-        let Some(pod) = pods.remove(attachment) else {
-            return Ok(format!("{} not captured", attachment.container_id));
+        let _turn = self.turn(attachment).await;
+        let (pod, persisted) = {
+            let mut pods = self.pods.lock().await;
+            self.declined.lock().await.remove(attachment);
+            let Some(pod) = pods.remove(attachment) else {
+                return Ok(format!("{} not captured", attachment.container_id));
+            };
+            (pod, self.offer(&pods))
         };
         let label = pod.label();
         self.release(pod).await;
-        self.persist(&pods)?;
-        self.sync_probes(&pods).await;
+        self.flush(persisted).await?;
+        self.sync_probes().await;
         tracing::info!(pod = %label, "released pod");
         Ok(format!("{label} released"))
     }
 
+    /// Waits for the attachment's turn: CNI operations on one attachment never interleave.
+    async fn turn(&self, attachment: &Attachment) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut turns = self.turns.lock().unwrap_or_else(|e| e.into_inner());
+            turns.retain(|_, lock| Arc::strong_count(lock) > 1);
+            Arc::clone(turns.entry(attachment.clone()).or_default())
+        };
+        lock.lock_owned().await
+    }
+
     /// CNI CHECK: registered, listeners running, rules exactly in place.
     pub async fn check(&self, attachment: &Attachment) -> Result<String, NodeError> {
-        let pods = self.pods.lock().await;
-        if let Some(record) = self.declined.lock().await.get(attachment) {
-            return Ok(format!("{}/{} not captured (its labels keep it out of the mesh)", record.namespace, record.name));
-        }
-        let pod = pods.get(attachment).ok_or_else(|| {
-            NodeError::new(
-                format!("container {} ({}) is not captured", attachment.container_id, attachment.ifname),
-                "the agent has no record of this attachment; re-create the pod so that CNI ADD runs again",
-            )
-        })?;
-        if !netns::still_same(&pod.record.netns, pod.record.netns_id) {
-            return Err(NodeError::new(format!("{}: netns {} is gone", pod.label(), pod.record.netns), ""));
-        }
-        if !pod.serving() {
-            return Err(NodeError::new(format!("{}: in-pod listeners stopped", pod.label()), "see the agent log"));
-        }
-        self.verify_rules(&pod.netns, &pod.record.capture).await?;
-        Ok(format!("{} captured", pod.label()))
+        let (netns, plan, label) = {
+            let pods = self.pods.lock().await;
+            if let Some(record) = self.declined.lock().await.get(attachment) {
+                return Ok(format!("{}/{} not captured (its labels keep it out of the mesh)", record.namespace, record.name));
+            }
+            let pod = pods.get(attachment).ok_or_else(|| {
+                NodeError::new(
+                    format!("container {} ({}) is not captured", attachment.container_id, attachment.ifname),
+                    "the agent has no record of this attachment; re-create the pod so that CNI ADD runs again",
+                )
+            })?;
+            if !netns::still_same(&pod.record.netns, pod.record.netns_id) {
+                return Err(NodeError::new(format!("{}: netns {} is gone", pod.label(), pod.record.netns), ""));
+            }
+            if !pod.serving() {
+                return Err(NodeError::new(format!("{}: in-pod listeners stopped", pod.label()), "see the agent log"));
+            }
+            (pod.netns.clone(), pod.record.capture.clone(), pod.label())
+        };
+        self.verify_rules(&netns, &plan).await?;
+        Ok(format!("{label} captured"))
     }
 
     /// CNI GC: release every attachment the runtime no longer knows.
     pub async fn gc(&self, valid: &[Attachment]) -> Result<String, NodeError> {
         let valid: HashSet<&Attachment> = valid.iter().collect();
-        let mut pods = self.pods.lock().await;
-        self.declined.lock().await.retain(|a, _| valid.contains(a));
-        let stale: Vec<Attachment> =
-            pods.keys().filter(|a| !valid.contains(a) && !a.container_id.starts_with(REPAIRED)).cloned().collect();
-        for attachment in &stale {
-            if let Some(pod) = pods.remove(attachment) {
-                tracing::info!(pod = %pod.label(), "garbage-collected pod");
-                self.release(pod).await;
-            }
+        let (stale, persisted) = {
+            let mut pods = self.pods.lock().await;
+            self.declined.lock().await.retain(|a, _| valid.contains(a));
+            let stale: Vec<Attachment> =
+                pods.keys().filter(|a| !valid.contains(a) && !a.container_id.starts_with(REPAIRED)).cloned().collect();
+            let stale: Vec<CapturedPod> = stale.iter().filter_map(|a| pods.remove(a)).collect();
+            (stale, self.offer(&pods))
+        };
+        let released = stale.len();
+        for pod in stale {
+            tracing::info!(pod = %pod.label(), "garbage-collected pod");
+            self.release(pod).await;
         }
-        self.persist(&pods)?;
-        self.sync_probes(&pods).await;
-        Ok(format!("released {} stale attachment(s)", stale.len()))
+        self.flush(persisted).await?;
+        self.sync_probes().await;
+        Ok(format!("released {released} stale attachment(s)"))
     }
 
     /// Applies a changed capture plan to a running pod: its rules are replaced in one batch (per IP family
@@ -469,11 +518,12 @@ impl Node {
         if previous.is_empty() {
             return Ok(format!("{pod}: capture plan unchanged"));
         }
-        if let Err(e) = self.persist(&pods) {
+        if let Err(e) = self.persist(&pods).await {
             self.restore_plans(&mut pods, previous).await;
             return Err(e);
         }
-        self.sync_probes(&pods).await;
+        drop(pods);
+        self.sync_probes().await;
         tracing::info!(pod = %pod, attachments = previous.len(), "applied a new capture plan");
         Ok(format!("{pod}: new capture plan applied"))
     }
@@ -496,10 +546,17 @@ impl Node {
 
     /// Gives the node's probe rules the probe ports of the pods captured now (skipped when unchanged). A
     /// failure is logged: probes then go through capture like other connections, nothing is let through.
-    async fn sync_probes(&self, pods: &BTreeMap<Attachment, CapturedPod>) {
+    /// Called without the pods lock held.
+    async fn sync_probes(&self) {
         let Some(probes) = self.probes.clone() else { return };
-        let mut targets: Vec<ProbeTarget> =
-            pods.values().flat_map(|p| ProbeTarget::of_pod(&p.record.ips, &p.record.capture.probe_ports)).collect();
+        let _turn = self.probe_sync.lock().await;
+        let mut targets: Vec<ProbeTarget> = self
+            .pods
+            .lock()
+            .await
+            .values()
+            .flat_map(|p| ProbeTarget::of_pod(&p.record.ips, &p.record.capture.probe_ports))
+            .collect();
         targets.sort();
         targets.dedup();
         {
@@ -651,12 +708,13 @@ impl Node {
             }
         }
         changed |= self.repair(kube, &mut pods, &mut declined).await;
-        self.sync_probes(&pods).await;
         if changed {
-            if let Err(e) = self.persist(&pods) {
+            if let Err(e) = self.persist(&pods).await {
                 tracing::error!("{}: {}", e.msg, e.details);
             }
         }
+        drop((pods, declined));
+        self.sync_probes().await;
     }
 
     async fn capture_declined(&self, record: PodRecord, reason: &str) -> Option<CapturedPod> {
@@ -755,7 +813,7 @@ impl Node {
         }
     }
 
-    fn repair_tried(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Instant>> {
+    fn repair_tried(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
         self.repair_tried.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -833,6 +891,10 @@ impl Node {
             .collect()
     }
 
+    async fn capture_slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, NodeError> {
+        self.capture_slots.acquire().await.map_err(|e| NodeError::new("the agent is stopping", e))
+    }
+
     /// Re-captures a pod from its record: rules that are still right are left as they are.
     async fn capture(&self, record: PodRecord) -> Result<CapturedPod, NodeError> {
         let ns = Netns::open(&record.netns).map_err(|e| NodeError::new(format!("cannot open netns {}", record.netns), e))?;
@@ -843,6 +905,8 @@ impl Node {
     async fn capture_in(&self, mut record: PodRecord, ns: Netns, rules: Rules) -> Result<CapturedPod, NodeError> {
         let label = format!("{}/{}", record.namespace, record.name);
         let started = Instant::now();
+        let _slot = self.capture_slot().await?;
+        let queued = started.elapsed();
         // With a control plane, the listeners follow the configuration the pod's stream accepts; without
         // one, the pass-through configuration.
         let initial = match self.xds {
@@ -868,7 +932,7 @@ impl Node {
         })
         .await
         .map_err(|e| NodeError::new(format!("{label}: cannot install {} redirection", self.mode()), e))?;
-        tracing::debug!(pod = %label, ?listening, total = ?started.elapsed(), "listeners and rules in place");
+        tracing::debug!(pod = %label, ?queued, ?listening, total = ?started.elapsed(), "listeners and rules in place");
         record.redirect = self.redirector.mode();
         let identity = self.pod_identity(&record, &listeners, &share);
         let xds = self.start_xds(&record, snapshot, identity.as_ref(), &share);
@@ -937,6 +1001,8 @@ impl Node {
 
     /// Removes the pod's rules (when its netns still exists) and stops its listeners.
     async fn release(&self, pod: CapturedPod) {
+        // The semaphore is never closed; without a slot the rules are removed anyway.
+        let _slot = self.capture_slot().await.ok();
         if netns::still_same(&pod.record.netns, pod.record.netns_id) {
             let redirector = Arc::clone(&self.redirector);
             let ns = pod.netns.clone();
@@ -958,12 +1024,28 @@ impl Node {
             .map_err(|e| NodeError::new(format!("{} redirection is not in place", self.mode()), e))
     }
 
-    fn persist(&self, pods: &BTreeMap<Attachment, CapturedPod>) -> Result<(), NodeError> {
-        let records: Vec<PodRecord> = pods.values().map(|p| p.record.clone()).collect();
-        self.registry.store(&records).map_err(|e| {
-            NodeError::new("cannot persist the pod registry", format!("{}: {e}", self.registry.path().display()))
+    /// Writes the registry as `pods` are now (for callers that keep the pods lock anyway).
+    async fn persist(&self, pods: &BTreeMap<Attachment, CapturedPod>) -> Result<(), NodeError> {
+        self.flush(self.offer(pods)).await
+    }
+
+    /// Offers the registry content `pods` make (under the pods lock, which orders the offers).
+    fn offer(&self, pods: &BTreeMap<Attachment, CapturedPod>) -> u64 {
+        self.registry.offer(pods.values().map(|p| p.record.clone()).collect())
+    }
+
+    /// Waits until the offer `generation`, or a newer one, is on disk (without the pods lock: offers of a burst
+    /// share one write).
+    async fn flush(&self, generation: u64) -> Result<(), NodeError> {
+        self.registry.flush(generation).await.map_err(|e| {
+            NodeError::new("cannot persist the pod registry", format!("{}: {e}", self.registry.file().path().display()))
         })
     }
+}
+
+/// Two captures per core: each waits on rule programs about as long as it computes.
+fn capture_slots() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get() * 2)
 }
 
 /// The API's pod for a record, when it is the same pod (same uid; repaired records carry the API's uid).

@@ -27,6 +27,7 @@ pub mod otlp;
 pub mod pki;
 pub mod scenarios;
 pub mod tools;
+pub mod faults;
 pub mod load;
 pub mod local_agent;
 pub mod share;

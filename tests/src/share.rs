@@ -18,7 +18,7 @@ fn single_thread() -> io::Result<tokio::runtime::Runtime> {
 }
 
 /// Serves every connection to `port` in `pod` with `serve`, on one thread, until the process ends.
-fn serve_on_one_thread<F, Fut>(pod: &NetNs, port: u16, serve: F) -> io::Result<()>
+pub fn serve_on_one_thread<F, Fut>(pod: &NetNs, port: u16, serve: F) -> io::Result<()>
 where
     F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = io::Result<()>> + 'static,

@@ -119,6 +119,62 @@ impl RegistryFile {
     }
 }
 
+/// The registry file written by group commit: each change offers the whole set of records under the caller's
+/// lock (a clone, cheap), and waits outside it until a write that includes its offer is on disk. Writes happen
+/// one at a time, each of the newest offer, so a burst of CNI operations shares writes instead of queueing one
+/// serialisation of every record per operation behind the caller's lock.
+pub struct Registry {
+    file: RegistryFile,
+    /// The newest offer not yet written, by generation.
+    pending: std::sync::Mutex<(u64, Option<Vec<PodRecord>>)>,
+    /// The generation on disk; held while writing.
+    written: tokio::sync::Mutex<u64>,
+}
+
+impl Registry {
+    pub fn new(file: RegistryFile) -> Registry {
+        Registry { file, pending: std::sync::Mutex::new((0, None)), written: tokio::sync::Mutex::new(0) }
+    }
+
+    pub fn file(&self) -> &RegistryFile {
+        &self.file
+    }
+
+    /// Offers `records` as the registry's new content (call under the lock that orders the changes); returns
+    /// the generation to [`Registry::flush`].
+    pub fn offer(&self, records: Vec<PodRecord>) -> u64 {
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        pending.0 += 1;
+        pending.1 = Some(records);
+        pending.0
+    }
+
+    /// Returns once an offer of `generation` or newer is on disk.
+    pub async fn flush(&self, generation: u64) -> io::Result<()> {
+        let mut written = self.written.lock().await;
+        if *written >= generation {
+            return Ok(());
+        }
+        let (newest, records) = {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            (pending.0, pending.1.take())
+        };
+        let Some(records) = records else {
+            return Err(io::Error::other("the registry offer was lost after a failed write"));
+        };
+        if let Err(e) = self.file.store(&records) {
+            // Put it back for the next waiter, unless a newer offer replaced it meanwhile.
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if pending.0 == newest {
+                pending.1 = Some(records);
+            }
+            return Err(e);
+        }
+        *written = newest;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,5 +241,19 @@ mod tests {
         let err = file.load().unwrap_err();
         assert!(err.contains("pods.json") && err.contains("damaged"), "{err}");
         fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_burst_of_offers_is_written_once_with_the_newest() {
+        let dir = std::env::temp_dir().join(format!("weft-registry-burst-{}", std::process::id()));
+        let registry = Registry::new(RegistryFile::new(&dir).unwrap());
+        let first = registry.offer(vec![record("a")]);
+        let second = registry.offer(vec![record("a"), record("b")]);
+        registry.flush(second).await.unwrap();
+        // The first offer's waiter finds a newer content already on disk.
+        registry.flush(first).await.unwrap();
+        let on_disk: Vec<String> = registry.file().load().unwrap().into_iter().map(|r| r.container_id).collect();
+        assert_eq!(on_disk, ["a", "b"]);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }
