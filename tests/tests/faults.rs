@@ -341,9 +341,11 @@ fn the_node_survives_faults_under_load() {
     // waiting for the CPU: weft-cni waits for the agent up to 30 s here instead of the default 5 s.
     let entry = WeftEntry::new(bin_path("weft-cni").unwrap(), "run/cni.sock").field("timeout_ms", serde_json::json!(30_000));
     let cluster = Cluster::with_options("faults", ClusterOptions::with_weft(entry)).unwrap();
-    // The held connections all land on the server pod: its limit is raised above them (the node's is 65,536).
+    // The held connections all land on the server pod, opened faster than a pod's default 1,000 a second:
+    // its limits are raised above them (the node's is 65,536). Per-pod limits have their own tests.
     let config = cluster.work_dir().join("agent.json");
-    std::fs::write(&config, format!(r#"{{"pod_limits": {{"max_connections": {}}}}}"#, scale.connections + 1000)).unwrap();
+    let limits = format!(r#"{{"pod_limits": {{"max_connections": {}, "max_connection_rate": 100000}}}}"#, scale.connections + 1000);
+    std::fs::write(&config, limits).unwrap();
     let xds = XdsServer::start(cluster.node(), XDS.parse().unwrap()).unwrap();
     publish(&xds, "1", 0);
     let args = ["--xds-address", XDS, "--config", config.to_str().unwrap()];

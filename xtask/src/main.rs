@@ -12,6 +12,7 @@
 //! - `cargo xtask e2e-kind`: a kind cluster with istiod and weft's chart, the shared scenarios (tests/scenarios.yaml).
 //! - `cargo xtask fuzz [--target T] [--time S]`: the cargo-fuzz targets of `fuzz/` under libFuzzer, with a table of
 //!   executions (not part of `test`, which replays their corpora).
+//! - `cargo xtask soak`: the fault suite at full scale (`test` runs it short), with its report.
 
 mod bench;
 mod bench_http;
@@ -46,6 +47,7 @@ fn main() -> ExitCode {
         ["bench", "kube", rest @ ..] => bench_kube::run(rest),
         ["e2e-kind"] => e2e_kind::run_e2e(),
         ["fuzz", rest @ ..] => fuzz::run(rest),
+        ["soak"] => soak(),
         // The upstream `bench http` runs inside its network namespace (not in the usage).
         ["bench-upstream", rest @ ..] => bench_http::upstream(rest),
         _ => Err(USAGE.to_string()),
@@ -60,7 +62,7 @@ fn main() -> ExitCode {
 }
 
 const USAGE: &str =
-    "usage: cargo xtask (setup | build-ebpf | test [-- CARGO TEST ARGS] | demo | e2e-kind | bench cni [--pods N] | bench capture | bench xds [--clusters N] | bench pods | bench http [--duration S] [--connections N] | bench neighbour [--duration S] | bench kube [--objects N --pods M] | fuzz [--target T] [--time S])";
+    "usage: cargo xtask (setup | build-ebpf | test [-- CARGO TEST ARGS] | demo | e2e-kind | bench cni [--pods N] | bench capture | bench xds [--clusters N] | bench pods | bench http [--duration S] [--connections N] | bench neighbour [--duration S] | bench kube [--objects N --pods M] | fuzz [--target T] [--time S] | soak)";
 
 /// Runs a command, failing with its name when it does not succeed.
 pub fn run(cmd: &mut Command) -> Result<(), String> {
@@ -116,4 +118,17 @@ fn test(extra: &[&str]) -> Result<(), String> {
         cmd.arg("--").args(extra);
     }
     run(&mut cmd)
+}
+
+/// The fault suite (`tests/tests/faults.rs`) at the soak scale: minutes of control-plane outage and storm,
+/// 10,000 pod cycles, as many held connections as the open file limit allows; prints its report.
+fn soak() -> Result<(), String> {
+    let _ = setup::run_all()?;
+    setup::require_root("the fault suite creates network namespaces and programs iptables")?;
+    let root = workspace_root();
+    run(cargo().current_dir(&root).args(["build", "--workspace", "--bins"]))?;
+    run(cargo().current_dir(&root).env("WEFT_SOAK", "1").args(["test", "-p", "weft-tests", "--test", "faults", "--", "--nocapture"]))?;
+    let report = target_dir().join("fault-report-soak.md");
+    println!("\nreport: {}", report.display());
+    Ok(())
 }

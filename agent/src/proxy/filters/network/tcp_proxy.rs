@@ -19,10 +19,6 @@ use super::super::istio_stats::TcpReport;
 use crate::proxy::upstream::pool::UpstreamSession;
 use crate::config::listener::TcpProxy;
 
-/// Per-direction copy buffer. tokio's default (8 KiB) caps a bulk transfer at a fraction of what loopback
-/// and veth carry; 64 KiB matches the socket's typical read size.
-const BUFFER: usize = 64 * 1024;
-
 /// How a proxied connection ended.
 #[derive(Debug)]
 pub enum Relayed {
@@ -89,7 +85,7 @@ where
     let last_activity = Arc::new(AtomicU64::new(0));
     let mut down = Tracked { inner: downstream, started, last_activity: Arc::clone(&last_activity) };
     let mut up = Tracked { inner: up, started, last_activity: Arc::clone(&last_activity) };
-    let copy = tokio::io::copy_bidirectional_with_sizes(&mut down, &mut up, BUFFER, BUFFER);
+    let copy = super::relay::relay(&mut down, &mut up);
     tokio::pin!(copy);
     let idle = async {
         match config.idle_timeout {
