@@ -180,6 +180,18 @@ pub fn install_batch(family: Family, saved: &str, plan: &PodCapture, probe_sourc
     lines.join("\n") + "\n"
 }
 
+/// The batch for a table that has none of weft's chains (a new pod's): it creates them with `-N`, so that where
+/// they already exist the whole batch fails and changes nothing, and no `iptables-save` is needed first.
+pub fn fresh_install_batch(family: Family, plan: &PodCapture, probe_source: Option<Ipv4Addr>) -> String {
+    let mut lines = vec!["*nat".to_string()];
+    lines.extend(CHAINS.iter().map(|c| format!("-N {c}")));
+    lines.extend(rules(family, plan, probe_source));
+    lines.push("COMMIT".into());
+    lines.join("
+") + "
+"
+}
+
 /// The batch that removes weft's rules and chains from a table whose state is `saved`.
 pub fn remove_batch(saved: &str) -> Option<String> {
     let has_chains = CHAINS.iter().any(|c| saved.lines().any(|l| l.starts_with(&format!(":{c} "))));
@@ -315,6 +327,12 @@ impl Redirector for Iptables {
 
     fn install(&self, ns: &Netns, plan: &PodCapture) -> Result<(), CaptureError> {
         self.per_family(ns, |family, tools| {
+            // A new pod's table: one process. Otherwise (a new plan, a re-ADD) the batch failed as a whole,
+            // and the table is read to replace what is there.
+            let fresh = fresh_install_batch(family, plan, self.probe_source);
+            if run_in(ns, &tools.restore, RESTORE_ARGS, &fresh).is_ok() {
+                return Ok(());
+            }
             let saved = save(ns, tools)?;
             run_in(ns, &tools.restore, RESTORE_ARGS, &install_batch(family, &saved, plan, self.probe_source)).map(drop)
         })
@@ -381,6 +399,16 @@ mod tests {
         assert!(compare(Family::V4, &installed, &plan, probes).is_ok());
         let err = compare(Family::V4, &installed, &PodCapture::default(), None).unwrap_err().to_string();
         assert!(err.contains("missing [-A WEFT_OUTPUT -j WEFT_REDIRECT]"), "{err}");
+    }
+
+    #[test]
+    fn the_fresh_batch_creates_the_chains_the_general_one_declares() {
+        for family in [Family::V4, Family::V6] {
+            let general = install_batch(family, "", &PodCapture::default(), None);
+            let fresh = fresh_install_batch(family, &PodCapture::default(), None);
+            let declared = CHAINS.iter().fold(general, |b, c| b.replace(&format!(":{c} - [0:0]"), &format!("-N {c}")));
+            assert_eq!(fresh, declared);
+        }
     }
 
     #[test]
