@@ -127,7 +127,8 @@ fn soak() -> Result<(), String> {
     setup::require_root("the fault suite creates network namespaces and programs iptables")?;
     let root = workspace_root();
     run(cargo().current_dir(&root).args(["build", "--workspace", "--bins"]))?;
-    run(cargo().current_dir(&root).env("WEFT_SOAK", "1").args(["test", "-p", "weft-tests", "--test", "faults", "--", "--nocapture"]))?;
+    // `--workspace` keeps the features `cargo xtask test` builds with, so its test build serves.
+    run(cargo().current_dir(&root).env("WEFT_SOAK", "1").args(["test", "--workspace", "--test", "faults", "--", "--nocapture"]))?;
     let report = target_dir().join("fault-report-soak.md");
     println!("\nreport: {}", report.display());
     Ok(())
