@@ -206,14 +206,9 @@ pub fn http_get(node: &Path, addr: SocketAddr, path: &str) -> Result<(u16, Strin
 
 /// A TCP connection made from inside the netns at `path` (a scoped thread enters it; the socket keeps it).
 fn connect_in(path: &Path, addr: SocketAddr) -> Result<std::net::TcpStream, HarnessError> {
-    use std::os::fd::AsRawFd;
-    let file = std::fs::File::open(path)?;
     std::thread::scope(|s| {
         s.spawn(|| {
-            // SAFETY: setns on a valid fd; only this short-lived thread changes namespace.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            crate::netns::enter_thread(path)?;
             std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         })
         .join()

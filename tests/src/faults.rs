@@ -4,7 +4,6 @@
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -91,7 +90,7 @@ impl Traffic {
             .map(|worker| {
                 let (stop, attempts, netns) = (Arc::clone(&stop), Arc::clone(&attempts), from.path().to_path_buf());
                 std::thread::spawn(move || {
-                    if let Err(e) = enter(&netns) {
+                    if let Err(e) = crate::netns::enter_thread(&netns) {
                         eprintln!("traffic worker {worker} cannot enter {}: {e}", netns.display());
                         return;
                     }
@@ -148,16 +147,6 @@ impl Drop for Traffic {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
     }
-}
-
-/// Moves the calling thread into the network namespace at `path` (the thread is the traffic's own).
-fn enter(path: &Path) -> io::Result<()> {
-    let file = std::fs::File::open(path)?;
-    // SAFETY: setns on a valid namespace fd; it changes only the calling thread.
-    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 /// One request: connect, send a 16-byte message naming it, read it back whole.

@@ -3,12 +3,14 @@
 use std::fs::File;
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::Duration;
+
+use nix::sched::CloneFlags;
 
 use crate::util::{self, HarnessError};
 
@@ -103,24 +105,10 @@ impl NetNs {
         F: FnOnce() -> R + Send,
         R: Send,
     {
-        let file = File::open(&self.path).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("opening netns {}: {e}", self.path.display()),
-            )
-        })?;
         let path = &self.path;
         std::thread::scope(|s| {
             let handle = s.spawn(move || {
-                // SAFETY: setns on a valid fd; affects only this thread.
-                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                    let e = io::Error::last_os_error();
-                    return Err(io::Error::new(
-                        e.kind(),
-                        format!("setns({}, CLONE_NEWNET): {e}", path.display()),
-                    ));
-                }
-                drop(file);
+                enter_thread(path)?;
                 Ok(f())
             });
             match handle.join() {
@@ -199,13 +187,16 @@ pub fn enter_path_on_spawn(path: &Path, cmd: &mut Command) {
     // on an fd owned by the closure (kept open until the Command drops).
     unsafe {
         cmd.pre_exec(move || match &fd {
-            Ok(fd) => {
-                if libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                Ok(())
-            }
+            Ok(fd) => nix::sched::setns(fd, CloneFlags::CLONE_NEWNET).map_err(io::Error::from),
             Err((errno, _)) => Err(io::Error::from_raw_os_error(*errno)),
         });
     }
+}
+
+/// Moves the calling thread (only it) into the network namespace at `path`;
+/// the error names the path.
+pub fn enter_thread(path: &Path) -> io::Result<()> {
+    let named = |e: io::Error, what: &str| io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()));
+    let file = File::open(path).map_err(|e| named(e, "opening netns"))?;
+    nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| named(e.into(), "entering netns"))
 }

@@ -1,6 +1,7 @@
-//! `cargo xtask fuzz [--target T] [--time S]`: runs the cargo-fuzz targets of `fuzz/` (weft's parsers of
-//! outside input, `agent/src/fuzz_targets.rs`) under libFuzzer with the pinned nightly, each for S seconds
-//! (default 60), starting from the committed corpus; prints a table of executions per target. New inputs
+//! `cargo xtask fuzz [--target T] [--time S | --runs N] [--sanitizer address|none]`: runs the cargo-fuzz targets
+//! of `fuzz/` (weft's parsers of outside input, `agent/src/fuzz_targets.rs`) under libFuzzer with the pinned
+//! nightly, each for S seconds (default 60) or N executions, starting from the committed corpus; prints a table
+//! of executions per target. New inputs
 //! libFuzzer finds go to `target/fuzz-corpus/<target>` (not committed); a crash is copied into the committed
 //! corpus (`fuzz/corpus/<target>/crash-...`), where the replay test makes it a regression test, and the run
 //! fails naming it.
@@ -9,6 +10,22 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 const TARGETS: [&str; 8] = ["cni_stdin", "agent_socket", "bootstrap", "xds_resource", "tls_client_hello", "http_inspector", "metadata_exchange", "rbac_and_routes"];
+
+/// How long each target runs.
+#[derive(Clone, Copy)]
+enum Budget {
+    Seconds(u64),
+    Executions(u64),
+}
+
+/// What the command line asked for.
+struct Options {
+    targets: Vec<&'static str>,
+    budget: Budget,
+    /// cargo-fuzz's `--sanitizer`: `address` (the default) also catches memory errors in the unsafe code of
+    /// dependencies; `none` runs several times faster.
+    sanitizer: &'static str,
+}
 
 /// One target's run.
 struct Run {
@@ -20,16 +37,19 @@ struct Run {
 }
 
 pub fn run(args: &[&str]) -> Result<(), String> {
-    let (targets, seconds) = options(args)?;
+    let Options { targets, budget, sanitizer } = options(args)?;
     let toolchain = crate::setup::pinned_toolchain().map_err(|e| format!("fuzzing needs the pinned nightly: {e}"))?;
     ensure_cargo_fuzz()?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().ok_or("no workspace root")?.to_path_buf();
     eprintln!("xtask: building the fuzz targets with {toolchain}");
-    crate::run(&mut fuzz_command(&root, &toolchain, "build"))?;
+    crate::run(&mut fuzz_command(&root, &toolchain, "build", sanitizer))?;
     let mut runs = Vec::new();
     for target in targets {
-        eprintln!("xtask: fuzzing {target} for {seconds} s");
-        runs.push(fuzz(&root, &toolchain, target, seconds)?);
+        match budget {
+            Budget::Seconds(s) => eprintln!("xtask: fuzzing {target} for {s} s (sanitizer {sanitizer})"),
+            Budget::Executions(n) => eprintln!("xtask: fuzzing {target} for {n} executions (sanitizer {sanitizer})"),
+        }
+        runs.push(fuzz(&root, &toolchain, target, budget, sanitizer)?);
     }
     println!("{:<20} {:>8} {:>14} {:>10} {:>8} {:>8}", "target", "seconds", "executions", "exec/s", "corpus", "crashes");
     for r in &runs {
@@ -42,24 +62,31 @@ pub fn run(args: &[&str]) -> Result<(), String> {
     }
 }
 
-fn options(args: &[&str]) -> Result<(Vec<&'static str>, u64), String> {
-    let mut targets: Vec<&'static str> = TARGETS.to_vec();
-    let mut seconds = 60;
+fn options(args: &[&str]) -> Result<Options, String> {
+    const USAGE: &str = "usage: cargo xtask fuzz [--target T] [--time S | --runs N] [--sanitizer address|none]";
+    let mut options = Options { targets: TARGETS.to_vec(), budget: Budget::Seconds(60), sanitizer: "address" };
     let mut rest = args.iter();
+    let positive = |value: Option<&&str>, what: &str| value.and_then(|s| s.parse().ok()).filter(|n: &u64| *n > 0).ok_or(format!("{what}; {USAGE}"));
     while let Some(arg) = rest.next() {
         match *arg {
             "--target" => {
                 let name = rest.next().ok_or("--target needs a name")?;
                 let known = TARGETS.iter().find(|t| *t == name).ok_or_else(|| format!("no target {name}; the targets: {}", TARGETS.join(", ")))?;
-                targets = vec![known];
+                options.targets = vec![known];
             }
-            "--time" => {
-                seconds = rest.next().and_then(|s| s.parse().ok()).filter(|s| *s > 0).ok_or("--time needs a number of seconds")?;
+            "--time" => options.budget = Budget::Seconds(positive(rest.next(), "--time needs a number of seconds")?),
+            "--runs" => options.budget = Budget::Executions(positive(rest.next(), "--runs needs a number of executions")?),
+            "--sanitizer" => {
+                options.sanitizer = match rest.next().copied() {
+                    Some("address") => "address",
+                    Some("none") => "none",
+                    _ => return Err(format!("--sanitizer takes address or none; {USAGE}")),
+                }
             }
-            other => return Err(format!("unknown option {other}; usage: cargo xtask fuzz [--target T] [--time S]")),
+            other => return Err(format!("unknown option {other}; {USAGE}")),
         }
     }
-    Ok((targets, seconds))
+    Ok(options)
 }
 
 fn ensure_cargo_fuzz() -> Result<(), String> {
@@ -71,7 +98,7 @@ fn ensure_cargo_fuzz() -> Result<(), String> {
     Ok(())
 }
 
-fn fuzz(root: &Path, toolchain: &str, target: &'static str, seconds: u64) -> Result<Run, String> {
+fn fuzz(root: &Path, toolchain: &str, target: &'static str, budget: Budget, sanitizer: &str) -> Result<Run, String> {
     let committed = root.join("fuzz/corpus").join(target);
     let found = root.join("target/fuzz-corpus").join(target);
     let artifacts = root.join("target/fuzz-artifacts").join(target);
@@ -79,12 +106,17 @@ fn fuzz(root: &Path, toolchain: &str, target: &'static str, seconds: u64) -> Res
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
     let before = crash_files(&artifacts);
-    let output = fuzz_command(root, toolchain, "run")
+    let limit = match budget {
+        Budget::Seconds(s) => format!("-max_total_time={s}"),
+        Budget::Executions(n) => format!("-runs={n}"),
+    };
+    let started = std::time::Instant::now();
+    let output = fuzz_command(root, toolchain, "run", sanitizer)
         .arg(target)
         .arg(&found)
         .arg(&committed)
         .arg("--")
-        .arg(format!("-max_total_time={seconds}"))
+        .arg(limit)
         .arg(format!("-artifact_prefix={}/", artifacts.display()))
         .arg("-print_final_stats=1")
         .stdout(Stdio::null())
@@ -105,14 +137,19 @@ fn fuzz(root: &Path, toolchain: &str, target: &'static str, seconds: u64) -> Res
         return Err(format!("cargo fuzz run {target} did not finish ({}):\n{}", output.status, tail.into_iter().rev().collect::<Vec<_>>().join("\n")));
     };
     let corpus = std::fs::read_dir(&found).map(|d| d.count()).unwrap_or(0) + std::fs::read_dir(&committed).map(|d| d.count()).unwrap_or(0);
-    Ok(Run { target, seconds, executions, corpus, crashes })
+    Ok(Run { target, seconds: started.elapsed().as_secs(), executions, corpus, crashes })
 }
 
-/// `cargo fuzz <action>` on `fuzz/` with the nightly, its build kept in `target/fuzz`.
-fn fuzz_command(root: &Path, toolchain: &str, action: &str) -> Command {
+/// `cargo fuzz <action>` on `fuzz/` with the nightly, its build kept in `target/fuzz` (one directory per
+/// sanitizer, so switching does not rebuild the other).
+fn fuzz_command(root: &Path, toolchain: &str, action: &str, sanitizer: &str) -> Command {
     let mut cmd = Command::new("rustup");
-    cmd.args(["run", toolchain, "cargo", "fuzz", action, "--fuzz-dir"]).arg(root.join("fuzz"));
-    cmd.current_dir(root).env("CARGO_TARGET_DIR", root.join("target/fuzz"));
+    cmd.args(["run", toolchain, "cargo", "fuzz", action, "--sanitizer", sanitizer, "--fuzz-dir"]).arg(root.join("fuzz"));
+    let dir = match sanitizer {
+        "address" => root.join("target/fuzz"),
+        other => root.join(format!("target/fuzz-{other}")),
+    };
+    cmd.current_dir(root).env("CARGO_TARGET_DIR", dir);
     cmd
 }
 

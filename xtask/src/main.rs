@@ -10,8 +10,8 @@
 //! - `cargo xtask bench http`: setup, release build, HTTP/1.1, HTTP/2 and gRPC throughput, latency, CPU and
 //!   memory of weft's proxy against the real Envoy (same bootstrap, `--concurrency 1`) and against no proxy.
 //! - `cargo xtask e2e-kind`: a kind cluster with istiod and weft's chart, the shared scenarios (tests/scenarios.yaml).
-//! - `cargo xtask fuzz [--target T] [--time S]`: the cargo-fuzz targets of `fuzz/` under libFuzzer, with a table of
-//!   executions (not part of `test`, which replays their corpora).
+//! - `cargo xtask fuzz [--target T] [--time S | --runs N] [--sanitizer address|none]`: the cargo-fuzz targets of
+//!   `fuzz/` under libFuzzer, with a table of executions (not part of `test`, which replays their corpora).
 //! - `cargo xtask soak`: the fault suite at full scale (`test` runs it short), with its report.
 
 mod bench;
@@ -62,7 +62,7 @@ fn main() -> ExitCode {
 }
 
 const USAGE: &str =
-    "usage: cargo xtask (setup | build-ebpf | test [-- CARGO TEST ARGS] | demo | e2e-kind | bench cni [--pods N] | bench capture | bench xds [--clusters N] | bench pods | bench http [--duration S] [--connections N] | bench neighbour [--duration S] | bench kube [--objects N --pods M] | fuzz [--target T] [--time S] | soak)";
+    "usage: cargo xtask (setup | build-ebpf | test [-- CARGO TEST ARGS] | demo | e2e-kind | bench cni [--pods N] | bench capture | bench xds [--clusters N] | bench pods | bench http [--duration S] [--connections N] | bench neighbour [--duration S] | bench kube [--objects N --pods M] | fuzz [--target T] [--time S | --runs N] [--sanitizer address|none] | soak)";
 
 /// Runs a command, failing with its name when it does not succeed.
 pub fn run(cmd: &mut Command) -> Result<(), String> {

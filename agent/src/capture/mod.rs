@@ -21,7 +21,6 @@ pub mod probes;
 use std::fmt;
 use std::io::Write;
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -164,21 +163,16 @@ fn run(ns: Option<&Netns>, program: &str, args: &[&str], stdin: &str) -> Result<
 }
 
 fn run_within(ns: Option<&Netns>, program: &str, args: &[&str], stdin: &str, deadline: Duration) -> Result<String, CaptureError> {
+    match ns {
+        Some(ns) => ns.run_on_new_thread(|| Ok(run_here(program, args, stdin, deadline)))?,
+        None => run_here(program, args, stdin, deadline),
+    }
+}
+
+/// Runs `program` in the calling thread's network namespace, killing it at `deadline`.
+fn run_here(program: &str, args: &[&str], stdin: &str, deadline: Duration) -> Result<String, CaptureError> {
     let mut cmd = Command::new(program);
     cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    if let Some(ns) = ns {
-        let fd = ns.fd().as_raw_fd();
-        // SAFETY: setns is async-signal-safe; it runs in the forked child before exec and touches only it.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
-            });
-        }
-    }
     let mut child = cmd.spawn().map_err(|e| CaptureError(format!("cannot run {program}: {e}")))?;
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     // Input and output on a thread of their own, so a child that neither reads nor exits is killed in time.

@@ -9,10 +9,13 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::{Arc, OnceLock};
+
+use nix::sched::CloneFlags;
+use nix::sys::statfs::{fstatfs, NSFS_MAGIC};
 
 /// Where runtimes put pod network namespaces. Anything else is refused: a path from the CNI request is an
 /// instruction to enter a namespace as root, so it must name a network namespace and nothing else.
@@ -87,8 +90,6 @@ pub struct Netns {
     path: NetnsPath,
 }
 
-const NSFS_MAGIC: i64 = 0x6e73_6673;
-
 impl Netns {
     /// Opens `path` and checks that it is a network namespace.
     pub fn open(path: &NetnsPath) -> io::Result<Netns> {
@@ -110,21 +111,24 @@ impl Netns {
         self.fd.as_fd()
     }
 
-    /// Runs `f` on a new thread inside this netns and returns its result.
+    /// Runs `f` on a new thread inside this netns and returns its result. Processes the thread starts are
+    /// in the netns too (a child inherits its parent thread's namespaces), without a `pre_exec` hook: the
+    /// spawn stays the cheap vfork-style one instead of copying the agent's whole address space.
     pub fn run_on_new_thread<T, F>(&self, f: F) -> io::Result<T>
     where
-        T: Send + 'static,
-        F: FnOnce() -> io::Result<T> + Send + 'static,
+        T: Send,
+        F: FnOnce() -> io::Result<T> + Send,
     {
-        let fd = Arc::clone(&self.fd);
-        std::thread::Builder::new()
-            .name("weft-netns".into())
-            .spawn(move || {
-                setns(fd.as_fd())?;
-                f()
-            })?
-            .join()
-            .map_err(|_| io::Error::other("netns worker thread panicked"))?
+        std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("weft-netns".into())
+                .spawn_scoped(scope, || {
+                    setns(self.fd())?;
+                    f()
+                })?
+                .join()
+                .map_err(|_| io::Error::other("netns worker thread panicked"))?
+        })
     }
 
     /// Runs `f` on the current thread inside this netns, then returns the thread to the agent's own netns,
@@ -172,25 +176,14 @@ pub fn init_host_netns() -> io::Result<()> {
     Ok(())
 }
 
+/// Moves the calling thread (only it: CLONE_NEWNET is per thread) into the namespace of `fd`.
 fn setns(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: plain syscall on a valid fd; CLONE_NEWNET only changes this thread's network namespace.
-    let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    nix::sched::setns(fd, CloneFlags::CLONE_NEWNET).map_err(io::Error::from)
 }
 
 fn check_is_netns(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: fstatfs writes into a zeroed statfs we own.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstatfs(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
     // /proc/<pid>/ns/net is a magic link into nsfs as well.
-    #[allow(clippy::unnecessary_cast)]
-    if st.f_type as i64 != NSFS_MAGIC {
+    if fstatfs(fd).map_err(io::Error::from)?.filesystem_type() != NSFS_MAGIC {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a network namespace (not on nsfs)"));
     }
     Ok(())

@@ -257,10 +257,8 @@ impl Nftables {
 fn canonical_listing(nft: &str, batch: String) -> Result<Vec<String>, CaptureError> {
     let nft = nft.to_string();
     let listing = std::thread::spawn(move || -> Result<String, CaptureError> {
-        // SAFETY: unshare only affects this short-lived thread, which exits right after.
-        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
-            return Err(CaptureError(format!("unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error())));
-        }
+        // Only this short-lived thread moves (CLONE_NEWNET is per thread); it exits right after.
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| CaptureError(format!("unshare(CLONE_NEWNET): {e}")))?;
         run(None, &nft, &["-f", "-"], &batch)?;
         run(None, &nft, &["list", "table", "inet", "weft"], "")
     })

@@ -258,30 +258,17 @@ fn preflight() -> Result<(), CaptureError> {
             "eBPF mode needs a kernel with BTF (/sys/kernel/btf/vmlinux is missing); use --redirect iptables or nftables".into(),
         ));
     }
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-    if fs_magic("/sys/fs/bpf") != Some(BPF_FS_MAGIC) {
+    let mounted = nix::sys::statfs::statfs("/sys/fs/bpf").is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC);
+    if !mounted {
         mount("bpf", "/sys/fs/bpf", "bpf")?;
     }
     Ok(())
 }
 
-#[allow(clippy::unnecessary_cast)]
-fn fs_magic(path: &str) -> Option<i64> {
-    let c = std::ffi::CString::new(path).ok()?;
-    // SAFETY: statfs into a zeroed struct we own.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0).then_some(st.f_type as i64)
-}
-
 fn mount(source: &str, target: &str, fstype: &str) -> Result<(), CaptureError> {
     fs::create_dir_all(target).map_err(|e| err(format!("creating {target}"), e))?;
-    let c = |s: &str| std::ffi::CString::new(s).map_err(|e| err("mount argument".into(), e));
-    let (src, tgt, typ) = (c(source)?, c(target)?, c(fstype)?);
-    // SAFETY: valid NUL-terminated strings; no data argument.
-    if unsafe { libc::mount(src.as_ptr(), tgt.as_ptr(), typ.as_ptr(), 0, std::ptr::null()) } != 0 {
-        return Err(err(format!("mounting {fstype} on {target}"), io::Error::last_os_error()));
-    }
-    Ok(())
+    nix::mount::mount(Some(source), target, Some(fstype), nix::mount::MsFlags::empty(), None::<&str>)
+        .map_err(|e| err(format!("mounting {fstype} on {target}"), io::Error::from(e)))
 }
 
 /// The root of the cgroup v2 hierarchy, from the agent's mount table; mounted under /run/weft if absent.
