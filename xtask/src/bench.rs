@@ -24,22 +24,30 @@ pub(crate) fn weft_cluster(name: &str) -> Result<Cluster, String> {
 }
 
 pub fn cni(args: &[&str]) -> Result<(), String> {
-    let pods = match args {
-        [] => 100,
-        ["--pods", n] => n.parse().map_err(|_| format!("--pods {n}: not a number"))?,
-        _ => return Err("usage: cargo xtask bench cni [--pods N]".into()),
+    const USAGE: &str = "usage: cargo xtask bench cni [--pods N[,M...]]";
+    let counts: Vec<usize> = match args {
+        [] => vec![100],
+        ["--pods", list] => list.split(',').map(|n| n.parse().ok().filter(|n| *n > 0).ok_or(format!("--pods {list}: not a list of pod counts; {USAGE}"))).collect::<Result<_, _>>()?,
+        _ => return Err(USAGE.into()),
     };
     release_build()?;
-    let e = |e: &dyn std::fmt::Display| e.to_string();
+    for pods in counts {
+        cni_table(pods)?;
+    }
+    Ok(())
+}
 
+/// One table: the bridge chain alone, then with weft-cni in each capture mode, `pods` ADDs per row.
+fn cni_table(pods: usize) -> Result<(), String> {
+    let e = |e: &dyn std::fmt::Display| e.to_string();
     let plain = Cluster::new("bench-plain").map_err(|x| e(&x))?;
     let without = add_times(&plain, pods)?;
+    drop(plain);
     let meshed = weft_cluster("bench-weft")?;
-    let mut rows = vec![("bridge+host-local+portmap", without)];
-    for mode in ["iptables", "nftables"] {
+    let mut rows = vec![("bridge+host-local+portmap".to_string(), without)];
+    for mode in ["iptables", "nftables", "ebpf"] {
         let mut agent = Agent::start(&meshed, mode).map_err(|x| e(&x))?;
-        let name = if mode == "iptables" { "+ weft-cni (iptables)" } else { "+ weft-cni (nftables)" };
-        rows.push((name, add_times(&meshed, pods)?));
+        rows.push((format!("+ weft-cni ({mode})"), add_times(&meshed, pods)?));
         agent.stop().map_err(|x| e(&x))?;
     }
 
