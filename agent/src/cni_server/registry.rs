@@ -62,6 +62,13 @@ struct OnDisk {
     pods: Vec<PodRecord>,
 }
 
+/// [`OnDisk`] as written, borrowing the records.
+#[derive(Serialize)]
+struct Writing<'a> {
+    version: u32,
+    pods: &'a [PodRecord],
+}
+
 /// The registry file under the state dir.
 #[derive(Debug, Clone)]
 pub struct RegistryFile {
@@ -108,9 +115,10 @@ impl RegistryFile {
     ///
     /// No fsync: the registry must survive agent restarts, not node reboots (a reboot takes every pod netns with
     /// it, and the default state dir is on tmpfs). rename(2) is atomic for every later reader, and skipping the
-    /// flushes keeps milliseconds off each pod's start.
+    /// flushes keeps milliseconds off each pod's start. Compact JSON for the same reason: the whole registry is
+    /// written on every change (`jq . pods.json` reads it).
     pub fn store(&self, pods: &[PodRecord]) -> io::Result<()> {
-        let text = serde_json::to_vec_pretty(&OnDisk { version: FORMAT_VERSION, pods: pods.to_vec() })?;
+        let text = serde_json::to_vec(&Writing { version: FORMAT_VERSION, pods })?;
         let tmp = self.path.with_extension(format!("json.tmp-{}", std::process::id()));
         let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
         f.write_all(&text)?;
