@@ -918,6 +918,7 @@ impl Node {
         let workers = record.workers.unwrap_or(self.settings.pod_workers);
         let share = PodShare::new(workers, limits, Some(Arc::clone(&self.load)))
             .map_err(|e| NodeError::new(format!("{label}: cannot start the pod's worker threads"), e))?;
+        let threads = started.elapsed();
         let served = config.clone();
         let listeners = listener::start(label.clone(), ns.clone(), self.settings, config, &share)
             .await
@@ -932,7 +933,7 @@ impl Node {
         })
         .await
         .map_err(|e| NodeError::new(format!("{label}: cannot install {} redirection", self.mode()), e))?;
-        tracing::debug!(pod = %label, ?queued, ?listening, total = ?started.elapsed(), "listeners and rules in place");
+        tracing::debug!(pod = %label, ?queued, ?threads, ?listening, total = ?started.elapsed(), "listeners and rules in place");
         record.redirect = self.redirector.mode();
         let identity = self.pod_identity(&record, &listeners, &share);
         let xds = self.start_xds(&record, snapshot, identity.as_ref(), &share);

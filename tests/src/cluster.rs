@@ -29,8 +29,8 @@ use crate::util::{self, ChildGuard, HarnessError};
 pub const NETWORK_NAME: &str = "weft-test";
 /// The bridge the `bridge` plugin creates in the node netns.
 pub const BRIDGE: &str = "cni0";
-/// Pod subnet handed out by host-local.
-pub const POD_SUBNET: &str = "10.77.0.0/24";
+/// Pod subnet handed out by host-local (room for `cargo xtask bench cni --pods 1000`).
+pub const POD_SUBNET: &str = "10.77.0.0/20";
 /// The bridge's address (pods' gateway), inside the node netns only.
 pub const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 /// Interface name inside pods.

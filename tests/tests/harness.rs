@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, Shutdown};
 use std::path::Path;
 use std::time::Duration;
 
-use weft_tests::{require_root, Cluster, GATEWAY};
+use weft_tests::{require_root, Cluster, GATEWAY, POD_SUBNET};
 
 fn skip() -> bool {
     match require_root() {
@@ -20,7 +20,7 @@ fn skip() -> bool {
 
 fn in_pod_subnet(ip: Ipv4Addr) -> bool {
     let o = ip.octets();
-    o[0] == 10 && o[1] == 77 && o[2] == 0 && o[3] > 1
+    o[0] == 10 && o[1] == 77 && o[2] < 16 && (o[2], o[3]) != (0, 0) && (o[2], o[3]) != (0, 1)
 }
 
 #[test]
@@ -52,7 +52,7 @@ fn two_pods_echo_then_check_and_del() {
         .node_exec_ok(&["ip", "-4", "-o", "addr", "show", "dev", "cni0"])
         .expect("cni0 in node netns");
     assert!(
-        node_addrs.contains(&format!("{GATEWAY}/24")),
+        node_addrs.contains(&format!("{GATEWAY}/{}", POD_SUBNET.split('/').nth(1).unwrap())),
         "{node_addrs}"
     );
     let pod_routes = a.netns.exec_ok(&["ip", "-4", "route"]).expect("pod routes");

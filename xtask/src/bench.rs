@@ -4,7 +4,7 @@
 
 use weft_tests::agent::{Agent, ADMIN};
 use weft_tests::load;
-use weft_tests::{bin_path, Cluster, ClusterOptions, WeftEntry};
+use weft_tests::{bin_path, Cluster, ClusterOptions, Pod, WeftEntry};
 
 use crate::{cargo, ebpf, run as run_cmd, setup, target_dir, workspace_root};
 
@@ -37,46 +37,46 @@ pub fn cni(args: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
-/// One table: the bridge chain alone, then with weft-cni in each capture mode, `pods` ADDs per row.
+/// One table: the bridge chain alone, then with weft-cni in each capture mode, `pods` ADDs per row. Every row
+/// has its own node (an agent each, all running at once) and the ADDs take turns across the rows, so a slow
+/// spell of this shared machine falls on every row alike instead of on whichever row ran then.
 fn cni_table(pods: usize) -> Result<(), String> {
     let e = |e: &dyn std::fmt::Display| e.to_string();
-    let plain = Cluster::new("bench-plain").map_err(|x| e(&x))?;
-    let without = add_times(&plain, pods)?;
-    drop(plain);
-    let meshed = weft_cluster("bench-weft")?;
-    let mut rows = vec![("bridge+host-local+portmap".to_string(), without)];
+    let mut rows = vec![("bridge+host-local+portmap".to_string(), Cluster::new("bench-plain").map_err(|x| e(&x))?, None)];
     for mode in ["iptables", "nftables", "ebpf"] {
-        let mut agent = Agent::start(&meshed, mode).map_err(|x| e(&x))?;
-        rows.push((format!("+ weft-cni ({mode})"), add_times(&meshed, pods)?));
-        agent.stop().map_err(|x| e(&x))?;
+        let cluster = weft_cluster(&format!("bench-{mode}"))?;
+        let agent = Agent::start(&cluster, mode).map_err(|x| e(&x))?;
+        rows.push((format!("+ weft-cni ({mode})"), cluster, Some(agent)));
+    }
+    let mut times = vec![Vec::with_capacity(pods); rows.len()];
+    let mut made: Vec<Vec<Pod>> = (0..rows.len()).map(|_| Vec::with_capacity(pods)).collect();
+    for i in 0..pods {
+        for (row, (_, cluster, _)) in rows.iter().enumerate() {
+            let (pod, us) = cluster.add_pod_timed("bench", &format!("p{i}")).map_err(|x| e(&x))?;
+            times[row].push(us as f64 / 1000.0);
+            made[row].push(pod);
+        }
+    }
+    for ((_, cluster, agent), pods) in rows.iter_mut().zip(made) {
+        for pod in pods {
+            cluster.del_pod(&pod).map_err(|x| e(&x))?;
+            cluster.remove_pod(pod).map_err(|x| e(&x))?;
+        }
+        if let Some(agent) = agent {
+            agent.stop().map_err(|x| e(&x))?;
+        }
     }
 
-    println!("\nCNI ADD latency through libcni, {pods} pods per row (ms)\n");
+    println!("\nCNI ADD latency through libcni, {pods} pods per row, the rows' ADDs interleaved (ms)\n");
     println!("| chain | p50 | p99 | p50 added by weft | p99 added by weft |");
     println!("|---|---|---|---|---|");
-    let (base50, base99) = (percentile(&rows[0].1, 50.0), percentile(&rows[0].1, 99.0));
-    for (i, (name, times)) in rows.iter().enumerate() {
+    let (base50, base99) = (percentile(&times[0], 50.0), percentile(&times[0], 99.0));
+    for (i, ((name, _, _), times)) in rows.iter().zip(&times).enumerate() {
         let (p50, p99) = (percentile(times, 50.0), percentile(times, 99.0));
         let added = |v: f64, base: f64| if i == 0 { "-".to_string() } else { format!("{:+.2}", v - base) };
         println!("| {name} | {p50:.2} | {p99:.2} | {} | {} |", added(p50, base50), added(p99, base99));
     }
     Ok(())
-}
-
-/// ADDs `pods` pods (timing each), then DELs them.
-fn add_times(cluster: &Cluster, pods: usize) -> Result<Vec<f64>, String> {
-    let mut times = Vec::with_capacity(pods);
-    let mut made = Vec::with_capacity(pods);
-    for i in 0..pods {
-        let (pod, us) = cluster.add_pod_timed("bench", &format!("p{i}")).map_err(|e| e.to_string())?;
-        times.push(us as f64 / 1000.0);
-        made.push(pod);
-    }
-    for pod in made {
-        cluster.del_pod(&pod).map_err(|e| e.to_string())?;
-        cluster.remove_pod(pod).map_err(|e| e.to_string())?;
-    }
-    Ok(times)
 }
 
 pub(crate) fn percentile(values: &[f64], p: f64) -> f64 {

@@ -115,6 +115,7 @@ async fn dispatch(request: Request, node: &Node) -> Response {
         Request::Status {} => Ok(format!("ready ({} redirection)", node.mode())),
     };
     crate::node_metrics::cni(command, result.is_ok(), started.elapsed());
+    tracing::debug!(command, took = ?started.elapsed(), "CNI request served");
     match result {
         Ok(detail) => Response::ok(detail),
         Err(e) => {
