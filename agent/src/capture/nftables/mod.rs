@@ -375,19 +375,26 @@ impl Nftables {
 /// Installs a table in a private, throw-away network namespace and reads it back: how this node's `nft` lists
 /// what [`netlink::install`] puts in place (`nft`'s own normalisation is accounted for).
 fn canonical_listing(nft: &str, table: Table) -> Result<Vec<String>, CaptureError> {
-    let listing = std::thread::scope(|scope| {
-        scope
-            .spawn(|| -> Result<String, CaptureError> {
-                // Only this short-lived thread moves (CLONE_NEWNET is per thread); it exits right after.
-                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(|e| CaptureError(format!("unshare(CLONE_NEWNET): {e}")))?;
-                netlink::install(&table).map_err(netlink_error)?;
-                run(None, nft, &["list", "table", "inet", "weft"], "")
-            })
-            .join()
-            .map_err(|_| CaptureError("nft probe thread panicked".into()))?
+    let listing = in_scratch_netns(|| {
+        netlink::install(&table).map_err(netlink_error)?;
+        run(None, nft, &["list", "table", "inet", "weft"], "")
     })?;
     Ok(statements(&listing))
+}
+
+/// Runs `f` on a short-lived thread in a private, empty network namespace (only that thread moves: CLONE_NEWNET
+/// is per thread, and it exits right after).
+fn in_scratch_netns<T: Send>(f: impl FnOnce() -> Result<T, CaptureError> + Send) -> Result<T, CaptureError> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| CaptureError(format!("unshare(CLONE_NEWNET): {e}")))?;
+                f()
+            })
+            .join()
+            .map_err(|_| CaptureError("scratch netns thread panicked".into()))?
+    })
 }
 
 impl Redirector for Nftables {
@@ -522,20 +529,5 @@ mod tests {
             eprintln!("SKIPPED {test}: needs root and nft (the nftables package) to make a network namespace and list it");
         }
         found
-    }
-
-    fn in_scratch_netns<T: Send>(
-        f: impl FnOnce() -> Result<T, CaptureError> + Send,
-    ) -> Result<T, CaptureError> {
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-                        .map_err(|e| CaptureError(e.to_string()))?;
-                    f()
-                })
-                .join()
-                .expect("scratch netns thread")
-        })
     }
 }
