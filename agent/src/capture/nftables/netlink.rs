@@ -30,7 +30,7 @@ use netlink_bindings::utils::{finalize_nested_header, push_header, push_nested_h
 
 use super::ruleset::{
     abbreviate, dedup, is_host, normalize_nets, render_rule, validate, validate_ifname, AddrDir,
-    Dir, Hook, Match, Rule, Table, Verdict,
+    Dir, Hook, Match, Rule, Table, Verdict, IFNAMSIZ,
 };
 
 const TABLE: &CStr = c"weft";
@@ -1291,7 +1291,6 @@ const IPPROTO_TCP: u8 = 6;
 const NF_ACCEPT: u32 = 1;
 const NF_INET_PRE_ROUTING: u32 = 0;
 const NF_INET_LOCAL_OUT: u32 = 3;
-pub(super) const IFNAMSIZ: usize = 16;
 
 const NFTA_EXPR_DATA: u16 = 2;
 const NFTA_SET_ID: u16 = 10;

@@ -7,7 +7,9 @@ use std::hash::Hash;
 
 use ipnet::IpNet;
 
-use super::netlink::IFNAMSIZ;
+/// The kernel's interface name size, NUL included.
+pub(super) const IFNAMSIZ: usize = 16;
+
 /// The whole `table inet weft`. Installing it replaces whatever was there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Table {
