@@ -38,6 +38,9 @@ impl std::error::Error for ConfigError {}
 
 pub type Result<T> = std::result::Result<T, ConfigError>;
 
+/// The largest `google.protobuf.Duration` (10,000 years); Envoy refuses longer ones, and they would overflow.
+const MAX_DURATION_SECS: f64 = 315_576_000_000.0;
+
 /// A JSON object being read. Call [`Obj::finish`] when done: it rejects the fields nobody took.
 pub struct Obj<'a> {
     path: String,
@@ -160,9 +163,10 @@ impl<'a> Obj<'a> {
     pub fn duration(&mut self, key: &str) -> Result<Option<Duration>> {
         let path = self.at(key);
         let Some(text) = self.string(key)? else { return Ok(None) };
-        let secs = text.strip_suffix('s').and_then(|n| n.parse::<f64>().ok()).filter(|s| s.is_finite() && *s >= 0.0);
-        secs.map(|s| Some(Duration::from_secs_f64(s)))
-            .ok_or_else(|| ConfigError::new(path, format!("{text:?} is not a duration; write seconds like \"5s\" or \"0.25s\"")))
+        let secs = text.strip_suffix('s').and_then(|n| n.parse::<f64>().ok()).filter(|s| (0.0..=MAX_DURATION_SECS).contains(s));
+        secs.and_then(|s| Duration::try_from_secs_f64(s).ok()).map(Some).ok_or_else(|| {
+            ConfigError::new(path, format!("{text:?} is not a duration; write seconds like \"5s\" or \"0.25s\", at most 315576000000s"))
+        })
     }
 
     /// A timeout where `0s` disables it (Envoy's convention); `default` when absent.
@@ -246,6 +250,11 @@ mod tests {
         let mut o = Obj::new(&v, "").unwrap();
         assert_eq!(o.duration("t").unwrap(), Some(Duration::from_millis(250)));
         assert!(o.duration("bad").unwrap_err().to_string().contains("\"5m\""));
+        let v = json!({"huge": "199999999999999999999999s", "max": "315576000000s", "negative": "-1s", "nan": "NaNs"});
+        let mut o = Obj::new(&v, "").unwrap();
+        assert!(o.duration("huge").unwrap_err().to_string().starts_with("huge: \"199999999999999999999999s\" is not a duration"));
+        assert_eq!(o.duration("max").unwrap(), Some(Duration::from_secs(315_576_000_000)));
+        assert!(o.duration("negative").is_err() && o.duration("nan").is_err());
         assert_eq!(o.u64("n").unwrap(), Some(12));
         assert_eq!(o.string("s").unwrap_err().to_string(), "s: expected a string, found a number");
     }
