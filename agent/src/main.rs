@@ -11,7 +11,7 @@ use weft_agent::status::AdminError;
 use weft_agent::admin::{self, agent::Admin};
 use weft_agent::capture::iptables::Variant;
 use weft_agent::capture::{self, netns, RedirectMode};
-use weft_agent::cni_server::registry::RegistryFile;
+use weft_agent::cni_server::registry::RegistryDir;
 use weft_agent::cni_server::CniSocket;
 use weft_agent::config::agent::{self as agent_config, AgentConfig, ConfigFile};
 use weft_agent::node::Node;
@@ -674,7 +674,7 @@ async fn serve(cfg: AgentConfig) -> Result<(), String> {
     let identity = weft_agent::identity::manager(&cfg.identity)?;
     let redirector =
         capture::redirector(cfg.redirect, cfg.iptables_variant, &cfg.ebpf, cfg.probe_source).map_err(|e| e.to_string())?;
-    let registry = RegistryFile::new(&cfg.state_dir)
+    let registry = RegistryDir::new(&cfg.state_dir)
         .map_err(|e| format!("state dir {}: {e}", cfg.state_dir.display()))?;
     let settings = ProxySettings {
         connect_timeout: cfg.connect_timeout,

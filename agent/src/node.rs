@@ -13,7 +13,7 @@ use crate::admin::pod_ports::{self, PodMetrics, PodPorts, Readiness};
 use crate::capture::netns::{self, Netns, NetnsPath};
 use crate::capture::probes::{HostProbes, ProbeTarget};
 use crate::capture::{CaptureError, PodCapture, RedirectMode, Redirector};
-use crate::cni_server::registry::{PodRecord, Registry, RegistryFile};
+use crate::cni_server::registry::{PodRecord, Registry, RegistryDir};
 use crate::identity::manager::{IdentityManager, Subscription};
 use crate::config::agent::{PodLimits, DEFAULT_ISTIO_VERSION};
 use crate::k8s::{self, KubeView, PodMeta};
@@ -218,7 +218,7 @@ pub struct PodStatus {
 }
 
 impl Node {
-    pub fn new(redirector: Arc<dyn Redirector>, registry: RegistryFile, settings: ProxySettings, xds: Option<PodXds>) -> Node {
+    pub fn new(redirector: Arc<dyn Redirector>, registry: RegistryDir, settings: ProxySettings, xds: Option<PodXds>) -> Node {
         let load = NodeLoad::new(settings.node_max_connections, settings.node_max_requests);
         Node {
             redirector,
@@ -297,7 +297,7 @@ impl Node {
     /// Re-captures every pod of the persisted registry whose netns still exists; forgets the others. Returns
     /// how many pods were adopted and dropped. Run before serving CNI requests and before reporting ready.
     pub async fn adopt(&self) -> Result<(usize, usize), String> {
-        let records = self.registry.file().load()?;
+        let records = self.registry.load()?;
         let mut pods = self.pods.lock().await;
         let (mut adopted, mut dropped) = (0, 0);
         for record in records {
@@ -372,9 +372,13 @@ impl Node {
                 let label = format!("{}/{}", record.namespace, record.name);
                 tracing::info!(pod = %label, "not captured: {reason}");
                 self.annotate(&record, format!("not captured: {reason}"));
-                let pods = self.pods.lock().await;
-                self.declined.lock().await.insert(attachment, record);
-                self.persist(&pods).await?;
+                let generation = {
+                    // Under the pods lock, which orders the registry's changes; a stale record of it goes.
+                    let _pods = self.pods.lock().await;
+                    self.declined.lock().await.insert(attachment.clone(), record);
+                    self.registry.remove(&attachment)
+                };
+                self.flush(generation).await?;
                 return Ok(format!("{label} not captured: {reason}"));
             }
             Admission::Capture { asked, reason } => {
@@ -389,7 +393,7 @@ impl Node {
         let (replaced, generation) = {
             let mut pods = self.pods.lock().await;
             let replaced = pods.insert(attachment.clone(), pod);
-            (replaced, self.offer(&pods))
+            (replaced, self.registry.put(&record))
         };
         if let Some(replaced) = replaced {
             self.release(replaced).await;
@@ -399,7 +403,7 @@ impl Node {
             let undone = {
                 let mut pods = self.pods.lock().await;
                 let undone = pods.remove(&attachment);
-                self.offer(&pods);
+                self.registry.remove(&attachment);
                 undone
             };
             if let Some(pod) = undone {
@@ -422,7 +426,7 @@ impl Node {
             let Some(pod) = pods.remove(attachment) else {
                 return Ok(format!("{} not captured", attachment.container_id));
             };
-            (pod, self.offer(&pods))
+            (pod, self.registry.remove(attachment))
         };
         let label = pod.label();
         self.release(pod).await;
@@ -1032,14 +1036,14 @@ impl Node {
 
     /// Offers the registry content `pods` make (under the pods lock, which orders the offers).
     fn offer(&self, pods: &BTreeMap<Attachment, CapturedPod>) -> u64 {
-        self.registry.offer(pods.values().map(|p| p.record.clone()).collect())
+        self.registry.offer(pods.values().map(|p| &p.record))
     }
 
     /// Waits until the offer `generation`, or a newer one, is on disk (without the pods lock: offers of a burst
     /// share one write).
     async fn flush(&self, generation: u64) -> Result<(), NodeError> {
         self.registry.flush(generation).await.map_err(|e| {
-            NodeError::new("cannot persist the pod registry", format!("{}: {e}", self.registry.file().path().display()))
+            NodeError::new("cannot persist the pod registry", format!("{}: {e}", self.registry.dir().path().display()))
         })
     }
 }
@@ -1097,7 +1101,7 @@ where
 /// `weft-agent cleanup`: removes every pod's rules, the eBPF pins and the registry. Returns a summary.
 pub fn cleanup(cfg: &crate::config::agent::AgentConfig) -> Result<String, String> {
     use crate::capture::{iptables::Iptables, nftables::Nftables};
-    let registry = RegistryFile::new(&cfg.state_dir).map_err(|e| format!("state dir {}: {e}", cfg.state_dir.display()))?;
+    let registry = RegistryDir::new(&cfg.state_dir).map_err(|e| format!("state dir {}: {e}", cfg.state_dir.display()))?;
     let records = registry.load().unwrap_or_else(|e| {
         tracing::warn!("{e}");
         Vec::new()
@@ -1123,7 +1127,9 @@ pub fn cleanup(cfg: &crate::config::agent::AgentConfig) -> Result<String, String
             tracing::warn!("cannot remove the node's kubelet probe rules: {e}");
         }
     }
-    let _ = std::fs::remove_file(registry.path());
+    if let Err(e) = registry.delete() {
+        tracing::warn!("cannot remove the pod registry {}: {e}", registry.path().display());
+    }
     crate::capture::ebpf::remove_pins(&cfg.ebpf.pin_path)
         .map_err(|e| format!("removing eBPF pins {}: {e}", cfg.ebpf.pin_path.display()))?;
     Ok(format!(

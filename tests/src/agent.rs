@@ -168,6 +168,14 @@ impl Agent {
         &self.state_dir
     }
 
+    /// The persisted pod registry's file names and contents (one file per captured attachment), as one text.
+    pub fn registry(&self) -> String {
+        let dir = self.state_dir.join("pods");
+        let mut files: Vec<_> = std::fs::read_dir(&dir).into_iter().flatten().flatten().map(|e| e.path()).collect();
+        files.sort();
+        files.iter().map(|f| format!("{}: {}\n", f.display(), std::fs::read_to_string(f).unwrap_or_default())).collect()
+    }
+
     /// The running agent's process id.
     pub fn pid(&self) -> Option<u32> {
         self.process.as_ref().map(|p| p.id())

@@ -15,7 +15,7 @@ use weft_agent::capture::iptables::Variant;
 use weft_agent::capture::netns::{self as agent_netns, Netns, NetnsPath};
 use weft_agent::capture::probes::HostProbes;
 use weft_agent::capture::{self, PodCapture, RedirectMode};
-use weft_agent::cni_server::registry::RegistryFile;
+use weft_agent::cni_server::registry::RegistryDir;
 use weft_agent::cni_server::CniSocket;
 use weft_agent::node::{Node, PodRef};
 use weft_agent::proxy::ProxySettings;
@@ -51,7 +51,7 @@ impl LocalAgent {
         };
         let redirector =
             capture::redirector(mode, Variant::Auto, &ebpf, probe_source).map_err(|e| err("capture backend")(e.0))?;
-        let registry = RegistryFile::new(&cluster.work_dir().join("state"))?;
+        let registry = RegistryDir::new(&cluster.work_dir().join("state"))?;
         let mut node = Node::new(Arc::from(redirector), registry, ProxySettings::default(), None);
         if let Some(source) = probe_source {
             let path = NetnsPath::try_from(cluster.node().path().to_string_lossy().into_owned()).map_err(err("node netns"))?;

@@ -115,8 +115,8 @@ fn agent_down_fails_closed_and_restart_readopts(mode: &str) {
     let mut names: Vec<&str> = status["pods"].as_array().unwrap().iter().filter_map(|p| p["name"].as_str()).collect();
     names.sort();
     assert_eq!(names, ["client", "server"], "{status}");
-    let registry = std::fs::read_to_string(agent.state_dir().join("pods.json")).unwrap();
-    assert!(!registry.contains("\"gone\""), "{registry}");
+    let registry = agent.registry();
+    assert!(registry.contains("\"client\"") && registry.contains("\"server\"") && !registry.contains("\"gone\""), "{registry}");
     cluster.check_pod(&a).unwrap();
     // Rules were verified, not stacked: the same rule set, once.
     // In eBPF mode the table only holds the inbound half (15001 appears once, in the excluded ports).
@@ -133,7 +133,7 @@ fn del_releases_the_pod_and_is_idempotent(mode: &str) {
     cluster.del_pod(&a).unwrap();
     assert!(agent.pod_status("default", "app").unwrap().is_none());
     assert_eq!(weft_rules(&a, mode), "", "rules left after DEL");
-    let registry = std::fs::read_to_string(agent.state_dir().join("pods.json")).unwrap();
+    let registry = agent.registry();
     assert!(!registry.contains(&a.container_id), "{registry}");
     cluster.del_pod(&a).unwrap();
     // With the netns gone too, DEL still succeeds.

@@ -1,6 +1,8 @@
-//! The pod registry: which attachments the agent captures, persisted atomically under the state dir so a
-//! restarted agent can re-adopt them.
+//! The pod registry: which attachments the agent captures, persisted under the state dir so a restarted agent
+//! can re-adopt them. One file per attachment (`<state_dir>/pods/<container id>@<ifname>.json`), each written
+//! atomically: an ADD or DEL writes or removes one small file however many pods the node runs.
 
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
 use std::net::IpAddr;
@@ -15,7 +17,9 @@ use crate::capture::{PodCapture, RedirectMode};
 use crate::config::agent::PodLimits;
 use crate::k8s::PodMeta;
 
-const FILE_NAME: &str = "pods.json";
+const DIR_NAME: &str = "pods";
+/// Where agents before per-pod files kept every record; read once, migrated, removed.
+const LEGACY_FILE: &str = "pods.json";
 const FORMAT_VERSION: u32 = 1;
 
 /// Everything needed to capture a pod again after a restart.
@@ -55,137 +59,281 @@ impl PodRecord {
     }
 }
 
-#[derive(Serialize, Deserialize)]
+/// One record as stored.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct OnDisk {
+    version: u32,
+    pod: PodRecord,
+}
+
+/// [`OnDisk`] as written, borrowing the record.
+#[derive(Serialize)]
+struct Writing<'a> {
+    version: u32,
+    pod: &'a PodRecord,
+}
+
+/// The single file of earlier agents.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Legacy {
     version: u32,
     pods: Vec<PodRecord>,
 }
 
-/// [`OnDisk`] as written, borrowing the records.
-#[derive(Serialize)]
-struct Writing<'a> {
-    version: u32,
-    pods: &'a [PodRecord],
-}
-
-/// The registry file under the state dir.
+/// The registry directory under the state dir.
 #[derive(Debug, Clone)]
-pub struct RegistryFile {
-    path: PathBuf,
+pub struct RegistryDir {
+    state_dir: PathBuf,
+    dir: PathBuf,
 }
 
-impl RegistryFile {
-    /// Uses `state_dir/pods.json`, creating the directory (mode 0700) if needed.
-    pub fn new(state_dir: &Path) -> io::Result<RegistryFile> {
-        fs::create_dir_all(state_dir)?;
-        fs::set_permissions(state_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
-        Ok(RegistryFile { path: state_dir.join(FILE_NAME) })
+impl RegistryDir {
+    /// Uses `state_dir/pods/`, creating both (mode 0700) if needed.
+    pub fn new(state_dir: &Path) -> io::Result<RegistryDir> {
+        let dir = state_dir.join(DIR_NAME);
+        for d in [state_dir, dir.as_path()] {
+            fs::create_dir_all(d)?;
+            fs::set_permissions(d, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        }
+        Ok(RegistryDir { state_dir: state_dir.to_path_buf(), dir })
     }
 
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.dir
     }
 
-    /// Reads the records; a missing file is an empty registry. A damaged file is an error that names it: starting
-    /// empty would silently forget captured pods.
+    /// Reads every record, migrating an earlier agent's single file first. A damaged file is an error that names
+    /// it: starting without it would silently forget a captured pod.
     pub fn load(&self) -> Result<Vec<PodRecord>, String> {
-        let text = match fs::read_to_string(&self.path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(format!("cannot read pod registry {}: {e}", self.path.display())),
-        };
-        let disk: OnDisk = serde_json::from_str(&text).map_err(|e| {
-            format!(
-                "pod registry {} is damaged ({e}); move it aside to start without the pods it lists (their rules stay and fail closed until the pods are re-created)",
-                self.path.display()
-            )
-        })?;
-        if disk.version != FORMAT_VERSION {
-            return Err(format!(
-                "pod registry {} has format version {} but this agent reads version {FORMAT_VERSION}",
-                self.path.display(),
-                disk.version
-            ));
+        self.migrate()?;
+        let entries = fs::read_dir(&self.dir).map_err(|e| format!("cannot read pod registry {}: {e}", self.dir.display()))?;
+        let mut records = Vec::new();
+        for entry in entries {
+            let path = entry.map_err(|e| format!("cannot read pod registry {}: {e}", self.dir.display()))?.path();
+            // Temporary files of a write the agent did not finish are not records.
+            if path.extension().is_some_and(|x| x == "json") {
+                records.push(read_record(&path)?);
+            }
         }
-        Ok(disk.pods)
+        records.sort_by(|a, b| (&a.container_id, &a.ifname).cmp(&(&b.container_id, &b.ifname)));
+        Ok(records)
     }
 
-    /// Writes the records atomically: an agent crash leaves either the old or the new file, never a mix.
+    /// Moves the records of `pods.json` (agents before per-pod files) into their own files, then removes it.
+    fn migrate(&self) -> Result<(), String> {
+        let legacy = self.state_dir.join(LEGACY_FILE);
+        let text = match fs::read_to_string(&legacy) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(format!("cannot read pod registry {}: {e}", legacy.display())),
+        };
+        let disk: Legacy = serde_json::from_str(&text).map_err(|e| damaged(&legacy, e))?;
+        check_version(&legacy, disk.version)?;
+        for record in &disk.pods {
+            // A file already there is newer: a migration cut short after writing it.
+            if !self.file(&record.attachment()).exists() {
+                self.store(record).map_err(|e| format!("cannot migrate pod registry {}: {e}", legacy.display()))?;
+            }
+        }
+        fs::remove_file(&legacy).map_err(|e| format!("cannot remove the migrated pod registry {}: {e}", legacy.display()))
+    }
+
+    /// Writes one record atomically: an agent crash leaves either the old or the new file, never a mix.
     ///
     /// No fsync: the registry must survive agent restarts, not node reboots (a reboot takes every pod netns with
     /// it, and the default state dir is on tmpfs). rename(2) is atomic for every later reader, and skipping the
-    /// flushes keeps milliseconds off each pod's start. Compact JSON for the same reason: the whole registry is
-    /// written on every change (`jq . pods.json` reads it).
-    pub fn store(&self, pods: &[PodRecord]) -> io::Result<()> {
-        let text = serde_json::to_vec(&Writing { version: FORMAT_VERSION, pods })?;
-        let tmp = self.path.with_extension(format!("json.tmp-{}", std::process::id()));
+    /// flushes keeps milliseconds off each pod's start.
+    pub fn store(&self, record: &PodRecord) -> io::Result<()> {
+        let text = serde_json::to_vec(&Writing { version: FORMAT_VERSION, pod: record })?;
+        let path = self.file(&record.attachment());
+        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
         let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
         f.write_all(&text)?;
         drop(f);
-        fs::rename(&tmp, &self.path)
+        fs::rename(&tmp, &path)
+    }
+
+    /// Removes one record; one that is not there is removed already.
+    pub fn remove(&self, attachment: &Attachment) -> io::Result<()> {
+        gone_already_ok(fs::remove_file(self.file(attachment)))
+    }
+
+    /// Removes every record, and an earlier agent's single file.
+    pub fn delete(&self) -> io::Result<()> {
+        gone_already_ok(fs::remove_dir_all(&self.dir))?;
+        gone_already_ok(fs::remove_file(self.state_dir.join(LEGACY_FILE)))
+    }
+
+    /// The attachment's file: `<container id>@<ifname>.json`, any byte a file name cannot safely hold escaped.
+    fn file(&self, attachment: &Attachment) -> PathBuf {
+        self.dir.join(format!("{}@{}.json", escape(&attachment.container_id), escape(&attachment.ifname)))
     }
 }
 
-/// The registry file written by group commit: each change offers the whole set of records under the caller's
-/// lock (a clone, cheap), and waits outside it until a write that includes its offer is on disk. Writes happen
-/// one at a time, each of the newest offer, so a burst of CNI operations shares writes instead of queueing one
-/// serialisation of every record per operation behind the caller's lock.
+fn gone_already_ok(removed: io::Result<()>) -> io::Result<()> {
+    match removed {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+fn read_record(path: &Path) -> Result<PodRecord, String> {
+    let text = fs::read_to_string(path).map_err(|e| format!("cannot read pod registry {}: {e}", path.display()))?;
+    let disk: OnDisk = serde_json::from_str(&text).map_err(|e| damaged(path, e))?;
+    check_version(path, disk.version)?;
+    Ok(disk.pod)
+}
+
+fn damaged(path: &Path, e: serde_json::Error) -> String {
+    format!(
+        "pod registry {} is damaged ({e}); move it aside to start without the pods it lists (their rules stay and fail closed until the pods are re-created)",
+        path.display()
+    )
+}
+
+fn check_version(path: &Path, version: u32) -> Result<(), String> {
+    if version == FORMAT_VERSION {
+        return Ok(());
+    }
+    Err(format!("pod registry {} has format version {version} but this agent reads version {FORMAT_VERSION}", path.display()))
+}
+
+/// Letters, digits, `_`, `.` and `-` as they are (all a valid container id and interface name hold); anything
+/// else as `%XX`, so no attachment names a path outside the directory or another attachment's file.
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The registry written by group commit: each change is offered under the caller's lock, and its caller waits
+/// outside it until a write that includes it is on disk. Writes happen one batch at a time, each of every change
+/// offered so far, so a burst of CNI operations shares writes instead of queueing behind the caller's lock.
 pub struct Registry {
-    file: RegistryFile,
-    /// The newest offer not yet written, by generation.
-    pending: std::sync::Mutex<(u64, Option<Vec<PodRecord>>)>,
+    dir: RegistryDir,
+    pending: std::sync::Mutex<Pending>,
     /// The generation on disk; held while writing.
     written: tokio::sync::Mutex<u64>,
 }
 
+#[derive(Default)]
+struct Pending {
+    generation: u64,
+    /// The records as offered so far: what the directory holds once every change is written.
+    offered: HashMap<Attachment, PodRecord>,
+    /// Changes not yet written: a record to store, or `None` to remove.
+    changes: BTreeMap<Attachment, Option<PodRecord>>,
+}
+
+impl Pending {
+    fn change(&mut self, attachment: Attachment, record: Option<PodRecord>) {
+        match &record {
+            Some(r) => self.offered.insert(attachment.clone(), r.clone()),
+            None => self.offered.remove(&attachment),
+        };
+        self.changes.insert(attachment, record);
+    }
+}
+
 impl Registry {
-    pub fn new(file: RegistryFile) -> Registry {
-        Registry { file, pending: std::sync::Mutex::new((0, None)), written: tokio::sync::Mutex::new(0) }
+    pub fn new(dir: RegistryDir) -> Registry {
+        Registry { dir, pending: std::sync::Mutex::new(Pending::default()), written: tokio::sync::Mutex::new(0) }
     }
 
-    pub fn file(&self) -> &RegistryFile {
-        &self.file
+    pub fn dir(&self) -> &RegistryDir {
+        &self.dir
     }
 
-    /// Offers `records` as the registry's new content (call under the lock that orders the changes); returns
-    /// the generation to [`Registry::flush`].
-    pub fn offer(&self, records: Vec<PodRecord>) -> u64 {
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        pending.0 += 1;
-        pending.1 = Some(records);
-        pending.0
+    /// [`RegistryDir::load`], taking what it read as the records offered so far.
+    pub fn load(&self) -> Result<Vec<PodRecord>, String> {
+        let records = self.dir.load()?;
+        let mut pending = self.pending();
+        pending.offered = records.iter().map(|r| (r.attachment(), r.clone())).collect();
+        Ok(records)
     }
 
-    /// Returns once an offer of `generation` or newer is on disk.
+    /// Offers one record, new or changed (call under the lock that orders the changes); returns the generation
+    /// to [`Registry::flush`].
+    pub fn put(&self, record: &PodRecord) -> u64 {
+        let mut pending = self.pending();
+        pending.change(record.attachment(), Some(record.clone()));
+        pending.generation += 1;
+        pending.generation
+    }
+
+    /// Offers the removal of one record.
+    pub fn remove(&self, attachment: &Attachment) -> u64 {
+        let mut pending = self.pending();
+        pending.change(attachment.clone(), None);
+        pending.generation += 1;
+        pending.generation
+    }
+
+    /// Offers `records` as the whole registry: the records that differ from the offered ones are stored, the
+    /// offered ones not among them removed.
+    pub fn offer<'a>(&self, records: impl IntoIterator<Item = &'a PodRecord>) -> u64 {
+        let mut pending = self.pending();
+        let mut gone: std::collections::HashSet<Attachment> = pending.offered.keys().cloned().collect();
+        for record in records {
+            let attachment = record.attachment();
+            gone.remove(&attachment);
+            if pending.offered.get(&attachment) != Some(record) {
+                pending.change(attachment, Some(record.clone()));
+            }
+        }
+        for attachment in gone {
+            pending.change(attachment, None);
+        }
+        pending.generation += 1;
+        pending.generation
+    }
+
+    /// Returns once the changes offered up to `generation`, or later ones, are on disk.
     pub async fn flush(&self, generation: u64) -> io::Result<()> {
         let mut written = self.written.lock().await;
         if *written >= generation {
             return Ok(());
         }
-        let (newest, records) = {
-            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            (pending.0, pending.1.take())
+        let (newest, changes) = {
+            let mut pending = self.pending();
+            (pending.generation, std::mem::take(&mut pending.changes))
         };
-        let Some(records) = records else {
-            return Err(io::Error::other("the registry offer was lost after a failed write"));
-        };
-        if let Err(e) = self.file.store(&records) {
-            // Put it back for the next waiter, unless a newer offer replaced it meanwhile.
-            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            if pending.0 == newest {
-                pending.1 = Some(records);
+        let mut changes = changes.into_iter();
+        while let Some((attachment, change)) = changes.next() {
+            let done = match &change {
+                Some(record) => self.dir.store(record),
+                None => self.dir.remove(&attachment),
+            };
+            if let Err(e) = done {
+                // Back for the next waiter, unless newer changes of the same attachments replaced them meanwhile.
+                let mut pending = self.pending();
+                for (a, c) in std::iter::once((attachment, change)).chain(changes) {
+                    pending.changes.entry(a).or_insert(c);
+                }
+                return Err(e);
             }
-            return Err(e);
         }
         *written = newest;
         Ok(())
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn record(id: &str) -> PodRecord {
         PodRecord {
@@ -216,52 +364,93 @@ mod tests {
     #[test]
     fn round_trips_and_starts_empty() {
         let dir = temp_dir("rt");
-        let file = RegistryFile::new(&dir).unwrap();
+        let file = RegistryDir::new(&dir).unwrap();
         assert!(file.load().unwrap().is_empty());
-        file.store(&[record("a"), record("b")]).unwrap();
+        file.store(&record("b")).unwrap();
+        file.store(&record("a")).unwrap();
         assert_eq!(file.load().unwrap(), vec![record("a"), record("b")]);
-        let mode = fs::metadata(file.path()).unwrap().permissions();
+        let mode = fs::metadata(file.path().join("a@eth0.json")).unwrap().permissions();
         assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        file.remove(&record("a").attachment()).unwrap();
+        file.remove(&record("a").attachment()).unwrap();
+        assert_eq!(file.load().unwrap(), vec![record("b")]);
         fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
-    fn plans_persist_and_records_without_one_load_with_the_default() {
+    fn plans_persist_and_a_single_file_registry_is_migrated() {
         let dir = temp_dir("plan");
-        let file = RegistryFile::new(&dir).unwrap();
+        let file = RegistryDir::new(&dir).unwrap();
         let mut with_plan = record("p");
         with_plan.capture = PodCapture::nothing().with_probe_ports(vec![8080]);
-        file.store(&[with_plan.clone()]).unwrap();
-        assert_eq!(file.load().unwrap(), vec![with_plan]);
-        // A registry from before plans existed.
-        let mut old = serde_json::to_value(OnDisk { version: FORMAT_VERSION, pods: vec![record("o")] }).unwrap();
-        old["pods"][0].as_object_mut().unwrap().remove("capture");
-        fs::write(file.path(), old.to_string()).unwrap();
-        assert_eq!(file.load().unwrap(), vec![record("o")]);
+        file.store(&with_plan).unwrap();
+        assert_eq!(file.load().unwrap(), vec![with_plan.clone()]);
+        // An earlier agent's single file, from before plans existed: its records load with the default plan.
+        let old = json!({"version": FORMAT_VERSION, "pods": [record("o"), with_plan]});
+        let mut old_without_plan = old.clone();
+        old_without_plan["pods"][0].as_object_mut().unwrap().remove("capture");
+        fs::write(dir.join(LEGACY_FILE), old_without_plan.to_string()).unwrap();
+        let mut p = record("p");
+        p.capture = PodCapture::nothing().with_probe_ports(vec![8080]);
+        assert_eq!(file.load().unwrap(), vec![record("o"), p]);
+        assert!(!dir.join(LEGACY_FILE).exists(), "migrated, then removed");
+        assert!(file.path().join("o@eth0.json").exists());
         fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn damaged_file_is_an_error_naming_it() {
         let dir = temp_dir("bad");
-        let file = RegistryFile::new(&dir).unwrap();
-        fs::write(file.path(), "{not json").unwrap();
+        let file = RegistryDir::new(&dir).unwrap();
+        fs::write(file.path().join("x@eth0.json"), "{not json").unwrap();
+        fs::write(file.path().join("y@eth0.tmp-1"), "{a write cut short").unwrap();
         let err = file.load().unwrap_err();
-        assert!(err.contains("pods.json") && err.contains("damaged"), "{err}");
+        assert!(err.contains("x@eth0.json") && err.contains("damaged"), "{err}");
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn an_attachment_never_names_a_file_outside_the_directory() {
+        let dir = temp_dir("esc");
+        let file = RegistryDir::new(&dir).unwrap();
+        let mut r = record("../../etc/x");
+        r.ifname = "a/b@c".into();
+        file.store(&r).unwrap();
+        let names: Vec<_> = fs::read_dir(file.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["..%2F..%2Fetc%2Fx@a%2Fb%40c.json"]);
+        assert_eq!(file.load().unwrap(), vec![r]);
         fs::remove_dir_all(dir).unwrap();
     }
 
     #[tokio::test]
-    async fn a_burst_of_offers_is_written_once_with_the_newest() {
-        let dir = std::env::temp_dir().join(format!("weft-registry-burst-{}", std::process::id()));
-        let registry = Registry::new(RegistryFile::new(&dir).unwrap());
-        let first = registry.offer(vec![record("a")]);
-        let second = registry.offer(vec![record("a"), record("b")]);
+    async fn a_burst_of_changes_is_written_once_and_whole_offers_write_only_differences() {
+        let dir = temp_dir("burst");
+        let registry = Registry::new(RegistryDir::new(&dir).unwrap());
+        assert!(registry.load().unwrap().is_empty());
+        let first = registry.put(&record("a"));
+        let second = registry.put(&record("b"));
         registry.flush(second).await.unwrap();
-        // The first offer's waiter finds a newer content already on disk.
+        // The first change's waiter finds it on disk already.
         registry.flush(first).await.unwrap();
-        let on_disk: Vec<String> = registry.file().load().unwrap().into_iter().map(|r| r.container_id).collect();
-        assert_eq!(on_disk, ["a", "b"]);
+        let on_disk = |r: &Registry| -> Vec<String> { r.dir().load().unwrap().into_iter().map(|r| r.container_id).collect() };
+        assert_eq!(on_disk(&registry), ["a", "b"]);
+        // A whole offer: c is new, b is gone, a is unchanged and not rewritten.
+        use std::os::unix::fs::MetadataExt;
+        let a_file = registry.dir().path().join("a@eth0.json");
+        let before = fs::metadata(&a_file).unwrap().ino();
+        let whole = registry.offer([&record("a"), &record("c")]);
+        registry.flush(whole).await.unwrap();
+        assert_eq!(on_disk(&registry), ["a", "c"]);
+        assert_eq!(fs::metadata(&a_file).unwrap().ino(), before, "a rewrite would rename a new file over it");
+        let gone = registry.remove(&record("c").attachment());
+        registry.flush(gone).await.unwrap();
+        assert_eq!(on_disk(&registry), ["a"]);
+        // A restarted agent's registry knows what is on disk: a whole offer without a removes its file.
+        let restarted = Registry::new(RegistryDir::new(&dir).unwrap());
+        assert_eq!(restarted.load().unwrap().len(), 1);
+        let empty = restarted.offer([]);
+        restarted.flush(empty).await.unwrap();
+        assert!(on_disk(&restarted).is_empty());
         let _ = std::fs::remove_dir_all(dir);
     }
 }
