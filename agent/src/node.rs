@@ -924,19 +924,38 @@ impl Node {
             .map_err(|e| NodeError::new(format!("{label}: cannot start the pod's worker threads"), e))?;
         let threads = started.elapsed();
         let served = config.clone();
-        let listeners = listener::start(label.clone(), ns.clone(), self.settings, config, &share)
-            .await
-            .map_err(|e| NodeError::new(format!("{label}: cannot create in-pod listeners"), e))?;
-        let ports = self.start_ports(&label, &ns, &listeners, &share).await?;
-        let listening = started.elapsed();
+        // The rules go in while the listeners open (each on a thread of its own in the pod's netns): the pod is
+        // not running yet, so nothing can meet rules without listeners, and the ADD waits for the slower of two.
         let redirector = Arc::clone(&self.redirector);
         let (rules_ns, plan) = (ns.clone(), record.capture.clone());
-        blocking(move || match rules {
+        let rules_in_place = blocking(move || match rules {
             Rules::Install => redirector.install(&rules_ns, &plan),
             Rules::Ensure => redirector.ensure(&rules_ns, &plan),
-        })
-        .await
-        .map_err(|e| NodeError::new(format!("{label}: cannot install {} redirection", self.mode()), e))?;
+        });
+        let listening = async {
+            let listeners = listener::start(label.clone(), ns.clone(), self.settings, config, &share)
+                .await
+                .map_err(|e| NodeError::new(format!("{label}: cannot create in-pod listeners"), e))?;
+            let ports = self.start_ports(&label, &ns, &listeners, &share).await?;
+            Ok::<_, NodeError>((listeners, ports, started.elapsed()))
+        };
+        let (rules_in_place, listening) = tokio::join!(rules_in_place, listening);
+        let rules_in_place = rules_in_place.map_err(|e| NodeError::new(format!("{label}: cannot install {} redirection", self.mode()), e));
+        let (listeners, ports, listening) = match (rules_in_place, listening) {
+            (Ok(()), Ok(opened)) => opened,
+            (Err(e), _) => return Err(e),
+            (Ok(()), Err(e)) => {
+                // A new pod's rules without its listeners would only fail its traffic; a re-adopted pod keeps them
+                // and fails closed until it is re-created.
+                if matches!(rules, Rules::Install) {
+                    let (redirector, ns) = (Arc::clone(&self.redirector), ns.clone());
+                    if let Err(undo) = blocking(move || redirector.remove(&ns)).await {
+                        tracing::warn!(pod = %label, "cannot remove the rules of a failed capture: {undo}");
+                    }
+                }
+                return Err(e);
+            }
+        };
         tracing::debug!(pod = %label, ?queued, ?threads, ?listening, total = ?started.elapsed(), "listeners and rules in place");
         record.redirect = self.redirector.mode();
         let identity = self.pod_identity(&record, &listeners, &share);
