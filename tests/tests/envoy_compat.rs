@@ -24,6 +24,8 @@ static_resources:
   listeners:
   - name: tcp
     address: {socket_address: {address: 127.0.0.1, port_value: 19100}}
+    # Small buffers each side: the 1 MB echo still arrives whole, held 4 KiB at a time.
+    per_connection_buffer_limit_bytes: 4096
     filter_chains:
     - filters:
       - name: envoy.filters.network.tcp_proxy
@@ -58,6 +60,7 @@ static_resources:
   clusters:
   - name: echo
     connect_timeout: 1s
+    per_connection_buffer_limit_bytes: 4096
     load_assignment:
       cluster_name: echo
       endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: 19300}}}}]}]

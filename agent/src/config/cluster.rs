@@ -52,6 +52,8 @@ pub struct Cluster {
     /// `filters`: Istio's TCP metadata exchange on every connection (the only upstream network filter weft
     /// has).
     pub metadata_exchange: Option<Arc<MetadataExchange>>,
+    /// `per_connection_buffer_limit_bytes`: the most of an upstream connection's data held at once.
+    pub buffer_limit: usize,
 }
 
 /// `envoy.config.cluster.v3.Cluster.TransportSocketMatch`.
@@ -290,6 +292,7 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
     let name = c.required_string("name")?.to_string();
     let kind = c.string("type")?.unwrap_or("STATIC");
     let connect_timeout = c.duration("connect_timeout")?.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    let buffer_limit = super::buffer_limit(&mut c)?;
     if connect_timeout.is_zero() {
         return Err(ConfigError::new(c.at("connect_timeout"), "must be greater than 0s"));
     }
@@ -391,6 +394,7 @@ pub fn translate(mut c: Obj<'_>) -> Result<Cluster> {
         transport_socket_matches,
         metadata,
         metadata_exchange,
+        buffer_limit,
     })
 }
 

@@ -32,6 +32,8 @@ pub struct Listener {
     pub direction: TrafficDirection,
     /// `access_log`: written for connections the listener closes before a filter chain serves them.
     pub access_log: super::access_log::AccessLogs,
+    /// `per_connection_buffer_limit_bytes`: the most of a downstream connection's data held at once.
+    pub buffer_limit: usize,
 }
 
 /// `envoy.config.core.v3.TrafficDirection`.
@@ -256,6 +258,7 @@ pub fn translate(mut l: Obj<'_>) -> Result<Listener> {
     let mut listener_filters = listener_filters(&mut l)?;
     listener_filters.original_dst |= use_original_dst;
     let access_log = super::access_log::translate_all(&mut l)?;
+    let buffer_limit = super::buffer_limit(&mut l)?;
     let filter_chains = l.objects("filter_chains")?.into_iter().map(filter_chain).collect::<Result<Vec<_>>>()?;
     let default_filter_chain = l.object("default_filter_chain")?.map(filter_chain).transpose()?;
     if filter_chains.is_empty() && default_filter_chain.is_none() {
@@ -278,7 +281,7 @@ pub fn translate(mut l: Obj<'_>) -> Result<Listener> {
         return Err(ConfigError::new(l.at("default_filter_chain.filter_chain_match"), "must be empty: the default chain serves what no chain matches"));
     }
     l.finish()?;
-    Ok(Listener { name, address, filter_chains, default_filter_chain, use_original_dst, bind_to_port, listener_filters, direction, access_log })
+    Ok(Listener { name, address, filter_chains, default_filter_chain, use_original_dst, bind_to_port, listener_filters, direction, access_log, buffer_limit })
 }
 
 fn listener_filters(l: &mut Obj<'_>) -> Result<ListenerFilters> {
@@ -579,5 +582,16 @@ mod tests {
         assert_eq!(l.filter_chains[1].transport_socket_connect_timeout, None, "0s: no limit");
         let e = listener(json!({"filter_chains": [tcp("a")], "max_connections_to_accept_per_socket_event": 0})).unwrap_err();
         assert_eq!(e.path, "listeners[0].max_connections_to_accept_per_socket_event");
+    }
+
+    #[test]
+    fn buffer_limits_default_to_envoys_and_are_range_checked() {
+        assert_eq!(listener(json!({"filter_chains": [tcp("a")]})).unwrap().buffer_limit, 1 << 20);
+        let l = listener(json!({"filter_chains": [tcp("a")], "per_connection_buffer_limit_bytes": 32768})).unwrap();
+        assert_eq!(l.buffer_limit, 32768);
+        for bad in [json!(0), json!(1u64 << 32), json!("lots")] {
+            let e = listener(json!({"filter_chains": [tcp("a")], "per_connection_buffer_limit_bytes": bad})).unwrap_err();
+            assert_eq!(e.path, "listeners[0].per_connection_buffer_limit_bytes", "{e}");
+        }
     }
 }

@@ -34,6 +34,22 @@ use std::net::{IpAddr, SocketAddr};
 
 use tree::Obj;
 
+/// Envoy's default `per_connection_buffer_limit_bytes` (1 MiB).
+pub const DEFAULT_BUFFER_LIMIT: usize = 1024 * 1024;
+
+/// `per_connection_buffer_limit_bytes` of a listener or cluster: how much of a connection's data the proxy
+/// holds before it stops reading from it.
+pub(crate) fn buffer_limit(o: &mut Obj<'_>) -> tree::Result<usize> {
+    let key = "per_connection_buffer_limit_bytes";
+    match o.u64(key)? {
+        None => Ok(DEFAULT_BUFFER_LIMIT),
+        Some(0) => Err(ConfigError::new(o.at(key), "must be at least 1")),
+        Some(n) => u32::try_from(n)
+            .map(|n| n as usize)
+            .map_err(|_| ConfigError::new(o.at(key), format!("{n} is over a uint32"))),
+    }
+}
+
 /// `envoy.config.core.v3.Address` with a TCP `socket_address`.
 pub(crate) fn socket_address(mut address: Obj<'_>) -> tree::Result<SocketAddr> {
     let addr = bare_socket_address(address.required_object("socket_address")?)?;

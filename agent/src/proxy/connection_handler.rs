@@ -146,7 +146,7 @@ pub async fn serve(accepted: Accepted, entry: &Listener, snapshot: &Arc<Snapshot
         access_log::emit(&listener.access_log, &unmatched, pod.name.as_deref());
         return Outcome::NoFilterChain;
     };
-    let upstream = Upstream { snapshot: Arc::clone(snapshot), pools: Arc::clone(pools), original_dst: local };
+    let upstream = Upstream { snapshot: Arc::clone(snapshot), pools: Arc::clone(pools), original_dst: local, downstream_buffer_limit: listener.buffer_limit };
     let (updates, guarded) = (drain.updates.clone(), drain.updates.clone());
     let served = async {
         // Bytes are metered on the wire, under TLS: a pod's bandwidth includes its handshakes.

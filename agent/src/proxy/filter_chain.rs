@@ -137,6 +137,7 @@ mod tests {
             listener_filters: ListenerFilters::original_dst_only(),
             direction: Default::default(),
             access_log: Default::default(),
+            buffer_limit: crate::config::DEFAULT_BUFFER_LIMIT,
         }
     }
 

@@ -50,6 +50,7 @@ fn listener(name: &str, port: u16, filter_chains: Vec<FilterChain>) -> Listener 
         listener_filters: ListenerFilters::original_dst_only(),
         direction: Default::default(),
         access_log: Default::default(),
+        buffer_limit: crate::config::DEFAULT_BUFFER_LIMIT,
     }
 }
 
@@ -80,6 +81,7 @@ fn cluster(name: &str, source: Option<IpAddr>, connect_timeout: Duration) -> Clu
         transport_socket_matches: Vec::new(),
         metadata: Default::default(),
         metadata_exchange: None,
+        buffer_limit: crate::config::DEFAULT_BUFFER_LIMIT,
     }
 }
 

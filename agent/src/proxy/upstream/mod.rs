@@ -27,6 +27,8 @@ pub struct Upstream {
     pub pools: Arc<Pools>,
     /// The downstream connection's destination, for ORIGINAL_DST clusters.
     pub original_dst: SocketAddr,
+    /// The downstream connection's listener's `per_connection_buffer_limit_bytes`: the most of its data held.
+    pub downstream_buffer_limit: usize,
 }
 
 /// Why a TCP upstream connection could not be made.

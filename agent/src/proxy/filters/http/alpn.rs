@@ -139,7 +139,7 @@ mod tests {
         let hcm = crate::config::http_connection_manager::translate(Obj::new(&hcm, "h").unwrap()).unwrap();
         let snapshot = Arc::new(Snapshot { clusters: Arc::new([Resource::fixed("web", cluster)].into_iter().collect()), ..Snapshot::default() });
         let (_, updates) = watch::channel(Some(Arc::clone(&snapshot)));
-        let upstream = Upstream { snapshot, pools: Pools::new(SocketFactory::Host), original_dst: "127.0.0.1:1".parse().unwrap() };
+        let upstream = Upstream { snapshot, pools: Pools::new(SocketFactory::Host), original_dst: "127.0.0.1:1".parse().unwrap(), downstream_buffer_limit: crate::config::DEFAULT_BUFFER_LIMIT };
         HttpContext { hcm: Arc::new(hcm), updates, upstream, peer: "127.0.0.1:40000".parse().unwrap(), local: "127.0.0.1:10000".parse().unwrap(), load: PodLoad::new(PodLimits::default()), tls: None, server_name: None, telemetry: Default::default() }
     }
 
@@ -147,7 +147,7 @@ mod tests {
     /// upstream connection offered.
     async fn offered(context: &HttpContext, version: Version) -> String {
         let (client, server) = tokio::io::duplex(64 * 1024);
-        let upstream = Upstream { snapshot: Arc::clone(&context.upstream.snapshot), pools: Arc::clone(&context.upstream.pools), original_dst: context.upstream.original_dst };
+        let upstream = context.upstream.clone();
         let (peer, local, load) = (context.peer, context.local, Arc::clone(&context.load));
         tokio::spawn(serve(server, HttpContext { hcm: Arc::clone(&context.hcm), updates: context.updates.clone(), upstream, peer, local, load, tls: None, server_name: None, telemetry: Default::default() }));
         let body = match version {

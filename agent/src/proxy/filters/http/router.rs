@@ -45,9 +45,6 @@ const CONTROL_HEADERS: [&str; 5] = [
     "x-envoy-retriable-status-codes",
 ];
 
-/// Bodies up to this size are kept so a retry can send them again (Envoy's default buffer limit).
-const RETRY_BUFFER_LIMIT: usize = 1024 * 1024;
-
 const RESET_BODY: &str = "upstream connect error or disconnect/reset before headers. ";
 
 /// The route a request matched, with the levels whose header changes apply to it.
@@ -565,7 +562,7 @@ impl Attempts {
                 once = b;
                 None
             }
-            (_, Some(b)) => match buffer(b).await {
+            (_, Some(b)) => match buffer(b, upstream.downstream_buffer_limit).await {
                 Ok(bytes) => Some(bytes),
                 Err(e) => return (local_reply::reply(StatusCode::BAD_REQUEST, Some(&e), grpc), None),
             },
@@ -756,8 +753,10 @@ fn is_refused_stream(e: &hyper::Error) -> bool {
     super::super::super::upstream::pool::stream_reset(e) == Some(h2::Reason::REFUSED_STREAM)
 }
 
-async fn buffer(body: Body) -> Result<Bytes, String> {
-    let limited = http_body_util::Limited::new(body, RETRY_BUFFER_LIMIT);
+/// The request body, kept so a retry or a mirror can send it again, up to the downstream connection's buffer
+/// limit (Envoy's decoder buffer limit: its listener's `per_connection_buffer_limit_bytes`).
+async fn buffer(body: Body, limit: usize) -> Result<Bytes, String> {
+    let limited = http_body_util::Limited::new(body, limit);
     match limited.collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) => Err(format!("request body: {e}")),
@@ -803,7 +802,7 @@ async fn mirror(template: &Template, body: Body, mirrors: &[MirrorPolicy], upstr
     if chosen.is_empty() {
         return body;
     }
-    let Ok(bytes) = buffer(body).await else { return body::empty() };
+    let Ok(bytes) = buffer(body, upstream.downstream_buffer_limit).await else { return body::empty() };
     for m in chosen {
         let Some(cluster) = upstream.snapshot.cluster(&m.cluster) else {
             tracing::debug!(cluster = %m.cluster, "mirror: no such cluster");

@@ -1067,7 +1067,7 @@ mod in_memory {
         let hcm = crate::config::http_connection_manager::translate(Obj::new(&hcm, "h").unwrap()).unwrap();
         let snapshot = Arc::new(Snapshot { clusters: Arc::new([Resource::fixed("web", cluster)].into_iter().collect()), ..Snapshot::default() });
         let (_, updates) = watch::channel(Some(Arc::clone(&snapshot)));
-        let upstream = Upstream { snapshot, pools: Pools::new(SocketFactory::Host), original_dst: "127.0.0.1:1".parse().unwrap() };
+        let upstream = Upstream { snapshot, pools: Pools::new(SocketFactory::Host), original_dst: "127.0.0.1:1".parse().unwrap(), downstream_buffer_limit: crate::config::DEFAULT_BUFFER_LIMIT };
         HttpContext { hcm: Arc::new(hcm), updates, upstream, peer: "127.0.0.1:40000".parse().unwrap(), local: "127.0.0.1:10000".parse().unwrap(), load: PodLoad::new(PodLimits::default()), tls: None, server_name: None, telemetry: Default::default() }
     }
 
@@ -1365,7 +1365,7 @@ mod in_memory {
             let local = LocalWorkload::from_node(&Node { id: "sidecar~10.0.0.1~client-1.shop~shop.svc.cluster.local".into(), cluster: String::new(), metadata: json!({"NAME": "client-1"}) });
             let snapshot = Arc::new(Snapshot { clusters: Arc::new(clusters.into_iter().collect()), local: Arc::new(local), ..Snapshot::default() });
             let (_, updates) = watch::channel(Some(Arc::clone(&snapshot)));
-            let upstream = Upstream { snapshot, pools: Pools::new(SocketFactory::Host), original_dst: "127.0.0.1:1".parse().unwrap() };
+            let upstream = Upstream { snapshot, pools: Pools::new(SocketFactory::Host), original_dst: "127.0.0.1:1".parse().unwrap(), downstream_buffer_limit: crate::config::DEFAULT_BUFFER_LIMIT };
             HttpContext { hcm: Arc::new(hcm), updates, upstream, peer: "127.0.0.1:40000".parse().unwrap(), local: "127.0.0.1:10000".parse().unwrap(), load: PodLoad::new(PodLimits::default()), tls: None, server_name: None, telemetry: Default::default() }
         }
 

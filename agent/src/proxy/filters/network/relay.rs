@@ -1,7 +1,8 @@
 //! tcp_proxy's byte copy, both ways, with buffers taken as data arrives (as Envoy's connection buffers are)
 //! instead of a fixed pair per connection: a read lands in the thread's scratch buffer and is written straight
 //! on; only the bytes the other side cannot take at once are kept, in a buffer of their size, and that
-//! direction reads nothing more until they are written. An idle connection holds no buffer at all.
+//! direction reads nothing more until they are written. An idle connection holds no buffer at all, and a busy
+//! one at most its `per_connection_buffer_limit_bytes` (the smaller of its listener's and its cluster's) each way.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
@@ -19,13 +20,15 @@ thread_local! {
 }
 
 /// Copies `a` to `b` and `b` to `a` until both have ended; a read end is passed on as a write shutdown
-/// (half-close) while the other direction goes on. Returns the bytes copied each way.
-pub async fn relay<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+/// (half-close) while the other direction goes on. Each direction holds at most `buffer_limit` bytes: one
+/// read takes no more. Returns the bytes copied each way.
+pub async fn relay<A, B>(a: &mut A, b: &mut B, buffer_limit: usize) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let (mut a_to_b, mut b_to_a) = (Direction::default(), Direction::default());
+    let max_read = buffer_limit.clamp(1, SCRATCH);
+    let (mut a_to_b, mut b_to_a) = (Direction::new(max_read), Direction::new(max_read));
     poll_fn(|cx| {
         let forward = a_to_b.poll(cx, Pin::new(&mut *a), Pin::new(&mut *b))?;
         let backward = b_to_a.poll(cx, Pin::new(&mut *b), Pin::new(&mut *a))?;
@@ -38,8 +41,8 @@ where
 }
 
 /// One direction's state: the bytes read but not yet written, if the writer was full.
-#[derive(Default)]
 struct Direction {
+    max_read: usize,
     pending: Vec<u8>,
     written_of_pending: usize,
     copied: u64,
@@ -55,6 +58,10 @@ enum Read {
 }
 
 impl Direction {
+    fn new(max_read: usize) -> Direction {
+        Direction { max_read, pending: Vec::new(), written_of_pending: 0, copied: 0, read_ended: false, unflushed: false, finished: false }
+    }
+
     fn poll<R, W>(&mut self, cx: &mut Context<'_>, mut reader: Pin<&mut R>, mut writer: Pin<&mut W>) -> Poll<io::Result<u64>>
     where
         R: AsyncRead + ?Sized,
@@ -111,7 +118,7 @@ impl Direction {
     {
         SCRATCH_BUFFER.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
-            let mut buf = ReadBuf::new(&mut scratch[..]);
+            let mut buf = ReadBuf::new(&mut scratch[..self.max_read]);
             match reader.poll_read(cx, &mut buf) {
                 Poll::Pending => return Ok(Read::Waiting),
                 Poll::Ready(result) => result?,
@@ -148,7 +155,7 @@ mod tests {
         // Small pipes: most reads find the other side full, so the kept-bytes path carries most data.
         let (mut client, mut proxy_down) = tokio::io::duplex(1024);
         let (mut proxy_up, mut server) = tokio::io::duplex(1024);
-        let relayed = tokio::spawn(async move { relay(&mut proxy_down, &mut proxy_up).await });
+        let relayed = tokio::spawn(async move { relay(&mut proxy_down, &mut proxy_up, 1 << 20).await });
         let request: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         let sent = request.clone();
         let writer = tokio::spawn(async move {
@@ -165,5 +172,54 @@ mod tests {
         server.shutdown().await.unwrap();
         assert_eq!(writer.await.unwrap(), b"answer after the client's half-close");
         assert_eq!(relayed.await.unwrap().unwrap(), (300_000, 36));
+    }
+
+    /// A reader that records the largest read it was offered.
+    struct Offered<R> {
+        inner: R,
+        largest: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl<R: AsyncRead + Unpin> AsyncRead for Offered<R> {
+        fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+            self.largest.fetch_max(buf.remaining(), std::sync::atomic::Ordering::Relaxed);
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl<R: AsyncWrite + Unpin> AsyncWrite for Offered<R> {
+        fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+            Pin::new(&mut self.inner).poll_write(cx, data)
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn holds_no_more_than_the_buffer_limit_and_still_copies_everything() {
+        let largest = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (mut client, proxy_down) = tokio::io::duplex(256 * 1024);
+        let (mut proxy_up, mut server) = tokio::io::duplex(256 * 1024);
+        let mut proxy_down = Offered { inner: proxy_down, largest: std::sync::Arc::clone(&largest) };
+        let relayed = tokio::spawn(async move { relay(&mut proxy_down, &mut proxy_up, 1000).await });
+        let request: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = request.clone();
+        tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).await.unwrap();
+        });
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        server.shutdown().await.unwrap();
+        assert_eq!(got, request);
+        assert_eq!(relayed.await.unwrap().unwrap(), (200_000, 0));
+        // With 256 KiB waiting in the pipe, only the limit kept each read (and so what is held) to 1000 bytes.
+        assert_eq!(largest.load(std::sync::atomic::Ordering::Relaxed), 1000);
     }
 }

@@ -85,7 +85,8 @@ where
     let last_activity = Arc::new(AtomicU64::new(0));
     let mut down = Tracked { inner: downstream, started, last_activity: Arc::clone(&last_activity) };
     let mut up = Tracked { inner: up, started, last_activity: Arc::clone(&last_activity) };
-    let copy = super::relay::relay(&mut down, &mut up);
+    let cluster_limit = upstream.snapshot.cluster(cluster).map_or(crate::config::DEFAULT_BUFFER_LIMIT, |c| c.config.buffer_limit);
+    let copy = super::relay::relay(&mut down, &mut up, upstream.downstream_buffer_limit.min(cluster_limit));
     tokio::pin!(copy);
     let idle = async {
         match config.idle_timeout {
@@ -187,7 +188,7 @@ mod tests {
             "load_assignment": {"endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": addr.port()}}}}]}]}});
         let cluster = crate::config::cluster::translate(crate::config::tree::Obj::new(&v, "c").unwrap()).unwrap();
         let snapshot = Snapshot { clusters: Arc::new([Resource::fixed("echo", cluster)].into_iter().collect()), ..Snapshot::default() };
-        Upstream { snapshot: Arc::new(snapshot), pools: Pools::new(SocketFactory::Host), original_dst: addr }
+        Upstream { snapshot: Arc::new(snapshot), pools: Pools::new(SocketFactory::Host), original_dst: addr, downstream_buffer_limit: crate::config::DEFAULT_BUFFER_LIMIT }
     }
 
     #[tokio::test]
