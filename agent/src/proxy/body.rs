@@ -80,3 +80,69 @@ impl Drop for Observed {
         }
     }
 }
+
+/// A request body read for a retry or a mirror to send again.
+pub enum Kept {
+    /// It ended within the limit: every attempt sends these bytes.
+    Whole(Bytes),
+    /// It is longer than the limit: what was read goes first, the rest as it comes, and it can be sent once.
+    TooLarge(Body),
+}
+
+/// Reads `body` to its end if it fits in `limit` bytes (Envoy's decoder buffer limit); a longer one is given
+/// back whole for one attempt, as Envoy then gives up retrying and mirroring instead of failing the request.
+/// Request trailers are dropped, as they were when the whole body was collected.
+pub async fn keep(mut body: Body, limit: usize) -> Result<Kept, hyper::Error> {
+    let mut read = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else { continue };
+        if read.len() + data.len() > limit {
+            read.extend_from_slice(&data);
+            return Ok(Kept::TooLarge(Prefixed { front: Some(read.freeze()), rest: body }.boxed()));
+        }
+        read.extend_from_slice(&data);
+    }
+    Ok(Kept::Whole(read.freeze()))
+}
+
+/// `front`, then the rest of a body.
+struct Prefixed {
+    front: Option<Bytes>,
+    rest: Body,
+}
+
+impl hyper::body::Body for Prefixed {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.front.take() {
+            Some(front) => Poll::Ready(Some(Ok(Frame::data(front)))),
+            None => Pin::new(&mut self.rest).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.front.is_none() && self.rest.is_end_stream()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunked(chunks: &[&'static [u8]]) -> Body {
+        let frames = chunks.iter().map(|c| Ok::<_, hyper::Error>(Frame::data(Bytes::from_static(c)))).collect::<Vec<_>>();
+        http_body_util::StreamBody::new(futures_util::stream::iter(frames)).boxed()
+    }
+
+    #[tokio::test]
+    async fn a_body_within_the_limit_is_kept_whole_and_a_longer_one_comes_back_unchanged() {
+        match keep(chunked(&[b"abc", b"def"]), 6).await.unwrap() {
+            Kept::Whole(bytes) => assert_eq!(&bytes[..], b"abcdef"),
+            Kept::TooLarge(_) => panic!("6 bytes fit a limit of 6"),
+        }
+        let Kept::TooLarge(body) = keep(chunked(&[b"abc", b"def", b"ghi"]), 5).await.unwrap() else { panic!("9 bytes over a limit of 5") };
+        assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"abcdefghi", "nothing lost, nothing reordered");
+    }
+}

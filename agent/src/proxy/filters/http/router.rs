@@ -7,7 +7,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::Body as _;
 use hyper::header::{self, HeaderMap, HeaderValue};
@@ -15,7 +14,7 @@ use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 
-use super::super::super::body::{self, Body};
+use super::super::super::body::{self, Body, Kept};
 use crate::random::{random, weighted};
 use super::super::super::route::{self, Downstream, Vars};
 use super::super::super::snapshot::{ClusterRef, Snapshot};
@@ -557,14 +556,21 @@ impl Attempts {
         let _request = Counted::new(&runtime.active_requests);
         // A body is kept only when a retry may need to send it again.
         let mut once = Some(body);
-        let buffered = match (self.retries, once.take()) {
+        let mut retries = self.retries;
+        let buffered = match (retries, once.take()) {
             (0, b) => {
                 once = b;
                 None
             }
-            (_, Some(b)) => match buffer(b, upstream.downstream_buffer_limit).await {
-                Ok(bytes) => Some(bytes),
-                Err(e) => return (local_reply::reply(StatusCode::BAD_REQUEST, Some(&e), grpc), None),
+            (_, Some(b)) => match body::keep(b, upstream.downstream_buffer_limit).await {
+                Ok(Kept::Whole(bytes)) => Some(bytes),
+                // Over the buffer limit: sent once, not retried (Envoy's `retry_or_shadow_abandoned`).
+                Ok(Kept::TooLarge(b)) => {
+                    retries = 0;
+                    once = Some(b);
+                    None
+                }
+                Err(e) => return (local_reply::reply(StatusCode::BAD_REQUEST, Some(&format!("request body: {e}")), grpc), None),
             },
             (_, None) => None,
         };
@@ -610,10 +616,10 @@ impl Attempts {
             };
             // A retry needs room under the cluster's max_retries circuit breaker.
             let room = runtime.active_retries.load(Relaxed) < limits.max_retries;
-            if retriable && n < self.retries && !room {
+            if retriable && n < retries && !room {
                 cluster.state.upstream_rq_retry_overflow.fetch_add(1, Relaxed);
             }
-            if !retriable || n >= self.retries || !room {
+            if !retriable || n >= retries || !room {
                 return match result {
                     Ok(response) => (response, Some(endpoint)),
                     Err(failure) => {
@@ -753,16 +759,6 @@ fn is_refused_stream(e: &hyper::Error) -> bool {
     super::super::super::upstream::pool::stream_reset(e) == Some(h2::Reason::REFUSED_STREAM)
 }
 
-/// The request body, kept so a retry or a mirror can send it again, up to the downstream connection's buffer
-/// limit (Envoy's decoder buffer limit: its listener's `per_connection_buffer_limit_bytes`).
-async fn buffer(body: Body, limit: usize) -> Result<Bytes, String> {
-    let limited = http_body_util::Limited::new(body, limit);
-    match limited.collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) => Err(format!("request body: {e}")),
-    }
-}
-
 /// Terminates a CONNECT request (the route's `connect_config`): a TCP connection to the route's cluster, then
 /// 200 and the tunnel's bytes both ways, as Envoy does.
 pub async fn tunnel(mut parts: Parts, matched: Matched<'_>, upstream: &Upstream) -> Response<Body> {
@@ -796,13 +792,19 @@ pub async fn tunnel(mut parts: Parts, matched: Matched<'_>, upstream: &Upstream)
 }
 
 /// Sends copies of the request to the mirror clusters (fire and forget, answers ignored) and returns the body
-/// for the request itself; the body is buffered only when a mirror takes this request.
+/// for the request itself; the body is buffered only when a mirror takes this request, and only up to the
+/// downstream connection's buffer limit (its listener's `per_connection_buffer_limit_bytes`): a longer one goes
+/// to the request alone, as Envoy abandons its shadows then.
 async fn mirror(template: &Template, body: Body, mirrors: &[MirrorPolicy], upstream: &Upstream) -> Body {
     let chosen: Vec<&MirrorPolicy> = mirrors.iter().filter(|m| m.fraction.hit(random() as u64)).collect();
     if chosen.is_empty() {
         return body;
     }
-    let Ok(bytes) = buffer(body, upstream.downstream_buffer_limit).await else { return body::empty() };
+    let bytes = match body::keep(body, upstream.downstream_buffer_limit).await {
+        Ok(Kept::Whole(bytes)) => bytes,
+        Ok(Kept::TooLarge(body)) => return body,
+        Err(_) => return body::empty(),
+    };
     for m in chosen {
         let Some(cluster) = upstream.snapshot.cluster(&m.cluster) else {
             tracing::debug!(cluster = %m.cluster, "mirror: no such cluster");
