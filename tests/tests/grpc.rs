@@ -49,7 +49,11 @@ static_resources:
                   headers: [{name: x-route, string_match: {exact: timeout}}]
                 route: {cluster: grpc, timeout: 0.2s}
               - match: {prefix: "/weft.test.Echo/"}
-                route: {cluster: grpc}
+                # istiod's default retry policy: the bodies are kept for a retry while they stream on, so the
+                # lock-step stream below moves as through Envoy.
+                route:
+                  cluster: grpc
+                  retry_policy: {retry_on: "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes", num_retries: 2, retriable_status_codes: [503]}
               - match: {prefix: "/weft.test.Missing/"}
                 route: {cluster: down}
               - match: {prefix: "/weft.test.Direct/", grpc: {}}

@@ -14,7 +14,7 @@ use hyper::http::request::Parts;
 use hyper::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 
-use super::super::super::body::{self, Body, Kept};
+use super::super::super::body::{self, Body, Kept, Replayable};
 use crate::random::{random, weighted};
 use super::super::super::route::{self, Downstream, Vars};
 use super::super::super::snapshot::{ClusterRef, Snapshot};
@@ -554,25 +554,11 @@ impl Attempts {
             return (overflow(grpc), None);
         }
         let _request = Counted::new(&runtime.active_requests);
-        // A body is kept only when a retry may need to send it again.
+        // A body is kept only when a retry may need to send it again, and only while it fits the buffer limit.
         let mut once = Some(body);
-        let mut retries = self.retries;
-        let buffered = match (retries, once.take()) {
-            (0, b) => {
-                once = b;
-                None
-            }
-            (_, Some(b)) => match body::keep(b, upstream.downstream_buffer_limit).await {
-                Ok(Kept::Whole(bytes)) => Some(bytes),
-                // Over the buffer limit: sent once, not retried (Envoy's `retry_or_shadow_abandoned`).
-                Ok(Kept::TooLarge(b)) => {
-                    retries = 0;
-                    once = Some(b);
-                    None
-                }
-                Err(e) => return (local_reply::reply(StatusCode::BAD_REQUEST, Some(&format!("request body: {e}")), grpc), None),
-            },
-            (_, None) => None,
+        let replayable = match self.retries {
+            0 => None,
+            _ => once.take().map(|b| Replayable::new(b, upstream.downstream_buffer_limit)),
         };
         let mut tried: Vec<SocketAddr> = Vec::new();
         let expected = self.per_try_timeout.or(self.timeout);
@@ -584,8 +570,8 @@ impl Attempts {
                 Err(_) => return (local_reply::flagged("UH", StatusCode::SERVICE_UNAVAILABLE, Some("no healthy upstream"), grpc), None),
             };
             tried.push(endpoint);
-            let body = match (&buffered, once.take()) {
-                (Some(bytes), _) => body::full(bytes.clone()),
+            let body = match (&replayable, once.take()) {
+                (Some(r), _) => r.attempt(),
                 (None, Some(b)) => b,
                 (None, None) => body::empty(),
             };
@@ -616,10 +602,12 @@ impl Attempts {
             };
             // A retry needs room under the cluster's max_retries circuit breaker.
             let room = runtime.active_retries.load(Relaxed) < limits.max_retries;
-            if retriable && n < retries && !room {
+            // Past the buffer limit nothing of the body is kept: no other attempt (Envoy gives up retrying).
+            let replayable_body = replayable.as_ref().is_none_or(Replayable::can_replay);
+            if retriable && n < self.retries && !room {
                 cluster.state.upstream_rq_retry_overflow.fetch_add(1, Relaxed);
             }
-            if !retriable || n >= retries || !room {
+            if !retriable || n >= self.retries || !room || !replayable_body {
                 return match result {
                     Ok(response) => (response, Some(endpoint)),
                     Err(failure) => {
