@@ -43,6 +43,11 @@ pub fn cni(args: &[&str]) -> Result<(), String> {
 fn cni_table(pods: usize) -> Result<(), String> {
     let e = |e: &dyn std::fmt::Display| e.to_string();
     let mut rows = vec![("bridge+host-local+portmap".to_string(), Cluster::new("bench-plain").map_err(|x| e(&x))?, None)];
+    // The floor of any chained plugin: libcni runs weft-cni, which passes the result on without asking the
+    // agent (the pods' namespace is excluded).
+    let entry = WeftEntry::new(bin_path("weft-cni").map_err(|x| e(&x))?, "run/cni.sock").field("exclude_namespaces", serde_json::json!(["bench"]));
+    let floor = Cluster::with_options("bench-floor", ClusterOptions::with_weft(entry)).map_err(|x| e(&x))?;
+    rows.push(("+ weft-cni, namespace excluded (no agent call)".to_string(), floor, None));
     for mode in ["iptables", "nftables", "ebpf"] {
         let cluster = weft_cluster(&format!("bench-{mode}"))?;
         let agent = Agent::start(&cluster, mode).map_err(|x| e(&x))?;
