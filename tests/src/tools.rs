@@ -107,9 +107,22 @@ fn build_cnidriver() -> Result<PathBuf, HarnessError> {
     Ok(out)
 }
 
-/// A binary of this workspace (`weft-agent`, `weft-cni`): `$WEFT_BIN_DIR/NAME`
-/// or `<target>/debug/NAME`. The error says how to build it.
+/// The target weft-cni is built for by `cargo xtask` (statically linked, as nodes run it).
+pub const CNI_PLUGIN_TARGET: &str = "x86_64-unknown-linux-musl";
+/// Set by `cargo xtask` to the weft-cni it built for `CNI_PLUGIN_TARGET`; `bin_path("weft-cni")` returns it.
+pub const CNI_BIN: &str = "WEFT_CNI_BIN";
+
+/// A binary of this workspace (`weft-agent`, `weft-cni`): `$WEFT_CNI_BIN` for weft-cni when set, else
+/// `$WEFT_BIN_DIR/NAME` or `<target>/debug/NAME`. The error says how to build it.
 pub fn bin_path(name: &str) -> Result<PathBuf, HarnessError> {
+    if let Some(p) = std::env::var_os(CNI_BIN).filter(|p| name == "weft-cni" && !p.is_empty()) {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(HarnessError(format!("weft-cni not found at {} ({CNI_BIN}); `cargo xtask test` builds it", p.display())))
+        };
+    }
     let (dir, from_env) = match std::env::var_os("WEFT_BIN_DIR") {
         Some(d) if !d.is_empty() => (PathBuf::from(d), true),
         _ => (target_dir().join("debug"), false),

@@ -74,7 +74,9 @@ fn install_repairs_rewrites_survives_stop_and_uninstalls_to_the_original() {
     wait_entries(&calico, 1, "weft-cni inserted", Duration::from_secs(10));
     assert_eq!(plugin_types(&calico).unwrap(), ["calico", "portmap", "bandwidth", "weft-cni"]);
     let installed = std::fs::read(bin.join("weft-cni")).unwrap();
-    assert_eq!(installed, std::fs::read(bin_path("weft-cni").unwrap()).unwrap(), "bin dir holds another weft-cni");
+    // By default the installer copies the weft-cni beside the agent's own binary, as in the image.
+    let beside_agent = bin_path("weft-agent").unwrap().with_file_name("weft-cni");
+    assert_eq!(installed, std::fs::read(beside_agent).unwrap(), "bin dir holds another weft-cni");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(bin.join("weft-cni")).unwrap().permissions().mode() & 0o777, 0o755);
 
@@ -283,4 +285,24 @@ fn run_installs_at_start_up_and_keeps_the_entry_on_sigterm() {
     assert!(agent.stop().unwrap().success());
     assert_eq!(weft_count(&flannel).unwrap(), 1);
     assert!(bin.join("weft-cni").is_file());
+}
+
+/// The weft-cni `cargo xtask` builds, as the image ships it, is linked statically: it answers the runtime on
+/// a host that has none of the image's libraries (here a root holding nothing but the plugin).
+#[test]
+fn the_plugin_runs_on_a_host_without_the_images_libc() {
+    if let Err(why) = weft_tests::require_root() {
+        eprintln!("SKIPPED the_plugin_runs_on_a_host_without_the_images_libc: {why} (chroot)");
+        return;
+    }
+    if std::env::var_os(weft_tests::tools::CNI_BIN).is_none() {
+        eprintln!("SKIPPED the_plugin_runs_on_a_host_without_the_images_libc: run by `cargo xtask test`, which builds the static weft-cni");
+        return;
+    }
+    let (_, bin) = node_dirs("bare-root");
+    std::fs::copy(bin_path("weft-cni").unwrap(), bin.join("weft-cni")).unwrap();
+    let out = Command::new("chroot").arg(&bin).arg("/weft-cni").env("CNI_COMMAND", "VERSION").stdin(Stdio::null()).output().unwrap();
+    assert!(out.status.success(), "weft-cni did not start without a libc: {}", String::from_utf8_lossy(&out.stderr));
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(answer["supportedVersions"].as_array().is_some_and(|v| v.iter().any(|v| v == "1.1.0")), "{answer}");
 }

@@ -6,14 +6,15 @@ use weft_tests::agent::{Agent, ADMIN};
 use weft_tests::load;
 use weft_tests::{bin_path, Cluster, ClusterOptions, Pod, WeftEntry};
 
-use crate::{cargo, ebpf, run as run_cmd, setup, target_dir, workspace_root};
+use crate::{cargo, cni_plugin, ebpf, run as run_cmd, setup, target_dir, workspace_root};
 
 /// Release builds of the binaries and the eBPF object, used by every benchmark.
 pub(crate) fn release_build() -> Result<(), String> {
     setup::run()?;
     setup::require_root("the benchmarks create network namespaces")?;
     ebpf::build()?;
-    run_cmd(cargo().current_dir(workspace_root()).args(["build", "--quiet", "--release", "-p", "weft-agent", "-p", "weft-cni"]))?;
+    run_cmd(cargo().current_dir(workspace_root()).args(["build", "--quiet", "--release", "-p", "weft-agent"]))?;
+    cni_plugin::build(true)?;
     std::env::set_var("WEFT_BIN_DIR", target_dir().join("release"));
     Ok(())
 }

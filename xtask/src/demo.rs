@@ -19,7 +19,8 @@ const NS: &str = "demo";
 pub fn run() -> Result<(), String> {
     setup::everything()?;
     setup::require_root("the demo creates network namespaces and programs iptables")?;
-    run_cmd(cargo().current_dir(workspace_root()).args(["build", "--quiet", "-p", "weft-agent", "-p", "weft-cni"]))?;
+    run_cmd(cargo().current_dir(workspace_root()).args(["build", "--quiet", "-p", "weft-agent"]))?;
+    crate::cni_plugin::build(false)?;
     let e = |e: &dyn std::fmt::Display| e.to_string();
 
     step("a node (network namespace) with libcni + weft-cni, a kube-apiserver and istiod");

@@ -19,6 +19,7 @@ mod bench_http;
 mod bench_kube;
 mod bench_mtls;
 mod bench_neighbour;
+mod cni_plugin;
 mod demo;
 mod e2e_kind;
 mod ebpf;
@@ -106,8 +107,10 @@ fn test(extra: &[&str]) -> Result<(), String> {
             Some(why)
         }
     };
-    // One debug build serves the binaries the suites drive and the test harnesses themselves.
+    // One debug build serves the binaries the suites drive and the test harnesses themselves; weft-cni is
+    // driven as nodes run it, statically linked.
     run(cargo().current_dir(&root).args(["build", "--workspace", "--bins"]))?;
+    cni_plugin::build(false)?;
     let mut cmd = cargo();
     cmd.current_dir(&root).args(["test", "--workspace"]);
     if let Some(why) = ebpf_unavailable {
@@ -127,6 +130,7 @@ fn soak() -> Result<(), String> {
     setup::require_root("the fault suite creates network namespaces and programs iptables")?;
     let root = workspace_root();
     run(cargo().current_dir(&root).args(["build", "--workspace", "--bins"]))?;
+    cni_plugin::build(false)?;
     // `--workspace` keeps the features `cargo xtask test` builds with, so its test build serves.
     run(cargo().current_dir(&root).env("WEFT_SOAK", "1").args(["test", "--workspace", "--test", "faults", "--", "--nocapture"]))?;
     let report = target_dir().join("fault-report-soak.md");
