@@ -9,7 +9,7 @@ use serde::Serialize;
 use tokio::sync::Mutex;
 use weft_cni::protocol::{Attachment, PodSandbox};
 
-use crate::admin::pod_ports::{self, PodMetrics, PodPorts, Readiness};
+use crate::admin::pod_ports::{self, PodMetrics, PodPorts, PortSockets, Readiness};
 use crate::capture::netns::{self, Netns, NetnsPath};
 use crate::capture::probes::{HostProbes, ProbeTarget};
 use crate::capture::{CaptureError, PodCapture, RedirectMode, Redirector};
@@ -18,7 +18,7 @@ use crate::identity::manager::{IdentityManager, Subscription};
 use crate::config::agent::{PodLimits, DEFAULT_ISTIO_VERSION};
 use crate::k8s::{self, KubeView, PodMeta};
 use crate::proxy::connection_handler::SnapshotWatch;
-use crate::proxy::listener::{self, PodListeners};
+use crate::proxy::listener::{self, ListenerSockets, PodListeners};
 use crate::proxy::passthrough;
 use crate::proxy::pod_share::{LoadSnapshot, NodeLoad, PodShare};
 use crate::proxy::stats::ListenerSnapshot;
@@ -924,8 +924,8 @@ impl Node {
             .map_err(|e| NodeError::new(format!("{label}: cannot start the pod's worker threads"), e))?;
         let threads = started.elapsed();
         let served = config.clone();
-        // The rules go in while the listeners open (each on a thread of its own in the pod's netns): the pod is
-        // not running yet, so nothing can meet rules without listeners, and the ADD waits for the slower of two.
+        // The rules go in while the listeners and health ports are bound (on one thread in the pod's netns): the
+        // pod is not running yet, so nothing can meet rules without listeners, and the ADD waits for the slower.
         let redirector = Arc::clone(&self.redirector);
         let (rules_ns, plan) = (ns.clone(), record.capture.clone());
         let rules_in_place = blocking(move || match rules {
@@ -933,13 +933,15 @@ impl Node {
             Rules::Ensure => redirector.ensure(&rules_ns, &plan),
         });
         let listening = async {
-            let listeners = listener::start(label.clone(), ns.clone(), self.settings, config, &share)
-                .await
+            let (listeners, ports) = self.bind_in(&ns).await.map_err(|e| NodeError::new(format!("{label}: cannot enter the pod's netns"), e))?;
+            let listeners = listeners
+                .and_then(|sockets| listener::start(label.clone(), ns.clone(), self.settings, config, &share, sockets))
                 .map_err(|e| NodeError::new(format!("{label}: cannot create in-pod listeners"), e))?;
-            let ports = self.start_ports(&label, &ns, &listeners, &share).await?;
+            let ports = ports.map(|sockets| self.start_ports(&label, &listeners, &share, sockets)).transpose()?;
             Ok::<_, NodeError>((listeners, ports, started.elapsed()))
         };
-        let (rules_in_place, listening) = tokio::join!(rules_in_place, listening);
+        let rules_in_place = async { (rules_in_place.await, started.elapsed()) };
+        let ((rules_in_place, rules_done), listening) = tokio::join!(rules_in_place, listening);
         let rules_in_place = rules_in_place.map_err(|e| NodeError::new(format!("{label}: cannot install {} redirection", self.mode()), e));
         let (listeners, ports, listening) = match (rules_in_place, listening) {
             (Ok(()), Ok(opened)) => opened,
@@ -956,7 +958,7 @@ impl Node {
                 return Err(e);
             }
         };
-        tracing::debug!(pod = %label, ?queued, ?threads, ?listening, total = ?started.elapsed(), "listeners and rules in place");
+        tracing::debug!(pod = %label, ?queued, ?threads, ?listening, rules = ?rules_done, total = ?started.elapsed(), "listeners and rules in place");
         record.redirect = self.redirector.mode();
         let identity = self.pod_identity(&record, &listeners, &share);
         let xds = self.start_xds(&record, snapshot, identity.as_ref(), &share);
@@ -965,12 +967,23 @@ impl Node {
         Ok(pod)
     }
 
-    /// The pod's 15020 and 15021, when `pod_health_ports` is on: ready at once without a control plane,
-    /// otherwise once its stream has accepted clusters and listeners.
-    async fn start_ports(&self, label: &str, ns: &Netns, listeners: &PodListeners, share: &PodShare) -> Result<Option<PodPorts>, NodeError> {
-        if !self.settings.pod_health_ports {
-            return Ok(None);
-        }
+    /// Binds the pod's listeners and, when `pod_health_ports` is on, its 15020 and 15021, on one thread inside
+    /// its netns; each keeps its own error.
+    async fn bind_in(&self, ns: &Netns) -> std::io::Result<(std::io::Result<ListenerSockets>, Option<std::io::Result<PortSockets>>)> {
+        let (ns, health_ports) = (ns.clone(), self.settings.pod_health_ports);
+        tokio::task::spawn_blocking(move || {
+            ns.run_on_new_thread(|| {
+                let ipv6 = netns::ipv6_enabled_here();
+                Ok((listener::bind_here(ipv6), health_ports.then(|| pod_ports::bind_here(ipv6))))
+            })
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    }
+
+    /// Serves the pod's 15020 and 15021: ready at once without a control plane, otherwise once its stream has
+    /// accepted clusters and listeners.
+    fn start_ports(&self, label: &str, listeners: &PodListeners, share: &PodShare, sockets: std::io::Result<PortSockets>) -> Result<PodPorts, NodeError> {
         let readiness = match self.xds {
             Some(_) => Readiness::xds(),
             None => Readiness::Local,
@@ -982,7 +995,7 @@ impl Node {
             load: Arc::clone(&share.load),
             istio_version: self.xds.as_ref().map_or(DEFAULT_ISTIO_VERSION, PodXds::istio_version).to_string(),
         };
-        pod_ports::start(label.to_string(), ns.clone(), Arc::new(readiness), metrics, share.handle()).await.map(Some).map_err(|e| {
+        sockets.and_then(|sockets| pod_ports::start(label.to_string(), Arc::new(readiness), metrics, share.handle(), sockets)).map_err(|e| {
             NodeError::new(
                 format!("{label}: cannot serve the pod's health ports ({} and {})", pod_ports::STATUS_PORT, pod_ports::READINESS_PORT),
                 format!("{e}; Istio reserves these ports: move the app off them, or set pod_health_ports to false"),

@@ -21,7 +21,6 @@ use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::agent::LOAD_METRICS;
-use crate::capture::netns::{self, Netns};
 use crate::proxy::listener::AcceptLoops;
 use crate::proxy::istio_metrics::{self, label_value, IstioMetrics};
 use crate::proxy::pod_share::PodLoad;
@@ -190,30 +189,31 @@ struct Served {
     connections: Arc<Semaphore>,
 }
 
-/// Binds 15020 and 15021 on every address of the pod (IPv4, and IPv6 where the pod has it) inside its netns
-/// and serves them on `runtime` (the pod's own threads).
-pub async fn start(pod: String, ns: Netns, readiness: Arc<Readiness>, metrics: PodMetrics, runtime: tokio::runtime::Handle) -> io::Result<PodPorts> {
-    let sockets = tokio::task::spawn_blocking(move || {
-        ns.run_on_new_thread(|| {
-            let mut hosts: Vec<std::net::IpAddr> = vec![Ipv4Addr::UNSPECIFIED.into()];
-            if netns::ipv6_enabled_here() {
-                hosts.push(Ipv6Addr::UNSPECIFIED.into());
-            }
-            let mut sockets = Vec::new();
-            for host in hosts {
-                for port in [Port::Status, Port::Readiness] {
-                    let addr = SocketAddr::new(host, port.number());
-                    sockets.push((port, addr, crate::proxy::listener::bind(addr)?));
-                }
-            }
-            Ok(sockets)
-        })
-    })
-    .await
-    .map_err(io::Error::other)??;
+/// The pod's 15020 and 15021, bound but not yet served.
+pub struct PortSockets(Vec<(Port, SocketAddr, std::net::TcpListener)>);
+
+/// Binds 15020 and 15021 on every address of the pod (IPv4, and IPv6 where the pod has it); called on a thread
+/// inside its netns.
+pub fn bind_here(ipv6: bool) -> io::Result<PortSockets> {
+    let mut hosts: Vec<std::net::IpAddr> = vec![Ipv4Addr::UNSPECIFIED.into()];
+    if ipv6 {
+        hosts.push(Ipv6Addr::UNSPECIFIED.into());
+    }
+    let mut sockets = Vec::new();
+    for host in hosts {
+        for port in [Port::Status, Port::Readiness] {
+            let addr = SocketAddr::new(host, port.number());
+            sockets.push((port, addr, crate::proxy::listener::bind(addr)?));
+        }
+    }
+    Ok(PortSockets(sockets))
+}
+
+/// Serves the bound ports on `runtime` (the pod's own threads).
+pub fn start(pod: String, readiness: Arc<Readiness>, metrics: PodMetrics, runtime: tokio::runtime::Handle, sockets: PortSockets) -> io::Result<PodPorts> {
     let served = Arc::new(Served { pod, readiness: Arc::clone(&readiness), metrics, connections: Arc::new(Semaphore::new(MAX_CONNECTIONS)) });
     let mut ports = PodPorts { tasks: AcceptLoops::default(), addresses: Vec::new(), readiness };
-    for (port, addr, socket) in sockets {
+    for (port, addr, socket) in sockets.0 {
         let listener = {
             let _entered = runtime.enter();
             TcpListener::from_std(socket)?

@@ -20,7 +20,7 @@ use super::socket::{self, SocketFactory};
 use super::stats::ListenerStats;
 use super::upstream::pool::Pools;
 use super::{Direction, ProxySettings};
-use crate::capture::netns::{self, Netns};
+use crate::capture::netns::Netns;
 use crate::capture::{INBOUND_PORT, OUTBOUND_PORT};
 
 /// What every connection accepted on one listener shares.
@@ -132,24 +132,22 @@ pub(crate) fn bind(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
-/// Creates the pod's listeners inside its netns and starts serving them by `config`.
-/// The accept loops and every task of their connections run on the pod's own threads (`share`).
-pub async fn start(pod: String, ns: Netns, settings: ProxySettings, config: SnapshotWatch, share: &PodShare) -> io::Result<PodListeners> {
-    let thread_ns = ns.clone();
-    let sockets = tokio::task::spawn_blocking(move || {
-        thread_ns.run_on_new_thread(|| {
-            let ipv6 = netns::ipv6_enabled_here();
-            addresses(ipv6).into_iter().map(|(dir, addr)| Ok((dir, addr, bind(addr)?))).collect::<io::Result<Vec<_>>>()
-        })
-    })
-    .await
-    .map_err(io::Error::other)??;
+/// The pod's listening sockets, bound but not yet served.
+pub struct ListenerSockets(Vec<(Direction, SocketAddr, std::net::TcpListener)>);
 
+/// Binds the pod's listeners; called on a thread inside its netns (`ipv6`: whether the netns has IPv6).
+pub fn bind_here(ipv6: bool) -> io::Result<ListenerSockets> {
+    addresses(ipv6).into_iter().map(|(dir, addr)| Ok((dir, addr, bind(addr)?))).collect::<io::Result<_>>().map(ListenerSockets)
+}
+
+/// Serves the pod's listeners by `config`, connecting upstream from its netns `ns`.
+/// The accept loops and every task of their connections run on the pod's own threads (`share`).
+pub fn start(pod: String, ns: Netns, settings: ProxySettings, config: SnapshotWatch, share: &PodShare, sockets: ListenerSockets) -> io::Result<PodListeners> {
     let outbound = Arc::new(ListenerStats::default());
     let inbound = Arc::new(ListenerStats::default());
     let pools = Pools::new(SocketFactory::Pod(ns));
     let mut listeners = PodListeners { tasks: AcceptLoops::default(), addresses: Vec::new(), outbound, inbound, pools: Arc::clone(&pools), metrics: Arc::default() };
-    for (direction, addr, socket) in sockets {
+    for (direction, addr, socket) in sockets.0 {
         let stats = match direction {
             Direction::Outbound => Arc::clone(&listeners.outbound),
             Direction::Inbound => Arc::clone(&listeners.inbound),
