@@ -329,12 +329,14 @@ impl Node {
     /// CNI ADD: capture the pod with `capture`; returns once its listeners and rules are in place. A plan the
     /// backend cannot honour is refused before anything is touched.
     pub async fn add(&self, sandbox: PodSandbox, capture: PodCapture) -> Result<String, NodeError> {
+        let started = Instant::now();
         self.redirector.check(&capture).map_err(|e| NodeError::new(format!("cannot capture {}/{}", sandbox.namespace, sandbox.name), e))?;
         let path = NetnsPath::try_from(sandbox.netns.clone()).map_err(|e| NodeError::new("invalid CNI_NETNS", e))?;
         let ns = Netns::open(&path).map_err(|e| NodeError::new(format!("cannot open netns {path}"), e))?;
         let attachment = Attachment { container_id: sandbox.container_id.clone(), ifname: sandbox.ifname.clone() };
         // Before taking the lock: the API may take a moment to show a new pod.
         let admission = self.admit(&sandbox.namespace, &sandbox.name, &sandbox.uid).await?;
+        let admitted = started.elapsed();
         let _turn = self.turn(&attachment).await;
         let stale = {
             let mut pods = self.pods.lock().await;
@@ -388,7 +390,9 @@ impl Node {
                 reason
             }
         };
+        let before_capture = started.elapsed();
         let pod = self.capture_in(record, ns, Rules::Install).await?;
+        let captured = started.elapsed();
         let (label, record) = (pod.label(), pod.record.clone());
         let (replaced, generation) = {
             let mut pods = self.pods.lock().await;
@@ -411,7 +415,11 @@ impl Node {
             }
             return Err(e);
         }
-        self.sync_probes().await;
+        let recorded = started.elapsed();
+        if has_probes(&record) {
+            self.sync_probes().await;
+        }
+        tracing::debug!(pod = %label, ?admitted, ?before_capture, ?captured, ?recorded, total = ?started.elapsed(), "ADD phases");
         tracing::info!(pod = %label, mode = %self.redirector.mode(), "captured pod: {reason}");
         self.annotate(&record, format!("captured ({}): {reason}", self.redirector.mode()));
         Ok(format!("{label} captured ({})", self.redirector.mode()))
@@ -428,10 +436,12 @@ impl Node {
             };
             (pod, self.registry.remove(attachment))
         };
-        let label = pod.label();
+        let (label, probed) = (pod.label(), has_probes(&pod.record));
         self.release(pod).await;
         self.flush(persisted).await?;
-        self.sync_probes().await;
+        if probed {
+            self.sync_probes().await;
+        }
         tracing::info!(pod = %label, "released pod");
         Ok(format!("{label} released"))
     }
@@ -551,6 +561,8 @@ impl Node {
     /// Gives the node's probe rules the probe ports of the pods captured now (skipped when unchanged). A
     /// failure is logged: probes then go through capture like other connections, nothing is let through.
     /// Called without the pods lock held.
+    /// Brings the node's probe exemption to the probe targets of every pod: O(pods), so a CNI ADD or DEL
+    /// calls it only for a pod that has probe targets (no other pod changes the set).
     async fn sync_probes(&self) {
         let Some(probes) = self.probes.clone() else { return };
         let _turn = self.probe_sync.lock().await;
@@ -1078,6 +1090,11 @@ impl Node {
             NodeError::new("cannot persist the pod registry", format!("{}: {e}", self.registry.dir().path().display()))
         })
     }
+}
+
+/// Whether a pod adds targets to the node's probe exemption.
+fn has_probes(record: &PodRecord) -> bool {
+    !ProbeTarget::of_pod(&record.ips, &record.capture.probe_ports).is_empty()
 }
 
 /// Two captures per core: each waits on rule programs about as long as it computes.
