@@ -902,7 +902,7 @@ impl Proxy {
 
     fn command(self, config: &Path) -> Result<Command, String> {
         let mut cmd = match self {
-            Proxy::Envoy => Command::new(tools::envoy_path().map_err(|e| e.to_string())?),
+            Proxy::Envoy => tools::envoy_command().map_err(|e| e.to_string())?,
             Proxy::Weft | Proxy::WeftXds => {
                 let mut c = Command::new(tools::bin_path("weft-agent").map_err(|e| e.to_string())?);
                 c.arg("proxy");

@@ -42,7 +42,7 @@ pub use cluster::{
 };
 pub use netns::NetNs;
 pub use tools::{
-    bin_path, cnidriver_path, envoy_path, require_cni_tools, require_ebpf, require_root, target_dir, workspace_root,
+    bin_path, cnidriver_path, envoy_command, envoy_path, require_cni_tools, require_ebpf, require_root, target_dir, workspace_root,
 };
 pub use util::{wait_for, wait_for_path, ChildGuard, HarnessError};
 

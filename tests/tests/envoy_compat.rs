@@ -221,7 +221,7 @@ fn proxy_ns(name: &str) -> Option<NetNs> {
 }
 
 fn envoy_cmd(config: &Path) -> Command {
-    let mut cmd = Command::new(envoy_path().unwrap());
+    let mut cmd = weft_tests::envoy_command().unwrap();
     cmd.arg("-c").arg(config).args(["--concurrency", "1", "--log-level", "warn"]);
     cmd
 }

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use weft_tests::{bin_path, envoy_path, require_root, wait_for, ChildGuard, NetNs};
+use weft_tests::{bin_path, require_root, wait_for, ChildGuard, NetNs};
 
 const ADMIN: &str = "127.0.0.1:19901";
 const LISTENER: &str = "127.0.0.1:19200";
@@ -232,13 +232,12 @@ fn grpc_client_sees_the_same_through_envoy_and_weft() {
         return;
     }
     let started = Instant::now();
-    let envoy = envoy_path().expect("envoy is required: run `cargo xtask setup`");
     let weft = bin_path("weft-agent").unwrap();
     let dir = Workdir::new();
     let gen = generate(&dir);
     let config = dir.write("bootstrap.yaml", BOOTSTRAP);
 
-    let mut envoy_cmd = Command::new(envoy);
+    let mut envoy_cmd = weft_tests::envoy_command().expect("envoy is required: run `cargo xtask setup`");
     envoy_cmd.arg("-c").arg(&config).args(["--concurrency", "1", "--log-level", "warn"]);
     let mut weft_cmd = Command::new(weft);
     weft_cmd.args(["proxy", "-c"]).arg(&config).args(["--concurrency", "1", "--log-level", "warn"]);

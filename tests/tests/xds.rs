@@ -237,7 +237,7 @@ fn nack_of_route_to_missing_cluster(tag: &str, start: impl Fn(&NetNs, &std::path
 #[test]
 fn envoy_takes_the_same_bootstrap_and_resources() {
     let detail = nack_of_route_to_missing_cluster("e", |ns, config| {
-        let mut cmd = Command::new(weft_tests::envoy_path().unwrap());
+        let mut cmd = weft_tests::envoy_command().unwrap();
         cmd.args(["--concurrency", "1", "--log-level", "warn", "-c"]).arg(config).stdout(Stdio::null()).stderr(Stdio::null());
         ns.enter_on_spawn(&mut cmd);
         ChildGuard::new(cmd.spawn().unwrap(), "envoy")
