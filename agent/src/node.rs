@@ -560,9 +560,8 @@ impl Node {
 
     /// Gives the node's probe rules the probe ports of the pods captured now (skipped when unchanged). A
     /// failure is logged: probes then go through capture like other connections, nothing is let through.
-    /// Called without the pods lock held.
-    /// Brings the node's probe exemption to the probe targets of every pod: O(pods), so a CNI ADD or DEL
-    /// calls it only for a pod that has probe targets (no other pod changes the set).
+    /// Called without the pods lock held. O(pods): a CNI ADD or DEL calls it only for a pod that has probe
+    /// targets (no other pod changes the set).
     async fn sync_probes(&self) {
         let Some(probes) = self.probes.clone() else { return };
         let _turn = self.probe_sync.lock().await;
