@@ -105,6 +105,9 @@ pub struct Node {
     settings: ProxySettings,
     xds: Option<PodXds>,
     pods: Mutex<BTreeMap<Attachment, CapturedPod>>,
+    /// Records of pods an ADD is capturing now: written to the registry while the capture runs, so whole-registry
+    /// offers keep them. Locked after `pods`.
+    capturing: std::sync::Mutex<BTreeMap<Attachment, PodRecord>>,
     /// Connections and requests of all pods together, against `node_max_connections` and `node_max_requests`.
     load: Arc<NodeLoad>,
     /// The Kubernetes API's view of the node's pods: who is captured, and each pod's identity.
@@ -226,6 +229,7 @@ impl Node {
             settings,
             xds,
             pods: Mutex::new(BTreeMap::new()),
+            capturing: std::sync::Mutex::default(),
             load,
             kube: None,
             identities: None,
@@ -391,29 +395,36 @@ impl Node {
             }
         };
         let before_capture = started.elapsed();
-        let pod = self.capture_in(record, ns, Rules::Install).await?;
+        // The record is written while the pod is captured (a restarted agent re-adopts what the registry holds,
+        // and an ADD that fails is undone; a DEL follows it).
+        let generation = {
+            let _pods = self.pods.lock().await;
+            self.capturing().insert(attachment.clone(), record.clone());
+            self.registry.put(&record)
+        };
+        let (pod, recorded) = tokio::join!(self.capture_in(record, ns, Rules::Install), self.flush(generation));
         let captured = started.elapsed();
+        let pod = match (pod, recorded) {
+            (Ok(pod), Ok(())) => pod,
+            (Err(e), _) => {
+                self.forget_capturing(&attachment).await;
+                return Err(e);
+            }
+            (Ok(pod), Err(e)) => {
+                // Undone, so that what runs and what a restarted agent would re-adopt never disagree.
+                self.release(pod).await;
+                self.forget_capturing(&attachment).await;
+                return Err(e);
+            }
+        };
         let (label, record) = (pod.label(), pod.record.clone());
-        let (replaced, generation) = {
+        let replaced = {
             let mut pods = self.pods.lock().await;
-            let replaced = pods.insert(attachment.clone(), pod);
-            (replaced, self.registry.put(&record))
+            self.capturing().remove(&attachment);
+            pods.insert(attachment.clone(), pod)
         };
         if let Some(replaced) = replaced {
             self.release(replaced).await;
-        }
-        if let Err(e) = self.flush(generation).await {
-            // Undone, so that what runs and what a restarted agent would re-adopt never disagree.
-            let undone = {
-                let mut pods = self.pods.lock().await;
-                let undone = pods.remove(&attachment);
-                self.registry.remove(&attachment);
-                undone
-            };
-            if let Some(pod) = undone {
-                self.release(pod).await;
-            }
-            return Err(e);
         }
         let recorded = started.elapsed();
         if has_probes(&record) {
@@ -916,12 +927,16 @@ impl Node {
         self.capture_in(record, ns, Rules::Ensure).await
     }
 
-    /// Listeners first, then rules: the rules never point at a port nobody listens on.
+    /// The rules go in while the listeners and health ports are bound, on blocking-pool threads in the pod's
+    /// netns, and the pod's own threads start meanwhile: the pod is not running yet, so nothing can meet rules
+    /// without listeners, and the ADD waits for the slowest of the three.
     async fn capture_in(&self, mut record: PodRecord, ns: Netns, rules: Rules) -> Result<CapturedPod, NodeError> {
         let label = format!("{}/{}", record.namespace, record.name);
         let started = Instant::now();
         let _slot = self.capture_slot().await?;
         let queued = started.elapsed();
+        let rules_in_place = self.program_rules(&ns, &record.capture, rules);
+        let bound = self.bind_in(&ns);
         // With a control plane, the listeners follow the configuration the pod's stream accepts; without
         // one, the pass-through configuration.
         let initial = match self.xds {
@@ -929,32 +944,24 @@ impl Node {
             None => Some(Arc::new(passthrough::snapshot(self.settings.connect_timeout))),
         };
         let (snapshot, config) = tokio::sync::watch::channel(initial);
+        let served = config.clone();
         let limits = record.limits.unwrap_or(self.settings.pod_limits);
         let workers = record.workers.unwrap_or(self.settings.pod_workers);
-        let share = PodShare::new(workers, limits, Some(Arc::clone(&self.load)))
-            .map_err(|e| NodeError::new(format!("{label}: cannot start the pod's worker threads"), e))?;
+        let share = PodShare::new(workers, limits, Some(Arc::clone(&self.load)));
         let threads = started.elapsed();
-        let served = config.clone();
-        // The rules go in while the listeners and health ports are bound (on one thread in the pod's netns): the
-        // pod is not running yet, so nothing can meet rules without listeners, and the ADD waits for the slower.
-        let redirector = Arc::clone(&self.redirector);
-        let (rules_ns, plan) = (ns.clone(), record.capture.clone());
-        let rules_in_place = blocking(move || match rules {
-            Rules::Install => redirector.install(&rules_ns, &plan),
-            Rules::Ensure => redirector.ensure(&rules_ns, &plan),
-        });
         let listening = async {
-            let (listeners, ports) = self.bind_in(&ns).await.map_err(|e| NodeError::new(format!("{label}: cannot enter the pod's netns"), e))?;
+            let share = share.map_err(|e| NodeError::new(format!("{label}: cannot start the pod's worker threads"), e))?;
+            let (listeners, ports) = bound.await.map_err(|e| NodeError::new(format!("{label}: cannot enter the pod's netns"), e))?;
             let listeners = listeners
                 .and_then(|sockets| listener::start(label.clone(), ns.clone(), self.settings, config, &share, sockets))
                 .map_err(|e| NodeError::new(format!("{label}: cannot create in-pod listeners"), e))?;
             let ports = ports.map(|sockets| self.start_ports(&label, &listeners, &share, sockets)).transpose()?;
-            Ok::<_, NodeError>((listeners, ports, started.elapsed()))
+            Ok::<_, NodeError>((listeners, ports, share, started.elapsed()))
         };
         let rules_in_place = async { (rules_in_place.await, started.elapsed()) };
         let ((rules_in_place, rules_done), listening) = tokio::join!(rules_in_place, listening);
         let rules_in_place = rules_in_place.map_err(|e| NodeError::new(format!("{label}: cannot install {} redirection", self.mode()), e));
-        let (listeners, ports, listening) = match (rules_in_place, listening) {
+        let (listeners, ports, share, listening) = match (rules_in_place, listening) {
             (Ok(()), Ok(opened)) => opened,
             (Err(e), _) => return Err(e),
             (Ok(()), Err(e)) => {
@@ -978,18 +985,27 @@ impl Node {
         Ok(pod)
     }
 
-    /// Binds the pod's listeners and, when `pod_health_ports` is on, its 15020 and 15021, on one thread inside
-    /// its netns; each keeps its own error.
-    async fn bind_in(&self, ns: &Netns) -> std::io::Result<(std::io::Result<ListenerSockets>, Option<std::io::Result<PortSockets>>)> {
-        let (ns, health_ports) = (ns.clone(), self.settings.pod_health_ports);
-        tokio::task::spawn_blocking(move || {
-            ns.run_on_new_thread(|| {
-                let ipv6 = netns::ipv6_enabled_here();
-                Ok((listener::bind_here(ipv6), health_ports.then(|| pod_ports::bind_here(ipv6))))
-            })
+    /// Starts installing (or, for a re-adopted pod, ensuring) the pod's rules now, on a blocking-pool thread.
+    fn program_rules(&self, ns: &Netns, plan: &PodCapture, rules: Rules) -> impl std::future::Future<Output = Result<(), CaptureError>> {
+        let redirector = Arc::clone(&self.redirector);
+        let (ns, plan) = (ns.clone(), plan.clone());
+        blocking(move || match rules {
+            Rules::Install => redirector.install(&ns, &plan),
+            Rules::Ensure => redirector.ensure(&ns, &plan),
         })
-        .await
-        .map_err(std::io::Error::other)?
+    }
+
+    /// Starts binding the pod's listeners and, when `pod_health_ports` is on, its 15020 and 15021 now, on a
+    /// blocking-pool thread inside its netns; each keeps its own error.
+    fn bind_in(&self, ns: &Netns) -> impl std::future::Future<Output = std::io::Result<(std::io::Result<ListenerSockets>, Option<std::io::Result<PortSockets>>)>> {
+        let (ns, health_ports) = (ns.clone(), self.settings.pod_health_ports);
+        let bound = tokio::task::spawn_blocking(move || {
+            ns.with(|| {
+                let ipv6 = netns::ipv6_enabled_here();
+                (listener::bind_here(ipv6), health_ports.then(|| pod_ports::bind_here(ipv6)))
+            })
+        });
+        async { bound.await.map_err(std::io::Error::other)? }
     }
 
     /// Serves the pod's 15020 and 15021: ready at once without a control plane, otherwise once its stream has
@@ -1077,9 +1093,27 @@ impl Node {
         self.flush(self.offer(pods)).await
     }
 
-    /// Offers the registry content `pods` make (under the pods lock, which orders the offers).
+    /// Offers the registry content `pods` and the pods being captured make (under the pods lock, which orders
+    /// the offers).
     fn offer(&self, pods: &BTreeMap<Attachment, CapturedPod>) -> u64 {
-        self.registry.offer(pods.values().map(|p| &p.record))
+        let capturing = self.capturing();
+        self.registry.offer(pods.values().map(|p| &p.record).chain(capturing.values()))
+    }
+
+    fn capturing(&self) -> std::sync::MutexGuard<'_, BTreeMap<Attachment, PodRecord>> {
+        self.capturing.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Removes the record of a capture that failed.
+    async fn forget_capturing(&self, attachment: &Attachment) {
+        let generation = {
+            let _pods = self.pods.lock().await;
+            self.capturing().remove(attachment);
+            self.registry.remove(attachment)
+        };
+        if let Err(e) = self.flush(generation).await {
+            tracing::warn!("{}: {}", e.msg, e.details);
+        }
     }
 
     /// Waits until the offer `generation`, or a newer one, is on disk (without the pods lock: offers of a burst
@@ -1139,11 +1173,13 @@ enum Rules {
     Ensure,
 }
 
-async fn blocking<F>(f: F) -> Result<(), CaptureError>
+/// Runs `f` on a blocking-pool thread, started now (not when the result is first awaited).
+fn blocking<F>(f: F) -> impl std::future::Future<Output = Result<(), CaptureError>>
 where
     F: FnOnce() -> Result<(), CaptureError> + Send + 'static,
 {
-    tokio::task::spawn_blocking(f).await.map_err(|e| CaptureError(format!("capture task failed: {e}")))?
+    let task = tokio::task::spawn_blocking(f);
+    async { task.await.map_err(|e| CaptureError(format!("capture task failed: {e}")))? }
 }
 
 /// `weft-agent cleanup`: removes every pod's rules, the eBPF pins and the registry. Returns a summary.

@@ -6,9 +6,10 @@ use std::fmt;
 use std::io::{self, ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
+
+use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::protocol::{Request, Response, MAX_MESSAGE_BYTES};
 
@@ -100,27 +101,28 @@ fn remaining(deadline: Instant, stage: &'static str) -> Result<Duration, AgentEr
     deadline.checked_duration_since(Instant::now()).filter(|d| !d.is_zero()).ok_or(AgentErrorKind::Timeout { stage })
 }
 
-/// `UnixStream::connect` has no timeout and blocks while the listener's backlog is full (an agent that stopped
-/// accepting), so it runs on a helper thread we stop waiting for at the deadline. The process exits soon after,
-/// taking a stuck thread with it.
+/// A non-blocking connect: `UnixStream::connect` has no timeout and blocks while the listener's backlog is full
+/// (an agent that stopped accepting). A Unix socket reports a full backlog as EAGAIN at once and cannot be
+/// polled for room, so that case is retried with a growing pause until the deadline; the usual case costs one
+/// connect(2) and no thread.
 fn connect(socket: &Path, deadline: Instant) -> Result<UnixStream, AgentErrorKind> {
     let stage = "connecting";
-    let wait = remaining(deadline, stage)?;
-    let (tx, rx) = mpsc::channel();
-    let path = socket.to_path_buf();
-    let spawned = thread::Builder::new().name("connect".into()).spawn(move || {
-        let _ = tx.send(UnixStream::connect(path));
-    });
-    let result = match spawned {
-        Ok(_) => match rx.recv_timeout(wait) {
-            Ok(result) => result,
-            Err(mpsc::RecvTimeoutError::Timeout) => return Err(AgentErrorKind::Timeout { stage }),
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err(io::Error::other("connect thread ended without a result")),
-        },
-        // No thread to spare: connect inline; a full backlog is rare enough.
-        Err(_) => UnixStream::connect(socket),
-    };
-    result.map_err(AgentErrorKind::Connect)
+    let address = SockAddr::unix(socket).map_err(AgentErrorKind::Connect)?;
+    let client = Socket::new(Domain::UNIX, Type::STREAM.nonblocking(), None).map_err(AgentErrorKind::Connect)?;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match client.connect(&address) {
+            Ok(()) => break,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                thread::sleep(pause.min(remaining(deadline, stage)?));
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(AgentErrorKind::Connect(e)),
+        }
+    }
+    client.set_nonblocking(false).map_err(AgentErrorKind::Connect)?;
+    Ok(UnixStream::from(std::os::fd::OwnedFd::from(client)))
 }
 
 fn is_timeout(e: &io::Error) -> bool {
@@ -236,6 +238,23 @@ mod tests {
         let err = exchange(&path, &Request::Status {}, Duration::from_secs(5)).unwrap_err();
         assert!(!err.is_unreachable());
         assert!(err.cause().contains("hello"), "{err}");
+    }
+
+    #[test]
+    fn full_backlog_times_out_while_connecting() {
+        let path = temp_socket("full");
+        let listener = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        listener.bind(&SockAddr::unix(&path).unwrap()).unwrap();
+        listener.listen(0).unwrap();
+        // Never accepted: these fill the backlog (Linux admits backlog + 1).
+        let mut waiting = Vec::new();
+        while let Ok(c) = connect(&path, Instant::now() + Duration::from_millis(20)) {
+            waiting.push(c);
+        }
+        assert!(!waiting.is_empty());
+        let err = exchange(&path, &Request::Status {}, Duration::from_millis(200)).unwrap_err();
+        assert!(matches!(err.kind, AgentErrorKind::Timeout { stage: "connecting" }), "{err}");
+        assert!(err.is_unreachable(), "a runtime retries an agent that does not accept");
     }
 
     #[test]

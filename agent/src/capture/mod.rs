@@ -164,7 +164,7 @@ fn run(ns: Option<&Netns>, program: &str, args: &[&str], stdin: &str) -> Result<
 
 fn run_within(ns: Option<&Netns>, program: &str, args: &[&str], stdin: &str, deadline: Duration) -> Result<String, CaptureError> {
     match ns {
-        Some(ns) => ns.run_on_new_thread(|| Ok(run_here(program, args, stdin, deadline)))?,
+        Some(ns) => ns.with(|| run_here(program, args, stdin, deadline))?,
         None => run_here(program, args, stdin, deadline),
     }
 }
@@ -219,7 +219,7 @@ fn find_binary(name: &str) -> Option<String> {
 
 /// Whether IPv6 is enabled inside `ns` (rules and listeners for v6 are only set up where it is).
 pub fn ipv6_enabled(ns: &Netns) -> bool {
-    ns.run_on_new_thread(|| Ok(netns::ipv6_enabled_here())).unwrap_or(false)
+    ns.with(netns::ipv6_enabled_here).unwrap_or(false)
 }
 
 #[cfg(test)]

@@ -367,8 +367,7 @@ impl Nftables {
     /// Installs `plan`'s table in `ns`, over netlink from a thread inside it.
     pub(crate) fn install_plan(&self, ns: &Netns, plan: &PodCapture) -> Result<(), CaptureError> {
         let table = table(self.outbound, plan, self.probe_source);
-        ns.run_on_new_thread(|| Ok(netlink::install(&table)))?
-            .map_err(netlink_error)
+        ns.with(|| netlink::install(&table))?.map_err(netlink_error)
     }
 }
 
@@ -416,7 +415,7 @@ impl Redirector for Nftables {
     }
 
     fn remove(&self, ns: &Netns) -> Result<(), CaptureError> {
-        ns.run_on_new_thread(|| Ok(netlink::remove()))?
+        ns.with(netlink::remove)?
             .map_err(netlink_error)
     }
 }
