@@ -704,6 +704,7 @@ async fn serve(cfg: AgentConfig) -> Result<(), String> {
 
     let (adopted, dropped) = node.adopt().await?;
     tracing::info!(adopted, dropped, "pod registry reconciled");
+    node.prepare_next_pod();
     tokio::spawn(Arc::clone(&node).follow_kube());
     // The binary goes in first (harmless without an entry naming it); a failure stops start-up here.
     let cni_installer = match cfg.cni_install.enabled {

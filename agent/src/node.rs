@@ -18,9 +18,9 @@ use crate::identity::manager::{IdentityManager, Subscription};
 use crate::config::agent::{PodLimits, DEFAULT_ISTIO_VERSION};
 use crate::k8s::{self, KubeView, PodMeta};
 use crate::proxy::connection_handler::SnapshotWatch;
-use crate::proxy::listener::{self, ListenerSockets, PodListeners};
+use crate::proxy::listener::{self, PodListeners};
 use crate::proxy::passthrough;
-use crate::proxy::pod_share::{LoadSnapshot, NodeLoad, PodShare};
+use crate::proxy::pod_share::{LoadSnapshot, NodeLoad, PodShare, PodThreads};
 use crate::proxy::stats::ListenerSnapshot;
 use crate::proxy::ProxySettings;
 use crate::xds::pod::PodXds;
@@ -108,6 +108,8 @@ pub struct Node {
     /// Records of pods an ADD is capturing now: written to the registry while the capture runs, so whole-registry
     /// offers keep them. Locked after `pods`.
     capturing: std::sync::Mutex<BTreeMap<Attachment, PodRecord>>,
+    /// Worker threads started for the next pod with the default worker count.
+    spare: std::sync::Mutex<Option<PodThreads>>,
     /// Connections and requests of all pods together, against `node_max_connections` and `node_max_requests`.
     load: Arc<NodeLoad>,
     /// The Kubernetes API's view of the node's pods: who is captured, and each pod's identity.
@@ -230,6 +232,7 @@ impl Node {
             xds,
             pods: Mutex::new(BTreeMap::new()),
             capturing: std::sync::Mutex::default(),
+            spare: std::sync::Mutex::default(),
             load,
             kube: None,
             identities: None,
@@ -927,16 +930,15 @@ impl Node {
         self.capture_in(record, ns, Rules::Ensure).await
     }
 
-    /// The rules go in while the listeners and health ports are bound, on blocking-pool threads in the pod's
-    /// netns, and the pod's own threads start meanwhile: the pod is not running yet, so nothing can meet rules
-    /// without listeners, and the ADD waits for the slowest of the three.
+    /// The rules go in (on a blocking-pool thread in the pod's netns) while the listeners and health ports are
+    /// bound and served: the pod is not running yet, so nothing can meet rules without listeners, and the ADD
+    /// waits for the slower of the two.
     async fn capture_in(&self, mut record: PodRecord, ns: Netns, rules: Rules) -> Result<CapturedPod, NodeError> {
         let label = format!("{}/{}", record.namespace, record.name);
         let started = Instant::now();
         let _slot = self.capture_slot().await?;
         let queued = started.elapsed();
         let rules_in_place = self.program_rules(&ns, &record.capture, rules);
-        let bound = self.bind_in(&ns);
         // With a control plane, the listeners follow the configuration the pod's stream accepts; without
         // one, the pass-through configuration.
         let initial = match self.xds {
@@ -945,23 +947,11 @@ impl Node {
         };
         let (snapshot, config) = tokio::sync::watch::channel(initial);
         let served = config.clone();
-        let limits = record.limits.unwrap_or(self.settings.pod_limits);
-        let workers = record.workers.unwrap_or(self.settings.pod_workers);
-        let share = PodShare::new(workers, limits, Some(Arc::clone(&self.load)));
-        let threads = started.elapsed();
-        let listening = async {
-            let share = share.map_err(|e| NodeError::new(format!("{label}: cannot start the pod's worker threads"), e))?;
-            let (listeners, ports) = bound.await.map_err(|e| NodeError::new(format!("{label}: cannot enter the pod's netns"), e))?;
-            let listeners = listeners
-                .and_then(|sockets| listener::start(label.clone(), ns.clone(), self.settings, config, &share, sockets))
-                .map_err(|e| NodeError::new(format!("{label}: cannot create in-pod listeners"), e))?;
-            let ports = ports.map(|sockets| self.start_ports(&label, &listeners, &share, sockets)).transpose()?;
-            Ok::<_, NodeError>((listeners, ports, share, started.elapsed()))
-        };
-        let rules_in_place = async { (rules_in_place.await, started.elapsed()) };
-        let ((rules_in_place, rules_done), listening) = tokio::join!(rules_in_place, listening);
+        // Meanwhile on this thread: a few non-blocking calls in the pod's netns, cheaper than a hand-over.
+        let listening = self.open_listeners(&label, &record, &ns, config).map(|opened| (opened, started.elapsed()));
+        let (rules_in_place, rules_done) = (rules_in_place.await, started.elapsed());
         let rules_in_place = rules_in_place.map_err(|e| NodeError::new(format!("{label}: cannot install {} redirection", self.mode()), e));
-        let (listeners, ports, share, listening) = match (rules_in_place, listening) {
+        let ((listeners, ports, share), listening) = match (rules_in_place, listening) {
             (Ok(()), Ok(opened)) => opened,
             (Err(e), _) => return Err(e),
             (Ok(()), Err(e)) => {
@@ -976,13 +966,36 @@ impl Node {
                 return Err(e);
             }
         };
-        tracing::debug!(pod = %label, ?queued, ?threads, ?listening, rules = ?rules_done, total = ?started.elapsed(), "listeners and rules in place");
+        tracing::debug!(pod = %label, ?queued, ?listening, rules = ?rules_done, total = ?started.elapsed(), "listeners and rules in place");
         record.redirect = self.redirector.mode();
         let identity = self.pod_identity(&record, &listeners, &share);
         let xds = self.start_xds(&record, snapshot, identity.as_ref(), &share);
         let pod = CapturedPod { record, netns: ns, listeners, xds, share, identity, ports, config: served };
         pod.follow_stream();
         Ok(pod)
+    }
+
+    /// Worker threads for a pod: the spare ones when they fit, else new ones.
+    fn pod_threads(&self, workers: usize) -> std::io::Result<PodThreads> {
+        let spare = self.spare().take_if(|t| t.workers() == workers.max(1));
+        spare.map_or_else(|| PodThreads::start(workers), Ok)
+    }
+
+    fn spare(&self) -> std::sync::MutexGuard<'_, Option<PodThreads>> {
+        self.spare.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts worker threads for the next pod in the background unless some are ready (called once a CNI request
+    /// has been answered, so that starting them is off the next pod's ADD).
+    pub fn prepare_next_pod(self: &Arc<Self>) {
+        if self.spare().is_some() {
+            return;
+        }
+        let node = Arc::clone(self);
+        tokio::task::spawn_blocking(move || match PodThreads::start(node.settings.pod_workers) {
+            Ok(threads) => drop(node.spare().get_or_insert(threads)),
+            Err(e) => tracing::warn!("cannot start worker threads ahead of the next pod: {e}"),
+        });
     }
 
     /// Starts installing (or, for a re-adopted pod, ensuring) the pod's rules now, on a blocking-pool thread.
@@ -995,17 +1008,27 @@ impl Node {
         })
     }
 
-    /// Starts binding the pod's listeners and, when `pod_health_ports` is on, its 15020 and 15021 now, on a
-    /// blocking-pool thread inside its netns; each keeps its own error.
-    fn bind_in(&self, ns: &Netns) -> impl std::future::Future<Output = std::io::Result<(std::io::Result<ListenerSockets>, Option<std::io::Result<PortSockets>>)>> {
-        let (ns, health_ports) = (ns.clone(), self.settings.pod_health_ports);
-        let bound = tokio::task::spawn_blocking(move || {
-            ns.with(|| {
+    /// Binds the pod's listeners and, when `pod_health_ports` is on, its 15020 and 15021 (from the calling thread,
+    /// inside the pod's netns), and serves them on the pod's worker threads.
+    fn open_listeners(&self, label: &str, record: &PodRecord, ns: &Netns, config: SnapshotWatch) -> Result<(PodListeners, Option<PodPorts>, PodShare), NodeError> {
+        let health_ports = self.settings.pod_health_ports;
+        let (listeners, ports) = ns
+            .with(|| {
                 let ipv6 = netns::ipv6_enabled_here();
                 (listener::bind_here(ipv6), health_ports.then(|| pod_ports::bind_here(ipv6)))
             })
-        });
-        async { bound.await.map_err(std::io::Error::other)? }
+            .map_err(|e| NodeError::new(format!("{label}: cannot enter the pod's netns"), e))?;
+        let limits = record.limits.unwrap_or(self.settings.pod_limits);
+        let workers = record.workers.unwrap_or(self.settings.pod_workers);
+        let share = self
+            .pod_threads(workers)
+            .map(|threads| PodShare::new(threads, limits, Some(Arc::clone(&self.load))))
+            .map_err(|e| NodeError::new(format!("{label}: cannot start the pod's worker threads"), e))?;
+        let listeners = listeners
+            .and_then(|sockets| listener::start(label.to_string(), ns.clone(), self.settings, config, &share, sockets))
+            .map_err(|e| NodeError::new(format!("{label}: cannot create in-pod listeners"), e))?;
+        let ports = ports.map(|sockets| self.start_ports(label, &listeners, &share, sockets)).transpose()?;
+        Ok((listeners, ports, share))
     }
 
     /// Serves the pod's 15020 and 15021: ready at once without a control plane, otherwise once its stream has

@@ -76,6 +76,7 @@ async fn handle(stream: UnixStream, node: Arc<Node>) {
     if let Err(e) = write.write_all(&line).await {
         tracing::debug!("CNI client went away before the response: {e}");
     }
+    node.prepare_next_pod();
 }
 
 async fn read_request(read: tokio::net::unix::OwnedReadHalf) -> Result<Request, String> {

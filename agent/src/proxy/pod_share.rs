@@ -113,8 +113,11 @@ pub struct PodLoad {
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
     /// The pod's worker threads (Linux thread ids), for their CPU time.
-    threads: Mutex<Vec<u32>>,
+    threads: Arc<ThreadIds>,
 }
+
+/// Linux ids of a runtime's threads, recorded as each starts.
+type ThreadIds = Mutex<Vec<u32>>;
 
 /// A point-in-time copy for `/status` and the metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -149,11 +152,11 @@ impl Drop for Admitted {
 
 impl PodLoad {
     pub fn new(limits: PodLimits) -> Arc<PodLoad> {
-        PodLoad::on_node(limits, None)
+        PodLoad::on_node(limits, None, Arc::default())
     }
 
-    /// A pod's load that also counts toward the node's.
-    pub fn on_node(limits: PodLimits, node: Option<Arc<NodeLoad>>) -> Arc<PodLoad> {
+    /// A pod's load that also counts toward the node's, its CPU time that of `threads`.
+    fn on_node(limits: PodLimits, node: Option<Arc<NodeLoad>>, threads: Arc<ThreadIds>) -> Arc<PodLoad> {
         Arc::new(PodLoad {
             limits,
             node,
@@ -167,7 +170,7 @@ impl PodLoad {
             requests_refused: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
-            threads: Mutex::new(Vec::new()),
+            threads,
         })
     }
 
@@ -219,10 +222,6 @@ impl PodLoad {
     /// `node_max_requests`.
     pub fn request(self: &Arc<Self>) -> Option<Admitted> {
         self.admit(true)
-    }
-
-    fn add_thread(&self, tid: u32) {
-        self.threads.lock().unwrap_or_else(PoisonError::into_inner).push(tid);
     }
 
     /// CPU time of the pod's threads so far (from `/proc/self/task/<tid>/schedstat`, in nanoseconds).
@@ -387,6 +386,47 @@ fn current_tid() -> Option<u32> {
     link.file_name()?.to_str()?.parse().ok()
 }
 
+/// Worker threads for one pod, which may be started before the pod comes (starting threads is a good part of
+/// a pod's CNI ADD).
+pub struct PodThreads {
+    runtime: Option<tokio::runtime::Runtime>,
+    workers: usize,
+    tids: Arc<ThreadIds>,
+}
+
+impl PodThreads {
+    pub fn start(workers: usize) -> std::io::Result<PodThreads> {
+        let workers = workers.max(1);
+        let tids = Arc::<ThreadIds>::default();
+        let started = Arc::clone(&tids);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .thread_name("weft-pod")
+            .on_thread_start(move || {
+                if let Some(tid) = current_tid() {
+                    started.lock().unwrap_or_else(PoisonError::into_inner).push(tid);
+                }
+            })
+            .enable_all()
+            .build()?;
+        Ok(PodThreads { runtime: Some(runtime), workers, tids })
+    }
+
+    /// How many worker threads these are.
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+}
+
+impl Drop for PodThreads {
+    fn drop(&mut self) {
+        // Unused: nothing to wait for (and a runtime may not be dropped plainly inside another).
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
 /// A pod's worker threads. Dropping it lets the pod's tasks finish on their own (the threads stay until
 /// the last connection has ended, or the drain deadline passed).
 pub struct PodShare {
@@ -395,23 +435,12 @@ pub struct PodShare {
 }
 
 impl PodShare {
-    pub fn new(workers: usize, limits: PodLimits, node: Option<Arc<NodeLoad>>) -> std::io::Result<PodShare> {
-        let load = PodLoad::on_node(limits, node);
-        let threads = Arc::clone(&load);
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(workers.max(1))
-            .thread_name("weft-pod")
-            .on_thread_start(move || {
-                if let Some(tid) = current_tid() {
-                    threads.add_thread(tid);
-                }
-            })
-            .enable_all()
-            .build()?;
+    pub fn new(mut threads: PodThreads, limits: PodLimits, node: Option<Arc<NodeLoad>>) -> PodShare {
+        let load = PodLoad::on_node(limits, node, Arc::clone(&threads.tids));
         if let Some(node) = &load.node {
             node.pods.fetch_add(1, Relaxed);
         }
-        Ok(PodShare { runtime: Some(runtime), load })
+        PodShare { runtime: threads.runtime.take(), load }
     }
 
     /// Where the pod's tasks run.
@@ -484,8 +513,8 @@ mod tests {
     fn a_node_at_its_limit_sheds_the_heaviest_pods_never_one_within_its_share() {
         let node = NodeLoad::new(4, u64::MAX);
         node.pods.store(2, Relaxed);
-        let heavy = PodLoad::on_node(PodLimits::UNLIMITED, Some(Arc::clone(&node)));
-        let light = PodLoad::on_node(PodLimits::UNLIMITED, Some(Arc::clone(&node)));
+        let heavy = PodLoad::on_node(PodLimits::UNLIMITED, Some(Arc::clone(&node)), Arc::default());
+        let light = PodLoad::on_node(PodLimits::UNLIMITED, Some(Arc::clone(&node)), Arc::default());
         let mut held: Vec<_> = (0..4).map(|_| heavy.connection().expect("under the node's limit")).collect();
         assert!(heavy.connection().is_none(), "the node is full and the heavy pod holds more than its share of 2");
         held.push(light.connection().expect("the light pod is within its share"));
@@ -500,8 +529,8 @@ mod tests {
     fn a_node_at_its_request_limit_sheds_requests_of_the_heaviest_pods() {
         let node = NodeLoad::new(u64::MAX, 4);
         node.pods.store(2, Relaxed);
-        let heavy = PodLoad::on_node(PodLimits::UNLIMITED, Some(Arc::clone(&node)));
-        let light = PodLoad::on_node(PodLimits::UNLIMITED, Some(Arc::clone(&node)));
+        let heavy = PodLoad::on_node(PodLimits::UNLIMITED, Some(Arc::clone(&node)), Arc::default());
+        let light = PodLoad::on_node(PodLimits::UNLIMITED, Some(Arc::clone(&node)), Arc::default());
         let mut held: Vec<_> = (0..4).map(|_| heavy.request().expect("under the node's limit")).collect();
         assert!(heavy.request().is_none(), "503 for the pod over its share of a saturated node");
         held.push(light.request().expect("the light pod is within its share"));
@@ -531,7 +560,7 @@ mod tests {
 
     #[test]
     fn a_pods_threads_count_their_cpu_time() {
-        let share = PodShare::new(1, PodLimits::default(), None).unwrap();
+        let share = PodShare::new(PodThreads::start(1).unwrap(), PodLimits::default(), None);
         let own_cpu_ns = || -> u64 {
             let stat = std::fs::read_to_string("/proc/thread-self/schedstat").unwrap_or_default();
             stat.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0)
