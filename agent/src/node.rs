@@ -986,15 +986,23 @@ impl Node {
     }
 
     /// Starts worker threads for the next pod in the background unless some are ready (called once a CNI request
-    /// has been answered, so that starting them is off the next pod's ADD).
+    /// has been answered, so that starting them is off the next pod's ADD). They start a moment later: the
+    /// runtime's next step for this pod, on this node's few CPUs, comes first.
     pub fn prepare_next_pod(self: &Arc<Self>) {
         if self.spare().is_some() {
             return;
         }
         let node = Arc::clone(self);
-        tokio::task::spawn_blocking(move || match PodThreads::start(node.settings.pod_workers) {
-            Ok(threads) => drop(node.spare().get_or_insert(threads)),
-            Err(e) => tracing::warn!("cannot start worker threads ahead of the next pod: {e}"),
+        tokio::spawn(async move {
+            tokio::time::sleep(SPARE_THREADS_AFTER).await;
+            if node.spare().is_some() {
+                return;
+            }
+            let started = tokio::task::spawn_blocking(move || match PodThreads::start(node.settings.pod_workers) {
+                Ok(threads) => drop(node.spare().get_or_insert(threads)),
+                Err(e) => tracing::warn!("cannot start worker threads ahead of the next pod: {e}"),
+            });
+            drop(started.await);
         });
     }
 
@@ -1147,6 +1155,9 @@ impl Node {
         })
     }
 }
+
+/// How long after a CNI answer the spare worker threads for the next pod are started.
+const SPARE_THREADS_AFTER: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Whether a pod adds targets to the node's probe exemption.
 fn has_probes(record: &PodRecord) -> bool {

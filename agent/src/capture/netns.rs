@@ -216,24 +216,45 @@ mod tests {
         }
     }
 
-    /// A panic inside a pod's namespace leaves the thread back in the agent's (needs root to make one).
+    /// A named network namespace for one test, deleted when dropped; `None` (the test says it is skipped)
+    /// without root.
+    struct TestNetns(String, Netns);
+
+    impl TestNetns {
+        fn create(test: &str) -> Option<TestNetns> {
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } != 0 {
+                eprintln!("SKIPPED {test}: needs root to create a network namespace");
+                return None;
+            }
+            let name = format!("weft-unit-{test}-{}", std::process::id());
+            let name = name[name.len().saturating_sub(60)..].to_string();
+            assert!(std::process::Command::new("ip").args(["netns", "add", &name]).status().unwrap().success());
+            init_host_netns().unwrap();
+            let ns = Netns::open(&parse(&format!("/var/run/netns/{name}")).unwrap()).unwrap();
+            Some(TestNetns(name, ns))
+        }
+
+        fn ip(&self, args: &[&str]) -> bool {
+            std::process::Command::new("ip").arg("-n").arg(&self.0).args(args).status().unwrap().success()
+        }
+    }
+
+    impl Drop for TestNetns {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip").args(["netns", "delete", &self.0]).status();
+        }
+    }
+
+    /// A panic inside a pod's namespace leaves the thread back in the agent's.
     #[test]
     fn a_panic_inside_a_pod_namespace_returns_the_thread_home() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("SKIPPED a_panic_inside_a_pod_namespace_returns_the_thread_home: needs root to create a network namespace");
-            return;
-        }
-        let name = format!("weft-unit-{}", std::process::id());
-        assert!(std::process::Command::new("ip").args(["netns", "add", &name]).status().unwrap().success());
-        init_host_netns().unwrap();
-        let ns = Netns::open(&parse(&format!("/var/run/netns/{name}")).unwrap()).unwrap();
+        let Some(TestNetns(_, ns)) = &TestNetns::create("panic-home") else { return };
         let here = || std::fs::metadata("/proc/thread-self/ns/net").map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap();
         let home = here();
         let inside = ns.with(here).unwrap();
         let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ns.with(|| panic!("inside the pod"))));
         let after = here();
-        let _ = std::process::Command::new("ip").args(["netns", "delete", &name]).status();
         assert_ne!(inside, home, "with() entered the pod's namespace");
         assert!(panicked.is_err());
         assert_eq!(after, home, "the thread is back in the agent's namespace after the panic");
@@ -241,23 +262,14 @@ mod tests {
 
     /// IPv6 counts as enabled in a pod's namespace unless it is disabled, whether loopback is up yet or not.
     #[test]
-    fn ipv6_is_enabled_where_loopback_holds_its_v6_address() {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("SKIPPED ipv6_is_enabled_where_loopback_holds_its_v6_address: needs root to create a network namespace");
-            return;
-        }
-        let name = format!("weft-unit-v6-{}", std::process::id());
-        let ip = |args: &[&str]| std::process::Command::new("ip").args(args).status().unwrap().success();
-        assert!(ip(&["netns", "add", &name]));
-        init_host_netns().unwrap();
-        let ns = Netns::open(&parse(&format!("/var/run/netns/{name}")).unwrap()).unwrap();
-        let lo_down = ns.with(ipv6_enabled_here).unwrap();
-        assert!(ip(&["-n", &name, "link", "set", "lo", "up"]));
-        let lo_up = ns.with(ipv6_enabled_here).unwrap();
-        assert!(ip(&["netns", "exec", &name, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.lo.disable_ipv6=1"]));
-        let disabled = ns.with(ipv6_enabled_here).unwrap();
-        let _ = std::process::Command::new("ip").args(["netns", "delete", &name]).status();
+    fn ipv6_is_enabled_unless_disabled() {
+        let Some(pod) = TestNetns::create("ipv6") else { return };
+        let lo_down = pod.1.with(ipv6_enabled_here).unwrap();
+        assert!(pod.ip(&["link", "set", "lo", "up"]));
+        let lo_up = pod.1.with(ipv6_enabled_here).unwrap();
+        let sysctl = ["netns", "exec", &pod.0, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.lo.disable_ipv6=1"];
+        assert!(std::process::Command::new("ip").args(sysctl).status().unwrap().success());
+        let disabled = pod.1.with(ipv6_enabled_here).unwrap();
         assert_eq!((lo_down, lo_up, disabled), (true, true, false), "(lo down, lo up, IPv6 disabled)");
     }
 
