@@ -995,14 +995,16 @@ impl Node {
         let node = Arc::clone(self);
         tokio::spawn(async move {
             tokio::time::sleep(SPARE_THREADS_AFTER).await;
-            if node.spare().is_some() {
-                return;
-            }
-            let started = tokio::task::spawn_blocking(move || match PodThreads::start(node.settings.pod_workers) {
-                Ok(threads) => drop(node.spare().get_or_insert(threads)),
-                Err(e) => tracing::warn!("cannot start worker threads ahead of the next pod: {e}"),
+            tokio::task::spawn_blocking(move || {
+                // Another request may have started them meanwhile.
+                if node.spare().is_some() {
+                    return;
+                }
+                match PodThreads::start(node.settings.pod_workers) {
+                    Ok(threads) => *node.spare() = Some(threads),
+                    Err(e) => tracing::warn!("cannot start worker threads ahead of the next pod: {e}"),
+                }
             });
-            drop(started.await);
         });
     }
 
