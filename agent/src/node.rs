@@ -405,7 +405,8 @@ impl Node {
             self.capturing().insert(attachment.clone(), record.clone());
             self.registry.put(&record)
         };
-        let (pod, recorded) = tokio::join!(self.capture_in(record, ns, Rules::Install), self.flush(generation));
+        // The registry first: its files are written on another thread while this one captures.
+        let (recorded, pod) = tokio::join!(self.flush(generation), self.capture_in(record, ns, Rules::Install));
         let captured = started.elapsed();
         let pod = match (pod, recorded) {
             (Ok(pod), Ok(())) => pod,
@@ -930,15 +931,14 @@ impl Node {
         self.capture_in(record, ns, Rules::Ensure).await
     }
 
-    /// The rules go in (on a blocking-pool thread in the pod's netns) while the listeners and health ports are
-    /// bound and served: the pod is not running yet, so nothing can meet rules without listeners, and the ADD
-    /// waits for the slower of the two.
+    /// Binds and serves the pod's listeners and health ports, then installs its rules, both from this thread in
+    /// the pod's netns: the pod is not running yet, so nothing meets the rules before the listeners. A hand-over
+    /// to another thread would cost a wake-up as long as the nftables transaction itself.
     async fn capture_in(&self, mut record: PodRecord, ns: Netns, rules: Rules) -> Result<CapturedPod, NodeError> {
         let label = format!("{}/{}", record.namespace, record.name);
         let started = Instant::now();
         let _slot = self.capture_slot().await?;
         let queued = started.elapsed();
-        let rules_in_place = self.program_rules(&ns, &record.capture, rules);
         // With a control plane, the listeners follow the configuration the pod's stream accepts; without
         // one, the pass-through configuration.
         let initial = match self.xds {
@@ -947,25 +947,13 @@ impl Node {
         };
         let (snapshot, config) = tokio::sync::watch::channel(initial);
         let served = config.clone();
-        // Meanwhile on this thread: a few non-blocking calls in the pod's netns, cheaper than a hand-over.
-        let listening = self.open_listeners(&label, &record, &ns, config).map(|opened| (opened, started.elapsed()));
-        let (rules_in_place, rules_done) = (rules_in_place.await, started.elapsed());
-        let rules_in_place = rules_in_place.map_err(|e| NodeError::new(format!("{label}: cannot install {} redirection", self.mode()), e));
-        let ((listeners, ports, share), listening) = match (rules_in_place, listening) {
-            (Ok(()), Ok(opened)) => opened,
-            (Err(e), _) => return Err(e),
-            (Ok(()), Err(e)) => {
-                // A new pod's rules without its listeners would only fail its traffic; a re-adopted pod keeps them
-                // and fails closed until it is re-created.
-                if matches!(rules, Rules::Install) {
-                    let (redirector, ns) = (Arc::clone(&self.redirector), ns.clone());
-                    if let Err(undo) = blocking(move || redirector.remove(&ns)).await {
-                        tracing::warn!(pod = %label, "cannot remove the rules of a failed capture: {undo}");
-                    }
-                }
-                return Err(e);
-            }
-        };
+        // Listeners first: a new pod whose listeners fail gets no rules, and a re-adopted one keeps its rules and
+        // fails closed until it is re-created.
+        let (listeners, ports, share) = self.open_listeners(&label, &record, &ns, config)?;
+        let listening = started.elapsed();
+        self.program_rules(&ns, &record.capture, rules)
+            .map_err(|e| NodeError::new(format!("{label}: cannot install {} redirection", self.mode()), e))?;
+        let rules_done = started.elapsed();
         tracing::debug!(pod = %label, ?queued, ?listening, rules = ?rules_done, total = ?started.elapsed(), "listeners and rules in place");
         record.redirect = self.redirector.mode();
         let identity = self.pod_identity(&record, &listeners, &share);
@@ -1008,13 +996,12 @@ impl Node {
         });
     }
 
-    /// Starts installing (or, for a re-adopted pod, ensuring) the pod's rules now, on a blocking-pool thread.
-    fn program_rules(&self, ns: &Netns, plan: &PodCapture, rules: Rules) -> impl std::future::Future<Output = Result<(), CaptureError>> {
-        let redirector = Arc::clone(&self.redirector);
-        let (ns, plan) = (ns.clone(), plan.clone());
-        blocking(move || match rules {
-            Rules::Install => redirector.install(&ns, &plan),
-            Rules::Ensure => redirector.ensure(&ns, &plan),
+    /// Installs (or, for a re-adopted pod, ensures) the pod's rules on this thread; the runtime moves its other
+    /// tasks off it meanwhile (rule programs can take milliseconds).
+    fn program_rules(&self, ns: &Netns, plan: &PodCapture, rules: Rules) -> Result<(), CaptureError> {
+        tokio::task::block_in_place(|| match rules {
+            Rules::Install => self.redirector.install(ns, plan),
+            Rules::Ensure => self.redirector.ensure(ns, plan),
         })
     }
 

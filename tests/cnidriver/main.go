@@ -14,7 +14,9 @@
 //	    [--capability-args JSON] [--timeout DURATION]
 //
 // On success `add` prints the result JSON on stdout. Every command prints
-// `elapsed_us=N` (time spent inside the libcni call only) on stderr. On error
+// `elapsed_us=N` (time spent inside the libcni call only) on stderr, after a
+// line `plugin_us=TYPE:N` per plugin libcni ran (from its exec until libcni
+// had its output), in the order it ran them. On error
 // the error is printed on stderr and the exit status is 1 (2 for usage
 // errors); when the failure carries a plugin's CNI error, a line
 // `cni_error={"code":N,"msg":"...","details":"..."}` precedes it.
@@ -28,12 +30,28 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
 	"github.com/containernetworking/cni/libcni"
+	"github.com/containernetworking/cni/pkg/invoke"
 	"github.com/containernetworking/cni/pkg/types"
+	"github.com/containernetworking/cni/pkg/version"
 )
+
+// timedExec is libcni's own plugin executor, timing each plugin run.
+type timedExec struct {
+	*invoke.DefaultExec
+	runs []string
+}
+
+func (t *timedExec) ExecPlugin(ctx context.Context, pluginPath string, stdinData []byte, environ []string) ([]byte, error) {
+	start := time.Now()
+	out, err := t.DefaultExec.ExecPlugin(ctx, pluginPath, stdinData, environ)
+	t.runs = append(t.runs, fmt.Sprintf("plugin_us=%s:%d", filepath.Base(pluginPath), time.Since(start).Microseconds()))
+	return out, err
+}
 
 func fail(code int, format string, args ...interface{}) {
 	fmt.Fprintf(os.Stderr, "cnidriver: "+format+"\n", args...)
@@ -106,7 +124,11 @@ func main() {
 		CapabilityArgs: capabilityArgs,
 	}
 
-	cni := libcni.NewCNIConfigWithCacheDir(strings.Split(*binDir, ":"), *cacheDir, nil)
+	exec := &timedExec{DefaultExec: &invoke.DefaultExec{
+		RawExec:       &invoke.RawExec{Stderr: os.Stderr},
+		PluginDecoder: version.PluginDecoder{},
+	}}
+	cni := libcni.NewCNIConfigWithCacheDir(strings.Split(*binDir, ":"), *cacheDir, exec)
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
 
@@ -129,6 +151,9 @@ func main() {
 		err = cni.DelNetworkList(ctx, list, rt)
 	}
 	elapsed := time.Since(start)
+	for _, run := range exec.runs {
+		fmt.Fprintln(os.Stderr, run)
+	}
 	fmt.Fprintf(os.Stderr, "elapsed_us=%d\n", elapsed.Microseconds())
 
 	if err != nil {

@@ -168,6 +168,25 @@ pub struct CniOutput {
     pub stderr: String,
     /// Time spent inside the libcni call, in microseconds.
     pub elapsed_us: u64,
+    /// Each plugin libcni ran, in order, with the time from its exec until libcni had its output (microseconds).
+    pub plugins_us: Vec<(String, u64)>,
+}
+
+impl CniOutput {
+    /// The time libcni spent running the plugin of type `name` (its last run, if it ran more than once).
+    pub fn plugin_us(&self, name: &str) -> Option<u64> {
+        self.plugins_us.iter().rev().find(|(n, _)| n == name).map(|(_, us)| *us)
+    }
+}
+
+/// The driver's `plugin_us=TYPE:N` lines.
+fn plugin_times(stderr: &str) -> Vec<(String, u64)> {
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("plugin_us="))
+        .filter_map(|v| v.rsplit_once(':'))
+        .filter_map(|(name, us)| Some((name.to_string(), us.trim().parse().ok()?)))
+        .collect()
 }
 
 /// The error object a plugin returned (`{"code","msg","details"}`), as
@@ -216,12 +235,12 @@ impl CniFailure {
         }
     }
 
-    /// The driver's error message (its stderr lines other than `elapsed_us=`
-    /// and `cni_error=`).
+    /// The driver's error message (its stderr lines other than `elapsed_us=`,
+    /// `plugin_us=` and `cni_error=`).
     pub fn message(&self) -> String {
         self.stderr
             .lines()
-            .filter(|l| !l.starts_with("elapsed_us=") && !l.starts_with("cni_error="))
+            .filter(|l| !["elapsed_us=", "cni_error=", "plugin_us="].iter().any(|p| l.starts_with(p)))
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -687,6 +706,7 @@ impl Cluster {
             .and_then(|v| serde_json::from_str::<CniError>(v).ok());
         match (out.status.success(), elapsed_us) {
             (true, Some(elapsed_us)) => Ok(CniOutput {
+                plugins_us: plugin_times(&stderr),
                 stdout,
                 stderr,
                 elapsed_us,

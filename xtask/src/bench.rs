@@ -4,7 +4,9 @@
 
 use weft_tests::agent::{Agent, ADMIN};
 use weft_tests::load;
-use weft_tests::{bin_path, Cluster, ClusterOptions, Pod, WeftEntry};
+use std::collections::{BTreeMap, BTreeSet};
+
+use weft_tests::{bin_path, Cluster, ClusterOptions, Pod, PodOptions, WeftEntry};
 
 use crate::{cargo, cni_plugin, ebpf, run as run_cmd, setup, target_dir, workspace_root};
 
@@ -55,11 +57,16 @@ fn cni_table(pods: usize) -> Result<(), String> {
         rows.push((format!("+ weft-cni ({mode})"), cluster, Some(agent)));
     }
     let mut times = vec![Vec::with_capacity(pods); rows.len()];
+    // Per row, each plugin's runs as libcni timed them (exec until it had the output).
+    let mut plugin_times: Vec<BTreeMap<String, Vec<f64>>> = vec![BTreeMap::new(); rows.len()];
     let mut made: Vec<Vec<Pod>> = (0..rows.len()).map(|_| Vec::with_capacity(pods)).collect();
     for i in 0..pods {
         for (row, (_, cluster, _)) in rows.iter().enumerate() {
-            let (pod, us) = cluster.add_pod_timed("bench", &format!("p{i}")).map_err(|x| e(&x))?;
-            times[row].push(us as f64 / 1000.0);
+            let (pod, out) = cluster.add_pod_with("bench", &format!("p{i}"), &PodOptions::default()).map_err(|x| e(&x))?;
+            times[row].push(out.elapsed_us as f64 / 1000.0);
+            for (plugin, us) in out.plugins_us {
+                plugin_times[row].entry(plugin).or_default().push(us as f64 / 1000.0);
+            }
             made[row].push(pod);
         }
     }
@@ -74,15 +81,29 @@ fn cni_table(pods: usize) -> Result<(), String> {
     }
 
     println!("\nCNI ADD latency through libcni, {pods} pods per row, the rows' ADDs interleaved (ms)\n");
-    println!("| chain | p50 | p99 | p50 added by weft | p99 added by weft |");
-    println!("|---|---|---|---|---|");
+    println!("| chain | p50 | p99 | p50 added by weft | p99 added by weft | weft-cni's run p50 | weft-cni's run p99 |");
+    println!("|---|---|---|---|---|---|---|");
     let (base50, base99) = (percentile(&times[0], 50.0), percentile(&times[0], 99.0));
     for (i, ((name, _, _), times)) in rows.iter().zip(&times).enumerate() {
         let (p50, p99) = (percentile(times, 50.0), percentile(times, 99.0));
         let added = |v: f64, base: f64| if i == 0 { "-".to_string() } else { format!("{:+.2}", v - base) };
-        println!("| {name} | {p50:.2} | {p99:.2} | {} | {} |", added(p50, base50), added(p99, base99));
+        let run = |p: f64| plugin_times[i].get("weft-cni").map_or("-".to_string(), |t| format!("{:.2}", percentile(t, p)));
+        println!("| {name} | {p50:.2} | {p99:.2} | {} | {} | {} | {} |", added(p50, base50), added(p99, base99), run(50.0), run(99.0));
     }
+    print_plugin_table(&rows.iter().map(|(name, _, _)| name.as_str()).collect::<Vec<_>>(), &plugin_times);
     Ok(())
+}
+
+/// Each plugin's p50 run time per row: whether weft's rows slowed the plugins before weft-cni too.
+fn print_plugin_table(rows: &[&str], plugin_times: &[BTreeMap<String, Vec<f64>>]) {
+    let plugins: BTreeSet<&String> = plugin_times.iter().flat_map(BTreeMap::keys).collect();
+    println!("\nEach plugin's run as libcni timed it, p50 (ms)\n");
+    println!("| chain | {} |", plugins.iter().map(|p| p.as_str()).collect::<Vec<_>>().join(" | "));
+    println!("|---|{}", "---|".repeat(plugins.len()));
+    for (name, times) in rows.iter().zip(plugin_times) {
+        let cells: Vec<String> = plugins.iter().map(|p| times.get(*p).map_or("-".to_string(), |t| format!("{:.2}", percentile(t, 50.0)))).collect();
+        println!("| {name} | {} |", cells.join(" | "));
+    }
 }
 
 pub(crate) fn percentile(values: &[f64], p: f64) -> f64 {

@@ -214,6 +214,24 @@ fn escape(s: &str) -> String {
     out
 }
 
+/// Writes `changes` in order; on a failure, returns the error with the changes not written.
+fn write_changes(dir: &RegistryDir, changes: Changes) -> Result<(), (io::Error, Changes)> {
+    let mut changes = changes.into_iter();
+    while let Some((attachment, change)) = changes.next() {
+        let done = match &change {
+            Some(record) => dir.store(record),
+            None => dir.remove(&attachment),
+        };
+        if let Err(e) = done {
+            return Err((e, std::iter::once((attachment, change)).chain(changes).collect()));
+        }
+    }
+    Ok(())
+}
+
+/// Records to store, or `None` to remove, by attachment.
+type Changes = BTreeMap<Attachment, Option<PodRecord>>;
+
 /// The registry written by group commit: each change is offered under the caller's lock, and its caller waits
 /// outside it until a write that includes it is on disk. Writes happen one batch at a time, each of every change
 /// offered so far, so a burst of CNI operations shares writes instead of queueing behind the caller's lock.
@@ -229,8 +247,8 @@ struct Pending {
     generation: u64,
     /// The records as offered so far: what the directory holds once every change is written.
     offered: HashMap<Attachment, PodRecord>,
-    /// Changes not yet written: a record to store, or `None` to remove.
-    changes: BTreeMap<Attachment, Option<PodRecord>>,
+    /// Changes not yet written.
+    changes: Changes,
 }
 
 impl Pending {
@@ -296,7 +314,8 @@ impl Registry {
         pending.generation
     }
 
-    /// Returns once the changes offered up to `generation`, or later ones, are on disk.
+    /// Returns once the changes offered up to `generation`, or later ones, are on disk. The files are written on
+    /// a blocking-pool thread, meanwhile the caller's task goes on (an ADD captures its pod).
     pub async fn flush(&self, generation: u64) -> io::Result<()> {
         let mut written = self.written.lock().await;
         if *written >= generation {
@@ -306,20 +325,17 @@ impl Registry {
             let mut pending = self.pending();
             (pending.generation, std::mem::take(&mut pending.changes))
         };
-        let mut changes = changes.into_iter();
-        while let Some((attachment, change)) = changes.next() {
-            let done = match &change {
-                Some(record) => self.dir.store(record),
-                None => self.dir.remove(&attachment),
-            };
-            if let Err(e) = done {
-                // Back for the next waiter, unless newer changes of the same attachments replaced them meanwhile.
-                let mut pending = self.pending();
-                for (a, c) in std::iter::once((attachment, change)).chain(changes) {
-                    pending.changes.entry(a).or_insert(c);
-                }
-                return Err(e);
+        let dir = self.dir.clone();
+        let outcome = tokio::task::spawn_blocking(move || write_changes(&dir, changes))
+            .await
+            .unwrap_or_else(|e| Err((io::Error::other(format!("registry writer failed: {e}")), BTreeMap::new())));
+        if let Err((e, unwritten)) = outcome {
+            // Back for the next waiter, unless newer changes of the same attachments replaced them meanwhile.
+            let mut pending = self.pending();
+            for (a, c) in unwritten {
+                pending.changes.entry(a).or_insert(c);
             }
+            return Err(e);
         }
         *written = newest;
         Ok(())

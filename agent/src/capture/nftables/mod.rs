@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use ipnet::IpNet;
 
@@ -296,9 +296,37 @@ pub fn compare(expected: &[String], listing: &str) -> Result<(), CaptureError> {
     )))
 }
 
-/// How many plans' canonical listings are kept; past it the cache starts over (plans are few in practice:
-/// most pods share the default one).
-const LISTINGS_KEPT: usize = 256;
+/// How many plans' listings and batches are kept; past it a cache starts over (plans are few in practice: most
+/// pods share the default one).
+const PLANS_KEPT: usize = 256;
+
+/// Something learnt once per plan.
+#[derive(Debug)]
+struct PerPlan<V>(Mutex<HashMap<PodCapture, V>>);
+
+impl<V: Clone> PerPlan<V> {
+    fn new() -> PerPlan<V> {
+        PerPlan(Mutex::new(HashMap::new()))
+    }
+
+    /// The value for `plan`, made by `learn` the first time (outside the lock: learning may take a while).
+    fn get(&self, plan: &PodCapture, learn: impl FnOnce() -> Result<V, CaptureError>) -> Result<V, CaptureError> {
+        if let Some(known) = self.lock().get(plan) {
+            return Ok(known.clone());
+        }
+        let value = learn()?;
+        let mut cache = self.lock();
+        if cache.len() >= PLANS_KEPT {
+            cache.clear();
+        }
+        cache.insert(plan.clone(), value.clone());
+        Ok(value)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PodCapture, V>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
 
 #[derive(Debug)]
 pub struct Nftables {
@@ -306,7 +334,9 @@ pub struct Nftables {
     outbound: bool,
     probe_source: Option<Ipv4Addr>,
     /// `nft list table` output of a freshly installed table, as this node's `nft` prints it, per plan.
-    expected: Mutex<HashMap<PodCapture, Vec<String>>>,
+    expected: PerPlan<Vec<String>>,
+    /// The netlink batch that installs each plan's table.
+    batches: PerPlan<Arc<netlink::Install>>,
 }
 
 impl Nftables {
@@ -330,7 +360,8 @@ impl Nftables {
             nft,
             outbound,
             probe_source,
-            expected: Mutex::new(HashMap::new()),
+            expected: PerPlan::new(),
+            batches: PerPlan::new(),
         };
         backend.expected(&PodCapture::default())?;
         Ok(backend)
@@ -346,28 +377,17 @@ impl Nftables {
 
     /// The statements `nft` lists for `plan`'s table, learnt once per plan.
     fn expected(&self, plan: &PodCapture) -> Result<Vec<String>, CaptureError> {
-        let cached = self
-            .expected
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(plan)
-            .cloned();
-        if let Some(listing) = cached {
-            return Ok(listing);
-        }
-        let listing = canonical_listing(&self.nft, table(self.outbound, plan, self.probe_source))?;
-        let mut cache = self.expected.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= LISTINGS_KEPT {
-            cache.clear();
-        }
-        cache.insert(plan.clone(), listing.clone());
-        Ok(listing)
+        self.expected.get(plan, || canonical_listing(&self.nft, self.table(plan)))
+    }
+
+    fn table(&self, plan: &PodCapture) -> Table {
+        table(self.outbound, plan, self.probe_source)
     }
 
     /// Installs `plan`'s table in `ns`, over netlink from a thread inside it.
     pub(crate) fn install_plan(&self, ns: &Netns, plan: &PodCapture) -> Result<(), CaptureError> {
-        let table = table(self.outbound, plan, self.probe_source);
-        ns.with(|| netlink::install(&table))?.map_err(netlink_error)
+        let batch = self.batches.get(plan, || netlink::Install::new(&self.table(plan)).map(Arc::new).map_err(netlink_error))?;
+        ns.with(|| batch.send())?.map_err(netlink_error)
     }
 }
 

@@ -18,7 +18,6 @@ use std::ffi::CStr;
 use std::io;
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, OnceLock};
 
 use ipnet::IpNet;
@@ -46,6 +45,27 @@ const TABLE: &CStr = c"weft";
 /// Opens its netlink socket inside the call, so it acts in the network
 /// namespace of the calling thread.
 pub fn install(table: &Table) -> Result<(), String> {
+    Install::new(table)?.send()
+}
+
+/// The batch that replaces table inet weft with one table, encoded once and sent to every namespace that gets
+/// that table (building it costs about half as much as the kernel's taking it).
+#[derive(Debug)]
+pub struct Install(Batch);
+
+impl Install {
+    pub fn new(table: &Table) -> Result<Install, String> {
+        let sealed = install_batch(table)?.seal();
+        sealed.map(Install).map_err(|e| format!("installing table inet weft: {e}"))
+    }
+
+    /// Sends the batch from the calling thread's network namespace.
+    pub fn send(&self) -> Result<(), String> {
+        self.0.send().map_err(|e| format!("installing table inet weft: {e}"))
+    }
+}
+
+fn install_batch(table: &Table) -> Result<Batch, String> {
     validate(table)?;
     let mut batch = Batch::new();
     let fam = inet_header();
@@ -121,9 +141,7 @@ pub fn install(table: &Table) -> Result<(), String> {
         }
     }
 
-    batch
-        .send()
-        .map_err(|e| format!("installing table inet weft: {e}"))
+    Ok(batch)
 }
 
 /// Deletes table inet weft; Ok when it does not exist.
@@ -133,7 +151,7 @@ pub fn remove() -> Result<(), String> {
     batch.msg(NFT_MSG_DELTABLE, 0, "delete table inet weft", |b| {
         nft::OpDeltableDo::encode_request(b, &fam).push_name(TABLE);
     });
-    match batch.send() {
+    match batch.seal().map_err(BatchError::Io).and_then(|b| b.send()) {
         Ok(()) => Ok(()),
         // Only message of the batch, so ENOENT can only mean "no such table".
         Err(BatchError::Rejected(errs)) if errs.iter().all(|e| e.errno == libc::ENOENT) => Ok(()),
@@ -806,11 +824,13 @@ impl Hook {
 // ---------------------------------------------------------------------------
 
 /// Messages between NFNL_MSG_BATCH_BEGIN and NFNL_MSG_BATCH_END, which the
-/// kernel only accepts in a single write.
+/// kernel only accepts in a single write. Sequence numbers count from
+/// [`FIRST_SEQ`] in every batch: each is sent on a socket of its own, so its
+/// replies cannot be confused with another's.
+#[derive(Debug)]
 struct Batch {
     buf: Vec<u8>,
-    first_seq: u32,
-    /// What each message does, indexed by `seq - first_seq`; index 0 is the
+    /// What each message does, indexed by `seq - FIRST_SEQ`; index 0 is the
     /// batch begin.
     what: Vec<String>,
     /// The first message too large to encode. Attribute lengths are u16 and
@@ -859,25 +879,21 @@ impl std::fmt::Display for BatchError {
     }
 }
 
-static NEXT_SEQ: AtomicU32 = AtomicU32::new(1);
+const FIRST_SEQ: u32 = 1;
 
 impl Batch {
     fn new() -> Batch {
         let mut b = Batch {
             buf: Vec::with_capacity(4096),
-            first_seq: 0,
             what: Vec::new(),
             oversized: None,
         };
-        // Reserve a generous range so concurrent batches in one process never
-        // share sequence numbers; the real count is only known at the end.
-        b.first_seq = NEXT_SEQ.fetch_add(1 << 16, Ordering::Relaxed);
         b.raw_msg(NFNL_MSG_BATCH_BEGIN, "batch begin", batch_header());
         b
     }
 
     fn next_seq(&self) -> u32 {
-        self.first_seq.wrapping_add(self.what.len() as u32)
+        FIRST_SEQ.wrapping_add(self.what.len() as u32)
     }
 
     /// Appends one nftables message; `body` writes the nfgenmsg and attributes.
@@ -925,11 +941,17 @@ impl Batch {
         self.what.push(what);
     }
 
-    fn send(mut self) -> Result<(), BatchError> {
+    /// Ends the batch; refuses one with a message too large to encode.
+    fn seal(mut self) -> Result<Batch, String> {
         self.raw_msg(NFNL_MSG_BATCH_END, "batch end", batch_header());
-        if let Some(e) = self.oversized.take() {
-            return Err(BatchError::Io(e));
+        match self.oversized.take() {
+            Some(e) => Err(e),
+            None => Ok(self),
         }
+    }
+
+    /// Sends a sealed batch and waits for every reply.
+    fn send(&self) -> Result<(), BatchError> {
         let sock = NlSocket::open(self.buf.len(), self.what.len())
             .map_err(|e| BatchError::Io(format!("netlink socket: {e}")))?;
         let result = self.exchange(&sock);
@@ -956,7 +978,7 @@ impl Batch {
                 ))
             })?;
             for reply in parse_replies(&rbuf[..n]).map_err(BatchError::Io)? {
-                let index = reply.seq.wrapping_sub(self.first_seq) as usize;
+                let index = reply.seq.wrapping_sub(FIRST_SEQ) as usize;
                 if index >= count {
                     continue; // not ours
                 }
