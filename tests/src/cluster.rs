@@ -172,13 +172,6 @@ pub struct CniOutput {
     pub plugins_us: Vec<(String, u64)>,
 }
 
-impl CniOutput {
-    /// The time libcni spent running the plugin of type `name` (its last run, if it ran more than once).
-    pub fn plugin_us(&self, name: &str) -> Option<u64> {
-        self.plugins_us.iter().rev().find(|(n, _)| n == name).map(|(_, us)| *us)
-    }
-}
-
 /// The driver's `plugin_us=TYPE:N` lines.
 fn plugin_times(stderr: &str) -> Vec<(String, u64)> {
     stderr

@@ -1,11 +1,11 @@
 //! `cargo xtask bench cni`: what weft-cni adds to a pod's CNI ADD. Both chains run in one go on this machine
 //! through the real libcni: bridge + host-local + portmap, then the same plus weft-cni with a running agent
-//! (release builds). The time is the one libcni reports for the whole chain.
+//! (release builds). The times are the ones libcni reports for the whole chain and for each plugin's run.
+
+use std::collections::{BTreeMap, BTreeSet};
 
 use weft_tests::agent::{Agent, ADMIN};
 use weft_tests::load;
-use std::collections::{BTreeMap, BTreeSet};
-
 use weft_tests::{bin_path, Cluster, ClusterOptions, Pod, PodOptions, WeftEntry};
 
 use crate::{cargo, cni_plugin, ebpf, run as run_cmd, setup, target_dir, workspace_root};

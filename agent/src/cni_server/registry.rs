@@ -315,7 +315,7 @@ impl Registry {
     }
 
     /// Returns once the changes offered up to `generation`, or later ones, are on disk. The files are written on
-    /// a blocking-pool thread, meanwhile the caller's task goes on (an ADD captures its pod).
+    /// a blocking-pool thread while the caller's task goes on (an ADD captures its pod).
     pub async fn flush(&self, generation: u64) -> io::Result<()> {
         let mut written = self.written.lock().await;
         if *written >= generation {
