@@ -14,14 +14,17 @@
 pub mod ebpf;
 pub mod iptables;
 pub mod netns;
+mod nfnetlink;
 pub mod nftables;
 pub mod plan;
 pub mod probes;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io::Write;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::time::Duration;
 
 pub use weft_ebpf_common::{PROXY_MARK, PROXY_MARK_MASK};
@@ -215,6 +218,53 @@ fn find_binary(name: &str) -> Option<String> {
         .map(|d| format!("{d}/{name}"))
         .find(|p| std::fs::metadata(p).is_ok_and(|m| m.is_file()));
     found
+}
+
+/// How many plans' learnt values (rule listings, encoded batches) are kept; past it a cache starts over (plans are few in practice: most
+/// pods share the default one).
+const PLANS_KEPT: usize = 256;
+
+/// Something learnt once per plan.
+#[derive(Debug)]
+pub(crate) struct PerPlan<V>(Mutex<HashMap<PodCapture, V>>);
+
+impl<V: Clone> PerPlan<V> {
+    pub(crate) fn new() -> PerPlan<V> {
+        PerPlan(Mutex::new(HashMap::new()))
+    }
+
+    /// The value for `plan`, made by `learn` the first time (outside the lock: learning may take a while).
+    pub(crate) fn get(&self, plan: &PodCapture, learn: impl FnOnce() -> Result<V, CaptureError>) -> Result<V, CaptureError> {
+        if let Some(known) = self.lock().get(plan) {
+            return Ok(known.clone());
+        }
+        let value = learn()?;
+        let mut cache = self.lock();
+        if cache.len() >= PLANS_KEPT {
+            cache.clear();
+        }
+        cache.insert(plan.clone(), value.clone());
+        Ok(value)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PodCapture, V>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Runs `f` on a short-lived thread in a private, empty network namespace (only that thread moves: CLONE_NEWNET
+/// is per thread, and it exits right after).
+pub(crate) fn in_scratch_netns<T: Send>(f: impl FnOnce() -> Result<T, CaptureError> + Send) -> Result<T, CaptureError> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(|e| CaptureError(format!("unshare(CLONE_NEWNET): {e}")))?;
+                f()
+            })
+            .join()
+            .map_err(|_| CaptureError("scratch netns thread panicked".into()))?
+    })
 }
 
 /// Whether IPv6 is enabled inside `ns` (rules and listeners for v6 are only set up where it is).

@@ -2,16 +2,15 @@
 //! [`netlink`]), read back with `nft list` where a pod's rules are verified. Same behaviour as the iptables
 //! backend (see the module comment of `capture`), for IPv4 and IPv6 at once.
 
-use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
 use super::netns::Netns;
 use super::plan::{InterfaceName, PodCapture, Selection};
 use super::{
-    find_binary, run, run_in, CaptureError, RedirectMode, Redirector, EXCLUDED_INBOUND_PORTS,
+    find_binary, in_scratch_netns, run, run_in, CaptureError, PerPlan, RedirectMode, Redirector, EXCLUDED_INBOUND_PORTS,
     INBOUND_PASSTHROUGH_V4, INBOUND_PASSTHROUGH_V6, INBOUND_PORT, OUTBOUND_PORT, PROXY_MARK,
     PROXY_MARK_MASK,
 };
@@ -296,38 +295,6 @@ pub fn compare(expected: &[String], listing: &str) -> Result<(), CaptureError> {
     )))
 }
 
-/// How many plans' listings and batches are kept; past it a cache starts over (plans are few in practice: most
-/// pods share the default one).
-const PLANS_KEPT: usize = 256;
-
-/// Something learnt once per plan.
-#[derive(Debug)]
-struct PerPlan<V>(Mutex<HashMap<PodCapture, V>>);
-
-impl<V: Clone> PerPlan<V> {
-    fn new() -> PerPlan<V> {
-        PerPlan(Mutex::new(HashMap::new()))
-    }
-
-    /// The value for `plan`, made by `learn` the first time (outside the lock: learning may take a while).
-    fn get(&self, plan: &PodCapture, learn: impl FnOnce() -> Result<V, CaptureError>) -> Result<V, CaptureError> {
-        if let Some(known) = self.lock().get(plan) {
-            return Ok(known.clone());
-        }
-        let value = learn()?;
-        let mut cache = self.lock();
-        if cache.len() >= PLANS_KEPT {
-            cache.clear();
-        }
-        cache.insert(plan.clone(), value.clone());
-        Ok(value)
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PodCapture, V>> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
 #[derive(Debug)]
 pub struct Nftables {
     nft: String,
@@ -399,21 +366,6 @@ fn canonical_listing(nft: &str, table: Table) -> Result<Vec<String>, CaptureErro
         run(None, nft, &["list", "table", "inet", "weft"], "")
     })?;
     Ok(statements(&listing))
-}
-
-/// Runs `f` on a short-lived thread in a private, empty network namespace (only that thread moves: CLONE_NEWNET
-/// is per thread, and it exits right after).
-fn in_scratch_netns<T: Send>(f: impl FnOnce() -> Result<T, CaptureError> + Send) -> Result<T, CaptureError> {
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(|e| CaptureError(format!("unshare(CLONE_NEWNET): {e}")))?;
-                f()
-            })
-            .join()
-            .map_err(|_| CaptureError("scratch netns thread panicked".into()))?
-    })
 }
 
 impl Redirector for Nftables {

@@ -1,19 +1,19 @@
-//! The `iptables` backend: one `iptables-restore --noflush` batch per family, same rule shape as istio-cni's
-//! sidecar mode with a socket mark in place of the proxy UID.
+//! The `iptables` backend: same rule shape as istio-cni's sidecar mode with a socket mark in place of the proxy
+//! UID. A new pod's rules go in over netlink where the node's iptables is the nf_tables variant (one
+//! transaction for both families, no process; see [`netlink`]), otherwise as one `iptables-restore --noflush`
+//! batch per family.
 
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
-use ipnet::IpNet;
+use super::netns::{self, Netns};
+use super::plan::PodCapture;
+use super::{find_binary, in_scratch_netns, ipv6_enabled, run, run_in, CaptureError, PerPlan, Redirector, RedirectMode};
 
-use super::netns::Netns;
-use super::plan::{PodCapture, Selection};
-use super::{
-    find_binary, ipv6_enabled, run_in, CaptureError, Redirector, RedirectMode, EXCLUDED_INBOUND_PORTS, INBOUND_PORT,
-    OUTBOUND_PORT, PROXY_MARK, PROXY_MARK_MASK,
-};
+mod netlink;
+mod rules;
 
-/// Chains weft owns in the `nat` table.
-const CHAINS: [&str; 4] = ["WEFT_INBOUND", "WEFT_IN_REDIRECT", "WEFT_OUTPUT", "WEFT_REDIRECT"];
+pub use rules::{Family, XtRule, CHAINS};
 
 /// Which iptables implementation the node uses. Rules must go through the same one kube-proxy and the other
 /// CNI plugins use, or the two rule sets would be evaluated in an order nobody chose.
@@ -39,119 +39,9 @@ impl std::str::FromStr for Variant {
     }
 }
 
-/// IP family of a rule batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    V4,
-    V6,
-}
-
-impl Family {
-    fn loopback(self) -> &'static str {
-        match self {
-            Family::V4 => "127.0.0.1/32",
-            Family::V6 => "::1/128",
-        }
-    }
-
-    fn passthrough(self) -> &'static str {
-        match self {
-            Family::V4 => "127.0.0.6/32",
-            Family::V6 => "::6/128",
-        }
-    }
-}
-
-/// The rules weft puts in a pod's `nat` table for `plan`, in `iptables-save`'s canonical spelling so that the
-/// saved state can be compared line by line. The order within each chain is istio-iptables' (see
-/// `capture::plan`); without annotations the rules are exactly those of the default golden files.
-pub fn rules(family: Family, plan: &PodCapture, probe_source: Option<Ipv4Addr>) -> Vec<String> {
-    let mut r: Vec<String> =
-        vec!["-A PREROUTING -p tcp -j WEFT_INBOUND".into(), "-A OUTPUT -p tcp -j WEFT_OUTPUT".into()];
-    inbound_rules(&mut r, family, plan, probe_source);
-    r.push(format!("-A WEFT_IN_REDIRECT -p tcp -j REDIRECT --to-ports {INBOUND_PORT}"));
-    outbound_rules(&mut r, family, plan);
-    r.push(format!("-A WEFT_REDIRECT -p tcp -j REDIRECT --to-ports {OUTBOUND_PORT}"));
-    r
-}
-
-fn inbound_rules(r: &mut Vec<String>, family: Family, plan: &PodCapture, probe_source: Option<Ipv4Addr>) {
-    if let (Family::V4, Some(source)) = (family, probe_source) {
-        // kubelet's probes, SNATed to `source` on the node (see `capture::probes`), reach the app directly.
-        for port in &plan.probe_ports {
-            r.push(format!("-A WEFT_INBOUND -s {source}/32 -p tcp -m tcp --dport {port} -j RETURN"));
-        }
-    }
-    // A VM's traffic entering on a virtual interface is the pod's outbound traffic.
-    for vif in &plan.virtual_interfaces {
-        match &plan.outbound_ranges {
-            Selection::All => r.push(format!("-A WEFT_INBOUND -i {vif} -j WEFT_REDIRECT")),
-            Selection::Only(ranges) => {
-                for net in of_family(ranges, family) {
-                    r.push(format!("-A WEFT_INBOUND -d {net} -i {vif} -j WEFT_REDIRECT"));
-                }
-            }
-        }
-        r.push(format!("-A WEFT_INBOUND -i {vif} -j RETURN"));
-    }
-    for iface in &plan.excluded_interfaces {
-        r.push(format!("-A WEFT_INBOUND -i {iface} -j RETURN"));
-    }
-    let fixed: Vec<String> = EXCLUDED_INBOUND_PORTS.iter().map(u16::to_string).collect();
-    r.push(format!("-A WEFT_INBOUND -p tcp -m multiport --dports {} -j RETURN", fixed.join(",")));
-    match &plan.inbound_ports {
-        Selection::All => {
-            for port in &plan.inbound_excluded_ports {
-                r.push(format!("-A WEFT_INBOUND -p tcp -m tcp --dport {port} -j RETURN"));
-            }
-            r.push("-A WEFT_INBOUND -p tcp -j WEFT_IN_REDIRECT".into());
-        }
-        Selection::Only(ports) => {
-            for port in ports {
-                r.push(format!("-A WEFT_INBOUND -p tcp -m tcp --dport {port} -j WEFT_IN_REDIRECT"));
-            }
-        }
-    }
-}
-
-fn outbound_rules(r: &mut Vec<String>, family: Family, plan: &PodCapture) {
-    let mark = format!("0x{PROXY_MARK:x}/0x{PROXY_MARK_MASK:x}");
-    let (lo, pass) = (family.loopback(), family.passthrough());
-    for iface in &plan.excluded_interfaces {
-        r.push(format!("-A WEFT_OUTPUT -o {iface} -j RETURN"));
-    }
-    for port in &plan.outbound_excluded_ports {
-        r.push(format!("-A WEFT_OUTPUT -p tcp -m tcp --dport {port} -j RETURN"));
-    }
-    // The proxy's connections to the local app: already proxied inbound.
-    r.push(format!("-A WEFT_OUTPUT -s {pass} -o lo -j RETURN"));
-    // The proxy dialling its own pod over lo: run it through the pod's inbound side, as Istio does.
-    r.push(format!("-A WEFT_OUTPUT ! -d {lo} -o lo -p tcp -m mark --mark {mark} -j WEFT_IN_REDIRECT"));
-    // The app talking to itself over lo is not mesh traffic, unless loopback is explicitly included.
-    if !plan.includes_loopback() {
-        r.push("-A WEFT_OUTPUT -o lo -j RETURN".into());
-    }
-    r.push(format!("-A WEFT_OUTPUT -m mark --mark {mark} -j RETURN"));
-    r.push(format!("-A WEFT_OUTPUT -d {lo} -j RETURN"));
-    for net in of_family(&plan.outbound_excluded_ranges, family) {
-        r.push(format!("-A WEFT_OUTPUT -d {net} -j RETURN"));
-    }
-    for port in &plan.outbound_ports {
-        r.push(format!("-A WEFT_OUTPUT -p tcp -m tcp --dport {port} -j WEFT_REDIRECT"));
-    }
-    match &plan.outbound_ranges {
-        Selection::All => r.push("-A WEFT_OUTPUT -j WEFT_REDIRECT".into()),
-        Selection::Only(ranges) => {
-            for net in of_family(ranges, family) {
-                r.push(format!("-A WEFT_OUTPUT -d {net} -j WEFT_REDIRECT"));
-            }
-        }
-    }
-}
-
-/// The ranges of one family (each family has its own table).
-fn of_family(ranges: &[IpNet], family: Family) -> impl Iterator<Item = &IpNet> {
-    ranges.iter().filter(move |n| matches!((n, family), (IpNet::V4(_), Family::V4) | (IpNet::V6(_), Family::V6)))
+/// The rules for `plan` as `iptables-save` prints them, so that the saved state can be compared line by line.
+pub fn rule_lines(family: Family, plan: &PodCapture, probe_source: Option<Ipv4Addr>) -> Vec<String> {
+    rules::rules(family, plan, probe_source).iter().map(XtRule::to_string).collect()
 }
 
 /// Jumps from built-in chains into ours found in `saved` (an `iptables-save -t nat` dump).
@@ -175,7 +65,7 @@ pub fn install_batch(family: Family, saved: &str, plan: &PodCapture, probe_sourc
     let mut lines = vec!["*nat".to_string()];
     lines.extend(chain_declarations());
     lines.extend(existing_jumps(saved).into_iter().map(|j| j.replacen("-A ", "-D ", 1)));
-    lines.extend(rules(family, plan, probe_source));
+    lines.extend(rule_lines(family, plan, probe_source));
     lines.push("COMMIT".into());
     lines.join("\n") + "\n"
 }
@@ -185,7 +75,7 @@ pub fn install_batch(family: Family, saved: &str, plan: &PodCapture, probe_sourc
 pub fn fresh_install_batch(family: Family, plan: &PodCapture, probe_source: Option<Ipv4Addr>) -> String {
     let mut lines = vec!["*nat".to_string()];
     lines.extend(CHAINS.iter().map(|c| format!("-N {c}")));
-    lines.extend(rules(family, plan, probe_source));
+    lines.extend(rule_lines(family, plan, probe_source));
     lines.push("COMMIT".into());
     lines.join("
 ") + "
@@ -210,7 +100,7 @@ pub fn remove_batch(saved: &str) -> Option<String> {
 pub fn compare(family: Family, saved: &str, plan: &PodCapture, probe_source: Option<Ipv4Addr>) -> Result<(), CaptureError> {
     let ours = |l: &&str| l.starts_with("-A WEFT_") || existing_jumps(l).len() == 1;
     let mut actual: Vec<&str> = saved.lines().filter(ours).collect();
-    let wanted = rules(family, plan, probe_source);
+    let wanted = rule_lines(family, plan, probe_source);
     let mut missing = Vec::new();
     for rule in &wanted {
         match actual.iter().position(|a| a == rule) {
@@ -253,13 +143,71 @@ pub struct Iptables {
     v6: Option<Tools>,
     variant: Variant,
     probe_source: Option<Ipv4Addr>,
+    /// iptables-nft only: each plan's netlink batches, or `None` for a plan whose rules this node's
+    /// `iptables-save` did not read back as sent (they then go through `iptables-restore`).
+    netlink: Option<PerPlan<Option<Arc<NetlinkInstall>>>>,
+}
+
+/// A plan's rules as netlink batches: IPv4 alone, and IPv4 with IPv6 where `ip6tables` is installed.
+#[derive(Debug)]
+struct NetlinkInstall {
+    v4: netlink::Install,
+    dual: Option<netlink::Install>,
+}
+
+impl NetlinkInstall {
+    /// Sends the batch for the calling thread's namespace: with IPv6 rules where it has IPv6.
+    fn send_here(&self) -> Result<(), String> {
+        if !netns::ipv6_enabled_here() {
+            return self.v4.send();
+        }
+        self.dual.as_ref().ok_or("the namespace has IPv6 but ip6tables is not installed")?.send()
+    }
 }
 
 impl Iptables {
-    /// Finds the tools of `variant` (resolving `Auto` on the node's current rules).
+    /// Finds the tools of `variant` (resolving `Auto` on the node's current rules); with the nf_tables variant,
+    /// checks the default plan's netlink encoding against this node's `iptables-save` once.
     pub fn detect(variant: Variant, probe_source: Option<Ipv4Addr>) -> Result<Iptables, CaptureError> {
         let variant = resolve(variant);
-        Ok(Iptables { v4: v4_tools(variant)?, v6: Tools::find("ip6tables", variant_name(variant)), variant, probe_source })
+        let netlink = (variant == Variant::Nft).then(PerPlan::new);
+        let backend =
+            Iptables { v4: v4_tools(variant)?, v6: Tools::find("ip6tables", variant_name(variant)), variant, probe_source, netlink };
+        backend.netlink_install(&PodCapture::default());
+        Ok(backend)
+    }
+
+    /// `plan`'s netlink batches, learnt on first use; `None` where rules go through `iptables-restore`.
+    fn netlink_install(&self, plan: &PodCapture) -> Option<Arc<NetlinkInstall>> {
+        self.netlink.as_ref()?.get(plan, || Ok(self.learn_netlink(plan))).ok().flatten()
+    }
+
+    /// Encodes `plan`'s batches and has this node's `iptables-save` read them back in a scratch namespace:
+    /// only an encoding it reads as exactly the plan's rules is used (another iptables release might encode
+    /// or print differently).
+    fn learn_netlink(&self, plan: &PodCapture) -> Option<Arc<NetlinkInstall>> {
+        let family = |f| (f, rules::rules(f, plan, self.probe_source));
+        let encoded = netlink::Install::new(&[family(Family::V4)]).and_then(|v4| {
+            let dual = self.v6.as_ref().map(|_| netlink::Install::new(&[family(Family::V4), family(Family::V6)])).transpose()?;
+            Ok(NetlinkInstall { v4, dual })
+        });
+        let checked = encoded.map_err(CaptureError).and_then(|install| {
+            in_scratch_netns(|| {
+                install.dual.as_ref().unwrap_or(&install.v4).send().map_err(CaptureError)?;
+                compare(Family::V4, &run(None, &self.v4.save, &["-t", "nat"], "")?, plan, self.probe_source)?;
+                if let Some(v6) = &self.v6 {
+                    compare(Family::V6, &run(None, &v6.save, &["-t", "nat"], "")?, plan, self.probe_source)?;
+                }
+                Ok(install)
+            })
+        });
+        match checked {
+            Ok(install) => Some(Arc::new(install)),
+            Err(e) => {
+                tracing::warn!(error = %e, "iptables rules over netlink are not read back as sent here; using iptables-restore");
+                None
+            }
+        }
     }
 
     pub fn variant(&self) -> Variant {
@@ -326,6 +274,13 @@ impl Redirector for Iptables {
     }
 
     fn install(&self, ns: &Netns, plan: &PodCapture) -> Result<(), CaptureError> {
+        if let Some(install) = self.netlink_install(plan) {
+            // Refused as a whole where weft's chains already exist (a re-install): then as below.
+            match ns.with(|| install.send_here())? {
+                Ok(()) => return Ok(()),
+                Err(e) => tracing::debug!(error = %e, "iptables rules over netlink refused; using iptables-restore"),
+            }
+        }
         self.per_family(ns, |family, tools| {
             // A new pod's table: one process. Otherwise (a new plan, a re-ADD) the batch failed as a whole,
             // and the table is read to replace what is there.
@@ -374,7 +329,7 @@ mod tests {
     use crate::capture::plan::tests_support::golden_plans;
 
     fn default_rules(family: Family) -> Vec<String> {
-        rules(family, &PodCapture::default(), None)
+        rule_lines(family, &PodCapture::default(), None)
     }
 
     #[test]
@@ -395,7 +350,7 @@ mod tests {
     #[test]
     fn a_changed_plan_is_compared_against_its_own_rules() {
         let (_, plan, probes) = golden_plans().into_iter().find(|(n, ..)| *n == "outbound-ranges").unwrap();
-        let installed = rules(Family::V4, &plan, probes).join("\n");
+        let installed = rule_lines(Family::V4, &plan, probes).join("\n");
         assert!(compare(Family::V4, &installed, &plan, probes).is_ok());
         let err = compare(Family::V4, &installed, &PodCapture::default(), None).unwrap_err().to_string();
         assert!(err.contains("missing [-A WEFT_OUTPUT -j WEFT_REDIRECT]"), "{err}");
@@ -440,5 +395,41 @@ mod tests {
         assert!(err.contains("missing [-A WEFT_REDIRECT -p tcp -j REDIRECT --to-ports 15001]"), "{err}");
         assert!(err.contains("unexpected [-A WEFT_OUTPUT -j ACCEPT]"), "{err}");
         assert!(compare(Family::V4, &default_rules(Family::V4).join("\n"), &plan, None).is_ok());
+    }
+
+    /// `iptables-nft-restore` is the oracle of the netlink encoding: for every golden plan and family, the
+    /// rules sent over netlink make the same kernel objects (`nft --debug=netlink` lists every expression and
+    /// handle) and `iptables-save` prints them as the plan's rules (which covers the `xt` blobs `nft` does
+    /// not show). Needs root, iptables-nft and nft.
+    #[test]
+    fn netlink_rules_are_what_iptables_nft_restore_makes() {
+        let (Some(tools), Some(nft)) = (Tools::find("iptables", "nft"), find_binary("nft")) else {
+            eprintln!("SKIPPED netlink_rules_are_what_iptables_nft_restore_makes: needs iptables-nft and nft");
+            return;
+        };
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED netlink_rules_are_what_iptables_nft_restore_makes: needs root to make network namespaces");
+            return;
+        }
+        let v6 = Tools::find("ip6tables", "nft").expect("ip6tables-nft beside iptables-nft");
+        for (name, plan, probes) in golden_plans() {
+            for (family, tools, table) in [(Family::V4, &tools, "ip"), (Family::V6, &v6, "ip6")] {
+                let listing = |install: &(dyn Fn() -> Result<(), CaptureError> + Sync)| {
+                    in_scratch_netns(|| {
+                        install()?;
+                        let objects = run(None, &nft, &["--debug=netlink", "list", "table", table, "nat"], "")?;
+                        Ok((objects, run(None, &tools.save, &["-t", "nat"], "")?))
+                    })
+                    .unwrap()
+                };
+                let by_restore = listing(&|| {
+                    run(None, &tools.restore, RESTORE_ARGS, &fresh_install_batch(family, &plan, probes)).map(drop)
+                });
+                let batch = netlink::Install::new(&[(family, rules::rules(family, &plan, probes))]).unwrap();
+                let by_netlink = listing(&|| batch.send().map_err(CaptureError));
+                assert_eq!(by_netlink.0, by_restore.0, "plan {name}, {family:?}: kernel objects");
+                compare(family, &by_netlink.1, &plan, probes).unwrap_or_else(|e| panic!("plan {name}: {e}"));
+            }
+        }
     }
 }
