@@ -227,6 +227,30 @@ fn status_and_gc_talk_to_the_real_agent(mode: &str) {
     assert_eq!((code, out["code"].as_u64()), (1, Some(50)), "{out}");
 }
 
+/// Where the node's iptables is the legacy variant (`--iptables-variant legacy`), the pod's rules go through
+/// `iptables-legacy-restore` and live in the legacy tables, not in nf_tables; traffic is captured all the same
+/// and DEL removes them. (The nf_tables variant, the default here, is the suite above.)
+#[test]
+fn legacy_iptables_variant_captures_through_its_own_tables() {
+    let entry = WeftEntry::new(bin_path("weft-cni").unwrap(), "run/cni.sock");
+    let cluster = Cluster::with_options("legacy-iptables", ClusterOptions::with_weft(entry)).unwrap();
+    let agent = weft_tests::agent::Agent::start_with_args(&cluster, "iptables", weft_tests::agent::ADMIN, &["--iptables-variant", "legacy"]).unwrap();
+    let a = cluster.add_pod("default", "client").unwrap();
+    let b = cluster.add_pod("default", "server").unwrap();
+    let _server = EchoServer::start(&b.netns, SERVER_PORT).unwrap();
+    assert_echo(&a, &b, 1500);
+    wait_pod(&agent, &a, "client outbound counters", |s| counter(s, "outbound", "accepted") == 1);
+
+    let saved = |pod: &Pod, tool: &str| {
+        let out = pod.netns.exec(&[tool, "-t", "nat"]).unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("WEFT")).count()
+    };
+    assert!(saved(&a, "iptables-legacy-save") > 10, "weft's rules are not in the legacy table");
+    assert_eq!(saved(&a, "iptables-nft-save"), 0, "weft's rules went to nf_tables although the node uses legacy");
+    cluster.del_pod(&a).unwrap();
+    assert_eq!(saved(&a, "iptables-legacy-save"), 0, "rules left after DEL");
+}
+
 macro_rules! capture_suite {
     ($mode:ident) => {
         mod $mode {
