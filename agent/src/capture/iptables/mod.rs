@@ -13,7 +13,8 @@ use super::{find_binary, in_scratch_netns, ipv6_enabled, run, run_in, CaptureErr
 mod netlink;
 mod rules;
 
-pub use rules::{Family, XtRule, CHAINS};
+pub use rules::Family;
+use rules::{XtRule, CHAINS};
 
 /// Which iptables implementation the node uses. Rules must go through the same one kube-proxy and the other
 /// CNI plugins use, or the two rule sets would be evaluated in an order nobody chose.
@@ -77,9 +78,7 @@ pub fn fresh_install_batch(family: Family, plan: &PodCapture, probe_source: Opti
     lines.extend(CHAINS.iter().map(|c| format!("-N {c}")));
     lines.extend(rule_lines(family, plan, probe_source));
     lines.push("COMMIT".into());
-    lines.join("
-") + "
-"
+    lines.join("\n") + "\n"
 }
 
 /// The batch that removes weft's rules and chains from a table whose state is `saved`.
