@@ -96,9 +96,7 @@ fn rule_body(family: Family, rule: &XtRule) -> Result<Vec<u8>, String> {
     let mut b = Vec::with_capacity(512);
     put_str(&mut b, NFTA_RULE_TABLE, TABLE);
     put_str(&mut b, NFTA_RULE_CHAIN, rule.chain);
-    let mut exprs = Ok(());
-    nest(&mut b, NFTA_RULE_EXPRESSIONS, |b| exprs = rule_exprs(b, family, rule));
-    exprs?;
+    nest(&mut b, NFTA_RULE_EXPRESSIONS, |b| rule_exprs(b, family, rule))?;
     nest(&mut b, NFTA_RULE_COMPAT, |b| {
         put_u32(b, NFTA_RULE_COMPAT_PROTO, if rule.tcp { IPPROTO_TCP } else { 0 });
         put_u32(b, NFTA_RULE_COMPAT_FLAGS, 0);
@@ -280,10 +278,11 @@ fn expr(b: &mut Vec<u8>, name: &str, data: impl FnOnce(&mut Vec<u8>)) {
     });
 }
 
-fn nest(b: &mut Vec<u8>, ty: u16, inner: impl FnOnce(&mut Vec<u8>)) {
+fn nest<T>(b: &mut Vec<u8>, ty: u16, inner: impl FnOnce(&mut Vec<u8>) -> T) -> T {
     let at = push_nested_header(b, ty);
-    inner(b);
+    let out = inner(b);
     finalize_nested_header(b, at);
+    out
 }
 
 fn put(b: &mut Vec<u8>, ty: u16, value: &[u8]) {
