@@ -9,6 +9,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{mpsc, OnceLock};
 
 use netlink_bindings::nftables::Nfgenmsg;
+use netlink_bindings::utils::{finalize_nested_header, push_header, push_nested_header};
 
 /// The nf_tables netlink subsystem.
 pub const NFNL_SUBSYS_NFTABLES: u16 = 10;
@@ -30,6 +31,36 @@ const RECV_BUF: usize = 64 * 1024;
 const DEFAULT_SOCK_BUF: usize = 208 * 1024;
 const CLOSE_QUEUE: usize = 4;
 const REPLY_TIMEOUT_SECS: libc::time_t = 5;
+
+// ---------------------------------------------------------------------------
+// Attribute writers, for what netlink-bindings' generated builders lack or get wrong
+// ---------------------------------------------------------------------------
+
+/// A nested attribute around what `inner` writes; returns what `inner` returns.
+pub fn nest<T>(b: &mut Vec<u8>, ty: u16, inner: impl FnOnce(&mut Vec<u8>) -> T) -> T {
+    let at = push_nested_header(b, ty);
+    let out = inner(b);
+    finalize_nested_header(b, at);
+    out
+}
+
+/// One attribute; values are small (names, addresses, blobs of at most 48 bytes).
+pub fn put(b: &mut Vec<u8>, ty: u16, value: &[u8]) {
+    push_header(b, ty, value.len() as u16);
+    b.extend_from_slice(value);
+}
+
+/// A NUL-terminated string attribute; callers pass weft's own names or validated ones (no NUL inside).
+pub fn put_str(b: &mut Vec<u8>, ty: u16, s: &str) {
+    push_header(b, ty, s.len() as u16 + 1);
+    b.extend_from_slice(s.as_bytes());
+    b.push(0);
+}
+
+/// A u32 attribute in network byte order, as nf_tables reads them.
+pub fn put_u32(b: &mut Vec<u8>, ty: u16, value: u32) {
+    put(b, ty, &value.to_be_bytes());
+}
 
 // ---------------------------------------------------------------------------
 // Batch transport: one sendmsg, one reply per message

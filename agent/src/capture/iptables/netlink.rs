@@ -11,9 +11,8 @@ use std::ffi::CString;
 
 use ipnet::IpNet;
 use netlink_bindings::nftables::Nfgenmsg;
-use netlink_bindings::utils::{finalize_nested_header, push_header, push_nested_header};
 
-use super::super::nfnetlink::{Batch, NLM_F_APPEND, NLM_F_CREATE, NLM_F_EXCL};
+use super::super::nfnetlink::{nest, put, put_str, put_u32, Batch, NLM_F_APPEND, NLM_F_CREATE, NLM_F_EXCL};
 use super::rules::{Addr, Family, Target, XtMatch, XtRule, CHAINS};
 
 /// A sealed batch installing weft's rules for one or both families in one transaction.
@@ -276,30 +275,6 @@ fn expr(b: &mut Vec<u8>, name: &str, data: impl FnOnce(&mut Vec<u8>)) {
         put_str(b, NFTA_EXPR_NAME, name);
         nest(b, NFTA_EXPR_DATA, data);
     });
-}
-
-fn nest<T>(b: &mut Vec<u8>, ty: u16, inner: impl FnOnce(&mut Vec<u8>) -> T) -> T {
-    let at = push_nested_header(b, ty);
-    let out = inner(b);
-    finalize_nested_header(b, at);
-    out
-}
-
-fn put(b: &mut Vec<u8>, ty: u16, value: &[u8]) {
-    // Values are small (names, addresses, blobs of at most 48 bytes).
-    push_header(b, ty, value.len() as u16);
-    b.extend_from_slice(value);
-}
-
-/// Names are weft's own constants or validated interface names: no NUL inside.
-fn put_str(b: &mut Vec<u8>, ty: u16, s: &str) {
-    push_header(b, ty, s.len() as u16 + 1);
-    b.extend_from_slice(s.as_bytes());
-    b.push(0);
-}
-
-fn put_u32(b: &mut Vec<u8>, ty: u16, value: u32) {
-    put(b, ty, &value.to_be_bytes());
 }
 
 fn nfgen(family: Family) -> Nfgenmsg {

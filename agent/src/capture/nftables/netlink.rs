@@ -17,9 +17,8 @@ use netlink_bindings::nftables::{
     self as nft, CmpOps, MetaKeys, Nfgenmsg, PayloadBase, PushExprListAttrs, Registers, VerdictCode,
 };
 use netlink_bindings::traits::Pusher;
-use netlink_bindings::utils::{finalize_nested_header, push_header, push_nested_header};
 
-use super::super::nfnetlink::{Batch, BatchError, NLM_F_APPEND, NLM_F_CREATE};
+use super::super::nfnetlink::{nest, put, put_u32, Batch, BatchError, NLM_F_APPEND, NLM_F_CREATE};
 use super::ruleset::{
     abbreviate, dedup, is_host, normalize_nets, render_rule, validate, validate_ifname, AddrDir,
     Dir, Hook, Match, Rule, Table, Verdict, IFNAMSIZ,
@@ -676,17 +675,14 @@ fn push_expr<P: Pusher>(list: PushExprListAttrs<P>, e: &Expr) -> PushExprListAtt
             // attributes in the wrong order (its spec lists set-id second,
             // the kernel has SET=1, SREG=2, DREG=3, SET_ID=4, FLAGS=5).
             let mut elem = list.nested_elem().push_name(c"lookup");
-            let buf = elem.as_vec_mut();
-            let data = push_nested_header(buf, NFTA_EXPR_DATA);
-            let name = ANON_SET_NAME.to_bytes_with_nul();
-            push_header(buf, NFTA_LOOKUP_SET, name.len() as u16);
-            buf.extend_from_slice(name);
-            push_u32_be(buf, NFTA_LOOKUP_SREG, reg1);
-            push_u32_be(buf, NFTA_LOOKUP_SET_ID, *set_id);
-            if *inverted {
-                push_u32_be(buf, NFTA_LOOKUP_FLAGS, nft::LookupFlags::Invert as u32);
-            }
-            finalize_nested_header(buf, data);
+            nest(elem.as_vec_mut(), NFTA_EXPR_DATA, |buf| {
+                put(buf, NFTA_LOOKUP_SET, ANON_SET_NAME.to_bytes_with_nul());
+                put_u32(buf, NFTA_LOOKUP_SREG, reg1);
+                put_u32(buf, NFTA_LOOKUP_SET_ID, *set_id);
+                if *inverted {
+                    put_u32(buf, NFTA_LOOKUP_FLAGS, nft::LookupFlags::Invert as u32);
+                }
+            });
             elem.end_nested()
         }
         Expr::Port(port) => list
@@ -715,19 +711,13 @@ fn push_expr<P: Pusher>(list: PushExprListAttrs<P>, e: &Expr) -> PushExprListAtt
             // written by hand: NFTA_REDIR_REG_PROTO_MIN = reg1 and
             // NFTA_REDIR_FLAGS = NF_NAT_RANGE_PROTO_SPECIFIED, as nft does.
             let mut elem = list.nested_elem().push_name(c"redir");
-            let buf = elem.as_vec_mut();
-            let data = push_nested_header(buf, NFTA_EXPR_DATA);
-            push_u32_be(buf, NFTA_REDIR_REG_PROTO_MIN, reg1);
-            push_u32_be(buf, NFTA_REDIR_FLAGS, NF_NAT_RANGE_PROTO_SPECIFIED);
-            finalize_nested_header(buf, data);
+            nest(elem.as_vec_mut(), NFTA_EXPR_DATA, |buf| {
+                put_u32(buf, NFTA_REDIR_REG_PROTO_MIN, reg1);
+                put_u32(buf, NFTA_REDIR_FLAGS, NF_NAT_RANGE_PROTO_SPECIFIED);
+            });
             elem.end_nested()
         }
     }
-}
-
-fn push_u32_be(buf: &mut Vec<u8>, ty: u16, value: u32) {
-    push_header(buf, ty, 4);
-    buf.extend_from_slice(&value.to_be_bytes());
 }
 
 fn encode_set(batch: &mut Batch, set: &AnonSet, what: &str) {
@@ -749,7 +739,7 @@ fn encode_set(batch: &mut Batch, set: &AnonSet, what: &str) {
                 .push_key_len(set.key_len);
             // netlink-bindings 0.3.5 writes set ids in host byte order; the
             // kernel reads them big-endian, so they are written by hand.
-            push_u32_be(attrs.as_vec_mut(), NFTA_SET_ID, set.id);
+            put_u32(attrs.as_vec_mut(), NFTA_SET_ID, set.id);
             attrs
                 .nested_desc()
                 .push_size(set.size)
@@ -770,7 +760,7 @@ fn encode_set(batch: &mut Batch, set: &AnonSet, what: &str) {
                 let mut attrs = nft::OpNewsetelemDo::encode_request(b, &fam)
                     .push_table(TABLE)
                     .push_set(ANON_SET_NAME);
-                push_u32_be(attrs.as_vec_mut(), NFTA_SET_ELEM_LIST_SET_ID, set.id);
+                put_u32(attrs.as_vec_mut(), NFTA_SET_ELEM_LIST_SET_ID, set.id);
                 let mut list = attrs.nested_elements();
                 for e in chunk {
                     let mut el = list.nested_elem();
